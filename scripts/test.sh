@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, and the integration tests in tests/ (real server over
+# real HTTP on loopback, real RocksDB in temp dirs, the matrix-sdk client, the real binary killed
+# with SIGKILL and restarted).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup-debian.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TERM_COLOR=never
+# The crash test starts the real binary: build it first so the test does not time out building.
+cargo build --bin hafen
+cargo test --no-fail-fast -- --test-threads 4

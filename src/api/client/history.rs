@@ -1,0 +1,117 @@
+//! Room history: `/rooms/{roomId}/messages` and `/rooms/{roomId}/context/{eventId}`.
+//!
+//! Plain axum handlers (not ruma's request types) so that a missing `dir` is `M_MISSING_PARAM`
+//! and a malformed filter or token is `M_INVALID_PARAM`, as the spec and clients expect.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    extract::{Path, Query, State},
+    routing::get,
+    Json, Router,
+};
+use ruma::{api::client::filter::RoomEventFilter, EventId, RoomId};
+use serde_json::{json, Value};
+
+use crate::{
+    api::ruma_wrapper::Authed,
+    error::{ErrCode, Error, Result},
+    service::{accounts::Identity, rooms::Pdu, Services},
+};
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let mut r = r;
+    for v in ["r0", "v3"] {
+        r = r
+            .route(&format!("/_matrix/client/{v}/rooms/{{room_id}}/messages"), get(messages))
+            .route(&format!("/_matrix/client/{v}/rooms/{{room_id}}/context/{{event_id}}"), get(context));
+    }
+    r
+}
+
+/// The `limit` query parameter: a non-negative integer, `default` when absent.
+fn limit_param(q: &HashMap<String, String>, default: usize) -> Result<usize> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<u64>()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .map_err(|_| Error::invalid_param("limit must be a non-negative integer")),
+    }
+}
+
+/// The `filter` query parameter: a JSON `RoomEventFilter`.
+fn filter_param(q: &HashMap<String, String>) -> Result<RoomEventFilter> {
+    match q.get("filter") {
+        None => Ok(RoomEventFilter::default()),
+        Some(f) if f.trim().is_empty() => Ok(RoomEventFilter::default()),
+        Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}"))),
+    }
+}
+
+fn parse_room(room_id: &str) -> Result<&RoomId> {
+    <&RoomId>::try_from(room_id).map_err(|_| Error::invalid_param("Invalid room id"))
+}
+
+fn client_events(s: &Services, who: &Identity, pdus: &[Pdu]) -> Result<Vec<Value>> {
+    pdus.iter().map(|p| s.rooms.client_event_for(p, &who.user_id, who.device_id.as_str())).collect()
+}
+
+async fn messages(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    Path(room_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let backward = match q.get("dir").map(String::as_str) {
+        Some("b") => true,
+        Some("f") => false,
+        Some(_) => return Err(Error::invalid_param("dir must be `b` or `f`")),
+        None => return Err(Error::new(ErrCode::MissingParam, "Missing parameter: dir")),
+    };
+    let limit = limit_param(&q, 10)?;
+    let filter = filter_param(&q)?;
+    let page = s.rooms.messages(
+        room_id,
+        &who.user_id,
+        q.get("from").map(String::as_str),
+        q.get("to").map(String::as_str),
+        backward,
+        limit,
+        &filter,
+    )?;
+    let mut out = json!({
+        "chunk": client_events(&s, &who, &page.chunk)?,
+        "start": page.start,
+    });
+    if let Some(end) = page.end {
+        out["end"] = json!(end);
+    }
+    if !page.state.is_empty() {
+        out["state"] = json!(client_events(&s, &who, &page.state)?);
+    }
+    Ok(Json(out))
+}
+
+async fn context(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    Path((room_id, event_id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let event_id = <&EventId>::try_from(event_id.as_str()).map_err(|_| Error::not_found("Event not found"))?;
+    let limit = limit_param(&q, 10)?;
+    let filter = filter_param(&q)?;
+    let ctx = s.rooms.context(room_id, &who.user_id, event_id.as_str(), limit, &filter)?;
+    // events_before is in reverse chronological order, as the spec says.
+    Ok(Json(json!({
+        "event": s.rooms.client_event_for(&ctx.event, &who.user_id, who.device_id.as_str())?,
+        "events_before": client_events(&s, &who, &ctx.before)?,
+        "events_after": client_events(&s, &who, &ctx.after)?,
+        "state": client_events(&s, &who, &ctx.state)?,
+        "start": ctx.start,
+        "end": ctx.end,
+    })))
+}

@@ -1,0 +1,83 @@
+//! Sending message events, redacting, and reading one event.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, State},
+    Json, Router,
+};
+use ruma::{
+    api::client::{message::send_message_event, redact::redact_event, room::get_room_event},
+    EventId,
+};
+use serde_json::{json, Value};
+
+use super::state::room_id;
+use crate::{
+    api::ruma_wrapper::{ruma_route, Authed, JsonBody},
+    error::{Error, Result},
+    service::{ratelimit::Action, Services},
+};
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let r = ruma_route::<send_message_event::v3::Request, _, _>(r, send);
+    let r = ruma_route::<redact_event::v3::Request, _, _>(r, redact);
+    ruma_route::<get_room_event::v3::Request, _, _>(r, get_event)
+}
+
+async fn send(
+    State(s): State<Arc<Services>>,
+    Authed(me): Authed,
+    Path((room, kind, txn)): Path<(String, String, String)>,
+    JsonBody(content): JsonBody,
+) -> Result<Json<Value>> {
+    let room_id = room_id(&room)?;
+    // A retry of a request that already went through is answered without using up the limit.
+    if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, &txn)? {
+        return Ok(Json(json!({ "event_id": id })));
+    }
+    s.ratelimit.check(Action::Message, me.user_id.as_str())?;
+    let event_id = s
+        .rooms
+        .send_message(room_id, &me.user_id, &me.device_id, &kind, Value::Object(content), &txn)
+        .await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+async fn redact(
+    State(s): State<Arc<Services>>,
+    Authed(me): Authed,
+    Path((room, event, txn)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let target = <&EventId>::try_from(event.as_str()).map_err(|_| Error::invalid_param("Invalid event id"))?;
+    let reason = match body.get("reason") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) => Some(r.as_str()),
+        Some(_) => return Err(Error::bad_json("reason must be a string")),
+    };
+    if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, &txn)? {
+        return Ok(Json(json!({ "event_id": id })));
+    }
+    s.ratelimit.check(Action::Message, me.user_id.as_str())?;
+    let event_id = s
+        .rooms
+        .redact_event(room_id, &me.user_id, &me.device_id, target, reason, &txn)
+        .await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+async fn get_event(
+    State(s): State<Arc<Services>>,
+    Authed(me): Authed,
+    Path((room, event)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let (pdu, meta) = s.rooms.visible_event(room_id(&room)?, &me.user_id, &event)?;
+    // The transaction id is only for the device that sent the event.
+    let txn = match (&meta.device_id, &meta.txn_id) {
+        (Some(d), Some(t)) if pdu.sender == me.user_id && d.as_str() == me.device_id.as_str() => Some(t.as_str()),
+        _ => None,
+    };
+    Ok(Json(pdu.to_client_value(txn)))
+}

@@ -1,0 +1,52 @@
+//! Client-Server API handlers, one file per spec area. `routes` registers them all.
+
+mod discovery;
+mod account;
+mod session;
+mod devices;
+mod profile;
+mod push;
+mod account_data;
+mod filter;
+mod room_create;
+mod membership;
+mod state;
+mod message;
+mod alias;
+mod directory;
+mod upgrade;
+mod history;
+mod sync;
+mod typing;
+mod receipts;
+mod presence;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::service::Services;
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let r = discovery::routes(r);
+    let r = account::routes(r);
+    let r = session::routes(r);
+    let r = devices::routes(r);
+    let r = profile::routes(r);
+    let r = push::routes(r);
+    let r = account_data::routes(r);
+    let r = filter::routes(r);
+    let r = room_create::routes(r);
+    let r = membership::routes(r);
+    let r = state::routes(r);
+    let r = message::routes(r);
+    let r = alias::routes(r);
+    let r = directory::routes(r);
+    let r = upgrade::routes(r);
+    let r = history::routes(r);
+    let r = sync::routes(r);
+    let r = typing::routes(r);
+    let r = receipts::routes(r);
+    let r = presence::routes(r);
+    r
+}

@@ -1,0 +1,124 @@
+//! Profiles: the whole profile, single fields (display name, avatar, custom keys), changes that
+//! are mirrored into every joined room by the profile service.
+
+use std::sync::Arc;
+
+use axum::{extract::State, routing::get, Json, Router};
+use ruma::{OwnedUserId, UserId};
+use serde_json::{json, Value};
+
+use super::account::{both, Segs};
+use crate::{
+    api::ruma_wrapper::{Authed, JsonBody},
+    error::{ErrCode, Error, Result},
+    service::{profile, Services},
+};
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let r = both(r, "/profile/{user_id}", get(get_profile));
+    // Display name and avatar are fields like any other; one route serves all keys.
+    both(
+        r,
+        "/profile/{user_id}/{field}",
+        get(get_field).put(set_field).delete(delete_field),
+    )
+}
+
+/// A local user that exists; anyone else has no profile here (federation lookups come later).
+fn known_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
+    let user = UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))?;
+    if !s.accounts.user(&user)?.is_some_and(|u| !u.deactivated) {
+        return Err(Error::not_found("Profile not found"));
+    }
+    Ok(user)
+}
+
+async fn get_profile(
+    State(s): State<Arc<Services>>,
+    Authed(_): Authed,
+    p: Segs,
+) -> Result<Json<Value>> {
+    let user = known_user(&s, p.get(0)?)?;
+    Ok(Json(Value::Object(s.profiles.all(&user)?)))
+}
+
+async fn get_field(
+    State(s): State<Arc<Services>>,
+    Authed(_): Authed,
+    p: Segs,
+) -> Result<Json<Value>> {
+    let user = known_user(&s, p.get(0)?)?;
+    let field = p.get(1)?;
+    let value = s
+        .profiles
+        .get(&user, field)?
+        .ok_or_else(|| Error::not_found("Profile field not set"))?;
+    Ok(Json(json!({ field: value })))
+}
+
+/// Only the owner changes a profile.
+fn own_user(id: &crate::service::accounts::Identity, raw: &str) -> Result<OwnedUserId> {
+    let user = UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))?;
+    if user != id.user_id {
+        return Err(Error::forbidden("You can only change your own profile"));
+    }
+    Ok(user)
+}
+
+fn check_key(field: &str) -> Result<()> {
+    if field.len() > profile::MAX_KEY_LEN {
+        return Err(Error::new(
+            ErrCode::KeyTooLarge,
+            "Profile key is longer than 255 bytes",
+        ));
+    }
+    if field.is_empty() {
+        return Err(Error::invalid_param("Empty profile key"));
+    }
+    Ok(())
+}
+
+async fn set_field(
+    State(s): State<Arc<Services>>,
+    Authed(id): Authed,
+    p: Segs,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
+    let user = own_user(&id, p.get(0)?)?;
+    let field = p.get(1)?;
+    check_key(field)?;
+    let value = body
+        .get(field)
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, format!("Missing '{field}'")))?;
+    match (field, value) {
+        ("displayname" | "avatar_url", Value::String(_) | Value::Null) => {}
+        ("displayname" | "avatar_url", _) => {
+            return Err(Error::bad_json(format!("'{field}' must be a string")))
+        }
+        _ => {}
+    }
+    if let (Some(name), "displayname") = (value.as_str(), field) {
+        if name.len() > 256 {
+            return Err(Error::invalid_param("Display name is too long"));
+        }
+    }
+    if let (Some(url), "avatar_url") = (value.as_str(), field) {
+        if !url.is_empty() && !url.starts_with("mxc://") {
+            return Err(Error::invalid_param("avatar_url must be an mxc:// URI"));
+        }
+    }
+    profile::set_field(&s, &user, field, Some(value)).await?;
+    Ok(Json(json!({})))
+}
+
+async fn delete_field(
+    State(s): State<Arc<Services>>,
+    Authed(id): Authed,
+    p: Segs,
+) -> Result<Json<Value>> {
+    let user = own_user(&id, p.get(0)?)?;
+    let field = p.get(1)?;
+    check_key(field)?;
+    profile::set_field(&s, &user, field, None).await?;
+    Ok(Json(json!({})))
+}

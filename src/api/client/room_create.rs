@@ -1,0 +1,127 @@
+//! `POST /createRoom`.
+
+use std::sync::Arc;
+
+use axum::{extract::State, Json, Router};
+use ruma::{
+    api::client::room::{create_room, Visibility},
+    RoomAliasId,
+};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    api::ruma_wrapper::{ruma_route, Ruma},
+    error::{Error, Result},
+    service::{
+        rooms::{CreateRoom, MemberProfile, Preset},
+        Services,
+    },
+};
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    ruma_route::<create_room::v3::Request, _, _>(r, create)
+}
+
+/// The profile that goes into a user's member events.
+pub(super) fn member_profile(s: &Services, user: &ruma::UserId) -> Result<MemberProfile> {
+    Ok(MemberProfile {
+        displayname: s.profiles.displayname(user)?,
+        avatar_url: s.profiles.avatar_url(user)?,
+    })
+}
+
+/// A JSON value from ruma's raw wrapper.
+fn raw_json<T>(raw: &ruma::serde::Raw<T>) -> Result<Value> {
+    serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))
+}
+
+fn object(value: Value, field: &str) -> Result<Map<String, Value>> {
+    match value {
+        Value::Object(o) => Ok(o),
+        _ => Err(Error::bad_json(format!("{field} must be an object"))),
+    }
+}
+
+async fn create(
+    State(s): State<Arc<Services>>,
+    req: Ruma<create_room::v3::Request>,
+) -> Result<Json<Value>> {
+    let user = req.user()?.user_id.clone();
+    let body = &req.body;
+
+    let publish = body.visibility == Visibility::Public;
+    let preset = match body.preset.as_ref().map(|p| p.as_str()) {
+        None if publish => Preset::PublicChat,
+        None => Preset::PrivateChat,
+        Some("private_chat") => Preset::PrivateChat,
+        Some("trusted_private_chat") => Preset::TrustedPrivateChat,
+        Some("public_chat") => Preset::PublicChat,
+        Some(other) => return Err(Error::bad_json(format!("Unknown preset {other}"))),
+    };
+    if publish {
+        s.policy.may_publish_room(&user)?;
+    }
+
+    let alias = match &body.room_alias_name {
+        Some(local) => {
+            // A localpart only: no sigil, separator or whitespace.
+            if local.is_empty()
+                || local.chars().any(|c| c == ':' || c == '#' || c.is_whitespace() || c.is_control())
+            {
+                return Err(Error::invalid_param("Invalid characters in room alias name"));
+            }
+            let full = format!("#{local}:{}", s.globals.server_name);
+            if full.len() > 255 {
+                return Err(Error::invalid_param("Room alias is too long"));
+            }
+            Some(RoomAliasId::parse(full).map_err(|_| Error::invalid_param("Invalid room alias name"))?)
+        }
+        None => None,
+    };
+
+    let mut initial_state = Vec::new();
+    for raw in body.initial_state.iter().take(crate::service::rooms::create::MAX_INITIAL_STATE + 1) {
+        let ev = object(raw_json(raw)?, "initial_state entry")?;
+        let kind = ev
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::bad_json("initial_state entry needs a type"))?
+            .to_owned();
+        let state_key = match ev.get("state_key") {
+            None => String::new(),
+            Some(Value::String(k)) => k.clone(),
+            Some(_) => return Err(Error::bad_json("state_key must be a string")),
+        };
+        let content = ev.get("content").cloned().unwrap_or_else(|| json!({}));
+        if !content.is_object() {
+            return Err(Error::bad_json("initial_state content must be an object"));
+        }
+        initial_state.push((kind, state_key, content));
+    }
+
+    let power_levels_override = match &body.power_level_content_override {
+        Some(raw) => Some(object(raw_json(raw)?, "power_level_content_override")?),
+        None => None,
+    };
+    let creation_content = match &body.creation_content {
+        Some(raw) => object(raw_json(raw)?, "creation_content")?,
+        None => Map::new(),
+    };
+
+    let request = CreateRoom {
+        version: body.room_version.clone().unwrap_or_else(|| s.config.default_room_version.clone()),
+        preset,
+        publish,
+        alias,
+        name: body.name.clone(),
+        topic: body.topic.clone(),
+        invite: body.invite.clone(),
+        is_direct: body.is_direct,
+        initial_state,
+        power_levels_override,
+        creation_content,
+    };
+    let profile = member_profile(&s, &user)?;
+    let room_id = s.rooms.create_room(&user, &profile, request).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}

@@ -1,0 +1,99 @@
+//! Sessions: login (password only), token refresh, logout.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::State,
+    routing::{get, post},
+    Json, Router,
+};
+use http::StatusCode;
+use serde_json::{json, Value};
+
+use super::account::{both, opt_bool, opt_str, session_json, ClientIp};
+use crate::{
+    api::ruma_wrapper::{Authed, JsonBody},
+    error::{ErrCode, Error, Result},
+    service::{accounts, Services},
+};
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let r = both(r, "/login", get(login_flows).post(login));
+    let r = both(r, "/refresh", post(refresh));
+    let r = both(r, "/logout", post(logout));
+    both(r, "/logout/all", post(logout_all))
+}
+
+/// Only passwords: SSO and login tokens are not offered.
+async fn login_flows() -> Json<Value> {
+    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+}
+
+async fn login(
+    State(s): State<Arc<Services>>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
+    let kind = opt_str(&body, "type")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing login 'type'"))?;
+    if kind != "m.login.password" {
+        return Err(Error::with_status(ErrCode::Unknown, StatusCode::BAD_REQUEST, "Unsupported login type"));
+    }
+    // The user: `identifier` of type m.id.user, or the deprecated top-level `user`.
+    let name = match body.get("identifier") {
+        Some(Value::Object(ident)) => {
+            match ident.get("type").and_then(Value::as_str) {
+                Some("m.id.user") => {}
+                Some(_) => return Err(Error::with_status(ErrCode::Unknown, StatusCode::BAD_REQUEST, "Unsupported identifier type")),
+                None => return Err(Error::bad_json("Identifier has no 'type'")),
+            }
+            opt_str(ident, "user")?
+        }
+        Some(Value::Null) | None => opt_str(&body, "user")?,
+        Some(_) => return Err(Error::bad_json("'identifier' must be an object")),
+    }
+    .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing user identifier"))?;
+    let password = opt_str(&body, "password")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'password'"))?;
+    let device_id = opt_str(&body, "device_id")?;
+    if device_id
+        .as_ref()
+        .is_some_and(|d| d.is_empty() || d.len() > 255)
+    {
+        return Err(Error::invalid_param("Invalid device_id"));
+    }
+    let session = accounts::password_login(
+        &s,
+        &name,
+        &password,
+        device_id.map(Into::into),
+        opt_str(&body, "initial_device_display_name")?,
+        opt_bool(&body, "refresh_token")?.unwrap_or(false),
+        ip,
+    )?;
+    Ok(Json(session_json(&session)))
+}
+
+async fn refresh(State(s): State<Arc<Services>>, JsonBody(body): JsonBody) -> Result<Json<Value>> {
+    let token = opt_str(&body, "refresh_token")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'refresh_token'"))?;
+    let session = s.accounts.refresh(&token)?;
+    let mut v = json!({ "access_token": session.access_token });
+    if let Some(r) = session.refresh_token {
+        v["refresh_token"] = json!(r);
+    }
+    if let Some(ms) = session.expires_in_ms {
+        v["expires_in_ms"] = json!(ms);
+    }
+    Ok(Json(v))
+}
+
+async fn logout(State(s): State<Arc<Services>>, Authed(id): Authed) -> Result<Json<Value>> {
+    s.accounts.remove_device(&id.user_id, &id.device_id)?;
+    Ok(Json(json!({})))
+}
+
+async fn logout_all(State(s): State<Arc<Services>>, Authed(id): Authed) -> Result<Json<Value>> {
+    s.accounts.remove_all_devices(&id.user_id, None)?;
+    Ok(Json(json!({})))
+}

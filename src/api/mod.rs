@@ -1,0 +1,62 @@
+//! HTTP: the router, CORS, fallbacks. Handlers live in `client/` by spec area and stay thin:
+//! parse (ruma), call a service, map the result.
+
+pub mod client;
+pub mod ruma_wrapper;
+
+use std::sync::Arc;
+
+use axum::{response::Response, Router};
+use http::{header, HeaderValue, Method, StatusCode};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    error::{ErrCode, Error},
+    service::Services,
+};
+
+/// The complete router of the server.
+pub fn router(services: Arc<Services>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::HeaderName::from_static("x-requested-with"),
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+        ]);
+    client::routes(Router::new())
+        .fallback(unrecognized)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors)
+        .with_state(services)
+}
+
+async fn unrecognized() -> Error {
+    Error::new(ErrCode::Unrecognized, "Unrecognized request")
+}
+
+async fn method_not_allowed() -> Error {
+    Error::with_status(ErrCode::Unrecognized, StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut res = Response::new(axum::body::Body::from(bytes));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// Serve until `shutdown` resolves. Returns the bound address through `on_bound` first.
+pub async fn serve(
+    services: Arc<Services>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(services);
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,278 @@
+//! `Ruma<T>`: the axum extractor that turns an HTTP request into ruma's typed request `T`,
+//! after authenticating it as `T`'s metadata demands. `RumaResponse<T>` goes the other way.
+//! Every client endpoint goes through here, so size limits, JSON checks and token checks are
+//! in one place.
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    extract::{ConnectInfo, FromRequest, Path, Request},
+    response::{IntoResponse, Response},
+    RequestPartsExt,
+};
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use ruma::api::{
+    auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication},
+    error::{DeserializationError, FromHttpRequestError},
+    IncomingRequest, Metadata, OutgoingResponse,
+};
+
+use crate::{
+    error::{ErrCode, Error, Result},
+    service::{accounts::Identity, Services},
+};
+
+/// How an endpoint authenticates, derived from ruma's metadata.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuthKind {
+    None,
+    Optional,
+    Required,
+}
+
+pub trait AuthRequirement {
+    const KIND: AuthKind;
+}
+impl AuthRequirement for NoAuthentication {
+    const KIND: AuthKind = AuthKind::None;
+}
+impl AuthRequirement for NoAccessToken {
+    const KIND: AuthKind = AuthKind::None;
+}
+impl AuthRequirement for AccessToken {
+    const KIND: AuthKind = AuthKind::Required;
+}
+impl AuthRequirement for AccessTokenOptional {
+    const KIND: AuthKind = AuthKind::Optional;
+}
+impl AuthRequirement for AppserviceToken {
+    const KIND: AuthKind = AuthKind::Required;
+}
+impl AuthRequirement for AppserviceTokenOptional {
+    const KIND: AuthKind = AuthKind::Optional;
+}
+
+/// A parsed, authenticated request.
+pub struct Ruma<T> {
+    pub body: T,
+    /// Who sent it (when the endpoint takes a token and one was given).
+    pub identity: Option<Identity>,
+    /// The client's address, for rate limits and the audit log.
+    pub ip: Option<IpAddr>,
+    /// The request body as JSON, for handlers that need fields ruma does not model.
+    pub json: Option<serde_json::Value>,
+}
+
+impl<T> Ruma<T> {
+    /// The identity of an endpoint that requires a token (the extractor guarantees it).
+    pub fn user(&self) -> Result<&Identity> {
+        self.identity.as_ref().ok_or(Error::new(ErrCode::MissingToken, "Missing access token"))
+    }
+}
+
+impl<T> std::ops::Deref for Ruma<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.body
+    }
+}
+
+/// The access token from `Authorization: Bearer` or the deprecated `access_token` query parameter.
+pub fn access_token(parts: &http::request::Parts) -> Option<String> {
+    if let Some(value) = parts.headers.get(http::header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    let query = parts.uri.query()?;
+    serde_html_form::from_str::<Vec<(String, String)>>(query)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v)
+}
+
+impl<T> FromRequest<Arc<Services>> for Ruma<T>
+where
+    T: IncomingRequest + Send,
+    T::Authentication: AuthRequirement,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let ip = parts
+            .extract::<ConnectInfo<std::net::SocketAddr>>()
+            .await
+            .ok()
+            .map(|ConnectInfo(addr)| addr.ip());
+        let path_args: Vec<String> = match parts.extract::<Path<Vec<String>>>().await {
+            Ok(Path(args)) => args,
+            Err(_) => Vec::new(),
+        };
+
+        let identity = match <T::Authentication as AuthRequirement>::KIND {
+            AuthKind::None => None,
+            kind => match access_token(&parts) {
+                Some(token) => Some(services.accounts.identify(&token)?),
+                None if kind == AuthKind::Required => {
+                    return Err(Error::new(ErrCode::MissingToken, "Missing access token"))
+                }
+                None => None,
+            },
+        };
+
+        let limit = services.config.max_request_size;
+        let bytes = read_body_limited(body, limit).await?;
+        let (body_bytes, json) = if bytes.is_empty() {
+            let empty = if T::METHOD == http::Method::GET || T::METHOD == http::Method::DELETE && bytes.is_empty() {
+                Bytes::new()
+            } else {
+                Bytes::from_static(b"{}")
+            };
+            (empty, None)
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v) => (bytes, Some(v)),
+                Err(_) if is_json_endpoint(&parts) => {
+                    return Err(Error::new(ErrCode::NotJson, "Request body is not valid JSON"))
+                }
+                Err(_) => (bytes, None),
+            }
+        };
+
+        let request = http::Request::from_parts(parts, body_bytes);
+        let body = T::try_from_http_request(request, &path_args).map_err(map_parse_error)?;
+        Ok(Ruma { body, identity, ip, json })
+    }
+}
+
+/// Client endpoints take JSON bodies, except uploads (media, which come with their own type).
+fn is_json_endpoint(parts: &http::request::Parts) -> bool {
+    !parts.uri.path().contains("/media/")
+}
+
+async fn read_body_limited(body: axum::body::Body, limit: usize) -> Result<Bytes> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(
+            ErrCode::TooLarge,
+            format!("Request body is larger than {limit} bytes"),
+        )),
+        Err(e) => Err(Error::bad_json(format!("cannot read request body: {e}"))),
+    }
+}
+
+fn map_parse_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::Deserialization(DeserializationError::Json(e)) => {
+            Error::bad_json(format!("Invalid request: {e}"))
+        }
+        FromHttpRequestError::Deserialization(DeserializationError::Query(e)) => {
+            Error::invalid_param(format!("Invalid query parameter: {e}"))
+        }
+        FromHttpRequestError::Deserialization(DeserializationError::Ident(e)) => {
+            Error::invalid_param(format!("Invalid identifier: {e}"))
+        }
+        FromHttpRequestError::Deserialization(e) => Error::bad_json(format!("Invalid request: {e}")),
+        FromHttpRequestError::MethodMismatch { .. } => Error::with_status(
+            ErrCode::Unrecognized,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+        ),
+        _ => Error::bad_json("Invalid request"),
+    }
+}
+
+/// A ruma response, serialized as the spec says.
+pub struct RumaResponse<T>(pub T);
+
+impl<T> From<T> for RumaResponse<T> {
+    fn from(t: T) -> Self {
+        RumaResponse(t)
+    }
+}
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<BytesMut>() {
+            Ok(res) => {
+                let (mut parts, body) = res.into_parts();
+                parts.headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                Response::from_parts(parts, axum::body::Body::from(body.freeze()))
+            }
+            Err(e) => Error::internal(format!("response serialization: {e}")).into_response(),
+        }
+    }
+}
+
+/// Register a handler on every path (stable and unstable) that ruma knows for request `Req`.
+pub fn ruma_route<Req, H, X>(
+    router: axum::Router<Arc<Services>>,
+    handler: H,
+) -> axum::Router<Arc<Services>>
+where
+    Req: Metadata,
+    H: axum::handler::Handler<X, Arc<Services>>,
+    X: 'static,
+{
+    use ruma::api::path_builder::PathBuilder;
+    let filter = match Req::METHOD {
+        http::Method::GET => axum::routing::MethodFilter::GET,
+        http::Method::POST => axum::routing::MethodFilter::POST,
+        http::Method::PUT => axum::routing::MethodFilter::PUT,
+        http::Method::DELETE => axum::routing::MethodFilter::DELETE,
+        _ => axum::routing::MethodFilter::GET,
+    };
+    let mut router = router;
+    let mut seen = std::collections::HashSet::new();
+    for path in Req::PATH_BUILDER.all_paths() {
+        if seen.insert(path) {
+            router = router.route(path, axum::routing::on(filter, handler.clone()));
+        }
+    }
+    router
+}
+
+/// For handlers that do not use a ruma request type: the authenticated identity (token required).
+pub struct Authed(pub Identity);
+
+impl axum::extract::FromRequestParts<Arc<Services>> for Authed {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        services: &Arc<Services>,
+    ) -> Result<Self, Self::Rejection> {
+        match access_token(parts) {
+            Some(token) => Ok(Authed(services.accounts.identify(&token)?)),
+            None => Err(Error::new(ErrCode::MissingToken, "Missing access token")),
+        }
+    }
+}
+
+/// For handlers that do not use a ruma request type: the body as a JSON object, with the spec's
+/// errors for a body that is not JSON (`M_NOT_JSON`) or not an object (`M_BAD_JSON`), and the
+/// size limit (`M_TOO_LARGE`).
+pub struct JsonBody(pub serde_json::Map<String, serde_json::Value>);
+
+impl FromRequest<Arc<Services>> for JsonBody {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Self::Rejection> {
+        let bytes = read_body_limited(req.into_body(), services.config.max_request_size).await?;
+        if bytes.is_empty() {
+            return Ok(JsonBody(serde_json::Map::new()));
+        }
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(o)) => Ok(JsonBody(o)),
+            Ok(_) => Err(Error::bad_json("Request body must be a JSON object")),
+            Err(_) => Err(Error::new(ErrCode::NotJson, "Request body is not valid JSON")),
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Configuration: `conduit-config.toml` (keys under `[global]`, named as Conduit names them),
+//! overridden by `HAFEN_<KEY>` environment variables. Unknown keys are warned about by name;
+//! invalid values stop the start with a message that says which key is wrong.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use ruma::{OwnedServerName, RoomVersionId};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. Every field is documented in docs/configuration.md; a test checks that
+/// the documentation and the example config name every key of this struct.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The name of this homeserver: the part after the colon of user ids.
+    #[serde(default = "default_server_name")]
+    pub server_name: OwnedServerName,
+    /// The address the client API listens on.
+    #[serde(default = "default_address")]
+    pub address: IpAddr,
+    /// The port the client API listens on; 0 picks a free one (tests).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Where the RocksDB database lives.
+    #[serde(default = "default_database_path")]
+    pub database_path: PathBuf,
+    /// Storage backend; only the embedded `rocksdb` exists today.
+    #[serde(default = "default_database_backend")]
+    pub database_backend: String,
+    /// fsync every write before acknowledging it (survives power loss, not only a crash).
+    #[serde(default = "default_true")]
+    pub database_sync_writes: bool,
+    /// RocksDB block cache size in MiB.
+    #[serde(default = "default_db_cache_capacity_mb")]
+    pub db_cache_capacity_mb: u64,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_max_request_size")]
+    pub max_request_size: usize,
+    /// Open registration without a token. Off by default (privacy-protective default).
+    #[serde(default)]
+    pub allow_registration: bool,
+    /// A registration token that is always valid (in addition to tokens made with `hafen token create`).
+    #[serde(default)]
+    pub registration_token: Option<String>,
+    /// Guests (`kind=guest`) may register.
+    #[serde(default)]
+    pub allow_guest_registration: bool,
+    /// Federation with other homeservers (arrives with the federation issue).
+    #[serde(default)]
+    pub allow_federation: bool,
+    /// Servers trusted for key lookups during federation.
+    #[serde(default)]
+    pub trusted_servers: Vec<OwnedServerName>,
+    /// Room version for new rooms.
+    #[serde(default = "default_room_version")]
+    pub default_room_version: RoomVersionId,
+    /// Presence (online/offline status) is off by default: it is personal data few need.
+    #[serde(default)]
+    pub allow_presence: bool,
+    /// Users may publish rooms to the room directory.
+    #[serde(default = "default_true")]
+    pub allow_public_room_directory: bool,
+    /// Lifetime of an access token handed out together with a refresh token, in seconds.
+    #[serde(default = "default_access_token_lifetime")]
+    pub access_token_lifetime_secs: u64,
+    /// tracing filter, e.g. "info" or "hafen=debug,warn".
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// What `/.well-known/matrix/client` and `/.well-known/matrix/server` answer.
+    #[serde(default)]
+    pub well_known: WellKnown,
+    /// Rate limits per user and per IP.
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WellKnown {
+    /// Base URL of the client API, e.g. "https://matrix.example.org".
+    pub client: Option<String>,
+    /// Delegated federation server, e.g. "matrix.example.org:443".
+    pub server: Option<String>,
+}
+
+/// A token bucket: `per_second` refill rate and `burst` capacity.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Switch all rate limiting off (benchmarks).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_rl_login")]
+    pub login: RateLimit,
+    #[serde(default = "default_rl_registration")]
+    pub registration: RateLimit,
+    #[serde(default = "default_rl_message")]
+    pub message: RateLimit,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            enabled: true,
+            login: default_rl_login(),
+            registration: default_rl_registration(),
+            message: default_rl_message(),
+        }
+    }
+}
+
+fn default_server_name() -> OwnedServerName {
+    "localhost".try_into().expect("static server name is valid")
+}
+fn default_address() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_port() -> u16 {
+    8008
+}
+fn default_database_path() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_database_backend() -> String {
+    "rocksdb".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_db_cache_capacity_mb() -> u64 {
+    256
+}
+fn default_max_request_size() -> usize {
+    20 * 1024 * 1024
+}
+fn default_room_version() -> RoomVersionId {
+    RoomVersionId::V12
+}
+fn default_access_token_lifetime() -> u64 {
+    3600
+}
+fn default_log() -> String {
+    "info".to_owned()
+}
+fn default_rl_login() -> RateLimit {
+    RateLimit { per_second: 0.5, burst: 10 }
+}
+fn default_rl_registration() -> RateLimit {
+    RateLimit { per_second: 0.2, burst: 5 }
+}
+fn default_rl_message() -> RateLimit {
+    RateLimit { per_second: 10.0, burst: 50 }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty config takes every default")
+    }
+}
+
+/// What loading produced: the config plus warnings (unknown keys) to log once logging is up.
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Load the config from `path` (a missing default file means "all defaults"), apply `HAFEN_*`
+/// environment overrides from `env`, and validate.
+pub fn load(
+    path: Option<&std::path::Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+        None => match std::fs::read_to_string("conduit-config.toml") {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read { path: "conduit-config.toml".into(), source })
+            }
+        },
+    };
+    from_toml_str(&text, env)
+}
+
+/// Parse config text plus environment overrides. Separate from [`load`] for tests.
+pub fn from_toml_str(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
+    let mut root: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let mut warnings = Vec::new();
+    for key in root.keys() {
+        if key != "global" {
+            warnings.push(format!("unknown config section or key `{key}` (ignored)"));
+        }
+    }
+    let mut global = match root.remove("global") {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => return Err(ConfigError::Invalid("`global` must be a table".into())),
+        None => toml::Table::new(),
+    };
+    for (name, value) in env {
+        let Some(key) = name.strip_prefix("HAFEN_") else { continue };
+        if key == "CONFIG" || key.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = key.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        // A value is read as TOML if it parses (numbers, booleans, arrays), else as a plain string.
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(value));
+        insert_path(&mut global, &path, parsed);
+    }
+
+    // Collect unknown keys as warnings instead of failing: a newer config on an older binary
+    // should still start, and the operator sees exactly which key is ignored.
+    let mut unknown = Vec::new();
+    let known = strip_unknown(&mut global, &mut unknown);
+    for key in unknown {
+        warnings.push(format!("unknown config key `global.{key}` (ignored)"));
+    }
+    let config: Config = toml::Value::Table(known)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+    validate(&config)?;
+    Ok(Loaded { config, warnings })
+}
+
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = entry {
+                insert_path(t, rest, value);
+            }
+        }
+    }
+}
+
+/// Removes keys the config struct does not know, by serializing a default config and comparing
+/// key sets, so the list of known keys has exactly one source: the struct itself.
+fn strip_unknown(global: &mut toml::Table, unknown: &mut Vec<String>) -> toml::Table {
+    let reference = toml::Table::try_from(Config::default_for_keys()).unwrap_or_default();
+    fn walk(
+        given: &toml::Table,
+        known: &toml::Table,
+        prefix: &str,
+        unknown: &mut Vec<String>,
+    ) -> toml::Table {
+        let mut out = toml::Table::new();
+        for (k, v) in given {
+            let full = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match known.get(k) {
+                None => unknown.push(full),
+                Some(toml::Value::Table(kt)) if v.is_table() && !is_free_form(&full) => {
+                    if let toml::Value::Table(gt) = v {
+                        out.insert(k.clone(), toml::Value::Table(walk(gt, kt, &full, unknown)));
+                    }
+                }
+                Some(_) => {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        out
+    }
+    walk(global, &reference, "", unknown)
+}
+
+/// Tables whose keys are data, not config keys.
+fn is_free_form(_key: &str) -> bool {
+    false
+}
+
+impl Config {
+    /// A config with every optional key set, so that serializing it lists every key.
+    pub fn default_for_keys() -> Config {
+        let mut c = Config::default();
+        c.registration_token = Some(String::new());
+        c.well_known.client = Some(String::new());
+        c.well_known.server = Some(String::new());
+        c
+    }
+
+    /// Every key path of the config, e.g. `rate_limits.login.burst`; used by the docs check.
+    pub fn all_key_paths() -> Vec<String> {
+        fn walk(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+            for (k, v) in t {
+                let full = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                if let toml::Value::Table(inner) = v {
+                    walk(inner, &full, out);
+                } else {
+                    out.push(full);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(t) = toml::Table::try_from(Config::default_for_keys()) {
+            walk(&t, "", &mut out);
+        }
+        out
+    }
+}
+
+fn validate(c: &Config) -> Result<(), ConfigError> {
+    if c.database_backend != "rocksdb" {
+        return Err(ConfigError::Invalid(format!(
+            "database_backend: `{}` is not supported; the only backend is `rocksdb`",
+            c.database_backend
+        )));
+    }
+    if c.max_request_size < 1024 {
+        return Err(ConfigError::Invalid("max_request_size: must be at least 1024 bytes".into()));
+    }
+    if c.default_room_version.rules().is_none() {
+        return Err(ConfigError::Invalid(format!(
+            "default_room_version: `{}` is not a room version Hafen supports (1-12)",
+            c.default_room_version
+        )));
+    }
+    for (name, rl) in [
+        ("login", c.rate_limits.login),
+        ("registration", c.rate_limits.registration),
+        ("message", c.rate_limits.message),
+    ] {
+        if !(rl.per_second > 0.0) || rl.burst == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "rate_limits.{name}: per_second must be > 0 and burst >= 1"
+            )));
+        }
+    }
+    if let Some(t) = &c.registration_token {
+        if t.is_empty() {
+            return Err(ConfigError::Invalid("registration_token: must not be empty".into()));
+        }
+    }
+    if c.access_token_lifetime_secs < 60 {
+        return Err(ConfigError::Invalid("access_token_lifetime_secs: must be at least 60".into()));
+    }
+    tracing_subscriber::EnvFilter::try_new(&c.log)
+        .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_takes_defaults() {
+        let l = from_toml_str("", Vec::new()).unwrap();
+        assert_eq!(l.config.server_name.as_str(), "localhost");
+        assert_eq!(l.config.port, 8008);
+        assert!(!l.config.allow_registration);
+        assert!(l.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_a_warning_naming_it() {
+        let l = from_toml_str("[global]\nport = 9000\nfrobnicate = 1\n", Vec::new()).unwrap();
+        assert_eq!(l.config.port, 9000);
+        assert_eq!(l.warnings, vec!["unknown config key `global.frobnicate` (ignored)"]);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            ("HAFEN_PORT".to_owned(), "9100".to_owned()),
+            ("HAFEN_SERVER_NAME".to_owned(), "example.org".to_owned()),
+            ("HAFEN_RATE_LIMITS__LOGIN__BURST".to_owned(), "99".to_owned()),
+        ];
+        let l = from_toml_str("[global]\nport = 9000\n", env).unwrap();
+        assert_eq!(l.config.port, 9100);
+        assert_eq!(l.config.server_name.as_str(), "example.org");
+        assert_eq!(l.config.rate_limits.login.burst, 99);
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let e = from_toml_str("[global]\nport = \"eighty\"\n", Vec::new()).err().unwrap();
+        assert!(e.to_string().contains("port"), "{e}");
+        let e = from_toml_str("[global]\ndefault_room_version = \"99\"\n", Vec::new()).err().unwrap();
+        assert!(e.to_string().contains("default_room_version"), "{e}");
+    }
+}

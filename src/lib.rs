@@ -1,0 +1,11 @@
+//! Hafen: a Matrix homeserver for organizations that keep their chat under their own control.
+//! See docs/architecture.md for the map of this crate.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod storage;
+pub mod utils;

@@ -1,0 +1,57 @@
+//! Starting a server: open storage, build services, bind, serve. Used by `main` and by tests,
+//! which start servers in-process on 127.0.0.1:0.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::sync::oneshot;
+
+use crate::{config::Config, service::Services, storage::Storage};
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub services: Arc<Services>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stop accepting, finish in-flight requests, flush the database.
+    pub async fn stop(mut self) -> anyhow_like::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        self.services.storage.flush().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, String>;
+}
+
+/// Open the database and start serving on the configured address.
+pub async fn start(config: Config) -> anyhow_like::Result<Running> {
+    let storage = Storage::open(&config.database_path, config.db_cache_capacity_mb, config.database_sync_writes)
+        .map_err(|e| e.to_string())?;
+    let services = Services::build(config, storage).map_err(|e| e.to_string())?;
+    start_with(services).await
+}
+
+pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running> {
+    let addr = SocketAddr::new(services.config.address, services.config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(crate::api::serve(services.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    Ok(Running { addr, services, shutdown: Some(tx), task })
+}

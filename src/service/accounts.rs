@@ -1,0 +1,766 @@
+//! Accounts: users, passwords (argon2), devices, access and refresh tokens (stored hashed),
+//! registration tokens.
+
+use argon2::{
+    password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+    Argon2,
+};
+use ruma::{OwnedDeviceId, OwnedUserId, ServerName, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{ErrCode, Error, Result},
+    storage::{keys, Storage, Table},
+    utils,
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct UserRecord {
+    /// argon2 PHC string; `None` for accounts that cannot log in with a password.
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub deactivated: bool,
+    #[serde(default)]
+    pub guest: bool,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    /// Expiry in ms since the epoch, for tokens issued with a refresh token.
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RefreshRecord {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: OwnedDeviceId,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub last_seen_ip: Option<String>,
+    #[serde(default)]
+    pub last_seen_ts: Option<u64>,
+    /// Hex of the hashes of this device's current tokens, so deleting the device revokes them.
+    #[serde(default)]
+    pub access_token_hash: Option<String>,
+    #[serde(default)]
+    pub refresh_token_hash: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegistrationToken {
+    pub token: String,
+    /// How many registrations it allows; `None` is unlimited.
+    pub uses_allowed: Option<u32>,
+    #[serde(default)]
+    pub pending: u32,
+    #[serde(default)]
+    pub completed: u32,
+    /// Expiry in ms since the epoch.
+    pub expiry_time: Option<u64>,
+}
+
+/// A new login: what the client gets back.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_in_ms: Option<u64>,
+}
+
+/// Who a request comes from, after its token was checked.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    pub admin: bool,
+    pub guest: bool,
+}
+
+pub struct Accounts {
+    storage: Storage,
+    server_name: ruma::OwnedServerName,
+    access_token_lifetime_ms: u64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok())
+        .collect()
+}
+
+impl Accounts {
+    pub fn new(
+        storage: Storage,
+        server_name: &ServerName,
+        access_token_lifetime_secs: u64,
+    ) -> Accounts {
+        Accounts {
+            storage,
+            server_name: server_name.to_owned(),
+            access_token_lifetime_ms: access_token_lifetime_secs * 1000,
+        }
+    }
+
+    pub fn server_name(&self) -> &ServerName {
+        &self.server_name
+    }
+
+    /// Parse a localpart or full user id of this server, as `login` and `register` accept.
+    pub fn local_user_id(&self, name: &str) -> Result<OwnedUserId> {
+        let id = if name.starts_with('@') {
+            UserId::parse(name)
+                .map_err(|_| Error::new(ErrCode::InvalidUsername, "Invalid user id"))?
+        } else {
+            UserId::parse_with_server_name(name.to_lowercase(), &self.server_name)
+                .map_err(|_| Error::new(ErrCode::InvalidUsername, "Invalid username"))?
+        };
+        if id.server_name() != self.server_name {
+            return Err(Error::new(
+                ErrCode::InvalidUsername,
+                "User is not on this server",
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Localparts that a new user may take: the historical grammar is refused for new users.
+    pub fn validate_new_localpart(&self, localpart: &str) -> Result<OwnedUserId> {
+        if localpart.is_empty()
+            || !localpart
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+        {
+            return Err(Error::new(
+                ErrCode::InvalidUsername,
+                "Usernames may only contain a-z, 0-9, '.', '_', '=', '-', '/' and '+'",
+            ));
+        }
+        let id = UserId::parse_with_server_name(localpart, &self.server_name)
+            .map_err(|_| Error::new(ErrCode::InvalidUsername, "Invalid username"))?;
+        if id.as_str().len() > 255 {
+            return Err(Error::new(ErrCode::InvalidUsername, "User id is too long"));
+        }
+        Ok(id)
+    }
+
+    pub fn user(&self, user_id: &UserId) -> Result<Option<UserRecord>> {
+        if user_id.server_name() != self.server_name {
+            return Ok(None);
+        }
+        match self
+            .storage
+            .get(Table::Users, user_id.localpart().as_bytes())?
+        {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn exists(&self, user_id: &UserId) -> Result<bool> {
+        Ok(self.user(user_id)?.is_some())
+    }
+
+    fn put_user(
+        &self,
+        batch: &mut crate::storage::Batch,
+        user_id: &UserId,
+        rec: &UserRecord,
+    ) -> Result<()> {
+        batch.put(
+            Table::Users,
+            user_id.localpart().as_bytes(),
+            &serde_json::to_vec(rec)?,
+        )
+    }
+
+    pub fn hash_password(password: &str) -> Result<String> {
+        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::internal(format!("argon2: {e}")))
+    }
+
+    /// Create an account. Fails with `M_USER_IN_USE` if the id is taken.
+    pub fn create_user(
+        &self,
+        user_id: &UserId,
+        password: Option<&str>,
+        admin: bool,
+        guest: bool,
+    ) -> Result<()> {
+        if self.exists(user_id)? {
+            return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
+        }
+        let rec = UserRecord {
+            password_hash: password.map(Self::hash_password).transpose()?,
+            admin,
+            deactivated: false,
+            guest,
+            created_ms: utils::now_ms(),
+        };
+        let mut b = self.storage.batch();
+        self.put_user(&mut b, user_id, &rec)?;
+        b.commit()
+    }
+
+    pub fn set_password(&self, user_id: &UserId, password: &str) -> Result<()> {
+        let mut rec = self
+            .user(user_id)?
+            .ok_or_else(|| Error::not_found("Unknown user"))?;
+        rec.password_hash = Some(Self::hash_password(password)?);
+        let mut b = self.storage.batch();
+        self.put_user(&mut b, user_id, &rec)?;
+        b.commit()
+    }
+
+    pub fn set_admin(&self, user_id: &UserId, admin: bool) -> Result<()> {
+        let mut rec = self
+            .user(user_id)?
+            .ok_or_else(|| Error::not_found("Unknown user"))?;
+        rec.admin = admin;
+        let mut b = self.storage.batch();
+        self.put_user(&mut b, user_id, &rec)?;
+        b.commit()
+    }
+
+    /// Check a password in constant work whether or not the user exists.
+    pub fn check_password(&self, user_id: &UserId, password: &str) -> Result<bool> {
+        let rec = self.user(user_id)?;
+        let hash = rec.as_ref().and_then(|r| r.password_hash.clone());
+        let Some(hash) = hash else {
+            // Spend the same effort as a real check so timing does not reveal which users exist.
+            let _ = Self::hash_password(password);
+            return Ok(false);
+        };
+        let parsed =
+            PasswordHash::new(&hash).map_err(|e| Error::internal(format!("stored hash: {e}")))?;
+        Ok(Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+            && !rec.map(|r| r.deactivated).unwrap_or(true))
+    }
+
+    /// Log a device in: new or existing device id, fresh tokens.
+    pub fn create_session(
+        &self,
+        user_id: &UserId,
+        device_id: Option<OwnedDeviceId>,
+        display_name: Option<String>,
+        with_refresh: bool,
+    ) -> Result<Session> {
+        let device_id = device_id.unwrap_or_else(|| utils::random_string(10).to_uppercase().into());
+        let mut b = self.storage.batch();
+        let existing = self.device(user_id, &device_id)?;
+        if let Some(old) = &existing {
+            self.revoke_device_tokens(&mut b, old)?;
+        }
+        let access_token = utils::random_string(32);
+        let access_hash = utils::token_hash(&access_token);
+        let expires_in_ms = with_refresh.then_some(self.access_token_lifetime_ms);
+        let rec = TokenRecord {
+            user_id: user_id.to_owned(),
+            device_id: device_id.clone(),
+            expires_ms: expires_in_ms.map(|ms| utils::now_ms() + ms),
+        };
+        b.put(
+            Table::AccessTokens,
+            &access_hash,
+            &serde_json::to_vec(&rec)?,
+        )?;
+        let refresh_token = if with_refresh {
+            let t = utils::random_string(40);
+            let r = RefreshRecord {
+                user_id: user_id.to_owned(),
+                device_id: device_id.clone(),
+            };
+            b.put(
+                Table::RefreshTokens,
+                &utils::token_hash(&t),
+                &serde_json::to_vec(&r)?,
+            )?;
+            Some(t)
+        } else {
+            None
+        };
+        let device = DeviceRecord {
+            device_id: device_id.clone(),
+            display_name: display_name.or_else(|| existing.and_then(|d| d.display_name)),
+            last_seen_ip: None,
+            last_seen_ts: Some(utils::now_ms()),
+            access_token_hash: Some(hex(&access_hash)),
+            refresh_token_hash: refresh_token.as_deref().map(|t| hex(&utils::token_hash(t))),
+        };
+        b.put(
+            Table::Devices,
+            &keys::join(&[user_id.as_str(), device_id.as_str()]),
+            &serde_json::to_vec(&device)?,
+        )?;
+        b.commit()?;
+        Ok(Session {
+            user_id: user_id.to_owned(),
+            device_id,
+            access_token,
+            refresh_token,
+            expires_in_ms,
+        })
+    }
+
+    /// Exchange a refresh token for new tokens; the old pair stops working.
+    pub fn refresh(&self, refresh_token: &str) -> Result<Session> {
+        let hash = utils::token_hash(refresh_token);
+        let rec: RefreshRecord = match self.storage.get(Table::RefreshTokens, &hash)? {
+            Some(v) => serde_json::from_slice(&v)?,
+            None => return Err(Error::UnknownToken { soft_logout: false }),
+        };
+        let device = self.device(&rec.user_id, &rec.device_id)?;
+        self.create_session(
+            &rec.user_id,
+            Some(rec.device_id),
+            device.and_then(|d| d.display_name),
+            true,
+        )
+    }
+
+    /// Resolve an access token to its user and device.
+    pub fn identify(&self, token: &str) -> Result<Identity> {
+        let rec: TokenRecord = match self
+            .storage
+            .get(Table::AccessTokens, &utils::token_hash(token))?
+        {
+            Some(v) => serde_json::from_slice(&v)?,
+            None => return Err(Error::UnknownToken { soft_logout: false }),
+        };
+        if let Some(exp) = rec.expires_ms {
+            if utils::now_ms() >= exp {
+                return Err(Error::UnknownToken { soft_logout: true });
+            }
+        }
+        let user = self
+            .user(&rec.user_id)?
+            .ok_or(Error::UnknownToken { soft_logout: false })?;
+        if user.deactivated {
+            return Err(Error::UnknownToken { soft_logout: false });
+        }
+        Ok(Identity {
+            user_id: rec.user_id,
+            device_id: rec.device_id,
+            admin: user.admin,
+            guest: user.guest,
+        })
+    }
+
+    fn revoke_device_tokens(
+        &self,
+        b: &mut crate::storage::Batch,
+        device: &DeviceRecord,
+    ) -> Result<()> {
+        if let Some(h) = &device.access_token_hash {
+            b.delete(Table::AccessTokens, &unhex(h))?;
+        }
+        if let Some(h) = &device.refresh_token_hash {
+            b.delete(Table::RefreshTokens, &unhex(h))?;
+        }
+        Ok(())
+    }
+
+    pub fn device(
+        &self,
+        user_id: &UserId,
+        device_id: &ruma::DeviceId,
+    ) -> Result<Option<DeviceRecord>> {
+        match self.storage.get(
+            Table::Devices,
+            &keys::join(&[user_id.as_str(), device_id.as_str()]),
+        )? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>> {
+        let mut out = Vec::new();
+        for entry in self
+            .storage
+            .scan_prefix(Table::Devices, &keys::prefix(&[user_id.as_str()]))?
+        {
+            let (_, v) = entry?;
+            out.push(serde_json::from_slice(&v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn update_device(&self, user_id: &UserId, device: &DeviceRecord) -> Result<()> {
+        self.storage.put(
+            Table::Devices,
+            &keys::join(&[user_id.as_str(), device.device_id.as_str()]),
+            &serde_json::to_vec(device)?,
+        )
+    }
+
+    /// Remove a device and revoke its tokens (logout, device deletion).
+    pub fn remove_device(&self, user_id: &UserId, device_id: &ruma::DeviceId) -> Result<()> {
+        let Some(device) = self.device(user_id, device_id)? else {
+            return Ok(());
+        };
+        let mut b = self.storage.batch();
+        self.revoke_device_tokens(&mut b, &device)?;
+        b.delete(
+            Table::Devices,
+            &keys::join(&[user_id.as_str(), device_id.as_str()]),
+        )?;
+        b.commit()
+    }
+
+    pub fn remove_all_devices(
+        &self,
+        user_id: &UserId,
+        except: Option<&ruma::DeviceId>,
+    ) -> Result<()> {
+        for d in self.devices(user_id)? {
+            if Some(&*d.device_id) != except {
+                self.remove_device(user_id, &d.device_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deactivate: no more logins, every device logged out, password removed.
+    pub fn deactivate(&self, user_id: &UserId) -> Result<()> {
+        self.remove_all_devices(user_id, None)?;
+        let mut rec = self
+            .user(user_id)?
+            .ok_or_else(|| Error::not_found("Unknown user"))?;
+        rec.deactivated = true;
+        rec.password_hash = None;
+        let mut b = self.storage.batch();
+        self.put_user(&mut b, user_id, &rec)?;
+        b.commit()
+    }
+
+    /// Every local user id (admin tools).
+    pub fn count_users(&self) -> Result<usize> {
+        Ok(self.storage.scan_prefix(Table::Users, b"")?.count())
+    }
+
+    // Registration tokens.
+
+    pub fn create_registration_token(
+        &self,
+        token: Option<String>,
+        uses_allowed: Option<u32>,
+        expiry_time: Option<u64>,
+    ) -> Result<RegistrationToken> {
+        let token = token.unwrap_or_else(|| utils::random_string(16));
+        if token.is_empty()
+            || token.len() > 64
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+        {
+            return Err(Error::invalid_param(
+                "Token must be 1-64 characters of [A-Za-z0-9._~-]",
+            ));
+        }
+        let rec = RegistrationToken {
+            token: token.clone(),
+            uses_allowed,
+            pending: 0,
+            completed: 0,
+            expiry_time,
+        };
+        self.storage.put(
+            Table::RegistrationTokens,
+            token.as_bytes(),
+            &serde_json::to_vec(&rec)?,
+        )?;
+        Ok(rec)
+    }
+
+    pub fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        let mut out = Vec::new();
+        for entry in self.storage.scan_prefix(Table::RegistrationTokens, b"")? {
+            let (_, v) = entry?;
+            out.push(serde_json::from_slice(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether `token` can still be used (the configured token always can).
+    pub fn registration_token_valid(&self, token: &str, configured: Option<&str>) -> Result<bool> {
+        if configured == Some(token) {
+            return Ok(true);
+        }
+        let Some(v) = self
+            .storage
+            .get(Table::RegistrationTokens, token.as_bytes())?
+        else {
+            return Ok(false);
+        };
+        let rec: RegistrationToken = serde_json::from_slice(&v)?;
+        let not_expired = rec.expiry_time.is_none_or(|t| t > utils::now_ms());
+        let uses_left = rec.uses_allowed.is_none_or(|n| rec.completed < n);
+        Ok(not_expired && uses_left)
+    }
+
+    /// Count one completed registration against the token.
+    pub fn use_registration_token(&self, token: &str) -> Result<()> {
+        let Some(v) = self
+            .storage
+            .get(Table::RegistrationTokens, token.as_bytes())?
+        else {
+            return Ok(());
+        };
+        let mut rec: RegistrationToken = serde_json::from_slice(&v)?;
+        rec.completed += 1;
+        self.storage.put(
+            Table::RegistrationTokens,
+            token.as_bytes(),
+            &serde_json::to_vec(&rec)?,
+        )
+    }
+}
+
+impl Accounts {
+    /// Remember where and when a device was last used (set at login).
+    pub fn touch_device(
+        &self,
+        user_id: &UserId,
+        device_id: &ruma::DeviceId,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<()> {
+        let Some(mut device) = self.device(user_id, device_id)? else {
+            return Ok(());
+        };
+        device.last_seen_ip = ip.map(|ip| ip.to_string());
+        device.last_seen_ts = Some(utils::now_ms());
+        self.update_device(user_id, &device)
+    }
+
+    /// A fresh localpart for users who did not choose one (and guests).
+    pub fn generate_localpart(&self) -> Result<OwnedUserId> {
+        // Bounded: a collision among 36^12 names is practically impossible, but never loop forever.
+        for _ in 0..16 {
+            let id = self.validate_new_localpart(&utils::random_string(12).to_lowercase())?;
+            if !self.exists(&id)? {
+                return Ok(id);
+            }
+        }
+        Err(Error::internal("could not generate a free user id"))
+    }
+}
+
+/// Longest password accepted: hashing cost grows with length.
+pub const MAX_PASSWORD_LEN: usize = 512;
+
+/// What a client asked `POST /register` for.
+#[derive(Debug, Default)]
+pub struct Registration {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub device_id: Option<OwnedDeviceId>,
+    pub initial_device_display_name: Option<String>,
+    pub inhibit_login: bool,
+    pub refresh_token: bool,
+    pub guest: bool,
+    pub auth: Option<serde_json::Value>,
+    /// The client's address, for the rate limit.
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// The UIA flows registration offers now; empty means registration is closed.
+pub fn registration_flows(services: &crate::service::Services) -> Result<Vec<Vec<&'static str>>> {
+    let mut flows = Vec::new();
+    if services.config.allow_registration {
+        flows.push(vec!["m.login.dummy"]);
+    }
+    if registration_tokens_enabled(services)? {
+        flows.push(vec!["m.login.registration_token"]);
+    }
+    Ok(flows)
+}
+
+/// Registration tokens work when one is configured or one was created with `hafen token create`.
+pub fn registration_tokens_enabled(services: &crate::service::Services) -> Result<bool> {
+    Ok(services.config.registration_token.is_some()
+        || !services.accounts.registration_tokens()?.is_empty())
+}
+
+/// Register an account: guest access, username checks, user-interactive authentication, then
+/// the account, its default profile and (unless inhibited) a first session.
+pub fn register(
+    services: &crate::service::Services,
+    r: Registration,
+) -> Result<(OwnedUserId, Option<Session>)> {
+    let accounts = &services.accounts;
+    if let Some(ip) = r.ip {
+        services.ratelimit.check(
+            crate::service::ratelimit::Action::Registration,
+            &ip.to_string(),
+        )?;
+    }
+    if let Some(p) = &r.password {
+        if p.len() > MAX_PASSWORD_LEN {
+            return Err(Error::invalid_param("Password is too long"));
+        }
+    }
+    if r.guest {
+        if !services.config.allow_guest_registration {
+            return Err(Error::new(
+                ErrCode::GuestAccessForbidden,
+                "Guest registration is disabled",
+            ));
+        }
+        // Guests get a generated id, no password and always a session.
+        let user_id = accounts.generate_localpart()?;
+        accounts.create_user(&user_id, None, false, true)?;
+        crate::service::profile_defaults(services, &user_id)?;
+        let session = accounts.create_session(
+            &user_id,
+            None,
+            r.initial_device_display_name,
+            r.refresh_token,
+        )?;
+        return Ok((user_id, Some(session)));
+    }
+
+    let flows = registration_flows(services)?;
+    if flows.is_empty() {
+        return Err(Error::forbidden("Registration is disabled"));
+    }
+    // Check the name before authentication, so a client learns early that it is taken.
+    let user_id = match &r.username {
+        Some(name) => {
+            let id = accounts.validate_new_localpart(&name.to_lowercase())?;
+            if accounts.exists(&id)? {
+                return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
+            }
+            id
+        }
+        None => accounts.generate_localpart()?,
+    };
+
+    let configured = services.config.registration_token.as_deref();
+    let allow_dummy = services.config.allow_registration;
+    let mut check = |stage: &str,
+                     auth: &serde_json::Map<String, serde_json::Value>|
+     -> Result<Option<(String, String)>> {
+        match stage {
+            "m.login.dummy" if allow_dummy => Ok(None),
+            "m.login.registration_token" => {
+                let token = auth
+                    .get("token")
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or_else(|| Error::bad_json("Missing registration token"))?;
+                if token.len() <= 64 && accounts.registration_token_valid(token, configured)? {
+                    Ok(Some(("registration_token".to_owned(), token.to_owned())))
+                } else {
+                    Err(Error::new(
+                        ErrCode::Unauthorized,
+                        "Invalid registration token",
+                    ))
+                }
+            }
+            _ => Err(Error::forbidden("Stage not allowed")),
+        }
+    };
+    let session = services.uiaa.run(
+        &flows,
+        serde_json::json!({}),
+        r.auth.as_ref(),
+        None,
+        &mut check,
+    )?;
+
+    accounts.create_user(&user_id, r.password.as_deref(), false, false)?;
+    if let Some(token) = session.data.get("registration_token") {
+        if configured != Some(token.as_str()) {
+            accounts.use_registration_token(token)?;
+        }
+    }
+    crate::service::profile_defaults(services, &user_id)?;
+    if r.inhibit_login {
+        return Ok((user_id, None));
+    }
+    let session = accounts.create_session(
+        &user_id,
+        r.device_id,
+        r.initial_device_display_name,
+        r.refresh_token,
+    )?;
+    Ok((user_id, Some(session)))
+}
+
+/// Log in with a password. Failures say only "forbidden", so they do not reveal which users exist.
+pub fn password_login(
+    services: &crate::service::Services,
+    name: &str,
+    password: &str,
+    device_id: Option<OwnedDeviceId>,
+    display_name: Option<String>,
+    with_refresh: bool,
+    ip: Option<std::net::IpAddr>,
+) -> Result<Session> {
+    use crate::service::ratelimit::Action;
+    let accounts = &services.accounts;
+    if let Some(ip) = ip {
+        services.ratelimit.check(Action::Login, &ip.to_string())?;
+    }
+    let Ok(user_id) = accounts.local_user_id(name) else {
+        return Err(Error::forbidden("Invalid username or password"));
+    };
+    services.ratelimit.check(Action::Login, user_id.as_str())?;
+    if password.len() > MAX_PASSWORD_LEN || !accounts.check_password(&user_id, password)? {
+        if accounts.user(&user_id)?.is_some_and(|u| u.deactivated) {
+            return Err(Error::new(
+                ErrCode::UserDeactivated,
+                "This account has been deactivated",
+            ));
+        }
+        return Err(Error::forbidden("Invalid username or password"));
+    }
+    let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
+    accounts.touch_device(&user_id, &session.device_id, ip)?;
+    Ok(session)
+}
+
+/// Deactivate an account: leave every room (so others see it go), then lock it.
+pub async fn deactivate_account(
+    services: &crate::service::Services,
+    user_id: &UserId,
+) -> Result<()> {
+    use crate::service::rooms::NewEvent;
+    for (room_id, room) in services.rooms.user_rooms(user_id)? {
+        if !matches!(room.membership.as_str(), "join" | "invite" | "knock") {
+            continue;
+        }
+        let leave = NewEvent::state(
+            "m.room.member",
+            user_id.as_str(),
+            serde_json::json!({ "membership": "leave" }),
+        );
+        if let Err(e) = services.rooms.append(&room_id, user_id, leave, None).await {
+            // One room refusing (e.g. a broken state) must not keep the account alive.
+            tracing::warn!(%room_id, error = %e, "could not leave room while deactivating");
+        }
+    }
+    services.accounts.deactivate(user_id)
+}

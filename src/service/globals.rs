@@ -1,0 +1,208 @@
+//! Server-wide facts: the global stream position, who to wake when it moves, and the signing key.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use parking_lot::Mutex;
+use ruma::{OwnedServerName, OwnedUserId, UserId};
+use tokio::sync::watch;
+
+use crate::{
+    error::{Error, Result},
+    storage::{Storage, Table},
+};
+
+/// Counts are reserved on disk in blocks, so a restart never hands out a count that an already
+/// committed write used, without a durable write per count.
+const RESERVE_BLOCK: u64 = 1000;
+const COUNTER_KEY: &[u8] = b"counter_reserved";
+
+/// The global stream position.
+///
+/// Every change a client can see gets a count from [`StreamCounter::next`]. Writers commit in
+/// parallel, so count 6 can be durable before count 5; readers must not skip 5. The *watermark*
+/// is the highest count below which every count is finished; sync reads only up to it, and users
+/// are woken only when the watermark passes the counts that concern them.
+pub struct StreamCounter {
+    storage: Storage,
+    state: Mutex<CounterState>,
+    notifier: Notifier,
+}
+
+struct CounterState {
+    last: u64,
+    reserved: u64,
+    pending: BTreeSet<u64>,
+    /// Finished counts above the watermark, with the users to wake once it passes them.
+    finished_waiting: BTreeMap<u64, Vec<OwnedUserId>>,
+    watermark: u64,
+}
+
+/// A count handed out and not yet finished. Dropping it (e.g. on an error path) finishes it
+/// without waking anybody.
+pub struct PendingCount<'a> {
+    counter: &'a StreamCounter,
+    count: u64,
+    done: bool,
+}
+
+impl PendingCount<'_> {
+    pub fn get(&self) -> u64 {
+        self.count
+    }
+
+    /// The write with this count is durable; wake `users` once every earlier count is too.
+    pub fn finish(mut self, users: Vec<OwnedUserId>) {
+        self.done = true;
+        self.counter.finish(self.count, users);
+    }
+}
+
+impl Drop for PendingCount<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.counter.finish(self.count, Vec::new());
+        }
+    }
+}
+
+impl StreamCounter {
+    pub fn load(storage: Storage) -> Result<StreamCounter> {
+        let reserved = storage
+            .get(Table::Global, COUNTER_KEY)?
+            .and_then(|v| crate::storage::keys::u64_value(&v))
+            .unwrap_or(0);
+        Ok(StreamCounter {
+            storage,
+            state: Mutex::new(CounterState {
+                last: reserved,
+                reserved,
+                pending: BTreeSet::new(),
+                finished_waiting: BTreeMap::new(),
+                watermark: reserved,
+            }),
+            notifier: Notifier::default(),
+        })
+    }
+
+    pub fn next(&self) -> Result<PendingCount<'_>> {
+        let mut s = self.state.lock();
+        let count = s.last + 1;
+        if count > s.reserved {
+            let reserved = s.reserved + RESERVE_BLOCK;
+            self.storage.put(Table::Global, COUNTER_KEY, &reserved.to_be_bytes())?;
+            s.reserved = reserved;
+        }
+        s.last = count;
+        s.pending.insert(count);
+        Ok(PendingCount { counter: self, count, done: false })
+    }
+
+    /// Every count up to this one is finished: reads up to here see a complete history.
+    pub fn watermark(&self) -> u64 {
+        self.state.lock().watermark
+    }
+
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    fn finish(&self, count: u64, users: Vec<OwnedUserId>) {
+        let mut wake = Vec::new();
+        let watermark = {
+            let mut s = self.state.lock();
+            s.pending.remove(&count);
+            s.finished_waiting.insert(count, users);
+            let new_mark = match s.pending.first() {
+                Some(first_pending) => first_pending - 1,
+                None => s.last,
+            };
+            s.watermark = s.watermark.max(new_mark);
+            let mark = s.watermark;
+            while let Some(entry) = s.finished_waiting.first_entry() {
+                if *entry.key() > mark {
+                    break;
+                }
+                wake.extend(entry.remove());
+            }
+            mark
+        };
+        self.notifier.wake(wake.iter().map(|u| &**u), watermark);
+    }
+}
+
+/// Per-user wake-ups for long-polling `/sync`: only the users an event concerns are woken.
+#[derive(Default)]
+pub struct Notifier {
+    senders: Mutex<HashMap<OwnedUserId, watch::Sender<u64>>>,
+}
+
+impl Notifier {
+    pub fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
+        let mut map = self.senders.lock();
+        map.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn wake<'a>(&self, users: impl Iterator<Item = &'a UserId>, position: u64) {
+        let mut map = self.senders.lock();
+        for user in users {
+            if let Some(tx) = map.get(user) {
+                if tx.receiver_count() == 0 {
+                    map.remove(user);
+                } else {
+                    tx.send_replace(position);
+                }
+            }
+        }
+    }
+}
+
+/// The server's ed25519 signing key, made on first start and kept in the database.
+pub struct SigningKey {
+    pub key_id: String,
+    pub keypair: ruma::signatures::Ed25519KeyPair,
+}
+
+impl SigningKey {
+    pub fn load_or_create(storage: &Storage) -> Result<SigningKey> {
+        let stored = storage.get(Table::Global, b"signing_key")?;
+        let (version, der) = match stored {
+            Some(bytes) => {
+                let text = String::from_utf8(bytes).map_err(Error::internal)?;
+                let (version, b64) =
+                    text.split_once(':').ok_or_else(|| Error::internal("bad signing key"))?;
+                let der = base64_decode(b64)?;
+                (version.to_owned(), der)
+            }
+            None => {
+                let der = ruma::signatures::Ed25519KeyPair::generate();
+                let version: String = crate::utils::random_string(6);
+                let value = format!("{version}:{}", base64_encode(&der));
+                storage.put(Table::Global, b"signing_key", value.as_bytes())?;
+                (version, der.to_vec())
+            }
+        };
+        let keypair = ruma::signatures::Ed25519KeyPair::from_der(&der, version.clone())
+            .map_err(|e| Error::internal(format!("signing key: {e}")))?;
+        Ok(SigningKey { key_id: format!("ed25519:{version}"), keypair })
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).map_err(Error::internal)
+}
+
+/// Facts every service needs: the server name and key.
+pub struct Globals {
+    pub server_name: OwnedServerName,
+    pub signing_key: SigningKey,
+    pub counter: Arc<StreamCounter>,
+}

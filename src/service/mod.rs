@@ -1,0 +1,71 @@
+//! Services: the domain logic. `Services` is built once from the config and passed to every
+//! handler as axum state; there are no global singletons, so tests run many servers in one process.
+
+pub mod account_data;
+pub mod accounts;
+pub mod globals;
+pub mod presence;
+pub mod profile;
+pub mod ratelimit;
+pub mod receipts;
+pub mod rooms;
+pub mod sync;
+pub mod typing;
+pub mod uiaa;
+
+use std::sync::Arc;
+
+use crate::{config::Config, error::Result, policy::Policy, storage::Storage};
+
+pub struct Services {
+    pub config: Config,
+    pub storage: Storage,
+    pub globals: Arc<globals::Globals>,
+    pub accounts: accounts::Accounts,
+    pub account_data: account_data::AccountData,
+    pub rooms: rooms::Rooms,
+    pub uiaa: uiaa::Uiaa,
+    pub ratelimit: ratelimit::RateLimiter,
+    pub policy: Policy,
+    pub profiles: profile::Profiles,
+    pub typing: typing::Typing,
+    pub receipts: receipts::Receipts,
+    pub presence: presence::Presence,
+}
+
+impl Services {
+    pub fn build(config: Config, storage: Storage) -> Result<Arc<Services>> {
+        let counter = Arc::new(globals::StreamCounter::load(storage.clone())?);
+        let signing_key = globals::SigningKey::load_or_create(&storage)?;
+        let globals = Arc::new(globals::Globals {
+            server_name: config.server_name.clone(),
+            signing_key,
+            counter,
+        });
+        Ok(Arc::new(Services {
+            accounts: accounts::Accounts::new(
+                storage.clone(),
+                &config.server_name,
+                config.access_token_lifetime_secs,
+            ),
+            account_data: account_data::AccountData::new(storage.clone(), globals.clone()),
+            rooms: rooms::Rooms::new(storage.clone(), globals.clone()),
+            uiaa: uiaa::Uiaa::default(),
+            ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
+            policy: Policy::new(&config),
+            profiles: profile::Profiles::new(storage.clone()),
+            typing: typing::Typing::new(globals.clone()),
+            receipts: receipts::Receipts::new(storage.clone(), globals.clone()),
+            presence: presence::Presence::new(storage.clone(), globals.clone()),
+            globals,
+            storage,
+            config,
+        }))
+    }
+}
+
+/// Set up what a new account starts with (its display name is its localpart).
+pub fn profile_defaults(services: &Services, user_id: &ruma::UserId) -> Result<()> {
+    let name = serde_json::Value::String(user_id.localpart().to_owned());
+    services.profiles.set(user_id, "displayname", Some(&name))
+}

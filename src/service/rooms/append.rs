@@ -1,0 +1,452 @@
+//! The write path for local events: build, authorize, sign, persist in one batch, wake readers.
+
+use ruma::{
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules},
+    CanonicalJsonObject, CanonicalJsonValue, DeviceId, OwnedEventId, OwnedRoomId, OwnedUserId,
+    RoomId, RoomVersionId, UserId,
+};
+use serde_json::{json, Value};
+
+use super::{pdu::to_canonical, EventMeta, Pdu, RoomMeta, Rooms, StateChange, UserRoom};
+use crate::{
+    error::{ErrCode, Error, Result},
+    storage::{keys, Table},
+    utils,
+};
+
+/// The largest event the spec allows, signatures included.
+pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// An event a local user wants to send.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub kind: TimelineEventType,
+    pub content: Value,
+    pub state_key: Option<String>,
+    pub redacts: Option<OwnedEventId>,
+}
+
+impl NewEvent {
+    pub fn message(kind: &str, content: Value) -> NewEvent {
+        NewEvent { kind: kind.into(), content, state_key: None, redacts: None }
+    }
+    pub fn state(kind: &str, state_key: &str, content: Value) -> NewEvent {
+        NewEvent {
+            kind: kind.into(),
+            content,
+            state_key: Some(state_key.to_owned()),
+            redacts: None,
+        }
+    }
+}
+
+/// What sending produced.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub event_id: OwnedEventId,
+    pub count: u64,
+}
+
+pub fn rules_for(version: &RoomVersionId) -> Result<RoomVersionRules> {
+    version.rules().ok_or_else(|| {
+        Error::new(ErrCode::UnsupportedRoomVersion, format!("Room version {version} is not supported"))
+    })
+}
+
+impl Rooms {
+    /// Create the room: its `m.room.create` event. For room version 12 the room id is derived
+    /// from the create event; for older versions it is random. The caller holds no lock yet
+    /// (the room does not exist); the returned guard locks the new room.
+    pub async fn create_room_event(
+        &self,
+        version: &RoomVersionId,
+        sender: &UserId,
+        mut content: serde_json::Map<String, Value>,
+    ) -> Result<(OwnedRoomId, tokio::sync::OwnedMutexGuard<()>)> {
+        let rules = rules_for(version)?;
+        content.insert("room_version".into(), Value::String(version.to_string()));
+        if !rules.authorization.use_room_create_sender {
+            content.insert("creator".into(), Value::String(sender.to_string()));
+        }
+        let room_id_v1 = if rules.authorization.room_create_event_id_as_room_id {
+            None
+        } else {
+            Some(
+                RoomId::parse(format!(
+                    "!{}:{}",
+                    utils::random_string(18),
+                    self.globals.server_name
+                ))
+                .map_err(Error::internal)?,
+            )
+        };
+        let mut obj = to_canonical(json!({
+            "type": "m.room.create",
+            "state_key": "",
+            "sender": sender,
+            "content": content,
+            "origin_server_ts": utils::now_ms(),
+            "depth": 1,
+            "prev_events": [],
+            "auth_events": [],
+        }))?;
+        if let Some(room_id) = &room_id_v1 {
+            obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_string()));
+        }
+        let event_id = self.sign_and_id(&mut obj, &rules)?;
+        let room_id = match room_id_v1 {
+            Some(id) => id,
+            None => RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(Error::internal)?,
+        };
+        let pdu = self.to_pdu(&obj, &event_id, &room_id)?;
+        ruma::state_res::check_state_independent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |_: &ruma::EventId| -> Option<Pdu> { None },
+        )
+        .map_err(Error::bad_json)?;
+
+        if self.exists(&room_id)? {
+            return Err(Error::new(ErrCode::RoomInUse, "Room already exists"));
+        }
+        let guard = self.lock(&room_id).await;
+        let meta = RoomMeta { version: version.clone(), extremities: vec![], depth: 0, last_count: 0 };
+        self.persist(&room_id, meta, obj, pdu, None)?;
+        Ok((room_id, guard))
+    }
+
+    /// Build, authorize, sign and persist an event. The caller holds the room's lock.
+    pub fn append_locked(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        new: NewEvent,
+        txn: Option<(&DeviceId, &str)>,
+    ) -> Result<Sent> {
+        let meta = self.meta(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let rules = rules_for(&meta.version)?;
+        if new.kind == TimelineEventType::RoomCreate {
+            return Err(Error::forbidden("A room has exactly one m.room.create event"));
+        }
+        if !new.content.is_object() {
+            return Err(Error::bad_json("content must be a JSON object"));
+        }
+
+        let content_raw = serde_json::value::to_raw_value(&new.content)?;
+        let auth_types = ruma::state_res::auth_types_for_event(
+            &new.kind,
+            sender,
+            new.state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let mut auth_events = Vec::new();
+        for (t, k) in &auth_types {
+            if let Some(id) = self.state_event_id(room_id, &t.to_string(), k)? {
+                if !auth_events.contains(&id) {
+                    auth_events.push(id);
+                }
+            }
+        }
+
+        let mut content = new.content;
+        let mut redacts_top = None;
+        if let Some(redacts) = &new.redacts {
+            if rules.redaction.content_field_redacts {
+                if let Some(o) = content.as_object_mut() {
+                    o.insert("redacts".into(), Value::String(redacts.to_string()));
+                }
+            }
+            // Older room versions keep `redacts` at the top level; v11+ clients and servers
+            // still read it there too, so it is set in both places where allowed.
+            redacts_top = Some(redacts.to_string());
+        }
+
+        let depth = meta.depth + 1;
+        let mut event = json!({
+            "type": new.kind.to_string(),
+            "room_id": room_id,
+            "sender": sender,
+            "content": content,
+            "origin_server_ts": utils::now_ms(),
+            "depth": depth,
+            "prev_events": self.event_refs(&meta.extremities, &rules)?,
+            "auth_events": self.event_refs(&auth_events, &rules)?,
+        });
+        if let Some(sk) = &new.state_key {
+            event["state_key"] = Value::String(sk.clone());
+        }
+        if let Some(r) = redacts_top {
+            event["redacts"] = Value::String(r);
+        }
+        let mut obj = to_canonical(event)?;
+        let event_id = self.sign_and_id(&mut obj, &rules)?;
+        let pdu = self.to_pdu(&obj, &event_id, room_id)?;
+
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |t: &StateEventType, k: &str| -> Option<Pdu> {
+                self.state_get(room_id, &t.to_string(), k).ok().flatten()
+            },
+        )
+        .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
+
+        self.persist(room_id, meta, obj, pdu, txn)
+    }
+
+    /// Lock the room and append one event.
+    pub async fn append(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        new: NewEvent,
+        txn: Option<(&DeviceId, &str)>,
+    ) -> Result<Sent> {
+        let _guard = self.lock(room_id).await;
+        self.append_locked(room_id, sender, new, txn)
+    }
+
+    /// Room versions 1 and 2 reference events with their hashes; later versions by id.
+    fn event_refs(&self, ids: &[OwnedEventId], rules: &RoomVersionRules) -> Result<Value> {
+        match rules.events_reference_format {
+            EventsReferenceFormatVersion::V1 => {
+                let mut out = Vec::new();
+                for id in ids {
+                    let hashes = self
+                        .storage
+                        .get(Table::Pdus, id.as_bytes())?
+                        .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
+                        .and_then(|v| v.get("hashes").cloned())
+                        .unwrap_or_else(|| json!({}));
+                    out.push(json!([id, hashes]));
+                }
+                Ok(Value::Array(out))
+            }
+            _ => Ok(json!(ids)),
+        }
+    }
+
+    /// Hash and sign the event and work out its id as the room version prescribes.
+    fn sign_and_id(
+        &self,
+        obj: &mut CanonicalJsonObject,
+        rules: &RoomVersionRules,
+    ) -> Result<OwnedEventId> {
+        let key = &self.globals.signing_key;
+        let event_id = match rules.event_id_format {
+            EventIdFormatVersion::V1 => {
+                let id = OwnedEventId::try_from(format!(
+                    "${}:{}",
+                    utils::random_string(18),
+                    self.globals.server_name
+                ))
+                .map_err(Error::internal)?;
+                obj.insert("event_id".into(), CanonicalJsonValue::String(id.to_string()));
+                Some(id)
+            }
+            _ => None,
+        };
+        ruma::signatures::hash_and_sign_event(
+            self.globals.server_name.as_str(),
+            &key.keypair,
+            obj,
+            &rules.redaction,
+        )
+        .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
+        let size = serde_json::to_vec(&obj)?.len();
+        if size > MAX_PDU_BYTES {
+            return Err(Error::new(ErrCode::TooLarge, "Event is larger than 65536 bytes"));
+        }
+        match event_id {
+            Some(id) => Ok(id),
+            None => {
+                let hash = ruma::signatures::reference_hash(obj, rules)
+                    .map_err(|e| Error::new(ErrCode::TooLarge, format!("Event too large: {e}")))?;
+                OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)
+            }
+        }
+    }
+
+    fn to_pdu(&self, obj: &CanonicalJsonObject, event_id: &OwnedEventId, room_id: &RoomId) -> Result<Pdu> {
+        let mut value = serde_json::to_value(obj)?;
+        value["event_id"] = Value::String(event_id.to_string());
+        value["room_id"] = Value::String(room_id.to_string());
+        serde_json::from_value(value).map_err(|e| Error::bad_json(format!("invalid event: {e}")))
+    }
+
+    /// Write the event and everything it changes in one batch, then wake the users it concerns.
+    fn persist(
+        &self,
+        room_id: &RoomId,
+        mut meta: RoomMeta,
+        obj: CanonicalJsonObject,
+        mut pdu: Pdu,
+        txn: Option<(&DeviceId, &str)>,
+    ) -> Result<Sent> {
+        let pending = self.globals.counter.next()?;
+        let count = pending.get();
+        let mut batch = self.storage.batch();
+        let event_id = pdu.event_id.clone();
+        let rules = rules_for(&meta.version)?;
+
+        // Stored form: the signed PDU plus its id and room id, and unsigned data for clients.
+        let mut stored = serde_json::to_value(&obj)?;
+        stored["event_id"] = Value::String(event_id.to_string());
+        stored["room_id"] = Value::String(room_id.to_string());
+
+        let mut wake: Vec<OwnedUserId> = self.joined_members(room_id)?.iter().cloned().collect();
+        let mut membership_changed = false;
+
+        if let Some(state_key) = &pdu.state_key {
+            let kind = pdu.kind.to_string();
+            let state_key_str = state_key.as_str();
+            if let Some(prev) = self.state_get(room_id, &kind, state_key_str)? {
+                let mut unsigned = serde_json::Map::new();
+                unsigned.insert("prev_content".into(), super::pdu::raw_value(&prev.content));
+                unsigned.insert("prev_sender".into(), Value::String(prev.sender.to_string()));
+                unsigned.insert("replaces_state".into(), Value::String(prev.event_id.to_string()));
+                stored["unsigned"] = Value::Object(unsigned.clone());
+                pdu.unsigned = Some(unsigned);
+            }
+            batch.put(
+                Table::RoomState,
+                &keys::join(&[room_id.as_str(), &kind, state_key_str]),
+                event_id.as_bytes(),
+            )?;
+            let change = StateChange {
+                event_type: kind.clone(),
+                state_key: state_key.clone(),
+                event_id: event_id.clone(),
+            };
+            batch.put(
+                Table::StateLog,
+                &keys::with_count(&[room_id.as_str()], count),
+                &serde_json::to_vec(&change)?,
+            )?;
+
+            if pdu.kind == TimelineEventType::RoomMember {
+                let membership = pdu.membership().unwrap_or_else(|| "leave".to_owned());
+                let target = UserId::parse(state_key.as_str())
+                    .map_err(|_| Error::bad_json("m.room.member state_key must be a user id"))?;
+                batch.put(
+                    Table::RoomMembers,
+                    &keys::join(&[room_id.as_str(), target.as_str()]),
+                    membership.as_bytes(),
+                )?;
+                let user_room = UserRoom { membership: membership.clone(), count, event_id: event_id.clone() };
+                batch.put(
+                    Table::UserRooms,
+                    &keys::join(&[target.as_str(), room_id.as_str()]),
+                    &serde_json::to_vec(&user_room)?,
+                )?;
+                let mut log_key = keys::prefix(&[target.as_str(), room_id.as_str()]);
+                log_key.extend_from_slice(&count.to_be_bytes());
+                batch.put(Table::MembershipLog, &log_key, membership.as_bytes())?;
+                wake.push(target);
+                membership_changed = true;
+            }
+        }
+
+        // A redaction strips the target event in storage: the content is really gone.
+        if pdu.kind == TimelineEventType::RoomRedaction {
+            if let Some(target_id) = pdu.redacts_id() {
+                self.redact_stored(&mut batch, room_id, &target_id, &pdu, &rules)?;
+            }
+        }
+
+        batch.put(Table::Pdus, event_id.as_bytes(), &serde_json::to_vec(&stored)?)?;
+        let event_meta = EventMeta {
+            room_id: room_id.to_owned(),
+            count,
+            device_id: txn.map(|(d, _)| d.to_string()),
+            txn_id: txn.map(|(_, t)| t.to_owned()),
+        };
+        batch.put(Table::EventMeta, event_id.as_bytes(), &serde_json::to_vec(&event_meta)?)?;
+        batch.put(
+            Table::Timeline,
+            &keys::with_count(&[room_id.as_str()], count),
+            event_id.as_bytes(),
+        )?;
+        if let Some((device, txn_id)) = txn {
+            batch.put(
+                Table::Transactions,
+                &keys::join(&[pdu.sender.as_str(), device.as_str(), txn_id]),
+                event_id.as_bytes(),
+            )?;
+        }
+        meta.extremities = vec![event_id.clone()];
+        meta.depth = u64::from(pdu.depth);
+        meta.last_count = count;
+        batch.put(Table::Rooms, room_id.as_bytes(), &serde_json::to_vec(&meta)?)?;
+        batch.commit()?;
+
+        if membership_changed {
+            self.invalidate_joined(room_id);
+            // Newly joined members must be woken too.
+            wake.extend(self.joined_members(room_id)?.iter().cloned());
+        }
+        pending.finish(wake);
+        Ok(Sent { event_id, count })
+    }
+
+    /// Replace the stored target with its redacted form, keeping `redacted_because`.
+    fn redact_stored(
+        &self,
+        batch: &mut crate::storage::Batch,
+        room_id: &RoomId,
+        target_id: &ruma::EventId,
+        redaction: &Pdu,
+        rules: &RoomVersionRules,
+    ) -> Result<()> {
+        let Some(bytes) = self.storage.get(Table::Pdus, target_id.as_bytes())? else {
+            return Ok(());
+        };
+        let mut value: Value = serde_json::from_slice(&bytes)?;
+        if value.get("room_id").and_then(Value::as_str) != Some(room_id.as_str()) {
+            return Ok(());
+        }
+        let event_id = value.get("event_id").cloned();
+        let room = value.get("room_id").cloned();
+        let unsigned = value.as_object_mut().and_then(|o| o.remove("unsigned"));
+        let obj = to_canonical(value)?;
+        let because = redaction.to_client_value(None);
+        let mut redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
+            .map_err(|e| Error::internal(format!("redact: {e}")))?;
+        let mut out = serde_json::to_value(&redacted.clone())?;
+        redacted.clear();
+        if let Some(id) = event_id {
+            out["event_id"] = id;
+        }
+        if let Some(r) = room {
+            out["room_id"] = r;
+        }
+        let mut new_unsigned = serde_json::Map::new();
+        if let Some(Value::Object(u)) = unsigned {
+            // Keep only what does not reveal the removed content.
+            if let Some(r) = u.get("replaces_state") {
+                new_unsigned.insert("replaces_state".into(), r.clone());
+            }
+        }
+        new_unsigned.insert("redacted_because".into(), because);
+        out["unsigned"] = Value::Object(new_unsigned);
+        batch.put(Table::Pdus, target_id.as_bytes(), &serde_json::to_vec(&out)?)?;
+        Ok(())
+    }
+
+    /// The event id an earlier request with this transaction id produced, if any.
+    pub fn transaction_event(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        txn_id: &str,
+    ) -> Result<Option<OwnedEventId>> {
+        let key = keys::join(&[user.as_str(), device.as_str(), txn_id]);
+        match self.storage.get(Table::Transactions, &key)? {
+            Some(v) => Ok(OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned()).ok()),
+            None => Ok(None),
+        }
+    }
+}

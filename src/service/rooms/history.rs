@@ -1,0 +1,315 @@
+//! Room history for clients: `/messages` pagination and `/context` around one event.
+//!
+//! Tokens are stream positions written like sync tokens: `s<N>` is the position just after the
+//! event with stream count N (as sync's `next_batch`). Paginating backwards from `s<N>` returns
+//! events with count <= N, forwards those with count > N. A backwards page ends at `s<oldest-1>`,
+//! so a token always sits between events and pages chain without gaps or repeats in either
+//! direction. (Sync's `prev_batch` for a timeline starting at count C is therefore `s<C-1>`.)
+
+use std::collections::{BTreeSet, HashSet};
+
+use ruma::{
+    api::client::filter::{LazyLoadOptions, RoomEventFilter, UrlFilter},
+    OwnedUserId, RoomId, UserId,
+};
+use serde_json::Value;
+
+use super::{Pdu, Rooms};
+use crate::error::{Error, Result};
+
+/// The largest page a client may ask for.
+pub const MAX_PAGE: usize = 1000;
+
+/// Parse an `s<count>` token. Anything after the digits (sync may append more positions) is
+/// ignored; a token that does not start with `s<digits>` is refused.
+pub fn parse_token(token: &str) -> Result<u64> {
+    let digits: String = token
+        .strip_prefix('s')
+        .unwrap_or("")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    if digits.is_empty() {
+        return Err(Error::invalid_param("Invalid pagination token"));
+    }
+    digits.parse().map_err(|_| Error::invalid_param("Invalid pagination token"))
+}
+
+pub fn token(count: u64) -> String {
+    format!("s{count}")
+}
+
+/// Does `pattern` (with `*` wildcards, as filters allow) match `value`?
+fn glob_match(pattern: &str, value: &str) -> bool {
+    if !pattern.contains('*') {
+        return pattern == value;
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = value;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(pos) => rest = &rest[pos + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+/// Does the event pass the filter's type, sender and url rules?
+pub fn filter_matches(filter: &RoomEventFilter, pdu: &Pdu) -> bool {
+    let kind = pdu.kind.to_string();
+    if filter.not_types.iter().any(|t| glob_match(t, &kind)) {
+        return false;
+    }
+    if let Some(types) = &filter.types {
+        if !types.iter().any(|t| glob_match(t, &kind)) {
+            return false;
+        }
+    }
+    if filter.not_senders.iter().any(|s| *s == pdu.sender) {
+        return false;
+    }
+    if let Some(senders) = &filter.senders {
+        if !senders.iter().any(|s| *s == pdu.sender) {
+            return false;
+        }
+    }
+    if let Some(url) = &filter.url_filter {
+        let has_url = pdu.content_value().get("url").is_some_and(Value::is_string);
+        match url {
+            UrlFilter::EventsWithUrl if !has_url => return false,
+            UrlFilter::EventsWithoutUrl if has_url => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+fn lazy_loading(filter: &RoomEventFilter) -> bool {
+    matches!(filter.lazy_load_options, LazyLoadOptions::Enabled { .. })
+}
+
+/// One page of `/messages`.
+pub struct MessagesPage {
+    pub chunk: Vec<Pdu>,
+    pub start: String,
+    pub end: Option<String>,
+    pub state: Vec<Pdu>,
+}
+
+/// The answer of `/context`.
+pub struct EventContext {
+    pub event: Pdu,
+    pub before: Vec<Pdu>,
+    pub after: Vec<Pdu>,
+    pub state: Vec<Pdu>,
+    pub start: String,
+    pub end: String,
+}
+
+impl Rooms {
+    /// May `user` read the room's history at all? Members past and present may (what exactly they
+    /// see is decided per event); others only if the room is world readable.
+    fn may_read_history(&self, room_id: &RoomId, user: &UserId, visibility: &str) -> Result<bool> {
+        if !self.exists(room_id)? {
+            return Ok(false);
+        }
+        Ok(visibility == "world_readable" || self.membership(room_id, user)?.is_some())
+    }
+
+    /// `/messages`: walk the room from `from` (exclusive) in one direction, returning up to
+    /// `limit` events the user may see that pass `filter`, stopping at `to`.
+    pub fn messages(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        from: Option<&str>,
+        to: Option<&str>,
+        backward: bool,
+        limit: usize,
+        filter: &RoomEventFilter,
+    ) -> Result<MessagesPage> {
+        let visibility = self.history_visibility(room_id)?;
+        if !self.may_read_history(room_id, user, &visibility)? {
+            return Err(Error::forbidden("You are not allowed to read this room's history"));
+        }
+        let from = match from {
+            Some(t) => parse_token(t)?,
+            // No token: after the newest event (backwards) or before the oldest one (forwards).
+            None if backward => self.globals.counter.watermark(),
+            None => 0,
+        };
+        let to = to.map(parse_token).transpose()?;
+        let limit = limit.min(MAX_PAGE);
+        let start = token(from);
+        if limit == 0 {
+            return Ok(MessagesPage { chunk: vec![], start, end: None, state: vec![] });
+        }
+
+        // `to` is a position like `from`: the walk stops when it passes it.
+        let beyond_to = |count: u64| match to {
+            Some(t) if backward => count <= t,
+            Some(t) => count > t,
+            None => false,
+        };
+        // `paginate` excludes its start count; backwards from `s<N>` includes N.
+        let walk_from = if backward { from.saturating_add(1) } else { from };
+        let mut reached_to = false;
+        let (events, last) = self.paginate(room_id, walk_from, backward, limit, |count, pdu| {
+            if beyond_to(count) {
+                reached_to = true;
+                return Ok(false);
+            }
+            Ok(self.user_can_see(room_id, user, count, &visibility)? && filter_matches(filter, pdu))
+        })?;
+
+        // `end` is omitted when there is nothing more to read in this direction.
+        let end = match last {
+            None => None,
+            Some(_) if reached_to => None,
+            Some(last) => {
+                let (more, _) = self.paginate(room_id, last, backward, 1, |c, _| Ok(!beyond_to(c)))?;
+                if more.is_empty() {
+                    None
+                } else if backward {
+                    Some(token(last.saturating_sub(1)))
+                } else {
+                    Some(token(last))
+                }
+            }
+        };
+
+        let chunk: Vec<Pdu> = events.into_iter().map(|(_, p)| p).collect();
+        let state = if lazy_loading(filter) {
+            self.member_events_of(room_id, chunk.iter().map(|p| p.sender.clone()))?
+        } else {
+            Vec::new()
+        };
+        Ok(MessagesPage { chunk, start, end, state })
+    }
+
+    /// The current `m.room.member` events of the given senders (lazy-loaded members).
+    fn member_events_of(
+        &self,
+        room_id: &RoomId,
+        senders: impl Iterator<Item = OwnedUserId>,
+    ) -> Result<Vec<Pdu>> {
+        let senders: BTreeSet<OwnedUserId> = senders.collect();
+        let mut out = Vec::new();
+        for sender in senders {
+            if let Some(p) = self.state_get(room_id, "m.room.member", sender.as_str())? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `/context`: the event, up to `limit` visible events around it (half before, half after),
+    /// and the room state at the last event returned.
+    pub fn context(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_id: &str,
+        limit: usize,
+        filter: &RoomEventFilter,
+    ) -> Result<EventContext> {
+        let not_found = || Error::not_found("Event not found");
+        let meta = self.event_meta(event_id)?.ok_or_else(not_found)?;
+        if meta.room_id != room_id {
+            return Err(not_found());
+        }
+        let visibility = self.history_visibility(room_id)?;
+        if !self.may_read_history(room_id, user, &visibility)?
+            || !self.user_can_see(room_id, user, meta.count, &visibility)?
+        {
+            return Err(not_found());
+        }
+        let event = self.pdu(event_id)?.ok_or_else(not_found)?;
+        let limit = limit.min(MAX_PAGE);
+        let before_limit = limit / 2;
+        let after_limit = limit - before_limit;
+        let keep = |count: u64, pdu: &Pdu| -> Result<bool> {
+            Ok(self.user_can_see(room_id, user, count, &visibility)? && filter_matches(filter, pdu))
+        };
+        let (before, _) = if before_limit > 0 {
+            self.paginate(room_id, meta.count, true, before_limit, &keep)?
+        } else {
+            (vec![], None)
+        };
+        let (after, _) = if after_limit > 0 {
+            self.paginate(room_id, meta.count, false, after_limit, &keep)?
+        } else {
+            (vec![], None)
+        };
+        let start = token(before.last().map_or(meta.count, |(c, _)| *c).saturating_sub(1));
+        let last_count = after.last().map_or(meta.count, |(c, _)| *c);
+        let end = token(last_count);
+
+        let before: Vec<Pdu> = before.into_iter().map(|(_, p)| p).collect();
+        let after: Vec<Pdu> = after.into_iter().map(|(_, p)| p).collect();
+        let state = if lazy_loading(filter) {
+            let senders = before.iter().chain(after.iter()).chain(std::iter::once(&event));
+            self.member_events_of(room_id, senders.map(|p| p.sender.clone()))?
+        } else {
+            // The state after the last event returned.
+            let mut seen = HashSet::new();
+            let mut out = Vec::new();
+            for id in self.state_at(room_id, last_count.saturating_add(1))?.into_values() {
+                if seen.insert(id.clone()) {
+                    if let Some(p) = self.pdu(id.as_str())? {
+                        out.push(p);
+                    }
+                }
+            }
+            out
+        };
+        Ok(EventContext { event, before, after, state, start, end })
+    }
+
+    /// An event as a client sees it; the device that sent it also gets its transaction id.
+    pub fn client_event_for(&self, pdu: &Pdu, user: &UserId, device: &str) -> Result<Value> {
+        let mut txn = None;
+        if pdu.sender == user {
+            if let Some(meta) = self.event_meta(pdu.event_id.as_str())? {
+                if meta.device_id.as_deref() == Some(device) {
+                    txn = meta.txn_id;
+                }
+            }
+        }
+        Ok(pdu.to_client_value(txn.as_deref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert_eq!(parse_token("s42").unwrap(), 42);
+        assert_eq!(parse_token("s42_7").unwrap(), 42);
+        assert!(parse_token("42").is_err());
+        assert!(parse_token("s").is_err());
+        assert!(parse_token("s99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("m.room.*", "m.room.message"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("m.*.message", "m.room.message"));
+        assert!(!glob_match("m.room.*", "m.call.invite"));
+        assert!(glob_match("m.room.message", "m.room.message"));
+        assert!(!glob_match("m.room", "m.room.message"));
+    }
+}

@@ -1,0 +1,419 @@
+//! Rooms: events, state, membership, timeline. The write path is `append.rs`: every local event is
+//! built, authorized by the room version's rules (ruma state-res), signed and persisted here.
+
+mod append;
+pub mod create;
+pub mod membership;
+mod send;
+pub mod pdu;
+mod visibility;
+mod alias;
+pub mod directory;
+pub mod history;
+mod upgrade;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use parking_lot::Mutex;
+use ruma::{
+    events::StateEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+};
+use serde::{Deserialize, Serialize};
+
+pub use append::{NewEvent, Sent};
+pub use create::{CreateRoom, Preset};
+pub use membership::{MemberProfile, Moderation, PowerLevels};
+pub use pdu::Pdu;
+
+use crate::{
+    error::{Error, Result},
+    service::globals::Globals,
+    storage::{keys, Storage, Table},
+};
+
+/// Per-room facts kept beside the events.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoomMeta {
+    pub version: RoomVersionId,
+    /// The events with no successor yet: the next local event's `prev_events`.
+    pub extremities: Vec<OwnedEventId>,
+    pub depth: u64,
+    /// Stream count of the latest event in the room.
+    pub last_count: u64,
+}
+
+/// Where an event sits and who sent it from which device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventMeta {
+    pub room_id: OwnedRoomId,
+    pub count: u64,
+    #[serde(default)]
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub txn_id: Option<String>,
+}
+
+/// One change of room state, as kept in the state log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateChange {
+    pub event_type: String,
+    pub state_key: String,
+    pub event_id: OwnedEventId,
+}
+
+/// A user's current membership in a room, as kept for sync.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserRoom {
+    pub membership: String,
+    pub count: u64,
+    pub event_id: OwnedEventId,
+}
+
+pub struct Rooms {
+    pub(crate) storage: Storage,
+    pub(crate) globals: Arc<Globals>,
+    /// One writer per room at a time: the order of events in a room is decided under this lock.
+    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Joined members of each room, for waking syncs and answering member questions fast.
+    joined_cache: Mutex<HashMap<OwnedRoomId, Arc<HashSet<OwnedUserId>>>>,
+}
+
+impl Rooms {
+    pub fn new(storage: Storage, globals: Arc<Globals>) -> Rooms {
+        Rooms {
+            storage,
+            globals,
+            locks: Mutex::new(HashMap::new()),
+            joined_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Take the room's write lock. Hold it across every event of one logical operation.
+    pub async fn lock(&self, room_id: &RoomId) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self.locks.lock().entry(room_id.to_owned()).or_default().clone();
+        m.lock_owned().await
+    }
+
+    pub fn meta(&self, room_id: &RoomId) -> Result<Option<RoomMeta>> {
+        match self.storage.get(Table::Rooms, room_id.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn exists(&self, room_id: &RoomId) -> Result<bool> {
+        self.storage.contains(Table::Rooms, room_id.as_bytes())
+    }
+
+    pub fn version(&self, room_id: &RoomId) -> Result<RoomVersionId> {
+        Ok(self.meta(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?.version)
+    }
+
+    pub fn pdu(&self, event_id: &str) -> Result<Option<Pdu>> {
+        match self.storage.get(Table::Pdus, event_id.as_bytes())? {
+            Some(v) => Ok(Some(Pdu::from_json(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn event_meta(&self, event_id: &str) -> Result<Option<EventMeta>> {
+        match self.storage.get(Table::EventMeta, event_id.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The current state event for (type, state_key).
+    pub fn state_event_id(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<OwnedEventId>> {
+        let key = keys::join(&[room_id.as_str(), event_type, state_key]);
+        match self.storage.get(Table::RoomState, &key)? {
+            Some(v) => Ok(Some(
+                OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned())
+                    .map_err(Error::internal)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn state_get(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Pdu>> {
+        match self.state_event_id(room_id, event_type, state_key)? {
+            Some(id) => self.pdu(id.as_str()),
+            None => Ok(None),
+        }
+    }
+
+    /// The content of a current state event, as JSON.
+    pub fn state_content(
+        &self,
+        room_id: &RoomId,
+        event_type: &StateEventType,
+        state_key: &str,
+    ) -> Result<Option<serde_json::Value>> {
+        Ok(self.state_get(room_id, &event_type.to_string(), state_key)?.map(|p| p.content_value()))
+    }
+
+    /// All current state events of a room.
+    pub fn current_state(&self, room_id: &RoomId) -> Result<Vec<Pdu>> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let mut out = Vec::new();
+        for entry in self.storage.scan_prefix(Table::RoomState, &prefix)? {
+            let (_, v) = entry?;
+            if let Some(p) = self.pdu(&String::from_utf8_lossy(&v))? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current state as (type, state_key) -> event id.
+    pub fn current_state_ids(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<HashMap<(String, String), OwnedEventId>> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let mut out = HashMap::new();
+        for entry in self.storage.scan_prefix(Table::RoomState, &prefix)? {
+            let (k, v) = entry?;
+            let parts = keys::split(&k);
+            if parts.len() >= 3 {
+                let id = OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned())
+                    .map_err(Error::internal)?;
+                out.insert((parts[1].to_owned(), parts[2..].join("\u{ff}")), id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current membership of `user` in `room`: "join", "invite", "leave", "ban", "knock".
+    pub fn membership(&self, room_id: &RoomId, user: &UserId) -> Result<Option<String>> {
+        let key = keys::join(&[room_id.as_str(), user.as_str()]);
+        Ok(self
+            .storage
+            .get(Table::RoomMembers, &key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn is_joined(&self, room_id: &RoomId, user: &UserId) -> Result<bool> {
+        Ok(self.joined_members(room_id)?.contains(user))
+    }
+
+    /// Joined members, cached in memory and kept current by the write path.
+    pub fn joined_members(&self, room_id: &RoomId) -> Result<Arc<HashSet<OwnedUserId>>> {
+        if let Some(set) = self.joined_cache.lock().get(room_id) {
+            return Ok(set.clone());
+        }
+        let set = Arc::new(self.members_with(room_id, |m| m == "join")?);
+        self.joined_cache.lock().insert(room_id.to_owned(), set.clone());
+        Ok(set)
+    }
+
+    /// Members whose current membership passes `pred`.
+    pub fn members_with(
+        &self,
+        room_id: &RoomId,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<HashSet<OwnedUserId>> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let mut set = HashSet::new();
+        for entry in self.storage.scan_prefix(Table::RoomMembers, &prefix)? {
+            let (k, v) = entry?;
+            if pred(&String::from_utf8_lossy(&v)) {
+                if let Some(u) = keys::last_part(&k).and_then(|u| UserId::parse(u).ok()) {
+                    set.insert(u);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Every room the user has a membership in, with that membership.
+    pub fn user_rooms(&self, user: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
+        let prefix = keys::prefix(&[user.as_str()]);
+        let mut out = Vec::new();
+        for entry in self.storage.scan_prefix(Table::UserRooms, &prefix)? {
+            let (k, v) = entry?;
+            let Some(room) = keys::last_part(&k).and_then(|r| RoomId::parse(r).ok()) else {
+                continue;
+            };
+            out.push((room, serde_json::from_slice(&v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn joined_rooms(&self, user: &UserId) -> Result<Vec<OwnedRoomId>> {
+        Ok(self
+            .user_rooms(user)?
+            .into_iter()
+            .filter(|(_, r)| r.membership == "join")
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Forget a room the user has left: it disappears from their sync.
+    pub fn forget(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
+        let mut batch = self.storage.batch();
+        batch.delete(Table::UserRooms, &keys::join(&[user.as_str(), room_id.as_str()]))?;
+        batch.commit()
+    }
+
+    /// Timeline events of a room with stream count in `(after, up_to]`, oldest first, at most
+    /// `limit` of the newest ones. Returns whether more were left out (a limited timeline).
+    pub fn timeline_since(
+        &self,
+        room_id: &RoomId,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Pdu)>, bool)> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let from = keys::with_count(&[room_id.as_str()], up_to);
+        let mut out = Vec::new();
+        let mut limited = false;
+        for entry in self.storage.scan_from(Table::Timeline, &prefix, &from, true)? {
+            let (k, v) = entry?;
+            let count = keys::count_suffix(&k).unwrap_or(0);
+            if count <= after {
+                break;
+            }
+            if out.len() == limit {
+                limited = true;
+                break;
+            }
+            if let Some(p) = self.pdu(&String::from_utf8_lossy(&v))? {
+                out.push((count, p));
+            }
+        }
+        out.reverse();
+        Ok((out, limited))
+    }
+
+    /// Walk the timeline from `from` (exclusive) backwards or forwards, up to `limit` events
+    /// that pass `keep`. Returns the events in walking order and the count of the last one seen.
+    pub fn paginate(
+        &self,
+        room_id: &RoomId,
+        from: u64,
+        backward: bool,
+        limit: usize,
+        mut keep: impl FnMut(u64, &Pdu) -> Result<bool>,
+    ) -> Result<(Vec<(u64, Pdu)>, Option<u64>)> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let start = if backward {
+            keys::with_count(&[room_id.as_str()], from.saturating_sub(1))
+        } else {
+            keys::with_count(&[room_id.as_str()], from.saturating_add(1))
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        // Bound the walk so a filter that matches nothing cannot scan a whole huge room.
+        let mut scanned = 0usize;
+        for entry in self.storage.scan_from(Table::Timeline, &prefix, &start, backward)? {
+            let (k, v) = entry?;
+            let count = keys::count_suffix(&k).unwrap_or(0);
+            if backward && count >= from || !backward && count <= from {
+                continue;
+            }
+            scanned += 1;
+            last = Some(count);
+            if let Some(p) = self.pdu(&String::from_utf8_lossy(&v))? {
+                if keep(count, &p)? {
+                    out.push((count, p));
+                }
+            }
+            if out.len() >= limit || scanned >= limit.max(1) * 20 {
+                break;
+            }
+        }
+        Ok((out, last))
+    }
+
+    /// State changes of a room with count in `(after, up_to]`, oldest first.
+    pub fn state_changes(
+        &self,
+        room_id: &RoomId,
+        after: u64,
+        up_to: u64,
+    ) -> Result<Vec<(u64, StateChange)>> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let from = keys::with_count(&[room_id.as_str()], after.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in self.storage.scan_from(Table::StateLog, &prefix, &from, false)? {
+            let (k, v) = entry?;
+            let count = keys::count_suffix(&k).unwrap_or(0);
+            if count > up_to {
+                break;
+            }
+            out.push((count, serde_json::from_slice(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// State of the room just before stream position `count` (exclusive), rebuilt from the state
+    /// log. Used for sync's `state` section of limited timelines and for left rooms.
+    pub fn state_at(&self, room_id: &RoomId, count: u64) -> Result<HashMap<(String, String), OwnedEventId>> {
+        let mut state = HashMap::new();
+        for (_, change) in self.state_changes(room_id, 0, count.saturating_sub(1))? {
+            state.insert((change.event_type, change.state_key), change.event_id);
+        }
+        Ok(state)
+    }
+
+    pub(crate) fn invalidate_joined(&self, room_id: &RoomId) {
+        self.joined_cache.lock().remove(room_id);
+    }
+
+    /// Room ids currently published in the directory.
+    pub fn public_rooms(&self) -> Result<Vec<OwnedRoomId>> {
+        let mut out = Vec::new();
+        for entry in self.storage.scan_prefix(Table::PublicRooms, b"")? {
+            let (k, _) = entry?;
+            if let Ok(id) = RoomId::parse(String::from_utf8_lossy(&k).as_ref()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_public(&self, room_id: &RoomId, public: bool) -> Result<()> {
+        let mut b = self.storage.batch();
+        if public {
+            b.put(Table::PublicRooms, room_id.as_bytes(), b"")?;
+        } else {
+            b.delete(Table::PublicRooms, room_id.as_bytes())?;
+        }
+        b.commit()
+    }
+
+    pub fn is_public(&self, room_id: &RoomId) -> Result<bool> {
+        self.storage.contains(Table::PublicRooms, room_id.as_bytes())
+    }
+}
+
+/// Room versions this server understands and can create.
+pub static SUPPORTED_ROOM_VERSIONS: &[RoomVersionId] = &[
+    RoomVersionId::V1,
+    RoomVersionId::V2,
+    RoomVersionId::V3,
+    RoomVersionId::V4,
+    RoomVersionId::V5,
+    RoomVersionId::V6,
+    RoomVersionId::V7,
+    RoomVersionId::V8,
+    RoomVersionId::V9,
+    RoomVersionId::V10,
+    RoomVersionId::V11,
+    RoomVersionId::V12,
+];

@@ -1,0 +1,808 @@
+//! `/sync`: initial and incremental.
+//!
+//! A sync reads everything for the user in the stream range `(since, up_to]`, where `up_to` is
+//! the counter's watermark (every count below it is committed, so nothing is skipped). Tokens are
+//! `s<position>`: "the client has seen everything up to and including this position". A
+//! timeline's `prev_batch` is the position of its first event, as `/messages` tokens are exclusive. When there is nothing new, the request waits on the user's notifier
+//! until a change that concerns them is committed, or until the timeout.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use ruma::{
+    api::client::filter::{FilterDefinition, RoomEventFilter},
+    OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    error::{Error, Result},
+    service::{
+        accounts::Identity,
+        receipts::receipt_content,
+        rooms::{Pdu, UserRoom},
+        Services,
+    },
+};
+
+/// Most timeline events one room sends in one sync, whatever the filter asks.
+const MAX_TIMELINE_LIMIT: usize = 200;
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// How many events one timeline walk may look at before giving up (a filter that matches little).
+const MAX_TIMELINE_SCAN: usize = 2000;
+/// How far back unread counts look.
+const MAX_UNREAD_SCAN: usize = 500;
+/// Longest long-poll a client may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct SyncRequest {
+    pub since: Option<u64>,
+    pub full_state: bool,
+    pub filter: FilterDefinition,
+    pub timeout: Duration,
+    /// "online", "unavailable", "offline" (None: online).
+    pub set_presence: Option<String>,
+}
+
+/// Parse a sync/pagination token: `s<position>` (a bare number is accepted too).
+pub fn parse_token(token: &str) -> Result<u64> {
+    let digits = token.strip_prefix('s').unwrap_or(token);
+    digits
+        .parse::<u64>()
+        .map_err(|_| Error::invalid_param("Invalid stream token"))
+}
+
+pub fn make_token(position: u64) -> String {
+    format!("s{position}")
+}
+
+/// The users who share a joined room with `user` (the user included).
+pub fn room_mates(services: &Services, user: &UserId) -> Result<Vec<OwnedUserId>> {
+    let mut set: HashSet<OwnedUserId> = HashSet::new();
+    set.insert(user.to_owned());
+    for room in services.rooms.joined_rooms(user)? {
+        set.extend(services.rooms.joined_members(&room)?.iter().cloned());
+    }
+    Ok(set.into_iter().collect())
+}
+
+/// Run one `/sync` request, long-polling when there is nothing new.
+pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Result<Value> {
+    let user = &who.user_id;
+    if services.policy.presence_enabled() {
+        let presence = req.set_presence.as_deref().unwrap_or("online");
+        if presence != "offline" {
+            services
+                .presence
+                .set(user, presence, None, || room_mates(services, user))?;
+        }
+    }
+
+    // Subscribe before reading the watermark: a change committed in between still wakes us.
+    let mut rx = services.globals.counter.notifier().subscribe(user);
+    let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_TIMEOUT);
+    loop {
+        let up_to = services.globals.counter.watermark();
+        let builder = Builder {
+            s: services,
+            who,
+            req: &req,
+            up_to,
+        };
+        let (mut body, empty) = builder.build()?;
+        let done = !empty
+            || req.since.is_none()
+            || req.full_state
+            || tokio::time::Instant::now() >= deadline;
+        if done {
+            let next = match req.since {
+                Some(since) if empty => since,
+                Some(since) => since.max(up_to),
+                None => up_to,
+            };
+            body["next_batch"] = Value::String(make_token(next));
+            return Ok(body);
+        }
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    // The notifier went away (shutdown): answer with what we have.
+                    tokio::time::sleep_until(deadline).await;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+struct Builder<'a> {
+    s: &'a Services,
+    who: &'a Identity,
+    req: &'a SyncRequest,
+    up_to: u64,
+}
+
+/// A room's view of the timeline for one sync.
+struct Timeline {
+    events: Vec<(u64, Pdu)>,
+    limited: bool,
+}
+
+impl Builder<'_> {
+    fn user(&self) -> &UserId {
+        &self.who.user_id
+    }
+
+    /// The response without `next_batch`, and whether it carries nothing new.
+    fn build(&self) -> Result<(Value, bool)> {
+        let user = self.user();
+        let filter = &self.req.filter;
+        let since = self.req.since;
+
+        let account_data = match since {
+            None => self.s.account_data.all(user)?,
+            Some(since) => self.s.account_data.changed_since(user, since, self.up_to)?,
+        };
+        let mut room_account_data: HashMap<OwnedRoomId, Vec<Value>> = HashMap::new();
+        let mut global_account_data = Vec::new();
+        for (room, kind, content) in account_data {
+            let event = json!({ "type": kind, "content": content });
+            match room {
+                Some(room) => {
+                    if room_event_matches(&filter.room.account_data, &kind, None) {
+                        room_account_data.entry(room).or_default().push(event);
+                    }
+                }
+                None => {
+                    if type_matches(
+                        &filter.account_data.types,
+                        &filter.account_data.not_types,
+                        &kind,
+                    ) {
+                        global_account_data.push(event);
+                    }
+                }
+            }
+        }
+        if let Some(limit) = filter.account_data.limit {
+            global_account_data.truncate(usize::try_from(u64::from(limit)).unwrap_or(usize::MAX));
+        }
+
+        let mut join = Map::new();
+        let mut invite = Map::new();
+        let mut leave = Map::new();
+        let mut knock = Map::new();
+        for (room_id, ur) in self.s.rooms.user_rooms(user)? {
+            if !self.room_wanted(&room_id) {
+                continue;
+            }
+            // A membership change not yet below the watermark is read as of the watermark.
+            let membership = if ur.count <= self.up_to {
+                ur.membership.clone()
+            } else {
+                match self.s.rooms.membership_at(&room_id, user, self.up_to)? {
+                    Some(m) => m,
+                    None => continue,
+                }
+            };
+            let was = match since {
+                Some(since) => self.s.rooms.membership_at(&room_id, user, since)?,
+                None => None,
+            };
+            let changed = match since {
+                None => true,
+                Some(since) => {
+                    was.as_deref() != Some(membership.as_str())
+                        || (ur.count > since && ur.count <= self.up_to)
+                }
+            };
+            let room_ad = room_account_data.remove(&room_id).unwrap_or_default();
+            match membership.as_str() {
+                "join" => {
+                    let newly_joined = since.is_none() || was.as_deref() != Some("join");
+                    if let Some(v) = self.joined_room(&room_id, newly_joined, ur.count, room_ad)? {
+                        join.insert(room_id.to_string(), v);
+                    }
+                }
+                "invite" if changed => {
+                    let events = self.stripped_state(&room_id, &ur)?;
+                    invite.insert(
+                        room_id.to_string(),
+                        json!({ "invite_state": { "events": events } }),
+                    );
+                }
+                "knock" if changed => {
+                    let events = self.stripped_state(&room_id, &ur)?;
+                    knock.insert(
+                        room_id.to_string(),
+                        json!({ "knock_state": { "events": events } }),
+                    );
+                }
+                "leave" | "ban" => {
+                    let wanted = match since {
+                        None => filter.room.include_leave,
+                        Some(_) => changed,
+                    };
+                    if wanted {
+                        leave.insert(room_id.to_string(), self.left_room(&room_id, &ur, room_ad)?);
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let presence = self.presence()?;
+
+        let mut body = Map::new();
+        let mut rooms = Map::new();
+        let empty = join.is_empty()
+            && invite.is_empty()
+            && leave.is_empty()
+            && knock.is_empty()
+            && global_account_data.is_empty()
+            && presence.is_empty();
+        for (name, section) in [
+            ("join", join),
+            ("invite", invite),
+            ("leave", leave),
+            ("knock", knock),
+        ] {
+            if !section.is_empty() {
+                rooms.insert(name.into(), Value::Object(section));
+            }
+        }
+        if !rooms.is_empty() {
+            body.insert("rooms".into(), Value::Object(rooms));
+        }
+        if !global_account_data.is_empty() {
+            body.insert(
+                "account_data".into(),
+                json!({ "events": global_account_data }),
+            );
+        }
+        if !presence.is_empty() {
+            body.insert("presence".into(), json!({ "events": presence }));
+        }
+        // End-to-end encryption sections, empty until E2EE lands.
+        body.insert("to_device".into(), json!({ "events": [] }));
+        body.insert("device_lists".into(), json!({ "changed": [], "left": [] }));
+        body.insert("device_one_time_keys_count".into(), json!({}));
+        Ok((Value::Object(body), empty))
+    }
+
+    fn room_wanted(&self, room_id: &RoomId) -> bool {
+        let f = &self.req.filter.room;
+        if f.not_rooms.iter().any(|r| r == room_id) {
+            return false;
+        }
+        match &f.rooms {
+            Some(rooms) => rooms.iter().any(|r| r == room_id),
+            None => true,
+        }
+    }
+
+    /// One joined room, or None when nothing changed in it.
+    fn joined_room(
+        &self,
+        room_id: &RoomId,
+        newly_joined: bool,
+        member_count: u64,
+        account_data: Vec<Value>,
+    ) -> Result<Option<Value>> {
+        let user = self.user();
+        // A room joined since the last sync is sent as in an initial sync.
+        let since = if newly_joined { None } else { self.req.since };
+        let timeline = self.timeline(room_id, since.unwrap_or(0), self.up_to)?;
+        let state = self.state(room_id, since, &timeline)?;
+
+        let mut ephemeral = Vec::new();
+        let eph_filter = &self.req.filter.room.ephemeral;
+        if room_event_matches(eph_filter, "m.typing", None) {
+            if let Some((_, users)) = self.s.typing.typing_since(room_id, since) {
+                ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
+            }
+        }
+        if room_event_matches(eph_filter, "m.receipt", None) {
+            let receipts = self.s.receipts.since(room_id, since, self.up_to)?;
+            if let Some(content) = receipt_content(&receipts, user) {
+                ephemeral.push(json!({ "type": "m.receipt", "content": content }));
+            }
+        }
+
+        if since.is_some()
+            && timeline.events.is_empty()
+            && state.is_empty()
+            && ephemeral.is_empty()
+            && account_data.is_empty()
+        {
+            return Ok(None);
+        }
+
+        let membership_changed = since.is_none()
+            || state
+                .iter()
+                .chain(timeline.events.iter().map(|(_, p)| p))
+                .any(|p| p.kind == ruma::events::TimelineEventType::RoomMember);
+        let (notifications, highlights) = self.unread_counts(room_id, member_count)?;
+        let mut room = json!({
+            "timeline": self.timeline_json(&timeline, since),
+            "state": { "events": state.iter().map(|p| p.to_client_value(None)).collect::<Vec<_>>() },
+            "ephemeral": { "events": ephemeral },
+            "account_data": { "events": account_data },
+            "unread_notifications": {
+                "notification_count": notifications,
+                "highlight_count": highlights,
+            },
+        });
+        if membership_changed {
+            room["summary"] = self.summary(room_id)?;
+        }
+        Ok(Some(room))
+    }
+
+    /// A room the user left (or was kicked or banned from): the timeline up to the leave.
+    fn left_room(
+        &self,
+        room_id: &RoomId,
+        ur: &UserRoom,
+        account_data: Vec<Value>,
+    ) -> Result<Value> {
+        let since = self.req.since;
+        let end = ur.count.min(self.up_to);
+        let timeline = self.timeline(room_id, since.unwrap_or(0), end)?;
+        let state = self.state(room_id, since, &timeline)?;
+        Ok(json!({
+            "timeline": self.timeline_json(&timeline, since),
+            "state": { "events": state.iter().map(|p| p.to_client_value(None)).collect::<Vec<_>>() },
+            "account_data": { "events": account_data },
+        }))
+    }
+
+    fn timeline_json(&self, timeline: &Timeline, since: Option<u64>) -> Value {
+        let events: Vec<Value> = timeline
+            .events
+            .iter()
+            .map(|(_, p)| self.client_event(p))
+            .collect();
+        // `/messages` tokens are exclusive: backwards from the first event's own position
+        // continues just before it.
+        let prev = match timeline.events.first() {
+            Some((count, _)) => *count,
+            None => since
+                .unwrap_or(self.up_to)
+                .min(self.up_to)
+                .saturating_add(1),
+        };
+        json!({ "events": events, "limited": timeline.limited, "prev_batch": make_token(prev) })
+    }
+
+    /// The event in client format; the sending device also gets its transaction id back.
+    fn client_event(&self, pdu: &Pdu) -> Value {
+        let mut txn = None;
+        if pdu.sender == self.who.user_id {
+            if let Ok(Some(meta)) = self.s.rooms.event_meta(pdu.event_id.as_str()) {
+                if meta.device_id.as_deref() == Some(self.who.device_id.as_str()) {
+                    txn = meta.txn_id;
+                }
+            }
+        }
+        pdu.to_client_value(txn.as_deref())
+    }
+
+    /// The newest events in `(after, up_to]` the user may see and the filter lets through.
+    fn timeline(&self, room_id: &RoomId, after: u64, up_to: u64) -> Result<Timeline> {
+        let user = self.user();
+        let filter = &self.req.filter.room.timeline;
+        let limit = filter
+            .limit
+            .map(|l| usize::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT))
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .min(MAX_TIMELINE_LIMIT);
+        let visibility = self.s.rooms.history_visibility(room_id)?;
+        let mut out: Vec<(u64, Pdu)> = Vec::new();
+        let mut top = up_to;
+        let mut scanned = 0usize;
+        let mut limited = false;
+        'walk: while top > after {
+            let (chunk, more) = self.s.rooms.timeline_since(room_id, after, top, 50)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (count, pdu) in chunk.into_iter().rev() {
+                scanned += 1;
+                top = count.saturating_sub(1);
+                let own_membership = pdu.state_key.as_deref() == Some(user.as_str());
+                if !room_event_matches(
+                    filter,
+                    pdu.kind.to_string().as_str(),
+                    Some(pdu.sender.as_ref()),
+                ) {
+                    continue;
+                }
+                if !own_membership
+                    && !self
+                        .s
+                        .rooms
+                        .user_can_see(room_id, user, count, &visibility)?
+                {
+                    continue;
+                }
+                if out.len() >= limit {
+                    limited = true;
+                    break 'walk;
+                }
+                out.push((count, pdu));
+            }
+            if !more {
+                break;
+            }
+            if scanned >= MAX_TIMELINE_SCAN {
+                limited = true;
+                break;
+            }
+        }
+        out.reverse();
+        Ok(Timeline {
+            events: out,
+            limited,
+        })
+    }
+
+    /// The `state` section: the full state at the start of the timeline for an initial sync
+    /// (or `full_state`), else what changed between `since` and the start of the timeline.
+    fn state(&self, room_id: &RoomId, since: Option<u64>, timeline: &Timeline) -> Result<Vec<Pdu>> {
+        let user = self.user();
+        let first = timeline
+            .events
+            .first()
+            .map(|(c, _)| *c)
+            .unwrap_or(self.up_to.saturating_add(1));
+        let in_timeline: HashSet<&OwnedEventId> =
+            timeline.events.iter().map(|(_, p)| &p.event_id).collect();
+        let ids: HashMap<(String, String), OwnedEventId> = match since {
+            Some(since) if !self.req.full_state => {
+                let mut changes = HashMap::new();
+                if first > since.saturating_add(1) {
+                    for (_, change) in self.s.rooms.state_changes(room_id, since, first - 1)? {
+                        changes.insert((change.event_type, change.state_key), change.event_id);
+                    }
+                }
+                changes
+            }
+            _ => self.s.rooms.state_at(room_id, first)?,
+        };
+
+        let filter = &self.req.filter.room.state;
+        let lazy = !filter.lazy_load_options.is_disabled();
+        let mut wanted_members: HashSet<String> = HashSet::new();
+        if lazy {
+            wanted_members.insert(user.to_string());
+            for (_, p) in &timeline.events {
+                wanted_members.insert(p.sender.to_string());
+            }
+        }
+        let mut out = Vec::new();
+        let mut members_sent: HashSet<String> = HashSet::new();
+        for ((kind, state_key), id) in &ids {
+            if in_timeline.contains(id) {
+                continue;
+            }
+            if lazy && kind == "m.room.member" && !wanted_members.contains(state_key) {
+                continue;
+            }
+            if let Some(p) = self.s.rooms.pdu(id.as_str())? {
+                if room_event_matches(filter, kind, Some(p.sender.as_ref())) {
+                    if kind == "m.room.member" {
+                        members_sent.insert(state_key.clone());
+                    }
+                    out.push(p);
+                }
+            }
+        }
+        // Lazy loading without per-device tracking: senders of the timeline always come with
+        // their member event (as with `include_redundant_members`), so clients can render them.
+        if lazy && since.is_some() {
+            let timeline_members: HashSet<&str> = timeline
+                .events
+                .iter()
+                .filter(|(_, p)| p.kind == ruma::events::TimelineEventType::RoomMember)
+                .filter_map(|(_, p)| p.state_key.as_deref())
+                .collect();
+            let mut missing: Vec<&String> = wanted_members
+                .iter()
+                .filter(|m| !members_sent.contains(*m) && !timeline_members.contains(m.as_str()))
+                .collect();
+            missing.sort();
+            for member in missing {
+                if let Some(p) = self.s.rooms.state_get(room_id, "m.room.member", member)? {
+                    if !in_timeline.contains(&p.event_id)
+                        && room_event_matches(filter, "m.room.member", Some(p.sender.as_ref()))
+                    {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.kind.to_string(), a.state_key.as_deref())
+                .cmp(&(b.kind.to_string(), b.state_key.as_deref()))
+        });
+        Ok(out)
+    }
+
+    /// Stripped state for an invite or knock: enough to show the room before joining.
+    fn stripped_state(&self, room_id: &RoomId, ur: &UserRoom) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for kind in [
+            "m.room.create",
+            "m.room.join_rules",
+            "m.room.name",
+            "m.room.avatar",
+            "m.room.canonical_alias",
+            "m.room.encryption",
+            "m.room.topic",
+        ] {
+            if let Some(p) = self.s.rooms.state_get(room_id, kind, "")? {
+                out.push(p.to_stripped_value());
+            }
+        }
+        if let Some(own) = self.s.rooms.pdu(ur.event_id.as_str())? {
+            // The inviter's own member event tells the client who invited.
+            if own.sender != self.who.user_id {
+                if let Some(p) =
+                    self.s
+                        .rooms
+                        .state_get(room_id, "m.room.member", own.sender.as_str())?
+                {
+                    out.push(p.to_stripped_value());
+                }
+            }
+            out.push(own.to_stripped_value());
+        }
+        Ok(out)
+    }
+
+    /// `summary`: heroes and member counts.
+    fn summary(&self, room_id: &RoomId) -> Result<Value> {
+        let user = self.user();
+        let joined = self.s.rooms.joined_members(room_id)?;
+        let invited = self.s.rooms.members_with(room_id, |m| m == "invite")?;
+        let mut heroes: Vec<&OwnedUserId> = joined
+            .iter()
+            .chain(invited.iter())
+            .filter(|u| u.as_str() != user.as_str())
+            .collect();
+        heroes.sort();
+        heroes.dedup();
+        heroes.truncate(5);
+        let mut heroes: Vec<String> = heroes.into_iter().map(|u| u.to_string()).collect();
+        if heroes.is_empty() {
+            // Nobody else is here: name the room after those who left.
+            let mut gone: Vec<OwnedUserId> = self
+                .s
+                .rooms
+                .members_with(room_id, |m| m == "leave" || m == "ban")?
+                .into_iter()
+                .filter(|u| u.as_str() != user.as_str())
+                .collect();
+            gone.sort();
+            gone.truncate(5);
+            heroes = gone.into_iter().map(|u| u.to_string()).collect();
+        }
+        Ok(json!({
+            "m.heroes": heroes,
+            "m.joined_member_count": joined.len(),
+            "m.invited_member_count": invited.len(),
+        }))
+    }
+
+    /// Notifying events from others after the user's read receipt (or their join), and how many
+    /// of them mention the user.
+    fn unread_counts(&self, room_id: &RoomId, joined_at: u64) -> Result<(u64, u64)> {
+        let user = self.user();
+        let rooms = &self.s.rooms;
+        let read = self.s.receipts.read_up_to(room_id, user, |event_id| {
+            Ok(rooms
+                .event_meta(event_id.as_str())?
+                .filter(|m| m.room_id == room_id)
+                .map(|m| m.count))
+        })?;
+        let from = read.unwrap_or(0).max(joined_at);
+        if from >= self.up_to {
+            return Ok((0, 0));
+        }
+        let (events, _) = rooms.timeline_since(room_id, from, self.up_to, MAX_UNREAD_SCAN)?;
+        let display_name = rooms
+            .state_content(
+                room_id,
+                &ruma::events::StateEventType::RoomMember,
+                user.as_str(),
+            )?
+            .and_then(|c| {
+                c.get("displayname")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .filter(|n| !n.is_empty());
+        let (mut notify, mut highlight) = (0u64, 0u64);
+        for (_, p) in events {
+            if p.sender == user || !notifies(&p) {
+                continue;
+            }
+            notify += 1;
+            if mentions(&p, user, display_name.as_deref()) {
+                highlight += 1;
+            }
+        }
+        Ok((notify, highlight))
+    }
+
+    /// `m.presence` events of users sharing a room with the user, changed since `since`.
+    fn presence(&self) -> Result<Vec<Value>> {
+        if !self.s.policy.presence_enabled() {
+            return Ok(Vec::new());
+        }
+        let f = &self.req.filter.presence;
+        if !type_matches(&f.types, &f.not_types, "m.presence") {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut mates = room_mates(self.s, self.user())?;
+        mates.sort();
+        for mate in mates {
+            if !sender_matches(&f.senders, &f.not_senders, &mate) {
+                continue;
+            }
+            let Some(state) = self.s.presence.get(&mate)? else {
+                continue;
+            };
+            if self.req.since.is_some_and(|since| state.count <= since) {
+                continue;
+            }
+            out.push(json!({ "type": "m.presence", "sender": mate, "content": state.content() }));
+        }
+        if let Some(limit) = f.limit {
+            out.truncate(usize::try_from(u64::from(limit)).unwrap_or(usize::MAX));
+        }
+        Ok(out)
+    }
+}
+
+/// Events that the default push rules make notify: messages, encrypted events and stickers,
+/// but not notices or edits.
+fn notifies(p: &Pdu) -> bool {
+    let kind = p.kind.to_string();
+    if !matches!(
+        kind.as_str(),
+        "m.room.message" | "m.room.encrypted" | "m.sticker"
+    ) || p.is_state()
+    {
+        return false;
+    }
+    let content = p.content_value();
+    if content.get("msgtype").and_then(Value::as_str) == Some("m.notice") {
+        return false;
+    }
+    content
+        .pointer("/m.relates_to/rel_type")
+        .and_then(Value::as_str)
+        != Some("m.replace")
+}
+
+/// Whether the event mentions the user. With `m.mentions` present only it counts (intentional
+/// mentions); without it, the user id or display name in the body does.
+fn mentions(p: &Pdu, user: &UserId, display_name: Option<&str>) -> bool {
+    let content = p.content_value();
+    if let Some(m) = content.get("m.mentions") {
+        return m
+            .get("user_ids")
+            .and_then(Value::as_array)
+            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user.as_str())));
+    }
+    let Some(body) = content.get("body").and_then(Value::as_str) else {
+        return false;
+    };
+    body.contains(user.as_str()) || display_name.is_some_and(|name| contains_word(body, name))
+}
+
+/// `name` occurs in `text` not surrounded by word characters (as the display-name push rule).
+fn contains_word(text: &str, name: &str) -> bool {
+    let lower_text = text.to_lowercase();
+    let lower_name = name.to_lowercase();
+    let mut start = 0;
+    while let Some(pos) = lower_text[start..].find(&lower_name) {
+        let at = start + pos;
+        let end = at + lower_name.len();
+        let before = lower_text[..at].chars().next_back();
+        let after = lower_text[end..].chars().next();
+        let boundary = |c: Option<char>| c.is_none_or(|c| !c.is_alphanumeric() && c != '_');
+        if boundary(before) && boundary(after) {
+            return true;
+        }
+        start = at + lower_name.chars().next().map_or(1, char::len_utf8);
+    }
+    false
+}
+
+fn room_event_matches(f: &RoomEventFilter, kind: &str, sender: Option<&UserId>) -> bool {
+    type_matches(&f.types, &f.not_types, kind)
+        && sender.is_none_or(|s| sender_matches(&f.senders, &f.not_senders, s))
+}
+
+fn type_matches(types: &Option<Vec<String>>, not_types: &[String], kind: &str) -> bool {
+    if not_types.iter().any(|t| glob(t, kind)) {
+        return false;
+    }
+    match types {
+        Some(types) => types.iter().any(|t| glob(t, kind)),
+        None => true,
+    }
+}
+
+fn sender_matches(
+    senders: &Option<Vec<OwnedUserId>>,
+    not_senders: &[OwnedUserId],
+    sender: &UserId,
+) -> bool {
+    if not_senders.iter().any(|s| s == sender) {
+        return false;
+    }
+    match senders {
+        Some(senders) => senders.iter().any(|s| s == sender),
+        None => true,
+    }
+}
+
+/// Filter type patterns: `*` matches any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let mut rest = text;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(part) else {
+                return false;
+            };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(pos) => rest = &rest[pos + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob("m.room.*", "m.room.message"));
+        assert!(glob("*", "anything"));
+        assert!(!glob("m.room.*", "m.typing"));
+        assert!(glob("m.*.message", "m.room.message"));
+        assert!(glob("m.typing", "m.typing"));
+    }
+
+    #[test]
+    fn tokens() {
+        assert_eq!(parse_token("s12").ok(), Some(12));
+        assert!(parse_token("x").is_err());
+        assert_eq!(make_token(7), "s7");
+    }
+
+    #[test]
+    fn display_name_words() {
+        assert!(contains_word("hi Alice!", "alice"));
+        assert!(!contains_word("malice", "alice"));
+    }
+}

@@ -1,0 +1,174 @@
+//! Storage: the only module that knows RocksDB.
+//!
+//! The rest of Hafen sees a narrow key-value interface: named tables (RocksDB column families),
+//! `get`, prefix and range scans, and atomic [`Batch`] writes. Every client-visible change is one
+//! batch, written with the WAL (and fsync when `database_sync_writes` is on) before the client gets
+//! an answer, so a crash never loses an acknowledged write nor leaves half of one.
+
+pub mod keys;
+mod tables;
+
+use std::{path::Path, sync::Arc};
+
+pub use tables::Table;
+
+use crate::error::{Error, Result};
+
+/// An open database. Cheap to clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct Storage {
+    db: Arc<rocksdb::DB>,
+    sync_writes: bool,
+}
+
+/// Why opening failed, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the database at {0} is in use by another Hafen process (stop the server first)")]
+    Locked(String),
+    #[error("cannot open the database at {path}: {message}")]
+    Other { path: String, message: String },
+}
+
+impl Storage {
+    pub fn open(path: &Path, cache_mb: u64, sync_writes: bool) -> Result<Storage, OpenError> {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_open_files(512);
+        opts.set_keep_log_file_num(5);
+        opts.increase_parallelism(2);
+        let cache = rocksdb::Cache::new_lru_cache((cache_mb as usize).max(8) * 1024 * 1024);
+        let mut table_opts = rocksdb::BlockBasedOptions::default();
+        table_opts.set_block_cache(&cache);
+        table_opts.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table_opts);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+
+        let cfs = Table::ALL.iter().map(|t| {
+            let mut cf_opts = rocksdb::Options::default();
+            cf_opts.set_block_based_table_factory(&table_opts);
+            cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            rocksdb::ColumnFamilyDescriptor::new(t.name(), cf_opts)
+        });
+        let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("lock") || message.contains("LOCK") {
+                OpenError::Locked(path.display().to_string())
+            } else {
+                OpenError::Other { path: path.display().to_string(), message }
+            }
+        })?;
+        Ok(Storage { db: Arc::new(db), sync_writes })
+    }
+
+    fn cf(&self, table: Table) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(table.name())
+            .ok_or_else(|| Error::internal(format!("missing column family {}", table.name())))
+    }
+
+    pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(table)?, key)?)
+    }
+
+    pub fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
+        Ok(self.db.get_pinned_cf(self.cf(table)?, key)?.is_some())
+    }
+
+    /// All entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
+        let prefix = prefix.to_vec();
+        let iter = self.db.iterator_cf(
+            self.cf(table)?,
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        Ok(iter
+            .map(|r| r.map_err(Error::from))
+            .take_while(move |r| match r {
+                Ok((k, _)) => k.starts_with(&prefix),
+                Err(_) => true,
+            }))
+    }
+
+    /// Entries with `prefix`, starting at `from` (inclusive) and walking forward or backward.
+    pub fn scan_from<'a>(
+        &'a self,
+        table: Table,
+        prefix: &[u8],
+        from: &[u8],
+        backward: bool,
+    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
+        let prefix = prefix.to_vec();
+        let dir = if backward { rocksdb::Direction::Reverse } else { rocksdb::Direction::Forward };
+        let iter = self.db.iterator_cf(self.cf(table)?, rocksdb::IteratorMode::From(from, dir));
+        Ok(iter
+            .map(|r| r.map_err(Error::from))
+            .take_while(move |r| match r {
+                Ok((k, _)) => k.starts_with(&prefix),
+                Err(_) => true,
+            }))
+    }
+
+    /// The last entry with `prefix` (largest key), if any.
+    pub fn last_with_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Option<(Box<[u8]>, Box<[u8]>)>> {
+        let mut upper = prefix.to_vec();
+        upper.extend_from_slice(&[0xff; 9]);
+        self.scan_from(table, prefix, &upper, true)?.next().transpose()
+    }
+
+    pub fn batch(&self) -> Batch {
+        Batch { storage: self.clone(), inner: rocksdb::WriteBatch::default() }
+    }
+
+    /// Write one key outside of a batch (still durable before return).
+    pub fn put(&self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut b = self.batch();
+        b.put(table, key, value)?;
+        b.commit()
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+}
+
+/// An atomic set of writes. Nothing is visible until [`Batch::commit`]; then all of it is.
+pub struct Batch {
+    storage: Storage,
+    inner: rocksdb::WriteBatch,
+}
+
+impl Batch {
+    pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<()> {
+        let cf = self.storage.cf(table)?;
+        self.inner.put_cf(cf, key, value);
+        Ok(())
+    }
+
+    pub fn delete(&mut self, table: Table, key: &[u8]) -> Result<()> {
+        let cf = self.storage.cf(table)?;
+        self.inner.delete_cf(cf, key);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    pub fn commit(self) -> Result<()> {
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(self.storage.sync_writes);
+        self.storage.db.write_opt(self.inner, &opts)?;
+        Ok(())
+    }
+}

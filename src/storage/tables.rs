@@ -1,0 +1,121 @@
+//! The named tables (column families) and what their keys and values are.
+//! Key layouts use `0xff` as separator (it never occurs in UTF-8) and big-endian u64 counts, so
+//! byte order equals logical order.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// "counter" -> u64: the global stream position; "signing_key" -> pkcs8 ed25519 key.
+    Global,
+    /// localpart -> JSON `UserRecord` (password hash, admin, deactivated, created).
+    Users,
+    /// sha256(access token) -> JSON `TokenRecord` (user, device, expiry).
+    AccessTokens,
+    /// sha256(refresh token) -> JSON `RefreshRecord`.
+    RefreshTokens,
+    /// user 0xff device_id -> JSON `DeviceRecord`.
+    Devices,
+    /// token -> JSON `RegistrationToken` (uses allowed, completed, expiry).
+    RegistrationTokens,
+    /// user 0xff room ("" for global) 0xff type -> content JSON.
+    AccountData,
+    /// user 0xff count -> room 0xff type: which account data changed when (incremental sync).
+    AccountDataLog,
+    /// user 0xff filter id -> filter JSON.
+    Filters,
+    /// user 0xff key ("displayname"/"avatar_url"/custom) -> JSON value.
+    Profile,
+    /// event id -> PDU JSON as stored (canonical, signed).
+    Pdus,
+    /// event id -> JSON `EventMeta` (room, stream count, transaction of the sender, redacted).
+    EventMeta,
+    /// room 0xff count -> event id: the timeline in stream order.
+    Timeline,
+    /// room -> JSON `RoomMeta` (version, creators, forward extremity, depth).
+    Rooms,
+    /// room 0xff type 0xff state_key -> event id: current state.
+    RoomState,
+    /// room 0xff count -> JSON (type, state_key, event id, previous event id): state changes.
+    StateLog,
+    /// room 0xff user -> membership string: current membership of every user ever in the room.
+    RoomMembers,
+    /// user 0xff room -> JSON (membership, count): rooms of a user, for sync.
+    UserRooms,
+    /// user 0xff room 0xff count -> membership: membership history (history visibility).
+    MembershipLog,
+    /// user 0xff device 0xff txn id -> event id: transaction idempotency per device.
+    Transactions,
+    /// alias -> room id.
+    Aliases,
+    /// room 0xff alias -> creator user id.
+    RoomAliases,
+    /// room -> "" for rooms published in the directory.
+    PublicRooms,
+    /// room 0xff receipt type 0xff thread 0xff user -> JSON (event id, ts, count).
+    Receipts,
+    /// room 0xff count -> user 0xff receipt type 0xff thread: which receipts changed when.
+    ReceiptLog,
+    /// user -> JSON presence state.
+    Presence,
+}
+
+impl Table {
+    pub const ALL: &'static [Table] = &[
+        Table::Global,
+        Table::Users,
+        Table::AccessTokens,
+        Table::RefreshTokens,
+        Table::Devices,
+        Table::RegistrationTokens,
+        Table::AccountData,
+        Table::AccountDataLog,
+        Table::Filters,
+        Table::Profile,
+        Table::Pdus,
+        Table::EventMeta,
+        Table::Timeline,
+        Table::Rooms,
+        Table::RoomState,
+        Table::StateLog,
+        Table::RoomMembers,
+        Table::UserRooms,
+        Table::MembershipLog,
+        Table::Transactions,
+        Table::Aliases,
+        Table::RoomAliases,
+        Table::PublicRooms,
+        Table::Receipts,
+        Table::ReceiptLog,
+        Table::Presence,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Global => "global",
+            Table::Users => "users",
+            Table::AccessTokens => "access_tokens",
+            Table::RefreshTokens => "refresh_tokens",
+            Table::Devices => "devices",
+            Table::RegistrationTokens => "registration_tokens",
+            Table::AccountData => "account_data",
+            Table::AccountDataLog => "account_data_log",
+            Table::Filters => "filters",
+            Table::Profile => "profile",
+            Table::Pdus => "pdus",
+            Table::EventMeta => "event_meta",
+            Table::Timeline => "timeline",
+            Table::Rooms => "rooms",
+            Table::RoomState => "room_state",
+            Table::StateLog => "state_log",
+            Table::RoomMembers => "room_members",
+            Table::UserRooms => "user_rooms",
+            Table::MembershipLog => "membership_log",
+            Table::Transactions => "transactions",
+            Table::Aliases => "aliases",
+            Table::RoomAliases => "room_aliases",
+            Table::PublicRooms => "public_rooms",
+            Table::Receipts => "receipts",
+            Table::ReceiptLog => "receipt_log",
+            Table::Presence => "presence",
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Test harness: start a server, make users, send requests, assert status and body.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use hafen::{config::Config, server::Running, service::Services};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub base: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// A logged-in user of a test server.
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    pub user_id: String,
+    pub device_id: String,
+    pub token: String,
+}
+
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.port = 0;
+    c.database_path = dir.join("db");
+    c.database_sync_writes = false;
+    c.registration_token = Some("test-token".into());
+    c.rate_limits.enabled = false;
+    c.log = "warn".into();
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let running = hafen::server::start(config).await.expect("server starts");
+        let base = running.base_url();
+        TestServer { running: Some(running), base, http: reqwest::Client::new(), _dir: dir }
+    }
+
+    pub fn services(&self) -> &Arc<Services> {
+        &self.running.as_ref().expect("running").services
+    }
+
+    pub fn server_name(&self) -> String {
+        self.services().config.server_name.to_string()
+    }
+
+    /// Create a user directly (fast) and log a device in.
+    pub async fn user(&self, localpart: &str) -> TestUser {
+        let s = self.services();
+        let user_id = s.accounts.validate_new_localpart(localpart).expect("valid localpart");
+        s.accounts.create_user(&user_id, Some("password"), false, false).expect("create user");
+        let session = s.accounts.create_session(&user_id, None, None, false).expect("session");
+        TestUser {
+            user_id: user_id.to_string(),
+            device_id: session.device_id.to_string(),
+            token: session.access_token,
+        }
+    }
+
+    /// Send a request; `token` None sends none. Returns status and JSON body (Null if empty).
+    pub async fn req(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut r = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let res = r.send().await.expect("request sent");
+        let status = res.status();
+        let text = res.text().await.expect("body");
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, value)
+    }
+
+    /// Send raw bytes as the body.
+    pub async fn req_raw(&self, method: Method, path: &str, token: Option<&str>, body: &'static [u8]) -> (StatusCode, Value) {
+        let mut r = self.http.request(method, format!("{}{}", self.base, path)).body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let res = r.send().await.expect("request sent");
+        let status = res.status();
+        let text = res.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str, u: &TestUser) -> (StatusCode, Value) {
+        self.req(Method::GET, path, Some(&u.token), None).await
+    }
+    pub async fn post(&self, path: &str, u: &TestUser, body: Value) -> (StatusCode, Value) {
+        self.req(Method::POST, path, Some(&u.token), Some(body)).await
+    }
+    pub async fn put(&self, path: &str, u: &TestUser, body: Value) -> (StatusCode, Value) {
+        self.req(Method::PUT, path, Some(&u.token), Some(body)).await
+    }
+
+    /// Create a room with `body` and return its id.
+    pub async fn create_room(&self, u: &TestUser, body: Value) -> String {
+        let (status, v) = self.post("/_matrix/client/v3/createRoom", u, body).await;
+        assert_eq!(status, StatusCode::OK, "createRoom: {v}");
+        v["room_id"].as_str().expect("room_id").to_owned()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("clean stop");
+        }
+    }
+}
+
+/// Assert a Matrix error: status and errcode.
+#[track_caller]
+pub fn assert_err(got: &(StatusCode, Value), status: u16, errcode: &str) {
+    assert_eq!(got.0.as_u16(), status, "unexpected status, body: {}", got.1);
+    assert_eq!(got.1["errcode"], json!(errcode), "unexpected errcode, body: {}", got.1);
+}
+
+/// URL-encode a path segment (room ids, aliases, event ids).
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
