@@ -238,11 +238,26 @@ pub fn from_toml_str(
     for key in unknown {
         warnings.push(format!("unknown config key `global.{key}` (ignored)"));
     }
-    let config: Config = toml::Value::Table(known)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+    // Lay the given keys over the defaults, so a partial nested table (one field of a rate
+    // limit, say) keeps the other defaults; then parse the text, whose errors quote the line.
+    let mut merged = toml::Table::try_from(Config::default())
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    merge(&mut merged, known);
+    let text = toml::to_string(&merged).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     validate(&config)?;
     Ok(Loaded { config, warnings })
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {

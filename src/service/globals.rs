@@ -206,3 +206,63 @@ pub struct Globals {
     pub signing_key: SigningKey,
     pub counter: Arc<StreamCounter>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter() -> (tempfile::TempDir, StreamCounter) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 8, false).unwrap();
+        (dir, StreamCounter::load(storage).unwrap())
+    }
+
+    #[test]
+    fn watermark_waits_for_slower_writers() {
+        let (_dir, c) = counter();
+        let first = c.next().unwrap();
+        let second = c.next().unwrap();
+        assert_eq!((first.get(), second.get()), (1, 2));
+        let alice: OwnedUserId = "@alice:x".try_into().unwrap();
+        let mut rx = c.notifier().subscribe(&alice);
+        second.finish(vec![alice.clone()]);
+        // Count 2 is durable but 1 is not: readers must not see past 0, nor be woken yet.
+        assert_eq!(c.watermark(), 0);
+        assert!(!rx.has_changed().unwrap());
+        first.finish(vec![]);
+        assert_eq!(c.watermark(), 2);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 2);
+    }
+
+    #[test]
+    fn dropped_count_does_not_block_the_watermark() {
+        let (_dir, c) = counter();
+        let failed = c.next().unwrap();
+        let ok = c.next().unwrap();
+        drop(failed);
+        ok.finish(vec![]);
+        assert_eq!(c.watermark(), 2);
+    }
+
+    #[test]
+    fn restart_never_reuses_a_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = {
+            let storage = Storage::open(dir.path(), 8, false).unwrap();
+            let c = StreamCounter::load(storage).unwrap();
+            let mut last = 0;
+            for _ in 0..1500 {
+                let p = c.next().unwrap();
+                last = p.get();
+                p.finish(vec![]);
+            }
+            last
+        };
+        let storage = Storage::open(dir.path(), 8, false).unwrap();
+        let c = StreamCounter::load(storage).unwrap();
+        let next = c.next().unwrap();
+        assert!(next.get() > last, "{} <= {last}", next.get());
+        assert!(c.watermark() >= last);
+    }
+}

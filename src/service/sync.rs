@@ -2,8 +2,8 @@
 //!
 //! A sync reads everything for the user in the stream range `(since, up_to]`, where `up_to` is
 //! the counter's watermark (every count below it is committed, so nothing is skipped). Tokens are
-//! `s<position>`: "the client has seen everything up to and including this position". A
-//! timeline's `prev_batch` is the position of its first event, as `/messages` tokens are exclusive. When there is nothing new, the request waits on the user's notifier
+//! `s<position>`: "the client has seen everything up to and including this position"; `/messages`
+//! reads the same positions, so a timeline's `prev_batch` is the position just before its first event. When there is nothing new, the request waits on the user's notifier
 //! until a change that concerns them is committed, or until the timeout.
 
 use std::{
@@ -366,14 +366,11 @@ impl Builder<'_> {
             .iter()
             .map(|(_, p)| self.client_event(p))
             .collect();
-        // `/messages` tokens are exclusive: backwards from the first event's own position
-        // continues just before it.
+        // Tokens are positions ("seen up to here", as `/messages` reads them): the position
+        // just before the first event continues backwards from it.
         let prev = match timeline.events.first() {
-            Some((count, _)) => *count,
-            None => since
-                .unwrap_or(self.up_to)
-                .min(self.up_to)
-                .saturating_add(1),
+            Some((count, _)) => count.saturating_sub(1),
+            None => since.unwrap_or(self.up_to).min(self.up_to),
         };
         json!({ "events": events, "limited": timeline.limited, "prev_batch": make_token(prev) })
     }

@@ -1,42 +1,16 @@
 //! Accounts, sessions, devices, profiles, account data, tags and filters.
 
-use hafen::service::rooms::NewEvent;
 use reqwest::{Method, StatusCode};
-use ruma::{events::StateEventType, RoomId, UserId};
+use ruma::{events::StateEventType, RoomId};
 use serde_json::{json, Value};
 
 use crate::common::{assert_err, enc, TestServer, TestUser};
 
 const V3: &str = "/_matrix/client/v3";
 
-/// A room made directly through the room service (independent of the createRoom endpoint),
-/// with `u` joined.
+/// A room with `u` joined, made through the createRoom endpoint.
 async fn room_with(s: &TestServer, u: &TestUser) -> String {
-    let svc = s.services();
-    let user = UserId::parse(&u.user_id).unwrap();
-    let (room_id, guard) = svc
-        .rooms
-        .create_room_event(
-            &svc.config.default_room_version,
-            &user,
-            serde_json::Map::new(),
-        )
-        .await
-        .unwrap();
-    svc.rooms
-        .append_locked(
-            &room_id,
-            &user,
-            NewEvent::state(
-                "m.room.member",
-                &u.user_id,
-                json!({ "membership": "join", "displayname": "old" }),
-            ),
-            None,
-        )
-        .unwrap();
-    drop(guard);
-    room_id.to_string()
+    s.create_room(u, json!({})).await
 }
 
 fn member_content(s: &TestServer, room: &str, user: &str) -> Value {
@@ -55,22 +29,6 @@ async fn anon(
     body: Option<Value>,
 ) -> (StatusCode, Value) {
     s.req(method, &format!("{V3}{path}"), None, body).await
-}
-
-/// Register with the configured test token, going through the UIA round trip.
-async fn register(s: &TestServer, username: &str, extra: Value) -> Value {
-    let mut body = json!({ "username": username, "password": "secret-pw" });
-    let (status, challenge) = anon(s, Method::POST, "/register", Some(body.clone())).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
-    let session = challenge["session"].as_str().unwrap().to_owned();
-    body["auth"] =
-        json!({ "type": "m.login.registration_token", "token": "test-token", "session": session });
-    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
-        b.extend(e);
-    }
-    let (status, v) = anon(s, Method::POST, "/register", Some(body)).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    v
 }
 
 fn as_user(v: &Value) -> TestUser {

@@ -21,14 +21,30 @@ pub async fn make_room(
 ) -> String {
     let svc = s.services();
     let user = UserId::parse(owner.user_id.as_str()).unwrap();
-    let (room, _guard) =
-        svc.rooms.create_room_event(&version, &user, serde_json::Map::new()).await.unwrap();
+    let (room, _guard) = svc
+        .rooms
+        .create_room_event(&version, &user, serde_json::Map::new())
+        .await
+        .unwrap();
     let rooms = &svc.rooms;
     rooms
-        .append_locked(&room, &user, NewEvent::state("m.room.member", user.as_str(), json!({"membership": "join"})), None)
+        .append_locked(
+            &room,
+            &user,
+            NewEvent::state(
+                "m.room.member",
+                user.as_str(),
+                json!({"membership": "join"}),
+            ),
+            None,
+        )
         .unwrap();
     // Room versions that privilege creators must not list them in `users`.
-    let users = if version == RoomVersionId::V12 { json!({}) } else { json!({ user.as_str(): 100 }) };
+    let users = if version == RoomVersionId::V12 {
+        json!({})
+    } else {
+        json!({ user.as_str(): 100 })
+    };
     let pl = json!({
         "users": users,
         "users_default": 0,
@@ -46,30 +62,66 @@ pub async fn make_room(
         "kick": 50,
         "redact": 50,
     });
-    rooms.append_locked(&room, &user, NewEvent::state("m.room.power_levels", "", pl), None).unwrap();
     rooms
-        .append_locked(&room, &user, NewEvent::state("m.room.join_rules", "", json!({"join_rule": join_rule})), None)
+        .append_locked(
+            &room,
+            &user,
+            NewEvent::state("m.room.power_levels", "", pl),
+            None,
+        )
         .unwrap();
     rooms
         .append_locked(
             &room,
             &user,
-            NewEvent::state("m.room.history_visibility", "", json!({"history_visibility": history_visibility})),
+            NewEvent::state("m.room.join_rules", "", json!({"join_rule": join_rule})),
+            None,
+        )
+        .unwrap();
+    rooms
+        .append_locked(
+            &room,
+            &user,
+            NewEvent::state(
+                "m.room.history_visibility",
+                "",
+                json!({"history_visibility": history_visibility}),
+            ),
             None,
         )
         .unwrap();
     room.to_string()
 }
 
-pub async fn send_state(s: &TestServer, u: &TestUser, room: &str, kind: &str, key: &str, content: Value) -> String {
+pub async fn send_state(
+    s: &TestServer,
+    u: &TestUser,
+    room: &str,
+    kind: &str,
+    key: &str,
+    content: Value,
+) -> String {
     let room = OwnedRoomId::try_from(room).unwrap();
     let user = UserId::parse(u.user_id.as_str()).unwrap();
-    let sent = s.services().rooms.append(&room, &user, NewEvent::state(kind, key, content), None).await.unwrap();
+    let sent = s
+        .services()
+        .rooms
+        .append(&room, &user, NewEvent::state(kind, key, content), None)
+        .await
+        .unwrap();
     sent.event_id.to_string()
 }
 
 pub async fn join(s: &TestServer, u: &TestUser, room: &str) {
-    send_state(s, u, room, "m.room.member", &u.user_id, json!({"membership": "join"})).await;
+    send_state(
+        s,
+        u,
+        room,
+        "m.room.member",
+        &u.user_id,
+        json!({"membership": "join"}),
+    )
+    .await;
 }
 
 pub async fn say(s: &TestServer, u: &TestUser, room: &str, body: &str) -> String {
@@ -79,7 +131,12 @@ pub async fn say(s: &TestServer, u: &TestUser, room: &str, body: &str) -> String
     let sent = s
         .services()
         .rooms
-        .append(&room, &user, NewEvent::message("m.room.message", content), None)
+        .append(
+            &room,
+            &user,
+            NewEvent::message("m.room.message", content),
+            None,
+        )
         .await
         .unwrap();
     sent.event_id.to_string()
@@ -99,7 +156,11 @@ fn bodies(v: &Value) -> Vec<String> {
 }
 
 fn ids(v: &Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test]
@@ -174,25 +235,41 @@ async fn messages_paginate_both_directions() {
     // Turning around: forwards from a backwards page's `end` starts with that page's oldest event.
     let (_, v1) = s.get(&messages_path(&room, "dir=b&limit=5"), &alice).await;
     let end = v1["end"].as_str().unwrap().to_owned();
-    let (_, v2) = s.get(&messages_path(&room, &format!("dir=f&limit=3&from={end}")), &alice).await;
+    let (_, v2) = s
+        .get(
+            &messages_path(&room, &format!("dir=f&limit=3&from={end}")),
+            &alice,
+        )
+        .await;
     assert_eq!(bodies(&v2["chunk"]), vec!["m25", "m26", "m27"]);
 
     // `to` stops the walk (and then there is no `end`).
     let (_, first) = s.get(&messages_path(&room, "dir=b&limit=3"), &alice).await;
     let to = first["end"].as_str().unwrap().to_owned();
-    let (status, v) = s.get(&messages_path(&room, &format!("dir=b&limit=50&to={to}")), &alice).await;
+    let (status, v) = s
+        .get(
+            &messages_path(&room, &format!("dir=b&limit=50&to={to}")),
+            &alice,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(bodies(&v["chunk"]), vec!["m29", "m28", "m27"]);
     assert!(v.get("end").is_none(), "{v}");
 
     // A huge limit is capped, not refused.
-    let (status, v) = s.get(&messages_path(&room, "dir=b&limit=100000"), &alice).await;
+    let (status, v) = s
+        .get(&messages_path(&room, "dir=b&limit=100000"), &alice)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["chunk"].as_array().unwrap().len(), total);
     assert!(v.get("end").is_none());
     // r0 path works too.
-    let (status, _) =
-        s.get(&format!("/_matrix/client/r0/rooms/{}/messages?dir=b", enc(&room)), &alice).await;
+    let (status, _) = s
+        .get(
+            &format!("/_matrix/client/r0/rooms/{}/messages?dir=b", enc(&room)),
+            &alice,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -205,17 +282,60 @@ async fn messages_errors() {
     say(&s, &alice, &room, "hello").await;
 
     let path = messages_path(&room, "dir=b");
-    assert_err(&s.req(Method::GET, &path, None, None).await, 401, "M_MISSING_TOKEN");
-    assert_err(&s.req(Method::GET, &path, Some("nope"), None).await, 401, "M_UNKNOWN_TOKEN");
-    assert_err(&s.get(&messages_path(&room, ""), &alice).await, 400, "M_MISSING_PARAM");
-    assert_err(&s.get(&messages_path(&room, "dir=x"), &alice).await, 400, "M_INVALID_PARAM");
-    assert_err(&s.get(&messages_path(&room, "dir=b&from=garbage"), &alice).await, 400, "M_INVALID_PARAM");
-    assert_err(&s.get(&messages_path(&room, "dir=b&to=x1"), &alice).await, 400, "M_INVALID_PARAM");
-    assert_err(&s.get(&messages_path(&room, "dir=b&limit=-1"), &alice).await, 400, "M_INVALID_PARAM");
-    assert_err(&s.get(&messages_path(&room, "dir=b&limit=ten"), &alice).await, 400, "M_INVALID_PARAM");
-    assert_err(&s.get(&messages_path(&room, "dir=b&filter=%7Bnot"), &alice).await, 400, "M_INVALID_PARAM");
     assert_err(
-        &s.get(&messages_path(&room, "dir=b&filter=%7B%22types%22%3A5%7D"), &alice).await,
+        &s.req(Method::GET, &path, None, None).await,
+        401,
+        "M_MISSING_TOKEN",
+    );
+    assert_err(
+        &s.req(Method::GET, &path, Some("nope"), None).await,
+        401,
+        "M_UNKNOWN_TOKEN",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, ""), &alice).await,
+        400,
+        "M_MISSING_PARAM",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, "dir=x"), &alice).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, "dir=b&from=garbage"), &alice)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, "dir=b&to=x1"), &alice).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, "dir=b&limit=-1"), &alice).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, "dir=b&limit=ten"), &alice)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(&messages_path(&room, "dir=b&filter=%7Bnot"), &alice)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(
+            &messages_path(&room, "dir=b&filter=%7B%22types%22%3A5%7D"),
+            &alice,
+        )
+        .await,
         400,
         "M_INVALID_PARAM",
     );
@@ -223,8 +343,16 @@ async fn messages_errors() {
     assert_err(&s.get(&path, &bob).await, 403, "M_FORBIDDEN");
     // Unknown room: the same answer, so room existence does not leak.
     let unknown = format!("!nope:{}", s.server_name());
-    assert_err(&s.get(&messages_path(&unknown, "dir=b"), &alice).await, 403, "M_FORBIDDEN");
-    assert_err(&s.get(&messages_path("not-a-room", "dir=b"), &alice).await, 400, "M_INVALID_PARAM");
+    assert_err(
+        &s.get(&messages_path(&unknown, "dir=b"), &alice).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    assert_err(
+        &s.get(&messages_path("not-a-room", "dir=b"), &alice).await,
+        400,
+        "M_INVALID_PARAM",
+    );
 }
 
 #[tokio::test]
@@ -243,47 +371,80 @@ async fn messages_filters_and_lazy_members() {
         .append(
             &r,
             &bob_id,
-            NewEvent::message("m.room.message", json!({"msgtype": "m.image", "body": "pic", "url": "mxc://x/y"})),
+            NewEvent::message(
+                "m.room.message",
+                json!({"msgtype": "m.image", "body": "pic", "url": "mxc://x/y"}),
+            ),
             None,
         )
         .await
         .unwrap();
     say(&s, &alice, &room, "a2").await;
 
-    let q = |filter: Value| messages_path(&room, &format!("dir=b&limit=50&filter={}", enc(&filter.to_string())));
+    let q = |filter: Value| {
+        messages_path(
+            &room,
+            &format!("dir=b&limit=50&filter={}", enc(&filter.to_string())),
+        )
+    };
 
-    let (status, v) = s.get(&q(json!({"types": ["m.room.message"]})), &alice).await;
+    let (status, v) = s
+        .get(&q(json!({"types": ["m.room.message"]})), &alice)
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(bodies(&v["chunk"]), vec!["a2", "pic", "b1", "a1"]);
     assert_eq!(v["chunk"].as_array().unwrap().len(), 4);
 
-    let (_, v) = s.get(&q(json!({"types": ["m.room.*"], "not_types": ["m.room.message"]})), &alice).await;
+    let (_, v) = s
+        .get(
+            &q(json!({"types": ["m.room.*"], "not_types": ["m.room.message"]})),
+            &alice,
+        )
+        .await;
     let chunk = v["chunk"].as_array().unwrap();
     assert!(!chunk.is_empty());
     assert!(chunk.iter().all(|e| e["type"] != "m.room.message"), "{v}");
 
-    let (_, v) = s.get(&q(json!({"types": ["m.room.message"], "senders": [bob.user_id]})), &alice).await;
+    let (_, v) = s
+        .get(
+            &q(json!({"types": ["m.room.message"], "senders": [bob.user_id]})),
+            &alice,
+        )
+        .await;
     assert_eq!(bodies(&v["chunk"]), vec!["pic", "b1"]);
 
-    let (_, v) = s.get(&q(json!({"types": ["m.room.message"], "not_senders": [bob.user_id]})), &alice).await;
+    let (_, v) = s
+        .get(
+            &q(json!({"types": ["m.room.message"], "not_senders": [bob.user_id]})),
+            &alice,
+        )
+        .await;
     assert_eq!(bodies(&v["chunk"]), vec!["a2", "a1"]);
 
     let (_, v) = s.get(&q(json!({"contains_url": true})), &alice).await;
     assert_eq!(bodies(&v["chunk"]), vec!["pic"]);
     assert_eq!(v["chunk"].as_array().unwrap().len(), 1);
 
-    let (_, v) = s.get(&q(json!({"types": ["m.room.message"], "contains_url": false})), &alice).await;
+    let (_, v) = s
+        .get(
+            &q(json!({"types": ["m.room.message"], "contains_url": false})),
+            &alice,
+        )
+        .await;
     assert_eq!(bodies(&v["chunk"]), vec!["a2", "b1", "a1"]);
 
     // Lazy-loaded members: the member events of the chunk's senders come in `state`.
-    let filter = json!({"types": ["m.room.message"], "senders": [bob.user_id], "lazy_load_members": true});
+    let filter =
+        json!({"types": ["m.room.message"], "senders": [bob.user_id], "lazy_load_members": true});
     let (_, v) = s.get(&q(filter), &alice).await;
     let state = v["state"].as_array().expect("state");
     assert_eq!(state.len(), 1, "{v}");
     assert_eq!(state[0]["type"], "m.room.member");
     assert_eq!(state[0]["state_key"], json!(bob.user_id));
     // Without lazy loading there is no `state`.
-    let (_, v) = s.get(&q(json!({"types": ["m.room.message"]})), &alice).await;
+    let (_, v) = s
+        .get(&q(json!({"types": ["m.room.message"]})), &alice)
+        .await;
     assert!(v.get("state").is_none(), "{v}");
 }
 
@@ -297,7 +458,15 @@ async fn messages_respect_history_visibility() {
     say(&s, &alice, &room, "before").await;
     join(&s, &bob, &room).await;
     say(&s, &alice, &room, "after").await;
-    send_state(&s, &bob, &room, "m.room.member", &bob.user_id, json!({"membership": "leave"})).await;
+    send_state(
+        &s,
+        &bob,
+        &room,
+        "m.room.member",
+        &bob.user_id,
+        json!({"membership": "leave"}),
+    )
+    .await;
     say(&s, &alice, &room, "gone").await;
 
     let path = messages_path(&room, "dir=b&limit=50");
@@ -337,14 +506,29 @@ async fn messages_transaction_id_only_for_sending_device() {
     let (_, v) = s.get(&messages_path(&room, "dir=b&limit=1"), &alice).await;
     assert_eq!(v["chunk"][0]["unsigned"]["transaction_id"], "txn-1", "{v}");
     // Another device of the same user does not see it.
-    let session = s.services().accounts.create_session(&user, None, None, false).unwrap();
-    let other = TestUser { token: session.access_token, device_id: session.device_id.to_string(), ..alice.clone() };
+    let session = s
+        .services()
+        .accounts
+        .create_session(&user, None, None, false)
+        .unwrap();
+    let other = TestUser {
+        token: session.access_token,
+        device_id: session.device_id.to_string(),
+        ..alice.clone()
+    };
     let (_, v) = s.get(&messages_path(&room, "dir=b&limit=1"), &other).await;
-    assert!(v["chunk"][0]["unsigned"].get("transaction_id").is_none(), "{v}");
+    assert!(
+        v["chunk"][0]["unsigned"].get("transaction_id").is_none(),
+        "{v}"
+    );
 }
 
 fn context_path(room: &str, event: &str, query: &str) -> String {
-    format!("/_matrix/client/v3/rooms/{}/context/{}?{query}", enc(room), enc(event))
+    format!(
+        "/_matrix/client/v3/rooms/{}/context/{}?{query}",
+        enc(room),
+        enc(event)
+    )
 }
 
 #[tokio::test]
@@ -357,7 +541,9 @@ async fn context_around_an_event() {
     for i in 0..10 {
         ids.push(say(&s, &alice, &room, &format!("c{i}")).await);
     }
-    let (status, v) = s.get(&context_path(&room, &ids[5], "limit=4"), &alice).await;
+    let (status, v) = s
+        .get(&context_path(&room, &ids[5], "limit=4"), &alice)
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["event"]["event_id"], json!(ids[5]));
     assert_eq!(v["event"]["content"]["body"], "c5");
@@ -366,33 +552,75 @@ async fn context_around_an_event() {
     assert_eq!(bodies(&v["events_after"]), vec!["c6", "c7"]);
     let state = v["state"].as_array().unwrap();
     assert!(state.iter().any(|e| e["type"] == "m.room.create"), "{v}");
-    assert!(state.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == json!(alice.user_id)));
+    assert!(state
+        .iter()
+        .any(|e| e["type"] == "m.room.member" && e["state_key"] == json!(alice.user_id)));
 
     // The tokens continue with /messages.
     let start = v["start"].as_str().unwrap();
-    let (_, back) = s.get(&messages_path(&room, &format!("dir=b&limit=2&from={start}")), &alice).await;
+    let (_, back) = s
+        .get(
+            &messages_path(&room, &format!("dir=b&limit=2&from={start}")),
+            &alice,
+        )
+        .await;
     assert_eq!(bodies(&back["chunk"]), vec!["c2", "c1"]);
     let end = v["end"].as_str().unwrap();
-    let (_, fwd) = s.get(&messages_path(&room, &format!("dir=f&limit=5&from={end}")), &alice).await;
+    let (_, fwd) = s
+        .get(
+            &messages_path(&room, &format!("dir=f&limit=5&from={end}")),
+            &alice,
+        )
+        .await;
     assert_eq!(bodies(&fwd["chunk"]), vec!["c8", "c9"]);
 
     // Default limit and a filter with lazy-loaded members.
     let filter = enc(&json!({"types": ["m.room.message"], "lazy_load_members": true}).to_string());
-    let (status, v) = s.get(&context_path(&room, &ids[1], &format!("filter={filter}")), &alice).await;
+    let (status, v) = s
+        .get(
+            &context_path(&room, &ids[1], &format!("filter={filter}")),
+            &alice,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(bodies(&v["events_before"]), vec!["c0"]);
-    assert_eq!(bodies(&v["events_after"]), vec!["c2", "c3", "c4", "c5", "c6"]);
+    assert_eq!(
+        bodies(&v["events_after"]),
+        vec!["c2", "c3", "c4", "c5", "c6"]
+    );
     let state = v["state"].as_array().unwrap();
     assert_eq!(state.len(), 1, "{v}");
     assert_eq!(state[0]["state_key"], json!(alice.user_id));
 
     // Errors: unknown event, event of another room, an outsider, no token.
-    assert_err(&s.get(&context_path(&room, "$nope", ""), &alice).await, 404, "M_NOT_FOUND");
+    assert_err(
+        &s.get(&context_path(&room, "$nope", ""), &alice).await,
+        404,
+        "M_NOT_FOUND",
+    );
     let other = make_room(&s, &alice, RoomVersionId::V12, "invite", "shared").await;
-    assert_err(&s.get(&context_path(&other, &ids[0], ""), &alice).await, 404, "M_NOT_FOUND");
-    assert_err(&s.get(&context_path(&room, &ids[0], ""), &bob).await, 404, "M_NOT_FOUND");
-    assert_err(&s.get(&context_path(&room, &ids[0], "limit=x"), &alice).await, 400, "M_INVALID_PARAM");
-    assert_err(&s.req(Method::GET, &context_path(&room, &ids[0], ""), None, None).await, 401, "M_MISSING_TOKEN");
+    assert_err(
+        &s.get(&context_path(&other, &ids[0], ""), &alice).await,
+        404,
+        "M_NOT_FOUND",
+    );
+    assert_err(
+        &s.get(&context_path(&room, &ids[0], ""), &bob).await,
+        404,
+        "M_NOT_FOUND",
+    );
+    assert_err(
+        &s.get(&context_path(&room, &ids[0], "limit=x"), &alice)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.req(Method::GET, &context_path(&room, &ids[0], ""), None, None)
+            .await,
+        401,
+        "M_MISSING_TOKEN",
+    );
 }
 
 #[tokio::test]
@@ -404,7 +632,11 @@ async fn context_hides_events_before_join() {
     let early = say(&s, &alice, &room, "early").await;
     join(&s, &bob, &room).await;
     let late = say(&s, &alice, &room, "late").await;
-    assert_err(&s.get(&context_path(&room, &early, ""), &bob).await, 404, "M_NOT_FOUND");
+    assert_err(
+        &s.get(&context_path(&room, &early, ""), &bob).await,
+        404,
+        "M_NOT_FOUND",
+    );
     let (status, v) = s.get(&context_path(&room, &late, ""), &bob).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert!(bodies(&v["events_before"]).is_empty(), "{v}");

@@ -10,3 +10,5 @@ mod discovery;
 mod sdk_client;
 mod rooms;
 mod sync;
+mod history;
+mod directory;

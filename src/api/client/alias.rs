@@ -26,7 +26,9 @@ async fn create(
     req: Ruma<create_alias::v3::Request>,
 ) -> Result<RumaResponse<create_alias::v3::Response>> {
     let who = req.user()?;
-    s.rooms.create_alias(&req.room_alias, &req.room_id, &who.user_id).await?;
+    s.rooms
+        .create_alias(&req.room_alias, &req.room_id, &who.user_id)
+        .await?;
     Ok(create_alias::v3::Response::new().into())
 }
 
@@ -47,7 +49,9 @@ async fn delete(
     req: Ruma<delete_alias::v3::Request>,
 ) -> Result<RumaResponse<delete_alias::v3::Response>> {
     let who = req.user()?;
-    s.rooms.delete_alias(&req.room_alias, &who.user_id, who.admin).await?;
+    s.rooms
+        .delete_alias(&req.room_alias, &who.user_id, who.admin)
+        .await?;
     Ok(delete_alias::v3::Response::new().into())
 }
 

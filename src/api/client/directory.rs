@@ -23,8 +23,14 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let mut r = ruma_route::<get_room_visibility::v3::Request, _, _>(r, get_visibility);
     for v in ["r0", "v3"] {
         r = r
-            .route(&format!("/_matrix/client/{v}/directory/list/room/{{room_id}}"), put(set_visibility))
-            .route(&format!("/_matrix/client/{v}/publicRooms"), get(public_rooms_get).post(public_rooms_post));
+            .route(
+                &format!("/_matrix/client/{v}/directory/list/room/{{room_id}}"),
+                put(set_visibility),
+            )
+            .route(
+                &format!("/_matrix/client/{v}/publicRooms"),
+                get(public_rooms_get).post(public_rooms_post),
+            );
     }
     r
 }
@@ -36,7 +42,11 @@ async fn get_visibility(
     if !s.rooms.exists(&req.room_id)? {
         return Err(Error::not_found("Room not found"));
     }
-    let visibility = if s.rooms.is_public(&req.room_id)? { Visibility::Public } else { Visibility::Private };
+    let visibility = if s.rooms.is_public(&req.room_id)? {
+        Visibility::Public
+    } else {
+        Visibility::Private
+    };
     Ok(get_room_visibility::v3::Response::new(visibility).into())
 }
 
@@ -46,27 +56,33 @@ async fn set_visibility(
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    let room_id = <&RoomId>::try_from(room_id.as_str()).map_err(|_| Error::invalid_param("Invalid room id"))?;
+    let room_id = <&RoomId>::try_from(room_id.as_str())
+        .map_err(|_| Error::invalid_param("Invalid room id"))?;
     // The spec makes `public` the default.
     let public = match body.get("visibility") {
         None => true,
         Some(Value::String(v)) if v == "public" => true,
         Some(Value::String(v)) if v == "private" => false,
-        Some(_) => return Err(Error::invalid_param("visibility must be `public` or `private`")),
+        Some(_) => {
+            return Err(Error::invalid_param(
+                "visibility must be `public` or `private`",
+            ))
+        }
     };
     if public {
         s.policy.may_publish_room(&who.user_id)?;
     }
-    s.rooms.set_directory_visibility(room_id, &who.user_id, who.admin, public)?;
+    s.rooms
+        .set_directory_visibility(room_id, &who.user_id, who.admin, public)?;
     Ok(Json(json!({})))
 }
 
 /// Only our own directory is served; asking for another server's needs federation.
 fn check_server(s: &Services, server: Option<&str>) -> Result<()> {
     match server {
-        Some(name) if name != s.globals.server_name.as_str() => {
-            Err(Error::invalid_param("Only this server's room directory can be queried"))
-        }
+        Some(name) if name != s.globals.server_name.as_str() => Err(Error::invalid_param(
+            "Only this server's room directory can be queried",
+        )),
         _ => Ok(()),
     }
 }
@@ -111,7 +127,11 @@ async fn public_rooms_get(
                 .map_err(|_| Error::invalid_param("limit must be a non-negative integer"))?,
         ),
     };
-    let query = DirectoryQuery { limit, since: q.get("since").cloned(), ..Default::default() };
+    let query = DirectoryQuery {
+        limit,
+        since: q.get("since").cloned(),
+        ..Default::default()
+    };
     page_json(&s, &query)
 }
 
@@ -127,7 +147,11 @@ async fn public_rooms_post(
         Some(Value::String(t)) => Some(t.clone()),
         Some(_) => return Err(Error::bad_json("since must be a string")),
     };
-    let mut query = DirectoryQuery { limit: parse_limit(body.get("limit"))?, since, ..Default::default() };
+    let mut query = DirectoryQuery {
+        limit: parse_limit(body.get("limit"))?,
+        since,
+        ..Default::default()
+    };
     match body.get("filter") {
         None | Some(Value::Null) => {}
         Some(Value::Object(f)) => {
@@ -145,7 +169,9 @@ async fn public_rooms_post(
                         .map(|t| match t {
                             Value::Null => Ok(None),
                             Value::String(t) => Ok(Some(t.clone())),
-                            _ => Err(Error::bad_json("room_types entries must be strings or null")),
+                            _ => Err(Error::bad_json(
+                                "room_types entries must be strings or null",
+                            )),
                         })
                         .collect::<Result<_>>()?,
                 ),

@@ -23,8 +23,14 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let mut r = r;
     for v in ["r0", "v3"] {
         r = r
-            .route(&format!("/_matrix/client/{v}/rooms/{{room_id}}/messages"), get(messages))
-            .route(&format!("/_matrix/client/{v}/rooms/{{room_id}}/context/{{event_id}}"), get(context));
+            .route(
+                &format!("/_matrix/client/{v}/rooms/{{room_id}}/messages"),
+                get(messages),
+            )
+            .route(
+                &format!("/_matrix/client/{v}/rooms/{{room_id}}/context/{{event_id}}"),
+                get(context),
+            );
     }
     r
 }
@@ -45,7 +51,8 @@ fn filter_param(q: &HashMap<String, String>) -> Result<RoomEventFilter> {
     match q.get("filter") {
         None => Ok(RoomEventFilter::default()),
         Some(f) if f.trim().is_empty() => Ok(RoomEventFilter::default()),
-        Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}"))),
+        Some(f) => serde_json::from_str(f)
+            .map_err(|e| Error::invalid_param(format!("Invalid filter: {e}"))),
     }
 }
 
@@ -54,7 +61,12 @@ fn parse_room(room_id: &str) -> Result<&RoomId> {
 }
 
 fn client_events(s: &Services, who: &Identity, pdus: &[Pdu]) -> Result<Vec<Value>> {
-    pdus.iter().map(|p| s.rooms.client_event_for(p, &who.user_id, who.device_id.as_str())).collect()
+    pdus.iter()
+        .map(|p| {
+            s.rooms
+                .client_event_for(p, &who.user_id, who.device_id.as_str())
+        })
+        .collect()
 }
 
 async fn messages(
@@ -101,10 +113,13 @@ async fn context(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    let event_id = <&EventId>::try_from(event_id.as_str()).map_err(|_| Error::not_found("Event not found"))?;
+    let event_id =
+        <&EventId>::try_from(event_id.as_str()).map_err(|_| Error::not_found("Event not found"))?;
     let limit = limit_param(&q, 10)?;
     let filter = filter_param(&q)?;
-    let ctx = s.rooms.context(room_id, &who.user_id, event_id.as_str(), limit, &filter)?;
+    let ctx = s
+        .rooms
+        .context(room_id, &who.user_id, event_id.as_str(), limit, &filter)?;
     // events_before is in reverse chronological order, as the spec says.
     Ok(Json(json!({
         "event": s.rooms.client_event_for(&ctx.event, &who.user_id, who.device_id.as_str())?,

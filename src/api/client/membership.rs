@@ -55,7 +55,9 @@ async fn join_by_id(
 ) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
     let profile = member_profile(&s, user)?;
-    s.rooms.join_room(&req.room_id, user, &profile, req.reason.as_deref()).await?;
+    s.rooms
+        .join_room(&req.room_id, user, &profile, req.reason.as_deref())
+        .await?;
     Ok(Json(json!({ "room_id": req.room_id })))
 }
 
@@ -66,7 +68,9 @@ async fn join_by_id_or_alias(
     let user = &req.user()?.user_id;
     let room_id = resolve(&s, &req.room_id_or_alias)?;
     let profile = member_profile(&s, user)?;
-    s.rooms.join_room(&room_id, user, &profile, req.reason.as_deref()).await?;
+    s.rooms
+        .join_room(&room_id, user, &profile, req.reason.as_deref())
+        .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -77,7 +81,9 @@ async fn knock(
     let user = &req.user()?.user_id;
     let room_id = resolve(&s, &req.room_id_or_alias)?;
     let profile = member_profile(&s, user)?;
-    s.rooms.knock_room(&room_id, user, &profile, req.reason.as_deref()).await?;
+    s.rooms
+        .knock_room(&room_id, user, &profile, req.reason.as_deref())
+        .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -91,7 +97,14 @@ async fn invite(
         return Err(Error::forbidden("Third-party invites are not supported"));
     };
     s.rooms
-        .invite_user(&req.room_id, user, &target.user_id, target.reason.as_deref(), false, None)
+        .invite_user(
+            &req.room_id,
+            user,
+            &target.user_id,
+            target.reason.as_deref(),
+            false,
+            None,
+        )
         .await?;
     Ok(Json(json!({})))
 }
@@ -101,7 +114,9 @@ async fn leave(
     req: Ruma<leave_room::v3::Request>,
 ) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
-    s.rooms.leave_room(&req.room_id, user, req.reason.as_deref()).await?;
+    s.rooms
+        .leave_room(&req.room_id, user, req.reason.as_deref())
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -113,15 +128,37 @@ async fn forget(
     Ok(Json(json!({})))
 }
 
-async fn kick(State(s): State<Arc<Services>>, req: Ruma<kick_user::v3::Request>) -> Result<Json<Value>> {
+async fn kick(
+    State(s): State<Arc<Services>>,
+    req: Ruma<kick_user::v3::Request>,
+) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
-    s.rooms.moderate(&req.room_id, user, &req.user_id, Moderation::Kick, req.reason.as_deref()).await?;
+    s.rooms
+        .moderate(
+            &req.room_id,
+            user,
+            &req.user_id,
+            Moderation::Kick,
+            req.reason.as_deref(),
+        )
+        .await?;
     Ok(Json(json!({})))
 }
 
-async fn ban(State(s): State<Arc<Services>>, req: Ruma<ban_user::v3::Request>) -> Result<Json<Value>> {
+async fn ban(
+    State(s): State<Arc<Services>>,
+    req: Ruma<ban_user::v3::Request>,
+) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
-    s.rooms.moderate(&req.room_id, user, &req.user_id, Moderation::Ban, req.reason.as_deref()).await?;
+    s.rooms
+        .moderate(
+            &req.room_id,
+            user,
+            &req.user_id,
+            Moderation::Ban,
+            req.reason.as_deref(),
+        )
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -130,7 +167,15 @@ async fn unban(
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
-    s.rooms.moderate(&req.room_id, user, &req.user_id, Moderation::Unban, req.reason.as_deref()).await?;
+    s.rooms
+        .moderate(
+            &req.room_id,
+            user,
+            &req.user_id,
+            Moderation::Unban,
+            req.reason.as_deref(),
+        )
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -149,7 +194,9 @@ fn token_position(token: &str) -> Result<u64> {
         .skip_while(|c| !c.is_ascii_digit())
         .take_while(char::is_ascii_digit)
         .collect();
-    digits.parse().map_err(|_| Error::invalid_param("Invalid `at` token"))
+    digits
+        .parse()
+        .map_err(|_| Error::invalid_param("Invalid `at` token"))
 }
 
 async fn members(
@@ -159,8 +206,16 @@ async fn members(
     let user = &req.user()?.user_id;
     let at = req.at.as_deref().map(token_position).transpose()?;
     let state = s.rooms.visible_state(&req.room_id, user, at)?;
-    let want = req.membership.as_ref().map(|m| m.as_str().to_owned());
-    let skip = req.not_membership.as_ref().map(|m| m.as_str().to_owned());
+    let known =
+        |m: Option<&ruma::events::room::member::MembershipState>| -> Result<Option<String>> {
+            match m.map(|m| m.as_str()) {
+                None => Ok(None),
+                Some(m @ ("join" | "invite" | "leave" | "ban" | "knock")) => Ok(Some(m.to_owned())),
+                Some(_) => Err(Error::invalid_param("Unknown membership")),
+            }
+        };
+    let want = known(req.membership.as_ref())?;
+    let skip = known(req.not_membership.as_ref())?;
     let chunk: Vec<Value> = state
         .iter()
         .filter(|p| p.kind.to_string() == "m.room.member")

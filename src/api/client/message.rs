@@ -33,13 +33,23 @@ async fn send(
 ) -> Result<Json<Value>> {
     let room_id = room_id(&room)?;
     // A retry of a request that already went through is answered without using up the limit.
-    if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, &txn)? {
+    if let Some(id) = s
+        .rooms
+        .transaction_event(&me.user_id, &me.device_id, &txn)?
+    {
         return Ok(Json(json!({ "event_id": id })));
     }
     s.ratelimit.check(Action::Message, me.user_id.as_str())?;
     let event_id = s
         .rooms
-        .send_message(room_id, &me.user_id, &me.device_id, &kind, Value::Object(content), &txn)
+        .send_message(
+            room_id,
+            &me.user_id,
+            &me.device_id,
+            &kind,
+            Value::Object(content),
+            &txn,
+        )
         .await?;
     Ok(Json(json!({ "event_id": event_id })))
 }
@@ -51,13 +61,17 @@ async fn redact(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     let room_id = room_id(&room)?;
-    let target = <&EventId>::try_from(event.as_str()).map_err(|_| Error::invalid_param("Invalid event id"))?;
+    let target = <&EventId>::try_from(event.as_str())
+        .map_err(|_| Error::invalid_param("Invalid event id"))?;
     let reason = match body.get("reason") {
         None | Some(Value::Null) => None,
         Some(Value::String(r)) => Some(r.as_str()),
         Some(_) => return Err(Error::bad_json("reason must be a string")),
     };
-    if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, &txn)? {
+    if let Some(id) = s
+        .rooms
+        .transaction_event(&me.user_id, &me.device_id, &txn)?
+    {
         return Ok(Json(json!({ "event_id": id })));
     }
     s.ratelimit.check(Action::Message, me.user_id.as_str())?;
@@ -73,10 +87,14 @@ async fn get_event(
     Authed(me): Authed,
     Path((room, event)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
-    let (pdu, meta) = s.rooms.visible_event(room_id(&room)?, &me.user_id, &event)?;
+    let (pdu, meta) = s
+        .rooms
+        .visible_event(room_id(&room)?, &me.user_id, &event)?;
     // The transaction id is only for the device that sent the event.
     let txn = match (&meta.device_id, &meta.txn_id) {
-        (Some(d), Some(t)) if pdu.sender == me.user_id && d.as_str() == me.device_id.as_str() => Some(t.as_str()),
+        (Some(d), Some(t)) if pdu.sender == me.user_id && d.as_str() == me.device_id.as_str() => {
+            Some(t.as_str())
+        }
         _ => None,
     };
     Ok(Json(pdu.to_client_value(txn)))

@@ -66,21 +66,32 @@ async fn create(
         Some(local) => {
             // A localpart only: no sigil, separator or whitespace.
             if local.is_empty()
-                || local.chars().any(|c| c == ':' || c == '#' || c.is_whitespace() || c.is_control())
+                || local
+                    .chars()
+                    .any(|c| c == ':' || c == '#' || c.is_whitespace() || c.is_control())
             {
-                return Err(Error::invalid_param("Invalid characters in room alias name"));
+                return Err(Error::invalid_param(
+                    "Invalid characters in room alias name",
+                ));
             }
             let full = format!("#{local}:{}", s.globals.server_name);
             if full.len() > 255 {
                 return Err(Error::invalid_param("Room alias is too long"));
             }
-            Some(RoomAliasId::parse(full).map_err(|_| Error::invalid_param("Invalid room alias name"))?)
+            Some(
+                RoomAliasId::parse(full)
+                    .map_err(|_| Error::invalid_param("Invalid room alias name"))?,
+            )
         }
         None => None,
     };
 
     let mut initial_state = Vec::new();
-    for raw in body.initial_state.iter().take(crate::service::rooms::create::MAX_INITIAL_STATE + 1) {
+    for raw in body
+        .initial_state
+        .iter()
+        .take(crate::service::rooms::create::MAX_INITIAL_STATE + 1)
+    {
         let ev = object(raw_json(raw)?, "initial_state entry")?;
         let kind = ev
             .get("type")
@@ -109,7 +120,10 @@ async fn create(
     };
 
     let request = CreateRoom {
-        version: body.room_version.clone().unwrap_or_else(|| s.config.default_room_version.clone()),
+        version: body
+            .room_version
+            .clone()
+            .unwrap_or_else(|| s.config.default_room_version.clone()),
         preset,
         publish,
         alias,

@@ -37,14 +37,24 @@ async fn login(
     let kind = opt_str(&body, "type")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing login 'type'"))?;
     if kind != "m.login.password" {
-        return Err(Error::with_status(ErrCode::Unknown, StatusCode::BAD_REQUEST, "Unsupported login type"));
+        return Err(Error::with_status(
+            ErrCode::Unknown,
+            StatusCode::BAD_REQUEST,
+            "Unsupported login type",
+        ));
     }
     // The user: `identifier` of type m.id.user, or the deprecated top-level `user`.
     let name = match body.get("identifier") {
         Some(Value::Object(ident)) => {
             match ident.get("type").and_then(Value::as_str) {
                 Some("m.id.user") => {}
-                Some(_) => return Err(Error::with_status(ErrCode::Unknown, StatusCode::BAD_REQUEST, "Unsupported identifier type")),
+                Some(_) => {
+                    return Err(Error::with_status(
+                        ErrCode::Unknown,
+                        StatusCode::BAD_REQUEST,
+                        "Unsupported identifier type",
+                    ))
+                }
                 None => return Err(Error::bad_json("Identifier has no 'type'")),
             }
             opt_str(ident, "user")?

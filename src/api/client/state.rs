@@ -26,7 +26,8 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     // The empty state key: clients may leave the last segment out, or leave it empty.
     for version in ["r0", "v3"] {
         for tail in ["", "/"] {
-            let path = format!("/_matrix/client/{version}/rooms/{{room_id}}/state/{{event_type}}{tail}");
+            let path =
+                format!("/_matrix/client/{version}/rooms/{{room_id}}/state/{{event_type}}{tail}");
             r = r.route(&path, get(get_empty_key).put(put_empty_key));
         }
     }
@@ -43,7 +44,9 @@ async fn all_state(
     Path(room): Path<String>,
 ) -> Result<Json<Value>> {
     let events = s.rooms.visible_state(room_id(&room)?, &me.user_id, None)?;
-    Ok(Json(Value::Array(events.iter().map(|p| p.to_client_value(None)).collect())))
+    Ok(Json(Value::Array(
+        events.iter().map(|p| p.to_client_value(None)).collect(),
+    )))
 }
 
 async fn get_one(
@@ -78,8 +81,14 @@ fn read(
         Some("event") => true,
         Some(_) => return Err(Error::invalid_param("format must be `content` or `event`")),
     };
-    let pdu = s.rooms.visible_state_event(room_id(room)?, user, kind, key)?;
-    Ok(Json(if whole { pdu.to_client_value(None) } else { pdu.content_value() }))
+    let pdu = s
+        .rooms
+        .visible_state_event(room_id(room)?, user, kind, key)?;
+    Ok(Json(if whole {
+        pdu.to_client_value(None)
+    } else {
+        pdu.content_value()
+    }))
 }
 
 async fn put_one(
@@ -108,6 +117,9 @@ async fn write(
     key: &str,
     content: serde_json::Map<String, Value>,
 ) -> Result<Json<Value>> {
-    let event_id = s.rooms.send_state(room_id(room)?, user, kind, key, Value::Object(content)).await?;
+    let event_id = s
+        .rooms
+        .send_state(room_id(room)?, user, kind, key, Value::Object(content))
+        .await?;
     Ok(Json(json!({ "event_id": event_id })))
 }

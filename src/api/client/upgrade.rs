@@ -22,7 +22,12 @@ async fn upgrade(
     let who = req.user()?;
     let new_room = s
         .rooms
-        .upgrade_room(&req.room_id, &who.user_id, &req.new_version, &req.additional_creators)
+        .upgrade_room(
+            &req.room_id,
+            &who.user_id,
+            &req.new_version,
+            &req.additional_creators,
+        )
         .await?;
     Ok(upgrade_room::v3::Response::new(new_room).into())
 }

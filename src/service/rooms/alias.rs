@@ -30,14 +30,23 @@ impl Rooms {
         };
         let content = create.content_value();
         let mut out = vec![create.sender.clone()];
-        if let Some(c) = content.get("creator").and_then(Value::as_str).and_then(|c| UserId::parse(c).ok()) {
+        if let Some(c) = content
+            .get("creator")
+            .and_then(Value::as_str)
+            .and_then(|c| UserId::parse(c).ok())
+        {
             if !out.contains(&c) {
                 out.push(c);
             }
         }
         let rules = rules_for(&self.version(room_id)?)?;
         if rules.authorization.additional_room_creators {
-            for c in content.get("additional_creators").and_then(Value::as_array).into_iter().flatten() {
+            for c in content
+                .get("additional_creators")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if let Some(u) = c.as_str().and_then(|c| UserId::parse(c).ok()) {
                     if !out.contains(&u) {
                         out.push(u);
@@ -53,7 +62,9 @@ impl Rooms {
     pub fn power_level_of(&self, room_id: &RoomId, user: &UserId) -> Result<Option<i64>> {
         let rules = rules_for(&self.version(room_id)?)?;
         let creators = self.creators_of_room(room_id)?;
-        if rules.authorization.explicitly_privilege_room_creators && creators.iter().any(|c| c == user) {
+        if rules.authorization.explicitly_privilege_room_creators
+            && creators.iter().any(|c| c == user)
+        {
             return Ok(None);
         }
         match self.state_get(room_id, "m.room.power_levels", "")? {
@@ -66,12 +77,21 @@ impl Rooms {
                 ))
             }
             // Without power levels the creator has 100, everybody else 0.
-            None => Ok(Some(if creators.first().is_some_and(|c| c == user) { 100 } else { 0 })),
+            None => Ok(Some(if creators.first().is_some_and(|c| c == user) {
+                100
+            } else {
+                0
+            })),
         }
     }
 
     /// Whether the user's power level allows sending the state event type `event_type`.
-    pub fn power_allows_state(&self, room_id: &RoomId, user: &UserId, event_type: &str) -> Result<bool> {
+    pub fn power_allows_state(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_type: &str,
+    ) -> Result<bool> {
         let Some(have) = self.power_level_of(room_id, user)? else {
             return Ok(true);
         };
@@ -109,7 +129,10 @@ impl Rooms {
     /// The local aliases that point at the room.
     pub fn local_aliases(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
         let mut out = Vec::new();
-        for entry in self.storage.scan_prefix(Table::RoomAliases, &keys::prefix(&[room_id.as_str()]))? {
+        for entry in self
+            .storage
+            .scan_prefix(Table::RoomAliases, &keys::prefix(&[room_id.as_str()]))?
+        {
             let (k, _) = entry?;
             if let Some(a) = keys::last_part(&k).and_then(|a| RoomAliasId::parse(a).ok()) {
                 out.push(a);
@@ -120,7 +143,12 @@ impl Rooms {
 
     /// Create `alias` for `room_id`. The alias must be on this server and not taken
     /// (409 `M_UNKNOWN`, as the spec says); the room must exist.
-    pub async fn create_alias(&self, alias: &RoomAliasId, room_id: &RoomId, creator: &UserId) -> Result<()> {
+    pub async fn create_alias(
+        &self,
+        alias: &RoomAliasId,
+        room_id: &RoomId,
+        creator: &UserId,
+    ) -> Result<()> {
         if alias.server_name() != self.globals.server_name {
             return Err(Error::invalid_param("Room alias must be on this server"));
         }
@@ -130,39 +158,61 @@ impl Rooms {
         // Aliases of any room compete for the same name: one alias writer at a time.
         let _guard = self.lock(&self.alias_lock_id()?).await;
         if self.storage.contains(Table::Aliases, alias.as_bytes())? {
-            return Err(Error::with_status(ErrCode::Unknown, StatusCode::CONFLICT, "Room alias already exists"));
+            return Err(Error::with_status(
+                ErrCode::Unknown,
+                StatusCode::CONFLICT,
+                "Room alias already exists",
+            ));
         }
         let mut b = self.storage.batch();
         b.put(Table::Aliases, alias.as_bytes(), room_id.as_bytes())?;
-        b.put(Table::RoomAliases, &keys::join(&[room_id.as_str(), alias.as_str()]), creator.as_bytes())?;
+        b.put(
+            Table::RoomAliases,
+            &keys::join(&[room_id.as_str(), alias.as_str()]),
+            creator.as_bytes(),
+        )?;
         b.commit()
     }
 
     /// A pseudo room id whose lock serializes alias writes.
     fn alias_lock_id(&self) -> Result<OwnedRoomId> {
-        RoomId::parse(format!("!alias-writes:{}", self.globals.server_name)).map_err(Error::internal)
+        RoomId::parse(format!("!alias-writes:{}", self.globals.server_name))
+            .map_err(Error::internal)
     }
 
     /// Remove the mapping only (no permission check, no state update).
     fn remove_alias_mapping(&self, alias: &RoomAliasId, room_id: &RoomId) -> Result<()> {
         let mut b = self.storage.batch();
         b.delete(Table::Aliases, alias.as_bytes())?;
-        b.delete(Table::RoomAliases, &keys::join(&[room_id.as_str(), alias.as_str()]))?;
+        b.delete(
+            Table::RoomAliases,
+            &keys::join(&[room_id.as_str(), alias.as_str()]),
+        )?;
         b.commit()
     }
 
     /// Delete `alias` on behalf of `user`: the alias' creator, a server admin, or a user who may
     /// send `m.room.canonical_alias`. If the room's canonical alias event names the alias it is
     /// updated too (best effort: the spec says the deletion succeeds even if that is not allowed).
-    pub async fn delete_alias(&self, alias: &RoomAliasId, user: &UserId, admin: bool) -> Result<()> {
+    pub async fn delete_alias(
+        &self,
+        alias: &RoomAliasId,
+        user: &UserId,
+        admin: bool,
+    ) -> Result<()> {
         if alias.server_name() != self.globals.server_name {
             return Err(Error::invalid_param("Room alias must be on this server"));
         }
         let room_id = {
             let _guard = self.lock(&self.alias_lock_id()?).await;
-            let room_id = self.resolve_alias(alias)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
+            let room_id = self
+                .resolve_alias(alias)?
+                .ok_or_else(|| Error::not_found("Room alias not found"))?;
             let is_creator = self.alias_creator(alias)?.is_some_and(|c| c == user);
-            if !is_creator && !admin && !self.power_allows_state(&room_id, user, "m.room.canonical_alias")? {
+            if !is_creator
+                && !admin
+                && !self.power_allows_state(&room_id, user, "m.room.canonical_alias")?
+            {
                 return Err(Error::forbidden("You may not delete this alias"));
             }
             self.remove_alias_mapping(alias, &room_id)?;
@@ -175,9 +225,17 @@ impl Rooms {
     }
 
     /// Remove `alias` from the room's `m.room.canonical_alias` (alias and alt_aliases).
-    async fn drop_from_canonical_alias(&self, room_id: &RoomId, sender: &UserId, alias: &RoomAliasId) -> Result<()> {
+    async fn drop_from_canonical_alias(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        alias: &RoomAliasId,
+    ) -> Result<()> {
         let _guard = self.lock(room_id).await;
-        let Some(mut content) = self.state_get(room_id, "m.room.canonical_alias", "")?.map(|p| p.content_value()) else {
+        let Some(mut content) = self
+            .state_get(room_id, "m.room.canonical_alias", "")?
+            .map(|p| p.content_value())
+        else {
             return Ok(());
         };
         let Some(obj) = content.as_object_mut() else {
@@ -196,23 +254,40 @@ impl Rooms {
         if !changed {
             return Ok(());
         }
-        self.append_locked(room_id, sender, NewEvent::state("m.room.canonical_alias", "", content), None)?;
+        self.append_locked(
+            room_id,
+            sender,
+            NewEvent::state("m.room.canonical_alias", "", content),
+            None,
+        )?;
         Ok(())
     }
 
     /// Point every local alias of `from` at `to` (room upgrade). Returns the moved aliases.
-    pub(crate) async fn move_aliases(&self, from: &RoomId, to: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
+    pub(crate) async fn move_aliases(
+        &self,
+        from: &RoomId,
+        to: &RoomId,
+    ) -> Result<Vec<OwnedRoomAliasId>> {
         let _guard = self.lock(&self.alias_lock_id()?).await;
         let mut moved = Vec::new();
         let mut b = self.storage.batch();
-        for entry in self.storage.scan_prefix(Table::RoomAliases, &keys::prefix(&[from.as_str()]))?.take(10_000) {
+        for entry in self
+            .storage
+            .scan_prefix(Table::RoomAliases, &keys::prefix(&[from.as_str()]))?
+            .take(10_000)
+        {
             let (k, creator) = entry?;
             let Some(alias) = keys::last_part(&k).and_then(|a| RoomAliasId::parse(a).ok()) else {
                 continue;
             };
             b.put(Table::Aliases, alias.as_bytes(), to.as_bytes())?;
             b.delete(Table::RoomAliases, &k)?;
-            b.put(Table::RoomAliases, &keys::join(&[to.as_str(), alias.as_str()]), &creator)?;
+            b.put(
+                Table::RoomAliases,
+                &keys::join(&[to.as_str(), alias.as_str()]),
+                &creator,
+            )?;
             moved.push(alias);
         }
         b.commit()?;

@@ -55,7 +55,9 @@ impl Rooms {
         }
         let rules = rules_for(&req.version)?;
         if req.invite.len() > MAX_INVITES || req.initial_state.len() > MAX_INITIAL_STATE {
-            return Err(Error::invalid_param("Too many invites or initial state events"));
+            return Err(Error::invalid_param(
+                "Too many invites or initial state events",
+            ));
         }
         for (t, _, _) in &req.initial_state {
             if t == "m.room.create" || t == "m.room.member" {
@@ -101,22 +103,32 @@ impl Rooms {
                     .map(str::to_owned),
             )
             .collect();
-        let (room_id, _guard) = self.create_room_event(&req.version, creator, create).await?;
+        let (room_id, _guard) = self
+            .create_room_event(&req.version, creator, create)
+            .await?;
 
         // Everything after the create event: an auth failure means the request's state is
         // inconsistent (e.g. an override that takes the creator's power away).
         let invalid = |e: Error| match e {
-            Error::Matrix { code: ErrCode::Forbidden, message, .. } => {
-                Error::new(ErrCode::InvalidRoomState, message)
-            }
+            Error::Matrix {
+                code: ErrCode::Forbidden,
+                message,
+                ..
+            } => Error::new(ErrCode::InvalidRoomState, message),
             other => other,
         };
         let send = |event: NewEvent| -> Result<()> {
-            self.append_locked(&room_id, creator, event, None).map(|_| ()).map_err(invalid)
+            self.append_locked(&room_id, creator, event, None)
+                .map(|_| ())
+                .map_err(invalid)
         };
 
         // 2. The creator joins.
-        send(NewEvent::state("m.room.member", creator.as_str(), member_content("join", Some(profile), None)))?;
+        send(NewEvent::state(
+            "m.room.member",
+            creator.as_str(),
+            member_content("join", Some(profile), None),
+        ))?;
 
         // 3. Power levels, with the override applied on top.
         let mut users = Map::new();
@@ -166,15 +178,27 @@ impl Rooms {
 
         // 4. The canonical alias.
         if let Some(alias) = &req.alias {
-            send(NewEvent::state("m.room.canonical_alias", "", json!({ "alias": alias })))?;
+            send(NewEvent::state(
+                "m.room.canonical_alias",
+                "",
+                json!({ "alias": alias }),
+            ))?;
         }
 
         // 5. Preset events, unless initial_state sets them.
-        let in_initial = |t: &str| req.initial_state.iter().any(|(it, k, _)| it == t && k.is_empty());
+        let in_initial = |t: &str| {
+            req.initial_state
+                .iter()
+                .any(|(it, k, _)| it == t && k.is_empty())
+        };
         let public = req.preset == Preset::PublicChat;
         if !in_initial("m.room.join_rules") {
             let rule = if public { "public" } else { "invite" };
-            send(NewEvent::state("m.room.join_rules", "", json!({ "join_rule": rule })))?;
+            send(NewEvent::state(
+                "m.room.join_rules",
+                "",
+                json!({ "join_rule": rule }),
+            ))?;
         }
         if !in_initial("m.room.history_visibility") {
             send(NewEvent::state(
@@ -184,7 +208,11 @@ impl Rooms {
             ))?;
         }
         if !public && !in_initial("m.room.guest_access") {
-            send(NewEvent::state("m.room.guest_access", "", json!({ "guest_access": "can_join" })))?;
+            send(NewEvent::state(
+                "m.room.guest_access",
+                "",
+                json!({ "guest_access": "can_join" }),
+            ))?;
         }
 
         // 6. initial_state, in order.
@@ -209,7 +237,8 @@ impl Rooms {
             if u.as_str() == creator.as_str() {
                 continue;
             }
-            self.invite_locked(&room_id, creator, u, None, req.is_direct, None).map_err(invalid)?;
+            self.invite_locked(&room_id, creator, u, None, req.is_direct, None)
+                .map_err(invalid)?;
         }
 
         if let Some(alias) = &req.alias {

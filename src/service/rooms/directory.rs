@@ -39,13 +39,24 @@ fn parse_since(since: &str) -> Result<usize> {
 impl Rooms {
     /// Publish or unpublish a room. Allowed to its creators, server admins and users who may
     /// send `m.room.canonical_alias`. (The policy check for publishing is the caller's.)
-    pub fn set_directory_visibility(&self, room_id: &RoomId, user: &UserId, admin: bool, public: bool) -> Result<()> {
+    pub fn set_directory_visibility(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        admin: bool,
+        public: bool,
+    ) -> Result<()> {
         if !self.exists(room_id)? {
             return Err(Error::not_found("Room not found"));
         }
         let creator = self.creators_of_room(room_id)?.iter().any(|c| c == user);
-        if !creator && !admin && !self.power_allows_state(room_id, user, "m.room.canonical_alias")? {
-            return Err(Error::forbidden("You may not change this room's directory visibility"));
+        if !creator
+            && !admin
+            && !self.power_allows_state(room_id, user, "m.room.canonical_alias")?
+        {
+            return Err(Error::forbidden(
+                "You may not change this room's directory visibility",
+            ));
         }
         self.set_public(room_id, public)
     }
@@ -63,7 +74,10 @@ impl Rooms {
         };
         let mut e = Map::new();
         e.insert("room_id".into(), json!(room_id));
-        e.insert("num_joined_members".into(), json!(self.joined_members(room_id)?.len()));
+        e.insert(
+            "num_joined_members".into(),
+            json!(self.joined_members(room_id)?.len()),
+        );
         e.insert(
             "world_readable".into(),
             json!(self.history_visibility(room_id)? == "world_readable"),
@@ -94,12 +108,25 @@ impl Rooms {
 
     /// One page of the directory: rooms ordered by joined members (most first), then room id.
     pub fn directory_page(&self, q: &DirectoryQuery) -> Result<DirectoryPage> {
-        let offset = q.since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
-        let limit = q.limit.unwrap_or(MAX_DIRECTORY_PAGE).min(MAX_DIRECTORY_PAGE);
+        let offset = q
+            .since
+            .as_deref()
+            .map(parse_since)
+            .transpose()?
+            .unwrap_or(0);
+        let limit = q
+            .limit
+            .unwrap_or(MAX_DIRECTORY_PAGE)
+            .min(MAX_DIRECTORY_PAGE);
         let term = q
             .search_term
             .as_deref()
-            .map(|t| t.chars().take(MAX_SEARCH_TERM).collect::<String>().to_lowercase())
+            .map(|t| {
+                t.chars()
+                    .take(MAX_SEARCH_TERM)
+                    .collect::<String>()
+                    .to_lowercase()
+            })
             .filter(|t| !t.trim().is_empty());
 
         let mut entries = Vec::new();
@@ -109,7 +136,10 @@ impl Rooms {
             }
             let entry = self.directory_entry(&room_id)?;
             if let Some(types) = &q.room_types {
-                let room_type = entry.get("room_type").and_then(Value::as_str).map(str::to_owned);
+                let room_type = entry
+                    .get("room_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 if !types.contains(&room_type) {
                     continue;
                 }
@@ -130,12 +160,19 @@ impl Rooms {
         }
         entries.sort_by(|a, b| {
             let n = |v: &Value| v["num_joined_members"].as_u64().unwrap_or(0);
-            n(b).cmp(&n(a)).then_with(|| a["room_id"].as_str().cmp(&b["room_id"].as_str()))
+            n(b).cmp(&n(a))
+                .then_with(|| a["room_id"].as_str().cmp(&b["room_id"].as_str()))
         });
         let total = entries.len();
         let chunk: Vec<Value> = entries.into_iter().skip(offset).take(limit).collect();
-        let next_batch = (offset.saturating_add(limit) < total).then(|| format!("o{}", offset + limit));
+        let next_batch =
+            (offset.saturating_add(limit) < total).then(|| format!("o{}", offset + limit));
         let prev_batch = (offset > 0).then(|| format!("o{}", offset.saturating_sub(limit)));
-        Ok(DirectoryPage { chunk, next_batch, prev_batch, total_room_count_estimate: total })
+        Ok(DirectoryPage {
+            chunk,
+            next_batch,
+            prev_batch,
+            total_room_count_estimate: total,
+        })
     }
 }

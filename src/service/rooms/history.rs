@@ -1,10 +1,9 @@
 //! Room history for clients: `/messages` pagination and `/context` around one event.
 //!
-//! Tokens are stream positions written like sync tokens: `s<N>` is the position just after the
-//! event with stream count N (as sync's `next_batch`). Paginating backwards from `s<N>` returns
-//! events with count <= N, forwards those with count > N. A backwards page ends at `s<oldest-1>`,
-//! so a token always sits between events and pages chain without gaps or repeats in either
-//! direction. (Sync's `prev_batch` for a timeline starting at count C is therefore `s<C-1>`.)
+//! Tokens are stream positions written like sync tokens, `s<N>`, and are exclusive in both
+//! directions: backwards from `s<N>` returns events with count < N, forwards those with count > N
+//! (sync's `next_batch` is its last position, its `prev_batch` the first timeline event's count).
+//! A page's `end` is the count of the last event walked, so pages chain in their direction.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -32,7 +31,9 @@ pub fn parse_token(token: &str) -> Result<u64> {
     if digits.is_empty() {
         return Err(Error::invalid_param("Invalid pagination token"));
     }
-    digits.parse().map_err(|_| Error::invalid_param("Invalid pagination token"))
+    digits
+        .parse()
+        .map_err(|_| Error::invalid_param("Invalid pagination token"))
 }
 
 pub fn token(count: u64) -> String {
@@ -140,48 +141,54 @@ impl Rooms {
     ) -> Result<MessagesPage> {
         let visibility = self.history_visibility(room_id)?;
         if !self.may_read_history(room_id, user, &visibility)? {
-            return Err(Error::forbidden("You are not allowed to read this room's history"));
+            return Err(Error::forbidden(
+                "You are not allowed to read this room's history",
+            ));
         }
         let from = match from {
             Some(t) => parse_token(t)?,
             // No token: after the newest event (backwards) or before the oldest one (forwards).
-            None if backward => self.globals.counter.watermark(),
+            None if backward => self.globals.counter.watermark().saturating_add(1),
             None => 0,
         };
         let to = to.map(parse_token).transpose()?;
         let limit = limit.min(MAX_PAGE);
         let start = token(from);
         if limit == 0 {
-            return Ok(MessagesPage { chunk: vec![], start, end: None, state: vec![] });
+            return Ok(MessagesPage {
+                chunk: vec![],
+                start,
+                end: None,
+                state: vec![],
+            });
         }
 
-        // `to` is a position like `from`: the walk stops when it passes it.
+        // `to` is exclusive like `from`: the walk stops when it reaches it.
         let beyond_to = |count: u64| match to {
             Some(t) if backward => count <= t,
-            Some(t) => count > t,
+            Some(t) => count >= t,
             None => false,
         };
-        // `paginate` excludes its start count; backwards from `s<N>` includes N.
-        let walk_from = if backward { from.saturating_add(1) } else { from };
         let mut reached_to = false;
-        let (events, last) = self.paginate(room_id, walk_from, backward, limit, |count, pdu| {
-            if beyond_to(count) {
-                reached_to = true;
-                return Ok(false);
-            }
-            Ok(self.user_can_see(room_id, user, count, &visibility)? && filter_matches(filter, pdu))
-        })?;
+        let (events, last) =
+            self.paginate(room_id, from, backward, limit, |count, pdu| {
+                if beyond_to(count) {
+                    reached_to = true;
+                    return Ok(false);
+                }
+                Ok(self.user_can_see(room_id, user, count, &visibility)?
+                    && filter_matches(filter, pdu))
+            })?;
 
         // `end` is omitted when there is nothing more to read in this direction.
         let end = match last {
             None => None,
             Some(_) if reached_to => None,
             Some(last) => {
-                let (more, _) = self.paginate(room_id, last, backward, 1, |c, _| Ok(!beyond_to(c)))?;
+                let (more, _) =
+                    self.paginate(room_id, last, backward, 1, |c, _| Ok(!beyond_to(c)))?;
                 if more.is_empty() {
                     None
-                } else if backward {
-                    Some(token(last.saturating_sub(1)))
                 } else {
                     Some(token(last))
                 }
@@ -194,7 +201,12 @@ impl Rooms {
         } else {
             Vec::new()
         };
-        Ok(MessagesPage { chunk, start, end, state })
+        Ok(MessagesPage {
+            chunk,
+            start,
+            end,
+            state,
+        })
     }
 
     /// The current `m.room.member` events of the given senders (lazy-loaded members).
@@ -238,9 +250,11 @@ impl Rooms {
         let limit = limit.min(MAX_PAGE);
         let before_limit = limit / 2;
         let after_limit = limit - before_limit;
-        let keep = |count: u64, pdu: &Pdu| -> Result<bool> {
-            Ok(self.user_can_see(room_id, user, count, &visibility)? && filter_matches(filter, pdu))
-        };
+        let keep =
+            |count: u64, pdu: &Pdu| -> Result<bool> {
+                Ok(self.user_can_see(room_id, user, count, &visibility)?
+                    && filter_matches(filter, pdu))
+            };
         let (before, _) = if before_limit > 0 {
             self.paginate(room_id, meta.count, true, before_limit, &keep)?
         } else {
@@ -251,20 +265,26 @@ impl Rooms {
         } else {
             (vec![], None)
         };
-        let start = token(before.last().map_or(meta.count, |(c, _)| *c).saturating_sub(1));
+        let start = token(before.last().map_or(meta.count, |(c, _)| *c));
         let last_count = after.last().map_or(meta.count, |(c, _)| *c);
         let end = token(last_count);
 
         let before: Vec<Pdu> = before.into_iter().map(|(_, p)| p).collect();
         let after: Vec<Pdu> = after.into_iter().map(|(_, p)| p).collect();
         let state = if lazy_loading(filter) {
-            let senders = before.iter().chain(after.iter()).chain(std::iter::once(&event));
+            let senders = before
+                .iter()
+                .chain(after.iter())
+                .chain(std::iter::once(&event));
             self.member_events_of(room_id, senders.map(|p| p.sender.clone()))?
         } else {
             // The state after the last event returned.
             let mut seen = HashSet::new();
             let mut out = Vec::new();
-            for id in self.state_at(room_id, last_count.saturating_add(1))?.into_values() {
+            for id in self
+                .state_at(room_id, last_count.saturating_add(1))?
+                .into_values()
+            {
                 if seen.insert(id.clone()) {
                     if let Some(p) = self.pdu(id.as_str())? {
                         out.push(p);
@@ -273,7 +293,14 @@ impl Rooms {
             }
             out
         };
-        Ok(EventContext { event, before, after, state, start, end })
+        Ok(EventContext {
+            event,
+            before,
+            after,
+            state,
+            start,
+            end,
+        })
     }
 
     /// An event as a client sees it; the device that sent it also gets its transaction id.

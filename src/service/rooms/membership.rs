@@ -34,7 +34,8 @@ pub struct PowerLevels {
 
 /// Power values may be integers or (in old rooms) strings holding integers.
 fn as_level(v: &Value) -> Option<i64> {
-    v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
 impl PowerLevels {
@@ -57,12 +58,20 @@ impl PowerLevels {
     /// The level for an action key ("invite", "kick", "ban", "redact").
     pub fn action(&self, key: &str) -> i64 {
         let default = if key == "invite" { 0 } else { 50 };
-        self.content.as_ref().and_then(|c| c.get(key)).and_then(as_level).unwrap_or(default)
+        self.content
+            .as_ref()
+            .and_then(|c| c.get(key))
+            .and_then(as_level)
+            .unwrap_or(default)
     }
 }
 
 /// A member event's content with the profile and optional reason.
-pub fn member_content(membership: &str, profile: Option<&MemberProfile>, reason: Option<&str>) -> Value {
+pub fn member_content(
+    membership: &str,
+    profile: Option<&MemberProfile>,
+    reason: Option<&str>,
+) -> Value {
     let mut c = json!({ "membership": membership });
     if let Some(p) = profile {
         if let Some(d) = &p.displayname {
@@ -91,7 +100,12 @@ impl Rooms {
     }
 
     /// Map a new alias to a room. The caller checked it is free.
-    pub fn put_room_alias(&self, alias: &RoomAliasId, room_id: &RoomId, creator: &UserId) -> Result<()> {
+    pub fn put_room_alias(
+        &self,
+        alias: &RoomAliasId,
+        room_id: &RoomId,
+        creator: &UserId,
+    ) -> Result<()> {
         let mut b = self.storage.batch();
         b.put(Table::Aliases, alias.as_bytes(), room_id.as_bytes())?;
         b.put(
@@ -112,7 +126,11 @@ impl Rooms {
             if let Some(c) = &create {
                 creators.insert(c.sender.clone());
                 if let Some(Value::Array(more)) = c.content_value().get("additional_creators") {
-                    for u in more.iter().take(MAX_ALLOW_ENTRIES).filter_map(Value::as_str) {
+                    for u in more
+                        .iter()
+                        .take(MAX_ALLOW_ENTRIES)
+                        .filter_map(Value::as_str)
+                    {
                         if let Ok(u) = UserId::parse(u) {
                             creators.insert(u);
                         }
@@ -131,13 +149,21 @@ impl Rooms {
     pub fn join_rule(&self, room_id: &RoomId) -> Result<String> {
         Ok(self
             .state_content(room_id, &StateEventType::RoomJoinRules, "")?
-            .and_then(|c| c.get("join_rule").and_then(Value::as_str).map(str::to_owned))
+            .and_then(|c| {
+                c.get("join_rule")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| "invite".to_owned()))
     }
 
     /// For a restricted join: a local joined member with invite power who vouches for the
     /// joiner, when the joiner is in one of the rooms the join rule allows.
-    fn restricted_authoriser(&self, room_id: &RoomId, user: &UserId) -> Result<Option<OwnedUserId>> {
+    fn restricted_authoriser(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+    ) -> Result<Option<OwnedUserId>> {
         let rules = self.state_content(room_id, &StateEventType::RoomJoinRules, "")?;
         let allow = rules
             .as_ref()
@@ -150,8 +176,12 @@ impl Rooms {
             if entry.get("type").and_then(Value::as_str) != Some("m.room_membership") {
                 continue;
             }
-            let Some(other) = entry.get("room_id").and_then(Value::as_str) else { continue };
-            let Ok(other) = RoomId::parse(other) else { continue };
+            let Some(other) = entry.get("room_id").and_then(Value::as_str) else {
+                continue;
+            };
+            let Ok(other) = RoomId::parse(other) else {
+                continue;
+            };
             if self.exists(&other)? && self.is_joined(&other, user)? {
                 allowed = true;
                 break;
@@ -192,7 +222,8 @@ impl Rooms {
                 let mine = self.state_get(room_id, "m.room.member", user.as_str())?;
                 let same = mine.map(|p| p.content_value()).is_some_and(|c| {
                     c.get("displayname").and_then(Value::as_str) == profile.displayname.as_deref()
-                        && c.get("avatar_url").and_then(Value::as_str) == profile.avatar_url.as_deref()
+                        && c.get("avatar_url").and_then(Value::as_str)
+                            == profile.avatar_url.as_deref()
                 });
                 if same {
                     return Ok(());
@@ -289,7 +320,12 @@ impl Rooms {
     }
 
     /// Leave a room, reject an invite or withdraw a knock.
-    pub async fn leave_room(&self, room_id: &RoomId, user: &UserId, reason: Option<&str>) -> Result<()> {
+    pub async fn leave_room(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        reason: Option<&str>,
+    ) -> Result<()> {
         let _guard = self.lock(room_id).await;
         match self.membership(room_id, user)?.as_deref() {
             None if !self.exists(room_id)? => return Err(Error::not_found("Unknown room")),
@@ -298,7 +334,11 @@ impl Rooms {
             Some("leave") | Some("ban") => return Ok(()),
             _ => {}
         }
-        let event = NewEvent::state("m.room.member", user.as_str(), member_content("leave", None, reason));
+        let event = NewEvent::state(
+            "m.room.member",
+            user.as_str(),
+            member_content("leave", None, reason),
+        );
         self.append_locked(room_id, user, event, None)?;
         Ok(())
     }
@@ -317,7 +357,10 @@ impl Rooms {
         let current = self.membership(room_id, target)?;
         let membership = match action {
             Moderation::Kick => {
-                if !matches!(current.as_deref(), Some("join") | Some("invite") | Some("knock")) {
+                if !matches!(
+                    current.as_deref(),
+                    Some("join") | Some("invite") | Some("knock")
+                ) {
                     return Err(Error::forbidden("The user is not in this room"));
                 }
                 "leave"
@@ -330,7 +373,11 @@ impl Rooms {
                 "leave"
             }
         };
-        let event = NewEvent::state("m.room.member", target.as_str(), member_content(membership, None, reason));
+        let event = NewEvent::state(
+            "m.room.member",
+            target.as_str(),
+            member_content(membership, None, reason),
+        );
         self.append_locked(room_id, sender, event, None)
             .map_err(|e| refusal(e, "You do not have the power to do this"))?;
         Ok(())
@@ -407,7 +454,12 @@ impl Rooms {
     }
 
     /// The events of `visible_state_ids`.
-    pub fn visible_state(&self, room_id: &RoomId, user: &UserId, at: Option<u64>) -> Result<Vec<Pdu>> {
+    pub fn visible_state(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        at: Option<u64>,
+    ) -> Result<Vec<Pdu>> {
         let ids = self.visible_state_ids(room_id, user, at)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids.values() {
@@ -415,7 +467,9 @@ impl Rooms {
                 out.push(p);
             }
         }
-        out.sort_by(|a, b| (a.kind.to_string(), &a.state_key).cmp(&(b.kind.to_string(), &b.state_key)));
+        out.sort_by(|a, b| {
+            (a.kind.to_string(), &a.state_key).cmp(&(b.kind.to_string(), &b.state_key))
+        });
         Ok(out)
     }
 
@@ -431,7 +485,8 @@ impl Rooms {
         let id = ids
             .get(&(event_type.to_owned(), state_key.to_owned()))
             .ok_or_else(|| Error::not_found("Event not found"))?;
-        self.pdu(id.as_str())?.ok_or_else(|| Error::not_found("Event not found"))
+        self.pdu(id.as_str())?
+            .ok_or_else(|| Error::not_found("Event not found"))
     }
 
     /// Joined members with their room display names and avatars, for a joined user (or anyone
@@ -442,7 +497,8 @@ impl Rooms {
         user: &UserId,
     ) -> Result<Vec<(OwnedUserId, MemberProfile)>> {
         if !self.exists(room_id)?
-            || !(self.is_joined(room_id, user)? || self.history_visibility(room_id)? == "world_readable")
+            || !(self.is_joined(room_id, user)?
+                || self.history_visibility(room_id)? == "world_readable")
         {
             return Err(Error::forbidden("You are not joined to this room"));
         }
@@ -455,7 +511,13 @@ impl Rooms {
                 .map(|p| p.content_value())
                 .unwrap_or(Value::Null);
             let field = |k: &str| content.get(k).and_then(Value::as_str).map(str::to_owned);
-            out.push((m, MemberProfile { displayname: field("displayname"), avatar_url: field("avatar_url") }));
+            out.push((
+                m,
+                MemberProfile {
+                    displayname: field("displayname"),
+                    avatar_url: field("avatar_url"),
+                },
+            ));
         }
         Ok(out)
     }
@@ -472,9 +534,11 @@ pub enum Moderation {
 /// Auth-rule rejections become `M_FORBIDDEN` with a clear message; other errors pass through.
 fn refusal(e: Error, message: &str) -> Error {
     match e {
-        Error::Matrix { code: ErrCode::Forbidden, message: detail, .. } => {
-            Error::forbidden(format!("{message} ({detail})"))
-        }
+        Error::Matrix {
+            code: ErrCode::Forbidden,
+            message: detail,
+            ..
+        } => Error::forbidden(format!("{message} ({detail})")),
         other => other,
     }
 }

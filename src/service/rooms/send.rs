@@ -30,8 +30,13 @@ impl Rooms {
                 .and_then(Value::as_str)
                 .and_then(|r| EventId::parse(r).ok())
                 .ok_or_else(|| Error::bad_json("m.room.redaction needs a valid `redacts`"))?;
-            let reason = content.get("reason").and_then(Value::as_str).map(str::to_owned);
-            return self.redact_event(room_id, user, device, &target, reason.as_deref(), txn_id).await;
+            let reason = content
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            return self
+                .redact_event(room_id, user, device, &target, reason.as_deref(), txn_id)
+                .await;
         }
         let _guard = self.lock(room_id).await;
         // Checked under the lock so that two concurrent retries make one event.
@@ -87,7 +92,9 @@ impl Rooms {
             state_key: None,
             redacts: Some(target.to_owned()),
         };
-        Ok(self.append_locked(room_id, user, event, Some((device, txn_id)))?.event_id)
+        Ok(self
+            .append_locked(room_id, user, event, Some((device, txn_id)))?
+            .event_id)
     }
 
     /// Send a state event. Re-sending the current content by the same sender changes nothing
@@ -129,7 +136,10 @@ impl Rooms {
                     return Err(Error::bad_json("Too many alt_aliases"));
                 }
                 for a in list {
-                    aliases.push(a.as_str().ok_or_else(|| Error::bad_json("alt_aliases must be strings"))?);
+                    aliases.push(
+                        a.as_str()
+                            .ok_or_else(|| Error::bad_json("alt_aliases must be strings"))?,
+                    );
                 }
             }
             Some(_) => return Err(Error::bad_json("alt_aliases must be an array")),
@@ -149,9 +159,17 @@ impl Rooms {
 
     /// One event, if it is in this room and `user` may see it (`M_NOT_FOUND` otherwise, so that
     /// invisible events cannot be told from missing ones).
-    pub fn visible_event(&self, room_id: &RoomId, user: &UserId, event_id: &str) -> Result<(Pdu, EventMeta)> {
+    pub fn visible_event(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_id: &str,
+    ) -> Result<(Pdu, EventMeta)> {
         let not_found = || Error::not_found("Event not found");
-        let meta = self.event_meta(event_id)?.filter(|m| m.room_id == room_id).ok_or_else(not_found)?;
+        let meta = self
+            .event_meta(event_id)?
+            .filter(|m| m.room_id == room_id)
+            .ok_or_else(not_found)?;
         let pdu = self.pdu(event_id)?.ok_or_else(not_found)?;
         let visibility = self.history_visibility(room_id)?;
         if !self.user_can_see(room_id, user, meta.count, &visibility)? {

@@ -42,13 +42,18 @@ impl Rooms {
         }
         let old_lock = self.lock(room_id).await;
         if self.state_get(room_id, "m.room.tombstone", "")?.is_some() {
-            return Err(Error::new(ErrCode::Forbidden, "This room has already been replaced"));
+            return Err(Error::new(
+                ErrCode::Forbidden,
+                "This room has already been replaced",
+            ));
         }
         if !self.power_allows_state(room_id, user, "m.room.tombstone")? {
             return Err(Error::forbidden("You may not upgrade this room"));
         }
         let new_rules = rules_for(new_version)?;
-        let old_meta = self.meta(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let old_meta = self
+            .meta(room_id)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
 
         // The create event: the old room's type and federation flag, and a pointer back.
         let old_create = self
@@ -67,7 +72,12 @@ impl Rooms {
         }
         create.insert("predecessor".into(), predecessor);
         let extra_creators: Vec<OwnedUserId> = if new_rules.authorization.additional_room_creators {
-            additional_creators.iter().filter(|u| *u != user).take(100).cloned().collect()
+            additional_creators
+                .iter()
+                .filter(|u| *u != user)
+                .take(100)
+                .cloned()
+                .collect()
         } else {
             vec![]
         };
@@ -86,14 +96,21 @@ impl Rooms {
                 }
             }
         }
-        self.append_locked(&new_room, user, NewEvent::state("m.room.member", user.as_str(), member), None)?;
+        self.append_locked(
+            &new_room,
+            user,
+            NewEvent::state("m.room.member", user.as_str(), member),
+            None,
+        )?;
 
         // Power levels. Creators of a room version that privileges them must not be listed in
         // `users`; otherwise the upgrading user needs enough power to send the copied state, so
         // they get it for the time of the copy and the old levels are restored afterwards.
         let mut creators = vec![user.to_owned()];
         creators.extend(extra_creators.iter().cloned());
-        let old_pl = self.state_get(room_id, "m.room.power_levels", "")?.map(|p| p.content_value());
+        let old_pl = self
+            .state_get(room_id, "m.room.power_levels", "")?
+            .map(|p| p.content_value());
         let mut final_pl = old_pl.clone().unwrap_or_else(|| json!({}));
         if !final_pl.is_object() {
             final_pl = json!({});
@@ -119,24 +136,38 @@ impl Rooms {
         let mut temp_pl = final_pl.clone();
         if !privileged {
             let needed = needed_level(&final_pl);
-            let have = final_pl["users"][user.as_str()].as_i64().unwrap_or_else(|| {
-                final_pl.get("users_default").and_then(Value::as_i64).unwrap_or(0)
-            });
+            let have = final_pl["users"][user.as_str()]
+                .as_i64()
+                .unwrap_or_else(|| {
+                    final_pl
+                        .get("users_default")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0)
+                });
             if have < needed {
                 temp_pl["users"][user.as_str()] = json!(needed);
             }
         }
-        self.append_locked(&new_room, user, NewEvent::state("m.room.power_levels", "", temp_pl.clone()), None)?;
+        self.append_locked(
+            &new_room,
+            user,
+            NewEvent::state("m.room.power_levels", "", temp_pl.clone()),
+            None,
+        )?;
 
         for kind in COPIED_STATE {
-            let Some(ev) = self.state_get(room_id, kind, "")? else { continue };
+            let Some(ev) = self.state_get(room_id, kind, "")? else {
+                continue;
+            };
             let content = ev.content_value();
             if content.as_object().is_none_or(|o| o.is_empty()) {
                 continue;
             }
             // A join rule the new version does not know (e.g. restricted in v1) must not stop
             // the upgrade: the room then stays invite-only.
-            if let Err(e) = self.append_locked(&new_room, user, NewEvent::state(kind, "", content), None) {
+            if let Err(e) =
+                self.append_locked(&new_room, user, NewEvent::state(kind, "", content), None)
+            {
                 tracing::info!(room = %new_room, kind, error = %e, "state not carried over in upgrade");
                 if *kind == "m.room.join_rules" {
                     let _ = self.append_locked(
@@ -150,8 +181,11 @@ impl Rooms {
         }
 
         // Bans stay bans.
-        let banned: Vec<OwnedUserId> =
-            self.members_with(room_id, |m| m == "ban")?.into_iter().take(MAX_COPIED_BANS).collect();
+        let banned: Vec<OwnedUserId> = self
+            .members_with(room_id, |m| m == "ban")?
+            .into_iter()
+            .take(MAX_COPIED_BANS)
+            .collect();
         for target in banned {
             let reason = self
                 .state_get(room_id, "m.room.member", target.as_str())?
@@ -160,14 +194,22 @@ impl Rooms {
             if let Some(r) = reason.filter(Value::is_string) {
                 content["reason"] = r;
             }
-            if let Err(e) =
-                self.append_locked(&new_room, user, NewEvent::state("m.room.member", target.as_str(), content), None)
-            {
+            if let Err(e) = self.append_locked(
+                &new_room,
+                user,
+                NewEvent::state("m.room.member", target.as_str(), content),
+                None,
+            ) {
                 tracing::info!(room = %new_room, error = %e, "ban not carried over in upgrade");
             }
         }
         if temp_pl != final_pl {
-            self.append_locked(&new_room, user, NewEvent::state("m.room.power_levels", "", final_pl), None)?;
+            self.append_locked(
+                &new_room,
+                user,
+                NewEvent::state("m.room.power_levels", "", final_pl),
+                None,
+            )?;
         }
         drop(new_lock);
 
@@ -197,7 +239,12 @@ impl Rooms {
                 }
             }
             if changed {
-                if let Err(e) = self.append_locked(room_id, user, NewEvent::state("m.room.power_levels", "", pl), None) {
+                if let Err(e) = self.append_locked(
+                    room_id,
+                    user,
+                    NewEvent::state("m.room.power_levels", "", pl),
+                    None,
+                ) {
                     tracing::info!(room = %room_id, error = %e, "old room power levels not restricted");
                 }
             }
@@ -208,9 +255,12 @@ impl Rooms {
             .state_get(room_id, "m.room.canonical_alias", "")?
             .is_some_and(|p| p.content_value().as_object().is_some_and(|o| !o.is_empty()));
         if has_alias {
-            if let Err(e) =
-                self.append_locked(room_id, user, NewEvent::state("m.room.canonical_alias", "", json!({})), None)
-            {
+            if let Err(e) = self.append_locked(
+                room_id,
+                user,
+                NewEvent::state("m.room.canonical_alias", "", json!({})),
+                None,
+            ) {
                 tracing::info!(room = %room_id, error = %e, "old room canonical alias not removed");
             }
         }
@@ -237,7 +287,8 @@ fn needed_level(pl: &Value) -> i64 {
     let state_default = int(pl.get("state_default")).unwrap_or(50);
     let mut needed = state_default.max(int(pl.get("ban")).unwrap_or(50));
     for kind in COPIED_STATE.iter().chain(["m.room.power_levels"].iter()) {
-        needed = needed.max(int(pl.get("events").and_then(|e| e.get(*kind))).unwrap_or(state_default));
+        needed =
+            needed.max(int(pl.get("events").and_then(|e| e.get(*kind))).unwrap_or(state_default));
     }
     needed
 }
