@@ -150,13 +150,22 @@ fn default_log() -> String {
     "info".to_owned()
 }
 fn default_rl_login() -> RateLimit {
-    RateLimit { per_second: 0.5, burst: 10 }
+    RateLimit {
+        per_second: 0.5,
+        burst: 10,
+    }
 }
 fn default_rl_registration() -> RateLimit {
-    RateLimit { per_second: 0.2, burst: 5 }
+    RateLimit {
+        per_second: 0.2,
+        burst: 5,
+    }
 }
 fn default_rl_message() -> RateLimit {
-    RateLimit { per_second: 10.0, burst: 50 }
+    RateLimit {
+        per_second: 10.0,
+        burst: 50,
+    }
 }
 
 impl Default for Config {
@@ -174,7 +183,10 @@ pub struct Loaded {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -186,13 +198,18 @@ pub fn load(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Loaded, ConfigError> {
     let text = match path {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+        Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.to_owned(),
+            source,
+        })?,
         None => match std::fs::read_to_string("conduit-config.toml") {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(source) => {
-                return Err(ConfigError::Read { path: "conduit-config.toml".into(), source })
+                return Err(ConfigError::Read {
+                    path: "conduit-config.toml".into(),
+                    source,
+                })
             }
         },
     };
@@ -218,7 +235,9 @@ pub fn from_toml_str(
         None => toml::Table::new(),
     };
     for (name, value) in env {
-        let Some(key) = name.strip_prefix("HAFEN_") else { continue };
+        let Some(key) = name.strip_prefix("HAFEN_") else {
+            continue;
+        };
         if key == "CONFIG" || key.is_empty() {
             continue;
         }
@@ -292,7 +311,11 @@ fn strip_unknown(global: &mut toml::Table, unknown: &mut Vec<String>) -> toml::T
     ) -> toml::Table {
         let mut out = toml::Table::new();
         for (k, v) in given {
-            let full = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let full = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match known.get(k) {
                 None => unknown.push(full),
                 Some(toml::Value::Table(kt)) if v.is_table() && !is_free_form(&full) => {
@@ -329,7 +352,11 @@ impl Config {
     pub fn all_key_paths() -> Vec<String> {
         fn walk(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
             for (k, v) in t {
-                let full = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let full = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 if let toml::Value::Table(inner) = v {
                     walk(inner, &full, out);
                 } else {
@@ -353,7 +380,9 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         )));
     }
     if c.max_request_size < 1024 {
-        return Err(ConfigError::Invalid("max_request_size: must be at least 1024 bytes".into()));
+        return Err(ConfigError::Invalid(
+            "max_request_size: must be at least 1024 bytes".into(),
+        ));
     }
     if c.default_room_version.rules().is_none() {
         return Err(ConfigError::Invalid(format!(
@@ -374,11 +403,15 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     if let Some(t) = &c.registration_token {
         if t.is_empty() {
-            return Err(ConfigError::Invalid("registration_token: must not be empty".into()));
+            return Err(ConfigError::Invalid(
+                "registration_token: must not be empty".into(),
+            ));
         }
     }
     if c.access_token_lifetime_secs < 60 {
-        return Err(ConfigError::Invalid("access_token_lifetime_secs: must be at least 60".into()));
+        return Err(ConfigError::Invalid(
+            "access_token_lifetime_secs: must be at least 60".into(),
+        ));
     }
     tracing_subscriber::EnvFilter::try_new(&c.log)
         .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
@@ -402,7 +435,10 @@ mod tests {
     fn unknown_key_is_a_warning_naming_it() {
         let l = from_toml_str("[global]\nport = 9000\nfrobnicate = 1\n", Vec::new()).unwrap();
         assert_eq!(l.config.port, 9000);
-        assert_eq!(l.warnings, vec!["unknown config key `global.frobnicate` (ignored)"]);
+        assert_eq!(
+            l.warnings,
+            vec!["unknown config key `global.frobnicate` (ignored)"]
+        );
     }
 
     #[test]
@@ -410,7 +446,10 @@ mod tests {
         let env = vec![
             ("HAFEN_PORT".to_owned(), "9100".to_owned()),
             ("HAFEN_SERVER_NAME".to_owned(), "example.org".to_owned()),
-            ("HAFEN_RATE_LIMITS__LOGIN__BURST".to_owned(), "99".to_owned()),
+            (
+                "HAFEN_RATE_LIMITS__LOGIN__BURST".to_owned(),
+                "99".to_owned(),
+            ),
         ];
         let l = from_toml_str("[global]\nport = 9000\n", env).unwrap();
         assert_eq!(l.config.port, 9100);
@@ -420,9 +459,13 @@ mod tests {
 
     #[test]
     fn invalid_value_names_the_key() {
-        let e = from_toml_str("[global]\nport = \"eighty\"\n", Vec::new()).err().unwrap();
+        let e = from_toml_str("[global]\nport = \"eighty\"\n", Vec::new())
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("port"), "{e}");
-        let e = from_toml_str("[global]\ndefault_room_version = \"99\"\n", Vec::new()).err().unwrap();
+        let e = from_toml_str("[global]\ndefault_room_version = \"99\"\n", Vec::new())
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("default_room_version"), "{e}");
     }
 }

@@ -104,7 +104,11 @@ impl ErrCode {
 pub enum Error {
     /// A Matrix error with the default status for its errcode.
     #[error("{code:?}: {message}")]
-    Matrix { code: ErrCode, message: String, status: StatusCode },
+    Matrix {
+        code: ErrCode,
+        message: String,
+        status: StatusCode,
+    },
     /// Rate limited; tells the client when to retry.
     #[error("rate limited, retry after {retry_after_ms} ms")]
     RateLimited { retry_after_ms: u64 },
@@ -121,11 +125,19 @@ pub enum Error {
 
 impl Error {
     pub fn new(code: ErrCode, message: impl Into<String>) -> Self {
-        Error::Matrix { code, message: message.into(), status: code.default_status() }
+        Error::Matrix {
+            code,
+            message: message.into(),
+            status: code.default_status(),
+        }
     }
 
     pub fn with_status(code: ErrCode, status: StatusCode, message: impl Into<String>) -> Self {
-        Error::Matrix { code, message: message.into(), status }
+        Error::Matrix {
+            code,
+            message: message.into(),
+            status,
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -171,9 +183,14 @@ impl From<serde_json::Error> for Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, body) = match self {
-            Error::Matrix { code, message, status } => {
-                (status, json!({ "errcode": code.as_str(), "error": message }))
-            }
+            Error::Matrix {
+                code,
+                message,
+                status,
+            } => (
+                status,
+                json!({ "errcode": code.as_str(), "error": message }),
+            ),
             Error::RateLimited { retry_after_ms } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 json!({

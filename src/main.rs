@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use hafen::{config, service::Services, storage::Storage};
 
 #[derive(Parser)]
-#[command(name = "hafen", version, about = "A Matrix homeserver for organizations")]
+#[command(
+    name = "hafen",
+    version,
+    about = "A Matrix homeserver for organizations"
+)]
 struct Cli {
     /// Config file (default: ./conduit-config.toml; env HAFEN_CONFIG).
     #[arg(long, global = true, env = "HAFEN_CONFIG")]
@@ -79,7 +83,10 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&loaded.config.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
@@ -116,13 +123,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -141,10 +149,13 @@ fn open_services(config: config::Config) -> Result<std::sync::Arc<Services>, Str
 fn read_password(file: Option<PathBuf>) -> Result<String, String> {
     use std::io::IsTerminal;
     let password = if let Some(path) = file {
-        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
     } else if !std::io::stdin().is_terminal() {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| e.to_string())?;
         s
     } else {
         let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
@@ -163,22 +174,49 @@ fn read_password(file: Option<PathBuf>) -> Result<String, String> {
 
 fn user_command(config: config::Config, command: UserCommand) -> Result<(), String> {
     match command {
-        UserCommand::Create { name, admin, password_file } => {
+        UserCommand::Create {
+            name,
+            admin,
+            password_file,
+        } => {
             let password = read_password(password_file)?;
             let services = open_services(config)?;
-            let localpart = name.trim_start_matches('@').split(':').next().unwrap_or("").to_owned();
-            let user_id = services.accounts.validate_new_localpart(&localpart).map_err(|e| e.to_string())?;
-            services.accounts.create_user(&user_id, Some(&password), admin, false).map_err(|e| e.to_string())?;
+            let localpart = name
+                .trim_start_matches('@')
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let user_id = services
+                .accounts
+                .validate_new_localpart(&localpart)
+                .map_err(|e| e.to_string())?;
+            services
+                .accounts
+                .create_user(&user_id, Some(&password), admin, false)
+                .map_err(|e| e.to_string())?;
             hafen::service::profile_defaults(&services, &user_id).map_err(|e| e.to_string())?;
             println!("created {user_id}{}", if admin { " (admin)" } else { "" });
             Ok(())
         }
-        UserCommand::ResetPassword { name, password_file } => {
+        UserCommand::ResetPassword {
+            name,
+            password_file,
+        } => {
             let password = read_password(password_file)?;
             let services = open_services(config)?;
-            let user_id = services.accounts.local_user_id(&name).map_err(|e| e.to_string())?;
-            services.accounts.set_password(&user_id, &password).map_err(|e| e.to_string())?;
-            services.accounts.remove_all_devices(&user_id, None).map_err(|e| e.to_string())?;
+            let user_id = services
+                .accounts
+                .local_user_id(&name)
+                .map_err(|e| e.to_string())?;
+            services
+                .accounts
+                .set_password(&user_id, &password)
+                .map_err(|e| e.to_string())?;
+            services
+                .accounts
+                .remove_all_devices(&user_id, None)
+                .map_err(|e| e.to_string())?;
             println!("password of {user_id} reset; all its devices were logged out");
             Ok(())
         }
@@ -186,36 +224,60 @@ fn user_command(config: config::Config, command: UserCommand) -> Result<(), Stri
 }
 
 fn parse_expiry(text: &str) -> Result<u64, String> {
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = num.parse().map_err(|_| format!("invalid --expires `{text}`"))?;
+    let (num, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid --expires `{text}`"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86400,
-        _ => return Err(format!("invalid --expires unit in `{text}` (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "invalid --expires unit in `{text}` (use s, m, h or d)"
+            ))
+        }
     };
     Ok(hafen::utils::now_ms() + secs * 1000)
 }
 
 fn token_command(config: config::Config, command: TokenCommand) -> Result<(), String> {
     match command {
-        TokenCommand::Create { uses, expires, token } => {
+        TokenCommand::Create {
+            uses,
+            expires,
+            token,
+        } => {
             let expiry = expires.as_deref().map(parse_expiry).transpose()?;
             let services = open_services(config)?;
-            let t = services.accounts.create_registration_token(token, uses, expiry).map_err(|e| e.to_string())?;
+            let t = services
+                .accounts
+                .create_registration_token(token, uses, expiry)
+                .map_err(|e| e.to_string())?;
             println!("{}", t.token);
             Ok(())
         }
         TokenCommand::List => {
             let services = open_services(config)?;
-            for t in services.accounts.registration_tokens().map_err(|e| e.to_string())? {
+            for t in services
+                .accounts
+                .registration_tokens()
+                .map_err(|e| e.to_string())?
+            {
                 println!(
                     "{}\tuses_allowed={}\tcompleted={}\texpiry_ms={}",
                     t.token,
-                    t.uses_allowed.map(|n| n.to_string()).unwrap_or_else(|| "unlimited".into()),
+                    t.uses_allowed
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "unlimited".into()),
                     t.completed,
-                    t.expiry_time.map(|n| n.to_string()).unwrap_or_else(|| "never".into()),
+                    t.expiry_time
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "never".into()),
                 );
             }
             Ok(())

@@ -21,7 +21,10 @@ impl Running {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.task).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        (&mut self.task)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         self.services.storage.flush().map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -37,8 +40,12 @@ pub mod anyhow_like {
 
 /// Open the database and start serving on the configured address.
 pub async fn start(config: Config) -> anyhow_like::Result<Running> {
-    let storage = Storage::open(&config.database_path, config.db_cache_capacity_mb, config.database_sync_writes)
-        .map_err(|e| e.to_string())?;
+    let storage = Storage::open(
+        &config.database_path,
+        config.db_cache_capacity_mb,
+        config.database_sync_writes,
+    )
+    .map_err(|e| e.to_string())?;
     let services = Services::build(config, storage).map_err(|e| e.to_string())?;
     start_with(services).await
 }
@@ -53,5 +60,10 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
     let task = tokio::spawn(crate::api::serve(services.clone(), listener, async {
         let _ = rx.await;
     }));
-    Ok(Running { addr, services, shutdown: Some(tx), task })
+    Ok(Running {
+        addr,
+        services,
+        shutdown: Some(tx),
+        task,
+    })
 }

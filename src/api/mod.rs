@@ -19,7 +19,13 @@ use crate::{
 pub fn router(services: Arc<Services>) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::any())
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers([
             header::HeaderName::from_static("x-requested-with"),
             header::CONTENT_TYPE,
@@ -37,7 +43,11 @@ async fn unrecognized() -> Error {
 }
 
 async fn method_not_allowed() -> Error {
-    Error::with_status(ErrCode::Unrecognized, StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+    Error::with_status(
+        ErrCode::Unrecognized,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+    )
 }
 
 /// A JSON response with the given status.
@@ -45,7 +55,10 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut res = Response::new(axum::body::Body::from(bytes));
     *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     res
 }
 
@@ -56,7 +69,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(services);
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -14,7 +14,10 @@ use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use ruma::api::{
-    auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication},
+    auth_scheme::{
+        AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken,
+        NoAuthentication,
+    },
     error::{DeserializationError, FromHttpRequestError},
     IncomingRequest, Metadata, OutgoingResponse,
 };
@@ -68,7 +71,9 @@ pub struct Ruma<T> {
 impl<T> Ruma<T> {
     /// The identity of an endpoint that requires a token (the extractor guarantees it).
     pub fn user(&self) -> Result<&Identity> {
-        self.identity.as_ref().ok_or(Error::new(ErrCode::MissingToken, "Missing access token"))
+        self.identity
+            .as_ref()
+            .ok_or(Error::new(ErrCode::MissingToken, "Missing access token"))
     }
 }
 
@@ -126,7 +131,9 @@ where
         let limit = services.config.max_request_size;
         let bytes = read_body_limited(body, limit).await?;
         let (body_bytes, json) = if bytes.is_empty() {
-            let empty = if T::METHOD == http::Method::GET || T::METHOD == http::Method::DELETE && bytes.is_empty() {
+            let empty = if T::METHOD == http::Method::GET
+                || T::METHOD == http::Method::DELETE && bytes.is_empty()
+            {
                 Bytes::new()
             } else {
                 Bytes::from_static(b"{}")
@@ -136,7 +143,10 @@ where
             match serde_json::from_slice::<serde_json::Value>(&bytes) {
                 Ok(v) => (bytes, Some(v)),
                 Err(_) if is_json_endpoint(&parts) => {
-                    return Err(Error::new(ErrCode::NotJson, "Request body is not valid JSON"))
+                    return Err(Error::new(
+                        ErrCode::NotJson,
+                        "Request body is not valid JSON",
+                    ))
                 }
                 Err(_) => (bytes, None),
             }
@@ -144,7 +154,12 @@ where
 
         let request = http::Request::from_parts(parts, body_bytes);
         let body = T::try_from_http_request(request, &path_args).map_err(map_parse_error)?;
-        Ok(Ruma { body, identity, ip, json })
+        Ok(Ruma {
+            body,
+            identity,
+            ip,
+            json,
+        })
     }
 }
 
@@ -176,7 +191,9 @@ fn map_parse_error(e: FromHttpRequestError) -> Error {
         FromHttpRequestError::Deserialization(DeserializationError::Ident(e)) => {
             Error::invalid_param(format!("Invalid identifier: {e}"))
         }
-        FromHttpRequestError::Deserialization(e) => Error::bad_json(format!("Invalid request: {e}")),
+        FromHttpRequestError::Deserialization(e) => {
+            Error::bad_json(format!("Invalid request: {e}"))
+        }
         FromHttpRequestError::MethodMismatch { .. } => Error::with_status(
             ErrCode::Unrecognized,
             StatusCode::METHOD_NOT_ALLOWED,
@@ -272,7 +289,10 @@ impl FromRequest<Arc<Services>> for JsonBody {
         match serde_json::from_slice::<serde_json::Value>(&bytes) {
             Ok(serde_json::Value::Object(o)) => Ok(JsonBody(o)),
             Ok(_) => Err(Error::bad_json("Request body must be a JSON object")),
-            Err(_) => Err(Error::new(ErrCode::NotJson, "Request body is not valid JSON")),
+            Err(_) => Err(Error::new(
+                ErrCode::NotJson,
+                "Request body is not valid JSON",
+            )),
         }
     }
 }

@@ -5,7 +5,10 @@
 
 use ruma::UserId;
 
-use crate::{config::Config, error::{Error, Result}};
+use crate::{
+    config::Config,
+    error::{Error, Result},
+};
 
 pub struct Policy {
     allow_presence: bool,
@@ -30,7 +33,9 @@ impl Policy {
         if self.allow_public_room_directory {
             Ok(())
         } else {
-            Err(Error::forbidden("Publishing rooms is disabled on this server"))
+            Err(Error::forbidden(
+                "Publishing rooms is disabled on this server",
+            ))
         }
     }
 }

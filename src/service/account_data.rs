@@ -21,14 +21,28 @@ impl AccountData {
     }
 
     /// Set one account data entry (room `None` is global). Wakes the user's sync.
-    pub fn set(&self, user: &UserId, room: Option<&RoomId>, kind: &str, content: &Value) -> Result<()> {
+    pub fn set(
+        &self,
+        user: &UserId,
+        room: Option<&RoomId>,
+        kind: &str,
+        content: &Value,
+    ) -> Result<()> {
         let room_part = room.map(|r| r.as_str()).unwrap_or("");
         let pending = self.globals.counter.next()?;
         let mut b = self.storage.batch();
-        b.put(Table::AccountData, &keys::join(&[user.as_str(), room_part, kind]), &serde_json::to_vec(content)?)?;
+        b.put(
+            Table::AccountData,
+            &keys::join(&[user.as_str(), room_part, kind]),
+            &serde_json::to_vec(content)?,
+        )?;
         let mut log_key = keys::prefix(&[user.as_str()]);
         log_key.extend_from_slice(&pending.get().to_be_bytes());
-        b.put(Table::AccountDataLog, &log_key, &keys::join(&[room_part, kind]))?;
+        b.put(
+            Table::AccountDataLog,
+            &log_key,
+            &keys::join(&[room_part, kind]),
+        )?;
         b.commit()?;
         pending.finish(vec![user.to_owned()]);
         Ok(())
@@ -36,7 +50,10 @@ impl AccountData {
 
     pub fn get(&self, user: &UserId, room: Option<&RoomId>, kind: &str) -> Result<Option<Value>> {
         let room_part = room.map(|r| r.as_str()).unwrap_or("");
-        match self.storage.get(Table::AccountData, &keys::join(&[user.as_str(), room_part, kind]))? {
+        match self.storage.get(
+            Table::AccountData,
+            &keys::join(&[user.as_str(), room_part, kind]),
+        )? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
         }
@@ -45,26 +62,41 @@ impl AccountData {
     /// Every entry of the user: (room or None, type, content).
     pub fn all(&self, user: &UserId) -> Result<Vec<(Option<OwnedRoomId>, String, Value)>> {
         let mut out = Vec::new();
-        for entry in self.storage.scan_prefix(Table::AccountData, &keys::prefix(&[user.as_str()]))? {
+        for entry in self
+            .storage
+            .scan_prefix(Table::AccountData, &keys::prefix(&[user.as_str()]))?
+        {
             let (k, v) = entry?;
             let parts = keys::split(&k);
             if parts.len() < 3 {
                 continue;
             }
-            let room = if parts[1].is_empty() { None } else { RoomId::parse(parts[1]).ok() };
+            let room = if parts[1].is_empty() {
+                None
+            } else {
+                RoomId::parse(parts[1]).ok()
+            };
             out.push((room, parts[2..].join("\u{ff}"), serde_json::from_slice(&v)?));
         }
         Ok(out)
     }
 
     /// Entries changed in `(since, up_to]`: (room or None, type, content), each once.
-    pub fn changed_since(&self, user: &UserId, since: u64, up_to: u64) -> Result<Vec<(Option<OwnedRoomId>, String, Value)>> {
+    pub fn changed_since(
+        &self,
+        user: &UserId,
+        since: u64,
+        up_to: u64,
+    ) -> Result<Vec<(Option<OwnedRoomId>, String, Value)>> {
         let prefix = keys::prefix(&[user.as_str()]);
         let mut from = prefix.clone();
         from.extend_from_slice(&(since + 1).to_be_bytes());
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for entry in self.storage.scan_from(Table::AccountDataLog, &prefix, &from, false)? {
+        for entry in self
+            .storage
+            .scan_from(Table::AccountDataLog, &prefix, &from, false)?
+        {
             let (k, v) = entry?;
             if keys::count_suffix(&k).unwrap_or(0) > up_to {
                 break;
@@ -73,7 +105,11 @@ impl AccountData {
             if parts.len() < 2 || !seen.insert(v.to_vec()) {
                 continue;
             }
-            let room = if parts[0].is_empty() { None } else { RoomId::parse(parts[0]).ok() };
+            let room = if parts[0].is_empty() {
+                None
+            } else {
+                RoomId::parse(parts[0]).ok()
+            };
             if let Some(content) = self.get(user, room.as_deref(), parts[1])? {
                 out.push((room, parts[1].to_owned(), content));
             }
@@ -85,12 +121,19 @@ impl AccountData {
 
     pub fn create_filter(&self, user: &UserId, filter: &Value) -> Result<String> {
         let id = crate::utils::random_string(12);
-        self.storage.put(Table::Filters, &keys::join(&[user.as_str(), &id]), &serde_json::to_vec(filter)?)?;
+        self.storage.put(
+            Table::Filters,
+            &keys::join(&[user.as_str(), &id]),
+            &serde_json::to_vec(filter)?,
+        )?;
         Ok(id)
     }
 
     pub fn filter(&self, user: &UserId, id: &str) -> Result<Value> {
-        match self.storage.get(Table::Filters, &keys::join(&[user.as_str(), id]))? {
+        match self
+            .storage
+            .get(Table::Filters, &keys::join(&[user.as_str(), id]))?
+        {
             Some(v) => Ok(serde_json::from_slice(&v)?),
             None => Err(Error::not_found("Unknown filter")),
         }

@@ -92,12 +92,17 @@ impl StreamCounter {
         let count = s.last + 1;
         if count > s.reserved {
             let reserved = s.reserved + RESERVE_BLOCK;
-            self.storage.put(Table::Global, COUNTER_KEY, &reserved.to_be_bytes())?;
+            self.storage
+                .put(Table::Global, COUNTER_KEY, &reserved.to_be_bytes())?;
             s.reserved = reserved;
         }
         s.last = count;
         s.pending.insert(count);
-        Ok(PendingCount { counter: self, count, done: false })
+        Ok(PendingCount {
+            counter: self,
+            count,
+            done: false,
+        })
     }
 
     /// Every count up to this one is finished: reads up to here see a complete history.
@@ -142,7 +147,9 @@ pub struct Notifier {
 impl Notifier {
     pub fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
         let mut map = self.senders.lock();
-        map.entry(user.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+        map.entry(user.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     fn wake<'a>(&self, users: impl Iterator<Item = &'a UserId>, position: u64) {
@@ -171,8 +178,9 @@ impl SigningKey {
         let (version, der) = match stored {
             Some(bytes) => {
                 let text = String::from_utf8(bytes).map_err(Error::internal)?;
-                let (version, b64) =
-                    text.split_once(':').ok_or_else(|| Error::internal("bad signing key"))?;
+                let (version, b64) = text
+                    .split_once(':')
+                    .ok_or_else(|| Error::internal("bad signing key"))?;
                 let der = base64_decode(b64)?;
                 (version.to_owned(), der)
             }
@@ -186,7 +194,10 @@ impl SigningKey {
         };
         let keypair = ruma::signatures::Ed25519KeyPair::from_der(&der, version.clone())
             .map_err(|e| Error::internal(format!("signing key: {e}")))?;
-        Ok(SigningKey { key_id: format!("ed25519:{version}"), keypair })
+        Ok(SigningKey {
+            key_id: format!("ed25519:{version}"),
+            keypair,
+        })
     }
 }
 
@@ -197,7 +208,9 @@ fn base64_encode(bytes: &[u8]) -> String {
 
 fn base64_decode(text: &str) -> Result<Vec<u8>> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).map_err(Error::internal)
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(text)
+        .map_err(Error::internal)
 }
 
 /// Facts every service needs: the server name and key.

@@ -34,7 +34,10 @@ const MAX_BUCKETS: usize = 100_000;
 
 impl RateLimiter {
     pub fn new(config: RateLimits) -> RateLimiter {
-        RateLimiter { config, buckets: Mutex::new(HashMap::new()) }
+        RateLimiter {
+            config,
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     fn limit(&self, action: Action) -> RateLimit {
@@ -57,9 +60,10 @@ impl RateLimiter {
             let full = Duration::from_secs_f64(f64::from(limit.burst) / limit.per_second);
             buckets.retain(|_, b| now.duration_since(b.updated) < full);
         }
-        let bucket = buckets
-            .entry((action, key.to_owned()))
-            .or_insert(Bucket { tokens: f64::from(limit.burst), updated: now });
+        let bucket = buckets.entry((action, key.to_owned())).or_insert(Bucket {
+            tokens: f64::from(limit.burst),
+            updated: now,
+        });
         let elapsed = now.duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * limit.per_second).min(f64::from(limit.burst));
         bucket.updated = now;
@@ -68,7 +72,9 @@ impl RateLimiter {
             Ok(())
         } else {
             let wait = (1.0 - bucket.tokens) / limit.per_second;
-            Err(Error::RateLimited { retry_after_ms: (wait * 1000.0).ceil() as u64 })
+            Err(Error::RateLimited {
+                retry_after_ms: (wait * 1000.0).ceil() as u64,
+            })
         }
     }
 }

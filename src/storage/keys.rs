@@ -42,7 +42,9 @@ pub fn last_part(key: &[u8]) -> Option<&str> {
 
 /// Split a key into its string parts.
 pub fn split(key: &[u8]) -> Vec<&str> {
-    key.split(|b| *b == SEP).map(|p| std::str::from_utf8(p).unwrap_or("")).collect()
+    key.split(|b| *b == SEP)
+        .map(|p| std::str::from_utf8(p).unwrap_or(""))
+        .collect()
 }
 
 pub fn u64_value(v: &[u8]) -> Option<u64> {

@@ -56,10 +56,16 @@ impl Storage {
             if message.contains("lock") || message.contains("LOCK") {
                 OpenError::Locked(path.display().to_string())
             } else {
-                OpenError::Other { path: path.display().to_string(), message }
+                OpenError::Other {
+                    path: path.display().to_string(),
+                    message,
+                }
             }
         })?;
-        Ok(Storage { db: Arc::new(db), sync_writes })
+        Ok(Storage {
+            db: Arc::new(db),
+            sync_writes,
+        })
     }
 
     fn cf(&self, table: Table) -> Result<&rocksdb::ColumnFamily> {
@@ -104,8 +110,14 @@ impl Storage {
         backward: bool,
     ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
         let prefix = prefix.to_vec();
-        let dir = if backward { rocksdb::Direction::Reverse } else { rocksdb::Direction::Forward };
-        let iter = self.db.iterator_cf(self.cf(table)?, rocksdb::IteratorMode::From(from, dir));
+        let dir = if backward {
+            rocksdb::Direction::Reverse
+        } else {
+            rocksdb::Direction::Forward
+        };
+        let iter = self
+            .db
+            .iterator_cf(self.cf(table)?, rocksdb::IteratorMode::From(from, dir));
         Ok(iter
             .map(|r| r.map_err(Error::from))
             .take_while(move |r| match r {
@@ -122,11 +134,16 @@ impl Storage {
     ) -> Result<Option<(Box<[u8]>, Box<[u8]>)>> {
         let mut upper = prefix.to_vec();
         upper.extend_from_slice(&[0xff; 9]);
-        self.scan_from(table, prefix, &upper, true)?.next().transpose()
+        self.scan_from(table, prefix, &upper, true)?
+            .next()
+            .transpose()
     }
 
     pub fn batch(&self) -> Batch {
-        Batch { storage: self.clone(), inner: rocksdb::WriteBatch::default() }
+        Batch {
+            storage: self.clone(),
+            inner: rocksdb::WriteBatch::default(),
+        }
     }
 
     /// Write one key outside of a batch (still durable before return).

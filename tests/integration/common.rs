@@ -45,7 +45,12 @@ impl TestServer {
         adjust(&mut config);
         let running = hafen::server::start(config).await.expect("server starts");
         let base = running.base_url();
-        TestServer { running: Some(running), base, http: reqwest::Client::new(), _dir: dir }
+        TestServer {
+            running: Some(running),
+            base,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
     }
 
     pub fn services(&self) -> &Arc<Services> {
@@ -59,9 +64,17 @@ impl TestServer {
     /// Create a user directly (fast) and log a device in.
     pub async fn user(&self, localpart: &str) -> TestUser {
         let s = self.services();
-        let user_id = s.accounts.validate_new_localpart(localpart).expect("valid localpart");
-        s.accounts.create_user(&user_id, Some("password"), false, false).expect("create user");
-        let session = s.accounts.create_session(&user_id, None, None, false).expect("session");
+        let user_id = s
+            .accounts
+            .validate_new_localpart(localpart)
+            .expect("valid localpart");
+        s.accounts
+            .create_user(&user_id, Some("password"), false, false)
+            .expect("create user");
+        let session = s
+            .accounts
+            .create_session(&user_id, None, None, false)
+            .expect("session");
         TestUser {
             user_id: user_id.to_string(),
             device_id: session.device_id.to_string(),
@@ -70,7 +83,13 @@ impl TestServer {
     }
 
     /// Send a request; `token` None sends none. Returns status and JSON body (Null if empty).
-    pub async fn req(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn req(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut r = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
             r = r.bearer_auth(t);
@@ -81,30 +100,48 @@ impl TestServer {
         let res = r.send().await.expect("request sent");
         let status = res.status();
         let text = res.text().await.expect("body");
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, value)
     }
 
     /// Send raw bytes as the body.
-    pub async fn req_raw(&self, method: Method, path: &str, token: Option<&str>, body: &'static [u8]) -> (StatusCode, Value) {
-        let mut r = self.http.request(method, format!("{}{}", self.base, path)).body(body);
+    pub async fn req_raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: &'static [u8],
+    ) -> (StatusCode, Value) {
+        let mut r = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .body(body);
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }
         let res = r.send().await.expect("request sent");
         let status = res.status();
         let text = res.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str, u: &TestUser) -> (StatusCode, Value) {
         self.req(Method::GET, path, Some(&u.token), None).await
     }
     pub async fn post(&self, path: &str, u: &TestUser, body: Value) -> (StatusCode, Value) {
-        self.req(Method::POST, path, Some(&u.token), Some(body)).await
+        self.req(Method::POST, path, Some(&u.token), Some(body))
+            .await
     }
     pub async fn put(&self, path: &str, u: &TestUser, body: Value) -> (StatusCode, Value) {
-        self.req(Method::PUT, path, Some(&u.token), Some(body)).await
+        self.req(Method::PUT, path, Some(&u.token), Some(body))
+            .await
     }
 
     /// Create a room with `body` and return its id.
@@ -125,7 +162,12 @@ impl TestServer {
 #[track_caller]
 pub fn assert_err(got: &(StatusCode, Value), status: u16, errcode: &str) {
     assert_eq!(got.0.as_u16(), status, "unexpected status, body: {}", got.1);
-    assert_eq!(got.1["errcode"], json!(errcode), "unexpected errcode, body: {}", got.1);
+    assert_eq!(
+        got.1["errcode"],
+        json!(errcode),
+        "unexpected errcode, body: {}",
+        got.1
+    );
 }
 
 /// URL-encode a path segment (room ids, aliases, event ids).

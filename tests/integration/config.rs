@@ -11,9 +11,15 @@ fn config_reference_lists_every_key() {
     let keys = Config::all_key_paths();
     assert!(keys.len() >= 20, "{keys:?}");
     for key in &keys {
-        assert!(docs.contains(&format!("`{key}`")), "docs/configuration.md does not document `{key}`");
+        assert!(
+            docs.contains(&format!("`{key}`")),
+            "docs/configuration.md does not document `{key}`"
+        );
         let leaf = key.rsplit('.').next().unwrap();
-        assert!(example.contains(leaf), "conduit-config.toml does not mention `{key}`");
+        assert!(
+            example.contains(leaf),
+            "conduit-config.toml does not mention `{key}`"
+        );
     }
 }
 

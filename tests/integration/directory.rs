@@ -834,3 +834,32 @@ async fn upgrade_errors() {
     // None of this touched the room.
     assert!(state_content(&s, &room, "m.room.tombstone", "").is_none());
 }
+
+/// createRoom's `room_alias_name` lands in the same alias tables this area serves.
+#[tokio::test]
+async fn create_room_alias_resolves_and_deletes() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "room_alias_name": "made"}),
+        )
+        .await;
+    let alias = format!("#made:{}", s.server_name());
+    let (status, v) = s.req(Method::GET, &alias_path(&alias), None, None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["room_id"], json!(room));
+    let (_, v) = s
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/aliases", enc(&room)),
+            &alice,
+        )
+        .await;
+    assert_eq!(v["aliases"], json!([alias]));
+    let (status, _) = delete(&s, &alias_path(&alias), &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    // The canonical alias createRoom set is gone with it.
+    let content = state_content(&s, &room, "m.room.canonical_alias", "").unwrap();
+    assert!(content.get("alias").is_none(), "{content}");
+}

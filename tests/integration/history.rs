@@ -232,7 +232,7 @@ async fn messages_paginate_both_directions() {
     let (_, v) = s.get(&messages_path(&room, "dir=f&limit=1"), &alice).await;
     assert_eq!(v["chunk"][0]["type"], "m.room.create");
 
-    // Turning around: forwards from a backwards page's `end` starts with that page's oldest event.
+    // Tokens sit between events: forwards from a backwards page's `end` starts at its oldest event.
     let (_, v1) = s.get(&messages_path(&room, "dir=b&limit=5"), &alice).await;
     let end = v1["end"].as_str().unwrap().to_owned();
     let (_, v2) = s
@@ -243,7 +243,7 @@ async fn messages_paginate_both_directions() {
         .await;
     assert_eq!(bodies(&v2["chunk"]), vec!["m25", "m26", "m27"]);
 
-    // `to` stops the walk (and then there is no `end`).
+    // `to` stops the walk, and then there is no `end`.
     let (_, first) = s.get(&messages_path(&room, "dir=b&limit=3"), &alice).await;
     let to = first["end"].as_str().unwrap().to_owned();
     let (status, v) = s
@@ -254,6 +254,12 @@ async fn messages_paginate_both_directions() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(bodies(&v["chunk"]), vec!["m29", "m28", "m27"]);
+    assert!(v.get("end").is_none(), "{v}");
+    // Forwards up to the same token: the rest of the room, split at `to` without overlap.
+    let forward_to = format!("dir=f&limit=50&from=s0&to={to}");
+    let (_, v) = s.get(&messages_path(&room, &forward_to), &alice).await;
+    assert_eq!(v["chunk"].as_array().unwrap().len(), total - 3, "{v}");
+    assert_eq!(bodies(&v["chunk"]).last().unwrap(), "m26");
     assert!(v.get("end").is_none(), "{v}");
 
     // A huge limit is capped, not refused.
@@ -640,4 +646,51 @@ async fn context_hides_events_before_join() {
     let (status, v) = s.get(&context_path(&room, &late, ""), &bob).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert!(bodies(&v["events_before"]).is_empty(), "{v}");
+}
+
+/// End to end over HTTP: createRoom, send, sync with a small timeline, then fill the gap with
+/// `/messages` from sync's `prev_batch` without repeats or holes.
+#[tokio::test]
+async fn sync_prev_batch_continues_with_messages() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = s
+        .create_room(&alice, json!({"preset": "private_chat"}))
+        .await;
+    for i in 0..15 {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/t{i}",
+            enc(&room)
+        );
+        let (status, v) = s
+            .put(
+                &path,
+                &alice,
+                json!({"msgtype": "m.text", "body": format!("h{i}")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    let filter = enc(&json!({"room": {"timeline": {"limit": 5}}}).to_string());
+    let (status, v) = s
+        .get(&format!("/_matrix/client/v3/sync?filter={filter}"), &alice)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let timeline = &v["rooms"]["join"][&room]["timeline"];
+    assert_eq!(
+        bodies(&timeline["events"]),
+        vec!["h10", "h11", "h12", "h13", "h14"]
+    );
+    let prev = timeline["prev_batch"].as_str().unwrap();
+    let (status, v) = s
+        .get(
+            &messages_path(&room, &format!("dir=b&limit=10&from={prev}")),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let expected: Vec<String> = (0..10).rev().map(|i| format!("h{i}")).collect();
+    assert_eq!(bodies(&v["chunk"]), expected);
+    // The sending device gets its transaction ids back.
+    assert_eq!(v["chunk"][0]["unsigned"]["transaction_id"], "t9");
 }

@@ -3,12 +3,12 @@
 
 mod common;
 
+mod accounts;
 mod config;
 mod crash;
-mod accounts;
-mod discovery;
-mod sdk_client;
-mod rooms;
-mod sync;
-mod history;
 mod directory;
+mod discovery;
+mod history;
+mod rooms;
+mod sdk_client;
+mod sync;

@@ -7,7 +7,9 @@ use matrix_sdk::{
     config::SyncSettings,
     ruma::{
         api::client::room::create_room,
-        events::room::message::{MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent},
+        events::room::message::{
+            MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent,
+        },
         OwnedUserId,
     },
     Client, RoomState,
@@ -17,7 +19,11 @@ use parking_lot::Mutex;
 use crate::common::TestServer;
 
 async fn sdk_login(base: &str, user: &str) -> Client {
-    let client = Client::builder().homeserver_url(base).build().await.expect("client builds");
+    let client = Client::builder()
+        .homeserver_url(base)
+        .build()
+        .await
+        .expect("client builds");
     client
         .matrix_auth()
         .login_username(user, "password")
@@ -73,23 +79,42 @@ async fn two_sdk_clients_chat() {
     let room = alice.create_room(request).await.expect("create room");
     let room_id = room.room_id().to_owned();
 
-    sync_until(&bob, || bob.get_room(&room_id).is_some_and(|r| r.state() == RoomState::Invited)).await;
+    sync_until(&bob, || {
+        bob.get_room(&room_id)
+            .is_some_and(|r| r.state() == RoomState::Invited)
+    })
+    .await;
     bob.join_room_by_id(&room_id).await.expect("join");
 
     sync_until(&alice, || alice.get_room(&room_id).is_some()).await;
     let room = alice.get_room(&room_id).expect("alice's room");
-    room.send(RoomMessageEventContent::text_plain("hello bob")).await.expect("send");
+    room.send(RoomMessageEventContent::text_plain("hello bob"))
+        .await
+        .expect("send");
 
-    sync_until(&bob, || bob_seen.lock().iter().any(|(_, b)| b == "hello bob")).await;
-    assert!(bob_seen.lock().contains(&("@alice:localhost".to_owned(), "hello bob".to_owned())));
+    sync_until(&bob, || {
+        bob_seen.lock().iter().any(|(_, b)| b == "hello bob")
+    })
+    .await;
+    assert!(bob_seen
+        .lock()
+        .contains(&("@alice:localhost".to_owned(), "hello bob".to_owned())));
 
     let bob_room = bob.get_room(&room_id).expect("bob's room");
     assert_eq!(bob_room.state(), RoomState::Joined);
     assert_eq!(bob_room.name().as_deref(), Some("sdk room"));
-    bob_room.send(RoomMessageEventContent::text_plain("hi alice")).await.expect("reply");
+    bob_room
+        .send(RoomMessageEventContent::text_plain("hi alice"))
+        .await
+        .expect("reply");
 
-    sync_until(&alice, || alice_seen.lock().iter().any(|(_, b)| b == "hi alice")).await;
-    assert!(alice_seen.lock().contains(&("@bob:localhost".to_owned(), "hi alice".to_owned())));
+    sync_until(&alice, || {
+        alice_seen.lock().iter().any(|(_, b)| b == "hi alice")
+    })
+    .await;
+    assert!(alice_seen
+        .lock()
+        .contains(&("@bob:localhost".to_owned(), "hi alice".to_owned())));
     let members = room.joined_user_ids().await.expect("members");
     assert_eq!(members.len(), 2, "{members:?}");
 }

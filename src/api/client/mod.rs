@@ -1,25 +1,25 @@
 //! Client-Server API handlers, one file per spec area. `routes` registers them all.
 
-mod discovery;
 mod account;
-mod session;
+mod account_data;
+mod alias;
 mod devices;
+mod directory;
+mod discovery;
+mod filter;
+mod history;
+mod membership;
+mod message;
+mod presence;
 mod profile;
 mod push;
-mod account_data;
-mod filter;
+mod receipts;
 mod room_create;
-mod membership;
+mod session;
 mod state;
-mod message;
-mod alias;
-mod directory;
-mod upgrade;
-mod history;
 mod sync;
 mod typing;
-mod receipts;
-mod presence;
+mod upgrade;
 
 use std::sync::Arc;
 

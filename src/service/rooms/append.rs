@@ -29,7 +29,12 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn message(kind: &str, content: Value) -> NewEvent {
-        NewEvent { kind: kind.into(), content, state_key: None, redacts: None }
+        NewEvent {
+            kind: kind.into(),
+            content,
+            state_key: None,
+            redacts: None,
+        }
     }
     pub fn state(kind: &str, state_key: &str, content: Value) -> NewEvent {
         NewEvent {
@@ -50,7 +55,10 @@ pub struct Sent {
 
 pub fn rules_for(version: &RoomVersionId) -> Result<RoomVersionRules> {
     version.rules().ok_or_else(|| {
-        Error::new(ErrCode::UnsupportedRoomVersion, format!("Room version {version} is not supported"))
+        Error::new(
+            ErrCode::UnsupportedRoomVersion,
+            format!("Room version {version} is not supported"),
+        )
     })
 }
 
@@ -92,13 +100,18 @@ impl Rooms {
             "auth_events": [],
         }))?;
         if let Some(room_id) = &room_id_v1 {
-            obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_string()));
+            obj.insert(
+                "room_id".into(),
+                CanonicalJsonValue::String(room_id.to_string()),
+            );
         }
         let event_id = self.sign_and_id(&mut obj, &rules)?;
         let derived_id = room_id_v1.is_none();
         let room_id = match room_id_v1 {
             Some(id) => id,
-            None => RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(Error::internal)?,
+            None => {
+                RoomId::parse(format!("!{}", &event_id.as_str()[1..])).map_err(Error::internal)?
+            }
         };
         let pdu = self.to_pdu(&obj, &event_id, &room_id)?;
         // A v12 create event has no room id of its own (the id derives from it); the check
@@ -118,7 +131,12 @@ impl Rooms {
             return Err(Error::new(ErrCode::RoomInUse, "Room already exists"));
         }
         let guard = self.lock(&room_id).await;
-        let meta = RoomMeta { version: version.clone(), extremities: vec![], depth: 0, last_count: 0 };
+        let meta = RoomMeta {
+            version: version.clone(),
+            extremities: vec![],
+            depth: 0,
+            last_count: 0,
+        };
         self.persist(&room_id, meta, obj, pdu, None)?;
         Ok((room_id, guard))
     }
@@ -131,10 +149,14 @@ impl Rooms {
         new: NewEvent,
         txn: Option<(&DeviceId, &str)>,
     ) -> Result<Sent> {
-        let meta = self.meta(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let meta = self
+            .meta(room_id)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
         let rules = rules_for(&meta.version)?;
         if new.kind == TimelineEventType::RoomCreate {
-            return Err(Error::forbidden("A room has exactly one m.room.create event"));
+            return Err(Error::forbidden(
+                "A room has exactly one m.room.create event",
+            ));
         }
         if !new.content.is_object() {
             return Err(Error::bad_json("content must be a JSON object"));
@@ -251,14 +273,20 @@ impl Rooms {
                     self.globals.server_name
                 ))
                 .map_err(Error::internal)?;
-                obj.insert("event_id".into(), CanonicalJsonValue::String(id.to_string()));
+                obj.insert(
+                    "event_id".into(),
+                    CanonicalJsonValue::String(id.to_string()),
+                );
                 Some(id)
             }
             _ => None,
         };
         // Refuse oversized events before hashing: signing only grows them.
         if serde_json::to_vec(&obj)?.len() > MAX_PDU_BYTES {
-            return Err(Error::new(ErrCode::TooLarge, "Event is larger than 65536 bytes"));
+            return Err(Error::new(
+                ErrCode::TooLarge,
+                "Event is larger than 65536 bytes",
+            ));
         }
         ruma::signatures::hash_and_sign_event(
             self.globals.server_name.as_str(),
@@ -269,7 +297,10 @@ impl Rooms {
         .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
         let size = serde_json::to_vec(&obj)?.len();
         if size > MAX_PDU_BYTES {
-            return Err(Error::new(ErrCode::TooLarge, "Event is larger than 65536 bytes"));
+            return Err(Error::new(
+                ErrCode::TooLarge,
+                "Event is larger than 65536 bytes",
+            ));
         }
         match event_id {
             Some(id) => Ok(id),
@@ -281,7 +312,12 @@ impl Rooms {
         }
     }
 
-    fn to_pdu(&self, obj: &CanonicalJsonObject, event_id: &OwnedEventId, room_id: &RoomId) -> Result<Pdu> {
+    fn to_pdu(
+        &self,
+        obj: &CanonicalJsonObject,
+        event_id: &OwnedEventId,
+        room_id: &RoomId,
+    ) -> Result<Pdu> {
         let mut value = serde_json::to_value(obj)?;
         value["event_id"] = Value::String(event_id.to_string());
         value["room_id"] = Value::String(room_id.to_string());
@@ -318,7 +354,10 @@ impl Rooms {
                 let mut unsigned = serde_json::Map::new();
                 unsigned.insert("prev_content".into(), super::pdu::raw_value(&prev.content));
                 unsigned.insert("prev_sender".into(), Value::String(prev.sender.to_string()));
-                unsigned.insert("replaces_state".into(), Value::String(prev.event_id.to_string()));
+                unsigned.insert(
+                    "replaces_state".into(),
+                    Value::String(prev.event_id.to_string()),
+                );
                 stored["unsigned"] = Value::Object(unsigned.clone());
                 pdu.unsigned = Some(unsigned);
             }
@@ -347,7 +386,11 @@ impl Rooms {
                     &keys::join(&[room_id.as_str(), target.as_str()]),
                     membership.as_bytes(),
                 )?;
-                let user_room = UserRoom { membership: membership.clone(), count, event_id: event_id.clone() };
+                let user_room = UserRoom {
+                    membership: membership.clone(),
+                    count,
+                    event_id: event_id.clone(),
+                };
                 batch.put(
                     Table::UserRooms,
                     &keys::join(&[target.as_str(), room_id.as_str()]),
@@ -368,14 +411,22 @@ impl Rooms {
             }
         }
 
-        batch.put(Table::Pdus, event_id.as_bytes(), &serde_json::to_vec(&stored)?)?;
+        batch.put(
+            Table::Pdus,
+            event_id.as_bytes(),
+            &serde_json::to_vec(&stored)?,
+        )?;
         let event_meta = EventMeta {
             room_id: room_id.to_owned(),
             count,
             device_id: txn.map(|(d, _)| d.to_string()),
             txn_id: txn.map(|(_, t)| t.to_owned()),
         };
-        batch.put(Table::EventMeta, event_id.as_bytes(), &serde_json::to_vec(&event_meta)?)?;
+        batch.put(
+            Table::EventMeta,
+            event_id.as_bytes(),
+            &serde_json::to_vec(&event_meta)?,
+        )?;
         batch.put(
             Table::Timeline,
             &keys::with_count(&[room_id.as_str()], count),
@@ -391,7 +442,11 @@ impl Rooms {
         meta.extremities = vec![event_id.clone()];
         meta.depth = u64::from(pdu.depth);
         meta.last_count = count;
-        batch.put(Table::Rooms, room_id.as_bytes(), &serde_json::to_vec(&meta)?)?;
+        batch.put(
+            Table::Rooms,
+            room_id.as_bytes(),
+            &serde_json::to_vec(&meta)?,
+        )?;
         batch.commit()?;
 
         if membership_changed {
@@ -443,7 +498,11 @@ impl Rooms {
         }
         new_unsigned.insert("redacted_because".into(), because);
         out["unsigned"] = Value::Object(new_unsigned);
-        batch.put(Table::Pdus, target_id.as_bytes(), &serde_json::to_vec(&out)?)?;
+        batch.put(
+            Table::Pdus,
+            target_id.as_bytes(),
+            &serde_json::to_vec(&out)?,
+        )?;
         Ok(())
     }
 

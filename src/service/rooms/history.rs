@@ -1,9 +1,10 @@
 //! Room history for clients: `/messages` pagination and `/context` around one event.
 //!
-//! Tokens are stream positions written like sync tokens, `s<N>`, and are exclusive in both
-//! directions: backwards from `s<N>` returns events with count < N, forwards those with count > N
-//! (sync's `next_batch` is its last position, its `prev_batch` the first timeline event's count).
-//! A page's `end` is the count of the last event walked, so pages chain in their direction.
+//! Tokens are stream positions, as sync's: `s<N>` is the position just after the event with
+//! stream count N ("seen up to and including N"). Backwards from `s<N>` returns events with
+//! count <= N, forwards those with count > N. A backwards page ends at `s<oldest - 1>`, so tokens
+//! always sit between events and pages chain without gaps or repeats in either direction. (Sync's
+//! `prev_batch` for a timeline starting at count C is `s<C-1>`.)
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -148,7 +149,7 @@ impl Rooms {
         let from = match from {
             Some(t) => parse_token(t)?,
             // No token: after the newest event (backwards) or before the oldest one (forwards).
-            None if backward => self.globals.counter.watermark().saturating_add(1),
+            None if backward => self.globals.counter.watermark(),
             None => 0,
         };
         let to = to.map(parse_token).transpose()?;
@@ -163,15 +164,21 @@ impl Rooms {
             });
         }
 
-        // `to` is exclusive like `from`: the walk stops when it reaches it.
+        // `to` is a position like `from`: the walk stops when it passes it.
         let beyond_to = |count: u64| match to {
             Some(t) if backward => count <= t,
-            Some(t) => count >= t,
+            Some(t) => count > t,
             None => false,
+        };
+        // `paginate` excludes its start count; backwards from `s<N>` includes N.
+        let walk_from = if backward {
+            from.saturating_add(1)
+        } else {
+            from
         };
         let mut reached_to = false;
         let (events, last) =
-            self.paginate(room_id, from, backward, limit, |count, pdu| {
+            self.paginate(room_id, walk_from, backward, limit, |count, pdu| {
                 if beyond_to(count) {
                     reached_to = true;
                     return Ok(false);
@@ -189,6 +196,8 @@ impl Rooms {
                     self.paginate(room_id, last, backward, 1, |c, _| Ok(!beyond_to(c)))?;
                 if more.is_empty() {
                     None
+                } else if backward {
+                    Some(token(last.saturating_sub(1)))
                 } else {
                     Some(token(last))
                 }
@@ -265,7 +274,12 @@ impl Rooms {
         } else {
             (vec![], None)
         };
-        let start = token(before.last().map_or(meta.count, |(c, _)| *c));
+        let start = token(
+            before
+                .last()
+                .map_or(meta.count, |(c, _)| *c)
+                .saturating_sub(1),
+        );
         let last_count = after.last().map_or(meta.count, |(c, _)| *c);
         let end = token(last_count);
 

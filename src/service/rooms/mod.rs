@@ -1,16 +1,16 @@
 //! Rooms: events, state, membership, timeline. The write path is `append.rs`: every local event is
 //! built, authorized by the room version's rules (ruma state-res), signed and persisted here.
 
+mod alias;
 mod append;
 pub mod create;
-pub mod membership;
-mod send;
-pub mod pdu;
-mod visibility;
-mod alias;
 pub mod directory;
 pub mod history;
+pub mod membership;
+pub mod pdu;
+mod send;
 mod upgrade;
+mod visibility;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -93,7 +93,12 @@ impl Rooms {
 
     /// Take the room's write lock. Hold it across every event of one logical operation.
     pub async fn lock(&self, room_id: &RoomId) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self.locks.lock().entry(room_id.to_owned()).or_default().clone();
+        let m = self
+            .locks
+            .lock()
+            .entry(room_id.to_owned())
+            .or_default()
+            .clone();
         m.lock_owned().await
     }
 
@@ -109,7 +114,10 @@ impl Rooms {
     }
 
     pub fn version(&self, room_id: &RoomId) -> Result<RoomVersionId> {
-        Ok(self.meta(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?.version)
+        Ok(self
+            .meta(room_id)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?
+            .version)
     }
 
     pub fn pdu(&self, event_id: &str) -> Result<Option<Pdu>> {
@@ -162,7 +170,9 @@ impl Rooms {
         event_type: &StateEventType,
         state_key: &str,
     ) -> Result<Option<serde_json::Value>> {
-        Ok(self.state_get(room_id, &event_type.to_string(), state_key)?.map(|p| p.content_value()))
+        Ok(self
+            .state_get(room_id, &event_type.to_string(), state_key)?
+            .map(|p| p.content_value()))
     }
 
     /// All current state events of a room.
@@ -216,7 +226,9 @@ impl Rooms {
             return Ok(set.clone());
         }
         let set = Arc::new(self.members_with(room_id, |m| m == "join")?);
-        self.joined_cache.lock().insert(room_id.to_owned(), set.clone());
+        self.joined_cache
+            .lock()
+            .insert(room_id.to_owned(), set.clone());
         Ok(set)
     }
 
@@ -265,7 +277,10 @@ impl Rooms {
     /// Forget a room the user has left: it disappears from their sync.
     pub fn forget(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
         let mut batch = self.storage.batch();
-        batch.delete(Table::UserRooms, &keys::join(&[user.as_str(), room_id.as_str()]))?;
+        batch.delete(
+            Table::UserRooms,
+            &keys::join(&[user.as_str(), room_id.as_str()]),
+        )?;
         batch.commit()
     }
 
@@ -282,7 +297,10 @@ impl Rooms {
         let from = keys::with_count(&[room_id.as_str()], up_to);
         let mut out = Vec::new();
         let mut limited = false;
-        for entry in self.storage.scan_from(Table::Timeline, &prefix, &from, true)? {
+        for entry in self
+            .storage
+            .scan_from(Table::Timeline, &prefix, &from, true)?
+        {
             let (k, v) = entry?;
             let count = keys::count_suffix(&k).unwrap_or(0);
             if count <= after {
@@ -320,7 +338,10 @@ impl Rooms {
         let mut last = None;
         // Bound the walk so a filter that matches nothing cannot scan a whole huge room.
         let mut scanned = 0usize;
-        for entry in self.storage.scan_from(Table::Timeline, &prefix, &start, backward)? {
+        for entry in self
+            .storage
+            .scan_from(Table::Timeline, &prefix, &start, backward)?
+        {
             let (k, v) = entry?;
             let count = keys::count_suffix(&k).unwrap_or(0);
             if backward && count >= from || !backward && count <= from {
@@ -350,7 +371,10 @@ impl Rooms {
         let prefix = keys::prefix(&[room_id.as_str()]);
         let from = keys::with_count(&[room_id.as_str()], after.saturating_add(1));
         let mut out = Vec::new();
-        for entry in self.storage.scan_from(Table::StateLog, &prefix, &from, false)? {
+        for entry in self
+            .storage
+            .scan_from(Table::StateLog, &prefix, &from, false)?
+        {
             let (k, v) = entry?;
             let count = keys::count_suffix(&k).unwrap_or(0);
             if count > up_to {
@@ -363,7 +387,11 @@ impl Rooms {
 
     /// State of the room just before stream position `count` (exclusive), rebuilt from the state
     /// log. Used for sync's `state` section of limited timelines and for left rooms.
-    pub fn state_at(&self, room_id: &RoomId, count: u64) -> Result<HashMap<(String, String), OwnedEventId>> {
+    pub fn state_at(
+        &self,
+        room_id: &RoomId,
+        count: u64,
+    ) -> Result<HashMap<(String, String), OwnedEventId>> {
         let mut state = HashMap::new();
         for (_, change) in self.state_changes(room_id, 0, count.saturating_sub(1))? {
             state.insert((change.event_type, change.state_key), change.event_id);
@@ -398,7 +426,8 @@ impl Rooms {
     }
 
     pub fn is_public(&self, room_id: &RoomId) -> Result<bool> {
-        self.storage.contains(Table::PublicRooms, room_id.as_bytes())
+        self.storage
+            .contains(Table::PublicRooms, room_id.as_bytes())
     }
 }
 

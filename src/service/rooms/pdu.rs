@@ -58,7 +58,9 @@ impl Pdu {
     }
 
     pub fn room(&self) -> Result<&RoomId> {
-        self.room_id.as_deref().ok_or_else(|| Error::internal("pdu without room id"))
+        self.room_id
+            .as_deref()
+            .ok_or_else(|| Error::internal("pdu without room id"))
     }
 
     /// `content` as a JSON value (for handlers that look into it).
@@ -75,7 +77,9 @@ impl Pdu {
         struct C {
             redacts: Option<OwnedEventId>,
         }
-        serde_json::from_str::<C>(self.content.get()).ok().and_then(|c| c.redacts)
+        serde_json::from_str::<C>(self.content.get())
+            .ok()
+            .and_then(|c| c.redacts)
     }
 
     /// The membership in an `m.room.member` event's content.
@@ -84,7 +88,9 @@ impl Pdu {
         struct C {
             membership: String,
         }
-        serde_json::from_str::<C>(self.content.get()).ok().map(|c| c.membership)
+        serde_json::from_str::<C>(self.content.get())
+            .ok()
+            .map(|c| c.membership)
     }
 
     /// The client-server format ("ClientEvent"), with `age` computed now. `transaction_id` is
@@ -93,7 +99,10 @@ impl Pdu {
         let mut obj = Map::new();
         obj.insert("content".into(), raw_value(&self.content));
         obj.insert("event_id".into(), Value::String(self.event_id.to_string()));
-        obj.insert("origin_server_ts".into(), Value::from(u64::from(self.origin_server_ts.0)));
+        obj.insert(
+            "origin_server_ts".into(),
+            Value::from(u64::from(self.origin_server_ts.0)),
+        );
         if let Some(room_id) = &self.room_id {
             obj.insert("room_id".into(), Value::String(room_id.to_string()));
         }
@@ -193,6 +202,8 @@ pub fn to_canonical(value: Value) -> Result<CanonicalJsonObject> {
     match ruma::CanonicalJsonValue::try_from(value) {
         Ok(ruma::CanonicalJsonValue::Object(o)) => Ok(o),
         Ok(_) => Err(Error::bad_json("event content must be an object")),
-        Err(e) => Err(Error::bad_json(format!("event is not valid canonical JSON: {e}"))),
+        Err(e) => Err(Error::bad_json(format!(
+            "event is not valid canonical JSON: {e}"
+        ))),
     }
 }

@@ -10,7 +10,12 @@ use crate::{
 
 impl Rooms {
     /// The user's membership at stream position `count` (the last change at or before it).
-    pub fn membership_at(&self, room_id: &RoomId, user: &UserId, count: u64) -> Result<Option<String>> {
+    pub fn membership_at(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        count: u64,
+    ) -> Result<Option<String>> {
         let prefix = keys::prefix(&[user.as_str(), room_id.as_str()]);
         let mut from = prefix.clone();
         from.extend_from_slice(&count.to_be_bytes());
@@ -30,7 +35,11 @@ impl Rooms {
         let prefix = keys::prefix(&[user.as_str(), room_id.as_str()]);
         let mut from = prefix.clone();
         from.extend_from_slice(&count.to_be_bytes());
-        for entry in self.storage.scan_from(Table::MembershipLog, &prefix, &from, false)?.take(1000) {
+        for entry in self
+            .storage
+            .scan_from(Table::MembershipLog, &prefix, &from, false)?
+            .take(1000)
+        {
             let (_, v) = entry?;
             if &*v == b"join" {
                 return Ok(true);
@@ -47,8 +56,16 @@ impl Rooms {
     /// The room's current history visibility ("shared" when unset, as the spec says).
     pub fn history_visibility(&self, room_id: &RoomId) -> Result<String> {
         Ok(self
-            .state_content(room_id, &ruma::events::StateEventType::RoomHistoryVisibility, "")?
-            .and_then(|c| c.get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned))
+            .state_content(
+                room_id,
+                &ruma::events::StateEventType::RoomHistoryVisibility,
+                "",
+            )?
+            .and_then(|c| {
+                c.get("history_visibility")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| "shared".to_owned()))
     }
 
