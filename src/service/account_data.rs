@@ -50,13 +50,10 @@ impl AccountData {
 
     pub fn get(&self, user: &UserId, room: Option<&RoomId>, kind: &str) -> Result<Option<Value>> {
         let room_part = room.map(|r| r.as_str()).unwrap_or("");
-        match self.storage.get(
+        self.storage.get_json(
             Table::AccountData,
             &keys::join(&[user.as_str(), room_part, kind]),
-        )? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        )
     }
 
     /// Every entry of the user: (room or None, type, content).
@@ -130,12 +127,8 @@ impl AccountData {
     }
 
     pub fn filter(&self, user: &UserId, id: &str) -> Result<Value> {
-        match self
-            .storage
-            .get(Table::Filters, &keys::join(&[user.as_str(), id]))?
-        {
-            Some(v) => Ok(serde_json::from_slice(&v)?),
-            None => Err(Error::not_found("Unknown filter")),
-        }
+        self.storage
+            .get_json(Table::Filters, &keys::join(&[user.as_str(), id]))?
+            .ok_or_else(|| Error::not_found("Unknown filter"))
     }
 }

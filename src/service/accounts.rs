@@ -165,13 +165,8 @@ impl Accounts {
         if user_id.server_name() != self.server_name {
             return Ok(None);
         }
-        match self
-            .storage
-            .get(Table::Users, user_id.localpart().as_bytes())?
-        {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.storage
+            .get_json(Table::Users, user_id.localpart().as_bytes())
     }
 
     pub fn exists(&self, user_id: &UserId) -> Result<bool> {
@@ -387,13 +382,10 @@ impl Accounts {
         user_id: &UserId,
         device_id: &ruma::DeviceId,
     ) -> Result<Option<DeviceRecord>> {
-        match self.storage.get(
+        self.storage.get_json(
             Table::Devices,
             &keys::join(&[user_id.as_str(), device_id.as_str()]),
-        )? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        )
     }
 
     pub fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRecord>> {

@@ -3,6 +3,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod filter;
 pub mod globals;
 pub mod presence;
 pub mod profile;

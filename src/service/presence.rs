@@ -52,10 +52,7 @@ impl Presence {
     }
 
     pub fn get(&self, user: &UserId) -> Result<Option<PresenceState>> {
-        match self.storage.get(Table::Presence, user.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.storage.get_json(Table::Presence, user.as_bytes())
     }
 
     /// Set the user's presence. `status_msg` None keeps the current message (sync's

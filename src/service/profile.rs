@@ -20,13 +20,8 @@ impl Profiles {
 
     /// One profile field ("displayname", "avatar_url", or a custom key).
     pub fn get(&self, user: &UserId, field: &str) -> Result<Option<Value>> {
-        match self
-            .storage
-            .get(Table::Profile, &keys::join(&[user.as_str(), field]))?
-        {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.storage
+            .get_json(Table::Profile, &keys::join(&[user.as_str(), field]))
     }
 
     /// Set (Some) or remove (None) one field.

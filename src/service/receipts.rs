@@ -92,10 +92,7 @@ impl Receipts {
             thread.unwrap_or(UNTHREADED),
             user.as_str(),
         ]);
-        match self.storage.get(Table::Receipts, &key)? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.storage.get_json(Table::Receipts, &key)
     }
 
     /// Receipts of the room changed in `(since, up_to]` (every current one when `since` is None).

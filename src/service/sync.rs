@@ -12,8 +12,7 @@ use std::{
 };
 
 use ruma::{
-    api::client::filter::{FilterDefinition, RoomEventFilter},
-    OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    api::client::filter::FilterDefinition, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
 };
 use serde_json::{json, Map, Value};
 
@@ -21,6 +20,7 @@ use crate::{
     error::{Error, Result},
     service::{
         accounts::Identity,
+        filter::{lazy_loading, room_event_matches, sender_matches, type_matches},
         receipts::receipt_content,
         rooms::{Pdu, UserRoom},
         Services,
@@ -377,15 +377,10 @@ impl Builder<'_> {
 
     /// The event in client format; the sending device also gets its transaction id back.
     fn client_event(&self, pdu: &Pdu) -> Value {
-        let mut txn = None;
-        if pdu.sender == self.who.user_id {
-            if let Ok(Some(meta)) = self.s.rooms.event_meta(pdu.event_id.as_str()) {
-                if meta.device_id.as_deref() == Some(self.who.device_id.as_str()) {
-                    txn = meta.txn_id;
-                }
-            }
-        }
-        pdu.to_client_value(txn.as_deref())
+        self.s
+            .rooms
+            .client_event_for(pdu, &self.who.user_id, self.who.device_id.as_str())
+            .unwrap_or_else(|_| pdu.to_client_value(None))
     }
 
     /// The newest events in `(after, up_to]` the user may see and the filter lets through.
@@ -472,7 +467,7 @@ impl Builder<'_> {
         };
 
         let filter = &self.req.filter.room.state;
-        let lazy = !filter.lazy_load_options.is_disabled();
+        let lazy = lazy_loading(filter);
         let mut wanted_members: HashSet<String> = HashSet::new();
         if lazy {
             wanted_members.insert(user.to_string());
@@ -723,72 +718,9 @@ fn contains_word(text: &str, name: &str) -> bool {
     false
 }
 
-fn room_event_matches(f: &RoomEventFilter, kind: &str, sender: Option<&UserId>) -> bool {
-    type_matches(&f.types, &f.not_types, kind)
-        && sender.is_none_or(|s| sender_matches(&f.senders, &f.not_senders, s))
-}
-
-fn type_matches(types: &Option<Vec<String>>, not_types: &[String], kind: &str) -> bool {
-    if not_types.iter().any(|t| glob(t, kind)) {
-        return false;
-    }
-    match types {
-        Some(types) => types.iter().any(|t| glob(t, kind)),
-        None => true,
-    }
-}
-
-fn sender_matches(
-    senders: &Option<Vec<OwnedUserId>>,
-    not_senders: &[OwnedUserId],
-    sender: &UserId,
-) -> bool {
-    if not_senders.iter().any(|s| s == sender) {
-        return false;
-    }
-    match senders {
-        Some(senders) => senders.iter().any(|s| s == sender),
-        None => true,
-    }
-}
-
-/// Filter type patterns: `*` matches any run of characters.
-fn glob(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let mut rest = text;
-    for (i, part) in parts.iter().enumerate() {
-        if i == 0 {
-            let Some(r) = rest.strip_prefix(part) else {
-                return false;
-            };
-            rest = r;
-        } else if i == parts.len() - 1 {
-            return rest.ends_with(part);
-        } else {
-            match rest.find(part) {
-                Some(pos) => rest = &rest[pos + part.len()..],
-                None => return false,
-            }
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn glob_patterns() {
-        assert!(glob("m.room.*", "m.room.message"));
-        assert!(glob("*", "anything"));
-        assert!(!glob("m.room.*", "m.typing"));
-        assert!(glob("m.*.message", "m.room.message"));
-        assert!(glob("m.typing", "m.typing"));
-    }
 
     #[test]
     fn tokens() {

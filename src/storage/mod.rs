@@ -78,6 +78,18 @@ impl Storage {
         Ok(self.db.get_cf(self.cf(table)?, key)?)
     }
 
+    /// The value under `key`, read as JSON.
+    pub fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &[u8],
+    ) -> Result<Option<T>> {
+        match self.get(table, key)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
     pub fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
         Ok(self.db.get_pinned_cf(self.cf(table)?, key)?.is_some())
     }

@@ -196,17 +196,23 @@ async fn register(
     }))
 }
 
+/// Registration-related requests count against the client address' registration limit.
+fn limit_registration(s: &Services, ip: Option<IpAddr>) -> Result<()> {
+    match ip {
+        Some(ip) => s.ratelimit.check(
+            crate::service::ratelimit::Action::Registration,
+            &ip.to_string(),
+        ),
+        None => Ok(()),
+    }
+}
+
 async fn available(
     State(s): State<Arc<Services>>,
     ClientIp(ip): ClientIp,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
-    if let Some(ip) = ip {
-        s.ratelimit.check(
-            crate::service::ratelimit::Action::Registration,
-            &ip.to_string(),
-        )?;
-    }
+    limit_registration(&s, ip)?;
     let name = query_param(&q, "username")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'username'"))?;
     let id = s.accounts.validate_new_localpart(&name.to_lowercase())?;
@@ -221,12 +227,7 @@ async fn token_validity(
     ClientIp(ip): ClientIp,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
-    if let Some(ip) = ip {
-        s.ratelimit.check(
-            crate::service::ratelimit::Action::Registration,
-            &ip.to_string(),
-        )?;
-    }
+    limit_registration(&s, ip)?;
     let token = query_param(&q, "token")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'token'"))?;
     if !accounts::registration_tokens_enabled(&s)? {

@@ -37,17 +37,11 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
 
 /// Account data belongs to its user alone.
 fn own_user(id: &Identity, raw: &str) -> Result<OwnedUserId> {
-    let user = UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))?;
-    if user != id.user_id {
-        return Err(Error::forbidden(
-            "You cannot access another user's account data",
-        ));
-    }
-    Ok(user)
+    super::own_user(id, raw, "You cannot access another user's account data")
 }
 
 fn room(raw: &str) -> Result<OwnedRoomId> {
-    RoomId::parse(raw).map_err(|_| Error::invalid_param("Invalid room id"))
+    super::room_id(raw).map(ToOwned::to_owned)
 }
 
 fn check_type(kind: &str) -> Result<()> {

@@ -7,10 +7,7 @@ use axum::{
     routing::{get, put},
     Json, Router,
 };
-use ruma::{
-    api::client::{directory::get_room_visibility, room::Visibility},
-    RoomId,
-};
+use ruma::api::client::{directory::get_room_visibility, room::Visibility};
 use serde_json::{json, Value};
 
 use crate::{
@@ -56,8 +53,7 @@ async fn set_visibility(
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    let room_id = <&RoomId>::try_from(room_id.as_str())
-        .map_err(|_| Error::invalid_param("Invalid room id"))?;
+    let room_id = super::room_id(&room_id)?;
     // The spec makes `public` the default.
     let public = match body.get("visibility") {
         None => true,

@@ -7,7 +7,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use ruma::{api::client::filter::FilterDefinition, OwnedUserId, UserId};
+use ruma::{api::client::filter::FilterDefinition, OwnedUserId};
 use serde_json::{json, Value};
 
 use super::account::{both, Segs};
@@ -23,11 +23,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
 }
 
 fn own_user(id: &Identity, raw: &str) -> Result<OwnedUserId> {
-    let user = UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))?;
-    if user != id.user_id {
-        return Err(Error::forbidden("You cannot use another user's filters"));
-    }
-    Ok(user)
+    super::own_user(id, raw, "You cannot use another user's filters")
 }
 
 async fn create(

@@ -10,7 +10,7 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use ruma::{api::client::filter::RoomEventFilter, EventId, RoomId};
+use ruma::{api::client::filter::RoomEventFilter, EventId};
 use serde_json::{json, Value};
 
 use crate::{
@@ -56,10 +56,6 @@ fn filter_param(q: &HashMap<String, String>) -> Result<RoomEventFilter> {
     }
 }
 
-fn parse_room(room_id: &str) -> Result<&RoomId> {
-    <&RoomId>::try_from(room_id).map_err(|_| Error::invalid_param("Invalid room id"))
-}
-
 fn client_events(s: &Services, who: &Identity, pdus: &[Pdu]) -> Result<Vec<Value>> {
     pdus.iter()
         .map(|p| {
@@ -75,7 +71,7 @@ async fn messages(
     Path(room_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
+    let room_id = super::room_id(&room_id)?;
     let backward = match q.get("dir").map(String::as_str) {
         Some("b") => true,
         Some("f") => false,
@@ -112,7 +108,7 @@ async fn context(
     Path((room_id, event_id)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
+    let room_id = super::room_id(&room_id)?;
     let event_id =
         <&EventId>::try_from(event_id.as_str()).map_err(|_| Error::not_found("Event not found"))?;
     let limit = limit_param(&q, 10)?;

@@ -44,7 +44,7 @@ pub(super) fn resolve(s: &Services, target: &RoomOrAliasId) -> Result<OwnedRoomI
         Ok(id) => Ok(id.to_owned()),
         Err(alias) => s
             .rooms
-            .resolve_room_alias(alias)?
+            .resolve_alias(alias)?
             .ok_or_else(|| Error::not_found("Room alias not found")),
     }
 }

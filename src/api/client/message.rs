@@ -12,17 +12,27 @@ use ruma::{
 };
 use serde_json::{json, Value};
 
-use super::state::room_id;
+use super::room_id;
 use crate::{
     api::ruma_wrapper::{ruma_route, Authed, JsonBody},
     error::{Error, Result},
-    service::{ratelimit::Action, Services},
+    service::{accounts::Identity, ratelimit::Action, Services},
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = ruma_route::<send_message_event::v3::Request, _, _>(r, send);
     let r = ruma_route::<redact_event::v3::Request, _, _>(r, redact);
     ruma_route::<get_room_event::v3::Request, _, _>(r, get_event)
+}
+
+/// A retry of a request that already went through is answered with its event, without using
+/// up the rate limit; anything else counts against the sender's message limit.
+fn replay_or_limit(s: &Services, me: &Identity, txn: &str) -> Result<Option<Json<Value>>> {
+    if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, txn)? {
+        return Ok(Some(Json(json!({ "event_id": id }))));
+    }
+    s.ratelimit.check(Action::Message, me.user_id.as_str())?;
+    Ok(None)
 }
 
 async fn send(
@@ -32,14 +42,9 @@ async fn send(
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
     let room_id = room_id(&room)?;
-    // A retry of a request that already went through is answered without using up the limit.
-    if let Some(id) = s
-        .rooms
-        .transaction_event(&me.user_id, &me.device_id, &txn)?
-    {
-        return Ok(Json(json!({ "event_id": id })));
+    if let Some(done) = replay_or_limit(&s, &me, &txn)? {
+        return Ok(done);
     }
-    s.ratelimit.check(Action::Message, me.user_id.as_str())?;
     let event_id = s
         .rooms
         .send_message(
@@ -68,13 +73,9 @@ async fn redact(
         Some(Value::String(r)) => Some(r.as_str()),
         Some(_) => return Err(Error::bad_json("reason must be a string")),
     };
-    if let Some(id) = s
-        .rooms
-        .transaction_event(&me.user_id, &me.device_id, &txn)?
-    {
-        return Ok(Json(json!({ "event_id": id })));
+    if let Some(done) = replay_or_limit(&s, &me, &txn)? {
+        return Ok(done);
     }
-    s.ratelimit.check(Action::Message, me.user_id.as_str())?;
     let event_id = s
         .rooms
         .redact_event(room_id, &me.user_id, &me.device_id, target, reason, &txn)
@@ -90,12 +91,6 @@ async fn get_event(
     let (pdu, meta) = s
         .rooms
         .visible_event(room_id(&room)?, &me.user_id, &event)?;
-    // The transaction id is only for the device that sent the event.
-    let txn = match (&meta.device_id, &meta.txn_id) {
-        (Some(d), Some(t)) if pdu.sender == me.user_id && d.as_str() == me.device_id.as_str() => {
-            Some(t.as_str())
-        }
-        _ => None,
-    };
+    let txn = meta.txn_id_for(&pdu.sender, &me.user_id, me.device_id.as_str());
     Ok(Json(pdu.to_client_value(txn)))
 }

@@ -24,8 +24,12 @@ mod upgrade;
 use std::sync::Arc;
 
 use axum::Router;
+use ruma::{OwnedUserId, RoomId, UserId};
 
-use crate::service::Services;
+use crate::{
+    error::{Error, Result},
+    service::{accounts::Identity, Services},
+};
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = discovery::routes(r);
@@ -49,4 +53,24 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = receipts::routes(r);
     let r = presence::routes(r);
     r
+}
+
+/// A room id from the request path.
+pub(super) fn room_id(raw: &str) -> Result<&RoomId> {
+    <&RoomId>::try_from(raw).map_err(|_| Error::invalid_param("Invalid room id"))
+}
+
+/// A user id from the request path.
+pub(super) fn user_id(raw: &str) -> Result<OwnedUserId> {
+    UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))
+}
+
+/// A user id from the request path that must be the caller's own (`M_FORBIDDEN` with
+/// `forbidden` otherwise): the user's account data, filters, profile, presence, typing.
+pub(super) fn own_user(who: &Identity, raw: &str, forbidden: &str) -> Result<OwnedUserId> {
+    let user = user_id(raw)?;
+    if user != who.user_id {
+        return Err(Error::forbidden(forbidden));
+    }
+    Ok(user)
 }

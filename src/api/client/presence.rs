@@ -8,7 +8,6 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use ruma::UserId;
 use serde_json::{json, Value};
 
 use crate::{
@@ -37,10 +36,7 @@ async fn set_presence(
     Path(user_id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    let user_id = UserId::parse(&user_id).map_err(|_| Error::invalid_param("Invalid user id"))?;
-    if user_id != who.user_id {
-        return Err(Error::forbidden("Cannot set the presence of another user"));
-    }
+    super::own_user(&who, &user_id, "Cannot set the presence of another user")?;
     let presence = match body.get("presence") {
         Some(Value::String(p)) if matches!(p.as_str(), "online" | "offline" | "unavailable") => {
             p.clone()
@@ -74,7 +70,7 @@ async fn get_presence(
     Authed(who): Authed,
     Path(user_id): Path<String>,
 ) -> Result<Json<Value>> {
-    let user_id = UserId::parse(&user_id).map_err(|_| Error::invalid_param("Invalid user id"))?;
+    let user_id = super::user_id(&user_id)?;
     if user_id.server_name() == s.globals.server_name && !s.accounts.exists(&user_id)? {
         return Err(Error::not_found("Unknown user"));
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::{extract::State, routing::get, Json, Router};
-use ruma::{OwnedUserId, UserId};
+use ruma::OwnedUserId;
 use serde_json::{json, Value};
 
 use super::account::{both, Segs};
@@ -26,7 +26,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
 
 /// A local user that exists; anyone else has no profile here (federation lookups come later).
 fn known_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
-    let user = UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))?;
+    let user = super::user_id(raw)?;
     if !s.accounts.user(&user)?.is_some_and(|u| !u.deactivated) {
         return Err(Error::not_found("Profile not found"));
     }
@@ -58,11 +58,7 @@ async fn get_field(
 
 /// Only the owner changes a profile.
 fn own_user(id: &crate::service::accounts::Identity, raw: &str) -> Result<OwnedUserId> {
-    let user = UserId::parse(raw).map_err(|_| Error::invalid_param("Invalid user id"))?;
-    if user != id.user_id {
-        return Err(Error::forbidden("You can only change your own profile"));
-    }
-    Ok(user)
+    super::own_user(id, raw, "You can only change your own profile")
 }
 
 fn check_key(field: &str) -> Result<()> {

@@ -8,7 +8,7 @@ use axum::{
     routing::post,
     Json, Router,
 };
-use ruma::{EventId, OwnedEventId, RoomId};
+use ruma::{EventId, OwnedEventId};
 use serde_json::{json, Value};
 
 use crate::{
@@ -42,7 +42,7 @@ async fn receipt(
     Path((room_id, receipt_type, event_id)): Path<(String, String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    let room_id = RoomId::parse(&room_id).map_err(|_| Error::invalid_param("Invalid room id"))?;
+    let room_id = super::room_id(&room_id)?.to_owned();
     let event_id =
         EventId::parse(&event_id).map_err(|_| Error::invalid_param("Invalid event id"))?;
     let thread = match body.get("thread_id") {
@@ -64,7 +64,7 @@ async fn read_markers(
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    let room_id = RoomId::parse(&room_id).map_err(|_| Error::invalid_param("Invalid room id"))?;
+    let room_id = super::room_id(&room_id)?.to_owned();
     // Validate every field before storing any, so a bad request changes nothing.
     let mut markers: Vec<(&str, OwnedEventId)> = Vec::new();
     for kind in ["m.fully_read", "m.read", "m.read.private"] {

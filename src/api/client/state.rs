@@ -7,12 +7,10 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use ruma::{
-    api::client::state::{get_state_event_for_key, get_state_events, send_state_event},
-    RoomId,
-};
+use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
 use serde_json::{json, Value};
 
+use super::room_id;
 use crate::{
     api::ruma_wrapper::{ruma_route, Authed, JsonBody},
     error::{Error, Result},
@@ -32,10 +30,6 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
         }
     }
     r
-}
-
-pub(super) fn room_id(s: &str) -> Result<&RoomId> {
-    <&RoomId>::try_from(s).map_err(|_| Error::invalid_param("Invalid room id"))
 }
 
 async fn all_state(

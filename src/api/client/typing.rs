@@ -7,7 +7,6 @@ use axum::{
     routing::put,
     Json, Router,
 };
-use ruma::{RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::{
@@ -33,13 +32,12 @@ async fn set_typing(
     Path((room_id, user_id)): Path<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    let room_id = RoomId::parse(&room_id).map_err(|_| Error::invalid_param("Invalid room id"))?;
-    let user_id = UserId::parse(&user_id).map_err(|_| Error::invalid_param("Invalid user id"))?;
-    if user_id != who.user_id {
-        return Err(Error::forbidden(
-            "Cannot set the typing state of another user",
-        ));
-    }
+    let room_id = super::room_id(&room_id)?.to_owned();
+    super::own_user(
+        &who,
+        &user_id,
+        "Cannot set the typing state of another user",
+    )?;
     let typing = match body.get("typing") {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(Error::bad_json("'typing' must be a boolean")),

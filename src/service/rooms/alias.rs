@@ -1,4 +1,4 @@
-//! Room aliases (`#name:server` -> room id) and the power-level questions around them.
+//! Room aliases (`#name:server` -> room id): the one place that reads and writes the alias tables.
 //!
 //! Tables: `Aliases` alias -> room id; `RoomAliases` room 0xff alias -> user who created it.
 
@@ -6,107 +6,14 @@ use http::StatusCode;
 use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use serde_json::Value;
 
-use super::{append::rules_for, NewEvent, Rooms};
+use super::{NewEvent, Rooms};
 use crate::{
     error::{ErrCode, Error, Result},
     storage::{keys, Table},
 };
 
-/// Power levels read from JSON, where older room versions allow numbers as strings.
-fn level(v: Option<&Value>) -> Option<i64> {
-    match v? {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 impl Rooms {
-    /// The room's creators: the create event's sender (or `creator` field in old versions)
-    /// and, where the room version has them, `additional_creators`.
-    pub fn creators_of_room(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>> {
-        let Some(create) = self.state_get(room_id, "m.room.create", "")? else {
-            return Ok(vec![]);
-        };
-        let content = create.content_value();
-        let mut out = vec![create.sender.clone()];
-        if let Some(c) = content
-            .get("creator")
-            .and_then(Value::as_str)
-            .and_then(|c| UserId::parse(c).ok())
-        {
-            if !out.contains(&c) {
-                out.push(c);
-            }
-        }
-        let rules = rules_for(&self.version(room_id)?)?;
-        if rules.authorization.additional_room_creators {
-            for c in content
-                .get("additional_creators")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(u) = c.as_str().and_then(|c| UserId::parse(c).ok()) {
-                    if !out.contains(&u) {
-                        out.push(u);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The user's power level in the room; `None` means unlimited (a creator in room versions
-    /// that privilege creators).
-    pub fn power_level_of(&self, room_id: &RoomId, user: &UserId) -> Result<Option<i64>> {
-        let rules = rules_for(&self.version(room_id)?)?;
-        let creators = self.creators_of_room(room_id)?;
-        if rules.authorization.explicitly_privilege_room_creators
-            && creators.iter().any(|c| c == user)
-        {
-            return Ok(None);
-        }
-        match self.state_get(room_id, "m.room.power_levels", "")? {
-            Some(pl) => {
-                let c = pl.content_value();
-                Ok(Some(
-                    level(c.get("users").and_then(|u| u.get(user.as_str())))
-                        .or_else(|| level(c.get("users_default")))
-                        .unwrap_or(0),
-                ))
-            }
-            // Without power levels the creator has 100, everybody else 0.
-            None => Ok(Some(if creators.first().is_some_and(|c| c == user) {
-                100
-            } else {
-                0
-            })),
-        }
-    }
-
-    /// Whether the user's power level allows sending the state event type `event_type`.
-    pub fn power_allows_state(
-        &self,
-        room_id: &RoomId,
-        user: &UserId,
-        event_type: &str,
-    ) -> Result<bool> {
-        let Some(have) = self.power_level_of(room_id, user)? else {
-            return Ok(true);
-        };
-        let needed = match self.state_get(room_id, "m.room.power_levels", "")? {
-            Some(pl) => {
-                let c = pl.content_value();
-                level(c.get("events").and_then(|e| e.get(event_type)))
-                    .or_else(|| level(c.get("state_default")))
-                    .unwrap_or(50)
-            }
-            None => 0,
-        };
-        Ok(have >= needed)
-    }
-
+    /// The room an alias points to, if this server knows it.
     pub fn resolve_alias(&self, alias: &RoomAliasId) -> Result<Option<OwnedRoomId>> {
         match self.storage.get(Table::Aliases, alias.as_bytes())? {
             Some(v) => Ok(RoomId::parse(String::from_utf8_lossy(&v).as_ref()).ok()),
@@ -155,14 +62,28 @@ impl Rooms {
         if !self.exists(room_id)? {
             return Err(Error::not_found("Room not found"));
         }
-        // Aliases of any room compete for the same name: one alias writer at a time.
-        let _guard = self.lock(&self.alias_lock_id()?).await;
-        if self.storage.contains(Table::Aliases, alias.as_bytes())? {
+        if !self.claim_alias(alias, room_id, creator).await? {
             return Err(Error::with_status(
                 ErrCode::Unknown,
                 StatusCode::CONFLICT,
                 "Room alias already exists",
             ));
+        }
+        Ok(())
+    }
+
+    /// Map `alias` to `room_id` if it is free; `false` (and nothing written) if it is taken.
+    /// The caller checked the alias is local and the room exists.
+    pub(crate) async fn claim_alias(
+        &self,
+        alias: &RoomAliasId,
+        room_id: &RoomId,
+        creator: &UserId,
+    ) -> Result<bool> {
+        // Aliases of any room compete for the same name: one alias writer at a time.
+        let _guard = self.lock(&self.alias_lock_id()?).await;
+        if self.storage.contains(Table::Aliases, alias.as_bytes())? {
+            return Ok(false);
         }
         let mut b = self.storage.batch();
         b.put(Table::Aliases, alias.as_bytes(), room_id.as_bytes())?;
@@ -171,7 +92,8 @@ impl Rooms {
             &keys::join(&[room_id.as_str(), alias.as_str()]),
             creator.as_bytes(),
         )?;
-        b.commit()
+        b.commit()?;
+        Ok(true)
     }
 
     /// A pseudo room id whose lock serializes alias writes.

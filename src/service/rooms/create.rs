@@ -68,7 +68,7 @@ impl Rooms {
             }
         }
         if let Some(alias) = &req.alias {
-            if self.resolve_room_alias(alias)?.is_some() {
+            if self.resolve_alias(alias)?.is_some() {
                 return Err(Error::new(ErrCode::RoomInUse, "Room alias already taken"));
             }
         }
@@ -242,7 +242,10 @@ impl Rooms {
         }
 
         if let Some(alias) = &req.alias {
-            self.put_room_alias(alias, &room_id, creator)?;
+            // Checked above; taken since only when another request claimed it meanwhile.
+            if !self.claim_alias(alias, &room_id, creator).await? {
+                return Err(Error::new(ErrCode::RoomInUse, "Room alias already taken"));
+            }
         }
         if req.publish {
             self.set_public(&room_id, true)?;

@@ -8,14 +8,14 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use ruma::{
-    api::client::filter::{LazyLoadOptions, RoomEventFilter, UrlFilter},
-    OwnedUserId, RoomId, UserId,
-};
+use ruma::{api::client::filter::RoomEventFilter, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
 use super::{Pdu, Rooms};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    service::filter::{lazy_loading, pdu_matches},
+};
 
 /// The largest page a client may ask for.
 pub const MAX_PAGE: usize = 1000;
@@ -39,65 +39,6 @@ pub fn parse_token(token: &str) -> Result<u64> {
 
 pub fn token(count: u64) -> String {
     format!("s{count}")
-}
-
-/// Does `pattern` (with `*` wildcards, as filters allow) match `value`?
-fn glob_match(pattern: &str, value: &str) -> bool {
-    if !pattern.contains('*') {
-        return pattern == value;
-    }
-    let parts: Vec<&str> = pattern.split('*').collect();
-    let mut rest = value;
-    for (i, part) in parts.iter().enumerate() {
-        if i == 0 {
-            match rest.strip_prefix(part) {
-                Some(r) => rest = r,
-                None => return false,
-            }
-        } else if i == parts.len() - 1 {
-            return rest.ends_with(part);
-        } else {
-            match rest.find(part) {
-                Some(pos) => rest = &rest[pos + part.len()..],
-                None => return false,
-            }
-        }
-    }
-    true
-}
-
-/// Does the event pass the filter's type, sender and url rules?
-pub fn filter_matches(filter: &RoomEventFilter, pdu: &Pdu) -> bool {
-    let kind = pdu.kind.to_string();
-    if filter.not_types.iter().any(|t| glob_match(t, &kind)) {
-        return false;
-    }
-    if let Some(types) = &filter.types {
-        if !types.iter().any(|t| glob_match(t, &kind)) {
-            return false;
-        }
-    }
-    if filter.not_senders.iter().any(|s| *s == pdu.sender) {
-        return false;
-    }
-    if let Some(senders) = &filter.senders {
-        if !senders.iter().any(|s| *s == pdu.sender) {
-            return false;
-        }
-    }
-    if let Some(url) = &filter.url_filter {
-        let has_url = pdu.content_value().get("url").is_some_and(Value::is_string);
-        match url {
-            UrlFilter::EventsWithUrl if !has_url => return false,
-            UrlFilter::EventsWithoutUrl if has_url => return false,
-            _ => {}
-        }
-    }
-    true
-}
-
-fn lazy_loading(filter: &RoomEventFilter) -> bool {
-    matches!(filter.lazy_load_options, LazyLoadOptions::Enabled { .. })
 }
 
 /// One page of `/messages`.
@@ -177,15 +118,13 @@ impl Rooms {
             from
         };
         let mut reached_to = false;
-        let (events, last) =
-            self.paginate(room_id, walk_from, backward, limit, |count, pdu| {
-                if beyond_to(count) {
-                    reached_to = true;
-                    return Ok(false);
-                }
-                Ok(self.user_can_see(room_id, user, count, &visibility)?
-                    && filter_matches(filter, pdu))
-            })?;
+        let (events, last) = self.paginate(room_id, walk_from, backward, limit, |count, pdu| {
+            if beyond_to(count) {
+                reached_to = true;
+                return Ok(false);
+            }
+            Ok(self.user_can_see(room_id, user, count, &visibility)? && pdu_matches(filter, pdu))
+        })?;
 
         // `end` is omitted when there is nothing more to read in this direction.
         let end = match last {
@@ -259,11 +198,9 @@ impl Rooms {
         let limit = limit.min(MAX_PAGE);
         let before_limit = limit / 2;
         let after_limit = limit - before_limit;
-        let keep =
-            |count: u64, pdu: &Pdu| -> Result<bool> {
-                Ok(self.user_can_see(room_id, user, count, &visibility)?
-                    && filter_matches(filter, pdu))
-            };
+        let keep = |count: u64, pdu: &Pdu| -> Result<bool> {
+            Ok(self.user_can_see(room_id, user, count, &visibility)? && pdu_matches(filter, pdu))
+        };
         let (before, _) = if before_limit > 0 {
             self.paginate(room_id, meta.count, true, before_limit, &keep)?
         } else {
@@ -319,15 +256,15 @@ impl Rooms {
 
     /// An event as a client sees it; the device that sent it also gets its transaction id.
     pub fn client_event_for(&self, pdu: &Pdu, user: &UserId, device: &str) -> Result<Value> {
-        let mut txn = None;
-        if pdu.sender == user {
-            if let Some(meta) = self.event_meta(pdu.event_id.as_str())? {
-                if meta.device_id.as_deref() == Some(device) {
-                    txn = meta.txn_id;
-                }
-            }
-        }
-        Ok(pdu.to_client_value(txn.as_deref()))
+        let meta = if pdu.sender == user {
+            self.event_meta(pdu.event_id.as_str())?
+        } else {
+            None
+        };
+        let txn = meta
+            .as_ref()
+            .and_then(|m| m.txn_id_for(&pdu.sender, user, device));
+        Ok(pdu.to_client_value(txn))
     }
 }
 
@@ -342,15 +279,5 @@ mod tests {
         assert!(parse_token("42").is_err());
         assert!(parse_token("s").is_err());
         assert!(parse_token("s99999999999999999999999").is_err());
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("m.room.*", "m.room.message"));
-        assert!(glob_match("*", "x"));
-        assert!(glob_match("m.*.message", "m.room.message"));
-        assert!(!glob_match("m.room.*", "m.call.invite"));
-        assert!(glob_match("m.room.message", "m.room.message"));
-        assert!(!glob_match("m.room", "m.room.message"));
     }
 }

@@ -1,15 +1,13 @@
 //! Membership changes of local users (join, knock, invite, leave, kick, ban, unban, forget),
-//! power level lookups, and which state a user may read.
+//! and which state a user may read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use http::StatusCode;
-use ruma::{
-    events::StateEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId,
-};
+use ruma::{events::StateEventType, OwnedEventId, OwnedUserId, RoomId, UserId};
 use serde_json::{json, Value};
 
-use super::{append::rules_for, NewEvent, Pdu, Rooms};
+use super::{NewEvent, Pdu, Rooms};
 use crate::{
     error::{ErrCode, Error, Result},
     storage::{keys, Table},
@@ -20,50 +18,6 @@ use crate::{
 pub struct MemberProfile {
     pub displayname: Option<String>,
     pub avatar_url: Option<String>,
-}
-
-/// The room's power levels, read as the auth rules read them.
-#[derive(Clone, Debug)]
-pub struct PowerLevels {
-    content: Option<Value>,
-    /// Users with infinite power (room version 12 creators).
-    creators: HashSet<OwnedUserId>,
-    /// The sender of `m.room.create`: power 100 while there is no power levels event.
-    create_sender: Option<OwnedUserId>,
-}
-
-/// Power values may be integers or (in old rooms) strings holding integers.
-fn as_level(v: &Value) -> Option<i64> {
-    v.as_i64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
-impl PowerLevels {
-    pub fn user(&self, user: &UserId) -> i64 {
-        if self.creators.contains(user) {
-            return i64::MAX;
-        }
-        match &self.content {
-            Some(c) => c
-                .get("users")
-                .and_then(|u| u.get(user.as_str()))
-                .and_then(as_level)
-                .or_else(|| c.get("users_default").and_then(as_level))
-                .unwrap_or(0),
-            None if self.create_sender.as_deref() == Some(user) => 100,
-            None => 0,
-        }
-    }
-
-    /// The level for an action key ("invite", "kick", "ban", "redact").
-    pub fn action(&self, key: &str) -> i64 {
-        let default = if key == "invite" { 0 } else { 50 };
-        self.content
-            .as_ref()
-            .and_then(|c| c.get(key))
-            .and_then(as_level)
-            .unwrap_or(default)
-    }
 }
 
 /// A member event's content with the profile and optional reason.
@@ -91,60 +45,6 @@ pub fn member_content(
 const MAX_ALLOW_ENTRIES: usize = 64;
 
 impl Rooms {
-    /// The room an alias points to, if this server knows it.
-    pub fn resolve_room_alias(&self, alias: &RoomAliasId) -> Result<Option<OwnedRoomId>> {
-        match self.storage.get(Table::Aliases, alias.as_bytes())? {
-            Some(v) => Ok(RoomId::parse(String::from_utf8_lossy(&v).as_ref()).ok()),
-            None => Ok(None),
-        }
-    }
-
-    /// Map a new alias to a room. The caller checked it is free.
-    pub fn put_room_alias(
-        &self,
-        alias: &RoomAliasId,
-        room_id: &RoomId,
-        creator: &UserId,
-    ) -> Result<()> {
-        let mut b = self.storage.batch();
-        b.put(Table::Aliases, alias.as_bytes(), room_id.as_bytes())?;
-        b.put(
-            Table::RoomAliases,
-            &keys::join(&[room_id.as_str(), alias.as_str()]),
-            creator.as_bytes(),
-        )?;
-        b.commit()
-    }
-
-    /// The power levels in the room's current state.
-    pub fn power_levels(&self, room_id: &RoomId) -> Result<PowerLevels> {
-        let version = self.version(room_id)?;
-        let rules = rules_for(&version)?;
-        let create = self.state_get(room_id, "m.room.create", "")?;
-        let mut creators = HashSet::new();
-        if rules.authorization.explicitly_privilege_room_creators {
-            if let Some(c) = &create {
-                creators.insert(c.sender.clone());
-                if let Some(Value::Array(more)) = c.content_value().get("additional_creators") {
-                    for u in more
-                        .iter()
-                        .take(MAX_ALLOW_ENTRIES)
-                        .filter_map(Value::as_str)
-                    {
-                        if let Ok(u) = UserId::parse(u) {
-                            creators.insert(u);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(PowerLevels {
-            content: self.state_content(room_id, &StateEventType::RoomPowerLevels, "")?,
-            creators,
-            create_sender: create.map(|c| c.sender),
-        })
-    }
-
     /// The room's join rule ("invite" when unset, as the auth rules assume).
     pub fn join_rule(&self, room_id: &RoomId) -> Result<String> {
         Ok(self
@@ -191,11 +91,10 @@ impl Rooms {
             return Ok(None);
         }
         let levels = self.power_levels(room_id)?;
-        let needed = levels.action("invite");
         let mut candidates: Vec<OwnedUserId> = self
             .joined_members(room_id)?
             .iter()
-            .filter(|u| u.server_name() == self.globals.server_name && levels.user(u) >= needed)
+            .filter(|u| u.server_name() == self.globals.server_name && levels.may(u, "invite"))
             .cloned()
             .collect();
         candidates.sort();

@@ -8,6 +8,7 @@ pub mod directory;
 pub mod history;
 pub mod membership;
 pub mod pdu;
+mod power;
 mod send;
 mod upgrade;
 mod visibility;
@@ -25,8 +26,9 @@ use serde::{Deserialize, Serialize};
 
 pub use append::{NewEvent, Sent};
 pub use create::{CreateRoom, Preset};
-pub use membership::{MemberProfile, Moderation, PowerLevels};
+pub use membership::{MemberProfile, Moderation};
 pub use pdu::Pdu;
+pub use power::PowerLevels;
 
 use crate::{
     error::{Error, Result},
@@ -54,6 +56,16 @@ pub struct EventMeta {
     pub device_id: Option<String>,
     #[serde(default)]
     pub txn_id: Option<String>,
+}
+
+impl EventMeta {
+    /// The transaction id, for the device that sent the event only.
+    pub fn txn_id_for(&self, sender: &UserId, user: &UserId, device: &str) -> Option<&str> {
+        match (&self.device_id, &self.txn_id) {
+            (Some(d), Some(t)) if sender == user && d == device => Some(t),
+            _ => None,
+        }
+    }
 }
 
 /// One change of room state, as kept in the state log.
@@ -103,10 +115,7 @@ impl Rooms {
     }
 
     pub fn meta(&self, room_id: &RoomId) -> Result<Option<RoomMeta>> {
-        match self.storage.get(Table::Rooms, room_id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.storage.get_json(Table::Rooms, room_id.as_bytes())
     }
 
     pub fn exists(&self, room_id: &RoomId) -> Result<bool> {
@@ -128,10 +137,7 @@ impl Rooms {
     }
 
     pub fn event_meta(&self, event_id: &str) -> Result<Option<EventMeta>> {
-        match self.storage.get(Table::EventMeta, event_id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.storage.get_json(Table::EventMeta, event_id.as_bytes())
     }
 
     /// The current state event for (type, state_key).

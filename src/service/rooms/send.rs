@@ -77,8 +77,7 @@ impl Rooms {
             return Err(Error::forbidden("The create event cannot be redacted"));
         }
         if target_pdu.sender != user {
-            let levels = self.power_levels(room_id)?;
-            if levels.user(user) < levels.action("redact") {
+            if !self.power_levels(room_id)?.may(user, "redact") {
                 return Err(Error::forbidden("You may only redact your own events"));
             }
         }
@@ -147,7 +146,7 @@ impl Rooms {
         for a in aliases {
             let alias = RoomAliasId::parse(a)
                 .map_err(|_| Error::invalid_param(format!("{a} is not a valid room alias")))?;
-            if self.resolve_room_alias(&alias)?.as_deref() != Some(room_id) {
+            if self.resolve_alias(&alias)?.as_deref() != Some(room_id) {
                 return Err(Error::new(
                     ErrCode::BadAlias,
                     format!("{a} does not point to this room"),

@@ -3,7 +3,7 @@
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{json, Map, Value};
 
-use super::{append::rules_for, NewEvent, Rooms, SUPPORTED_ROOM_VERSIONS};
+use super::{append::rules_for, NewEvent, PowerLevels, Rooms, SUPPORTED_ROOM_VERSIONS};
 use crate::error::{ErrCode, Error, Result};
 
 /// State copied from the old room to the new one (power levels are handled on their own).
@@ -129,22 +129,15 @@ impl Rooms {
                     users.remove(c.as_str());
                 }
             }
-        } else if self.power_level_of(room_id, user)?.is_none() {
+        } else if self.power_levels(room_id)?.is_privileged(user) {
             // A creator of the old room had unlimited power there: keep them in charge.
             final_pl["users"][user.as_str()] = json!(100);
         }
         let mut temp_pl = final_pl.clone();
         if !privileged {
-            let needed = needed_level(&final_pl);
-            let have = final_pl["users"][user.as_str()]
-                .as_i64()
-                .unwrap_or_else(|| {
-                    final_pl
-                        .get("users_default")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(0)
-                });
-            if have < needed {
+            let levels = PowerLevels::from_content(final_pl.clone());
+            let needed = needed_level(&levels);
+            if levels.user(user) < needed {
                 temp_pl["users"][user.as_str()] = json!(needed);
             }
         }
@@ -276,19 +269,10 @@ impl Rooms {
 }
 
 /// The highest power level the copied state needs from the upgrading user.
-fn needed_level(pl: &Value) -> i64 {
-    let int = |v: Option<&Value>| -> Option<i64> {
-        match v? {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.parse().ok(),
-            _ => None,
-        }
-    };
-    let state_default = int(pl.get("state_default")).unwrap_or(50);
-    let mut needed = state_default.max(int(pl.get("ban")).unwrap_or(50));
-    for kind in COPIED_STATE.iter().chain(["m.room.power_levels"].iter()) {
-        needed =
-            needed.max(int(pl.get("events").and_then(|e| e.get(*kind))).unwrap_or(state_default));
-    }
-    needed
+fn needed_level(levels: &PowerLevels) -> i64 {
+    COPIED_STATE
+        .iter()
+        .chain(["m.room.power_levels"].iter())
+        .map(|kind| levels.state(kind))
+        .fold(levels.state_default().max(levels.action("ban")), i64::max)
 }
