@@ -36,7 +36,8 @@ BENCH="$CARGO_TARGET_DIR/release/hafen-bench"
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 PGVER=$(ls /usr/lib/postgresql | sort -n | tail -1)
-PGDATA="$WORK/pgdata"
+PGDATA=${BENCH_PGDATA:-/var/tmp/hafen-bench/pgdata}
+install -d -o postgres "$(dirname "$PGDATA")"
 PGBIN="/usr/lib/postgresql/$PGVER/bin"
 PGPORT=18132
 if [ ! -d "$PGDATA" ]; then
@@ -44,7 +45,7 @@ if [ ! -d "$PGDATA" ]; then
   su postgres -c "$PGBIN/initdb -D $PGDATA -A trust -E UTF8 --locale=C" >/dev/null
 fi
 chown -R postgres "$PGDATA"
-su postgres -c "$PGBIN/pg_ctl -D $PGDATA -o '-p $PGPORT -k /tmp -c listen_addresses=127.0.0.1' -l $WORK/pg.log -w start" >/dev/null
+su postgres -c "$PGBIN/pg_ctl -D $PGDATA -o '-p $PGPORT -k /tmp -c listen_addresses=127.0.0.1' -l $(dirname $PGDATA)/pg.log -w start" >/dev/null
 cleanup() {
   [ -n "${HAFEN_PID:-}" ] && kill "$HAFEN_PID" 2>/dev/null || true
   [ -n "${SYNAPSE_PID:-}" ] && kill "$SYNAPSE_PID" 2>/dev/null || true
