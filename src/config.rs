@@ -135,7 +135,7 @@ fn default_true() -> bool {
     true
 }
 fn default_db_cache_capacity_mb() -> u64 {
-    256
+    64
 }
 fn default_max_request_size() -> usize {
     20 * 1024 * 1024

@@ -72,7 +72,29 @@ enum TokenCommand {
     List,
 }
 
+/// glibc's malloc raises its mmap threshold after freeing a large block, and from then on keeps
+/// such blocks (argon2's 19 MiB, large JSON bodies) in its heaps for good. A fixed threshold makes
+/// every large allocation an mmap that is returned to the system when freed, and fewer arenas
+/// keep fewer half-empty heaps: a much smaller resident set for the same work.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_MMAP_THRESHOLD: i32 = -3;
+    const M_ARENA_MAX: i32 = -8;
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+        mallopt(M_ARENA_MAX, 4);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let loaded = match config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(l) => l,

@@ -96,6 +96,18 @@ pub struct Accounts {
     access_token_lifetime_ms: u64,
 }
 
+/// Run CPU-heavy work (argon2 takes tens of milliseconds and 19 MiB) without stalling the other
+/// requests on this async worker: on the multi-threaded runtime the worker hands its other tasks
+/// to the rest of the pool first. (On a single-threaded runtime, as in some tests, it runs inline.)
+fn cpu_heavy<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -188,10 +200,12 @@ impl Accounts {
 
     pub fn hash_password(password: &str) -> Result<String> {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| Error::internal(format!("argon2: {e}")))
+        cpu_heavy(|| {
+            Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| Error::internal(format!("argon2: {e}")))
+        })
     }
 
     /// Create an account. Fails with `M_USER_IN_USE` if the id is taken.
@@ -248,10 +262,12 @@ impl Accounts {
         };
         let parsed =
             PasswordHash::new(&hash).map_err(|e| Error::internal(format!("stored hash: {e}")))?;
-        Ok(Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-            && !rec.map(|r| r.deactivated).unwrap_or(true))
+        let matches = cpu_heavy(|| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        });
+        Ok(matches && !rec.map(|r| r.deactivated).unwrap_or(true))
     }
 
     /// Log a device in: new or existing device id, fresh tokens.

@@ -45,8 +45,12 @@ impl Storage {
         opts.set_block_based_table_factory(&table_opts);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
 
+        // Memtables: small per table, and one budget for all of them, so that two dozen tables
+        // do not each hold a 64 MiB write buffer.
+        opts.set_db_write_buffer_size(32 * 1024 * 1024);
         let cfs = Table::ALL.iter().map(|t| {
             let mut cf_opts = rocksdb::Options::default();
+            cf_opts.set_write_buffer_size(4 * 1024 * 1024);
             cf_opts.set_block_based_table_factory(&table_opts);
             cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
             rocksdb::ColumnFamilyDescriptor::new(t.name(), cf_opts)
