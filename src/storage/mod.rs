@@ -19,7 +19,14 @@ use crate::error::{Error, Result};
 pub struct Storage {
     db: Arc<rocksdb::DB>,
     sync_writes: bool,
+    /// Highest sequence number known to be on disk (group commit, see [`Storage::make_durable`]).
+    synced: Arc<parking_lot::Mutex<u64>>,
 }
+
+/// A write applied but perhaps not yet on disk: pass it to [`Storage::durable`] before
+/// acknowledging anything that depends on it.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteTicket(u64);
 
 /// Why opening failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +76,7 @@ impl Storage {
         Ok(Storage {
             db: Arc::new(db),
             sync_writes,
+            synced: Arc::default(),
         })
     }
 
@@ -169,6 +177,43 @@ impl Storage {
         b.commit()
     }
 
+    /// Block until the write behind `ticket` is on disk. Concurrent callers share one fsync
+    /// (group commit): whoever syncs covers every write applied before it started.
+    pub fn make_durable(&self, ticket: WriteTicket) -> Result<()> {
+        if !self.sync_writes {
+            return Ok(());
+        }
+        let mut synced = self.synced.lock();
+        if *synced >= ticket.0 {
+            return Ok(());
+        }
+        let upto = self.db.latest_sequence_number();
+        self.db.flush_wal(true)?;
+        *synced = upto;
+        Ok(())
+    }
+
+    /// [`Storage::make_durable`] without holding up an async worker during the fsync.
+    pub async fn durable(&self, ticket: WriteTicket) -> Result<()> {
+        if !self.sync_writes || *self.synced.lock() >= ticket.0 {
+            return Ok(());
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                let storage = self.clone();
+                tokio::task::spawn_blocking(move || storage.make_durable(ticket))
+                    .await
+                    .map_err(|e| Error::internal(format!("durability task: {e}")))?
+            }
+            _ => self.make_durable(ticket),
+        }
+    }
+
+    /// A ticket covering every write applied so far.
+    pub fn ticket_now(&self) -> WriteTicket {
+        WriteTicket(self.db.latest_sequence_number())
+    }
+
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
         Ok(())
@@ -196,6 +241,13 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
+    }
+
+    /// Apply the batch at once (atomically, through the WAL) without waiting for the disk.
+    /// Readers see it immediately; acknowledge it only after [`Storage::durable`].
+    pub fn commit_deferred(self) -> Result<WriteTicket> {
+        self.storage.db.write(self.inner)?;
+        Ok(WriteTicket(self.storage.db.latest_sequence_number()))
     }
 
     pub fn commit(self) -> Result<()> {

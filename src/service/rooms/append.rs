@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use super::{pdu::to_canonical, EventMeta, Pdu, RoomMeta, Rooms, StateChange, UserRoom};
 use crate::{
     error::{ErrCode, Error, Result},
-    storage::{keys, Table},
+    service::globals::PendingCount,
+    storage::{keys, Storage, Table, WriteTicket},
     utils,
 };
 
@@ -43,6 +44,29 @@ impl NewEvent {
             state_key: Some(state_key.to_owned()),
             redacts: None,
         }
+    }
+}
+
+/// An event written but not yet known to be on disk. Until it completes, the stream watermark
+/// stays below it (sync does not show it) and nobody is woken for it.
+pub struct Deferred<'a> {
+    pending: PendingCount<'a>,
+    wake: Vec<OwnedUserId>,
+    ticket: WriteTicket,
+}
+
+impl Deferred<'_> {
+    /// Wait (without blocking an async worker) until the event is durable, then publish it.
+    pub async fn complete(self, storage: &Storage) -> Result<()> {
+        storage.durable(self.ticket).await?;
+        self.pending.finish(self.wake);
+        Ok(())
+    }
+
+    fn finish_blocking(self, storage: &Storage) -> Result<()> {
+        storage.make_durable(self.ticket)?;
+        self.pending.finish(self.wake);
+        Ok(())
     }
 }
 
@@ -141,14 +165,16 @@ impl Rooms {
         Ok((room_id, guard))
     }
 
-    /// Build, authorize, sign and persist an event. The caller holds the room's lock.
-    pub fn append_locked(
+    /// Build, authorize, sign and write an event without waiting for the disk; the caller
+    /// holds the room's lock and completes the returned [`Deferred`] after releasing it, so
+    /// that events of one room share fsyncs (group commit).
+    pub fn append_locked_deferred(
         &self,
         room_id: &RoomId,
         sender: &UserId,
         new: NewEvent,
         txn: Option<(&DeviceId, &str)>,
-    ) -> Result<Sent> {
+    ) -> Result<(Sent, Deferred<'_>)> {
         let meta = self
             .meta(room_id)?
             .ok_or_else(|| Error::not_found("Unknown room"))?;
@@ -223,7 +249,21 @@ impl Rooms {
         )
         .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
 
-        self.persist(room_id, meta, obj, pdu, txn)
+        self.persist_deferred(room_id, meta, obj, pdu, txn)
+    }
+
+    /// Build, authorize, sign and persist an event, durable on return. The caller holds the
+    /// room's lock.
+    pub fn append_locked(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        new: NewEvent,
+        txn: Option<(&DeviceId, &str)>,
+    ) -> Result<Sent> {
+        let (sent, deferred) = self.append_locked_deferred(room_id, sender, new, txn)?;
+        deferred.finish_blocking(&self.storage)?;
+        Ok(sent)
     }
 
     /// Lock the room and append one event.
@@ -324,15 +364,32 @@ impl Rooms {
         serde_json::from_value(value).map_err(|e| Error::bad_json(format!("invalid event: {e}")))
     }
 
-    /// Write the event and everything it changes in one batch, then wake the users it concerns.
+    /// Write the event and everything it changes in one batch, wait until it is on disk, then
+    /// wake the users it concerns.
     fn persist(
+        &self,
+        room_id: &RoomId,
+        meta: RoomMeta,
+        obj: CanonicalJsonObject,
+        pdu: Pdu,
+        txn: Option<(&DeviceId, &str)>,
+    ) -> Result<Sent> {
+        let (sent, deferred) = self.persist_deferred(room_id, meta, obj, pdu, txn)?;
+        deferred.finish_blocking(&self.storage)?;
+        Ok(sent)
+    }
+
+    /// Write the event and everything it changes in one batch, without waiting for the disk.
+    /// Nobody is woken and the stream watermark does not pass the event until
+    /// [`Deferred::complete`]: sync never shows an event that a crash could still take back.
+    fn persist_deferred(
         &self,
         room_id: &RoomId,
         mut meta: RoomMeta,
         obj: CanonicalJsonObject,
         mut pdu: Pdu,
         txn: Option<(&DeviceId, &str)>,
-    ) -> Result<Sent> {
+    ) -> Result<(Sent, Deferred<'_>)> {
         let pending = self.globals.counter.next()?;
         let count = pending.get();
         let mut batch = self.storage.batch();
@@ -447,15 +504,21 @@ impl Rooms {
             room_id.as_bytes(),
             &serde_json::to_vec(&meta)?,
         )?;
-        batch.commit()?;
+        let ticket = batch.commit_deferred()?;
 
         if membership_changed {
             self.invalidate_joined(room_id);
             // Newly joined members must be woken too.
             wake.extend(self.joined_members(room_id)?.iter().cloned());
         }
-        pending.finish(wake);
-        Ok(Sent { event_id, count })
+        Ok((
+            Sent { event_id, count },
+            Deferred {
+                pending,
+                wake,
+                ticket,
+            },
+        ))
     }
 
     /// Replace the stored target with its redacted form, keeping `redacted_because`.

@@ -38,18 +38,24 @@ impl Rooms {
                 .redact_event(room_id, user, device, &target, reason.as_deref(), txn_id)
                 .await;
         }
-        let _guard = self.lock(room_id).await;
+        let guard = self.lock(room_id).await;
         // Checked under the lock so that two concurrent retries make one event.
         if let Some(id) = self.transaction_event(user, device, txn_id)? {
+            drop(guard);
+            // The first request may still be waiting for the disk: answer only once it is there.
+            self.storage.durable(self.storage.ticket_now()).await?;
             return Ok(id);
         }
         self.require_joined(room_id, user)?;
-        let sent = self.append_locked(
+        let (sent, deferred) = self.append_locked_deferred(
             room_id,
             user,
             NewEvent::message(kind, content),
             Some((device, txn_id)),
         )?;
+        // The next event of the room can be built while this one goes to disk.
+        drop(guard);
+        deferred.complete(&self.storage).await?;
         Ok(sent.event_id)
     }
 
