@@ -79,6 +79,8 @@ print(f"- Hafen: `{hafen_ver}`, release build, embedded RocksDB, `database_sync_
 print(f"- Synapse: {syn_ver} from PyPI, PostgreSQL from Debian (`synchronous_commit = on`, the default: durable commits), every `rc_*` limit raised, presence off, logging at WARNING")
 print(f"- Rounds: {rounds}, alternating Hafen and Synapse; figures are medians over the rounds. Each server starts empty for each round.")
 print(f"- Command: `{command}`\n")
+if rounds < 3:
+    print(f"**Only {rounds} round(s): these are single measurements, not medians of 3.** Rerun with ROUNDS=3 for the figures the targets are judged on.\n")
 print("Both servers acknowledge a write only once it is durable, so throughput is compared at equal durability.\n")
 
 print("| scenario | Hafen ops/s | Synapse ops/s | ratio | Hafen p50 / p99 ms | Synapse p50 / p99 ms | errors H / S |")

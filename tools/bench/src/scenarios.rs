@@ -414,9 +414,13 @@ async fn delivery_latency(ctx: &Ctx<'_>, pool: &[User]) -> Option<ScenarioResult
     let mut seen = 0;
     let deadline = Instant::now() + Duration::from_secs(30) + Duration::from_millis(20 * n as u64);
     while seen < n && Instant::now() < deadline {
+        // A generous timeline limit: a slow server batches many messages into one response, and
+        // a limited timeline would drop the older ones from it.
+        let filter = r#"{"room":{"timeline":{"limit":1000}}}"#;
         let path = format!(
-            "/_matrix/client/v3/sync?timeout=10000&since={}",
-            enc(&since)
+            "/_matrix/client/v3/sync?timeout=10000&since={}&filter={}",
+            enc(&since),
+            enc(filter)
         );
         let (status, body) = api.get(&path, &receiver.token).await;
         let arrived = Instant::now();
