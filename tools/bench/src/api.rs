@@ -15,7 +15,6 @@ pub type Reply = (u16, Value);
 
 #[derive(Clone, Debug)]
 pub struct User {
-    pub user_id: String,
     pub token: String,
 }
 
@@ -127,7 +126,6 @@ impl Api {
             match status {
                 200 => {
                     return Ok(User {
-                        user_id: reply["user_id"].as_str().unwrap_or_default().to_owned(),
                         token: reply["access_token"]
                             .as_str()
                             .unwrap_or_default()
@@ -173,7 +171,6 @@ impl Api {
             return Err(format!("login {user}: {status} {reply}"));
         }
         Ok(User {
-            user_id: reply["user_id"].as_str().unwrap_or_default().to_owned(),
             token: reply["access_token"]
                 .as_str()
                 .unwrap_or_default()
