@@ -8,7 +8,13 @@
 pub mod keys;
 mod tables;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 pub use tables::Table;
 
@@ -20,7 +26,10 @@ pub struct Storage {
     db: Arc<rocksdb::DB>,
     sync_writes: bool,
     /// Highest sequence number known to be on disk (group commit, see [`Storage::make_durable`]).
-    synced: Arc<parking_lot::Mutex<u64>>,
+    /// An atomic, so that async callers can check it without waiting behind a running fsync.
+    synced: Arc<AtomicU64>,
+    /// Held by whoever runs the fsync; the others wait here and usually find their write covered.
+    sync_lock: Arc<parking_lot::Mutex<()>>,
 }
 
 /// A write applied but perhaps not yet on disk: pass it to [`Storage::durable`] before
@@ -77,6 +86,7 @@ impl Storage {
             db: Arc::new(db),
             sync_writes,
             synced: Arc::default(),
+            sync_lock: Arc::default(),
         })
     }
 
@@ -183,19 +193,22 @@ impl Storage {
         if !self.sync_writes {
             return Ok(());
         }
-        let mut synced = self.synced.lock();
-        if *synced >= ticket.0 {
+        if self.synced.load(Ordering::Acquire) >= ticket.0 {
+            return Ok(());
+        }
+        let _fsync = self.sync_lock.lock();
+        if self.synced.load(Ordering::Acquire) >= ticket.0 {
             return Ok(());
         }
         let upto = self.db.latest_sequence_number();
         self.db.flush_wal(true)?;
-        *synced = upto;
+        self.synced.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
 
     /// [`Storage::make_durable`] without holding up an async worker during the fsync.
     pub async fn durable(&self, ticket: WriteTicket) -> Result<()> {
-        if !self.sync_writes || *self.synced.lock() >= ticket.0 {
+        if !self.sync_writes || self.synced.load(Ordering::Acquire) >= ticket.0 {
             return Ok(());
         }
         match tokio::runtime::Handle::try_current() {
