@@ -402,7 +402,7 @@ impl Rooms {
         stored["room_id"] = Value::String(room_id.to_string());
 
         let mut wake: Vec<OwnedUserId> = self.joined_members(room_id)?.iter().cloned().collect();
-        let mut membership_changed = false;
+        let mut member_change: Option<(OwnedUserId, bool)> = None;
 
         if let Some(state_key) = &pdu.state_key {
             let kind = pdu.kind.to_string();
@@ -456,8 +456,8 @@ impl Rooms {
                 let mut log_key = keys::prefix(&[target.as_str(), room_id.as_str()]);
                 log_key.extend_from_slice(&count.to_be_bytes());
                 batch.put(Table::MembershipLog, &log_key, membership.as_bytes())?;
+                member_change = Some((target.clone(), membership == "join"));
                 wake.push(target);
-                membership_changed = true;
             }
         }
 
@@ -506,10 +506,9 @@ impl Rooms {
         )?;
         let ticket = batch.commit_deferred()?;
 
-        if membership_changed {
-            self.invalidate_joined(room_id);
-            // Newly joined members must be woken too.
-            wake.extend(self.joined_members(room_id)?.iter().cloned());
+        // The target (woken above) is the only member whose membership changed.
+        if let Some((target, joined)) = member_change {
+            self.update_joined(room_id, &target, joined);
         }
         Ok((
             Sent { event_id, count },

@@ -232,10 +232,14 @@ impl Rooms {
             return Ok(set.clone());
         }
         let set = Arc::new(self.members_with(room_id, |m| m == "join")?);
-        self.joined_cache
+        // The first loaded set wins: the write path keeps that one current (`update_joined`), and
+        // a concurrent load that read the table before a membership write must not replace it.
+        Ok(self
+            .joined_cache
             .lock()
-            .insert(room_id.to_owned(), set.clone());
-        Ok(set)
+            .entry(room_id.to_owned())
+            .or_insert(set)
+            .clone())
     }
 
     /// Members whose current membership passes `pred`.
@@ -405,8 +409,21 @@ impl Rooms {
         Ok(state)
     }
 
-    pub(crate) fn invalidate_joined(&self, room_id: &RoomId) {
-        self.joined_cache.lock().remove(room_id);
+    /// Keep the cached joined set current after a membership change, instead of reloading the
+    /// whole member list from storage on every join (copy-on-write: readers keep their snapshot).
+    /// The write path loads the set before writing, so the entry is there to update.
+    pub(crate) fn update_joined(&self, room_id: &RoomId, user: &UserId, joined: bool) {
+        let mut cache = self.joined_cache.lock();
+        if let Some(set) = cache.get_mut(room_id) {
+            if set.contains(user) != joined {
+                let set = Arc::make_mut(set);
+                if joined {
+                    set.insert(user.to_owned());
+                } else {
+                    set.remove(user);
+                }
+            }
+        }
     }
 
     /// Room ids currently published in the directory.
