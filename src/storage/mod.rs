@@ -5,17 +5,13 @@
 //! batch, written with the WAL (and fsync when `database_sync_writes` is on) before the client gets
 //! an answer, so a crash never loses an acknowledged write nor leaves half of one.
 
+mod durability;
 pub mod keys;
 mod tables;
 
-use std::{
-    path::Path,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::{path::Path, sync::Arc};
 
+pub use durability::WriteTicket;
 pub use tables::Table;
 
 use crate::error::{Error, Result};
@@ -23,19 +19,13 @@ use crate::error::{Error, Result};
 /// An open database. Cheap to clone (an `Arc` inside).
 #[derive(Clone)]
 pub struct Storage {
+    // Declared before `syncer`: dropping the last clone releases this first, then stops and
+    // joins the syncer thread, which closes the database.
     db: Arc<rocksdb::DB>,
     sync_writes: bool,
-    /// Highest sequence number known to be on disk (group commit, see [`Storage::make_durable`]).
-    /// An atomic, so that async callers can check it without waiting behind a running fsync.
-    synced: Arc<AtomicU64>,
-    /// Held by whoever runs the fsync; the others wait here and usually find their write covered.
-    sync_lock: Arc<parking_lot::Mutex<()>>,
+    /// Group commit (see [`durability`]); `None` when `database_sync_writes` is off.
+    syncer: Option<Arc<durability::Syncer>>,
 }
-
-/// A write applied but perhaps not yet on disk: pass it to [`Storage::durable`] before
-/// acknowledging anything that depends on it.
-#[derive(Clone, Copy, Debug)]
-pub struct WriteTicket(u64);
 
 /// Why opening failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +72,21 @@ impl Storage {
                 }
             }
         })?;
+        let db = Arc::new(db);
+        let syncer = if sync_writes {
+            let syncer =
+                durability::Syncer::start(Arc::downgrade(&db)).map_err(|e| OpenError::Other {
+                    path: path.display().to_string(),
+                    message: format!("cannot start the WAL sync thread: {e}"),
+                })?;
+            Some(Arc::new(syncer))
+        } else {
+            None
+        };
         Ok(Storage {
-            db: Arc::new(db),
+            db,
             sync_writes,
-            synced: Arc::default(),
-            sync_lock: Arc::default(),
+            syncer,
         })
     }
 
@@ -187,38 +187,20 @@ impl Storage {
         b.commit()
     }
 
-    /// Block until the write behind `ticket` is on disk. Concurrent callers share one fsync
-    /// (group commit): whoever syncs covers every write applied before it started.
+    /// Block until the write behind `ticket` is on disk (for callers outside the async runtime).
     pub fn make_durable(&self, ticket: WriteTicket) -> Result<()> {
-        if !self.sync_writes {
-            return Ok(());
+        match &self.syncer {
+            Some(syncer) => syncer.wait_blocking(ticket),
+            None => Ok(()),
         }
-        if self.synced.load(Ordering::Acquire) >= ticket.0 {
-            return Ok(());
-        }
-        let _fsync = self.sync_lock.lock();
-        if self.synced.load(Ordering::Acquire) >= ticket.0 {
-            return Ok(());
-        }
-        let upto = self.db.latest_sequence_number();
-        self.db.flush_wal(true)?;
-        self.synced.fetch_max(upto, Ordering::AcqRel);
-        Ok(())
     }
 
-    /// [`Storage::make_durable`] without holding up an async worker during the fsync.
+    /// Wait until the write behind `ticket` is on disk. Concurrent writers share one fsync
+    /// (group commit, see [`durability`]).
     pub async fn durable(&self, ticket: WriteTicket) -> Result<()> {
-        if !self.sync_writes || self.synced.load(Ordering::Acquire) >= ticket.0 {
-            return Ok(());
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                let storage = self.clone();
-                tokio::task::spawn_blocking(move || storage.make_durable(ticket))
-                    .await
-                    .map_err(|e| Error::internal(format!("durability task: {e}")))?
-            }
-            _ => self.make_durable(ticket),
+        match &self.syncer {
+            Some(syncer) => syncer.wait(ticket).await,
+            None => Ok(()),
         }
     }
 

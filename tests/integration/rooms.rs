@@ -1251,3 +1251,54 @@ async fn redaction() {
         .await;
     assert_eq!(ev["content"], json!({}));
 }
+
+/// Auth checks read state events through a cache; redacting a state event must change what
+/// later events are checked against. In room version 10 a redaction strips `invite` from the
+/// power levels, so inviting falls back to the default level 0.
+#[tokio::test]
+async fn redacted_power_levels_apply_to_later_auth() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let carol = s.user("carol").await;
+    let room = s
+        .create_room(&alice, json!({ "room_version": "10", "preset": "public_chat" }))
+        .await;
+    let got = s.post(&room_path(&room, "join"), &bob, json!({})).await;
+    assert_eq!(got.0, StatusCode::OK, "{got:?}");
+
+    let (status, levels) = s
+        .get(&room_path(&room, "state/m.room.power_levels/"), &alice)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut levels = levels;
+    levels["invite"] = json!(50);
+    let got = s
+        .put(&room_path(&room, "state/m.room.power_levels/"), &alice, levels)
+        .await;
+    assert_eq!(got.0, StatusCode::OK, "{got:?}");
+    let pl_event = got.1["event_id"].as_str().unwrap().to_owned();
+
+    let invite = json!({ "user_id": carol.user_id });
+    let got = s.post(&room_path(&room, "invite"), &bob, invite.clone()).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+
+    let got = s
+        .put(
+            &room_path(&room, &format!("redact/{}/pl1", enc(&pl_event))),
+            &alice,
+            json!({ "reason": "test" }),
+        )
+        .await;
+    assert_eq!(got.0, StatusCode::OK, "{got:?}");
+    let (status, redacted) = s
+        .get(&room_path(&room, "state/m.room.power_levels/"), &alice)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(redacted.get("invite").is_none(), "{redacted}");
+    assert_eq!(redacted["users"][&alice.user_id], json!(100), "{redacted}");
+
+    let got = s.post(&room_path(&room, "invite"), &bob, invite).await;
+    assert_eq!(got.0, StatusCode::OK, "{got:?}");
+    assert_eq!(got.1, json!({}));
+}

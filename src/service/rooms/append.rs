@@ -1,5 +1,7 @@
 //! The write path for local events: build, authorize, sign, persist in one batch, wake readers.
 
+use std::sync::Arc;
+
 use ruma::{
     events::{StateEventType, TimelineEventType},
     room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules},
@@ -243,8 +245,10 @@ impl Rooms {
         ruma::state_res::check_state_dependent_auth_rules(
             &rules.authorization,
             &pdu,
-            |t: &StateEventType, k: &str| -> Option<Pdu> {
-                self.state_get(room_id, &t.to_string(), k).ok().flatten()
+            |t: &StateEventType, k: &str| -> Option<Arc<Pdu>> {
+                self.state_get_for_auth(room_id, &t.to_string(), k)
+                    .ok()
+                    .flatten()
             },
         )
         .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
@@ -407,7 +411,7 @@ impl Rooms {
         if let Some(state_key) = &pdu.state_key {
             let kind = pdu.kind.to_string();
             let state_key_str = state_key.as_str();
-            if let Some(prev) = self.state_get(room_id, &kind, state_key_str)? {
+            if let Some(prev) = self.state_get_for_auth(room_id, &kind, state_key_str)? {
                 let mut unsigned = serde_json::Map::new();
                 unsigned.insert("prev_content".into(), super::pdu::raw_value(&prev.content));
                 unsigned.insert("prev_sender".into(), Value::String(prev.sender.to_string()));
@@ -565,6 +569,9 @@ impl Rooms {
             target_id.as_bytes(),
             &serde_json::to_vec(&out)?,
         )?;
+        // The batch commits before the room's lock is released, so no auth check can refill
+        // the cache with the unredacted form.
+        self.evict_for_auth(target_id);
         Ok(())
     }
 

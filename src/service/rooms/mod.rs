@@ -91,7 +91,14 @@ pub struct Rooms {
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Joined members of each room, for waking syncs and answering member questions fast.
     joined_cache: Mutex<HashMap<OwnedRoomId, Arc<HashSet<OwnedUserId>>>>,
+    /// Parsed state events (create, power levels, join rules, members) for the auth checks of the
+    /// write path, which reads the same few events for every event of a room. Only used under
+    /// the room's lock; a redaction (which rewrites a stored event) evicts its target.
+    auth_cache: Mutex<HashMap<OwnedEventId, Arc<Pdu>>>,
 }
+
+/// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
+const AUTH_CACHE_ENTRIES: usize = 16_384;
 
 impl Rooms {
     pub fn new(storage: Storage, globals: Arc<Globals>) -> Rooms {
@@ -100,6 +107,7 @@ impl Rooms {
             globals,
             locks: Mutex::new(HashMap::new()),
             joined_cache: Mutex::new(HashMap::new()),
+            auth_cache: Mutex::new(HashMap::new()),
         }
     }
 
@@ -167,6 +175,37 @@ impl Rooms {
             Some(id) => self.pdu(id.as_str()),
             None => Ok(None),
         }
+    }
+
+    /// The current state event for (type, state_key), from the write path's cache. Call only
+    /// under the room's lock (see [`Rooms::auth_cache`]).
+    pub(crate) fn state_get_for_auth(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Arc<Pdu>>> {
+        let Some(id) = self.state_event_id(room_id, event_type, state_key)? else {
+            return Ok(None);
+        };
+        if let Some(pdu) = self.auth_cache.lock().get(&id) {
+            return Ok(Some(pdu.clone()));
+        }
+        let Some(pdu) = self.pdu(id.as_str())? else {
+            return Ok(None);
+        };
+        let pdu = Arc::new(pdu);
+        let mut cache = self.auth_cache.lock();
+        if cache.len() >= AUTH_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(id, pdu.clone());
+        Ok(Some(pdu))
+    }
+
+    /// Drop an event from the write path's cache because its stored form changes.
+    pub(crate) fn evict_for_auth(&self, event_id: &ruma::EventId) {
+        self.auth_cache.lock().remove(event_id);
     }
 
     /// The content of a current state event, as JSON.

@@ -1,0 +1,165 @@
+//! Group commit: one thread makes the WAL durable for everybody.
+//!
+//! Writers apply their batch without fsync and then wait for a [`WriteTicket`] (the RocksDB
+//! sequence number of their write) to be covered by an fsync. A single syncer thread runs the
+//! fsyncs back to back: each one covers every write applied before it started, so under load one
+//! fsync acknowledges many writes, and a waiting request costs no thread of its own (an earlier
+//! design ran each wait on tokio's blocking pool: one thread wake-up and lock hand-off per request).
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Weak,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+
+/// A write applied but perhaps not yet on disk: wait for it with `Storage::durable` before
+/// acknowledging anything that depends on it.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteTicket(pub(super) u64);
+
+/// What the syncer has achieved so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct Progress {
+    /// Highest sequence number known to be on disk.
+    synced: u64,
+    /// How many fsyncs have failed; a waiter that sees this change gets an error.
+    failures: u64,
+}
+
+/// The syncer thread and what waiters share with it.
+pub(super) struct Syncer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    /// Highest ticket anybody waits for.
+    wanted: AtomicU64,
+    /// Mirrors `progress.synced`, for a wait-free fast path.
+    synced: AtomicU64,
+    stop: AtomicBool,
+    progress: watch::Sender<Progress>,
+}
+
+impl Syncer {
+    /// Start the thread. It holds the database only weakly, so dropping the last `Storage`
+    /// closes the database (the thread is stopped and joined first).
+    pub(super) fn start(db: Weak<rocksdb::DB>) -> std::io::Result<Syncer> {
+        let shared = Arc::new(Shared {
+            wanted: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            progress: watch::Sender::new(Progress::default()),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("hafen-wal-sync".into())
+                .spawn(move || run(&shared, &db))?
+        };
+        Ok(Syncer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn is_synced(&self, ticket: WriteTicket) -> bool {
+        self.shared.synced.load(Ordering::Acquire) >= ticket.0
+    }
+
+    /// Wait until `ticket` is on disk.
+    pub(super) async fn wait(&self, ticket: WriteTicket) -> Result<()> {
+        if self.is_synced(ticket) {
+            return Ok(());
+        }
+        let mut progress = self.shared.progress.subscribe();
+        let failures_before = progress.borrow().failures;
+        self.request(ticket);
+        let state = progress
+            .wait_for(|p| p.synced >= ticket.0 || p.failures != failures_before)
+            .await
+            .map_err(|_| Error::internal("the WAL sync thread has stopped"))?;
+        if state.synced >= ticket.0 {
+            Ok(())
+        } else {
+            Err(Error::internal("writing the database log to disk failed"))
+        }
+    }
+
+    /// The blocking form of [`Syncer::wait`], for callers outside the async runtime.
+    pub(super) fn wait_blocking(&self, ticket: WriteTicket) -> Result<()> {
+        if self.is_synced(ticket) {
+            return Ok(());
+        }
+        let mut progress = self.shared.progress.subscribe();
+        let failures_before = progress.borrow().failures;
+        self.request(ticket);
+        loop {
+            let p = *progress.borrow_and_update();
+            if p.synced >= ticket.0 {
+                return Ok(());
+            }
+            if p.failures != failures_before {
+                return Err(Error::internal("writing the database log to disk failed"));
+            }
+            // Poll with a short sleep: this path is for the CLI and tests, never for requests.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn request(&self, ticket: WriteTicket) {
+        self.shared.wanted.fetch_max(ticket.0, Ordering::AcqRel);
+        if let Some(t) = &self.thread {
+            // Cheap when the thread is busy: it re-checks `wanted` before parking.
+            t.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(shared: &Shared, db: &Weak<rocksdb::DB>) {
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let synced = shared.synced.load(Ordering::Acquire);
+        if shared.wanted.load(Ordering::Acquire) <= synced {
+            // A request that arrives between the check and here leaves an unpark token, so
+            // park returns at once: no wake-up is lost.
+            std::thread::park();
+            continue;
+        }
+        let Some(db) = db.upgrade() else { return };
+        // Everything applied up to here is in the WAL buffer; the fsync below covers it.
+        let upto = db.latest_sequence_number();
+        match db.flush_wal(true) {
+            Ok(()) => {
+                shared.synced.fetch_max(upto, Ordering::AcqRel);
+                shared.progress.send_modify(|p| p.synced = p.synced.max(upto));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "fsync of the database log failed");
+                shared.progress.send_modify(|p| p.failures += 1);
+                drop(db);
+                // Do not spin on a failing disk.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
