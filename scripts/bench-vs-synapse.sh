@@ -19,6 +19,7 @@ HAFEN_PORT=18108
 SYNAPSE_PORT=18118
 mkdir -p "$WORK" "$OUT"
 source scripts/setup-debian.sh
+source scripts/bench-common.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # --- Install ---------------------------------------------------------------------------------
@@ -112,33 +113,6 @@ PY
   "$WORK/synapse-venv/bin/python" -m synapse.app.homeserver -c "$dir/homeserver.yaml" >"$WORK/synapse.log" 2>&1 &
   SYNAPSE_PID=$!
   wait_http "http://127.0.0.1:$SYNAPSE_PORT"
-}
-
-start_hafen() {
-  local dir="$WORK/hafen"
-  rm -rf "$dir"; mkdir -p "$dir"
-  cat > "$dir/conduit-config.toml" <<TOML
-[global]
-server_name = "localhost"
-port = $HAFEN_PORT
-database_path = "$dir/db"
-database_sync_writes = true
-registration_token = "bench"
-log = "warn"
-[global.rate_limits]
-enabled = false
-TOML
-  "$HAFEN" --config "$dir/conduit-config.toml" serve >"$WORK/hafen.log" 2>&1 &
-  HAFEN_PID=$!
-  wait_http "http://127.0.0.1:$HAFEN_PORT"
-}
-
-wait_http() {
-  for _ in $(seq 1 300); do
-    curl -sf "$1/_matrix/client/versions" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  echo "server at $1 did not start" >&2; exit 1
 }
 
 command -v curl >/dev/null || apt-get install -y -qq curl >/dev/null

@@ -1302,3 +1302,28 @@ async fn redacted_power_levels_apply_to_later_auth() {
     assert_eq!(got.0, StatusCode::OK, "{got:?}");
     assert_eq!(got.1, json!({}));
 }
+
+/// A v12 room id is the hash of its create event, so identical requests in the same
+/// millisecond would build the same id: each must still get a room of its own.
+#[tokio::test]
+async fn concurrent_identical_create_room_gives_distinct_rooms() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let body = json!({ "preset": "private_chat" });
+    let path = format!("{V3}/createRoom");
+    let replies = futures_util::future::join_all(
+        (0..16).map(|_| s.post(&path, &alice, body.clone())),
+    )
+    .await;
+    let mut ids = std::collections::HashSet::new();
+    for got in &replies {
+        assert_eq!(got.0, StatusCode::OK, "{got:?}");
+        let id = got.1["room_id"].as_str().expect("room_id").to_owned();
+        assert!(id.starts_with('!'), "{id}");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 16, "{replies:?}");
+    let (status, joined) = s.get(&format!("{V3}/joined_rooms"), &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(joined["joined_rooms"].as_array().map(Vec::len), Some(16), "{joined}");
+}

@@ -18,6 +18,9 @@ use crate::{
     utils,
 };
 
+/// How many timestamps room creation tries before giving up on a free v12 room id.
+const CREATE_ATTEMPTS: u64 = 64;
+
 /// The largest event the spec allows, signatures included.
 pub const MAX_PDU_BYTES: usize = 65_536;
 
@@ -103,6 +106,37 @@ impl Rooms {
         if !rules.authorization.use_room_create_sender {
             content.insert("creator".into(), Value::String(sender.to_string()));
         }
+        let now = utils::now_ms();
+        // Two identical requests in the same millisecond build the same v12 create event, and
+        // so the same room id: the later one moves its timestamp on until the id is free.
+        for attempt in 0..CREATE_ATTEMPTS {
+            let (room_id, obj, pdu) =
+                self.build_create_event(&rules, sender, &content, now + attempt)?;
+            let guard = self.lock(&room_id).await;
+            // Checked under the new room's lock, so two creators cannot both see it free.
+            if self.exists(&room_id)? {
+                continue;
+            }
+            let meta = RoomMeta {
+                version: version.clone(),
+                extremities: vec![],
+                depth: 0,
+                last_count: 0,
+            };
+            self.persist(&room_id, meta, obj, pdu, None)?;
+            return Ok((room_id, guard));
+        }
+        Err(Error::new(ErrCode::RoomInUse, "Room already exists"))
+    }
+
+    /// The signed create event for `origin_server_ts`, with the room id it belongs to.
+    fn build_create_event(
+        &self,
+        rules: &RoomVersionRules,
+        sender: &UserId,
+        content: &serde_json::Map<String, Value>,
+        origin_server_ts: u64,
+    ) -> Result<(OwnedRoomId, CanonicalJsonObject, Pdu)> {
         let room_id_v1 = if rules.authorization.room_create_event_id_as_room_id {
             None
         } else {
@@ -120,7 +154,7 @@ impl Rooms {
             "state_key": "",
             "sender": sender,
             "content": content,
-            "origin_server_ts": utils::now_ms(),
+            "origin_server_ts": origin_server_ts,
             "depth": 1,
             "prev_events": [],
             "auth_events": [],
@@ -131,7 +165,7 @@ impl Rooms {
                 CanonicalJsonValue::String(room_id.to_string()),
             );
         }
-        let event_id = self.sign_and_id(&mut obj, &rules)?;
+        let event_id = self.sign_and_id(&mut obj, rules)?;
         let derived_id = room_id_v1.is_none();
         let room_id = match room_id_v1 {
             Some(id) => id,
@@ -152,19 +186,7 @@ impl Rooms {
             |_: &ruma::EventId| -> Option<Pdu> { None },
         )
         .map_err(Error::bad_json)?;
-
-        if self.exists(&room_id)? {
-            return Err(Error::new(ErrCode::RoomInUse, "Room already exists"));
-        }
-        let guard = self.lock(&room_id).await;
-        let meta = RoomMeta {
-            version: version.clone(),
-            extremities: vec![],
-            depth: 0,
-            last_count: 0,
-        };
-        self.persist(&room_id, meta, obj, pdu, None)?;
-        Ok((room_id, guard))
+        Ok((room_id, obj, pdu))
     }
 
     /// Build, authorize, sign and write an event without waiting for the disk; the caller

@@ -4,6 +4,7 @@
 
 mod api;
 mod report;
+mod scale;
 mod scenarios;
 
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ pub struct Args {
     #[arg(long)]
     pub pid: Option<u32>,
     /// Comma-separated scenarios, or "all": register,create_rooms,send_one_room,send_many_rooms,
-    /// delivery_latency,initial_sync,join,messages,http_ceiling
+    /// delivery_latency,initial_sync,join,messages,http_ceiling. "scale" runs only when named.
     #[arg(long, default_value = "all")]
     pub scenarios: String,
     /// Where to write the JSON report.
@@ -65,6 +66,27 @@ pub struct Args {
     /// Concurrency for register/join setup work.
     #[arg(long, default_value_t = 8)]
     pub setup_concurrency: usize,
+    /// Scale scenario: users at full size.
+    #[arg(long, default_value_t = 10_000)]
+    pub scale_users: usize,
+    /// Scale scenario: rooms at full size (the observer user is in all of them).
+    #[arg(long, default_value_t = 1_000)]
+    pub scale_rooms: usize,
+    /// Scale scenario: messages at full size.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub scale_events: usize,
+    /// Scale scenario: members joined to each room besides the observer.
+    #[arg(long, default_value_t = 10)]
+    pub scale_members: usize,
+    /// Scale scenario: the steps, in percent of full size, at which figures are taken.
+    #[arg(long, default_value = "10,25,50,100", value_delimiter = ',')]
+    pub scale_steps: Vec<usize>,
+    /// Scale scenario: send requests in flight while growing.
+    #[arg(long, default_value_t = 32)]
+    pub scale_concurrency: usize,
+    /// The server's data directory, for the disk-bytes figures of the scale scenario.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[tokio::main]

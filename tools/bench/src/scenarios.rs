@@ -18,20 +18,25 @@ use crate::{
 
 const PASSWORD: &str = "bench-password-1";
 
-struct Ctx<'a> {
-    args: &'a Args,
-    api: &'a Api,
+pub(crate) struct Ctx<'a> {
+    pub(crate) args: &'a Args,
+    pub(crate) api: &'a Api,
     prefix: String,
     next_user: usize,
 }
 
 impl Ctx<'_> {
     fn wants(&self, name: &str) -> bool {
-        self.args.scenarios == "all" || self.args.scenarios.split(',').any(|s| s.trim() == name)
+        self.args.scenarios == "all" || self.named(name)
+    }
+
+    /// Asked for by name (scenarios that "all" leaves out).
+    fn named(&self, name: &str) -> bool {
+        self.args.scenarios.split(',').any(|s| s.trim() == name)
     }
 
     /// Register `n` fresh users (setup, not measured).
-    async fn users(&mut self, n: usize) -> Vec<User> {
+    pub(crate) async fn users(&mut self, n: usize) -> Vec<User> {
         let start = self.next_user;
         self.next_user += n;
         let (api, prefix, token) = (
@@ -61,7 +66,7 @@ impl Ctx<'_> {
         users
     }
 
-    fn finish(
+    pub(crate) fn finish(
         &self,
         rec: Recorder,
         name: &str,
@@ -74,7 +79,7 @@ impl Ctx<'_> {
     }
 }
 
-async fn create_room(api: &Api, owner: &User, name: &str) -> Option<String> {
+pub(crate) async fn create_room(api: &Api, owner: &User, name: &str) -> Option<String> {
     let (status, body) = api
         .post(
             "/_matrix/client/v3/createRoom",
@@ -90,7 +95,7 @@ async fn create_room(api: &Api, owner: &User, name: &str) -> Option<String> {
     }
 }
 
-async fn join(api: &Api, user: &User, room_id: &str) -> u16 {
+pub(crate) async fn join(api: &Api, user: &User, room_id: &str) -> u16 {
     api.post(
         &format!("/_matrix/client/v3/rooms/{}/join", enc(room_id)),
         &user.token,
@@ -100,7 +105,7 @@ async fn join(api: &Api, user: &User, room_id: &str) -> u16 {
     .0
 }
 
-async fn send(api: &Api, user: &User, room_id: &str, txn: &str, body: &str) -> u16 {
+pub(crate) async fn send(api: &Api, user: &User, room_id: &str, txn: &str, body: &str) -> u16 {
     api.put(
         &format!(
             "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
@@ -326,6 +331,10 @@ pub async fn run_all(args: &Args, api: &Api) -> Run {
 
     if ctx.wants("http_ceiling") {
         results.push(http_ceiling(&ctx).await);
+    }
+
+    if ctx.named("scale") {
+        results.extend(crate::scale::run(&mut ctx).await);
     }
 
     Run {
