@@ -126,3 +126,7 @@ c = scen(hafen, "http_ceiling_versions", "ops_per_s")
 for n in ("send_one_room", "send_many_rooms"):
     r = ratio(scen(hafen, n, "ops_per_s"), c)
     target(f"{n} >= 1/3 of the HTTP ceiling", f"{fmt(r, 3)}", None if r is None else r >= 1 / 3)
+print()
+print("The scale run (10,000 users, 1,000 rooms, 1,000,000 messages, Hafen alone) is in")
+print("[benchmarks-scale.md](benchmarks-scale.md); what limits each figure, what was changed to improve")
+print("it and the targets still missed are in [benchmarks-notes.md](benchmarks-notes.md).")
