@@ -40,6 +40,7 @@ pub enum ErrCode {
     ProfileTooLarge,
     KeyTooLarge,
     BadAlias,
+    InvalidSignature,
 }
 
 impl ErrCode {
@@ -75,6 +76,7 @@ impl ErrCode {
             ErrCode::ProfileTooLarge => "M_PROFILE_TOO_LARGE",
             ErrCode::KeyTooLarge => "M_KEY_TOO_LARGE",
             ErrCode::BadAlias => "M_BAD_ALIAS",
+            ErrCode::InvalidSignature => "M_INVALID_SIGNATURE",
         }
     }
 
@@ -115,6 +117,9 @@ pub enum Error {
     /// An unknown or expired access token. `soft_logout` tells the client it may refresh.
     #[error("unknown token")]
     UnknownToken { soft_logout: bool },
+    /// A key backup write to a version that is not the current one (403, with the current one).
+    #[error("wrong room keys version")]
+    WrongRoomKeysVersion { current_version: Option<String> },
     /// User-interactive authentication: the 401 body that lists flows and completed stages.
     #[error("user-interactive authentication required")]
     Uiaa(serde_json::Value),
@@ -163,6 +168,7 @@ impl Error {
             Error::RateLimited { .. } => "M_LIMIT_EXCEEDED",
             Error::UnknownToken { .. } => "M_UNKNOWN_TOKEN",
             Error::Uiaa(_) => "M_FORBIDDEN",
+            Error::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
             Error::Internal(_) => "M_UNKNOWN",
         }
     }
@@ -208,6 +214,14 @@ impl IntoResponse for Error {
                 }),
             ),
             Error::Uiaa(body) => (StatusCode::UNAUTHORIZED, body),
+            Error::WrongRoomKeysVersion { current_version } => (
+                StatusCode::FORBIDDEN,
+                json!({
+                    "errcode": "M_WRONG_ROOM_KEYS_VERSION",
+                    "error": "This is not the current backup version",
+                    "current_version": current_version,
+                }),
+            ),
             Error::Internal(message) => {
                 tracing::error!(%message, "internal error");
                 (

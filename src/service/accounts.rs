@@ -92,6 +92,7 @@ pub struct Identity {
 
 pub struct Accounts {
     storage: Storage,
+    globals: std::sync::Arc<crate::service::globals::Globals>,
     server_name: ruma::OwnedServerName,
     access_token_lifetime_ms: u64,
 }
@@ -121,11 +122,13 @@ fn unhex(s: &str) -> Vec<u8> {
 impl Accounts {
     pub fn new(
         storage: Storage,
+        globals: std::sync::Arc<crate::service::globals::Globals>,
         server_name: &ServerName,
         access_token_lifetime_secs: u64,
     ) -> Accounts {
         Accounts {
             storage,
+            globals,
             server_name: server_name.to_owned(),
             access_token_lifetime_ms: access_token_lifetime_secs * 1000,
         }
@@ -424,18 +427,32 @@ impl Accounts {
         )
     }
 
-    /// Remove a device and revoke its tokens (logout, device deletion).
+    /// Remove a device (logout, device deletion) in one batch: its tokens, its E2EE keys and
+    /// undelivered to-device messages; the change goes to the device-list log so that the user's
+    /// other devices and room mates stop encrypting for it. Only the owner is woken at once;
+    /// room mates see the change in their next sync.
     pub fn remove_device(&self, user_id: &UserId, device_id: &ruma::DeviceId) -> Result<()> {
         let Some(device) = self.device(user_id, device_id)? else {
             return Ok(());
         };
+        let pending = self.globals.counter.next()?;
         let mut b = self.storage.batch();
         self.revoke_device_tokens(&mut b, &device)?;
         b.delete(
             Table::Devices,
             &keys::join(&[user_id.as_str(), device_id.as_str()]),
         )?;
-        b.commit()
+        crate::service::keys::remove_device_rows(&self.storage, &mut b, user_id, device_id)?;
+        crate::service::keys::log_change(
+            &mut b,
+            pending.get(),
+            &crate::service::keys::ListChange::Keys {
+                user: user_id.to_owned(),
+            },
+        )?;
+        b.commit()?;
+        pending.finish(vec![user_id.to_owned()]);
+        Ok(())
     }
 
     pub fn remove_all_devices(

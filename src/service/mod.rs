@@ -3,14 +3,18 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod e2ee;
 pub mod filter;
 pub mod globals;
+pub mod key_backup;
+pub mod keys;
 pub mod presence;
 pub mod profile;
 pub mod ratelimit;
 pub mod receipts;
 pub mod rooms;
 pub mod sync;
+pub mod to_device;
 pub mod typing;
 pub mod uiaa;
 
@@ -32,6 +36,9 @@ pub struct Services {
     pub typing: typing::Typing,
     pub receipts: receipts::Receipts,
     pub presence: presence::Presence,
+    pub keys: keys::Keys,
+    pub to_device: to_device::ToDevice,
+    pub key_backup: key_backup::KeyBackup,
 }
 
 impl Services {
@@ -46,6 +53,7 @@ impl Services {
         Ok(Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
+                globals.clone(),
                 &config.server_name,
                 config.access_token_lifetime_secs,
             ),
@@ -58,6 +66,9 @@ impl Services {
             typing: typing::Typing::new(globals.clone()),
             receipts: receipts::Receipts::new(storage.clone(), globals.clone()),
             presence: presence::Presence::new(storage.clone(), globals.clone()),
+            keys: keys::Keys::new(storage.clone()),
+            to_device: to_device::ToDevice::new(storage.clone(), globals.clone()),
+            key_backup: key_backup::KeyBackup::new(storage.clone()),
             globals,
             storage,
             config,

@@ -7,7 +7,7 @@
 //! until a change that concerns them is committed, or until the timeout.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     time::Duration,
 };
 
@@ -21,6 +21,7 @@ use crate::{
     service::{
         accounts::Identity,
         filter::{lazy_loading, room_event_matches, sender_matches, type_matches},
+        keys::ListChange,
         receipts::receipt_content,
         rooms::{Pdu, UserRoom},
         Services,
@@ -39,6 +40,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct SyncRequest {
     pub since: Option<u64>,
+    /// The to-device part of the `since` token, when the last response delivered only part.
+    pub since_to_device: Option<u64>,
     pub full_state: bool,
     pub filter: FilterDefinition,
     pub timeout: Duration,
@@ -46,12 +49,27 @@ pub struct SyncRequest {
     pub set_presence: Option<String>,
 }
 
-/// Parse a sync/pagination token: `s<position>` (a bare number is accepted too).
-pub fn parse_token(token: &str) -> Result<u64> {
-    let digits = token.strip_prefix('s').unwrap_or(token);
-    digits
-        .parse::<u64>()
-        .map_err(|_| Error::invalid_param("Invalid stream token"))
+/// A sync token: `s<position>`, or `s<position>_<to-device>` when the device's to-device inbox
+/// was delivered only in part (the second number is the last message delivered, which the next
+/// sync acknowledges instead of the whole position).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncToken {
+    pub position: u64,
+    pub to_device: Option<u64>,
+}
+
+/// Parse a sync token (a bare number is accepted too).
+pub fn parse_token(token: &str) -> Result<SyncToken> {
+    let invalid = || Error::invalid_param("Invalid stream token");
+    let body = token.strip_prefix('s').unwrap_or(token);
+    let (position, to_device) = match body.split_once('_') {
+        Some((p, t)) => (p, Some(t.parse::<u64>().map_err(|_| invalid())?)),
+        None => (body, None),
+    };
+    Ok(SyncToken {
+        position: position.parse::<u64>().map_err(|_| invalid())?,
+        to_device,
+    })
 }
 
 pub fn make_token(position: u64) -> String {
@@ -68,6 +86,61 @@ pub fn room_mates(services: &Services, user: &UserId) -> Result<Vec<OwnedUserId>
     Ok(set.into_iter().collect())
 }
 
+/// Whose device lists `user` must refetch (`changed`) or may forget (`left`), from the
+/// device-list log between two positions: key changes of users sharing a room with them, users
+/// who joined a room of theirs or whose rooms they joined, and users they no longer share any
+/// room with. The user's own key changes are included (their other devices care).
+pub fn device_list_changes(
+    services: &Services,
+    user: &UserId,
+    from: u64,
+    to: u64,
+) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+    let changes = services.keys.changes(from, to)?;
+    if changes.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mates: HashSet<OwnedUserId> = room_mates(services, user)?.into_iter().collect();
+    let my_rooms: HashSet<OwnedRoomId> = services.rooms.joined_rooms(user)?.into_iter().collect();
+    let mut changed: BTreeSet<OwnedUserId> = BTreeSet::new();
+    let mut left: BTreeSet<OwnedUserId> = BTreeSet::new();
+    let mut note = |other: &UserId, joined: bool| {
+        if joined {
+            changed.insert(other.to_owned());
+        } else {
+            left.insert(other.to_owned());
+        }
+    };
+    for (_, change) in changes {
+        match change {
+            ListChange::Keys { user: other } => {
+                if mates.contains(&other) {
+                    note(&other, true);
+                }
+            }
+            ListChange::Membership {
+                user: other,
+                room,
+                joined,
+            } => {
+                if *other == *user {
+                    for member in services.rooms.joined_members(&room)?.iter() {
+                        if **member != *user {
+                            note(member, joined);
+                        }
+                    }
+                } else if my_rooms.contains(&room) || !joined {
+                    note(&other, joined);
+                }
+            }
+        }
+    }
+    // Judged by who shares a room now: a mate is never "left", a stranger never "changed".
+    changed.retain(|u| mates.contains(u));
+    left.retain(|u| !mates.contains(u) && **u != *user);
+    Ok((changed.into_iter().collect(), left.into_iter().collect()))
+}
+
 /// Run one `/sync` request, long-polling when there is nothing new.
 pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Result<Value> {
     let user = &who.user_id;
@@ -78,6 +151,14 @@ pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Resu
                 .presence
                 .set(user, presence, None, || room_mates(services, user))?;
         }
+    }
+
+    // The device has seen everything its `since` token covers: those to-device messages go.
+    if let Some(since) = req.since {
+        let acknowledged = req.since_to_device.unwrap_or(since);
+        services
+            .to_device
+            .acknowledge(user, &who.device_id, acknowledged)?;
     }
 
     // Subscribe before reading the watermark: a change committed in between still wakes us.
@@ -91,7 +172,7 @@ pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Resu
             req: &req,
             up_to,
         };
-        let (mut body, empty) = builder.build()?;
+        let (mut body, empty, to_device_partial) = builder.build()?;
         let done = !empty
             || req.since.is_none()
             || req.full_state
@@ -102,7 +183,11 @@ pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Resu
                 Some(since) => since.max(up_to),
                 None => up_to,
             };
-            body["next_batch"] = Value::String(make_token(next));
+            let token = match to_device_partial {
+                Some(last) => format!("{}_{last}", make_token(next)),
+                None => make_token(next),
+            };
+            body["next_batch"] = Value::String(token);
             return Ok(body);
         }
         tokio::select! {
@@ -135,8 +220,9 @@ impl Builder<'_> {
         &self.who.user_id
     }
 
-    /// The response without `next_batch`, and whether it carries nothing new.
-    fn build(&self) -> Result<(Value, bool)> {
+    /// The response without `next_batch`, whether it carries nothing new, and the count of the
+    /// last to-device message when more are waiting than one response carries.
+    fn build(&self) -> Result<(Value, bool, Option<u64>)> {
         let user = self.user();
         let filter = &self.req.filter;
         let since = self.req.since;
@@ -234,6 +320,14 @@ impl Builder<'_> {
         }
 
         let presence = self.presence()?;
+        let (to_device, to_device_last, to_device_more) =
+            self.s
+                .to_device
+                .pending(user, &self.who.device_id, self.up_to)?;
+        let (changed, left) = match since {
+            Some(since) => device_list_changes(self.s, user, since, self.up_to)?,
+            None => (Vec::new(), Vec::new()),
+        };
 
         let mut body = Map::new();
         let mut rooms = Map::new();
@@ -242,7 +336,10 @@ impl Builder<'_> {
             && leave.is_empty()
             && knock.is_empty()
             && global_account_data.is_empty()
-            && presence.is_empty();
+            && presence.is_empty()
+            && to_device.is_empty()
+            && changed.is_empty()
+            && left.is_empty();
         for (name, section) in [
             ("join", join),
             ("invite", invite),
@@ -265,11 +362,25 @@ impl Builder<'_> {
         if !presence.is_empty() {
             body.insert("presence".into(), json!({ "events": presence }));
         }
-        // End-to-end encryption sections, empty until E2EE lands.
-        body.insert("to_device".into(), json!({ "events": [] }));
-        body.insert("device_lists".into(), json!({ "changed": [], "left": [] }));
-        body.insert("device_one_time_keys_count".into(), json!({}));
-        Ok((Value::Object(body), empty))
+        // End-to-end encryption.
+        body.insert("to_device".into(), json!({ "events": to_device }));
+        body.insert(
+            "device_lists".into(),
+            json!({ "changed": changed, "left": left }),
+        );
+        let mut counts = self.s.keys.one_time_key_counts(user, &self.who.device_id)?;
+        // Clients read a missing count as "the server does not report counts": say zero.
+        counts.entry("signed_curve25519".into()).or_insert(0);
+        body.insert("device_one_time_keys_count".into(), json!(counts));
+        body.insert(
+            "device_unused_fallback_key_types".into(),
+            json!(self
+                .s
+                .keys
+                .unused_fallback_key_types(user, &self.who.device_id)?),
+        );
+        let partial = to_device_more.then_some(to_device_last).flatten();
+        Ok((Value::Object(body), empty, partial))
     }
 
     fn room_wanted(&self, room_id: &RoomId) -> bool {
@@ -724,8 +835,16 @@ mod tests {
 
     #[test]
     fn tokens() {
-        assert_eq!(parse_token("s12").ok(), Some(12));
+        assert_eq!(parse_token("s12").ok().map(|t| t.position), Some(12));
+        assert_eq!(
+            parse_token("s12_7").ok(),
+            Some(SyncToken {
+                position: 12,
+                to_device: Some(7)
+            })
+        );
         assert!(parse_token("x").is_err());
+        assert!(parse_token("s1_x").is_err());
         assert_eq!(make_token(7), "s7");
     }
 

@@ -151,7 +151,9 @@ fn run(shared: &Shared, db: &Weak<rocksdb::DB>) {
         match db.flush_wal(true) {
             Ok(()) => {
                 shared.synced.fetch_max(upto, Ordering::AcqRel);
-                shared.progress.send_modify(|p| p.synced = p.synced.max(upto));
+                shared
+                    .progress
+                    .send_modify(|p| p.synced = p.synced.max(upto));
             }
             Err(e) => {
                 tracing::error!(error = %e, "fsync of the database log failed");

@@ -56,6 +56,26 @@ pub enum Table {
     ReceiptLog,
     /// user -> JSON presence state.
     Presence,
+    /// user 0xff device -> device keys JSON as the device uploaded them.
+    DeviceKeys,
+    /// user 0xff device 0xff algorithm 0xff key id -> one-time key JSON (deleted when claimed).
+    OneTimeKeys,
+    /// user 0xff device -> JSON {algorithm: unclaimed count}.
+    OneTimeKeyCounts,
+    /// user 0xff device 0xff algorithm -> JSON (key id, key, used).
+    FallbackKeys,
+    /// user 0xff master|self_signing|user_signing -> key JSON.
+    CrossSigningKeys,
+    /// target user 0xff key id 0xff signer 0xff signer key id -> signature added by /keys/signatures/upload.
+    KeySignatures,
+    /// count -> JSON list of device-list changes (keys changed; joined or left a room).
+    DeviceListLog,
+    /// user 0xff device 0xff count sender 0xff sender device -> to-device message JSON.
+    ToDevice,
+    /// user 0xff version -> JSON backup version (algorithm, auth_data, etag, count); "next" 0xff user -> next version number.
+    BackupVersions,
+    /// user 0xff version room 0xff session -> backed-up session key JSON.
+    BackupKeys,
 }
 
 impl Table {
@@ -86,6 +106,16 @@ impl Table {
         Table::Receipts,
         Table::ReceiptLog,
         Table::Presence,
+        Table::DeviceKeys,
+        Table::OneTimeKeys,
+        Table::OneTimeKeyCounts,
+        Table::FallbackKeys,
+        Table::CrossSigningKeys,
+        Table::KeySignatures,
+        Table::DeviceListLog,
+        Table::ToDevice,
+        Table::BackupVersions,
+        Table::BackupKeys,
     ];
 
     pub fn name(self) -> &'static str {
@@ -116,6 +146,16 @@ impl Table {
             Table::Receipts => "receipts",
             Table::ReceiptLog => "receipt_log",
             Table::Presence => "presence",
+            Table::DeviceKeys => "device_keys",
+            Table::OneTimeKeys => "one_time_keys",
+            Table::OneTimeKeyCounts => "one_time_key_counts",
+            Table::FallbackKeys => "fallback_keys",
+            Table::CrossSigningKeys => "cross_signing_keys",
+            Table::KeySignatures => "key_signatures",
+            Table::DeviceListLog => "device_list_log",
+            Table::ToDevice => "to_device",
+            Table::BackupVersions => "backup_versions",
+            Table::BackupKeys => "backup_keys",
         }
     }
 }

@@ -1262,7 +1262,10 @@ async fn redacted_power_levels_apply_to_later_auth() {
     let bob = s.user("bob").await;
     let carol = s.user("carol").await;
     let room = s
-        .create_room(&alice, json!({ "room_version": "10", "preset": "public_chat" }))
+        .create_room(
+            &alice,
+            json!({ "room_version": "10", "preset": "public_chat" }),
+        )
         .await;
     let got = s.post(&room_path(&room, "join"), &bob, json!({})).await;
     assert_eq!(got.0, StatusCode::OK, "{got:?}");
@@ -1274,13 +1277,19 @@ async fn redacted_power_levels_apply_to_later_auth() {
     let mut levels = levels;
     levels["invite"] = json!(50);
     let got = s
-        .put(&room_path(&room, "state/m.room.power_levels/"), &alice, levels)
+        .put(
+            &room_path(&room, "state/m.room.power_levels/"),
+            &alice,
+            levels,
+        )
         .await;
     assert_eq!(got.0, StatusCode::OK, "{got:?}");
     let pl_event = got.1["event_id"].as_str().unwrap().to_owned();
 
     let invite = json!({ "user_id": carol.user_id });
-    let got = s.post(&room_path(&room, "invite"), &bob, invite.clone()).await;
+    let got = s
+        .post(&room_path(&room, "invite"), &bob, invite.clone())
+        .await;
     assert_err(&got, 403, "M_FORBIDDEN");
 
     let got = s
@@ -1311,10 +1320,8 @@ async fn concurrent_identical_create_room_gives_distinct_rooms() {
     let alice = s.user("alice").await;
     let body = json!({ "preset": "private_chat" });
     let path = format!("{V3}/createRoom");
-    let replies = futures_util::future::join_all(
-        (0..16).map(|_| s.post(&path, &alice, body.clone())),
-    )
-    .await;
+    let replies =
+        futures_util::future::join_all((0..16).map(|_| s.post(&path, &alice, body.clone()))).await;
     let mut ids = std::collections::HashSet::new();
     for got in &replies {
         assert_eq!(got.0, StatusCode::OK, "{got:?}");
@@ -1325,5 +1332,9 @@ async fn concurrent_identical_create_room_gives_distinct_rooms() {
     assert_eq!(ids.len(), 16, "{replies:?}");
     let (status, joined) = s.get(&format!("{V3}/joined_rooms"), &alice).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(joined["joined_rooms"].as_array().map(Vec::len), Some(16), "{joined}");
+    assert_eq!(
+        joined["joined_rooms"].as_array().map(Vec::len),
+        Some(16),
+        "{joined}"
+    );
 }

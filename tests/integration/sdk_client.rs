@@ -35,7 +35,7 @@ async fn sdk_login(base: &str, user: &str) -> Client {
 }
 
 /// Collect the text bodies this client receives through sync.
-fn collect_texts(client: &Client) -> Arc<Mutex<Vec<(String, String)>>> {
+pub(crate) fn collect_texts(client: &Client) -> Arc<Mutex<Vec<(String, String)>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     client.add_event_handler(move |ev: OriginalSyncRoomMessageEvent| {
@@ -50,7 +50,7 @@ fn collect_texts(client: &Client) -> Arc<Mutex<Vec<(String, String)>>> {
 }
 
 /// Sync until `done` holds, at most 30 rounds of one-second long-polls.
-async fn sync_until(client: &Client, mut done: impl FnMut() -> bool) {
+pub(crate) async fn sync_until(client: &Client, mut done: impl FnMut() -> bool) {
     let settings = SyncSettings::default().timeout(Duration::from_secs(1));
     for _ in 0..30 {
         client.sync_once(settings.clone()).await.expect("sync");

@@ -8,6 +8,8 @@ mod directory;
 mod discovery;
 mod filter;
 mod history;
+mod key_backup;
+mod keys;
 mod membership;
 mod message;
 mod presence;
@@ -52,6 +54,8 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = typing::routes(r);
     let r = receipts::routes(r);
     let r = presence::routes(r);
+    let r = keys::routes(r);
+    let r = key_backup::routes(r);
     r
 }
 

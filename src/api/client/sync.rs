@@ -86,7 +86,8 @@ async fn sync_events(
     };
 
     let req = SyncRequest {
-        since,
+        since: since.map(|t| t.position),
+        since_to_device: since.and_then(|t| t.to_device),
         full_state,
         filter,
         timeout,

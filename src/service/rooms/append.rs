@@ -433,7 +433,11 @@ impl Rooms {
         if let Some(state_key) = &pdu.state_key {
             let kind = pdu.kind.to_string();
             let state_key_str = state_key.as_str();
-            if let Some(prev) = self.state_get_for_auth(room_id, &kind, state_key_str)? {
+            let previous = self.state_get_for_auth(room_id, &kind, state_key_str)?;
+            let was_joined = previous
+                .as_ref()
+                .is_some_and(|p| p.membership().as_deref() == Some("join"));
+            if let Some(prev) = previous {
                 let mut unsigned = serde_json::Map::new();
                 unsigned.insert("prev_content".into(), super::pdu::raw_value(&prev.content));
                 unsigned.insert("prev_sender".into(), Value::String(prev.sender.to_string()));
@@ -483,6 +487,18 @@ impl Rooms {
                 log_key.extend_from_slice(&count.to_be_bytes());
                 batch.put(Table::MembershipLog, &log_key, membership.as_bytes())?;
                 member_change = Some((target.clone(), membership == "join"));
+                if was_joined != (membership == "join") {
+                    // Who shares rooms with whom changed: E2EE clients track device lists by it.
+                    crate::service::keys::log_change(
+                        &mut batch,
+                        count,
+                        &crate::service::keys::ListChange::Membership {
+                            user: target.clone(),
+                            room: room_id.to_owned(),
+                            joined: membership == "join",
+                        },
+                    )?;
+                }
                 wake.push(target);
             }
         }

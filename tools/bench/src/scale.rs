@@ -62,7 +62,8 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Vec<ScenarioResult> {
         let (sync_ms, sync_bytes) = observer_initial_sync(ctx, &world).await;
         let disk = args.data_dir.as_deref().map(dir_bytes).unwrap_or(0);
         let memberships: usize = world.rooms.iter().map(|(_, m)| m.len() + 1).sum();
-        r.extra.insert("users".into(), world.users.len() as f64 + 1.0);
+        r.extra
+            .insert("users".into(), world.users.len() as f64 + 1.0);
         r.extra.insert("rooms".into(), world.rooms.len() as f64);
         r.extra.insert("memberships".into(), memberships as f64);
         r.extra.insert("messages".into(), world.messages as f64);
@@ -80,7 +81,8 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Vec<ScenarioResult> {
                 .insert("hwm_mib".into(), p.vm_hwm_kb as f64 / 1024.0);
         }
         r.extra.insert("initial_sync_ms".into(), sync_ms);
-        r.extra.insert("initial_sync_bytes".into(), sync_bytes as f64);
+        r.extra
+            .insert("initial_sync_bytes".into(), sync_bytes as f64);
         out.push(r);
     }
     out
@@ -158,7 +160,14 @@ async fn grow_messages(ctx: &Ctx<'_>, world: &mut World, want: usize) -> Recorde
             };
             let mut rec = Recorder::default();
             let t = Instant::now();
-            let status = send(api, sender, room, &format!("s{i}"), &format!("scale message {i}")).await;
+            let status = send(
+                api,
+                sender,
+                room,
+                &format!("s{i}"),
+                &format!("scale message {i}"),
+            )
+            .await;
             rec.record(status, t.elapsed());
             rec
         })
@@ -185,7 +194,10 @@ async fn observer_initial_sync(ctx: &Ctx<'_>, world: &World) -> (f64, usize) {
         let t = Instant::now();
         let (status, body, size) = ctx.api.get_sized(&path, &world.observer.token).await;
         let took = t.elapsed().as_secs_f64() * 1000.0;
-        let joined = body["rooms"]["join"].as_object().map(|o| o.len()).unwrap_or(0);
+        let joined = body["rooms"]["join"]
+            .as_object()
+            .map(|o| o.len())
+            .unwrap_or(0);
         if status != 200 || joined != world.rooms.len() {
             eprintln!(
                 "scale: observer initial sync returned {status} with {joined} of {} rooms",

@@ -1,0 +1,326 @@
+//! The end-to-end encryption endpoints' logic across services: keys, device records, rooms (who
+//! shares a room with whom) and the stream counter (waking the syncs that must see a change).
+//! Keys of users on other servers are answered as failures until federation lands.
+
+use std::collections::BTreeMap;
+
+use ruma::{OwnedDeviceId, OwnedUserId, UserId};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    error::{ErrCode, Error, Result},
+    service::{
+        accounts::Identity,
+        keys::{CrossSigning, ListChange},
+        sync::room_mates,
+        to_device::Recipient,
+        Services,
+    },
+};
+
+/// Most users one `/keys/query` or `/keys/claim` may name.
+pub const MAX_USERS_PER_REQUEST: usize = 1000;
+/// Most devices one `/keys/claim` may name in all.
+pub const MAX_CLAIMS_PER_REQUEST: usize = 10_000;
+
+fn object<'a>(body: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o)),
+        Some(_) => Err(Error::bad_json(format!("{key} must be an object"))),
+    }
+}
+
+/// `POST /keys/upload`.
+pub fn upload_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Result<Value> {
+    let device_keys = object(body, "device_keys")?;
+    let one_time_keys = object(body, "one_time_keys")?;
+    let fallback_keys = object(body, "fallback_keys")?;
+    let pending = s.globals.counter.next()?;
+    let uploaded = s.keys.upload(
+        &who.user_id,
+        &who.device_id,
+        device_keys,
+        one_time_keys,
+        fallback_keys,
+        pending.get(),
+    )?;
+    let wake = if uploaded.device_keys_changed {
+        room_mates(s, &who.user_id)?
+    } else {
+        Vec::new()
+    };
+    pending.finish(wake);
+    Ok(json!({ "one_time_key_counts": uploaded.one_time_key_counts }))
+}
+
+/// `POST /keys/query`: device keys and cross-signing keys of local users. The requester sees
+/// their own user-signing key only.
+pub fn query_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Result<Value> {
+    let wanted = object(body, "device_keys")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing device_keys"))?;
+    if wanted.len() > MAX_USERS_PER_REQUEST {
+        return Err(Error::new(
+            ErrCode::TooLarge,
+            format!("At most {MAX_USERS_PER_REQUEST} users per request"),
+        ));
+    }
+    let mut device_keys = Map::new();
+    let mut master_keys = Map::new();
+    let mut self_signing_keys = Map::new();
+    let mut user_signing_keys = Map::new();
+    let mut failures = Map::new();
+    for (user, devices) in wanted {
+        let user_id = UserId::parse(user.as_str())
+            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let devices: Vec<&str> = match devices {
+            Value::Array(a) => a
+                .iter()
+                .map(|d| {
+                    d.as_str()
+                        .ok_or_else(|| Error::bad_json("Device ids must be strings"))
+                })
+                .collect::<Result<_>>()?,
+            Value::Null => Vec::new(),
+            _ => return Err(Error::bad_json("device_keys values must be lists")),
+        };
+        if *user_id.server_name() != *s.globals.server_name {
+            failures.insert(
+                user_id.server_name().to_string(),
+                json!({ "status": 503, "message": "Federation is not available" }),
+            );
+            continue;
+        }
+        let display_names: BTreeMap<String, Option<String>> = s
+            .accounts
+            .devices(&user_id)?
+            .into_iter()
+            .map(|d| (d.device_id.to_string(), d.display_name))
+            .collect();
+        let mut per_user = Map::new();
+        for (device, mut keys) in s.keys.all_device_keys(&user_id)? {
+            if !devices.is_empty() && !devices.contains(&device.as_str()) {
+                continue;
+            }
+            if let Some(Some(name)) = display_names.get(&device) {
+                keys["unsigned"] = json!({ "device_display_name": name });
+            }
+            per_user.insert(device, keys);
+        }
+        device_keys.insert(user.clone(), Value::Object(per_user));
+        if let Some(k) = s.keys.cross_signing_key(&user_id, CrossSigning::Master)? {
+            master_keys.insert(user.clone(), k);
+        }
+        if let Some(k) = s
+            .keys
+            .cross_signing_key(&user_id, CrossSigning::SelfSigning)?
+        {
+            self_signing_keys.insert(user.clone(), k);
+        }
+        if user_id == who.user_id {
+            if let Some(k) = s
+                .keys
+                .cross_signing_key(&user_id, CrossSigning::UserSigning)?
+            {
+                user_signing_keys.insert(user.clone(), k);
+            }
+        }
+    }
+    Ok(json!({
+        "device_keys": device_keys,
+        "master_keys": master_keys,
+        "self_signing_keys": self_signing_keys,
+        "user_signing_keys": user_signing_keys,
+        "failures": failures,
+    }))
+}
+
+/// `POST /keys/claim`: one key per named device, a one-time key while any is left.
+pub fn claim_keys(s: &Services, body: &Map<String, Value>) -> Result<Value> {
+    let wanted = object(body, "one_time_keys")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing one_time_keys"))?;
+    if wanted.len() > MAX_USERS_PER_REQUEST {
+        return Err(Error::new(
+            ErrCode::TooLarge,
+            format!("At most {MAX_USERS_PER_REQUEST} users per request"),
+        ));
+    }
+    let total: usize = wanted
+        .values()
+        .map(|d| d.as_object().map_or(0, Map::len))
+        .sum();
+    if total > MAX_CLAIMS_PER_REQUEST {
+        return Err(Error::new(
+            ErrCode::TooLarge,
+            format!("At most {MAX_CLAIMS_PER_REQUEST} devices per request"),
+        ));
+    }
+    let mut out = Map::new();
+    let mut failures = Map::new();
+    for (user, devices) in wanted {
+        let user_id = UserId::parse(user.as_str())
+            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let devices = devices
+            .as_object()
+            .ok_or_else(|| Error::bad_json("one_time_keys values must be objects"))?;
+        if *user_id.server_name() != *s.globals.server_name {
+            failures.insert(
+                user_id.server_name().to_string(),
+                json!({ "status": 503, "message": "Federation is not available" }),
+            );
+            continue;
+        }
+        let mut per_user = Map::new();
+        for (device, algorithm) in devices {
+            let algorithm = algorithm
+                .as_str()
+                .ok_or_else(|| Error::bad_json("Algorithms must be strings"))?;
+            let device_id: OwnedDeviceId = device.as_str().into();
+            if let Some((key_id, key)) = s.keys.claim(&user_id, &device_id, algorithm)? {
+                per_user.insert(device.clone(), json!({ key_id: key }));
+            }
+        }
+        if !per_user.is_empty() {
+            out.insert(user.clone(), Value::Object(per_user));
+        }
+    }
+    Ok(json!({ "one_time_keys": out, "failures": failures }))
+}
+
+/// `POST /keys/device_signing/upload`, after the caller decided about user-interactive auth.
+pub fn upload_cross_signing(s: &Services, user: &UserId, body: &Map<String, Value>) -> Result<()> {
+    let master = object(body, "master_key")?;
+    let self_signing = object(body, "self_signing_key")?;
+    let user_signing = object(body, "user_signing_key")?;
+    let pending = s.globals.counter.next()?;
+    s.keys
+        .set_cross_signing(user, master, self_signing, user_signing, pending.get())?;
+    pending.finish(room_mates(s, user)?);
+    Ok(())
+}
+
+/// Whether this cross-signing upload needs user-interactive auth (see the spec's exemptions).
+pub fn cross_signing_needs_auth(
+    s: &Services,
+    user: &UserId,
+    body: &Map<String, Value>,
+) -> Result<bool> {
+    let given = [
+        (CrossSigning::Master, object(body, "master_key")?),
+        (CrossSigning::SelfSigning, object(body, "self_signing_key")?),
+        (CrossSigning::UserSigning, object(body, "user_signing_key")?),
+    ];
+    s.keys.cross_signing_needs_auth(user, &given)
+}
+
+/// `POST /keys/signatures/upload`: per key, added or a failure.
+pub fn upload_signatures(s: &Services, who: &Identity, body: &Map<String, Value>) -> Result<Value> {
+    if body.len() > MAX_USERS_PER_REQUEST {
+        return Err(Error::new(
+            ErrCode::TooLarge,
+            format!("At most {MAX_USERS_PER_REQUEST} users per request"),
+        ));
+    }
+    let mut failures = Map::new();
+    let mut touched: Vec<OwnedUserId> = Vec::new();
+    for (user, signed_keys) in body {
+        let target = UserId::parse(user.as_str())
+            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let signed_keys = signed_keys
+            .as_object()
+            .ok_or_else(|| Error::bad_json("Values must be objects of signed keys"))?;
+        for (key_id, signed) in signed_keys {
+            let result = match signed.as_object() {
+                Some(signed) => s.keys.add_signatures(&who.user_id, &target, key_id, signed),
+                None => Err(Error::bad_json("A signed key must be an object")),
+            };
+            match result {
+                Ok(_) => {
+                    if !touched.contains(&target) {
+                        touched.push(target.clone());
+                    }
+                }
+                Err(Error::Matrix { code, message, .. }) => {
+                    let per_user = failures
+                        .entry(user.clone())
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if let Some(o) = per_user.as_object_mut() {
+                        o.insert(
+                            key_id.clone(),
+                            json!({ "errcode": code.as_str(), "error": message }),
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if !touched.is_empty() {
+        // New signatures change what /keys/query returns: a device-list change of each target.
+        let pending = s.globals.counter.next()?;
+        let changes: Vec<ListChange> = touched
+            .iter()
+            .map(|u| ListChange::Keys { user: u.clone() })
+            .collect();
+        let mut b = s.storage.batch();
+        crate::service::keys::log_changes(&mut b, pending.get(), &changes)?;
+        b.commit()?;
+        let mut wake = room_mates(s, &who.user_id)?;
+        for u in &touched {
+            if *u.server_name() == *s.globals.server_name {
+                wake.extend(room_mates(s, u)?);
+            }
+        }
+        wake.sort();
+        wake.dedup();
+        pending.finish(wake);
+    }
+    Ok(json!({ "failures": failures }))
+}
+
+/// `PUT /sendToDevice/{type}/{txnId}`.
+pub fn send_to_device(
+    s: &Services,
+    who: &Identity,
+    kind: &str,
+    txn_id: &str,
+    body: &Map<String, Value>,
+) -> Result<()> {
+    let messages = object(body, "messages")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing messages"))?;
+    let mut recipients = Vec::new();
+    for (user, devices) in messages {
+        let user_id = UserId::parse(user.as_str())
+            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let devices = devices
+            .as_object()
+            .ok_or_else(|| Error::bad_json("messages values must be objects"))?;
+        if *user_id.server_name() != *s.globals.server_name {
+            // Federation is not there yet: nothing can be delivered to another server.
+            tracing::debug!(%user_id, "to-device message for a remote user dropped");
+            continue;
+        }
+        for (device, content) in devices {
+            if !content.is_object() {
+                return Err(Error::bad_json("Message contents must be objects"));
+            }
+            if device == "*" {
+                for d in s.accounts.devices(&user_id)? {
+                    recipients.push(Recipient {
+                        user: user_id.clone(),
+                        device: d.device_id.clone(),
+                        content: content.clone(),
+                    });
+                }
+            } else {
+                recipients.push(Recipient {
+                    user: user_id.clone(),
+                    device: device.as_str().into(),
+                    content: content.clone(),
+                });
+            }
+        }
+    }
+    s.to_device
+        .send(&who.user_id, &who.device_id, txn_id, kind, recipients)
+}
