@@ -31,6 +31,21 @@ fn object<'a>(body: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<
     }
 }
 
+/// A user id named in a request body.
+fn parse_user(raw: &str) -> Result<OwnedUserId> {
+    UserId::parse(raw).map_err(|_| Error::invalid_param(format!("Invalid user id {raw}")))
+}
+
+/// Whether the user lives on another server (answered as a failure until federation lands).
+fn is_remote(s: &Services, user: &UserId) -> bool {
+    *user.server_name() != *s.globals.server_name
+}
+
+/// The `failures` entry for a server we cannot reach.
+fn unreachable() -> Value {
+    json!({ "status": 503, "message": "Federation is not available" })
+}
+
 /// `POST /keys/upload`.
 pub fn upload_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Result<Value> {
     let device_keys = object(body, "device_keys")?;
@@ -71,8 +86,7 @@ pub fn query_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Re
     let mut user_signing_keys = Map::new();
     let mut failures = Map::new();
     for (user, devices) in wanted {
-        let user_id = UserId::parse(user.as_str())
-            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let user_id = parse_user(user)?;
         let devices: Vec<&str> = match devices {
             Value::Array(a) => a
                 .iter()
@@ -84,11 +98,8 @@ pub fn query_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Re
             Value::Null => Vec::new(),
             _ => return Err(Error::bad_json("device_keys values must be lists")),
         };
-        if *user_id.server_name() != *s.globals.server_name {
-            failures.insert(
-                user_id.server_name().to_string(),
-                json!({ "status": 503, "message": "Federation is not available" }),
-            );
+        if is_remote(s, &user_id) {
+            failures.insert(user_id.server_name().to_string(), unreachable());
             continue;
         }
         let display_names: BTreeMap<String, Option<String>> = s
@@ -158,16 +169,12 @@ pub fn claim_keys(s: &Services, body: &Map<String, Value>) -> Result<Value> {
     let mut out = Map::new();
     let mut failures = Map::new();
     for (user, devices) in wanted {
-        let user_id = UserId::parse(user.as_str())
-            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let user_id = parse_user(user)?;
         let devices = devices
             .as_object()
             .ok_or_else(|| Error::bad_json("one_time_keys values must be objects"))?;
-        if *user_id.server_name() != *s.globals.server_name {
-            failures.insert(
-                user_id.server_name().to_string(),
-                json!({ "status": 503, "message": "Federation is not available" }),
-            );
+        if is_remote(s, &user_id) {
+            failures.insert(user_id.server_name().to_string(), unreachable());
             continue;
         }
         let mut per_user = Map::new();
@@ -224,8 +231,7 @@ pub fn upload_signatures(s: &Services, who: &Identity, body: &Map<String, Value>
     let mut failures = Map::new();
     let mut touched: Vec<OwnedUserId> = Vec::new();
     for (user, signed_keys) in body {
-        let target = UserId::parse(user.as_str())
-            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let target = parse_user(user)?;
         let signed_keys = signed_keys
             .as_object()
             .ok_or_else(|| Error::bad_json("Values must be objects of signed keys"))?;
@@ -267,7 +273,7 @@ pub fn upload_signatures(s: &Services, who: &Identity, body: &Map<String, Value>
         b.commit()?;
         let mut wake = room_mates(s, &who.user_id)?;
         for u in &touched {
-            if *u.server_name() == *s.globals.server_name {
+            if !is_remote(s, u) {
                 wake.extend(room_mates(s, u)?);
             }
         }
@@ -290,12 +296,11 @@ pub fn send_to_device(
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing messages"))?;
     let mut recipients = Vec::new();
     for (user, devices) in messages {
-        let user_id = UserId::parse(user.as_str())
-            .map_err(|_| Error::invalid_param(format!("Invalid user id {user}")))?;
+        let user_id = parse_user(user)?;
         let devices = devices
             .as_object()
             .ok_or_else(|| Error::bad_json("messages values must be objects"))?;
-        if *user_id.server_name() != *s.globals.server_name {
+        if is_remote(s, &user_id) {
             // Federation is not there yet: nothing can be delivered to another server.
             tracing::debug!(%user_id, "to-device message for a remote user dropped");
             continue;

@@ -64,6 +64,14 @@ async fn sync(s: &TestServer, u: &TestUser, since: Option<&str>) -> Value {
     body
 }
 
+/// The `next_batch` of an initial sync: "from now on".
+async fn sync_token(s: &TestServer, u: &TestUser) -> String {
+    sync(s, u, None).await["next_batch"]
+        .as_str()
+        .expect("token")
+        .to_owned()
+}
+
 #[tokio::test]
 async fn upload_query_and_claim_keys() {
     let s = TestServer::start().await;
@@ -273,16 +281,10 @@ async fn device_list_changes_reach_room_mates() {
         .post(&format!("{V3}/rooms/{}/join", enc(&room)), &bob, json!({}))
         .await;
     assert_eq!(got.0, StatusCode::OK);
-    let since = sync(&s, &bob, None).await["next_batch"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let since = sync_token(&s, &bob).await;
 
     // Alice's new device keys: bob (sharing a room) hears of it, carol (not) does not.
-    let carol_since = sync(&s, &carol, None).await["next_batch"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let carol_since = sync_token(&s, &carol).await;
     let got = s
         .post(
             &format!("{V3}/keys/upload"),
@@ -315,10 +317,7 @@ async fn device_list_changes_reach_room_mates() {
     assert_eq!(got.1, json!({ "changed": [alice.user_id], "left": [] }));
 
     // Carol joins: bob must now track her devices; when she leaves again, bob may forget them.
-    let bob_since = sync(&s, &bob, None).await["next_batch"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let bob_since = sync_token(&s, &bob).await;
     let got = s
         .post(
             &format!("{V3}/rooms/{}/join", enc(&room)),
@@ -367,10 +366,7 @@ async fn to_device_messages_are_delivered_once() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let since = sync(&s, &bob, None).await["next_batch"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let since = sync_token(&s, &bob).await;
     let msg = json!({ "messages": { bob.user_id.clone(): { bob.device_id.clone(): { "n": 1 } } } });
     let path = format!("{V3}/sendToDevice/m.test/txn1");
     let got = s.put(&path, &alice, msg.clone()).await;
@@ -432,10 +428,7 @@ async fn to_device_messages_are_delivered_once() {
 
     // More than one response carries: the rest follow, each message exactly once.
     let carol = s.user("carol").await;
-    let since = sync(&s, &carol, None).await["next_batch"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let since = sync_token(&s, &carol).await;
     for i in 0..130 {
         let got = s
             .put(
@@ -822,10 +815,7 @@ async fn logout_removes_the_device_keys_and_tells_room_mates() {
         )
         .await;
     assert_eq!(got.0, StatusCode::OK);
-    let since = sync(&s, &bob, None).await["next_batch"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let since = sync_token(&s, &bob).await;
 
     let got = s.post(&format!("{V3}/logout"), &alice, json!({})).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
