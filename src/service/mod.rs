@@ -12,6 +12,7 @@ pub mod presence;
 pub mod profile;
 pub mod ratelimit;
 pub mod receipts;
+pub mod reports;
 pub mod rooms;
 pub mod sync;
 pub mod to_device;
@@ -39,6 +40,7 @@ pub struct Services {
     pub keys: keys::Keys,
     pub to_device: to_device::ToDevice,
     pub key_backup: key_backup::KeyBackup,
+    pub reports: reports::Reports,
 }
 
 impl Services {
@@ -69,6 +71,7 @@ impl Services {
             keys: keys::Keys::new(storage.clone()),
             to_device: to_device::ToDevice::new(storage.clone(), globals.clone()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
+            reports: reports::Reports::new(storage.clone()),
             globals,
             storage,
             config,

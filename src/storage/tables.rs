@@ -76,6 +76,10 @@ pub enum Table {
     BackupVersions,
     /// user 0xff version room 0xff session -> backed-up session key JSON.
     BackupKeys,
+    /// arrival time (ms) and a sequence number, both big-endian -> JSON report of a room, event or user.
+    Reports,
+    /// sha256(OpenID token) -> JSON (user, expiry).
+    OpenIdTokens,
 }
 
 impl Table {
@@ -116,6 +120,8 @@ impl Table {
         Table::ToDevice,
         Table::BackupVersions,
         Table::BackupKeys,
+        Table::Reports,
+        Table::OpenIdTokens,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +162,8 @@ impl Table {
             Table::ToDevice => "to_device",
             Table::BackupVersions => "backup_versions",
             Table::BackupKeys => "backup_keys",
+            Table::Reports => "reports",
+            Table::OpenIdTokens => "openid_tokens",
         }
     }
 }

@@ -10,6 +10,7 @@ mod directory;
 mod discovery;
 mod e2ee;
 mod history;
+mod reports;
 mod rooms;
 mod sdk_client;
 mod sdk_e2ee;

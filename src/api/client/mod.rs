@@ -16,6 +16,7 @@ mod presence;
 mod profile;
 mod push;
 mod receipts;
+mod reports;
 mod room_create;
 mod session;
 mod state;
@@ -56,6 +57,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = presence::routes(r);
     let r = keys::routes(r);
     let r = key_backup::routes(r);
+    let r = reports::routes(r);
     r
 }
 
