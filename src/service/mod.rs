@@ -18,6 +18,7 @@ pub mod sync;
 pub mod to_device;
 pub mod typing;
 pub mod uiaa;
+pub mod user_directory;
 
 use std::sync::Arc;
 

@@ -15,3 +15,4 @@ mod rooms;
 mod sdk_client;
 mod sdk_e2ee;
 mod sync;
+mod user_directory;

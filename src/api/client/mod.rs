@@ -23,6 +23,7 @@ mod state;
 mod sync;
 mod typing;
 mod upgrade;
+mod user_directory;
 
 use std::sync::Arc;
 
@@ -58,6 +59,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = keys::routes(r);
     let r = key_backup::routes(r);
     let r = reports::routes(r);
+    let r = user_directory::routes(r);
     r
 }
 

@@ -126,6 +126,18 @@ impl Rooms {
         self.storage.get_json(Table::Rooms, room_id.as_bytes())
     }
 
+    /// Ids of the rooms this server knows, at most `limit`.
+    pub fn room_ids(&self, limit: usize) -> Result<Vec<OwnedRoomId>> {
+        let mut out = Vec::new();
+        for entry in self.storage.scan_prefix(Table::Rooms, b"")?.take(limit) {
+            let (k, _) = entry?;
+            if let Ok(id) = RoomId::parse(String::from_utf8_lossy(&k).as_ref()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn exists(&self, room_id: &RoomId) -> Result<bool> {
         self.storage.contains(Table::Rooms, room_id.as_bytes())
     }
