@@ -80,6 +80,8 @@ pub enum Table {
     Reports,
     /// sha256(OpenID token) -> JSON (user, expiry).
     OpenIdTokens,
+    /// parent event id 0xff count -> JSON (child event id, rel_type, type): `m.relates_to` index.
+    Relations,
 }
 
 impl Table {
@@ -122,6 +124,7 @@ impl Table {
         Table::BackupKeys,
         Table::Reports,
         Table::OpenIdTokens,
+        Table::Relations,
     ];
 
     pub fn name(self) -> &'static str {
@@ -164,6 +167,7 @@ impl Table {
             Table::BackupKeys => "backup_keys",
             Table::Reports => "reports",
             Table::OpenIdTokens => "openid_tokens",
+            Table::Relations => "relations",
         }
     }
 }

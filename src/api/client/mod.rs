@@ -16,6 +16,7 @@ mod presence;
 mod profile;
 mod push;
 mod receipts;
+mod relations;
 mod reports;
 mod room_create;
 mod session;
@@ -59,6 +60,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = keys::routes(r);
     let r = key_backup::routes(r);
     let r = reports::routes(r);
+    let r = relations::routes(r);
     let r = user_directory::routes(r);
     r
 }

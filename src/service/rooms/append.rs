@@ -531,6 +531,7 @@ impl Rooms {
             &keys::with_count(&[room_id.as_str()], count),
             event_id.as_bytes(),
         )?;
+        super::relations::index(&mut batch, &pdu, count)?;
         if let Some((device, txn_id)) = txn {
             batch.put(
                 Table::Transactions,

@@ -9,6 +9,7 @@ pub mod history;
 pub mod membership;
 pub mod pdu;
 mod power;
+pub mod relations;
 mod send;
 mod upgrade;
 mod visibility;

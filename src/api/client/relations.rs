@@ -1,0 +1,86 @@
+//! `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`. The
+//! index and paging are in `service::rooms::relations`.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{RawQuery, State},
+    routing::get,
+    Json, Router,
+};
+use serde_json::{json, Value};
+
+use super::account::{query_param, Segs};
+use crate::{
+    api::ruma_wrapper::Authed,
+    error::{Error, Result},
+    service::{
+        rooms::{
+            history::{parse_token, token},
+            relations::RelationsQuery,
+        },
+        Services,
+    },
+};
+
+/// Children per page when the client names no limit.
+const DEFAULT_LIMIT: usize = 50;
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let base = "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}";
+    r.route(base, get(relations))
+        .route(&format!("{base}/{{rel_type}}"), get(relations))
+        .route(
+            &format!("{base}/{{rel_type}}/{{event_type}}"),
+            get(relations),
+        )
+}
+
+async fn relations(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    p: Segs,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>> {
+    let room_id = super::room_id(p.get(0)?)?;
+    let parent = p.get(1)?;
+    let backward = match query_param(&q, "dir")?.as_deref() {
+        None | Some("b") => true,
+        Some("f") => false,
+        Some(_) => return Err(Error::invalid_param("dir must be b or f")),
+    };
+    let limit = match query_param(&q, "limit")? {
+        None => DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| Error::invalid_param("limit must be a non-negative integer"))?,
+    };
+    let from = query_param(&q, "from")?
+        .map(|t| parse_token(&t))
+        .transpose()?;
+    let to = query_param(&q, "to")?
+        .map(|t| parse_token(&t))
+        .transpose()?;
+    let query = RelationsQuery {
+        parent,
+        rel_type: p.0.get(2).map(String::as_str),
+        event_type: p.0.get(3).map(String::as_str),
+        from,
+        to,
+        limit,
+        backward,
+    };
+    let (children, next) = s.rooms.relations(room_id, &who.user_id, &query)?;
+    let chunk = children
+        .iter()
+        .map(|pdu| {
+            s.rooms
+                .client_event_for(pdu, &who.user_id, who.device_id.as_str())
+        })
+        .collect::<Result<Vec<Value>>>()?;
+    let mut body = json!({ "chunk": chunk });
+    if let Some(n) = next {
+        body["next_batch"] = json!(token(n));
+    }
+    Ok(Json(body))
+}

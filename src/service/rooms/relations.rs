@@ -1,0 +1,132 @@
+//! Relations (`m.relates_to`): every event that relates to another is indexed under its parent
+//! when it is written, so `/relations` reads the children of one event directly.
+
+use ruma::{RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Pdu, Rooms};
+use crate::{
+    error::Result,
+    storage::{keys, Batch, Table},
+};
+
+/// Most children one page returns.
+pub const MAX_LIMIT: usize = 100;
+/// Most index entries one page looks at (children the user may not see are skipped).
+const MAX_SCAN: usize = 2000;
+
+#[derive(Serialize, Deserialize)]
+struct Child {
+    event_id: String,
+    rel_type: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Index `pdu` under the event it relates to, in the caller's batch.
+pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<()> {
+    // Most events relate to nothing: skip parsing their content on the send path.
+    if !pdu.content.get().contains("m.relates_to") {
+        return Ok(());
+    }
+    let content = pdu.content_value();
+    let Some(rel) = content.get("m.relates_to") else {
+        return Ok(());
+    };
+    let (Some(parent), Some(rel_type)) = (
+        rel.get("event_id").and_then(Value::as_str),
+        rel.get("rel_type").and_then(Value::as_str),
+    ) else {
+        return Ok(());
+    };
+    if parent.contains('\u{ff}') {
+        return Ok(());
+    }
+    let child = Child {
+        event_id: pdu.event_id.to_string(),
+        rel_type: rel_type.to_owned(),
+        kind: pdu.kind.to_string(),
+    };
+    batch.put(
+        Table::Relations,
+        &keys::with_count(&[parent], count),
+        &serde_json::to_vec(&child)?,
+    )
+}
+
+/// What `/relations` asks for.
+pub struct RelationsQuery<'a> {
+    pub parent: &'a str,
+    pub rel_type: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    /// Start position: backwards, children at or below it; forwards, children above it.
+    pub from: Option<u64>,
+    /// Stop position (exclusive backwards, inclusive forwards).
+    pub to: Option<u64>,
+    pub limit: usize,
+    pub backward: bool,
+}
+
+impl Rooms {
+    /// Children of a visible parent event the user may see, one page, with the token of the
+    /// next page when there is more.
+    pub fn relations(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        q: &RelationsQuery<'_>,
+    ) -> Result<(Vec<Pdu>, Option<u64>)> {
+        self.visible_event(room_id, user, q.parent)?;
+        let visibility = self.history_visibility(room_id)?;
+        let limit = q.limit.clamp(1, MAX_LIMIT);
+        let prefix = keys::prefix(&[q.parent]);
+        let start = if q.backward {
+            keys::with_count(&[q.parent], q.from.unwrap_or(u64::MAX))
+        } else {
+            keys::with_count(&[q.parent], q.from.map_or(0, |f| f.saturating_add(1)))
+        };
+        let mut out = Vec::new();
+        let mut next = None;
+        for entry in self
+            .storage
+            .scan_from(Table::Relations, &prefix, &start, q.backward)?
+            .take(MAX_SCAN)
+        {
+            let (k, v) = entry?;
+            let Some(count) = keys::count_suffix(&k) else {
+                continue;
+            };
+            let past_end = match (q.to, q.backward) {
+                (Some(to), true) => count <= to,
+                (Some(to), false) => count > to,
+                (None, _) => false,
+            };
+            if past_end {
+                break;
+            }
+            if out.len() == limit {
+                // There is more: the next page starts after the last child returned.
+                next = Some(if q.backward {
+                    count
+                } else {
+                    count.saturating_sub(1)
+                });
+                break;
+            }
+            let child: Child = serde_json::from_slice(&v)?;
+            if q.rel_type.is_some_and(|r| r != child.rel_type)
+                || q.event_type.is_some_and(|t| t != child.kind)
+            {
+                continue;
+            }
+            if !self.user_can_see(room_id, user, count, &visibility)? {
+                continue;
+            }
+            if let Some(pdu) = self.pdu(&child.event_id)? {
+                out.push(pdu);
+            }
+        }
+        Ok((out, next))
+    }
+}
