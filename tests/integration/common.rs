@@ -151,6 +151,31 @@ impl TestServer {
         v["room_id"].as_str().expect("room_id").to_owned()
     }
 
+    /// `u` joins `room`; the join must succeed.
+    pub async fn join(&self, u: &TestUser, room: &str) {
+        let (status, v) = self
+            .post(
+                &format!("/_matrix/client/v3/rooms/{}/join", enc(room)),
+                u,
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "join: {v}");
+    }
+
+    /// `by` invites `u` to `room` and `u` joins.
+    pub async fn invite_and_join(&self, by: &TestUser, u: &TestUser, room: &str) {
+        let (status, v) = self
+            .post(
+                &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
+                by,
+                json!({ "user_id": u.user_id }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "invite: {v}");
+        self.join(u, room).await;
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.expect("clean stop");

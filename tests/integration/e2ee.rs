@@ -277,10 +277,7 @@ async fn device_list_changes_reach_room_mates() {
     let room = s
         .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let got = s
-        .post(&format!("{V3}/rooms/{}/join", enc(&room)), &bob, json!({}))
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
+    s.join(&bob, &room).await;
     let since = sync_token(&s, &bob).await;
 
     // Alice's new device keys: bob (sharing a room) hears of it, carol (not) does not.
@@ -792,10 +789,7 @@ async fn logout_removes_the_device_keys_and_tells_room_mates() {
     let room = s
         .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let got = s
-        .post(&format!("{V3}/rooms/{}/join", enc(&room)), &bob, json!({}))
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
+    s.join(&bob, &room).await;
     let got = s
         .post(
             &format!("{V3}/keys/upload"),

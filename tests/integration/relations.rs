@@ -44,18 +44,7 @@ async fn relations_by_type_and_page() {
     let room = s
         .create_room(&alice, json!({ "preset": "private_chat" }))
         .await;
-    let got = s
-        .post(
-            &format!("{V3}/rooms/{}/invite", enc(&room)),
-            &alice,
-            json!({ "user_id": bob.user_id }),
-        )
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
-    let got = s
-        .post(&format!("{V3}/rooms/{}/join", enc(&room)), &bob, json!({}))
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
+    s.invite_and_join(&alice, &bob, &room).await;
 
     let parent = send(
         &s,

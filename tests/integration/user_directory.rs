@@ -19,22 +19,7 @@ async fn user_directory_search() {
     let private = s
         .create_room(&alice, json!({ "preset": "private_chat" }))
         .await;
-    let got = s
-        .post(
-            &format!("{V3}/rooms/{}/invite", enc(&private)),
-            &alice,
-            json!({ "user_id": bob.user_id }),
-        )
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
-    let got = s
-        .post(
-            &format!("{V3}/rooms/{}/join", enc(&private)),
-            &bob,
-            json!({}),
-        )
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
+    s.invite_and_join(&alice, &bob, &private).await;
     s.create_room(&carol, json!({ "preset": "public_chat" }))
         .await;
     let got = s
