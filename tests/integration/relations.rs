@@ -146,6 +146,18 @@ async fn relations_by_type_and_page() {
         assert_eq!(seen, expected, "dir {dir}");
     }
 
+    // A redacted child loses its relation.
+    let got = s
+        .put(
+            &format!("{V3}/rooms/{}/redact/{}/red1", enc(&room), enc(&reaction)),
+            &bob,
+            json!({}),
+        )
+        .await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let got = s.get(&base, &bob).await;
+    assert_eq!(ids(&got.1), vec![edit.clone(), reply.clone()]);
+
     // Errors: a stranger sees nothing of a private room; unknown parents; bad parameters.
     let got = s.get(&base, &eve).await;
     assert_err(&got, 404, "M_NOT_FOUND");

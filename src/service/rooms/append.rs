@@ -581,6 +581,10 @@ impl Rooms {
         }
         let event_id = value.get("event_id").cloned();
         let room = value.get("room_id").cloned();
+        // Redaction strips `m.relates_to`: the event is no longer its parent's child.
+        if let Some(meta) = self.event_meta(target_id.as_str())? {
+            super::relations::unindex(batch, &value, meta.count)?;
+        }
         let unsigned = value.as_object_mut().and_then(|o| o.remove("unsigned"));
         let obj = to_canonical(value)?;
         let because = redaction.to_client_value(None);

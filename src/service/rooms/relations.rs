@@ -55,6 +55,21 @@ pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<()> {
     )
 }
 
+/// Remove a stored event (as JSON) from its parent's children, in the caller's batch.
+pub fn unindex(batch: &mut Batch, stored: &Value, count: u64) -> Result<()> {
+    let parent = stored
+        .get("content")
+        .and_then(|c| c.get("m.relates_to"))
+        .and_then(|r| r.get("event_id"))
+        .and_then(Value::as_str);
+    match parent {
+        Some(parent) if !parent.contains('\u{ff}') => {
+            batch.delete(Table::Relations, &keys::with_count(&[parent], count))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What `/relations` asks for.
 pub struct RelationsQuery<'a> {
     pub parent: &'a str,
