@@ -100,8 +100,7 @@ pub fn device_list_changes(
     if changes.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let mates: HashSet<OwnedUserId> = room_mates(services, user)?.into_iter().collect();
-    let my_rooms: HashSet<OwnedRoomId> = services.rooms.joined_rooms(user)?.into_iter().collect();
+    let my_rooms: Vec<OwnedRoomId> = services.rooms.joined_rooms(user)?;
     let mut changed: BTreeSet<OwnedUserId> = BTreeSet::new();
     let mut left: BTreeSet<OwnedUserId> = BTreeSet::new();
     let mut note = |other: &UserId, joined: bool| {
@@ -113,11 +112,7 @@ pub fn device_list_changes(
     };
     for (_, change) in changes {
         match change {
-            ListChange::Keys { user: other } => {
-                if mates.contains(&other) {
-                    note(&other, true);
-                }
-            }
+            ListChange::Keys { user: other } => note(&other, true),
             ListChange::Membership {
                 user: other,
                 room,
@@ -136,9 +131,32 @@ pub fn device_list_changes(
         }
     }
     // Judged by who shares a room now: a mate is never "left", a stranger never "changed".
-    changed.retain(|u| mates.contains(u));
-    left.retain(|u| !mates.contains(u) && **u != *user);
-    Ok((changed.into_iter().collect(), left.into_iter().collect()))
+    // Checked per candidate against the in-memory member sets of the user's rooms, rather than
+    // building the set of everybody the user shares a room with on every sync.
+    let shares_room = |other: &UserId| -> Result<bool> {
+        if other == user {
+            return Ok(true);
+        }
+        for room in &my_rooms {
+            if services.rooms.joined_members(room)?.contains(other) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    let mut changed_out = Vec::new();
+    for u in changed {
+        if shares_room(&u)? {
+            changed_out.push(u);
+        }
+    }
+    let mut left_out = Vec::new();
+    for u in left {
+        if *u != *user && !shares_room(&u)? {
+            left_out.push(u);
+        }
+    }
+    Ok((changed_out, left_out))
 }
 
 /// Run one `/sync` request, long-polling when there is nothing new.

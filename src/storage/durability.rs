@@ -93,25 +93,16 @@ impl Syncer {
         }
     }
 
-    /// The blocking form of [`Syncer::wait`], for callers outside the async runtime.
-    pub(super) fn wait_blocking(&self, ticket: WriteTicket) -> Result<()> {
+    /// The blocking form of [`Syncer::wait`]: the calling thread runs the fsync itself (it is
+    /// blocked anyway), and whoever waits on the syncer is woken by it too.
+    pub(super) fn sync_blocking(&self, db: &rocksdb::DB, ticket: WriteTicket) -> Result<()> {
         if self.is_synced(ticket) {
             return Ok(());
         }
-        let mut progress = self.shared.progress.subscribe();
-        let failures_before = progress.borrow().failures;
-        self.request(ticket);
-        loop {
-            let p = *progress.borrow_and_update();
-            if p.synced >= ticket.0 {
-                return Ok(());
-            }
-            if p.failures != failures_before {
-                return Err(Error::internal("writing the database log to disk failed"));
-            }
-            // Poll with a short sleep: this path is for the CLI and tests, never for requests.
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        let upto = db.latest_sequence_number();
+        db.flush_wal(true)?;
+        self.shared.mark_synced(upto);
+        Ok(())
     }
 
     fn request(&self, ticket: WriteTicket) {
@@ -130,6 +121,14 @@ impl Drop for Syncer {
             t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+impl Shared {
+    /// Everything up to `upto` is on disk: publish it and wake the waiters it covers.
+    fn mark_synced(&self, upto: u64) {
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        self.progress.send_modify(|p| p.synced = p.synced.max(upto));
     }
 }
 

@@ -194,7 +194,7 @@ impl Storage {
     /// Block until the write behind `ticket` is on disk (for callers outside the async runtime).
     pub fn make_durable(&self, ticket: WriteTicket) -> Result<()> {
         match &self.syncer {
-            Some(syncer) => syncer.wait_blocking(ticket),
+            Some(syncer) => syncer.sync_blocking(&self.db, ticket),
             None => Ok(()),
         }
     }
