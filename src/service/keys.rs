@@ -20,8 +20,10 @@ use crate::{
     storage::{keys, Batch, Storage, Table},
 };
 
-/// Most one-time keys of one algorithm a device may keep on the server.
+/// Most one-time keys (of all algorithms together) a device may keep on the server.
 pub const MAX_ONE_TIME_KEYS: u64 = 10_000;
+/// Most algorithms a device may keep a fallback key for.
+pub const MAX_FALLBACK_ALGORITHMS: usize = 16;
 /// Largest serialized key object (device keys with many signatures stay far below this).
 pub const MAX_KEY_BYTES: usize = 16 * 1024;
 /// Most entries of the device-list log one sync or `/keys/changes` reads.
@@ -127,6 +129,7 @@ impl Keys {
         }
 
         let mut counts = self.one_time_key_counts(user, device)?;
+        let mut total: u64 = counts.values().sum();
         if let Some(otks) = one_time_keys {
             for (full_id, key) in otks {
                 let (algorithm, key_id) = split_key_id(full_id)?;
@@ -141,13 +144,14 @@ impl Keys {
                     }
                     None => {}
                 }
-                let n = counts.entry(algorithm.to_owned()).or_insert(0);
-                if *n >= MAX_ONE_TIME_KEYS {
+                // Bounded over all algorithms: new algorithm names must not open new room.
+                if total >= MAX_ONE_TIME_KEYS {
                     return Err(Error::invalid_param(format!(
-                        "A device may keep at most {MAX_ONE_TIME_KEYS} one-time keys of an algorithm"
+                        "A device may keep at most {MAX_ONE_TIME_KEYS} one-time keys"
                     )));
                 }
-                *n += 1;
+                total += 1;
+                *counts.entry(algorithm.to_owned()).or_insert(0) += 1;
                 b.put(Table::OneTimeKeys, &row, &serde_json::to_vec(key)?)?;
             }
             b.put(
@@ -158,6 +162,12 @@ impl Keys {
         }
 
         if let Some(fallback) = fallback_keys {
+            let prefix = keys::prefix(&[user.as_str(), device.as_str()]);
+            let mut algorithms = self
+                .storage
+                .scan_prefix(Table::FallbackKeys, &prefix)?
+                .take(MAX_FALLBACK_ALGORITHMS + 1)
+                .count();
             let mut seen = BTreeSet::new();
             for (full_id, key) in fallback {
                 let (algorithm, key_id) = split_key_id(full_id)?;
@@ -170,6 +180,14 @@ impl Keys {
                 let row = keys::join(&[user.as_str(), device.as_str(), algorithm]);
                 let existing: Option<FallbackKey> =
                     self.storage.get_json(Table::FallbackKeys, &row)?;
+                if existing.is_none() {
+                    if algorithms >= MAX_FALLBACK_ALGORITHMS {
+                        return Err(Error::invalid_param(format!(
+                            "A device may keep fallback keys for at most {MAX_FALLBACK_ALGORITHMS} algorithms"
+                        )));
+                    }
+                    algorithms += 1;
+                }
                 // Re-uploading the same key keeps whether it was used.
                 let used = existing
                     .filter(|e| e.key_id == key_id && e.key == *key)

@@ -244,6 +244,17 @@ async fn key_upload_errors() {
         )
         .await;
     assert_err(&got, 400, "M_BAD_JSON");
+    // Fallback keys for at most 16 algorithms per device.
+    let many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("alg{i}:K"), json!("k"))).collect();
+    let got = s
+        .post(
+            &format!("{V3}/keys/upload"),
+            &alice,
+            json!({ "fallback_keys": many }),
+        )
+        .await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.post(&format!("{V3}/keys/query"), &alice, json!({})).await;
     assert_err(&got, 400, "M_MISSING_PARAM");
     let got = s
