@@ -157,6 +157,10 @@ impl Error {
     pub fn invalid_param(message: impl Into<String>) -> Self {
         Self::new(ErrCode::InvalidParam, message)
     }
+    /// 400 `M_UNKNOWN`: a request the spec answers with no more specific code.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::with_status(ErrCode::Unknown, StatusCode::BAD_REQUEST, message)
+    }
     pub fn internal(message: impl std::fmt::Display) -> Self {
         Error::Internal(message.to_string())
     }

@@ -57,6 +57,11 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (tx, rx) = oneshot::channel::<()>();
+    // Push delivery ends by itself once the services are gone.
+    tokio::spawn(crate::service::push::gateway::run(
+        Arc::downgrade(&services),
+        services.push.pending.clone(),
+    ));
     let task = tokio::spawn(crate::api::serve(services.clone(), listener, async {
         let _ = rx.await;
     }));

@@ -443,6 +443,12 @@ impl Accounts {
             &keys::join(&[user_id.as_str(), device_id.as_str()]),
         )?;
         crate::service::keys::remove_device_rows(&self.storage, &mut b, user_id, device_id)?;
+        crate::service::push::pushers::remove_device_rows(
+            &self.storage,
+            &mut b,
+            user_id,
+            device_id.as_str(),
+        )?;
         crate::service::keys::log_change(
             &mut b,
             pending.get(),

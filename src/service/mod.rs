@@ -10,6 +10,7 @@ pub mod key_backup;
 pub mod keys;
 pub mod presence;
 pub mod profile;
+pub mod push;
 pub mod ratelimit;
 pub mod receipts;
 pub mod reports;
@@ -42,6 +43,7 @@ pub struct Services {
     pub to_device: to_device::ToDevice,
     pub key_backup: key_backup::KeyBackup,
     pub reports: reports::Reports,
+    pub push: push::Push,
 }
 
 impl Services {
@@ -53,6 +55,7 @@ impl Services {
             signing_key,
             counter,
         });
+        let push = push::Push::new(storage.clone(), globals.clone(), Arc::default());
         Ok(Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
@@ -61,7 +64,13 @@ impl Services {
                 config.access_token_lifetime_secs,
             ),
             account_data: account_data::AccountData::new(storage.clone(), globals.clone()),
-            rooms: rooms::Rooms::new(storage.clone(), globals.clone()),
+            rooms: rooms::Rooms::new(
+                storage.clone(),
+                globals.clone(),
+                push.rules.clone(),
+                push.pending.clone(),
+            ),
+            push,
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),

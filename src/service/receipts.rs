@@ -287,5 +287,7 @@ pub fn send_receipt(
         s.rooms.joined_members(room_id)?.iter().cloned().collect()
     };
     s.receipts
-        .set(room_id, user, receipt_type, thread, event_id, wake)
+        .set(room_id, user, receipt_type, thread, event_id, wake)?;
+    // Notifications up to the receipt are read (public and private receipts alike).
+    s.push.notifications.mark_read(user, room_id, count, thread)
 }

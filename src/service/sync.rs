@@ -33,8 +33,6 @@ const MAX_TIMELINE_LIMIT: usize = 200;
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 /// How many events one timeline walk may look at before giving up (a filter that matches little).
 const MAX_TIMELINE_SCAN: usize = 2000;
-/// How far back unread counts look.
-const MAX_UNREAD_SCAN: usize = 500;
 /// Longest long-poll a client may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -306,7 +304,7 @@ impl Builder<'_> {
             match membership.as_str() {
                 "join" => {
                     let newly_joined = since.is_none() || was.as_deref() != Some("join");
-                    if let Some(v) = self.joined_room(&room_id, newly_joined, ur.count, room_ad)? {
+                    if let Some(v) = self.joined_room(&room_id, newly_joined, room_ad)? {
                         join.insert(room_id.to_string(), v);
                     }
                 }
@@ -417,7 +415,6 @@ impl Builder<'_> {
         &self,
         room_id: &RoomId,
         newly_joined: bool,
-        member_count: u64,
         account_data: Vec<Value>,
     ) -> Result<Option<Value>> {
         let user = self.user();
@@ -454,17 +451,13 @@ impl Builder<'_> {
                 .iter()
                 .chain(timeline.events.iter().map(|(_, p)| p))
                 .any(|p| p.kind == ruma::events::TimelineEventType::RoomMember);
-        let (notifications, highlights) = self.unread_counts(room_id, member_count)?;
         let mut room = json!({
             "timeline": self.timeline_json(&timeline, since),
             "state": { "events": state.iter().map(|p| p.to_client_value(None)).collect::<Vec<_>>() },
             "ephemeral": { "events": ephemeral },
             "account_data": { "events": account_data },
-            "unread_notifications": {
-                "notification_count": notifications,
-                "highlight_count": highlights,
-            },
         });
+        self.unread_json(room_id, &mut room)?;
         if membership_changed {
             room["summary"] = self.summary(room_id)?;
         }
@@ -719,45 +712,36 @@ impl Builder<'_> {
         }))
     }
 
-    /// Notifying events from others after the user's read receipt (or their join), and how many
-    /// of them mention the user.
-    fn unread_counts(&self, room_id: &RoomId, joined_at: u64) -> Result<(u64, u64)> {
-        let user = self.user();
-        let rooms = &self.s.rooms;
-        let read = self.s.receipts.read_up_to(room_id, user, |event_id| {
-            Ok(rooms
-                .event_meta(event_id.as_str())?
-                .filter(|m| m.room_id == room_id)
-                .map(|m| m.count))
-        })?;
-        let from = read.unwrap_or(0).max(joined_at);
-        if from >= self.up_to {
-            return Ok((0, 0));
+    /// The room's unread counts from the push rules' notifications (see `service::push`), and
+    /// per-thread counts when the filter asks for them.
+    fn unread_json(&self, room_id: &RoomId, room: &mut Value) -> Result<()> {
+        let split = self.req.filter.room.timeline.unread_thread_notifications;
+        let counts = self
+            .s
+            .push
+            .notifications
+            .unread(self.user(), room_id, self.up_to, split)?;
+        room["unread_notifications"] = json!({
+            "notification_count": counts.main.notifications,
+            "highlight_count": counts.main.highlights,
+        });
+        if split {
+            let threads: Map<String, Value> = counts
+                .threads
+                .into_iter()
+                .map(|(root, c)| {
+                    (
+                        root,
+                        json!({
+                            "notification_count": c.notifications,
+                            "highlight_count": c.highlights,
+                        }),
+                    )
+                })
+                .collect();
+            room["unread_thread_notifications"] = Value::Object(threads);
         }
-        let (events, _) = rooms.timeline_since(room_id, from, self.up_to, MAX_UNREAD_SCAN)?;
-        let display_name = rooms
-            .state_content(
-                room_id,
-                &ruma::events::StateEventType::RoomMember,
-                user.as_str(),
-            )?
-            .and_then(|c| {
-                c.get("displayname")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-            .filter(|n| !n.is_empty());
-        let (mut notify, mut highlight) = (0u64, 0u64);
-        for (_, p) in events {
-            if p.sender == user || !notifies(&p) {
-                continue;
-            }
-            notify += 1;
-            if mentions(&p, user, display_name.as_deref()) {
-                highlight += 1;
-            }
-        }
-        Ok((notify, highlight))
+        Ok(())
     }
 
     /// `m.presence` events of users sharing a room with the user, changed since `since`.
@@ -791,62 +775,6 @@ impl Builder<'_> {
     }
 }
 
-/// Events that the default push rules make notify: messages, encrypted events and stickers,
-/// but not notices or edits.
-fn notifies(p: &Pdu) -> bool {
-    let kind = p.kind.to_string();
-    if !matches!(
-        kind.as_str(),
-        "m.room.message" | "m.room.encrypted" | "m.sticker"
-    ) || p.is_state()
-    {
-        return false;
-    }
-    let content = p.content_value();
-    if content.get("msgtype").and_then(Value::as_str) == Some("m.notice") {
-        return false;
-    }
-    content
-        .pointer("/m.relates_to/rel_type")
-        .and_then(Value::as_str)
-        != Some("m.replace")
-}
-
-/// Whether the event mentions the user. With `m.mentions` present only it counts (intentional
-/// mentions); without it, the user id or display name in the body does.
-fn mentions(p: &Pdu, user: &UserId, display_name: Option<&str>) -> bool {
-    let content = p.content_value();
-    if let Some(m) = content.get("m.mentions") {
-        return m
-            .get("user_ids")
-            .and_then(Value::as_array)
-            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user.as_str())));
-    }
-    let Some(body) = content.get("body").and_then(Value::as_str) else {
-        return false;
-    };
-    body.contains(user.as_str()) || display_name.is_some_and(|name| contains_word(body, name))
-}
-
-/// `name` occurs in `text` not surrounded by word characters (as the display-name push rule).
-fn contains_word(text: &str, name: &str) -> bool {
-    let lower_text = text.to_lowercase();
-    let lower_name = name.to_lowercase();
-    let mut start = 0;
-    while let Some(pos) = lower_text[start..].find(&lower_name) {
-        let at = start + pos;
-        let end = at + lower_name.len();
-        let before = lower_text[..at].chars().next_back();
-        let after = lower_text[end..].chars().next();
-        let boundary = |c: Option<char>| c.is_none_or(|c| !c.is_alphanumeric() && c != '_');
-        if boundary(before) && boundary(after) {
-            return true;
-        }
-        start = at + lower_name.chars().next().map_or(1, char::len_utf8);
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -864,11 +792,5 @@ mod tests {
         assert!(parse_token("x").is_err());
         assert!(parse_token("s1_x").is_err());
         assert_eq!(make_token(7), "s7");
-    }
-
-    #[test]
-    fn display_name_words() {
-        assert!(contains_word("hi Alice!", "alice"));
-        assert!(!contains_word("malice", "alice"));
     }
 }

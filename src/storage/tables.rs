@@ -82,6 +82,14 @@ pub enum Table {
     OpenIdTokens,
     /// parent event id 0xff count -> JSON (child event id, rel_type, type): `m.relates_to` index.
     Relations,
+    /// user 0xff count -> JSON `Notification` (room, event, actions, highlight, ts): what the
+    /// user's push rules said about an event, for `/notifications` and push gateways.
+    Notifications,
+    /// user 0xff room 0xff count -> JSON (highlight, thread root): notifications the user has
+    /// not read yet; a read receipt deletes those up to its event. Unread counts come from here.
+    PushUnread,
+    /// user 0xff app id 0xff pushkey -> JSON pusher (as set by the client, plus delivery cursor).
+    Pushers,
 }
 
 impl Table {
@@ -125,6 +133,9 @@ impl Table {
         Table::Reports,
         Table::OpenIdTokens,
         Table::Relations,
+        Table::Notifications,
+        Table::PushUnread,
+        Table::Pushers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -168,6 +179,9 @@ impl Table {
             Table::Reports => "reports",
             Table::OpenIdTokens => "openid_tokens",
             Table::Relations => "relations",
+            Table::Notifications => "notifications",
+            Table::PushUnread => "push_unread",
+            Table::Pushers => "pushers",
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct Deferred<'a> {
     pending: PendingCount<'a>,
     wake: Vec<OwnedUserId>,
     ticket: WriteTicket,
+    /// Users notified by this event, for the push gateways once it is durable.
+    notified: Vec<OwnedUserId>,
+    pushes: &'a crate::service::push::PendingPushes,
 }
 
 impl Deferred<'_> {
@@ -65,12 +68,18 @@ impl Deferred<'_> {
     pub async fn complete(self, storage: &Storage) -> Result<()> {
         storage.durable(self.ticket).await?;
         self.pending.finish(self.wake);
+        if !self.notified.is_empty() {
+            self.pushes.add(self.notified);
+        }
         Ok(())
     }
 
     fn finish_blocking(self, storage: &Storage) -> Result<()> {
         storage.make_durable(self.ticket)?;
         self.pending.finish(self.wake);
+        if !self.notified.is_empty() {
+            self.pushes.add(self.notified);
+        }
         Ok(())
     }
 }
@@ -510,6 +519,7 @@ impl Rooms {
             }
         }
 
+        let notified = self.push_notifications(&mut batch, room_id, &stored, &pdu, count)?;
         batch.put(
             Table::Pdus,
             event_id.as_bytes(),
@@ -559,6 +569,8 @@ impl Rooms {
                 pending,
                 wake,
                 ticket,
+                notified,
+                pushes: &self.pending_pushes,
             },
         ))
     }

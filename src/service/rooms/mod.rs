@@ -7,6 +7,7 @@ pub mod create;
 pub mod directory;
 pub mod history;
 pub mod membership;
+mod notify;
 pub mod pdu;
 mod power;
 pub mod relations;
@@ -96,16 +97,27 @@ pub struct Rooms {
     /// write path, which reads the same few events for every event of a room. Only used under
     /// the room's lock; a redaction (which rewrites a stored event) evicts its target.
     auth_cache: Mutex<HashMap<OwnedEventId, Arc<Pdu>>>,
+    /// Push rules, evaluated for every event's local recipients inside the event's batch.
+    pub(crate) push_rules: Arc<crate::service::push::rules::RuleStore>,
+    /// Users to hand to the push gateway task once their notification is durable.
+    pub(crate) pending_pushes: Arc<crate::service::push::PendingPushes>,
 }
 
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
 const AUTH_CACHE_ENTRIES: usize = 16_384;
 
 impl Rooms {
-    pub fn new(storage: Storage, globals: Arc<Globals>) -> Rooms {
+    pub fn new(
+        storage: Storage,
+        globals: Arc<Globals>,
+        push_rules: Arc<crate::service::push::rules::RuleStore>,
+        pending_pushes: Arc<crate::service::push::PendingPushes>,
+    ) -> Rooms {
         Rooms {
             storage,
             globals,
+            push_rules,
+            pending_pushes,
             locks: Mutex::new(HashMap::new()),
             joined_cache: Mutex::new(HashMap::new()),
             auth_cache: Mutex::new(HashMap::new()),

@@ -86,6 +86,15 @@ impl PowerLevels {
             .unwrap_or(50)
     }
 
+    /// The level needed to notify the whole room (`notifications.room`, default 50).
+    pub fn room_notification(&self) -> i64 {
+        self.content
+            .as_ref()
+            .and_then(|c| c.pointer("/notifications/room"))
+            .and_then(as_level)
+            .unwrap_or(50)
+    }
+
     /// The level `state_default` gives state types the content does not list.
     pub fn state_default(&self) -> i64 {
         match &self.content {
