@@ -90,6 +90,11 @@ pub enum Table {
     PushUnread,
     /// user 0xff app id 0xff pushkey -> JSON pusher (as set by the client, plus delivery cursor).
     Pushers,
+    /// room 0xff count -> thread root event id: threads by their latest reply (one entry per
+    /// thread; a new reply moves it).
+    Threads,
+    /// room 0xff root event id -> big-endian count of the latest reply (where its `Threads` entry is).
+    ThreadRoots,
 }
 
 impl Table {
@@ -136,6 +141,8 @@ impl Table {
         Table::Notifications,
         Table::PushUnread,
         Table::Pushers,
+        Table::Threads,
+        Table::ThreadRoots,
     ];
 
     pub fn name(self) -> &'static str {
@@ -182,6 +189,8 @@ impl Table {
             Table::Notifications => "notifications",
             Table::PushUnread => "push_unread",
             Table::Pushers => "pushers",
+            Table::Threads => "threads",
+            Table::ThreadRoots => "thread_roots",
         }
     }
 }

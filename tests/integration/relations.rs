@@ -179,3 +179,137 @@ async fn relations_by_type_and_page() {
     let got = s.req(reqwest::Method::GET, &base, None, None).await;
     assert_err(&got, 401, "M_MISSING_TOKEN");
 }
+
+fn thread_reply(root: &str, body: &str) -> Value {
+    json!({ "msgtype": "m.text", "body": body,
+            "m.relates_to": { "rel_type": "m.thread", "event_id": root } })
+}
+
+#[tokio::test]
+async fn aggregations_are_bundled_into_events() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
+    s.invite_and_join(&alice, &bob, &room).await;
+    let msg = json!({ "msgtype": "m.text", "body": "original" });
+    let root = send(&s, &alice, &room, "m.room.message", "r", msg).await;
+
+    // An edit by the sender counts; one by somebody else does not.
+    let edit = send(&s, &alice, &room, "m.room.message", "e1", json!({
+        "msgtype": "m.text", "body": "* edited",
+        "m.new_content": { "msgtype": "m.text", "body": "edited" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": root },
+    }))
+    .await;
+    send(&s, &bob, &room, "m.room.message", "e2", json!({
+        "msgtype": "m.text", "body": "* hijack",
+        "m.new_content": { "msgtype": "m.text", "body": "hijack" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": root },
+    }))
+    .await;
+    send(&s, &bob, &room, "m.room.message", "t1", thread_reply(&root, "one")).await;
+    let latest = send(&s, &bob, &room, "m.room.message", "t2", thread_reply(&root, "two")).await;
+    let reference = send(&s, &bob, &room, "m.room.message", "ref", json!({
+        "msgtype": "m.text", "body": "see above",
+        "m.relates_to": { "rel_type": "m.reference", "event_id": root },
+    }))
+    .await;
+
+    let (status, event) = s
+        .get(&format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&root)), &alice)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{event}");
+    let rel = &event["unsigned"]["m.relations"];
+    assert_eq!(rel["m.replace"]["event_id"], json!(edit), "{event}");
+    // The server no longer applies edits to the original's content.
+    assert_eq!(event["content"]["body"], json!("original"));
+    assert_eq!(rel["m.thread"]["count"], json!(2), "{event}");
+    assert_eq!(rel["m.thread"]["latest_event"]["event_id"], json!(latest));
+    assert_eq!(rel["m.thread"]["current_user_participated"], json!(true));
+    assert_eq!(rel["m.reference"]["chunk"], json!([{ "event_id": reference }]));
+
+    // The same bundle arrives through /sync and /messages.
+    let (_, synced) = s.get(&format!("{V3}/sync"), &bob).await;
+    let events = synced["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .expect("timeline")
+        .clone();
+    let (_, page) = s
+        .get(&format!("{V3}/rooms/{}/messages?dir=b&limit=50", enc(&room)), &bob)
+        .await;
+    let chunk = page["chunk"].as_array().expect("chunk").clone();
+    for list in [events, chunk] {
+        let found = list
+            .iter()
+            .find(|e| e["event_id"] == json!(root))
+            .expect("root listed");
+        assert_eq!(found["unsigned"]["m.relations"]["m.thread"]["count"], json!(2), "{found}");
+        assert_eq!(
+            found["unsigned"]["m.relations"]["m.replace"]["event_id"],
+            json!(edit)
+        );
+    }
+
+    // A redacted event has no aggregations.
+    let (status, _) = s
+        .put(
+            &format!("{V3}/rooms/{}/redact/{}/x1", enc(&room), enc(&root)),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, event) = s
+        .get(&format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&root)), &alice)
+        .await;
+    assert!(event["unsigned"].get("m.relations").is_none(), "{event}");
+}
+
+#[tokio::test]
+async fn threads_list_by_latest_activity() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let eve = s.user("eve").await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
+    s.invite_and_join(&alice, &bob, &room).await;
+    let msg = |b: &str| json!({ "msgtype": "m.text", "body": b });
+    let first = send(&s, &alice, &room, "m.room.message", "a", msg("first")).await;
+    let second = send(&s, &bob, &room, "m.room.message", "b", msg("second")).await;
+    send(&s, &bob, &room, "m.room.message", "no-thread", msg("plain")).await;
+    send(&s, &bob, &room, "m.room.message", "r1", thread_reply(&first, "x")).await;
+    send(&s, &bob, &room, "m.room.message", "r2", thread_reply(&second, "y")).await;
+    // A new reply moves the first thread back to the top.
+    send(&s, &bob, &room, "m.room.message", "r3", thread_reply(&first, "z")).await;
+
+    let path = format!("/_matrix/client/v1/rooms/{}/threads", enc(&room));
+    let (status, body) = s.get(&path, &alice).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body), vec![first.clone(), second.clone()]);
+    assert_eq!(body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"], json!(2));
+    assert!(body.get("next_batch").is_none(), "{body}");
+
+    // Paging.
+    let (_, page1) = s.get(&format!("{path}?limit=1"), &alice).await;
+    assert_eq!(ids(&page1), vec![first.clone()]);
+    let next = page1["next_batch"].as_str().expect("next_batch");
+    let (_, page2) = s.get(&format!("{path}?limit=1&from={next}"), &alice).await;
+    assert_eq!(ids(&page2), vec![second.clone()]);
+
+    // Alice took part in the first thread only (she sent its root).
+    let (_, mine) = s.get(&format!("{path}?include=participated"), &alice).await;
+    assert_eq!(ids(&mine), vec![first.clone()]);
+
+    // Errors: bad include, bad token, a stranger.
+    let got = s.get(&format!("{path}?include=some"), &alice).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = s.get(&format!("{path}?from=nope"), &alice).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = s.get(&path, &eve).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+}

@@ -88,9 +88,12 @@ async fn get_event(
     Authed(me): Authed,
     Path((room, event)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
-    let (pdu, meta) = s
+    let (pdu, _) = s
         .rooms
         .visible_event(room_id(&room)?, &me.user_id, &event)?;
-    let txn = meta.txn_id_for(&pdu.sender, &me.user_id, me.device_id.as_str());
-    Ok(Json(pdu.to_client_value(txn)))
+    Ok(Json(s.rooms.client_event_for(
+        &pdu,
+        &me.user_id,
+        me.device_id.as_str(),
+    )?))
 }

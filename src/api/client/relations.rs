@@ -1,5 +1,6 @@
-//! `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`. The
-//! index and paging are in `service::rooms::relations`.
+//! `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]` and
+//! `GET /_matrix/client/v1/rooms/{roomId}/threads`. The indexes and paging are in
+//! `service::rooms::{relations, threads}`; aggregations in `service::rooms::aggregations`.
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use crate::{
         rooms::{
             history::{parse_token, token},
             relations::RelationsQuery,
+            threads::ThreadsQuery,
         },
         Services,
     },
@@ -34,6 +36,52 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
             &format!("{base}/{{rel_type}}/{{event_type}}"),
             get(relations),
         )
+        .route("/_matrix/client/v1/rooms/{room_id}/threads", get(threads))
+}
+
+/// `limit` from the query: a non-negative integer, `default` when absent.
+fn limit_param(q: &Option<String>, default: usize) -> Result<usize> {
+    match query_param(q, "limit")? {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| Error::invalid_param("limit must be a non-negative integer")),
+    }
+}
+
+async fn threads(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    p: Segs,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>> {
+    let room_id = super::room_id(p.get(0)?)?;
+    let participated = match query_param(&q, "include")?.as_deref() {
+        None | Some("all") => false,
+        Some("participated") => true,
+        Some(_) => return Err(Error::invalid_param("include must be all or participated")),
+    };
+    let from = query_param(&q, "from")?
+        .map(|t| parse_token(&t))
+        .transpose()?;
+    let query = ThreadsQuery {
+        participated,
+        from,
+        limit: limit_param(&q, DEFAULT_LIMIT)?,
+    };
+    let (roots, next) = s.rooms.threads(room_id, &who.user_id, &query)?;
+    let chunk = roots
+        .iter()
+        .map(|pdu| {
+            s.rooms
+                .client_event_for(pdu, &who.user_id, who.device_id.as_str())
+        })
+        .collect::<Result<Vec<Value>>>()?;
+    let mut body = json!({ "chunk": chunk });
+    if let Some(n) = next {
+        body["next_batch"] = json!(token(n));
+    }
+    Ok(Json(body))
 }
 
 async fn relations(
@@ -49,12 +97,7 @@ async fn relations(
         Some("f") => false,
         Some(_) => return Err(Error::invalid_param("dir must be b or f")),
     };
-    let limit = match query_param(&q, "limit")? {
-        None => DEFAULT_LIMIT,
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| Error::invalid_param("limit must be a non-negative integer"))?,
-    };
+    let limit = limit_param(&q, DEFAULT_LIMIT)?;
     let from = query_param(&q, "from")?
         .map(|t| parse_token(&t))
         .transpose()?;

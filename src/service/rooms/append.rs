@@ -541,7 +541,11 @@ impl Rooms {
             &keys::with_count(&[room_id.as_str()], count),
             event_id.as_bytes(),
         )?;
-        super::relations::index(&mut batch, &pdu, count)?;
+        if let Some((parent, rel_type)) = super::relations::index(&mut batch, &pdu, count)? {
+            if rel_type == "m.thread" {
+                self.index_thread_reply(&mut batch, room_id, &parent, count)?;
+            }
+        }
         if let Some((device, txn_id)) = txn {
             batch.put(
                 Table::Transactions,

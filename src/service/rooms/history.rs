@@ -62,7 +62,7 @@ pub struct EventContext {
 impl Rooms {
     /// May `user` read the room's history at all? Members past and present may (what exactly they
     /// see is decided per event); others only if the room is world readable.
-    fn may_read_history(&self, room_id: &RoomId, user: &UserId, visibility: &str) -> Result<bool> {
+    pub(super) fn may_read_history(&self, room_id: &RoomId, user: &UserId, visibility: &str) -> Result<bool> {
         if !self.exists(room_id)? {
             return Ok(false);
         }
@@ -254,7 +254,8 @@ impl Rooms {
         })
     }
 
-    /// An event as a client sees it; the device that sent it also gets its transaction id.
+    /// An event as a client sees it: the device that sent it also gets its transaction id, and
+    /// aggregated relations (thread summary, latest edit, references) are bundled in.
     pub fn client_event_for(&self, pdu: &Pdu, user: &UserId, device: &str) -> Result<Value> {
         let meta = if pdu.sender == user {
             self.event_meta(pdu.event_id.as_str())?
@@ -264,7 +265,11 @@ impl Rooms {
         let txn = meta
             .as_ref()
             .and_then(|m| m.txn_id_for(&pdu.sender, user, device));
-        Ok(pdu.to_client_value(txn))
+        let mut value = pdu.to_client_value(txn);
+        if let Some(relations) = self.bundled_relations(pdu, user)? {
+            value["unsigned"]["m.relations"] = relations;
+        }
+        Ok(value)
     }
 }
 

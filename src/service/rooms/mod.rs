@@ -1,6 +1,7 @@
 //! Rooms: events, state, membership, timeline. The write path is `append.rs`: every local event is
 //! built, authorized by the room version's rules (ruma state-res), signed and persisted here.
 
+mod aggregations;
 mod alias;
 mod append;
 pub mod create;
@@ -11,6 +12,7 @@ mod notify;
 pub mod pdu;
 mod power;
 pub mod relations;
+pub mod threads;
 mod send;
 mod upgrade;
 mod visibility;

@@ -17,42 +17,48 @@ pub const MAX_LIMIT: usize = 100;
 const MAX_SCAN: usize = 2000;
 
 #[derive(Serialize, Deserialize)]
-struct Child {
-    event_id: String,
-    rel_type: String,
+pub(super) struct Child {
+    pub event_id: String,
+    pub rel_type: String,
     #[serde(rename = "type")]
-    kind: String,
+    pub kind: String,
+    /// Empty in entries written before senders were indexed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sender: String,
 }
 
-/// Index `pdu` under the event it relates to, in the caller's batch.
-pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<()> {
+/// Index `pdu` under the event it relates to, in the caller's batch. Returns the parent and
+/// relation type when it relates to something.
+pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<Option<(String, String)>> {
     // Most events relate to nothing: skip parsing their content on the send path.
     if !pdu.content.get().contains("m.relates_to") {
-        return Ok(());
+        return Ok(None);
     }
     let content = pdu.content_value();
     let Some(rel) = content.get("m.relates_to") else {
-        return Ok(());
+        return Ok(None);
     };
     let (Some(parent), Some(rel_type)) = (
         rel.get("event_id").and_then(Value::as_str),
         rel.get("rel_type").and_then(Value::as_str),
     ) else {
-        return Ok(());
+        return Ok(None);
     };
     if parent.contains('\u{ff}') {
-        return Ok(());
+        return Ok(None);
     }
     let child = Child {
         event_id: pdu.event_id.to_string(),
         rel_type: rel_type.to_owned(),
         kind: pdu.kind.to_string(),
+        sender: pdu.sender.to_string(),
     };
     batch.put(
         Table::Relations,
         &keys::with_count(&[parent], count),
         &serde_json::to_vec(&child)?,
-    )
+    )?;
+    Ok(Some((parent.to_owned(), rel_type.to_owned())))
 }
 
 /// Remove a stored event (as JSON) from its parent's children, in the caller's batch.
