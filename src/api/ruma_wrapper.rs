@@ -273,6 +273,24 @@ impl axum::extract::FromRequestParts<Arc<Services>> for Authed {
     }
 }
 
+/// For handlers that do not use a ruma request type and serve guests of the server too: the
+/// identity when a token is sent (an invalid token is still an error), None without one.
+pub struct MaybeAuthed(pub Option<Identity>);
+
+impl axum::extract::FromRequestParts<Arc<Services>> for MaybeAuthed {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        services: &Arc<Services>,
+    ) -> Result<Self, Self::Rejection> {
+        match access_token(parts) {
+            Some(token) => Ok(MaybeAuthed(Some(services.accounts.identify(&token)?))),
+            None => Ok(MaybeAuthed(None)),
+        }
+    }
+}
+
 /// For handlers that do not use a ruma request type: the body as a JSON object, with the spec's
 /// errors for a body that is not JSON (`M_NOT_JSON`) or not an object (`M_BAD_JSON`), and the
 /// size limit (`M_TOO_LARGE`).

@@ -20,6 +20,7 @@ mod relations;
 mod reports;
 mod room_create;
 mod session;
+mod space;
 mod state;
 mod sync;
 mod typing;
@@ -62,6 +63,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = reports::routes(r);
     let r = relations::routes(r);
     let r = user_directory::routes(r);
+    let r = space::routes(r);
     r
 }
 

@@ -14,6 +14,7 @@ mod power;
 pub mod relations;
 pub mod threads;
 mod send;
+pub mod summary;
 mod upgrade;
 mod visibility;
 
