@@ -15,6 +15,7 @@ mod relations;
 mod reports;
 mod rooms;
 mod sdk_client;
+mod search;
 mod sdk_e2ee;
 mod space;
 mod sync;

@@ -19,6 +19,7 @@ mod receipts;
 mod relations;
 mod reports;
 mod room_create;
+mod search;
 mod session;
 mod space;
 mod state;
@@ -64,6 +65,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = relations::routes(r);
     let r = user_directory::routes(r);
     let r = space::routes(r);
+    let r = search::routes(r);
     r
 }
 
