@@ -82,6 +82,18 @@ pub enum Table {
     OpenIdTokens,
     /// parent event id 0xff count -> JSON (child event id, rel_type, type): `m.relates_to` index.
     Relations,
+    /// server name 0xff media id -> JSON `MediaRecord` (uploader, times, and once uploaded: sha256,
+    /// size, content type, filename). A record without upload is a pending `/create`.
+    Media,
+    /// uploader 0xff server name 0xff media id -> "": a user's media (retention, erasure).
+    MediaByUser,
+    /// uploader 0xff server name 0xff media id -> big-endian expiry (ms): pending `/create`s.
+    MediaPending,
+    /// sha256 (hex) 0xff server name 0xff media id -> "": which media use a stored file (erasure
+    /// deletes the file when the last one goes).
+    MediaFileRefs,
+    /// source sha256 (hex) 0xff width 0xff height 0xff method -> JSON `ThumbnailRecord`.
+    MediaThumbnails,
 }
 
 impl Table {
@@ -125,6 +137,11 @@ impl Table {
         Table::Reports,
         Table::OpenIdTokens,
         Table::Relations,
+        Table::Media,
+        Table::MediaByUser,
+        Table::MediaPending,
+        Table::MediaFileRefs,
+        Table::MediaThumbnails,
     ];
 
     pub fn name(self) -> &'static str {
@@ -168,6 +185,11 @@ impl Table {
             Table::Reports => "reports",
             Table::OpenIdTokens => "openid_tokens",
             Table::Relations => "relations",
+            Table::Media => "media",
+            Table::MediaByUser => "media_by_user",
+            Table::MediaPending => "media_pending",
+            Table::MediaFileRefs => "media_file_refs",
+            Table::MediaThumbnails => "media_thumbnails",
         }
     }
 }

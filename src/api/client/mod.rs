@@ -10,6 +10,7 @@ mod filter;
 mod history;
 mod key_backup;
 mod keys;
+mod media;
 mod membership;
 mod message;
 mod presence;
@@ -62,6 +63,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = reports::routes(r);
     let r = relations::routes(r);
     let r = user_directory::routes(r);
+    let r = media::routes(r);
     r
 }
 
