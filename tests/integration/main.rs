@@ -10,6 +10,7 @@ mod directory;
 mod discovery;
 mod e2ee;
 mod history;
+mod media;
 mod relations;
 mod reports;
 mod rooms;
