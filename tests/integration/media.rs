@@ -61,7 +61,33 @@ async fn send(
 }
 
 async fn get(s: &TestServer, path: &str, u: Option<&TestUser>) -> Got {
-    send(s, reqwest::Method::GET, path, u.map(|u| u.token.as_str()), None, None).await
+    send(
+        s,
+        reqwest::Method::GET,
+        path,
+        u.map(|u| u.token.as_str()),
+        None,
+        None,
+    )
+    .await
+}
+
+/// A GET that must fail with `status` and `errcode`.
+async fn get_err(s: &TestServer, path: &str, u: Option<&TestUser>, status: u16, errcode: &str) {
+    assert_err(&get(s, path, u).await.err(), status, errcode);
+}
+
+/// A request with a byte body from `u`.
+async fn send_bytes(
+    s: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+    u: &TestUser,
+    content_type: Option<&str>,
+    bytes: &[u8],
+) -> Got {
+    let body = Some(bytes.to_vec().into());
+    send(s, method, path, Some(&u.token), content_type, body).await
 }
 
 /// Upload `bytes` and return (server name, media id).
@@ -153,7 +179,14 @@ async fn upload_and_download_round_trip_with_headers() {
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let text = b"hello media".to_vec();
-    let (server, id) = upload(&s, &alice, text.clone(), Some("text/plain"), Some("hello.txt")).await;
+    let (server, id) = upload(
+        &s,
+        &alice,
+        text.clone(),
+        Some("text/plain"),
+        Some("hello.txt"),
+    )
+    .await;
     assert_eq!(server, s.server_name());
     assert_eq!(id.len(), 24);
 
@@ -162,20 +195,41 @@ async fn upload_and_download_round_trip_with_headers() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body, text);
     assert_eq!(got.header("content-type"), "text/plain");
-    assert_eq!(got.header("content-disposition"), "inline; filename=hello.txt");
+    assert_eq!(
+        got.header("content-disposition"),
+        "inline; filename=hello.txt"
+    );
     assert_eq!(got.header("content-length"), text.len().to_string());
     assert_eq!(got.header("cross-origin-resource-policy"), "cross-origin");
     let csp = got.header("content-security-policy");
-    assert!(csp.starts_with("sandbox; default-src 'none'; script-src 'none';"), "{csp}");
+    assert!(
+        csp.starts_with("sandbox; default-src 'none'; script-src 'none';"),
+        "{csp}"
+    );
 
     // The file name in the path replaces the uploaded one.
-    let got = get(&s, &format!("{V1}/download/{server}/{id}/{}", enc("other name.txt")), Some(&bob)).await;
+    let got = get(
+        &s,
+        &format!("{V1}/download/{server}/{id}/{}", enc("other name.txt")),
+        Some(&bob),
+    )
+    .await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body, text);
-    assert_eq!(got.header("content-disposition"), "inline; filename=\"other name.txt\"");
+    assert_eq!(
+        got.header("content-disposition"),
+        "inline; filename=\"other name.txt\""
+    );
 
     // Non-ASCII names use RFC 6266 / RFC 8187 encoding; unsafe types are attachments.
-    let (_, id) = upload(&s, &alice, b"%PDF-1.4".to_vec(), Some("application/pdf"), Some("Grüße.pdf")).await;
+    let (_, id) = upload(
+        &s,
+        &alice,
+        b"%PDF-1.4".to_vec(),
+        Some("application/pdf"),
+        Some("Grüße.pdf"),
+    )
+    .await;
     let got = get(&s, &format!("{V1}/download/{server}/{id}"), Some(&alice)).await;
     assert_eq!(got.header("content-type"), "application/pdf");
     assert_eq!(
@@ -184,7 +238,14 @@ async fn upload_and_download_round_trip_with_headers() {
     );
 
     // HTML is never inline; no filename means none in the header.
-    let (_, id) = upload(&s, &alice, b"<script>alert(1)</script>".to_vec(), Some("text/html"), None).await;
+    let (_, id) = upload(
+        &s,
+        &alice,
+        b"<script>alert(1)</script>".to_vec(),
+        Some("text/html"),
+        None,
+    )
+    .await;
     let got = get(&s, &format!("{V1}/download/{server}/{id}"), Some(&alice)).await;
     assert_eq!(got.header("content-type"), "text/html");
     assert_eq!(got.header("content-disposition"), "attachment");
@@ -219,22 +280,57 @@ async fn tokens_limits_and_unknown_media() {
         format!("{V1}/preview_url?url=https://example.org"),
         format!("{LEGACY}/config"),
     ] {
-        assert_err(&get(&s, &path, None).await.err(), 401, "M_MISSING_TOKEN");
+        get_err(&s, &path, None, 401, "M_MISSING_TOKEN").await;
     }
-    for path in [format!("{LEGACY}/upload"), "/_matrix/media/v1/create".to_owned()] {
-        let got = send(&s, reqwest::Method::POST, &path, None, None, Some(b"x".to_vec().into())).await;
+    for path in [
+        format!("{LEGACY}/upload"),
+        "/_matrix/media/v1/create".to_owned(),
+    ] {
+        let got = send(
+            &s,
+            reqwest::Method::POST,
+            &path,
+            None,
+            None,
+            Some(b"x".to_vec().into()),
+        )
+        .await;
         assert_err(&got.err(), 401, "M_MISSING_TOKEN");
     }
-    let got = send(&s, reqwest::Method::POST, &format!("{LEGACY}/upload"), Some("nope"), None, Some(b"x".to_vec().into())).await;
+    let got = send(
+        &s,
+        reqwest::Method::POST,
+        &format!("{LEGACY}/upload"),
+        Some("nope"),
+        None,
+        Some(b"x".to_vec().into()),
+    )
+    .await;
     assert_err(&got.err(), 401, "M_UNKNOWN_TOKEN");
 
     // One byte over the limit: 413, with a Content-Length and when streamed without one.
-    let got = send(&s, reqwest::Method::POST, &format!("{LEGACY}/upload"), Some(&alice.token), None, Some(vec![7; 1025].into())).await;
+    let got = send_bytes(
+        &s,
+        reqwest::Method::POST,
+        &format!("{LEGACY}/upload"),
+        &alice,
+        None,
+        &vec![7; 1025],
+    )
+    .await;
     assert_err(&got.err(), 413, "M_TOO_LARGE");
     let files = stored_files(&s);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..5).map(|_| Ok(vec![1u8; 300])).collect();
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    let got = send(&s, reqwest::Method::POST, &format!("{LEGACY}/upload"), Some(&alice.token), None, Some(body)).await;
+    let got = send(
+        &s,
+        reqwest::Method::POST,
+        &format!("{LEGACY}/upload"),
+        Some(&alice.token),
+        None,
+        Some(body),
+    )
+    .await;
     assert_err(&got.err(), 413, "M_TOO_LARGE");
     assert_eq!(stored_files(&s), files, "a refused upload leaves no file");
 
@@ -253,7 +349,7 @@ async fn tokens_limits_and_unknown_media() {
         format!("{V1}/thumbnail/other.example/{id}?width=32&height=32"),
         format!("{V1}/thumbnail/{server}/nosuchmedia?width=32&height=32"),
     ] {
-        assert_err(&get(&s, &path, Some(&alice)).await.err(), 404, "M_NOT_FOUND");
+        get_err(&s, &path, Some(&alice), 404, "M_NOT_FOUND").await;
     }
     s.stop().await;
 }
@@ -266,7 +362,15 @@ async fn create_then_upload() {
     let create = |u: TestUser| {
         let s = &s;
         async move {
-            send(s, reqwest::Method::POST, "/_matrix/media/v1/create", Some(&u.token), Some("application/json"), Some(b"{}".to_vec().into())).await
+            send(
+                s,
+                reqwest::Method::POST,
+                "/_matrix/media/v1/create",
+                Some(&u.token),
+                Some("application/json"),
+                Some(b"{}".to_vec().into()),
+            )
+            .await
         }
     };
     let got = create(alice.clone()).await;
@@ -274,25 +378,58 @@ async fn create_then_upload() {
     let v = got.json();
     let (server, id) = mxc_parts(v["content_uri"].as_str().expect("content_uri"));
     let expires = v["unused_expires_at"].as_u64().expect("unused_expires_at");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     assert!(expires > now + 23 * 3600 * 1000 && expires <= now + 24 * 3600 * 1000 + 1000);
 
     // Not uploaded yet: a download waits timeout_ms and then says so.
-    let got = get(&s, &format!("{V1}/download/{server}/{id}?timeout_ms=100"), Some(&bob)).await;
-    assert_err(&got.err(), 504, "M_NOT_YET_UPLOADED");
-    let got = get(&s, &format!("{V1}/thumbnail/{server}/{id}?width=32&height=32&timeout_ms=50"), Some(&bob)).await;
-    assert_err(&got.err(), 504, "M_NOT_YET_UPLOADED");
-    let got = get(&s, &format!("{V1}/download/{server}/{id}?timeout_ms=soon"), Some(&bob)).await;
-    assert_err(&got.err(), 400, "M_INVALID_PARAM");
+    get_err(
+        &s,
+        &format!("{V1}/download/{server}/{id}?timeout_ms=100"),
+        Some(&bob),
+        504,
+        "M_NOT_YET_UPLOADED",
+    )
+    .await;
+    get_err(
+        &s,
+        &format!("{V1}/thumbnail/{server}/{id}?width=32&height=32&timeout_ms=50"),
+        Some(&bob),
+        504,
+        "M_NOT_YET_UPLOADED",
+    )
+    .await;
+    get_err(
+        &s,
+        &format!("{V1}/download/{server}/{id}?timeout_ms=soon"),
+        Some(&bob),
+        400,
+        "M_INVALID_PARAM",
+    )
+    .await;
 
     let put_path = format!("{LEGACY}/upload/{server}/{id}?filename=late.txt");
-    // Only the creator may upload.
-    let got = send(&s, reqwest::Method::PUT, &put_path, Some(&bob.token), Some("text/plain"), Some(b"bob's".to_vec().into())).await;
-    assert_err(&got.err(), 403, "M_FORBIDDEN");
-    let got = send(&s, reqwest::Method::PUT, &format!("{LEGACY}/upload/{server}/neverCreated"), Some(&alice.token), None, Some(b"x".to_vec().into())).await;
-    assert_err(&got.err(), 404, "M_NOT_FOUND");
-    let got = send(&s, reqwest::Method::PUT, &format!("{LEGACY}/upload/other.example/{id}"), Some(&alice.token), None, Some(b"x".to_vec().into())).await;
-    assert_err(&got.err(), 404, "M_NOT_FOUND");
+    // Only the creator may upload, only to an id that was created here.
+    for (u, path, status, errcode) in [
+        (&bob, put_path.clone(), 403, "M_FORBIDDEN"),
+        (
+            &alice,
+            format!("{LEGACY}/upload/{server}/neverCreated"),
+            404,
+            "M_NOT_FOUND",
+        ),
+        (
+            &alice,
+            format!("{LEGACY}/upload/other.example/{id}"),
+            404,
+            "M_NOT_FOUND",
+        ),
+    ] {
+        let got = send_bytes(&s, reqwest::Method::PUT, &path, u, None, b"x").await;
+        assert_err(&got.err(), status, errcode);
+    }
 
     // A waiting download gets the content as soon as it arrives.
     let waiting = {
@@ -305,17 +442,31 @@ async fn create_then_upload() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let got = send(&s, reqwest::Method::PUT, &put_path, Some(&alice.token), Some("text/plain"), Some(b"arrived".to_vec().into())).await;
+    let got = send_bytes(
+        &s,
+        reqwest::Method::PUT,
+        &put_path,
+        &alice,
+        Some("text/plain"),
+        b"arrived",
+    )
+    .await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.json());
     assert_eq!(got.json(), json!({}));
-    let (status, body) = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").expect("task");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken")
+        .expect("task");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, b"arrived");
     let got = get(&s, &format!("{V1}/download/{server}/{id}"), Some(&bob)).await;
-    assert_eq!(got.header("content-disposition"), "inline; filename=late.txt");
+    assert_eq!(
+        got.header("content-disposition"),
+        "inline; filename=late.txt"
+    );
 
     // Uploaded once; a second upload is refused.
-    let got = send(&s, reqwest::Method::PUT, &put_path, Some(&alice.token), None, Some(b"again".to_vec().into())).await;
+    let got = send_bytes(&s, reqwest::Method::PUT, &put_path, &alice, None, b"again").await;
     assert_err(&got.err(), 409, "M_CANNOT_OVERWRITE_MEDIA");
 
     // At most two pending ids per user (the uploaded one no longer counts).
@@ -324,7 +475,11 @@ async fn create_then_upload() {
     let got = create(alice.clone()).await;
     assert_err(&got.err(), 429, "M_LIMIT_EXCEEDED");
     assert!(got.json()["retry_after_ms"].is_u64());
-    assert_eq!(create(bob.clone()).await.status, StatusCode::OK, "the limit is per user");
+    assert_eq!(
+        create(bob.clone()).await.status,
+        StatusCode::OK,
+        "the limit is per user"
+    );
     s.stop().await;
 }
 
@@ -336,16 +491,39 @@ async fn unused_media_ids_expire() {
     })
     .await;
     let alice = s.user("alice").await;
-    let create = || send(&s, reqwest::Method::POST, "/_matrix/media/v1/create", Some(&alice.token), None, None);
+    let create = || {
+        send(
+            &s,
+            reqwest::Method::POST,
+            "/_matrix/media/v1/create",
+            Some(&alice.token),
+            None,
+            None,
+        )
+    };
     let got = create().await;
     assert_eq!(got.status, StatusCode::OK);
     let (server, id) = mxc_parts(got.json()["content_uri"].as_str().expect("uri"));
     assert_err(&create().await.err(), 429, "M_LIMIT_EXCEEDED");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let got = send(&s, reqwest::Method::PUT, &format!("{LEGACY}/upload/{server}/{id}"), Some(&alice.token), None, Some(b"late".to_vec().into())).await;
+    let got = send_bytes(
+        &s,
+        reqwest::Method::PUT,
+        &format!("{LEGACY}/upload/{server}/{id}"),
+        &alice,
+        None,
+        b"late",
+    )
+    .await;
     assert_err(&got.err(), 404, "M_NOT_FOUND");
-    let got = get(&s, &format!("{V1}/download/{server}/{id}?timeout_ms=5000"), Some(&alice)).await;
-    assert_err(&got.err(), 404, "M_NOT_FOUND");
+    get_err(
+        &s,
+        &format!("{V1}/download/{server}/{id}?timeout_ms=5000"),
+        Some(&alice),
+        404,
+        "M_NOT_FOUND",
+    )
+    .await;
     // The expired id no longer counts against the limit.
     assert_eq!(create().await.status, StatusCode::OK);
     s.stop().await;
@@ -355,7 +533,14 @@ async fn unused_media_ids_expire() {
 async fn thumbnails_are_made_measured_and_cached() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
-    let (server, id) = upload(&s, &alice, png(1000, 500), Some("image/png"), Some("wide.png")).await;
+    let (server, id) = upload(
+        &s,
+        &alice,
+        png(1000, 500),
+        Some("image/png"),
+        Some("wide.png"),
+    )
+    .await;
     let thumb = |query: String| {
         let s = &s;
         let alice = &alice;
@@ -366,7 +551,10 @@ async fn thumbnails_are_made_measured_and_cached() {
     let got = thumb("width=96&height=96&method=crop".into()).await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.json());
     assert_eq!(got.header("content-type"), "image/png");
-    assert_eq!(got.header("content-disposition"), "inline; filename=thumbnail.png");
+    assert_eq!(
+        got.header("content-disposition"),
+        "inline; filename=thumbnail.png"
+    );
     assert_eq!(got.header("cross-origin-resource-policy"), "cross-origin");
     assert_eq!(dimensions(&got.body), (96, 96));
     let first = got.body;
@@ -392,30 +580,86 @@ async fn thumbnails_are_made_measured_and_cached() {
 
     // Never larger than the original.
     let (_, small) = upload(&s, &alice, png(40, 30), Some("image/png"), None).await;
-    let got = get(&s, &format!("{V1}/thumbnail/{server}/{small}?width=800&height=600"), Some(&alice)).await;
+    let got = get(
+        &s,
+        &format!("{V1}/thumbnail/{server}/{small}?width=800&height=600"),
+        Some(&alice),
+    )
+    .await;
     assert_eq!(dimensions(&got.body), (40, 30));
 
     // JPEG stays JPEG.
     let (_, photo) = upload(&s, &alice, jpeg(640, 480), Some("image/jpeg"), None).await;
-    let got = get(&s, &format!("{V1}/thumbnail/{server}/{photo}?width=320&height=240"), Some(&alice)).await;
+    let got = get(
+        &s,
+        &format!("{V1}/thumbnail/{server}/{photo}?width=320&height=240"),
+        Some(&alice),
+    )
+    .await;
     assert_eq!(got.header("content-type"), "image/jpeg");
-    assert_eq!(got.header("content-disposition"), "inline; filename=thumbnail.jpg");
+    assert_eq!(
+        got.header("content-disposition"),
+        "inline; filename=thumbnail.jpg"
+    );
     assert_eq!(dimensions(&got.body), (320, 240));
 
     // Bad parameters and content that is no image.
-    assert_err(&thumb("height=32".into()).await.err(), 400, "M_MISSING_PARAM");
-    assert_err(&thumb("width=-3&height=32".into()).await.err(), 400, "M_INVALID_PARAM");
-    assert_err(&thumb("width=0&height=32".into()).await.err(), 400, "M_INVALID_PARAM");
-    assert_err(&thumb("width=32&height=32&method=stretch".into()).await.err(), 400, "M_INVALID_PARAM");
-    assert_err(&thumb("width=32&height=32&animated=maybe".into()).await.err(), 400, "M_INVALID_PARAM");
+    assert_err(
+        &thumb("height=32".into()).await.err(),
+        400,
+        "M_MISSING_PARAM",
+    );
+    assert_err(
+        &thumb("width=-3&height=32".into()).await.err(),
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &thumb("width=0&height=32".into()).await.err(),
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &thumb("width=32&height=32&method=stretch".into())
+            .await
+            .err(),
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &thumb("width=32&height=32&animated=maybe".into())
+            .await
+            .err(),
+        400,
+        "M_INVALID_PARAM",
+    );
     let (_, text) = upload(&s, &alice, b"just text".to_vec(), Some("text/plain"), None).await;
-    let got = get(&s, &format!("{V1}/thumbnail/{server}/{text}?width=32&height=32"), Some(&alice)).await;
-    assert_err(&got.err(), 400, "M_UNKNOWN");
+    get_err(
+        &s,
+        &format!("{V1}/thumbnail/{server}/{text}?width=32&height=32"),
+        Some(&alice),
+        400,
+        "M_UNKNOWN",
+    )
+    .await;
     // A file that only starts like a PNG is refused the same way (bounded decoding of huge
     // dimensions is unit-tested in service::media::thumbnail).
-    let (_, fake) = upload(&s, &alice, b"\x89PNG\r\n\x1a\nnot really".to_vec(), Some("image/png"), None).await;
-    let got = get(&s, &format!("{V1}/thumbnail/{server}/{fake}?width=32&height=32"), Some(&alice)).await;
-    assert_err(&got.err(), 400, "M_UNKNOWN");
+    let (_, fake) = upload(
+        &s,
+        &alice,
+        b"\x89PNG\r\n\x1a\nnot really".to_vec(),
+        Some("image/png"),
+        None,
+    )
+    .await;
+    get_err(
+        &s,
+        &format!("{V1}/thumbnail/{server}/{fake}?width=32&height=32"),
+        Some(&alice),
+        400,
+        "M_UNKNOWN",
+    )
+    .await;
     s.stop().await;
 }
 
@@ -429,8 +673,8 @@ async fn legacy_endpoints_are_frozen_by_default() {
         format!("{LEGACY}/download/{server}/{id}/a.png"),
         format!("{LEGACY}/thumbnail/{server}/{id}?width=32&height=32"),
     ] {
-        assert_err(&get(&s, &path, None).await.err(), 404, "M_NOT_FOUND");
-        assert_err(&get(&s, &path, Some(&alice)).await.err(), 404, "M_NOT_FOUND");
+        get_err(&s, &path, None, 404, "M_NOT_FOUND").await;
+        get_err(&s, &path, Some(&alice), 404, "M_NOT_FOUND").await;
     }
     s.stop().await;
 
@@ -444,10 +688,22 @@ async fn legacy_endpoints_are_frozen_by_default() {
     assert_eq!(got.header("content-disposition"), "inline; filename=a.png");
     let got = get(&s, &format!("{LEGACY}/download/{server}/{id}/b.png"), None).await;
     assert_eq!(got.header("content-disposition"), "inline; filename=b.png");
-    let got = get(&s, &format!("{LEGACY}/thumbnail/{server}/{id}?width=32&height=32&method=crop"), None).await;
+    let got = get(
+        &s,
+        &format!("{LEGACY}/thumbnail/{server}/{id}?width=32&height=32&method=crop"),
+        None,
+    )
+    .await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(dimensions(&got.body), (32, 32));
-    assert_err(&get(&s, &format!("{LEGACY}/download/{server}/missing"), None).await.err(), 404, "M_NOT_FOUND");
+    get_err(
+        &s,
+        &format!("{LEGACY}/download/{server}/missing"),
+        None,
+        404,
+        "M_NOT_FOUND",
+    )
+    .await;
     s.stop().await;
 }
 
@@ -456,22 +712,48 @@ async fn media_survives_a_restart() {
     let mut s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bytes = png(200, 100);
-    let (server, id) = upload(&s, &alice, bytes.clone(), Some("image/png"), Some("keep.png")).await;
+    let (server, id) = upload(
+        &s,
+        &alice,
+        bytes.clone(),
+        Some("image/png"),
+        Some("keep.png"),
+    )
+    .await;
     let thumb_path = format!("{V1}/thumbnail/{server}/{id}?width=32&height=32&method=crop");
     let thumb = get(&s, &thumb_path, Some(&alice)).await.body;
-    let got = send(&s, reqwest::Method::POST, "/_matrix/media/v1/create", Some(&alice.token), None, None).await;
+    let got = send(
+        &s,
+        reqwest::Method::POST,
+        "/_matrix/media/v1/create",
+        Some(&alice.token),
+        None,
+        None,
+    )
+    .await;
     let (_, pending) = mxc_parts(got.json()["content_uri"].as_str().expect("uri"));
 
     s.restart().await;
     let got = get(&s, &format!("{V1}/download/{server}/{id}"), Some(&alice)).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body, bytes);
-    assert_eq!(got.header("content-disposition"), "inline; filename=keep.png");
+    assert_eq!(
+        got.header("content-disposition"),
+        "inline; filename=keep.png"
+    );
     let files = stored_files(&s);
     assert_eq!(get(&s, &thumb_path, Some(&alice)).await.body, thumb);
     assert_eq!(stored_files(&s), files, "the thumbnail came from disk");
     // A created id is still waiting for its upload.
-    let got = send(&s, reqwest::Method::PUT, &format!("{LEGACY}/upload/{server}/{pending}"), Some(&alice.token), None, Some(b"after restart".to_vec().into())).await;
+    let got = send_bytes(
+        &s,
+        reqwest::Method::PUT,
+        &format!("{LEGACY}/upload/{server}/{pending}"),
+        &alice,
+        None,
+        b"after restart",
+    )
+    .await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.json());
     s.stop().await;
 }
@@ -498,7 +780,9 @@ async fn tiny_http(bind: &str, pages: Vec<Page>) -> TinyHttp {
     let pages = std::sync::Arc::new(pages);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
             let pages = pages.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -515,7 +799,10 @@ async fn tiny_http(bind: &str, pages: Vec<Page>) -> TinyHttp {
                     Some((_, status, headers, body)) => (*status, headers.clone(), body.clone()),
                     None => (404, Vec::new(), b"not found".to_vec()),
                 };
-                let mut res = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+                let mut res = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+                    body.len()
+                );
                 for (k, v) in headers {
                     res.push_str(&format!("{k}: {v}\r\n"));
                 }
@@ -532,13 +819,28 @@ async fn tiny_http(bind: &str, pages: Vec<Page>) -> TinyHttp {
 async fn url_previews_are_off_by_default_and_never_reach_internal_addresses() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
-    let got = get(&s, &format!("{V1}/preview_url?url={}", enc("https://example.org/")), Some(&alice)).await;
-    assert_err(&got.err(), 404, "M_UNRECOGNIZED");
+    get_err(
+        &s,
+        &format!("{V1}/preview_url?url={}", enc("https://example.org/")),
+        Some(&alice),
+        404,
+        "M_UNRECOGNIZED",
+    )
+    .await;
     s.stop().await;
 
     let s = TestServer::start_with(|c| c.url_preview_enabled = true).await;
     let alice = s.user("alice").await;
-    let page = tiny_http("127.0.0.1:0", vec![("/", 200, vec![("content-type", "text/html".into())], b"<title>secret</title>".to_vec())]).await;
+    let page = tiny_http(
+        "127.0.0.1:0",
+        vec![(
+            "/",
+            200,
+            vec![("content-type", "text/html".into())],
+            b"<title>secret</title>".to_vec(),
+        )],
+    )
+    .await;
     let port = page.addr.port();
     for url in [
         format!("http://127.0.0.1:{port}/"),
@@ -550,16 +852,30 @@ async fn url_previews_are_off_by_default_and_never_reach_internal_addresses() {
         "http://0.0.0.0/".to_owned(),
     ] {
         for prefix in [V1, LEGACY] {
-            let got = get(&s, &format!("{prefix}/preview_url?url={}", enc(&url)), Some(&alice)).await;
+            let path = format!("{prefix}/preview_url?url={}", enc(&url));
+            let got = get(&s, &path, Some(&alice)).await;
             assert_err(&got.err(), 403, "M_FORBIDDEN");
             assert!(!got.json().to_string().contains("secret"));
         }
     }
     for url in ["file:///etc/passwd", "gopher://example.org/", "not a url"] {
-        let got = get(&s, &format!("{V1}/preview_url?url={}", enc(url)), Some(&alice)).await;
-        assert_err(&got.err(), 400, "M_INVALID_PARAM");
+        get_err(
+            &s,
+            &format!("{V1}/preview_url?url={}", enc(url)),
+            Some(&alice),
+            400,
+            "M_INVALID_PARAM",
+        )
+        .await;
     }
-    assert_err(&get(&s, &format!("{V1}/preview_url"), Some(&alice)).await.err(), 400, "M_MISSING_PARAM");
+    get_err(
+        &s,
+        &format!("{V1}/preview_url"),
+        Some(&alice),
+        400,
+        "M_MISSING_PARAM",
+    )
+    .await;
     s.stop().await;
 }
 
@@ -573,7 +889,16 @@ async fn url_preview_of_an_allowed_range_reads_opengraph() {
     let alice = s.user("alice").await;
     let image = png(48, 24);
     // An IPv6 loopback server, outside the allowlist, that a redirect points to.
-    let v6 = tiny_http("[::1]:0", vec![("/", 200, vec![("content-type", "text/html".into())], b"<title>v6</title>".to_vec())]).await;
+    let v6 = tiny_http(
+        "[::1]:0",
+        vec![(
+            "/",
+            200,
+            vec![("content-type", "text/html".into())],
+            b"<title>v6</title>".to_vec(),
+        )],
+    )
+    .await;
     let html = r#"<html><head><title>Fallback</title>
         <meta property="og:title" content="Hafen &amp; friends">
         <meta property="og:description" content="A page about media">
@@ -582,11 +907,36 @@ async fn url_preview_of_an_allowed_range_reads_opengraph() {
     let web = tiny_http(
         "127.0.0.1:0",
         vec![
-            ("/page", 200, vec![("content-type", "text/html; charset=utf-8".into())], html.as_bytes().to_vec()),
-            ("/logo.png", 200, vec![("content-type", "image/png".into())], image.clone()),
-            ("/plain", 200, vec![("content-type", "text/html".into())], b"<html><head><title>Just a title</title></head></html>".to_vec()),
-            ("/moved", 302, vec![("location", "/page".into())], Vec::new()),
-            ("/escape", 302, vec![("location", format!("http://[::1]:{}/", v6.addr.port()))], Vec::new()),
+            (
+                "/page",
+                200,
+                vec![("content-type", "text/html; charset=utf-8".into())],
+                html.as_bytes().to_vec(),
+            ),
+            (
+                "/logo.png",
+                200,
+                vec![("content-type", "image/png".into())],
+                image.clone(),
+            ),
+            (
+                "/plain",
+                200,
+                vec![("content-type", "text/html".into())],
+                b"<html><head><title>Just a title</title></head></html>".to_vec(),
+            ),
+            (
+                "/moved",
+                302,
+                vec![("location", "/page".into())],
+                Vec::new(),
+            ),
+            (
+                "/escape",
+                302,
+                vec![("location", format!("http://[::1]:{}/", v6.addr.port()))],
+                Vec::new(),
+            ),
             ("/loop", 302, vec![("location", "/loop".into())], Vec::new()),
         ],
     )

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{RawQuery, State},
+    extract::{FromRequestParts, RawQuery, State},
     response::{IntoResponse, Response},
     routing::{get, post, put},
     Json, Router,
@@ -42,27 +42,27 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
         .route(&format!("{legacy}/preview_url"), get(preview_url))
         .route(
             &format!("{v1}/download/{{server_name}}/{{media_id}}"),
-            get(download),
+            get(download::<Authed>),
         )
         .route(
             &format!("{v1}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
-            get(download),
+            get(download::<Authed>),
         )
         .route(
             &format!("{v1}/thumbnail/{{server_name}}/{{media_id}}"),
-            get(thumbnail),
+            get(thumbnail::<Authed>),
         )
         .route(
             &format!("{legacy}/download/{{server_name}}/{{media_id}}"),
-            get(legacy_download),
+            get(download::<Unfrozen>),
         )
         .route(
             &format!("{legacy}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
-            get(legacy_download),
+            get(download::<Unfrozen>),
         )
         .route(
             &format!("{legacy}/thumbnail/{{server_name}}/{{media_id}}"),
-            get(legacy_thumbnail),
+            get(thumbnail::<Unfrozen>),
         )
 }
 
@@ -194,49 +194,49 @@ fn timeout(q: &Option<String>) -> Result<Duration> {
     }
 }
 
-async fn download(
+/// `GET download` and `thumbnail`: `A` is [`Authed`] on the v1 endpoints and [`Unfrozen`] on
+/// the legacy ones.
+async fn download<A>(
     State(s): State<Arc<Services>>,
-    Authed(_who): Authed,
+    _access: A,
     p: Segs,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
     serve_download(&s, &p, &q).await
 }
 
-async fn legacy_download(
+async fn thumbnail<A>(
     State(s): State<Arc<Services>>,
-    p: Segs,
-    RawQuery(q): RawQuery,
-) -> Result<Response> {
-    if s.config.freeze_legacy_media {
-        return Err(frozen());
-    }
-    serve_download(&s, &p, &q).await
-}
-
-async fn thumbnail(
-    State(s): State<Arc<Services>>,
-    Authed(_who): Authed,
+    _access: A,
     p: Segs,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
     serve_thumbnail(&s, &p, &q).await
 }
 
-async fn legacy_thumbnail(
-    State(s): State<Arc<Services>>,
-    p: Segs,
-    RawQuery(q): RawQuery,
-) -> Result<Response> {
-    if s.config.freeze_legacy_media {
-        return Err(frozen());
+/// Access to the legacy unauthenticated download and thumbnail: refused (404) while
+/// `freeze_legacy_media` is on.
+struct Unfrozen;
+
+impl FromRequestParts<Arc<Services>> for Unfrozen {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        _parts: &mut http::request::Parts,
+        s: &Arc<Services>,
+    ) -> Result<Self> {
+        if s.config.freeze_legacy_media {
+            return Err(frozen());
+        }
+        Ok(Unfrozen)
     }
-    serve_thumbnail(&s, &p, &q).await
 }
 
 /// Unauthenticated media access is frozen: every media is "after the freeze".
 fn frozen() -> Error {
-    Error::not_found("Media is only served by the authenticated endpoints (/_matrix/client/v1/media)")
+    Error::not_found(
+        "Media is only served by the authenticated endpoints (/_matrix/client/v1/media)",
+    )
 }
 
 async fn serve_download(s: &Services, p: &Segs, q: &Option<String>) -> Result<Response> {
@@ -328,7 +328,10 @@ async fn stream_file(
         HeaderName::from_static("cross-origin-resource-policy"),
         HeaderValue::from_static("cross-origin"),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, max-age=31536000, immutable"),
@@ -355,7 +358,10 @@ mod tests {
     fn disposition_encodes_names() {
         let d = ContentDisposition::new(ContentDispositionType::Attachment)
             .with_filename(Some("Grüße.txt".into()));
-        assert_eq!(d.to_string(), "attachment; filename*=utf-8''Gr%C3%BC%C3%9Fe.txt");
+        assert_eq!(
+            d.to_string(),
+            "attachment; filename*=utf-8''Gr%C3%BC%C3%9Fe.txt"
+        );
         let d = ContentDisposition::new(ContentDispositionType::Inline)
             .with_filename(Some("my file.png".into()));
         assert_eq!(d.to_string(), "inline; filename=\"my file.png\"");

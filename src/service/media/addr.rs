@@ -32,29 +32,35 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
     const NOT_PUBLIC: &[([u8; 4], u32)] = &[
-        ([0, 0, 0, 0], 8),        // "this network", unspecified
-        ([10, 0, 0, 0], 8),       // private
-        ([100, 64, 0, 0], 10),    // shared address space (CGNAT)
-        ([127, 0, 0, 0], 8),      // loopback
-        ([169, 254, 0, 0], 16),   // link-local (and cloud metadata services)
-        ([172, 16, 0, 0], 12),    // private
-        ([192, 0, 0, 0], 24),     // IETF protocol assignments
-        ([192, 0, 2, 0], 24),     // documentation
-        ([192, 88, 99, 0], 24),   // 6to4 relay anycast
-        ([192, 168, 0, 0], 16),   // private
-        ([198, 18, 0, 0], 15),    // benchmarking
-        ([198, 51, 100, 0], 24),  // documentation
-        ([203, 0, 113, 0], 24),   // documentation
-        ([224, 0, 0, 0], 4),      // multicast
-        ([240, 0, 0, 0], 4),      // reserved, and broadcast
+        ([0, 0, 0, 0], 8),       // "this network", unspecified
+        ([10, 0, 0, 0], 8),      // private
+        ([100, 64, 0, 0], 10),   // shared address space (CGNAT)
+        ([127, 0, 0, 0], 8),     // loopback
+        ([169, 254, 0, 0], 16),  // link-local (and cloud metadata services)
+        ([172, 16, 0, 0], 12),   // private
+        ([192, 0, 0, 0], 24),    // IETF protocol assignments
+        ([192, 0, 2, 0], 24),    // documentation
+        ([192, 88, 99, 0], 24),  // 6to4 relay anycast
+        ([192, 168, 0, 0], 16),  // private
+        ([198, 18, 0, 0], 15),   // benchmarking
+        ([198, 51, 100, 0], 24), // documentation
+        ([203, 0, 113, 0], 24),  // documentation
+        ([224, 0, 0, 0], 4),     // multicast
+        ([240, 0, 0, 0], 4),     // reserved, and broadcast
     ];
-    !NOT_PUBLIC.iter().any(|&(net, prefix)| in_v4(ip, net, prefix))
+    !NOT_PUBLIC
+        .iter()
+        .any(|&(net, prefix)| in_v4(ip, net, prefix))
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {

@@ -178,7 +178,8 @@ impl Media {
     }
 
     fn record(&self, server: &ServerName, media_id: &str) -> Result<Option<MediaRecord>> {
-        self.storage.get_json(Table::Media, &media_key(server, media_id))
+        self.storage
+            .get_json(Table::Media, &media_key(server, media_id))
     }
 
     /// `POST /upload`: store the body and return its `mxc://` URI.
@@ -196,7 +197,8 @@ impl Media {
             unused_expires_at: None,
             file: None,
         };
-        self.commit_file(user, &media_id, record, stored, meta).await?;
+        self.commit_file(user, &media_id, record, stored, meta)
+            .await?;
         Ok(self.mxc(&media_id))
     }
 
@@ -267,11 +269,7 @@ impl Media {
         let mut expired = Vec::new();
         for entry in self.storage.scan_prefix(Table::MediaPending, &prefix)? {
             let (k, v) = entry?;
-            let expires = v
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let expires = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
             if expires <= now {
                 expired.push(k);
             } else {
@@ -341,7 +339,10 @@ impl Media {
                     "Media already uploaded",
                 ));
             }
-            if record.unused_expires_at.is_some_and(|t| t <= utils::now_ms()) {
+            if record
+                .unused_expires_at
+                .is_some_and(|t| t <= utils::now_ms())
+            {
                 return Err(Error::not_found("The media id has expired"));
             }
             Ok(record)
@@ -382,7 +383,10 @@ impl Media {
             if let Some(file) = record.file {
                 return Ok(file);
             }
-            if record.unused_expires_at.is_some_and(|t| t <= utils::now_ms()) {
+            if record
+                .unused_expires_at
+                .is_some_and(|t| t <= utils::now_ms())
+            {
                 return Err(not_found());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -452,7 +456,10 @@ impl Media {
         if let Some(cached) = self.previews.get(url.as_str(), now) {
             return Ok(cached);
         }
-        let page = self.fetcher.fetch(url.clone(), preview::MAX_PAGE_BYTES).await?;
+        let page = self
+            .fetcher
+            .fetch(url.clone(), preview::MAX_PAGE_BYTES)
+            .await?;
         let mut og = serde_json::Map::new();
         if page.content_type.starts_with("image/") {
             self.add_image(user, &mut og, page).await?;

@@ -89,7 +89,10 @@ impl Fetcher {
             return Err(fetch_failed("the host has no address"));
         }
         // One bad address refuses the host: which one a client library picks is not ours to know.
-        if addrs.iter().any(|a| !addr::may_connect(a.ip(), &self.allow)) {
+        if addrs
+            .iter()
+            .any(|a| !addr::may_connect(a.ip(), &self.allow))
+        {
             return Err(blocked());
         }
         Ok(addrs[0])
@@ -250,7 +253,10 @@ fn attributes(tag: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let chars: Vec<char> = tag.chars().collect();
     // Skip the tag name.
-    let mut i = chars.iter().position(|c| c.is_whitespace()).unwrap_or(chars.len());
+    let mut i = chars
+        .iter()
+        .position(|c| c.is_whitespace())
+        .unwrap_or(chars.len());
     while i < chars.len() {
         while i < chars.len() && (chars[i].is_whitespace() || chars[i] == '/') {
             i += 1;
@@ -259,7 +265,10 @@ fn attributes(tag: &str) -> Vec<(String, String)> {
         while i < chars.len() && !chars[i].is_whitespace() && chars[i] != '=' && chars[i] != '/' {
             i += 1;
         }
-        let name: String = chars[name_start..i].iter().collect::<String>().to_ascii_lowercase();
+        let name: String = chars[name_start..i]
+            .iter()
+            .collect::<String>()
+            .to_ascii_lowercase();
         while i < chars.len() && chars[i].is_whitespace() {
             i += 1;
         }
@@ -373,7 +382,10 @@ mod tests {
             parse_url("file:///etc/passwd").err().unwrap().errcode(),
             "M_INVALID_PARAM"
         );
-        assert_eq!(parse_url("not a url").err().unwrap().errcode(), "M_INVALID_PARAM");
+        assert_eq!(
+            parse_url("not a url").err().unwrap().errcode(),
+            "M_INVALID_PARAM"
+        );
     }
 
     #[tokio::test]

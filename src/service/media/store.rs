@@ -50,7 +50,10 @@ impl FileStore {
 
     /// The path of the file with this hash. `sha256` must be 64 hex digits (we only pass our own).
     pub fn path(&self, sha256: &str) -> PathBuf {
-        self.root.join(&sha256[0..2]).join(&sha256[2..4]).join(sha256)
+        self.root
+            .join(&sha256[0..2])
+            .join(&sha256[2..4])
+            .join(sha256)
     }
 
     /// Store the bytes of `body`, at most `limit` of them (more: 413 `M_TOO_LARGE`, and nothing
@@ -68,9 +71,8 @@ impl FileStore {
             let mut hasher = Sha256::new();
             let mut size: u64 = 0;
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| {
-                    Error::bad_json(format!("cannot read the upload: {e}"))
-                })?;
+                let chunk =
+                    chunk.map_err(|e| Error::bad_json(format!("cannot read the upload: {e}")))?;
                 size += chunk.len() as u64;
                 if size > limit {
                     return Err(too_large(limit));

@@ -45,11 +45,31 @@ pub struct Size {
 
 /// The sizes the spec suggests servers make.
 pub const SIZES: [Size; 5] = [
-    Size { width: 32, height: 32, method: Method::Crop },
-    Size { width: 96, height: 96, method: Method::Crop },
-    Size { width: 320, height: 240, method: Method::Scale },
-    Size { width: 640, height: 480, method: Method::Scale },
-    Size { width: 800, height: 600, method: Method::Scale },
+    Size {
+        width: 32,
+        height: 32,
+        method: Method::Crop,
+    },
+    Size {
+        width: 96,
+        height: 96,
+        method: Method::Crop,
+    },
+    Size {
+        width: 320,
+        height: 240,
+        method: Method::Scale,
+    },
+    Size {
+        width: 640,
+        height: 480,
+        method: Method::Scale,
+    },
+    Size {
+        width: 800,
+        height: 600,
+        method: Method::Scale,
+    },
 ];
 
 /// Largest width or height of an image we decode.
@@ -193,7 +213,11 @@ mod tests {
         for &b in data {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
