@@ -326,7 +326,8 @@ impl Media {
         if server != self.server_name.as_str() || !valid_media_id(media_id) {
             return Err(Error::not_found("Unknown media id"));
         }
-        let check = |record: Option<MediaRecord>| -> Result<MediaRecord> {
+        // `starting`: the expiry counts when the upload starts, not when its last byte arrives.
+        let check = |record: Option<MediaRecord>, starting: bool| -> Result<MediaRecord> {
             let record = record.ok_or_else(|| Error::not_found("Unknown media id"))?;
             if record.uploader != user.as_str() {
                 return Err(Error::forbidden(
@@ -339,16 +340,16 @@ impl Media {
                     "Media already uploaded",
                 ));
             }
-            if record
+            let expired = record
                 .unused_expires_at
-                .is_some_and(|t| t <= utils::now_ms())
-            {
+                .is_some_and(|t| t <= utils::now_ms());
+            if starting && expired {
                 return Err(Error::not_found("The media id has expired"));
             }
             Ok(record)
         };
         let server = self.server_name.clone();
-        check(self.record(&server, media_id)?)?;
+        check(self.record(&server, media_id)?, true)?;
         let meta = self.check_meta(meta)?;
         if !self.uploading.lock().insert(media_id.to_owned()) {
             return Err(Error::new(
@@ -361,8 +362,9 @@ impl Media {
             id: media_id.to_owned(),
         };
         let stored = self.files.write_stream(body, self.max_upload_size).await?;
-        // Checked again: the id may have expired while the body arrived (then it stays expired).
-        let record = check(self.record(&server, media_id)?)?;
+        // Checked again (the record is re-read for the write); an upload that started in time
+        // completes even if the id expired while its body arrived.
+        let record = check(self.record(&server, media_id)?, false)?;
         self.commit_file(user, media_id, record, stored, meta).await
     }
 
