@@ -72,6 +72,29 @@ pub struct Config {
     /// Rate limits per user and per IP.
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// Directory of uploaded media files; unset means `<database_path>/media`.
+    #[serde(default)]
+    pub media_path: Option<PathBuf>,
+    /// Largest media upload in bytes (413 `M_TOO_LARGE` above it); announced as `m.upload.size`.
+    #[serde(default = "default_max_upload_size")]
+    pub max_upload_size: u64,
+    /// How many `/create`d media ids a user may hold that are not uploaded yet and not expired.
+    #[serde(default = "default_max_pending_media_uploads")]
+    pub max_pending_media_uploads: usize,
+    /// Seconds a `/create`d media id stays usable for its upload (`unused_expires_at`).
+    #[serde(default = "default_pending_media_expiry_secs")]
+    pub pending_media_expiry_secs: u64,
+    /// The unauthenticated legacy endpoints `/_matrix/media/v3/download` and `/thumbnail` answer
+    /// 404 `M_NOT_FOUND` for all media (the spec's "frozen" media). false serves media there too.
+    #[serde(default = "default_true")]
+    pub freeze_legacy_media: bool,
+    /// Answer `/preview_url` (fetches web pages for users). Off by default.
+    #[serde(default)]
+    pub url_preview_enabled: bool,
+    /// IP ranges (CIDR) that URL previews may reach although they are not public addresses,
+    /// e.g. `["10.1.2.0/24"]` for an intranet wiki. Empty by default: only public addresses.
+    #[serde(default)]
+    pub url_preview_ip_range_allowlist: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -139,6 +162,15 @@ fn default_db_cache_capacity_mb() -> u64 {
 }
 fn default_max_request_size() -> usize {
     20 * 1024 * 1024
+}
+fn default_max_upload_size() -> u64 {
+    50 * 1024 * 1024
+}
+fn default_max_pending_media_uploads() -> usize {
+    5
+}
+fn default_pending_media_expiry_secs() -> u64 {
+    24 * 3600
 }
 fn default_room_version() -> RoomVersionId {
     RoomVersionId::V12
@@ -345,7 +377,15 @@ impl Config {
         c.registration_token = Some(String::new());
         c.well_known.client = Some(String::new());
         c.well_known.server = Some(String::new());
+        c.media_path = Some(PathBuf::new());
         c
+    }
+
+    /// Where media files live: `media_path`, or `<database_path>/media`.
+    pub fn media_dir(&self) -> PathBuf {
+        self.media_path
+            .clone()
+            .unwrap_or_else(|| self.database_path.join("media"))
     }
 
     /// Every key path of the config, e.g. `rate_limits.login.burst`; used by the docs check.
@@ -412,6 +452,18 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid(
             "access_token_lifetime_secs: must be at least 60".into(),
         ));
+    }
+    if c.pending_media_expiry_secs == 0 {
+        return Err(ConfigError::Invalid(
+            "pending_media_expiry_secs: must be at least 1".into(),
+        ));
+    }
+    for range in &c.url_preview_ip_range_allowlist {
+        if range.parse::<ipnet::IpNet>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "url_preview_ip_range_allowlist: `{range}` is not an IP range like 10.0.0.0/8"
+            )));
+        }
     }
     tracing_subscriber::EnvFilter::try_new(&c.log)
         .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;

@@ -41,6 +41,8 @@ pub enum ErrCode {
     KeyTooLarge,
     BadAlias,
     InvalidSignature,
+    CannotOverwriteMedia,
+    NotYetUploaded,
 }
 
 impl ErrCode {
@@ -77,6 +79,8 @@ impl ErrCode {
             ErrCode::KeyTooLarge => "M_KEY_TOO_LARGE",
             ErrCode::BadAlias => "M_BAD_ALIAS",
             ErrCode::InvalidSignature => "M_INVALID_SIGNATURE",
+            ErrCode::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
+            ErrCode::NotYetUploaded => "M_NOT_YET_UPLOADED",
         }
     }
 
@@ -96,6 +100,8 @@ impl ErrCode {
             ErrCode::NotFound | ErrCode::Unrecognized => StatusCode::NOT_FOUND,
             ErrCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrCode::CannotOverwriteMedia => StatusCode::CONFLICT,
+            ErrCode::NotYetUploaded => StatusCode::GATEWAY_TIMEOUT,
             ErrCode::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }

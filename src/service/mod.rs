@@ -8,6 +8,7 @@ pub mod filter;
 pub mod globals;
 pub mod key_backup;
 pub mod keys;
+pub mod media;
 pub mod presence;
 pub mod profile;
 pub mod push;
@@ -44,6 +45,7 @@ pub struct Services {
     pub key_backup: key_backup::KeyBackup,
     pub reports: reports::Reports,
     pub push: push::Push,
+    pub media: media::Media,
 }
 
 impl Services {
@@ -82,6 +84,7 @@ impl Services {
             to_device: to_device::ToDevice::new(storage.clone(), globals.clone()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
             reports: reports::Reports::new(storage.clone()),
+            media: media::Media::new(storage.clone(), &config)?,
             globals,
             storage,
             config,

@@ -95,6 +95,18 @@ pub enum Table {
     Threads,
     /// room 0xff root event id -> big-endian count of the latest reply (where its `Threads` entry is).
     ThreadRoots,
+    /// server name 0xff media id -> JSON `MediaRecord` (uploader, times, and once uploaded: sha256,
+    /// size, content type, filename). A record without upload is a pending `/create`.
+    Media,
+    /// uploader 0xff server name 0xff media id -> "": a user's media (retention, erasure).
+    MediaByUser,
+    /// uploader 0xff server name 0xff media id -> big-endian expiry (ms): pending `/create`s.
+    MediaPending,
+    /// sha256 (hex) 0xff server name 0xff media id -> "": which media use a stored file (erasure
+    /// deletes the file when the last one goes).
+    MediaFileRefs,
+    /// source sha256 (hex) 0xff width 0xff height 0xff method -> JSON `ThumbnailRecord`.
+    MediaThumbnails,
 }
 
 impl Table {
@@ -143,6 +155,11 @@ impl Table {
         Table::Pushers,
         Table::Threads,
         Table::ThreadRoots,
+        Table::Media,
+        Table::MediaByUser,
+        Table::MediaPending,
+        Table::MediaFileRefs,
+        Table::MediaThumbnails,
     ];
 
     pub fn name(self) -> &'static str {
@@ -191,6 +208,11 @@ impl Table {
             Table::Pushers => "pushers",
             Table::Threads => "threads",
             Table::ThreadRoots => "thread_roots",
+            Table::Media => "media",
+            Table::MediaByUser => "media_by_user",
+            Table::MediaPending => "media_pending",
+            Table::MediaFileRefs => "media_file_refs",
+            Table::MediaThumbnails => "media_thumbnails",
         }
     }
 }

@@ -176,6 +176,16 @@ impl TestServer {
         self.join(u, room).await;
     }
 
+    /// Stop the server and start it again on the same data (database and media files).
+    pub async fn restart(&mut self) {
+        let r = self.running.take().expect("running");
+        let config = r.services.config.clone();
+        r.stop().await.expect("clean stop");
+        let running = hafen::server::start(config).await.expect("server restarts");
+        self.base = running.base_url();
+        self.running = Some(running);
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.expect("clean stop");

@@ -11,6 +11,7 @@ mod discovery;
 mod e2ee;
 mod history;
 mod push;
+mod media;
 mod relations;
 mod reports;
 mod rooms;

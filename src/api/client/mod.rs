@@ -10,6 +10,7 @@ mod filter;
 mod history;
 mod key_backup;
 mod keys;
+mod media;
 mod membership;
 mod message;
 mod presence;
@@ -66,6 +67,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = user_directory::routes(r);
     let r = space::routes(r);
     let r = search::routes(r);
+    let r = media::routes(r);
     r
 }
 

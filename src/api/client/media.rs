@@ -1,0 +1,369 @@
+//! The content repository: upload (`/_matrix/media/v3/upload`, `/_matrix/media/v1/create`),
+//! authenticated download, thumbnail, config and URL preview under `/_matrix/client/v1/media/`,
+//! and the legacy unauthenticated `/_matrix/media/v3/` endpoints. Bodies are streamed, not
+//! parsed by ruma: uploads straight to disk under their own size limit, downloads from disk.
+//! The logic is in `service::media`.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{FromRequestParts, RawQuery, State},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+    Json, Router,
+};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use ruma::http_headers::{ContentDisposition, ContentDispositionType};
+use serde_json::{json, Value};
+
+use super::account::{query_param, Segs};
+use crate::{
+    api::ruma_wrapper::Authed,
+    error::{ErrCode, Error, Result},
+    service::{
+        media::{self, thumbnail::Method, FileInfo, UploadMeta},
+        Services,
+    },
+};
+
+pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    let v1 = "/_matrix/client/v1/media";
+    let legacy = "/_matrix/media/v3";
+    r.route(&format!("{legacy}/upload"), post(upload))
+        .route(
+            &format!("{legacy}/upload/{{server_name}}/{{media_id}}"),
+            put(upload_to),
+        )
+        .route("/_matrix/media/v1/create", post(create))
+        .route(&format!("{v1}/config"), get(config))
+        .route(&format!("{legacy}/config"), get(config))
+        .route(&format!("{v1}/preview_url"), get(preview_url))
+        .route(&format!("{legacy}/preview_url"), get(preview_url))
+        .route(
+            &format!("{v1}/download/{{server_name}}/{{media_id}}"),
+            get(download::<Authed>),
+        )
+        .route(
+            &format!("{v1}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
+            get(download::<Authed>),
+        )
+        .route(
+            &format!("{v1}/thumbnail/{{server_name}}/{{media_id}}"),
+            get(thumbnail::<Authed>),
+        )
+        .route(
+            &format!("{legacy}/download/{{server_name}}/{{media_id}}"),
+            get(download::<Unfrozen>),
+        )
+        .route(
+            &format!("{legacy}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
+            get(download::<Unfrozen>),
+        )
+        .route(
+            &format!("{legacy}/thumbnail/{{server_name}}/{{media_id}}"),
+            get(thumbnail::<Unfrozen>),
+        )
+}
+
+/// Content types a browser may show inline (the spec's list for serving inline content); all
+/// others are served as `attachment`.
+const INLINE_TYPES: &[&str] = &[
+    "text/css",
+    "text/plain",
+    "text/csv",
+    "application/json",
+    "application/ld+json",
+    "image/jpeg",
+    "image/gif",
+    "image/png",
+    "image/apng",
+    "image/webp",
+    "image/avif",
+    "video/mp4",
+    "video/webm",
+    "video/ogg",
+    "video/quicktime",
+    "audio/mp4",
+    "audio/webm",
+    "audio/aac",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/wave",
+    "audio/wav",
+    "audio/x-wav",
+    "audio/x-pn-wav",
+    "audio/flac",
+    "audio/x-flac",
+];
+
+/// What media responses carry so that a browser opening a media URL cannot run anything from it.
+const CONTENT_SECURITY_POLICY: &str = "sandbox; default-src 'none'; script-src 'none'; \
+     plugin-types application/pdf; style-src 'unsafe-inline'; object-src 'self';";
+
+/// Whether `content_type` (parameters ignored) may be served inline.
+pub fn is_inline(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    INLINE_TYPES.contains(&essence.as_str())
+}
+
+fn upload_meta(headers: &HeaderMap, q: &Option<String>) -> Result<UploadMeta> {
+    Ok(UploadMeta {
+        content_type: headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        filename: query_param(q, "filename")?,
+        content_length: headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+    })
+}
+
+async fn upload(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>> {
+    let meta = upload_meta(&headers, &q)?;
+    let mxc = s
+        .media
+        .upload(&who.user_id, body.into_data_stream(), meta)
+        .await?;
+    Ok(Json(json!({ "content_uri": mxc })))
+}
+
+async fn upload_to(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    p: Segs,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>> {
+    let meta = upload_meta(&headers, &q)?;
+    s.media
+        .upload_to(
+            &who.user_id,
+            p.get(0)?,
+            p.get(1)?,
+            body.into_data_stream(),
+            meta,
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn create(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<Json<Value>> {
+    let (mxc, expires_at) = s.media.create(&who.user_id).await?;
+    Ok(Json(
+        json!({ "content_uri": mxc, "unused_expires_at": expires_at }),
+    ))
+}
+
+async fn config(State(s): State<Arc<Services>>, Authed(_who): Authed) -> Json<Value> {
+    Json(json!({ "m.upload.size": s.media.max_upload_size() }))
+}
+
+async fn preview_url(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>> {
+    let url = query_param(&q, "url")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "url is required"))?;
+    Ok(Json(s.media.preview(&who.user_id, &url).await?))
+}
+
+/// `timeout_ms`, defaulting to the spec's 20 seconds.
+fn timeout(q: &Option<String>) -> Result<Duration> {
+    match query_param(q, "timeout_ms")? {
+        None => Ok(media::DEFAULT_WAIT),
+        Some(t) => t
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| Error::invalid_param("timeout_ms must be a non-negative integer")),
+    }
+}
+
+/// `GET download` and `thumbnail`: `A` is [`Authed`] on the v1 endpoints and [`Unfrozen`] on
+/// the legacy ones.
+async fn download<A>(
+    State(s): State<Arc<Services>>,
+    _access: A,
+    p: Segs,
+    RawQuery(q): RawQuery,
+) -> Result<Response> {
+    serve_download(&s, &p, &q).await
+}
+
+async fn thumbnail<A>(
+    State(s): State<Arc<Services>>,
+    _access: A,
+    p: Segs,
+    RawQuery(q): RawQuery,
+) -> Result<Response> {
+    serve_thumbnail(&s, &p, &q).await
+}
+
+/// Access to the legacy unauthenticated download and thumbnail: refused (404) while
+/// `freeze_legacy_media` is on.
+struct Unfrozen;
+
+impl FromRequestParts<Arc<Services>> for Unfrozen {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        _parts: &mut http::request::Parts,
+        s: &Arc<Services>,
+    ) -> Result<Self> {
+        if s.config.freeze_legacy_media {
+            return Err(frozen());
+        }
+        Ok(Unfrozen)
+    }
+}
+
+/// Unauthenticated media access is frozen: every media is "after the freeze".
+fn frozen() -> Error {
+    Error::not_found(
+        "Media is only served by the authenticated endpoints (/_matrix/client/v1/media)",
+    )
+}
+
+async fn serve_download(s: &Services, p: &Segs, q: &Option<String>) -> Result<Response> {
+    let file: FileInfo = s.media.file(p.get(0)?, p.get(1)?, timeout(q)?).await?;
+    let content_type = file
+        .content_type
+        .clone()
+        .unwrap_or_else(|| "application/octet-stream".to_owned());
+    let filename = match p.0.get(2) {
+        Some(name) => Some(name.clone()),
+        None => file.filename.clone(),
+    };
+    let disposition = if is_inline(&content_type) {
+        ContentDispositionType::Inline
+    } else {
+        ContentDispositionType::Attachment
+    };
+    stream_file(
+        s,
+        &file.sha256,
+        file.size,
+        &content_type,
+        ContentDisposition::new(disposition).with_filename(filename),
+    )
+    .await
+}
+
+async fn serve_thumbnail(s: &Services, p: &Segs, q: &Option<String>) -> Result<Response> {
+    let dimension = |key: &str| -> Result<u32> {
+        query_param(q, key)?
+            .ok_or_else(|| Error::new(ErrCode::MissingParam, format!("{key} is required")))?
+            .parse::<u32>()
+            .map_err(|_| Error::invalid_param(format!("{key} must be a positive integer")))
+    };
+    let (width, height) = (dimension("width")?, dimension("height")?);
+    let method = Method::parse(query_param(q, "method")?.as_deref())?;
+    // Animated thumbnails are not made: `animated=true` is answered as `false`, as the spec
+    // allows for servers without animation support.
+    match query_param(q, "animated")?.as_deref() {
+        None | Some("true") | Some("false") => {}
+        Some(_) => return Err(Error::invalid_param("animated must be true or false")),
+    }
+    let thumb = s
+        .media
+        .thumbnail(p.get(0)?, p.get(1)?, width, height, method, timeout(q)?)
+        .await?;
+    let extension = if thumb.content_type == "image/jpeg" {
+        "jpg"
+    } else {
+        "png"
+    };
+    stream_file(
+        s,
+        &thumb.sha256,
+        thumb.size,
+        &thumb.content_type,
+        ContentDisposition::new(ContentDispositionType::Inline)
+            .with_filename(Some(format!("thumbnail.{extension}"))),
+    )
+    .await
+}
+
+/// A stored file as the response body, read from disk as it is sent.
+async fn stream_file(
+    s: &Services,
+    sha256: &str,
+    size: u64,
+    content_type: &str,
+    disposition: ContentDisposition,
+) -> Result<Response> {
+    let file = s.media.files().open_file(sha256).await?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut res = (StatusCode::OK, body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if let Ok(v) = HeaderValue::from_str(&disposition.to_string()) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    h.insert(
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("cross-origin"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_safe_types_are_inline() {
+        assert!(is_inline("image/png"));
+        assert!(is_inline("text/plain; charset=utf-8"));
+        assert!(is_inline("IMAGE/JPEG"));
+        assert!(!is_inline("text/html"));
+        assert!(!is_inline("image/svg+xml"));
+        assert!(!is_inline("application/octet-stream"));
+        assert!(!is_inline("application/pdf"));
+    }
+
+    #[test]
+    fn disposition_encodes_names() {
+        let d = ContentDisposition::new(ContentDispositionType::Attachment)
+            .with_filename(Some("Grüße.txt".into()));
+        assert_eq!(
+            d.to_string(),
+            "attachment; filename*=utf-8''Gr%C3%BC%C3%9Fe.txt"
+        );
+        let d = ContentDisposition::new(ContentDispositionType::Inline)
+            .with_filename(Some("my file.png".into()));
+        assert_eq!(d.to_string(), "inline; filename=\"my file.png\"");
+    }
+}
