@@ -449,6 +449,12 @@ impl Accounts {
             user_id,
             device_id.as_str(),
         )?;
+        crate::service::dehydrated::remove_device_rows(
+            &self.storage,
+            &mut b,
+            user_id,
+            device_id.as_str(),
+        )?;
         crate::service::keys::log_change(
             &mut b,
             pending.get(),
@@ -459,6 +465,28 @@ impl Accounts {
         b.commit()?;
         pending.finish(vec![user_id.to_owned()]);
         Ok(())
+    }
+
+    /// A device nobody logs in with (a dehydrated device): no tokens.
+    pub fn create_device_without_tokens(
+        &self,
+        user_id: &UserId,
+        device_id: &ruma::DeviceId,
+        display_name: Option<String>,
+    ) -> Result<()> {
+        let device = DeviceRecord {
+            device_id: device_id.to_owned(),
+            display_name,
+            last_seen_ip: None,
+            last_seen_ts: Some(utils::now_ms()),
+            access_token_hash: None,
+            refresh_token_hash: None,
+        };
+        self.storage.put(
+            Table::Devices,
+            &keys::join(&[user_id.as_str(), device_id.as_str()]),
+            &serde_json::to_vec(&device)?,
+        )
     }
 
     pub fn remove_all_devices(

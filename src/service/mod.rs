@@ -3,6 +3,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod dehydrated;
 pub mod e2ee;
 pub mod filter;
 pub mod globals;

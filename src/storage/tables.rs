@@ -95,6 +95,8 @@ pub enum Table {
     Threads,
     /// room 0xff root event id -> big-endian count of the latest reply (where its `Threads` entry is).
     ThreadRoots,
+    /// user -> JSON (device id, device data): the user's dehydrated device (MSC3814).
+    DehydratedDevices,
     /// server name 0xff media id -> JSON `MediaRecord` (uploader, times, and once uploaded: sha256,
     /// size, content type, filename). A record without upload is a pending `/create`.
     Media,
@@ -155,6 +157,7 @@ impl Table {
         Table::Pushers,
         Table::Threads,
         Table::ThreadRoots,
+        Table::DehydratedDevices,
         Table::Media,
         Table::MediaByUser,
         Table::MediaPending,
@@ -208,6 +211,7 @@ impl Table {
             Table::Pushers => "pushers",
             Table::Threads => "threads",
             Table::ThreadRoots => "thread_roots",
+            Table::DehydratedDevices => "dehydrated_devices",
             Table::Media => "media",
             Table::MediaByUser => "media_by_user",
             Table::MediaPending => "media_pending",

@@ -849,3 +849,133 @@ async fn logout_removes_the_device_keys_and_tells_room_mates() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn dehydrated_device_lifecycle() {
+    const DD: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+
+    let got = s.get(DD, &alice).await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let (_, versions) = s
+        .req(Method::GET, "/_matrix/client/versions", None, None)
+        .await;
+    assert_eq!(versions["unstable_features"]["org.matrix.msc3814"], json!(true));
+
+    // The dehydrated device is a device of alice with keys others can claim.
+    let dehydrated = TestUser {
+        user_id: alice.user_id.clone(),
+        device_id: "DEHYDRATED1".into(),
+        token: String::new(),
+    };
+    let mut dk = device_keys(&dehydrated, "curve-dehydrated");
+    dk["dehydrated"] = json!(true);
+    let body = json!({
+        "device_id": "DEHYDRATED1",
+        "device_data": { "algorithm": "org.matrix.msc3814.v2", "device_pickle": "encrypted" },
+        "initial_device_display_name": "Offline device",
+        "device_keys": dk,
+        "one_time_keys": { "signed_curve25519:AAAA": signed_key(&dehydrated, "otk-1") },
+    });
+    let (status, put) = s.put(DD, &alice, body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!(put, json!({ "device_id": "DEHYDRATED1" }));
+    let (status, got) = s.get(DD, &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["device_id"], json!("DEHYDRATED1"));
+    assert_eq!(got["device_data"]["device_pickle"], json!("encrypted"));
+    let (_, devices) = s.get(&format!("{V3}/devices"), &alice).await;
+    assert!(devices["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .any(|d| d["device_id"] == json!("DEHYDRATED1")
+            && d["display_name"] == json!("Offline device")));
+    let (_, queried) = s
+        .post(
+            &format!("{V3}/keys/query"),
+            &bob,
+            json!({ "device_keys": { alice.user_id.clone(): [] } }),
+        )
+        .await;
+    assert_eq!(
+        queried["device_keys"][&alice.user_id]["DEHYDRATED1"]["dehydrated"],
+        json!(true),
+        "{queried}"
+    );
+    let (_, claimed) = s
+        .post(
+            &format!("{V3}/keys/claim"),
+            &bob,
+            json!({ "one_time_keys": { alice.user_id.clone(): { "DEHYDRATED1": "signed_curve25519" } } }),
+        )
+        .await;
+    assert_eq!(
+        claimed["one_time_keys"][&alice.user_id]["DEHYDRATED1"]["signed_curve25519:AAAA"]["key"],
+        json!("otk-1"),
+        "{claimed}"
+    );
+
+    // Bob sends it to-device messages; a new login of alice drains them in pages.
+    let (status, _) = s
+        .put(
+            &format!("{V3}/sendToDevice/m.room.encrypted/t1"),
+            &bob,
+            json!({ "messages": { alice.user_id.clone(): {
+                "DEHYDRATED1": { "ciphertext": "for the dehydrated device" } } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let events = format!("{DD}/DEHYDRATED1/events");
+    let (status, first) = s.post(&events, &alice, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["events"].as_array().map(Vec::len), Some(1), "{first}");
+    assert_eq!(first["events"][0]["sender"], json!(bob.user_id));
+    assert_eq!(first["events"][0]["content"]["ciphertext"], json!("for the dehydrated device"));
+    let next = first["next_batch"].as_str().expect("next_batch").to_owned();
+    let (_, second) = s.post(&events, &alice, json!({ "next_batch": next })).await;
+    assert_eq!(second["events"], json!([]), "{second}");
+    // Acknowledged messages are gone: asking again from the start finds nothing.
+    let (_, again) = s.post(&events, &alice, json!({})).await;
+    assert_eq!(again["events"], json!([]), "{again}");
+
+    // Errors.
+    let got = s.post(&format!("{DD}/OTHER/events"), &alice, json!({})).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let got = s.post(&events, &alice, json!({ "next_batch": "x" })).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = s.put(DD, &alice, json!({ "device_id": "D2" })).await;
+    assert_err(&got, 400, "M_BAD_JSON");
+    let got = s
+        .put(DD, &alice, json!({ "device_id": alice.device_id, "device_data": { "algorithm": "a" } }))
+        .await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    // Keys of another device are refused and leave nothing behind.
+    let mut wrong = body.clone();
+    wrong["device_id"] = json!("DEHYDRATED2");
+    let got = s.put(DD, &alice, wrong).await;
+    assert_eq!(got.0, StatusCode::BAD_REQUEST, "{}", got.1);
+    let (_, devices) = s.get(&format!("{V3}/devices"), &alice).await;
+    assert!(!devices["devices"].to_string().contains("DEHYDRATED2"));
+    let got = s.req(Method::GET, DD, None, None).await;
+    assert_err(&got, 401, "M_MISSING_TOKEN");
+
+    // Replacing it deletes the old device; deleting it answers with its id.
+    let mut replacement = body.clone();
+    replacement["device_id"] = json!("DEHYDRATED3");
+    let dehydrated3 = TestUser { device_id: "DEHYDRATED3".into(), ..dehydrated.clone() };
+    replacement["device_keys"] = device_keys(&dehydrated3, "curve-3");
+    replacement["one_time_keys"] = json!({});
+    let (status, put) = s.put(DD, &alice, replacement).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    let (_, devices) = s.get(&format!("{V3}/devices"), &alice).await;
+    let list = devices["devices"].to_string();
+    assert!(!list.contains("DEHYDRATED1") && list.contains("DEHYDRATED3"), "{list}");
+    let (status, deleted) = s.req(Method::DELETE, DD, Some(&alice.token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(deleted, json!({ "device_id": "DEHYDRATED3" }));
+    let got = s.get(DD, &alice).await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+}

@@ -31,6 +31,7 @@ async fn versions() -> Json<Value> {
         "unstable_features": {
             "org.matrix.msc2285.stable": true,
             "org.matrix.msc3827.stable": true,
+            "org.matrix.msc3814": true,
         },
         "server": { "name": "hafen", "version": env!("CARGO_PKG_VERSION") },
     }))

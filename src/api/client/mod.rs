@@ -3,6 +3,7 @@
 mod account;
 mod account_data;
 mod alias;
+mod dehydrated;
 mod devices;
 mod directory;
 mod discovery;
@@ -67,6 +68,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = user_directory::routes(r);
     let r = space::routes(r);
     let r = search::routes(r);
+    let r = dehydrated::routes(r);
     let r = media::routes(r);
     r
 }
