@@ -95,6 +95,22 @@ pub struct Config {
     /// e.g. `["10.1.2.0/24"]` for an intranet wiki. Empty by default: only public addresses.
     #[serde(default)]
     pub url_preview_ip_range_allowlist: Vec<String>,
+    /// TURN server URIs handed to VoIP clients by `/voip/turnServer`, e.g.
+    /// `["turns:turn.example.org:5349?transport=tcp"]`. Empty: no TURN server is offered.
+    #[serde(default)]
+    pub turn_uris: Vec<String>,
+    /// Shared secret of the TURN server (coturn `static-auth-secret`): clients get time-limited
+    /// credentials derived from it. Takes precedence over `turn_username`/`turn_password`.
+    #[serde(default)]
+    pub turn_secret: Option<String>,
+    /// Fixed TURN credentials, when the TURN server has no shared secret.
+    #[serde(default)]
+    pub turn_username: Option<String>,
+    #[serde(default)]
+    pub turn_password: Option<String>,
+    /// Lifetime of TURN credentials, in seconds.
+    #[serde(default = "default_turn_ttl")]
+    pub turn_ttl: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -104,6 +120,11 @@ pub struct WellKnown {
     pub client: Option<String>,
     /// Delegated federation server, e.g. "matrix.example.org:443".
     pub server: Option<String>,
+    /// `/.well-known/matrix/support`: a web page where users get help.
+    pub support_page: Option<String>,
+    /// `/.well-known/matrix/support`: the admin contact's Matrix id and/or email address.
+    pub support_mxid: Option<String>,
+    pub support_email: Option<String>,
 }
 
 /// A token bucket: `per_second` refill rate and `burst` capacity.
@@ -170,6 +191,9 @@ fn default_max_pending_media_uploads() -> usize {
     5
 }
 fn default_pending_media_expiry_secs() -> u64 {
+    24 * 3600
+}
+fn default_turn_ttl() -> u64 {
     24 * 3600
 }
 fn default_room_version() -> RoomVersionId {
@@ -378,6 +402,12 @@ impl Config {
         c.well_known.client = Some(String::new());
         c.well_known.server = Some(String::new());
         c.media_path = Some(PathBuf::new());
+        c.well_known.support_page = Some(String::new());
+        c.well_known.support_mxid = Some(String::new());
+        c.well_known.support_email = Some(String::new());
+        c.turn_secret = Some(String::new());
+        c.turn_username = Some(String::new());
+        c.turn_password = Some(String::new());
         c
     }
 

@@ -1161,3 +1161,23 @@ async fn filters_create_and_get() {
         "M_MISSING_TOKEN",
     );
 }
+
+#[tokio::test]
+async fn whois_for_admins_and_oneself() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let (status, body) = s.get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], json!(alice.user_id));
+    assert!(body["devices"][&alice.device_id]["sessions"].is_array(), "{body}");
+    let got = s.get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &bob).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let uid = ruma::UserId::parse(bob.user_id.as_str()).expect("user id");
+    s.services().accounts.set_admin(&uid, true).expect("admin");
+    let (status, body) = s.get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &bob).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["devices"].as_object().map(|d| d.len()), Some(1));
+    let got = s.get(&format!("{V3}/admin/whois/{}", enc("@ghost:localhost")), &bob).await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+}

@@ -154,3 +154,30 @@ async fn push_rules_are_the_server_defaults() {
         .await;
     assert_err(&got, 401, "M_MISSING_TOKEN");
 }
+
+#[tokio::test]
+async fn support_well_known_from_config() {
+    let s = TestServer::start().await;
+    let got = s
+        .req(Method::GET, "/.well-known/matrix/support", None, None)
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let s = TestServer::start_with(|c| {
+        c.well_known.support_mxid = Some("@admin:localhost".into());
+        c.well_known.support_email = Some("admin@example.org".into());
+        c.well_known.support_page = Some("https://help.example.org".into());
+    })
+    .await;
+    let (status, body) = s
+        .req(Method::GET, "/.well-known/matrix/support", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({
+            "contacts": [{ "matrix_id": "@admin:localhost", "email_address": "admin@example.org",
+                           "role": "m.role.admin" }],
+            "support_page": "https://help.example.org",
+        })
+    );
+}

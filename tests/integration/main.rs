@@ -21,3 +21,4 @@ mod sdk_e2ee;
 mod space;
 mod sync;
 mod user_directory;
+mod voip;

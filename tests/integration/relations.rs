@@ -313,3 +313,39 @@ async fn threads_list_by_latest_activity() {
     let got = s.get(&path, &eve).await;
     assert_err(&got, 403, "M_FORBIDDEN");
 }
+
+#[tokio::test]
+async fn relations_recurse_into_children_of_children() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = s.create_room(&alice, json!({ "preset": "private_chat" })).await;
+    let msg = json!({ "msgtype": "m.text", "body": "root" });
+    let root = send(&s, &alice, &room, "m.room.message", "r", msg).await;
+    let reply = send(&s, &alice, &room, "m.room.message", "t", thread_reply(&root, "reply")).await;
+    let reaction = send(&s, &alice, &room, "m.reaction", "x", json!({
+        "m.relates_to": { "rel_type": "m.annotation", "event_id": reply, "key": "👍" },
+    }))
+    .await;
+    let base = format!("/_matrix/client/v1/rooms/{}/relations/{}", enc(&room), enc(&root));
+    let (status, flat) = s.get(&base, &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ids(&flat), vec![reply.clone()]);
+    assert!(flat.get("recursion_depth").is_none());
+    let (status, deep) = s.get(&format!("{base}?recurse=true"), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{deep}");
+    assert_eq!(ids(&deep), vec![reaction.clone(), reply.clone()]);
+    assert_eq!(deep["recursion_depth"], json!(3));
+    let (_, annotations) = s
+        .get(&format!("{base}/m.annotation?recurse=true"), &alice)
+        .await;
+    assert_eq!(ids(&annotations), vec![reaction.clone()]);
+    let (_, page) = s.get(&format!("{base}?recurse=true&limit=1"), &alice).await;
+    assert_eq!(ids(&page), vec![reaction.clone()]);
+    let next = page["next_batch"].as_str().expect("next_batch");
+    let (_, page2) = s
+        .get(&format!("{base}?recurse=true&limit=1&from={next}"), &alice)
+        .await;
+    assert_eq!(ids(&page2), vec![reply]);
+    let got = s.get(&format!("{base}?recurse=yes"), &alice).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+}

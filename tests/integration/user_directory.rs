@@ -83,3 +83,27 @@ async fn user_directory_search() {
         .await;
     assert_err(&got, 400, "M_BAD_JSON");
 }
+
+#[tokio::test]
+async fn mutual_rooms_lists_rooms_both_joined() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let shared = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    s.join(&bob, &shared).await;
+    let _alone = s.create_room(&alice, json!({})).await;
+    let path = |u: &str| format!("/_matrix/client/v1/mutual_rooms?user_id={}", enc(u));
+    let (status, body) = s.get(&path(&bob.user_id), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "joined": [shared], "count": 1 }));
+    let (_, body) = s.get(&path("@nobody:localhost"), &alice).await;
+    assert_eq!(body, json!({ "joined": [], "count": 0 }));
+    let got = s.get(&path(&alice.user_id), &alice).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = s.get(&path("not-a-user"), &alice).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = s.get("/_matrix/client/v1/mutual_rooms", &alice).await;
+    assert_err(&got, 400, "M_MISSING_PARAM");
+    let got = s.get(&format!("{}&from=zz", path(&bob.user_id)), &alice).await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+}

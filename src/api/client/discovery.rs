@@ -15,7 +15,8 @@ use ruma::api::client::discovery::get_capabilities;
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = r
         .route("/_matrix/client/versions", get(versions))
-        .route("/.well-known/matrix/client", get(well_known_client));
+        .route("/.well-known/matrix/client", get(well_known_client))
+        .route("/.well-known/matrix/support", get(well_known_support));
     ruma_route::<get_capabilities::v3::Request, _, _>(r, capabilities)
 }
 
@@ -45,6 +46,30 @@ async fn well_known_client(State(s): State<Arc<Services>>) -> Result<Json<Value>
         .clone()
         .ok_or_else(|| Error::not_found("No client well-known configured"))?;
     Ok(Json(json!({ "m.homeserver": { "base_url": base } })))
+}
+
+/// Support contacts and page from the config (`well_known.support_*`); 404 when none is set.
+async fn well_known_support(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
+    let w = &s.config.well_known;
+    let mut contact = serde_json::Map::new();
+    if let Some(id) = &w.support_mxid {
+        contact.insert("matrix_id".into(), json!(id));
+    }
+    if let Some(email) = &w.support_email {
+        contact.insert("email_address".into(), json!(email));
+    }
+    let mut body = serde_json::Map::new();
+    if !contact.is_empty() {
+        contact.insert("role".into(), json!("m.role.admin"));
+        body.insert("contacts".into(), json!([contact]));
+    }
+    if let Some(page) = &w.support_page {
+        body.insert("support_page".into(), json!(page));
+    }
+    if body.is_empty() {
+        return Err(Error::not_found("No support information configured"));
+    }
+    Ok(Json(Value::Object(body)))
 }
 
 async fn capabilities(

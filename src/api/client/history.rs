@@ -1,4 +1,5 @@
-//! Room history: `/rooms/{roomId}/messages` and `/rooms/{roomId}/context/{eventId}`.
+//! Room history: `/rooms/{roomId}/messages`, `/rooms/{roomId}/context/{eventId}` and
+//! `/rooms/{roomId}/timestamp_to_event`.
 //!
 //! Plain axum handlers (not ruma's request types) so that a missing `dir` is `M_MISSING_PARAM`
 //! and a malformed filter or token is `M_INVALID_PARAM`, as the spec and clients expect.
@@ -6,13 +7,14 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, Query, RawQuery, State},
     routing::get,
     Json, Router,
 };
 use ruma::{api::client::filter::RoomEventFilter, EventId};
 use serde_json::{json, Value};
 
+use super::account::query_param;
 use crate::{
     api::ruma_wrapper::Authed,
     error::{ErrCode, Error, Result},
@@ -32,7 +34,10 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
                 get(context),
             );
     }
-    r
+    r.route(
+        "/_matrix/client/v1/rooms/{room_id}/timestamp_to_event",
+        get(timestamp_to_event),
+    )
 }
 
 /// The `limit` query parameter: a non-negative integer, `default` when absent.
@@ -125,4 +130,28 @@ async fn context(
         "start": ctx.start,
         "end": ctx.end,
     })))
+}
+
+/// `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event?ts=&dir=`.
+async fn timestamp_to_event(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    Path(room): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>> {
+    let room_id = super::room_id(&room)?;
+    let ts = query_param(&q, "ts")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing ts"))?
+        .parse::<u64>()
+        .map_err(|_| Error::invalid_param("ts must be a timestamp in milliseconds"))?;
+    let forward = match query_param(&q, "dir")?.as_deref() {
+        Some("f") => true,
+        Some("b") => false,
+        Some(_) => return Err(Error::invalid_param("dir must be f or b")),
+        None => return Err(Error::new(ErrCode::MissingParam, "Missing dir")),
+    };
+    match s.rooms.event_at_time(room_id, &who.user_id, ts, forward)? {
+        Some((event_id, at)) => Ok(Json(json!({ "event_id": event_id, "origin_server_ts": at }))),
+        None => Err(Error::not_found("No event found")),
+    }
 }

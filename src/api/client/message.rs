@@ -23,6 +23,26 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = ruma_route::<send_message_event::v3::Request, _, _>(r, send);
     let r = ruma_route::<redact_event::v3::Request, _, _>(r, redact);
     ruma_route::<get_room_event::v3::Request, _, _>(r, get_event)
+        .route("/_matrix/client/v3/events/{event_id}", axum::routing::get(get_event_any_room))
+        .route("/_matrix/client/r0/events/{event_id}", axum::routing::get(get_event_any_room))
+}
+
+/// `GET /events/{eventId}` (deprecated): one event by id alone, if the caller may see it.
+async fn get_event_any_room(
+    State(s): State<Arc<Services>>,
+    Authed(me): Authed,
+    Path(event): Path<String>,
+) -> Result<Json<Value>> {
+    let meta = s
+        .rooms
+        .event_meta(&event)?
+        .ok_or_else(|| crate::error::Error::not_found("Event not found"))?;
+    let (pdu, _) = s.rooms.visible_event(&meta.room_id, &me.user_id, &event)?;
+    Ok(Json(s.rooms.client_event_for(
+        &pdu,
+        &me.user_id,
+        me.device_id.as_str(),
+    )?))
 }
 
 /// A retry of a request that already went through is answered with its event, without using

@@ -1,6 +1,7 @@
 //! Client-Server API handlers, one file per spec area. `routes` registers them all.
 
 mod account;
+mod admin;
 mod account_data;
 mod alias;
 mod dehydrated;
@@ -26,9 +27,11 @@ mod session;
 mod space;
 mod state;
 mod sync;
+mod thirdparty;
 mod typing;
 mod upgrade;
 mod user_directory;
+mod voip;
 
 use std::sync::Arc;
 
@@ -69,6 +72,9 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = space::routes(r);
     let r = search::routes(r);
     let r = dehydrated::routes(r);
+    let r = voip::routes(r);
+    let r = admin::routes(r);
+    let r = thirdparty::routes(r);
     let r = media::routes(r);
     r
 }

@@ -18,7 +18,7 @@ use crate::{
     service::{
         rooms::{
             history::{parse_token, token},
-            relations::RelationsQuery,
+            relations::{RelationsQuery, MAX_DEPTH},
             threads::ThreadsQuery,
         },
         Services,
@@ -104,7 +104,13 @@ async fn relations(
     let to = query_param(&q, "to")?
         .map(|t| parse_token(&t))
         .transpose()?;
+    let recurse = match query_param(&q, "recurse")?.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(Error::invalid_param("recurse must be true or false")),
+    };
     let query = RelationsQuery {
+        recurse,
         parent,
         rel_type: p.0.get(2).map(String::as_str),
         event_type: p.0.get(3).map(String::as_str),
@@ -124,6 +130,9 @@ async fn relations(
     let mut body = json!({ "chunk": chunk });
     if let Some(n) = next {
         body["next_batch"] = json!(token(n));
+    }
+    if recurse {
+        body["recursion_depth"] = json!(MAX_DEPTH);
     }
     Ok(Json(body))
 }

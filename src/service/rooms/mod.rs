@@ -13,6 +13,7 @@ pub mod pdu;
 mod power;
 pub mod relations;
 pub mod threads;
+mod timestamp;
 pub mod search;
 mod send;
 pub mod summary;

@@ -87,7 +87,12 @@ pub struct RelationsQuery<'a> {
     pub to: Option<u64>,
     pub limit: usize,
     pub backward: bool,
+    /// Include children of children (up to [`MAX_DEPTH`] levels).
+    pub recurse: bool,
 }
+
+/// How deep `recurse` follows relations (the depth the response reports).
+pub const MAX_DEPTH: usize = 3;
 
 impl Rooms {
     /// Children of a visible parent event the user may see, one page, with the token of the
@@ -101,23 +106,32 @@ impl Rooms {
         self.visible_event(room_id, user, q.parent)?;
         let visibility = self.history_visibility(room_id)?;
         let limit = q.limit.clamp(1, MAX_LIMIT);
-        let prefix = keys::prefix(&[q.parent]);
-        let start = if q.backward {
-            keys::with_count(&[q.parent], q.from.unwrap_or(u64::MAX))
+        let candidates: Box<dyn Iterator<Item = Result<(u64, Child)>>> = if q.recurse {
+            Box::new(self.descendants(q)?.into_iter().map(Ok))
         } else {
-            keys::with_count(&[q.parent], q.from.map_or(0, |f| f.saturating_add(1)))
+            let prefix = keys::prefix(&[q.parent]);
+            let start = if q.backward {
+                keys::with_count(&[q.parent], q.from.unwrap_or(u64::MAX))
+            } else {
+                keys::with_count(&[q.parent], q.from.map_or(0, |f| f.saturating_add(1)))
+            };
+            Box::new(
+                self.storage
+                    .scan_from(Table::Relations, &prefix, &start, q.backward)?
+                    .take(MAX_SCAN)
+                    .filter_map(|entry| match entry {
+                        Ok((k, v)) => {
+                            let count = keys::count_suffix(&k)?;
+                            Some(serde_json::from_slice(&v).map(|c| (count, c)).map_err(Into::into))
+                        }
+                        Err(e) => Some(Err(e)),
+                    }),
+            )
         };
         let mut out = Vec::new();
         let mut next = None;
-        for entry in self
-            .storage
-            .scan_from(Table::Relations, &prefix, &start, q.backward)?
-            .take(MAX_SCAN)
-        {
-            let (k, v) = entry?;
-            let Some(count) = keys::count_suffix(&k) else {
-                continue;
-            };
+        for entry in candidates {
+            let (count, child) = entry?;
             let past_end = match (q.to, q.backward) {
                 (Some(to), true) => count <= to,
                 (Some(to), false) => count > to,
@@ -135,7 +149,6 @@ impl Rooms {
                 });
                 break;
             }
-            let child: Child = serde_json::from_slice(&v)?;
             if q.rel_type.is_some_and(|r| r != child.rel_type)
                 || q.event_type.is_some_and(|t| t != child.kind)
             {
@@ -149,5 +162,47 @@ impl Rooms {
             }
         }
         Ok((out, next))
+    }
+
+    /// Children, grandchildren and so on of the parent (up to [`MAX_DEPTH`] levels, at most
+    /// [`MAX_SCAN`] in all), in the page's walking order from its start position.
+    fn descendants(&self, q: &RelationsQuery<'_>) -> Result<Vec<(u64, Child)>> {
+        let mut all = Vec::new();
+        let mut level = vec![q.parent.to_owned()];
+        for _ in 0..MAX_DEPTH {
+            let mut next_level = Vec::new();
+            for parent in &level {
+                for entry in self
+                    .storage
+                    .scan_prefix(Table::Relations, &keys::prefix(&[parent]))?
+                {
+                    let (k, v) = entry?;
+                    let (Some(count), Ok(child)) =
+                        (keys::count_suffix(&k), serde_json::from_slice::<Child>(&v))
+                    else {
+                        continue;
+                    };
+                    next_level.push(child.event_id.clone());
+                    all.push((count, child));
+                    if all.len() >= MAX_SCAN {
+                        break;
+                    }
+                }
+            }
+            if next_level.is_empty() || all.len() >= MAX_SCAN {
+                break;
+            }
+            level = next_level;
+        }
+        all.retain(|(c, _)| match (q.backward, q.from) {
+            (true, Some(f)) => *c <= f,
+            (false, Some(f)) => *c > f,
+            (_, None) => true,
+        });
+        all.sort_by_key(|(c, _)| *c);
+        if q.backward {
+            all.reverse();
+        }
+        Ok(all)
     }
 }
