@@ -43,6 +43,7 @@ pub enum ErrCode {
     InvalidSignature,
     CannotOverwriteMedia,
     NotYetUploaded,
+    UserSuspended,
 }
 
 impl ErrCode {
@@ -75,6 +76,7 @@ impl ErrCode {
             ErrCode::WeakPassword => "M_WEAK_PASSWORD",
             ErrCode::Unauthorized => "M_UNAUTHORIZED",
             ErrCode::UserLocked => "M_USER_LOCKED",
+            ErrCode::UserSuspended => "M_USER_SUSPENDED",
             ErrCode::ProfileTooLarge => "M_PROFILE_TOO_LARGE",
             ErrCode::KeyTooLarge => "M_KEY_TOO_LARGE",
             ErrCode::BadAlias => "M_BAD_ALIAS",
@@ -97,6 +99,7 @@ impl ErrCode {
                 StatusCode::UNAUTHORIZED
             }
             ErrCode::UserLocked => StatusCode::UNAUTHORIZED,
+            ErrCode::UserSuspended => StatusCode::FORBIDDEN,
             ErrCode::NotFound | ErrCode::Unrecognized => StatusCode::NOT_FOUND,
             ErrCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -123,6 +126,10 @@ pub enum Error {
     /// An unknown or expired access token. `soft_logout` tells the client it may refresh.
     #[error("unknown token")]
     UnknownToken { soft_logout: bool },
+    /// The account is locked: 401 `M_USER_LOCKED` with `soft_logout` (the client keeps its data
+    /// and may log in again once unlocked).
+    #[error("user locked")]
+    UserLocked,
     /// A key backup write to a version that is not the current one (403, with the current one).
     #[error("wrong room keys version")]
     WrongRoomKeysVersion { current_version: Option<String> },
@@ -178,6 +185,7 @@ impl Error {
             Error::RateLimited { .. } => "M_LIMIT_EXCEEDED",
             Error::UnknownToken { .. } => "M_UNKNOWN_TOKEN",
             Error::Uiaa(_) => "M_FORBIDDEN",
+            Error::UserLocked => "M_USER_LOCKED",
             Error::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
             Error::Internal(_) => "M_UNKNOWN",
         }
@@ -224,6 +232,14 @@ impl IntoResponse for Error {
                 }),
             ),
             Error::Uiaa(body) => (StatusCode::UNAUTHORIZED, body),
+            Error::UserLocked => (
+                StatusCode::UNAUTHORIZED,
+                json!({
+                    "errcode": "M_USER_LOCKED",
+                    "error": "This account has been locked",
+                    "soft_logout": true,
+                }),
+            ),
             Error::WrongRoomKeysVersion { current_version } => (
                 StatusCode::FORBIDDEN,
                 json!({

@@ -120,7 +120,7 @@ where
         let identity = match <T::Authentication as AuthRequirement>::KIND {
             AuthKind::None => None,
             kind => match access_token(&parts) {
-                Some(token) => Some(services.accounts.identify(&token)?),
+                Some(token) => Some(identify(services, &parts, &token)?),
                 None if kind == AuthKind::Required => {
                     return Err(Error::new(ErrCode::MissingToken, "Missing access token"))
                 }
@@ -256,6 +256,19 @@ where
     router
 }
 
+/// The identity behind an access token. A locked account gets `M_USER_LOCKED` everywhere except
+/// on the logout endpoints.
+fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> Result<Identity> {
+    let identity = services.accounts.identify(token)?;
+    if identity.locked {
+        let path = parts.uri.path();
+        if !(path.ends_with("/logout") || path.ends_with("/logout/all")) {
+            return Err(Error::UserLocked);
+        }
+    }
+    Ok(identity)
+}
+
 /// For handlers that do not use a ruma request type: the authenticated identity (token required).
 pub struct Authed(pub Identity);
 
@@ -267,7 +280,7 @@ impl axum::extract::FromRequestParts<Arc<Services>> for Authed {
         services: &Arc<Services>,
     ) -> Result<Self, Self::Rejection> {
         match access_token(parts) {
-            Some(token) => Ok(Authed(services.accounts.identify(&token)?)),
+            Some(token) => Ok(Authed(identify(services, parts, &token)?)),
             None => Err(Error::new(ErrCode::MissingToken, "Missing access token")),
         }
     }
@@ -285,7 +298,7 @@ impl axum::extract::FromRequestParts<Arc<Services>> for MaybeAuthed {
         services: &Arc<Services>,
     ) -> Result<Self, Self::Rejection> {
         match access_token(parts) {
-            Some(token) => Ok(MaybeAuthed(Some(services.accounts.identify(&token)?))),
+            Some(token) => Ok(MaybeAuthed(Some(identify(services, parts, &token)?))),
             None => Ok(MaybeAuthed(None)),
         }
     }

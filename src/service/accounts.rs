@@ -25,6 +25,14 @@ pub struct UserRecord {
     #[serde(default)]
     pub guest: bool,
     pub created_ms: u64,
+    /// Locked by a server admin: every request with the user's tokens is refused
+    /// (`M_USER_LOCKED`) except logging out.
+    #[serde(default)]
+    pub locked: bool,
+    /// Suspended by a server admin: the user may read, leave and log out, but not write
+    /// (`M_USER_SUSPENDED`).
+    #[serde(default)]
+    pub suspended: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,6 +96,22 @@ pub struct Identity {
     pub device_id: OwnedDeviceId,
     pub admin: bool,
     pub guest: bool,
+    pub locked: bool,
+    pub suspended: bool,
+}
+
+impl Identity {
+    /// Refuse an action a suspended account may not take (sending, joining, inviting,
+    /// creating rooms, changing the profile, uploading).
+    pub fn ensure_not_suspended(&self) -> Result<()> {
+        if self.suspended {
+            return Err(Error::new(
+                crate::error::ErrCode::UserSuspended,
+                "Your account is suspended",
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub struct Accounts {
@@ -228,6 +252,8 @@ impl Accounts {
             deactivated: false,
             guest,
             created_ms: utils::now_ms(),
+            locked: false,
+            suspended: false,
         };
         let mut b = self.storage.batch();
         self.put_user(&mut b, user_id, &rec)?;
@@ -249,6 +275,22 @@ impl Accounts {
             .user(user_id)?
             .ok_or_else(|| Error::not_found("Unknown user"))?;
         rec.admin = admin;
+        let mut b = self.storage.batch();
+        self.put_user(&mut b, user_id, &rec)?;
+        b.commit()
+    }
+
+    /// Lock or unlock (`lock`), or suspend or unsuspend, a local account.
+    pub fn set_moderation(&self, user_id: &UserId, lock: bool, value: bool) -> Result<()> {
+        let mut rec = self
+            .user(user_id)?
+            .filter(|r| !r.deactivated)
+            .ok_or_else(|| Error::not_found("Unknown user"))?;
+        if lock {
+            rec.locked = value;
+        } else {
+            rec.suspended = value;
+        }
         let mut b = self.storage.batch();
         self.put_user(&mut b, user_id, &rec)?;
         b.commit()
@@ -379,6 +421,8 @@ impl Accounts {
             device_id: rec.device_id,
             admin: user.admin,
             guest: user.guest,
+            locked: user.locked,
+            suspended: user.suspended,
         })
     }
 

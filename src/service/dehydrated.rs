@@ -76,6 +76,8 @@ pub fn put(s: &Services, user: &UserId, body: &Map<String, Value>) -> Result<Val
         device_id: device_id.clone(),
         admin: false,
         guest: false,
+        locked: false,
+        suspended: false,
     };
     let mut keys = Map::new();
     for k in ["device_keys", "one_time_keys", "fallback_keys"] {

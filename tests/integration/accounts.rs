@@ -1181,3 +1181,128 @@ async fn whois_for_admins_and_oneself() {
     let got = s.get(&format!("{V3}/admin/whois/{}", enc("@ghost:localhost")), &bob).await;
     assert_err(&got, 404, "M_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn admins_suspend_and_lock_accounts() {
+    const V1: &str = "/_matrix/client/v1";
+    let s = TestServer::start().await;
+    let admin = s.user("admin").await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let admin_id = ruma::UserId::parse(admin.user_id.as_str()).expect("user id");
+    s.services().accounts.set_admin(&admin_id, true).expect("admin");
+    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    let (status, sent) = s
+        .put(
+            &format!("{V3}/rooms/{}/send/m.room.message/before", enc(&room)),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "mine" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let own_event = sent["event_id"].as_str().expect("event id").to_owned();
+
+    // Admins see the capability; others do not.
+    let (_, caps) = s.get(&format!("{V3}/capabilities"), &admin).await;
+    assert_eq!(
+        caps["capabilities"]["m.account_moderation"],
+        json!({ "suspend": true, "lock": true })
+    );
+    let (_, caps) = s.get(&format!("{V3}/capabilities"), &alice).await;
+    assert!(caps["capabilities"].get("m.account_moderation").is_none());
+
+    let suspend = format!("{V1}/admin/suspend/{}", enc(&alice.user_id));
+    // Only admins; checked before the target is looked up.
+    let got = s.get(&suspend, &bob).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let got = s
+        .get(&format!("{V1}/admin/suspend/{}", enc("@ghost:localhost")), &bob)
+        .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let got = s
+        .get(&format!("{V1}/admin/suspend/{}", enc("@ghost:localhost")), &admin)
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let got = s
+        .get(&format!("{V1}/admin/suspend/{}", enc("@x:elsewhere.org")), &admin)
+        .await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    let got = s
+        .put(&format!("{V1}/admin/suspend/{}", enc(&admin.user_id)), &admin, json!({ "suspended": true }))
+        .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let got = s.put(&suspend, &admin, json!({ "suspended": "yes" })).await;
+    assert_err(&got, 400, "M_BAD_JSON");
+
+    let (status, body) = s.get(&suspend, &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({ "suspended": false }));
+    let (status, body) = s.put(&suspend, &admin, json!({ "suspended": true })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "suspended": true }));
+    let (_, body) = s.get(&suspend, &admin).await;
+    assert_eq!(body, json!({ "suspended": true }));
+
+    // Suspended: reading works, writing does not; redacting own events and leaving do.
+    let (status, _) = s.get(&format!("{V3}/sync"), &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = s
+        .put(
+            &format!("{V3}/rooms/{}/send/m.room.message/during", enc(&room)),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "no" }),
+        )
+        .await;
+    assert_err(&got, 403, "M_USER_SUSPENDED");
+    let got = s.post(&format!("{V3}/createRoom"), &alice, json!({})).await;
+    assert_err(&got, 403, "M_USER_SUSPENDED");
+    let got = s
+        .put(
+            &format!("{V3}/profile/{}/displayname", enc(&alice.user_id)),
+            &alice,
+            json!({ "displayname": "x" }),
+        )
+        .await;
+    assert_err(&got, 403, "M_USER_SUSPENDED");
+    let got = s
+        .post(
+            &format!("{V3}/rooms/{}/invite", enc(&room)),
+            &alice,
+            json!({ "user_id": bob.user_id }),
+        )
+        .await;
+    assert_err(&got, 403, "M_USER_SUSPENDED");
+    let (status, body) = s
+        .put(
+            &format!("{V3}/rooms/{}/redact/{}/r1", enc(&room), enc(&own_event)),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = s
+        .post(&format!("{V3}/rooms/{}/leave", enc(&room)), &alice, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    s.put(&suspend, &admin, json!({ "suspended": false })).await;
+    let (status, _) = s.post(&format!("{V3}/createRoom"), &alice, json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Locked: every request refused with soft logout, except logging out.
+    let lock = format!("{V1}/admin/lock/{}", enc(&bob.user_id));
+    let (status, body) = s.put(&lock, &admin, json!({ "locked": true })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "locked": true }));
+    let (status, body) = s.get(&format!("{V3}/account/whoami"), &bob).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["errcode"], json!("M_USER_LOCKED"));
+    assert_eq!(body["soft_logout"], json!(true));
+    let (_, body) = s.get(&lock, &admin).await;
+    assert_eq!(body, json!({ "locked": true }));
+    s.put(&lock, &admin, json!({ "locked": false })).await;
+    let (status, _) = s.get(&format!("{V3}/account/whoami"), &bob).await;
+    assert_eq!(status, StatusCode::OK);
+    s.put(&lock, &admin, json!({ "locked": true })).await;
+    let (status, body) = s.post(&format!("{V3}/logout"), &bob, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

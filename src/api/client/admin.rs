@@ -1,5 +1,6 @@
-//! `GET /admin/whois/{userId}`: a user's devices and where they connected from, for server
-//! admins and the user themself.
+//! Server administration: `GET /admin/whois/{userId}` (a user's devices and where they
+//! connected from, for server admins and the user themself) and account moderation
+//! (`/admin/suspend/{userId}`, `/admin/lock/{userId}`, server admins only).
 
 use std::sync::Arc;
 
@@ -8,14 +9,22 @@ use serde_json::{json, Map, Value};
 
 use super::account::Segs;
 use crate::{
-    api::ruma_wrapper::Authed,
+    api::ruma_wrapper::{Authed, JsonBody},
     error::{Error, Result},
-    service::Services,
+    service::{accounts::Identity, Services},
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r.route("/_matrix/client/v3/admin/whois/{user_id}", get(whois))
         .route("/_matrix/client/r0/admin/whois/{user_id}", get(whois))
+        .route(
+            "/_matrix/client/v1/admin/suspend/{user_id}",
+            get(get_moderation).put(set_moderation),
+        )
+        .route(
+            "/_matrix/client/v1/admin/lock/{user_id}",
+            get(get_moderation).put(set_moderation),
+        )
 }
 
 async fn whois(
@@ -50,4 +59,66 @@ async fn whois(
         );
     }
     Ok(Json(json!({ "user_id": user, "devices": devices })))
+}
+
+/// `GET`/`PUT /_matrix/client/v1/admin/{suspend,lock}/{userId}`: the caller must be a server
+/// admin (checked before the target is looked up, so nobody can probe for accounts), the target
+/// a local, active account, and (to change it) not an admin.
+fn moderation_target(s: &Services, who: &Identity, raw: &str) -> Result<ruma::OwnedUserId> {
+    if !who.admin {
+        return Err(Error::forbidden("Only server admins may moderate accounts"));
+    }
+    let user = super::user_id(raw)?;
+    if user.server_name() != s.globals.server_name {
+        return Err(Error::invalid_param("The user is not local to this server"));
+    }
+    match s.accounts.user(&user)? {
+        Some(rec) if !rec.deactivated => Ok(user),
+        _ => Err(Error::not_found("Unknown user")),
+    }
+}
+
+fn moderation_field(path: &str) -> (&'static str, bool) {
+    if path.contains("/admin/lock/") {
+        ("locked", true)
+    } else {
+        ("suspended", false)
+    }
+}
+
+async fn get_moderation(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    uri: axum::http::Uri,
+    p: Segs,
+) -> Result<Json<Value>> {
+    let user = moderation_target(&s, &who, p.get(0)?)?;
+    let (field, lock) = moderation_field(uri.path());
+    let rec = s
+        .accounts
+        .user(&user)?
+        .ok_or_else(|| Error::not_found("Unknown user"))?;
+    let value = if lock { rec.locked } else { rec.suspended };
+    Ok(Json(json!({ field: value })))
+}
+
+async fn set_moderation(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    uri: axum::http::Uri,
+    p: Segs,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
+    let user = moderation_target(&s, &who, p.get(0)?)?;
+    let (field, lock) = moderation_field(uri.path());
+    let value = match body.get(field) {
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Error::bad_json(format!("'{field}' must be a boolean"))),
+        None => return Err(Error::bad_json(format!("Missing '{field}'"))),
+    };
+    if s.accounts.user(&user)?.is_some_and(|r| r.admin) {
+        return Err(Error::forbidden("Server admins cannot be suspended or locked"));
+    }
+    s.accounts.set_moderation(&user, lock, value)?;
+    Ok(Json(json!({ field: value })))
 }

@@ -74,7 +74,7 @@ async fn well_known_support(State(s): State<Arc<Services>>) -> Result<Json<Value
 
 async fn capabilities(
     State(s): State<Arc<Services>>,
-    _req: Ruma<get_capabilities::v3::Request>,
+    req: Ruma<get_capabilities::v3::Request>,
 ) -> Result<RumaResponse<get_capabilities::v3::Response>> {
     use ruma::api::client::discovery::get_capabilities::v3::{
         Capabilities, RoomVersionStability, RoomVersionsCapability,
@@ -86,5 +86,9 @@ async fn capabilities(
     let mut caps = Capabilities::new();
     caps.room_versions =
         RoomVersionsCapability::new(s.config.default_room_version.clone(), available);
+    if req.user()?.admin {
+        // Server admins may suspend and lock accounts (`/admin/suspend`, `/admin/lock`).
+        caps.set("m.account_moderation", serde_json::json!({ "suspend": true, "lock": true }))?;
+    }
     Ok(get_capabilities::v3::Response::new(caps).into())
 }

@@ -53,6 +53,7 @@ async fn join_by_id(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     let profile = member_profile(&s, user)?;
     s.rooms
@@ -65,6 +66,7 @@ async fn join_by_id_or_alias(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     let room_id = resolve(&s, &req.room_id_or_alias)?;
     let profile = member_profile(&s, user)?;
@@ -78,6 +80,7 @@ async fn knock(
     State(s): State<Arc<Services>>,
     req: Ruma<knock_room::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     let room_id = resolve(&s, &req.room_id_or_alias)?;
     let profile = member_profile(&s, user)?;
@@ -92,6 +95,7 @@ async fn invite(
     req: Ruma<invite_user::v3::Request>,
 ) -> Result<Json<Value>> {
     use invite_user::v3::InvitationRecipient;
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     let InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
@@ -132,6 +136,7 @@ async fn kick(
     State(s): State<Arc<Services>>,
     req: Ruma<kick_user::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(
@@ -149,6 +154,7 @@ async fn ban(
     State(s): State<Arc<Services>>,
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(
@@ -166,6 +172,7 @@ async fn unban(
     State(s): State<Arc<Services>>,
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(

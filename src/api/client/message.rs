@@ -62,6 +62,7 @@ async fn send(
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
     let room_id = room_id(&room)?;
+    me.ensure_not_suspended()?;
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);
     }
@@ -93,6 +94,14 @@ async fn redact(
         Some(Value::String(r)) => Some(r.as_str()),
         Some(_) => return Err(Error::bad_json("reason must be a string")),
     };
+    // A suspended account may still redact its own events.
+    if me.suspended
+        && s.rooms
+            .pdu(target.as_str())?
+            .is_none_or(|p| p.sender != me.user_id)
+    {
+        me.ensure_not_suspended()?;
+    }
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);
     }

@@ -80,6 +80,7 @@ async fn set_field(
     p: Segs,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
+    id.ensure_not_suspended()?;
     let user = own_user(&id, p.get(0)?)?;
     let field = p.get(1)?;
     check_key(field)?;
@@ -112,6 +113,7 @@ async fn delete_field(
     Authed(id): Authed,
     p: Segs,
 ) -> Result<Json<Value>> {
+    id.ensure_not_suspended()?;
     let user = own_user(&id, p.get(0)?)?;
     let field = p.get(1)?;
     check_key(field)?;

@@ -46,6 +46,7 @@ async fn create(
     State(s): State<Arc<Services>>,
     req: Ruma<create_room::v3::Request>,
 ) -> Result<Json<Value>> {
+    req.user()?.ensure_not_suspended()?;
     let user = req.user()?.user_id.clone();
     let body = &req.body;
 

@@ -91,7 +91,7 @@ async fn put_one(
     Path((room, kind, key)): Path<(String, String, String)>,
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
-    write(&s, &me.user_id, &room, &kind, &key, content).await
+    write(&s, &me, &room, &kind, &key, content).await
 }
 
 async fn put_empty_key(
@@ -100,20 +100,27 @@ async fn put_empty_key(
     Path((room, kind)): Path<(String, String)>,
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
-    write(&s, &me.user_id, &room, &kind, "", content).await
+    write(&s, &me, &room, &kind, "", content).await
 }
 
 async fn write(
     s: &Services,
-    user: &ruma::UserId,
+    me: &crate::service::accounts::Identity,
     room: &str,
     kind: &str,
     key: &str,
     content: serde_json::Map<String, Value>,
 ) -> Result<Json<Value>> {
+    // A suspended account may still leave.
+    let leaving = kind == "m.room.member"
+        && key == me.user_id.as_str()
+        && content.get("membership").and_then(Value::as_str) == Some("leave");
+    if !leaving {
+        me.ensure_not_suspended()?;
+    }
     let event_id = s
         .rooms
-        .send_state(room_id(room)?, user, kind, key, Value::Object(content))
+        .send_state(room_id(room)?, &me.user_id, kind, key, Value::Object(content))
         .await?;
     Ok(Json(json!({ "event_id": event_id })))
 }
