@@ -41,6 +41,8 @@ pub enum ErrCode {
     KeyTooLarge,
     BadAlias,
     InvalidSignature,
+    /// Sliding sync: the `pos` is unknown or expired; the client starts a new connection.
+    UnknownPos,
 }
 
 impl ErrCode {
@@ -77,6 +79,7 @@ impl ErrCode {
             ErrCode::KeyTooLarge => "M_KEY_TOO_LARGE",
             ErrCode::BadAlias => "M_BAD_ALIAS",
             ErrCode::InvalidSignature => "M_INVALID_SIGNATURE",
+            ErrCode::UnknownPos => "M_UNKNOWN_POS",
         }
     }
 

@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod receipts;
 pub mod reports;
 pub mod rooms;
+pub mod sliding_sync;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -44,6 +45,8 @@ pub struct Services {
     pub key_backup: key_backup::KeyBackup,
     pub reports: reports::Reports,
     pub push: push::Push,
+    /// Sliding sync connections (in memory) and its bump-stamp cache.
+    pub sliding_sync: sliding_sync::SlidingSync,
 }
 
 impl Services {
@@ -82,6 +85,7 @@ impl Services {
             to_device: to_device::ToDevice::new(storage.clone(), globals.clone()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
             reports: reports::Reports::new(storage.clone()),
+            sliding_sync: sliding_sync::SlidingSync::default(),
             globals,
             storage,
             config,

@@ -16,5 +16,6 @@ mod reports;
 mod rooms;
 mod sdk_client;
 mod sdk_e2ee;
+mod sliding_sync;
 mod sync;
 mod user_directory;
