@@ -758,3 +758,83 @@ async fn sliding_sync_account_data_receipts_typing_extensions() {
     let y = ss_ok(&s, &alice, "", scoped).await;
     assert_eq!(y["extensions"]["receipts"]["rooms"], json!({}), "{y}");
 }
+
+/// Element X's way of syncing: `matrix-sdk`'s sliding sync with a growing list and all
+/// extensions sees a room it is invited to appear, and then a message in it.
+#[tokio::test]
+async fn sdk_sliding_sync_sees_new_room_and_message() {
+    use matrix_sdk::{
+        ruma::{events::StateEventType, OwnedRoomId},
+        sliding_sync::Version,
+        SlidingSyncList, SlidingSyncMode,
+    };
+
+    use crate::sdk_client::{collect_texts, sdk_login};
+
+    let s = TestServer::start().await;
+    let alice_http = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let alice = sdk_login(&s.base, "alice").await;
+    // What the client discovers from `/versions`.
+    let versions = alice.available_sliding_sync_versions().await;
+    assert!(versions.iter().any(|v| matches!(v, Version::Native)), "{versions:?}");
+    alice.set_sliding_sync_version(Version::Native);
+    let seen = collect_texts(&alice);
+
+    let sync = alice
+        .sliding_sync("main")
+        .expect("builder")
+        .with_all_extensions()
+        .poll_timeout(Duration::from_millis(500))
+        .add_list(
+            SlidingSyncList::builder("all")
+                .sync_mode(SlidingSyncMode::new_growing(10))
+                .timeline_limit(10)
+                .required_state(vec![
+                    (StateEventType::RoomName, String::new()),
+                    (StateEventType::RoomMember, "$LAZY".to_owned()),
+                ]),
+        )
+        .build()
+        .await
+        .expect("sliding sync builds");
+    sync.sync_once().await.expect("first sync");
+    assert!(alice.rooms().is_empty());
+
+    // Bob invites alice to a new room: it appears.
+    let room = s
+        .create_room(&bob, json!({ "name": "sliding room", "invite": [alice_http.user_id] }))
+        .await;
+    let room_id: OwnedRoomId = room.parse().expect("room id");
+    let mut appeared = false;
+    for _ in 0..20 {
+        let summary = sync.sync_once().await.expect("sync");
+        if summary.rooms.contains(&room_id) && alice.get_room(&room_id).is_some() {
+            appeared = true;
+            break;
+        }
+    }
+    assert!(appeared, "the new room never appeared");
+    assert_eq!(
+        alice.get_room(&room_id).map(|r| r.state()),
+        Some(matrix_sdk::RoomState::Invited)
+    );
+
+    // Alice joins (over HTTP, as her other device) and bob writes: the message arrives.
+    s.join(&alice_http, &room).await;
+    text(&s, &bob, &room, "hello over sliding sync").await;
+    for _ in 0..20 {
+        sync.sync_once().await.expect("sync");
+        if seen
+            .lock()
+            .iter()
+            .any(|(from, body)| from == &bob.user_id && body == "hello over sliding sync")
+        {
+            let joined = alice.get_room(&room_id).expect("room");
+            assert_eq!(joined.state(), matrix_sdk::RoomState::Joined);
+            assert_eq!(joined.name().as_deref(), Some("sliding room"));
+            return;
+        }
+    }
+    panic!("the message never arrived; seen: {:?}", seen.lock());
+}
