@@ -61,6 +61,23 @@ fn sorted(mut ids: Vec<String>) -> Vec<String> {
     ids
 }
 
+/// Alice and bob in a public room alice made.
+async fn two_in_room(s: &TestServer) -> (TestUser, TestUser, String) {
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let r = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    s.join(&bob, &r).await;
+    (alice, bob, r)
+}
+
+async fn read_receipt(s: &TestServer, u: &TestUser, room: &str, event: &str) {
+    let path = format!("{V3}/rooms/{}/receipt/m.read/{}", enc(room), enc(event));
+    let got = s.post(&path, u, json!({})).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+}
+
 async fn named_room(s: &TestServer, u: &TestUser, name: &str) -> String {
     s.create_room(u, json!({ "name": name, "preset": "private_chat" }))
         .await
@@ -444,12 +461,7 @@ async fn sliding_sync_room_subscriptions() {
 #[tokio::test]
 async fn sliding_sync_long_poll_wakes_on_message() {
     let s = TestServer::start().await;
-    let alice = s.user("alice").await;
-    let bob = s.user("bob").await;
-    let r = s
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    s.join(&bob, &r).await;
+    let (alice, bob, r) = two_in_room(&s).await;
     let req = list(json!([[0, 9]]), json!([]), 5);
     let first = ss_ok(&s, &alice, "", req.clone()).await;
     let pos = first["pos"].as_str().expect("pos").to_owned();
@@ -481,12 +493,7 @@ async fn sliding_sync_long_poll_wakes_on_message() {
 #[tokio::test]
 async fn sliding_sync_notification_counts() {
     let s = TestServer::start().await;
-    let alice = s.user("alice").await;
-    let bob = s.user("bob").await;
-    let r = s
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    s.join(&bob, &r).await;
+    let (alice, bob, r) = two_in_room(&s).await;
     let req = list(json!([[0, 9]]), json!([]), 1);
     let first = ss_ok(&s, &alice, "", req.clone()).await;
     assert_eq!(room(&first, &r)["notification_count"], json!(0));
@@ -498,14 +505,7 @@ async fn sliding_sync_notification_counts() {
     assert_eq!(room(&v, &r)["highlight_count"], json!(0));
 
     // A read receipt clears them: the room is sent again for the counts alone.
-    let got = s
-        .post(
-            &format!("{V3}/rooms/{}/receipt/m.read/{}", enc(&r), enc(&last)),
-            &alice,
-            json!({}),
-        )
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
+    read_receipt(&s, &alice, &r, &last).await;
     let w = ss_ok(&s, &alice, &pos_query(&v), req).await;
     assert_eq!(room(&w, &r)["notification_count"], json!(0), "{w}");
     assert_eq!(room(&w, &r)["timeline"], json!([]));
@@ -583,12 +583,7 @@ async fn sliding_sync_to_device_extension() {
 #[tokio::test]
 async fn sliding_sync_e2ee_extension() {
     let s = TestServer::start().await;
-    let alice = s.user("alice").await;
-    let bob = s.user("bob").await;
-    let r = s
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    s.join(&bob, &r).await;
+    let (alice, bob, r) = two_in_room(&s).await;
     let req = json!({ "extensions": { "e2ee": { "enabled": true } } });
 
     let v = ss_ok(&s, &alice, "", req.clone()).await;
@@ -653,13 +648,8 @@ async fn sliding_sync_e2ee_extension() {
 #[tokio::test]
 async fn sliding_sync_account_data_receipts_typing_extensions() {
     let s = TestServer::start().await;
-    let alice = s.user("alice").await;
-    let bob = s.user("bob").await;
-    let r = s
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let (alice, bob, r) = two_in_room(&s).await;
     let other = named_room(&s, &alice, "outside the window").await;
-    s.join(&bob, &r).await;
     let ev = text(&s, &bob, &r, "read me").await;
     let put_ad = |path: String, body: Value| {
         let s = &s;
@@ -709,14 +699,7 @@ async fn sliding_sync_account_data_receipts_typing_extensions() {
     );
 
     // Bob reads and types; alice changes account data.
-    let got = s
-        .post(
-            &format!("{V3}/rooms/{}/receipt/m.read/{}", enc(&r), enc(&ev)),
-            &bob,
-            json!({}),
-        )
-        .await;
-    assert_eq!(got.0, StatusCode::OK);
+    read_receipt(&s, &bob, &r, &ev).await;
     let got = s
         .put(
             &format!("{V3}/rooms/{}/typing/{}", enc(&r), enc(&bob.user_id)),
@@ -777,7 +760,10 @@ async fn sdk_sliding_sync_sees_new_room_and_message() {
     let alice = sdk_login(&s.base, "alice").await;
     // What the client discovers from `/versions`.
     let versions = alice.available_sliding_sync_versions().await;
-    assert!(versions.iter().any(|v| matches!(v, Version::Native)), "{versions:?}");
+    assert!(
+        versions.iter().any(|v| matches!(v, Version::Native)),
+        "{versions:?}"
+    );
     alice.set_sliding_sync_version(Version::Native);
     let seen = collect_texts(&alice);
 
@@ -803,7 +789,10 @@ async fn sdk_sliding_sync_sees_new_room_and_message() {
 
     // Bob invites alice to a new room: it appears.
     let room = s
-        .create_room(&bob, json!({ "name": "sliding room", "invite": [alice_http.user_id] }))
+        .create_room(
+            &bob,
+            json!({ "name": "sliding room", "invite": [alice_http.user_id] }),
+        )
         .await;
     let room_id: OwnedRoomId = room.parse().expect("room id");
     let mut appeared = false;

@@ -166,22 +166,12 @@ mod tests {
         let c = Connections::default();
         let k = key();
         let (nonce, _) = c.start(&k);
-        let p1 = c.store(
-            &k,
-            &nonce,
-            Snapshot {
-                position: 5,
-                ..Default::default()
-            },
-        );
-        let p2 = c.store(
-            &k,
-            &nonce,
-            Snapshot {
-                position: 9,
-                ..Default::default()
-            },
-        );
+        let at = |position| Snapshot {
+            position,
+            ..Default::default()
+        };
+        let p1 = c.store(&k, &nonce, at(5));
+        let p2 = c.store(&k, &nonce, at(9));
         // Retrying the older pos works until the newer one is used.
         assert_eq!(c.resume(&k, &p1).map(|(_, s)| s.position).ok(), Some(5));
         assert_eq!(c.resume(&k, &p2).map(|(_, s)| s.position).ok(), Some(9));

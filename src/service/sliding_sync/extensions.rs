@@ -115,7 +115,7 @@ pub fn build(
     }
     if enabled(ext.typing.enabled) {
         let rooms = scope(sel, &ext.typing.lists, &ext.typing.rooms);
-        typing(b, &rooms, initial_rooms, &mut out);
+        typing(b, &rooms, initial_rooms, &mut out)?;
     }
     Ok(out)
 }
@@ -221,27 +221,37 @@ fn account_data(
     Ok(())
 }
 
+/// A per-room extension: `event(room, since)` gives the room's event (None: nothing new).
+fn per_room(
+    b: &Builder<'_>,
+    rooms: &BTreeSet<OwnedRoomId>,
+    initial: &BTreeSet<OwnedRoomId>,
+    out: &mut Extensions,
+    name: &str,
+    mut event: impl FnMut(&OwnedRoomId, Option<u64>) -> Result<Option<Value>>,
+) -> Result<()> {
+    let mut by_room = Map::new();
+    for room in rooms {
+        if let Some(ev) = event(room, room_since(b, room, initial))? {
+            by_room.insert(room.to_string(), ev);
+        }
+    }
+    out.has_news |= !by_room.is_empty();
+    out.body.insert(name.into(), json!({ "rooms": by_room }));
+    Ok(())
+}
+
 fn receipts(
     b: &Builder<'_>,
     rooms: &BTreeSet<OwnedRoomId>,
     initial: &BTreeSet<OwnedRoomId>,
     out: &mut Extensions,
 ) -> Result<()> {
-    let mut by_room = Map::new();
-    for room in rooms {
-        let since = room_since(b, room, initial);
+    per_room(b, rooms, initial, out, "receipts", |room, since| {
         let receipts = b.s.receipts.since(room, since, b.up_to)?;
-        if let Some(content) = receipt_content(&receipts, &b.who.user_id) {
-            by_room.insert(
-                room.to_string(),
-                json!({ "type": "m.receipt", "content": content }),
-            );
-        }
-    }
-    out.has_news |= !by_room.is_empty();
-    out.body
-        .insert("receipts".into(), json!({ "rooms": by_room }));
-    Ok(())
+        Ok(receipt_content(&receipts, &b.who.user_id)
+            .map(|content| json!({ "type": "m.receipt", "content": content })))
+    })
 }
 
 fn typing(
@@ -249,18 +259,11 @@ fn typing(
     rooms: &BTreeSet<OwnedRoomId>,
     initial: &BTreeSet<OwnedRoomId>,
     out: &mut Extensions,
-) {
-    let mut by_room = Map::new();
-    for room in rooms {
-        let since = room_since(b, room, initial);
-        if let Some((_, users)) = b.s.typing.typing_since(room, since) {
-            by_room.insert(
-                room.to_string(),
-                json!({ "type": "m.typing", "content": { "user_ids": users } }),
-            );
-        }
-    }
-    out.has_news |= !by_room.is_empty();
-    out.body
-        .insert("typing".into(), json!({ "rooms": by_room }));
+) -> Result<()> {
+    per_room(b, rooms, initial, out, "typing", |room, since| {
+        Ok(b.s
+            .typing
+            .typing_since(room, since)
+            .map(|(_, users)| json!({ "type": "m.typing", "content": { "user_ids": users } })))
+    })
 }
