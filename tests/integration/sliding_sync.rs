@@ -263,7 +263,31 @@ async fn sliding_sync_list_filters() {
     let v = ss_ok(&s, &alice, "", lists).await;
     assert_eq!(v["lists"]["dms"]["count"], json!(2), "{v}");
     assert_eq!(room(&v, &plain)["is_dm"], json!(true));
-    let _ = (encrypted, space);
+    let _ = encrypted;
+
+    // `spaces`: the children of the space only.
+    let got = s
+        .put(
+            &format!(
+                "{V3}/rooms/{}/state/m.space.child/{}",
+                enc(&space),
+                enc(&plain)
+            ),
+            &alice,
+            json!({ "via": [s.server_name()] }),
+        )
+        .await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let in_space = json!({ "lists": { "space": {
+        "ranges": [[0, 9]], "timeline_limit": 0, "filters": { "spaces": [space] },
+    } } });
+    let v = ss_ok(&s, &alice, "", in_space).await;
+    assert_eq!(v["lists"]["space"]["count"], json!(1), "{v}");
+    assert_eq!(room_ids(&v), vec![plain.clone()]);
+    let bad = json!({ "lists": { "space": {
+        "ranges": [[0, 9]], "timeline_limit": 0, "filters": { "spaces": ["not a room"] },
+    } } });
+    assert_err(&ss(&s, &alice, "", bad).await, 400, "M_INVALID_PARAM");
 }
 
 #[tokio::test]

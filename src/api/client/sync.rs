@@ -15,6 +15,7 @@ use crate::{
     api::ruma_wrapper::{ruma_route, Authed, Ruma},
     error::{ErrCode, Error, Result},
     service::{
+        sliding_sync,
         sync::{parse_token, SyncRequest, MAX_TIMEOUT},
         Services,
     },
@@ -33,7 +34,8 @@ async fn sliding_sync(
     req: Ruma<v5::Request>,
 ) -> Result<Json<Value>> {
     let who = req.user()?.clone();
-    let body = crate::service::sliding_sync::sync(&s, &who, req.body).await?;
+    let spaces = sliding_sync::spaces_filters(req.json.as_ref())?;
+    let body = sliding_sync::sync(&s, &who, req.body, spaces).await?;
     Ok(Json(body))
 }
 

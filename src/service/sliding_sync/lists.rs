@@ -191,6 +191,28 @@ fn passes(s: &Services, info: &RoomInfo, f: &v5::request::ListFilters) -> Result
     Ok(true)
 }
 
+/// The rooms that the spaces name as children (`m.space.child` with a `via`), as of now.
+fn space_children(s: &Services, spaces: &[OwnedRoomId]) -> Result<HashSet<OwnedRoomId>> {
+    let mut out = HashSet::new();
+    for space in spaces {
+        for ((kind, child), id) in s.rooms.current_state_ids(space)? {
+            if kind != "m.space.child" {
+                continue;
+            }
+            let linked = s.rooms.pdu(id.as_str())?.is_some_and(|p| {
+                p.content_value()
+                    .get("via")
+                    .and_then(|v| v.as_array())
+                    .is_some_and(|v| !v.is_empty())
+            });
+            if let (true, Ok(child)) = (linked, OwnedRoomId::try_from(child)) {
+                out.insert(child);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Filter, sort and cut every list; add the subscriptions.
 pub fn select(b: &Builder<'_>) -> Result<Selection> {
     let s = b.s;
@@ -206,12 +228,16 @@ pub fn select(b: &Builder<'_>) -> Result<Selection> {
     let mut configs: HashMap<OwnedRoomId, RoomConfig> = HashMap::new();
     let mut lists = BTreeMap::new();
     for (name, list) in &b.req.lists {
+        let children = match b.spaces.get(name) {
+            Some(spaces) => Some(space_children(s, spaces)?),
+            None => None,
+        };
         let mut members: Vec<&RoomInfo> = Vec::new();
         for info in &sorted {
             let keep = match &list.filters {
                 Some(f) => passes(s, info, f)?,
                 None => true,
-            };
+            } && children.as_ref().is_none_or(|c| c.contains(&info.room_id));
             if keep {
                 members.push(info);
             }

@@ -49,6 +49,8 @@ pub const MAX_REQUIRED_STATE: usize = 100;
 pub const MAX_TIMELINE_LIMIT: usize = 200;
 /// Rooms one response carries at most; the rest (in order of recency) come with the next one.
 pub const MAX_ROOMS_PER_RESPONSE: usize = 500;
+/// Spaces one list's `spaces` filter may name.
+pub const MAX_SPACES: usize = 50;
 /// Longest `conn_id` accepted.
 const MAX_CONN_ID: usize = 200;
 
@@ -165,8 +167,45 @@ fn validate(req: &v5::Request) -> Result<()> {
     Ok(())
 }
 
+/// The `spaces` filter of each list (rooms that are children of these spaces), which ruma's
+/// `ListFilters` does not model: read from the request's JSON.
+pub fn spaces_filters(body: Option<&Value>) -> Result<HashMap<String, Vec<OwnedRoomId>>> {
+    let mut out = HashMap::new();
+    let Some(lists) = body.and_then(|b| b.get("lists")).and_then(Value::as_object) else {
+        return Ok(out);
+    };
+    for (name, list) in lists {
+        let Some(spaces) = list.pointer("/filters/spaces") else {
+            continue;
+        };
+        let invalid = || Error::invalid_param(format!("List {name}: invalid spaces filter"));
+        let spaces = spaces.as_array().ok_or_else(invalid)?;
+        if spaces.len() > MAX_SPACES {
+            return Err(Error::invalid_param(format!(
+                "List {name}: at most {MAX_SPACES} spaces"
+            )));
+        }
+        let ids = spaces
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .and_then(|id| OwnedRoomId::try_from(id).ok())
+                    .ok_or_else(invalid)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.insert(name.clone(), ids);
+    }
+    Ok(out)
+}
+
 /// Run one sliding sync request, long-polling (with `pos`) when there is nothing new.
-pub async fn sync(services: &Services, who: &Identity, req: v5::Request) -> Result<Value> {
+/// `spaces` are the lists' `spaces` filters (see [`spaces_filters`]).
+pub async fn sync(
+    services: &Services,
+    who: &Identity,
+    req: v5::Request,
+    spaces: HashMap<String, Vec<OwnedRoomId>>,
+) -> Result<Value> {
     validate(&req)?;
     let user = &who.user_id;
     note_presence(services, user, Some(req.set_presence.as_str()))?;
@@ -190,6 +229,7 @@ pub async fn sync(services: &Services, who: &Identity, req: v5::Request) -> Resu
             s: services,
             who,
             req: &req,
+            spaces: &spaces,
             previous: &previous,
             up_to: up_to.max(previous.position),
         };
@@ -211,6 +251,7 @@ struct Builder<'a> {
     s: &'a Services,
     who: &'a Identity,
     req: &'a v5::Request,
+    spaces: &'a HashMap<String, Vec<OwnedRoomId>>,
     previous: &'a Arc<Snapshot>,
     up_to: u64,
 }
