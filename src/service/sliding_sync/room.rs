@@ -119,8 +119,10 @@ pub fn build(
         &lazy,
     )?;
 
+    // (`limited` with no events: new events a `timeline_limit` of 0 leaves out; the room moved.)
     if !initial
         && timeline.events.is_empty()
+        && !timeline.limited
         && state.is_empty()
         && previous.is_some_and(|p| p.unread == unread)
     {
