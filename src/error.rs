@@ -44,6 +44,8 @@ pub enum ErrCode {
     CannotOverwriteMedia,
     NotYetUploaded,
     UserSuspended,
+    /// Sliding sync: the `pos` is unknown or expired; the client starts a new connection.
+    UnknownPos,
 }
 
 impl ErrCode {
@@ -83,6 +85,7 @@ impl ErrCode {
             ErrCode::InvalidSignature => "M_INVALID_SIGNATURE",
             ErrCode::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             ErrCode::NotYetUploaded => "M_NOT_YET_UPLOADED",
+            ErrCode::UnknownPos => "M_UNKNOWN_POS",
         }
     }
 

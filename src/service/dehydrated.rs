@@ -124,7 +124,12 @@ pub fn events(s: &Services, user: &UserId, device_id: &str, next_batch: Option<&
     }
     let (events, last, _) = s
         .to_device
-        .pending(user, &d.device_id, s.globals.counter.watermark())?;
+        .pending(
+            user,
+            &d.device_id,
+            s.globals.counter.watermark(),
+            crate::service::to_device::MAX_PER_SYNC,
+        )?;
     let next = last.or(acknowledged).unwrap_or(0);
     Ok(json!({ "events": events, "next_batch": next.to_string() }))
 }

@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod receipts;
 pub mod reports;
 pub mod rooms;
+pub mod sliding_sync;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -47,6 +48,8 @@ pub struct Services {
     pub reports: reports::Reports,
     pub push: push::Push,
     pub media: media::Media,
+    /// Sliding sync connections (in memory) and its bump-stamp cache.
+    pub sliding_sync: sliding_sync::SlidingSync,
 }
 
 impl Services {
@@ -86,6 +89,7 @@ impl Services {
             key_backup: key_backup::KeyBackup::new(storage.clone()),
             reports: reports::Reports::new(storage.clone()),
             media: media::Media::new(storage.clone(), &config)?,
+            sliding_sync: sliding_sync::SlidingSync::default(),
             globals,
             storage,
             config,

@@ -12,7 +12,8 @@ use std::{
 };
 
 use ruma::{
-    api::client::filter::FilterDefinition, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    api::client::filter::{FilterDefinition, RoomEventFilter},
+    OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
 };
 use serde_json::{json, Map, Value};
 
@@ -24,6 +25,7 @@ use crate::{
         keys::ListChange,
         receipts::receipt_content,
         rooms::{Pdu, UserRoom},
+        to_device::MAX_PER_SYNC,
         Services,
     },
 };
@@ -157,54 +159,41 @@ pub fn device_list_changes(
     Ok((changed_out, left_out))
 }
 
-/// Run one `/sync` request, long-polling when there is nothing new.
-pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Result<Value> {
-    let user = &who.user_id;
+/// Mark the user present, as every sync does unless the client asks to stay offline
+/// (`set_presence`: "online", "unavailable", "offline"; None is online).
+pub fn note_presence(services: &Services, user: &UserId, set_presence: Option<&str>) -> Result<()> {
     if services.policy.presence_enabled() {
-        let presence = req.set_presence.as_deref().unwrap_or("online");
+        let presence = set_presence.unwrap_or("online");
         if presence != "offline" {
             services
                 .presence
                 .set(user, presence, None, || room_mates(services, user))?;
         }
     }
+    Ok(())
+}
 
-    // The device has seen everything its `since` token covers: those to-device messages go.
-    if let Some(since) = req.since {
-        let acknowledged = req.since_to_device.unwrap_or(since);
-        services
-            .to_device
-            .acknowledge(user, &who.device_id, acknowledged)?;
-    }
-
+/// The long-poll both syncs share: `attempt(up_to, last)` builds a response up to the watermark
+/// `up_to` and returns None when it has nothing to say (it must answer when `last`, the
+/// timeout having passed). Between attempts the request sleeps on the user's notifier until a
+/// change that concerns them is committed.
+pub async fn long_poll<T>(
+    services: &Services,
+    user: &UserId,
+    timeout: Duration,
+    mut attempt: impl FnMut(u64, bool) -> Result<Option<T>>,
+) -> Result<T> {
     // Subscribe before reading the watermark: a change committed in between still wakes us.
     let mut rx = services.globals.counter.notifier().subscribe(user);
-    let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + timeout.min(MAX_TIMEOUT);
     loop {
         let up_to = services.globals.counter.watermark();
-        let builder = Builder {
-            s: services,
-            who,
-            req: &req,
-            up_to,
-        };
-        let (mut body, empty, to_device_partial) = builder.build()?;
-        let done = !empty
-            || req.since.is_none()
-            || req.full_state
-            || tokio::time::Instant::now() >= deadline;
-        if done {
-            let next = match req.since {
-                Some(since) if empty => since,
-                Some(since) => since.max(up_to),
-                None => up_to,
-            };
-            let token = match to_device_partial {
-                Some(last) => format!("{}_{last}", make_token(next)),
-                None => make_token(next),
-            };
-            body["next_batch"] = Value::String(token);
-            return Ok(body);
+        let last = tokio::time::Instant::now() >= deadline;
+        if let Some(answer) = attempt(up_to, last)? {
+            return Ok(answer);
+        }
+        if last {
+            return Err(Error::internal("long poll gave no answer at its deadline"));
         }
         tokio::select! {
             changed = rx.changed() => {
@@ -218,17 +207,224 @@ pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Resu
     }
 }
 
+/// Run one `/sync` request, long-polling when there is nothing new.
+pub async fn sync(services: &Services, who: &Identity, req: SyncRequest) -> Result<Value> {
+    let user = &who.user_id;
+    note_presence(services, user, req.set_presence.as_deref())?;
+
+    // The device has seen everything its `since` token covers: those to-device messages go.
+    if let Some(since) = req.since {
+        let acknowledged = req.since_to_device.unwrap_or(since);
+        services
+            .to_device
+            .acknowledge(user, &who.device_id, acknowledged)?;
+    }
+
+    long_poll(services, user, req.timeout, |up_to, last| {
+        let builder = Builder {
+            s: services,
+            who,
+            req: &req,
+            up_to,
+        };
+        let (mut body, empty, to_device_partial) = builder.build()?;
+        if empty && req.since.is_some() && !req.full_state && !last {
+            return Ok(None);
+        }
+        let next = match req.since {
+            Some(since) if empty => since,
+            Some(since) => since.max(up_to),
+            None => up_to,
+        };
+        let token = match to_device_partial {
+            Some(last) => format!("{}_{last}", make_token(next)),
+            None => make_token(next),
+        };
+        body["next_batch"] = Value::String(token);
+        Ok(Some(body))
+    })
+    .await
+}
+
+/// The one-time key counts and unused fallback key types of a device, as both syncs send them.
+pub fn key_counts(services: &Services, who: &Identity) -> Result<(Value, Value)> {
+    let mut counts = services
+        .keys
+        .one_time_key_counts(&who.user_id, &who.device_id)?;
+    // Clients read a missing count as "the server does not report counts": say zero.
+    counts.entry("signed_curve25519".into()).or_insert(0);
+    let fallback = services
+        .keys
+        .unused_fallback_key_types(&who.user_id, &who.device_id)?;
+    Ok((json!(counts), json!(fallback)))
+}
+
+/// The event in client format; the sending device also gets its transaction id back.
+pub fn client_event(services: &Services, who: &Identity, pdu: &Pdu) -> Value {
+    services
+        .rooms
+        .client_event_for(pdu, &who.user_id, who.device_id.as_str())
+        .unwrap_or_else(|_| pdu.to_client_value(None))
+}
+
+/// A room's view of the timeline for one sync.
+pub struct Timeline {
+    pub events: Vec<(u64, Pdu)>,
+    pub limited: bool,
+}
+
+impl Timeline {
+    /// Tokens are positions ("seen up to here", as `/messages` reads them): the position just
+    /// before the first event continues backwards from it.
+    pub fn prev_batch(&self, since: Option<u64>, up_to: u64) -> String {
+        let prev = match self.events.first() {
+            Some((count, _)) => count.saturating_sub(1),
+            None => since.unwrap_or(up_to).min(up_to),
+        };
+        make_token(prev)
+    }
+}
+
+/// The newest (at most `limit`) events in `(after, up_to]` the user may see and the filter lets
+/// through; `limited` when more were left out (or the walk gave up on a filter matching little).
+pub fn timeline_window(
+    services: &Services,
+    user: &UserId,
+    room_id: &RoomId,
+    filter: &RoomEventFilter,
+    limit: usize,
+    after: u64,
+    up_to: u64,
+) -> Result<Timeline> {
+    let visibility = services.rooms.history_visibility(room_id)?;
+    let mut out: Vec<(u64, Pdu)> = Vec::new();
+    let mut top = up_to;
+    let mut scanned = 0usize;
+    let mut limited = false;
+    'walk: while top > after {
+        let (chunk, more) = services.rooms.timeline_since(room_id, after, top, 50)?;
+        if chunk.is_empty() {
+            break;
+        }
+        for (count, pdu) in chunk.into_iter().rev() {
+            scanned += 1;
+            top = count.saturating_sub(1);
+            let own_membership = pdu.state_key.as_deref() == Some(user.as_str());
+            if !room_event_matches(
+                filter,
+                pdu.kind.to_string().as_str(),
+                Some(pdu.sender.as_ref()),
+            ) {
+                continue;
+            }
+            if !own_membership
+                && !services
+                    .rooms
+                    .user_can_see(room_id, user, count, &visibility)?
+            {
+                continue;
+            }
+            if out.len() >= limit {
+                limited = true;
+                break 'walk;
+            }
+            out.push((count, pdu));
+        }
+        if !more {
+            break;
+        }
+        if scanned >= MAX_TIMELINE_SCAN {
+            limited = true;
+            break;
+        }
+    }
+    out.reverse();
+    Ok(Timeline {
+        events: out,
+        limited,
+    })
+}
+
+/// Stripped state for an invite or knock: enough to show the room before joining.
+pub fn stripped_state(
+    services: &Services,
+    user: &UserId,
+    room_id: &RoomId,
+    ur: &UserRoom,
+) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for kind in [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+        "m.room.topic",
+    ] {
+        if let Some(p) = services.rooms.state_get(room_id, kind, "")? {
+            out.push(p.to_stripped_value());
+        }
+    }
+    if let Some(own) = services.rooms.pdu(ur.event_id.as_str())? {
+        // The inviter's own member event tells the client who invited.
+        if own.sender != *user {
+            if let Some(p) =
+                services
+                    .rooms
+                    .state_get(room_id, "m.room.member", own.sender.as_str())?
+            {
+                out.push(p.to_stripped_value());
+            }
+        }
+        out.push(own.to_stripped_value());
+    }
+    Ok(out)
+}
+
+/// Who a room is named after when it has no name, and its member counts.
+pub struct RoomSummary {
+    /// Up to 5 other members (joined or invited; those who left when nobody else is here).
+    pub heroes: Vec<OwnedUserId>,
+    pub joined: usize,
+    pub invited: usize,
+}
+
+pub fn room_summary(services: &Services, user: &UserId, room_id: &RoomId) -> Result<RoomSummary> {
+    let joined = services.rooms.joined_members(room_id)?;
+    let invited = services.rooms.members_with(room_id, |m| m == "invite")?;
+    let mut heroes: Vec<OwnedUserId> = joined
+        .iter()
+        .chain(invited.iter())
+        .filter(|u| u.as_str() != user.as_str())
+        .cloned()
+        .collect();
+    heroes.sort();
+    heroes.dedup();
+    heroes.truncate(5);
+    if heroes.is_empty() {
+        // Nobody else is here: name the room after those who left.
+        heroes = services
+            .rooms
+            .members_with(room_id, |m| m == "leave" || m == "ban")?
+            .into_iter()
+            .filter(|u| u.as_str() != user.as_str())
+            .collect();
+        heroes.sort();
+        heroes.truncate(5);
+    }
+    Ok(RoomSummary {
+        heroes,
+        joined: joined.len(),
+        invited: invited.len(),
+    })
+}
+
 struct Builder<'a> {
     s: &'a Services,
     who: &'a Identity,
     req: &'a SyncRequest,
     up_to: u64,
-}
-
-/// A room's view of the timeline for one sync.
-struct Timeline {
-    events: Vec<(u64, Pdu)>,
-    limited: bool,
 }
 
 impl Builder<'_> {
@@ -339,7 +535,7 @@ impl Builder<'_> {
         let (to_device, to_device_last, to_device_more) =
             self.s
                 .to_device
-                .pending(user, &self.who.device_id, self.up_to)?;
+                .pending(user, &self.who.device_id, self.up_to, MAX_PER_SYNC)?;
         let (changed, left) = match since {
             Some(since) => device_list_changes(self.s, user, since, self.up_to)?,
             None => (Vec::new(), Vec::new()),
@@ -384,17 +580,9 @@ impl Builder<'_> {
             "device_lists".into(),
             json!({ "changed": changed, "left": left }),
         );
-        let mut counts = self.s.keys.one_time_key_counts(user, &self.who.device_id)?;
-        // Clients read a missing count as "the server does not report counts": say zero.
-        counts.entry("signed_curve25519".into()).or_insert(0);
-        body.insert("device_one_time_keys_count".into(), json!(counts));
-        body.insert(
-            "device_unused_fallback_key_types".into(),
-            json!(self
-                .s
-                .keys
-                .unused_fallback_key_types(user, &self.who.device_id)?),
-        );
+        let (counts, fallback) = key_counts(self.s, self.who)?;
+        body.insert("device_one_time_keys_count".into(), counts);
+        body.insert("device_unused_fallback_key_types".into(), fallback);
         let partial = to_device_more.then_some(to_device_last).flatten();
         Ok((Value::Object(body), empty, partial))
     }
@@ -486,82 +674,24 @@ impl Builder<'_> {
         let events: Vec<Value> = timeline
             .events
             .iter()
-            .map(|(_, p)| self.client_event(p))
+            .map(|(_, p)| client_event(self.s, self.who, p))
             .collect();
-        // Tokens are positions ("seen up to here", as `/messages` reads them): the position
-        // just before the first event continues backwards from it.
-        let prev = match timeline.events.first() {
-            Some((count, _)) => count.saturating_sub(1),
-            None => since.unwrap_or(self.up_to).min(self.up_to),
-        };
-        json!({ "events": events, "limited": timeline.limited, "prev_batch": make_token(prev) })
-    }
-
-    /// The event in client format; the sending device also gets its transaction id back.
-    fn client_event(&self, pdu: &Pdu) -> Value {
-        self.s
-            .rooms
-            .client_event_for(pdu, &self.who.user_id, self.who.device_id.as_str())
-            .unwrap_or_else(|_| pdu.to_client_value(None))
+        json!({
+            "events": events,
+            "limited": timeline.limited,
+            "prev_batch": timeline.prev_batch(since, self.up_to),
+        })
     }
 
     /// The newest events in `(after, up_to]` the user may see and the filter lets through.
     fn timeline(&self, room_id: &RoomId, after: u64, up_to: u64) -> Result<Timeline> {
-        let user = self.user();
         let filter = &self.req.filter.room.timeline;
         let limit = filter
             .limit
             .map(|l| usize::try_from(u64::from(l)).unwrap_or(MAX_TIMELINE_LIMIT))
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .min(MAX_TIMELINE_LIMIT);
-        let visibility = self.s.rooms.history_visibility(room_id)?;
-        let mut out: Vec<(u64, Pdu)> = Vec::new();
-        let mut top = up_to;
-        let mut scanned = 0usize;
-        let mut limited = false;
-        'walk: while top > after {
-            let (chunk, more) = self.s.rooms.timeline_since(room_id, after, top, 50)?;
-            if chunk.is_empty() {
-                break;
-            }
-            for (count, pdu) in chunk.into_iter().rev() {
-                scanned += 1;
-                top = count.saturating_sub(1);
-                let own_membership = pdu.state_key.as_deref() == Some(user.as_str());
-                if !room_event_matches(
-                    filter,
-                    pdu.kind.to_string().as_str(),
-                    Some(pdu.sender.as_ref()),
-                ) {
-                    continue;
-                }
-                if !own_membership
-                    && !self
-                        .s
-                        .rooms
-                        .user_can_see(room_id, user, count, &visibility)?
-                {
-                    continue;
-                }
-                if out.len() >= limit {
-                    limited = true;
-                    break 'walk;
-                }
-                out.push((count, pdu));
-            }
-            if !more {
-                break;
-            }
-            if scanned >= MAX_TIMELINE_SCAN {
-                limited = true;
-                break;
-            }
-        }
-        out.reverse();
-        Ok(Timeline {
-            events: out,
-            limited,
-        })
+        timeline_window(self.s, self.user(), room_id, filter, limit, after, up_to)
     }
 
     /// The `state` section: the full state at the start of the timeline for an initial sync
@@ -646,69 +776,17 @@ impl Builder<'_> {
         Ok(out)
     }
 
-    /// Stripped state for an invite or knock: enough to show the room before joining.
     fn stripped_state(&self, room_id: &RoomId, ur: &UserRoom) -> Result<Vec<Value>> {
-        let mut out = Vec::new();
-        for kind in [
-            "m.room.create",
-            "m.room.join_rules",
-            "m.room.name",
-            "m.room.avatar",
-            "m.room.canonical_alias",
-            "m.room.encryption",
-            "m.room.topic",
-        ] {
-            if let Some(p) = self.s.rooms.state_get(room_id, kind, "")? {
-                out.push(p.to_stripped_value());
-            }
-        }
-        if let Some(own) = self.s.rooms.pdu(ur.event_id.as_str())? {
-            // The inviter's own member event tells the client who invited.
-            if own.sender != self.who.user_id {
-                if let Some(p) =
-                    self.s
-                        .rooms
-                        .state_get(room_id, "m.room.member", own.sender.as_str())?
-                {
-                    out.push(p.to_stripped_value());
-                }
-            }
-            out.push(own.to_stripped_value());
-        }
-        Ok(out)
+        stripped_state(self.s, self.user(), room_id, ur)
     }
 
     /// `summary`: heroes and member counts.
     fn summary(&self, room_id: &RoomId) -> Result<Value> {
-        let user = self.user();
-        let joined = self.s.rooms.joined_members(room_id)?;
-        let invited = self.s.rooms.members_with(room_id, |m| m == "invite")?;
-        let mut heroes: Vec<&OwnedUserId> = joined
-            .iter()
-            .chain(invited.iter())
-            .filter(|u| u.as_str() != user.as_str())
-            .collect();
-        heroes.sort();
-        heroes.dedup();
-        heroes.truncate(5);
-        let mut heroes: Vec<String> = heroes.into_iter().map(|u| u.to_string()).collect();
-        if heroes.is_empty() {
-            // Nobody else is here: name the room after those who left.
-            let mut gone: Vec<OwnedUserId> = self
-                .s
-                .rooms
-                .members_with(room_id, |m| m == "leave" || m == "ban")?
-                .into_iter()
-                .filter(|u| u.as_str() != user.as_str())
-                .collect();
-            gone.sort();
-            gone.truncate(5);
-            heroes = gone.into_iter().map(|u| u.to_string()).collect();
-        }
+        let summary = room_summary(self.s, self.user(), room_id)?;
         Ok(json!({
-            "m.heroes": heroes,
-            "m.joined_member_count": joined.len(),
-            "m.invited_member_count": invited.len(),
+            "m.heroes": summary.heroes,
+            "m.joined_member_count": summary.joined,
+            "m.invited_member_count": summary.invited,
         }))
     }
 

@@ -118,14 +118,16 @@ impl ToDevice {
         Ok(())
     }
 
-    /// Up to `MAX_PER_SYNC` messages with counts up to `up_to`, oldest first, with the count of
-    /// the last one and whether more are waiting.
+    /// Up to `limit` (at most `MAX_PER_SYNC`) messages with counts up to `up_to`, oldest first,
+    /// with the count of the last one and whether more are waiting.
     pub fn pending(
         &self,
         user: &UserId,
         device: &DeviceId,
         up_to: u64,
+        limit: usize,
     ) -> Result<(Vec<Value>, Option<u64>, bool)> {
+        let limit = limit.clamp(1, MAX_PER_SYNC);
         let prefix = keys::prefix(&[user.as_str(), device.as_str()]);
         let mut events = Vec::new();
         let mut last = None;
@@ -138,7 +140,7 @@ impl ToDevice {
             if count > up_to {
                 break;
             }
-            if events.len() == MAX_PER_SYNC {
+            if events.len() >= limit {
                 more = true;
                 break;
             }

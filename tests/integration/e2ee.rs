@@ -37,7 +37,7 @@ fn sign(entity: &str, key: &TestKey, value: &Value) -> Value {
     serde_json::to_value(obj).expect("serializes")
 }
 
-fn device_keys(u: &TestUser, curve: &str) -> Value {
+pub(crate) fn device_keys(u: &TestUser, curve: &str) -> Value {
     json!({
         "user_id": u.user_id,
         "device_id": u.device_id,
@@ -50,7 +50,7 @@ fn device_keys(u: &TestUser, curve: &str) -> Value {
     })
 }
 
-fn signed_key(u: &TestUser, key: &str) -> Value {
+pub(crate) fn signed_key(u: &TestUser, key: &str) -> Value {
     json!({ "key": key, "signatures": { u.user_id.clone(): { format!("ed25519:{}", u.device_id): "sig" } } })
 }
 

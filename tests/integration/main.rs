@@ -19,6 +19,7 @@ mod sdk_client;
 mod search;
 mod sdk_e2ee;
 mod space;
+mod sliding_sync;
 mod sync;
 mod user_directory;
 mod voip;

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 use crate::common::TestServer;
 
-async fn sdk_login(base: &str, user: &str) -> Client {
+pub(crate) async fn sdk_login(base: &str, user: &str) -> Client {
     let client = Client::builder()
         .homeserver_url(base)
         .build()

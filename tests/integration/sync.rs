@@ -28,7 +28,7 @@ fn since(token: &Value) -> String {
     )
 }
 
-async fn send(s: &TestServer, u: &TestUser, room: &str, body: Value) -> String {
+pub(crate) async fn send(s: &TestServer, u: &TestUser, room: &str, body: Value) -> String {
     let txn = format!("t{}", rand_suffix());
     let (status, v) = s
         .put(
@@ -41,7 +41,7 @@ async fn send(s: &TestServer, u: &TestUser, room: &str, body: Value) -> String {
     v["event_id"].as_str().expect("event_id").to_owned()
 }
 
-async fn text(s: &TestServer, u: &TestUser, room: &str, msg: &str) -> String {
+pub(crate) async fn text(s: &TestServer, u: &TestUser, room: &str, msg: &str) -> String {
     send(s, u, room, json!({ "msgtype": "m.text", "body": msg })).await
 }
 
@@ -51,7 +51,7 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-async fn invite(s: &TestServer, by: &TestUser, room: &str, who: &TestUser) {
+pub(crate) async fn invite(s: &TestServer, by: &TestUser, room: &str, who: &TestUser) {
     let (status, v) = s
         .post(
             &format!("{V3}/rooms/{}/invite", enc(room)),
@@ -88,11 +88,11 @@ fn timeline<'a>(body: &'a Value, room: &str) -> &'a Vec<Value> {
         .expect("timeline events")
 }
 
-fn types(events: &[Value]) -> Vec<&str> {
+pub(crate) fn types(events: &[Value]) -> Vec<&str> {
     events.iter().filter_map(|e| e["type"].as_str()).collect()
 }
 
-fn bodies(events: &[Value]) -> Vec<&str> {
+pub(crate) fn bodies(events: &[Value]) -> Vec<&str> {
     events
         .iter()
         .filter_map(|e| e["content"]["body"].as_str())

@@ -33,6 +33,8 @@ async fn versions() -> Json<Value> {
             "org.matrix.msc2285.stable": true,
             "org.matrix.msc3827.stable": true,
             "org.matrix.msc3814": true,
+            // Simplified Sliding Sync (MSC4186), which Element X requires.
+            "org.matrix.simplified_msc3575": true,
         },
         "server": { "name": "hafen", "version": env!("CARGO_PKG_VERSION") },
     }))

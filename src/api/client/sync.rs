@@ -1,4 +1,5 @@
-//! `GET /sync`. The query is parsed here; the work is in `service::sync`.
+//! `GET /sync` (the query is parsed here; the work is in `service::sync`) and Simplified
+//! Sliding Sync (MSC4186; ruma parses the request, the work is in `service::sliding_sync`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,21 +8,35 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use ruma::api::client::filter::FilterDefinition;
+use ruma::api::client::{filter::FilterDefinition, sync::sync_events::v5};
 use serde_json::Value;
 
 use crate::{
-    api::ruma_wrapper::Authed,
+    api::ruma_wrapper::{ruma_route, Authed, Ruma},
     error::{ErrCode, Error, Result},
     service::{
+        sliding_sync,
         sync::{parse_token, SyncRequest, MAX_TIMEOUT},
         Services,
     },
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
-    r.route("/_matrix/client/v3/sync", get(sync_events))
-        .route("/_matrix/client/r0/sync", get(sync_events))
+    let r = r
+        .route("/_matrix/client/v3/sync", get(sync_events))
+        .route("/_matrix/client/r0/sync", get(sync_events));
+    ruma_route::<v5::Request, _, _>(r, sliding_sync)
+}
+
+/// `POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync`.
+async fn sliding_sync(
+    State(s): State<Arc<Services>>,
+    req: Ruma<v5::Request>,
+) -> Result<Json<Value>> {
+    let who = req.user()?.clone();
+    let spaces = sliding_sync::spaces_filters(req.json.as_ref())?;
+    let body = sliding_sync::sync(&s, &who, req.body, spaces).await?;
+    Ok(Json(body))
 }
 
 async fn sync_events(
