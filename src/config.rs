@@ -95,6 +95,10 @@ pub struct Config {
     /// e.g. `["10.1.2.0/24"]` for an intranet wiki. Empty by default: only public addresses.
     #[serde(default)]
     pub url_preview_ip_range_allowlist: Vec<String>,
+    /// IP ranges (CIDR) push gateways may be reached at although they are not public addresses,
+    /// e.g. `["10.1.2.3/32"]` for a gateway on the LAN. Empty: pushes go to public addresses only.
+    #[serde(default)]
+    pub push_gateway_ip_range_allowlist: Vec<String>,
     /// TURN server URIs handed to VoIP clients by `/voip/turnServer`, e.g.
     /// `["turns:turn.example.org:5349?transport=tcp"]`. Empty: no TURN server is offered.
     #[serde(default)]
@@ -488,10 +492,14 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             "pending_media_expiry_secs: must be at least 1".into(),
         ));
     }
-    for range in &c.url_preview_ip_range_allowlist {
+    for range in c
+        .url_preview_ip_range_allowlist
+        .iter()
+        .chain(&c.push_gateway_ip_range_allowlist)
+    {
         if range.parse::<ipnet::IpNet>().is_err() {
             return Err(ConfigError::Invalid(format!(
-                "url_preview_ip_range_allowlist: `{range}` is not an IP range like 10.0.0.0/8"
+                "ip range allowlist: `{range}` is not an IP range like 10.0.0.0/8"
             )));
         }
     }

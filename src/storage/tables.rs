@@ -93,7 +93,8 @@ pub enum Table {
     /// room 0xff count -> thread root event id: threads by their latest reply (one entry per
     /// thread; a new reply moves it).
     Threads,
-    /// room 0xff root event id -> big-endian count of the latest reply (where its `Threads` entry is).
+    /// room 0xff root event id -> JSON `ThreadRecord`: latest reply (event and count, where its
+    /// `Threads` entry is), number of replies, who replied.
     ThreadRoots,
     /// user -> JSON (device id, device data): the user's dehydrated device (MSC3814).
     DehydratedDevices,

@@ -427,7 +427,11 @@ fn pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
 
 #[tokio::test]
 async fn pushers_deliver_to_the_gateway_with_retry() {
-    let s = TestServer::start().await;
+    // The test gateway is on loopback, which pushes may only reach when allowed.
+    let s = TestServer::start_with(|c| {
+        c.push_gateway_ip_range_allowlist = vec!["127.0.0.0/8".into()];
+    })
+    .await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let room = s.create_room(&alice, json!({ "preset": "public_chat", "name": "Lounge" })).await;
@@ -535,4 +539,25 @@ async fn pushers_deliver_to_the_gateway_with_retry() {
     };
     let (_, list) = s.get(&format!("{V3}/pushers"), &again).await;
     assert_eq!(list["pushers"], json!([]));
+}
+
+#[tokio::test]
+async fn pushes_never_reach_internal_addresses_unless_allowed() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    s.join(&bob, &room).await;
+    let gateway = Gateway::default();
+    let url = start_gateway(gateway.clone()).await;
+    // A host name resolving to loopback is refused just like the address itself.
+    let by_name = url.replace("127.0.0.1", "localhost");
+    for (key, u) in [("ip", url.as_str()), ("name", by_name.as_str())] {
+        let (status, body) = s.post(&format!("{V3}/pushers/set"), &alice, pusher(u, key, None)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    send(&s, &bob, &room, "p1", text("ping")).await;
+    // Two sweeps of the delivery task.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(gateway.received.lock().is_empty(), "a push reached loopback");
 }

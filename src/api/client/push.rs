@@ -16,7 +16,7 @@ use ruma::{
     },
     push::{
         Action, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule,
-        PushCondition, Ruleset,
+        PushCondition,
     },
     MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedUserId, UInt,
 };
@@ -59,7 +59,7 @@ async fn all(
     req: Ruma<get_pushrules_all::v3::Request>,
 ) -> Result<RumaResponse<get_pushrules_all::v3::Response>> {
     let rules = s.push.rules.get(&req.user()?.user_id)?;
-    Ok(get_pushrules_all::v3::Response::new(Ruleset::clone(&rules)).into())
+    Ok(get_pushrules_all::v3::Response::new(rules.set.clone()).into())
 }
 
 async fn global(
@@ -67,7 +67,7 @@ async fn global(
     req: Ruma<get_pushrules_global_scope::v3::Request>,
 ) -> Result<RumaResponse<get_pushrules_global_scope::v3::Response>> {
     let rules = s.push.rules.get(&req.user()?.user_id)?;
-    Ok(get_pushrules_global_scope::v3::Response::new(Ruleset::clone(&rules)).into())
+    Ok(get_pushrules_global_scope::v3::Response::new(rules.set.clone()).into())
 }
 
 fn rule_not_found() -> Error {
@@ -80,6 +80,7 @@ async fn get_rule(
 ) -> Result<RumaResponse<get_pushrule::v3::Response>> {
     let rules = s.push.rules.get(&req.user()?.user_id)?;
     let rule = rules
+        .set
         .get(req.body.kind.clone(), &req.body.rule_id)
         .ok_or_else(rule_not_found)?;
     Ok(get_pushrule::v3::Response::new(rule.into()).into())
@@ -167,6 +168,7 @@ async fn get_actions(
 ) -> Result<RumaResponse<get_pushrule_actions::v3::Response>> {
     let rules = s.push.rules.get(&req.user()?.user_id)?;
     let rule = rules
+        .set
         .get(req.body.kind.clone(), &req.body.rule_id)
         .ok_or_else(rule_not_found)?;
     Ok(get_pushrule_actions::v3::Response::new(rule.actions().to_vec()).into())
@@ -192,6 +194,7 @@ async fn get_enabled(
 ) -> Result<RumaResponse<get_pushrule_enabled::v3::Response>> {
     let rules = s.push.rules.get(&req.user()?.user_id)?;
     let rule = rules
+        .set
         .get(req.body.kind.clone(), &req.body.rule_id)
         .ok_or_else(rule_not_found)?;
     Ok(get_pushrule_enabled::v3::Response::new(rule.enabled()).into())

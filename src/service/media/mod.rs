@@ -95,6 +95,9 @@ pub struct Media {
     previews: preview::Cache,
     /// Woken whenever an upload completes (downloads waiting for a pending id recheck).
     uploaded: Notify,
+    /// Thumbnails being made at once: each decode may take up to the decoder's memory limit,
+    /// so parallel requests for big images must queue instead of multiplying it.
+    thumbnailing: tokio::sync::Semaphore,
     /// Media ids whose upload is in progress (a second upload to one is refused).
     uploading: Mutex<HashSet<String>>,
 }
@@ -161,6 +164,7 @@ impl Media {
             fetcher: preview::Fetcher::new(&config.url_preview_ip_range_allowlist),
             previews: preview::Cache::default(),
             uploaded: Notify::new(),
+            thumbnailing: tokio::sync::Semaphore::new(2),
             uploading: Mutex::new(HashSet::new()),
         })
     }
@@ -270,9 +274,12 @@ impl Media {
         for entry in self.storage.scan_prefix(Table::MediaPending, &prefix)? {
             let (k, v) = entry?;
             let expires = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if expires <= now {
+            // An expired id whose upload is under way (it started in time) stays until done.
+            let in_upload = crate::storage::keys::last_part(&k)
+                .is_some_and(|id| self.uploading.lock().contains(id));
+            if expires <= now && !in_upload {
                 expired.push(k);
-            } else {
+            } else if expires > now {
                 pending += 1;
             }
         }
@@ -425,6 +432,15 @@ impl Media {
                 "Content is too large to thumbnail",
             ));
         }
+        let _permit = self
+            .thumbnailing
+            .acquire()
+            .await
+            .map_err(Error::internal)?;
+        // Another request may have made it while this one waited.
+        if let Some(t) = self.storage.get_json(Table::MediaThumbnails, &key)? {
+            return Ok(t);
+        }
         let original = self.files.read(&file.sha256).await?;
         let made = tokio::task::spawn_blocking(move || thumbnail::make(&original, size))
             .await
@@ -464,11 +480,20 @@ impl Media {
             .await?;
         let mut og = serde_json::Map::new();
         if page.content_type.starts_with("image/") {
-            self.add_image(user, &mut og, page).await?;
+            // A body that filled the page limit may be cut short: never store half an image.
+            if page.body.len() < preview::MAX_PAGE_BYTES {
+                self.add_image(user, &mut og, page).await?;
+            }
         } else if page.content_type.starts_with("text/html")
             || page.content_type.starts_with("application/xhtml")
         {
-            og = preview::opengraph(&String::from_utf8_lossy(&page.body));
+            // Parsing is CPU work on untrusted input: keep it off the async workers.
+            let body = page.body.clone();
+            og = tokio::task::spawn_blocking(move || {
+                preview::opengraph(&String::from_utf8_lossy(&body))
+            })
+            .await
+            .map_err(Error::internal)?;
             let image_url = og
                 .remove("og:image")
                 .and_then(|v| v.as_str().map(str::to_owned))

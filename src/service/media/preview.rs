@@ -198,6 +198,7 @@ pub fn opengraph(html: &str) -> Map<String, Value> {
     let mut og = Map::new();
     let mut title = None;
     let mut description = None;
+    let mut title_unclosed = false;
     let lower = html.to_ascii_lowercase();
     let mut pos = 0;
     while let Some(start) = lower[pos..].find('<').map(|i| pos + i) {
@@ -207,9 +208,11 @@ pub fn opengraph(html: &str) -> Map<String, Value> {
         let tag = &html[start + 1..end];
         let tag_lower = &lower[start + 1..end];
         pos = end + 1;
-        if tag_lower.starts_with("title") && title.is_none() {
-            if let Some(close) = lower[pos..].find("</title") {
-                title = Some(decode_entities(html[pos..pos + close].trim()));
+        if tag_lower.starts_with("title") && title.is_none() && !title_unclosed {
+            // Searched once: a page of unclosed titles must not make this quadratic.
+            match lower[pos..].find("</title") {
+                Some(close) => title = Some(decode_entities(html[pos..pos + close].trim())),
+                None => title_unclosed = true,
             }
         } else if tag_lower.starts_with("meta") {
             let attrs = attributes(tag);

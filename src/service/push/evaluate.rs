@@ -60,41 +60,75 @@ pub fn evaluate(
         .and_then(Value::as_str);
     let member_count = UInt::try_from(room.member_count).unwrap_or(UInt::MAX);
     let mut notified = Vec::new();
+    let event_text = raw.json().get();
+    // Each distinct notification is serialized once: recipients mostly share one.
+    let mut serialized: Vec<(String, Vec<u8>)> = Vec::new();
+    // The server-default rules decide the same for every user the event does not name (no
+    // mention, not the state key): evaluated once for all of them.
+    let mut shared: Option<Option<(usize, bool)>> = None;
     for user in recipients {
         if *user == pdu.sender {
             continue;
         }
-        let ruleset = rules.get(user)?;
-        let mut ctx = PushConditionRoomCtx::new(
-            room.room_id.to_owned(),
-            member_count,
-            user.clone(),
-            (room.display_name)(user).unwrap_or_else(|| user.localpart().to_owned()),
-        );
-        if let Some(p) = &power {
-            ctx = ctx.with_power_levels(p.clone());
-        }
-        let mut actions = None;
-        for rule in ruleset.iter() {
-            // Conditions only await a thread-subscription lookup, which we do not configure:
-            // the future is always ready.
-            if rule.applies(&flat, &ctx).now_or_never().unwrap_or(false) {
-                actions = Some(rule.actions());
-                break;
+        let rules = rules.get(user)?;
+        let generic = rules.is_default && !event_text.contains(user.as_str());
+        let outcome = match (&shared, generic) {
+            (Some(o), true) => *o,
+            _ => {
+                let display_name = if rules.needs_display_name {
+                    (room.display_name)(user).unwrap_or_else(|| user.localpart().to_owned())
+                } else {
+                    String::new()
+                };
+                let mut ctx = PushConditionRoomCtx::new(
+                    room.room_id.to_owned(),
+                    member_count,
+                    user.clone(),
+                    display_name,
+                );
+                if let Some(p) = &power {
+                    ctx = ctx.with_power_levels(p.clone());
+                }
+                let actions = rules
+                    .set
+                    .iter()
+                    // Conditions only await a thread-subscription lookup, which we do not
+                    // configure: the future is always ready.
+                    .find(|rule| rule.applies(&flat, &ctx).now_or_never().unwrap_or(false))
+                    .map(|rule| rule.actions())
+                    .filter(|actions| actions.iter().any(|a| a.should_notify()));
+                let o = match actions {
+                    None => None,
+                    Some(actions) => {
+                        let highlight = actions.iter().any(|a| a.is_highlight());
+                        let key = serde_json::to_string(actions)?;
+                        let index = match serialized.iter().position(|(k, _)| *k == key) {
+                            Some(i) => i,
+                            None => {
+                                let notification = Notification {
+                                    room_id: room.room_id.to_owned(),
+                                    event_id: pdu.event_id.clone(),
+                                    actions: actions.to_vec(),
+                                    highlight,
+                                    ts: u64::from(pdu.origin_server_ts.get()),
+                                };
+                                serialized.push((key, serde_json::to_vec(&notification)?));
+                                serialized.len() - 1
+                            }
+                        };
+                        Some((index, highlight))
+                    }
+                };
+                if generic {
+                    shared = Some(o);
+                }
+                o
             }
-        }
-        let Some(actions) = actions else { continue };
-        if !actions.iter().any(|a| a.should_notify()) {
-            continue;
-        }
-        let notification = Notification {
-            room_id: room.room_id.to_owned(),
-            event_id: pdu.event_id.clone(),
-            actions: actions.to_vec(),
-            highlight: actions.iter().any(|a| a.is_highlight()),
-            ts: u64::from(pdu.origin_server_ts.get()),
         };
-        record(batch, user, count, &notification, thread)?;
+        let Some((index, highlight)) = outcome else {
+            continue;
+        };
+        record(batch, user, room.room_id, count, &serialized[index].1, highlight, thread)?;
         notified.push(user.clone());
     }
     Ok(notified)

@@ -5,18 +5,32 @@
 //! them one by one and moves the cursor. A failing gateway is retried with exponential backoff;
 //! a notification that could not be delivered for a day is given up. Gateways that reject a
 //! pushkey lose the pusher.
+//!
+//! Gateways are reached like URL previews reach pages: only public addresses (or ranges in
+//! `push_gateway_ip_range_allowlist`), checked on every resolution, so a pusher URL cannot be
+//! used to probe the server's own network. Pushers are served concurrently, so one slow
+//! gateway does not hold up everybody else's notifications.
 
 use std::{
     collections::HashMap,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Weak},
     time::{Duration, Instant},
 };
+
+use futures_util::StreamExt;
+use ipnet::IpNet;
+use parking_lot::Mutex;
 
 use ruma::{events::StateEventType, push::Action, UserId};
 use serde_json::{json, Map, Value};
 
 use super::{notifications::Notification, pushers::StoredPusher, PendingPushes};
-use crate::{error::Result, service::Services, utils};
+use crate::{
+    error::Result,
+    service::{media::addr::may_connect, Services},
+    utils,
+};
 
 /// How often the task looks at every pusher (retries, anything missed).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -27,6 +41,10 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(600);
 /// A notification not delivered within this is dropped (the gateway is gone or broken).
 const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
+/// Pushers served at the same time.
+const CONCURRENT_DELIVERIES: usize = 16;
+/// Largest gateway answer read (it only lists rejected pushkeys).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// `/notifications` keeps a month of history.
 const NOTIFICATION_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -37,11 +55,62 @@ struct Backoff {
     delay: Duration,
 }
 
+/// Resolves gateway host names and keeps only addresses pushes may go to.
+struct GuardedResolver {
+    allow: Arc<Vec<IpNet>>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.allow.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| may_connect(a.ip(), &allow))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to no address pushes may reach").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The operator's extra ranges for push gateways (invalid entries were refused at startup).
+fn allowlist(s: &Services) -> Vec<IpNet> {
+    s.config
+        .push_gateway_ip_range_allowlist
+        .iter()
+        .filter_map(|r| r.parse().ok())
+        .collect()
+}
+
+/// May a pusher URL be posted to? Host names are checked when they resolve; IP literals here.
+fn url_allowed(url: &str, allow: &[IpNet]) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => may_connect(IpAddr::V4(ip), allow),
+        Some(url::Host::Ipv6(ip)) => may_connect(IpAddr::V6(ip), allow),
+        Some(url::Host::Domain(_)) => true,
+        None => false,
+    }
+}
+
 /// Run until the services are dropped (the server shut down).
 pub async fn run(services: Weak<Services>, pending: Arc<PendingPushes>) {
+    let Some(allow) = services.upgrade().map(|s| Arc::new(allowlist(&s))) else {
+        return;
+    };
     let client = match reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(GuardedResolver {
+            allow: allow.clone(),
+        }))
         .build()
     {
         Ok(c) => c,
@@ -50,7 +119,7 @@ pub async fn run(services: Weak<Services>, pending: Arc<PendingPushes>) {
             return;
         }
     };
-    let mut backoff: HashMap<Vec<u8>, Backoff> = HashMap::new();
+    let backoff: Mutex<HashMap<Vec<u8>, Backoff>> = Mutex::new(HashMap::new());
     let mut last_prune = Instant::now();
     let mut sweep = true;
     loop {
@@ -67,18 +136,34 @@ pub async fn run(services: Weak<Services>, pending: Arc<PendingPushes>) {
         };
         match pushers {
             Ok(pushers) => {
-                for p in pushers {
-                    if let Err(e) = deliver(&s, &client, &p, &mut backoff).await {
-                        tracing::warn!("push delivery for {}: {e}", p.user_id);
-                    }
+                if sweep {
+                    pending.set_users_with_pushers(
+                        pushers.iter().map(|p| p.user_id.clone()).collect(),
+                    );
                 }
+                futures_util::stream::iter(pushers)
+                    .for_each_concurrent(CONCURRENT_DELIVERIES, |p| {
+                        let (s, client, backoff, allow) = (&s, &client, &backoff, &allow);
+                        async move {
+                            if let Err(e) = deliver(s, client, &p, backoff, allow).await {
+                                tracing::warn!("push delivery for {}: {e}", p.user_id);
+                            }
+                        }
+                    })
+                    .await;
             }
             Err(e) => tracing::warn!("reading pushers: {e}"),
         }
         if last_prune.elapsed() >= PRUNE_INTERVAL {
             last_prune = Instant::now();
             let cutoff = utils::now_ms().saturating_sub(NOTIFICATION_RETENTION_MS);
-            if let Err(e) = s.push.notifications.prune(cutoff, 100_000) {
+            let s2 = s.clone();
+            // A full table walk: off the async workers.
+            let pruned = tokio::task::spawn_blocking(move || {
+                s2.push.notifications.prune(cutoff, 100_000)
+            })
+            .await;
+            if let Ok(Err(e)) = pruned {
                 tracing::warn!("pruning notifications: {e}");
             }
         }
@@ -90,21 +175,39 @@ pub async fn run(services: Weak<Services>, pending: Arc<PendingPushes>) {
     }
 }
 
+/// Read at most [`MAX_ANSWER_BYTES`] of a gateway's answer as JSON (Null if unreadable).
+async fn bounded_json(mut resp: reqwest::Response) -> Value {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Value::Null;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).unwrap_or(Value::Null)
+}
+
 /// Post the pusher's undelivered notifications, oldest first, until one fails.
 async fn deliver(
     s: &Services,
     client: &reqwest::Client,
     pusher: &StoredPusher,
-    backoff: &mut HashMap<Vec<u8>, Backoff>,
+    backoff: &Mutex<HashMap<Vec<u8>, Backoff>>,
+    allow: &[IpNet],
 ) -> Result<()> {
     let id = [pusher.user_id.as_bytes(), pusher.app_id().as_bytes(), pusher.pushkey().as_bytes()]
         .join(&0xff);
-    if backoff.get(&id).is_some_and(|b| b.next_attempt > Instant::now()) {
+    if backoff
+        .lock()
+        .get(&id)
+        .is_some_and(|b| b.next_attempt > Instant::now())
+    {
         return Ok(());
     }
     let Some(url) = pusher.pusher.pointer("/data/url").and_then(Value::as_str) else {
         return Ok(());
     };
+    let url_ok = url_allowed(url, allow);
     // Only notifications whose event is durable (below the watermark) are pushed.
     let watermark = s.globals.counter.watermark();
     let mut cursor = pusher.cursor;
@@ -112,36 +215,41 @@ async fn deliver(
         if count > watermark {
             break;
         }
-        let body = payload(s, pusher, &n)?;
-        let outcome = client.post(url).json(&body).send().await;
-        let delivered = match outcome {
-            Ok(resp) if resp.status().is_success() => {
-                let answer: Value = resp.json().await.unwrap_or(Value::Null);
-                let rejected = answer
-                    .get("rejected")
-                    .and_then(Value::as_array)
-                    .is_some_and(|r| r.iter().any(|k| k.as_str() == Some(pusher.pushkey())));
-                if rejected {
-                    tracing::info!("push gateway rejected a pushkey of {}", pusher.user_id);
-                    backoff.remove(&id);
-                    return s.push.pushers.reject(pusher);
+        let delivered = if url_ok {
+            let body = payload(s, pusher, &n)?;
+            match client.post(url).json(&body).send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    let answer = bounded_json(resp).await;
+                    let rejected = answer
+                        .get("rejected")
+                        .and_then(Value::as_array)
+                        .is_some_and(|r| r.iter().any(|k| k.as_str() == Some(pusher.pushkey())));
+                    if rejected {
+                        tracing::info!("push gateway rejected a pushkey of {}", pusher.user_id);
+                        backoff.lock().remove(&id);
+                        return s.push.pushers.reject(pusher);
+                    }
+                    true
                 }
-                true
+                Ok(resp) => {
+                    tracing::debug!("push gateway answered {}", resp.status());
+                    false
+                }
+                Err(e) => {
+                    tracing::debug!("push gateway unreachable: {e}");
+                    false
+                }
             }
-            Ok(resp) => {
-                tracing::debug!("push gateway answered {}", resp.status());
-                false
-            }
-            Err(e) => {
-                tracing::debug!("push gateway unreachable: {e}");
-                false
-            }
+        } else {
+            tracing::debug!("push gateway address not allowed for {}", pusher.user_id);
+            false
         };
         if !delivered && utils::now_ms().saturating_sub(n.ts) < GIVE_UP_AFTER_MS {
-            let delay = backoff
+            let mut b = backoff.lock();
+            let delay = b
                 .get(&id)
                 .map_or(FIRST_RETRY, |b| (b.delay * 2).min(MAX_RETRY));
-            backoff.insert(
+            b.insert(
                 id,
                 Backoff {
                     next_attempt: Instant::now() + delay,
@@ -150,7 +258,7 @@ async fn deliver(
             );
             break;
         }
-        backoff.remove(&id);
+        backoff.lock().remove(&id);
         cursor = count;
     }
     if cursor > pusher.cursor {

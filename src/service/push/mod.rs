@@ -37,7 +37,7 @@ impl Push {
                 globals.clone(),
             ))),
             notifications: notifications::Notifications::new(storage.clone()),
-            pushers: pushers::Pushers::new(storage, globals),
+            pushers: pushers::Pushers::new(storage, globals, pending.clone()),
             pending,
         }
     }
@@ -49,6 +49,9 @@ impl Push {
 pub struct PendingPushes {
     users: Mutex<HashSet<OwnedUserId>>,
     wake: Notify,
+    /// Users who have a pusher (refreshed by every sweep of the gateway task, added to when a
+    /// pusher is set): notifications of everybody else need no delivery and wake nobody.
+    with_pushers: Mutex<HashSet<OwnedUserId>>,
 }
 
 /// Most users remembered between two rounds of the gateway task; beyond that the task checks
@@ -57,15 +60,33 @@ const MAX_PENDING_USERS: usize = 100_000;
 
 impl PendingPushes {
     pub fn add(&self, users: impl IntoIterator<Item = OwnedUserId>) {
-        let mut set = self.users.lock();
-        for u in users {
-            if set.len() >= MAX_PENDING_USERS {
-                break;
+        let mut added = false;
+        {
+            let with_pushers = self.with_pushers.lock();
+            let mut set = self.users.lock();
+            for u in users {
+                if set.len() >= MAX_PENDING_USERS {
+                    break;
+                }
+                if with_pushers.contains(&u) {
+                    set.insert(u);
+                    added = true;
+                }
             }
-            set.insert(u);
         }
-        drop(set);
-        self.wake.notify_one();
+        if added {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The user now has a pusher.
+    pub fn user_has_pusher(&self, user: &ruma::UserId) {
+        self.with_pushers.lock().insert(user.to_owned());
+    }
+
+    /// Everybody who has a pusher, as the gateway task just read them.
+    fn set_users_with_pushers(&self, users: HashSet<OwnedUserId>) {
+        *self.with_pushers.lock() = users;
     }
 
     fn take(&self) -> HashSet<OwnedUserId> {

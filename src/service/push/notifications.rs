@@ -231,26 +231,29 @@ impl Notifications {
     }
 }
 
-/// Put one recipient's notification into the event's batch.
+/// Put one recipient's notification (already serialized: recipients share it) into the
+/// event's batch.
 pub fn record(
     batch: &mut Batch,
     user: &UserId,
+    room_id: &RoomId,
     count: u64,
-    notification: &Notification,
+    notification: &[u8],
+    highlight: bool,
     thread: Option<&str>,
 ) -> Result<()> {
     batch.put(
         Table::Notifications,
         &keys::with_count(&[user.as_str()], count),
-        &serde_json::to_vec(notification)?,
+        notification,
     )?;
     let unread = Unread {
-        highlight: notification.highlight,
+        highlight,
         thread: thread.map(str::to_owned),
     };
     batch.put(
         Table::PushUnread,
-        &keys::with_count(&[user.as_str(), notification.room_id.as_str()], count),
+        &keys::with_count(&[user.as_str(), room_id.as_str()], count),
         &serde_json::to_vec(&unread)?,
     )
 }

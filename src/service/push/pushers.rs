@@ -60,15 +60,21 @@ impl StoredPusher {
 pub struct Pushers {
     storage: Storage,
     globals: Arc<Globals>,
+    pending: Arc<super::PendingPushes>,
     /// Serializes read-modify-write of pusher records (client changes and delivery cursors).
     write: Mutex<()>,
 }
 
 impl Pushers {
-    pub fn new(storage: Storage, globals: Arc<Globals>) -> Pushers {
+    pub fn new(
+        storage: Storage,
+        globals: Arc<Globals>,
+        pending: Arc<super::PendingPushes>,
+    ) -> Pushers {
         Pushers {
             storage,
             globals,
+            pending,
             write: Mutex::new(()),
         }
     }
@@ -104,7 +110,9 @@ impl Pushers {
             cursor: self.globals.counter.watermark(),
         };
         batch.put(Table::Pushers, &key, &serde_json::to_vec(&record)?)?;
-        batch.commit()
+        batch.commit()?;
+        self.pending.user_has_pusher(user);
+        Ok(())
     }
 
     /// Delete a pusher (no error when there is none).

@@ -1,8 +1,12 @@
 //! Server-side aggregation of relations, bundled into `unsigned.m.relations` of every event a
 //! client receives: the thread summary (`m.thread`), the latest edit (`m.replace`) and the
-//! references (`m.reference`). Read from the relations index (`relations.rs`).
+//! references (`m.reference`).
+//!
+//! Thread summaries are kept up to date at write time (`threads.rs`), so a thread of any length
+//! costs one read. Edits and references come from the relations index (`relations.rs`), read
+//! newest first: the latest edit is found however many reactions came before it.
 
-use ruma::UserId;
+use ruma::{RoomId, UserId};
 use serde_json::{json, Map, Value};
 
 use super::{relations::Child, Pdu, Rooms};
@@ -11,7 +15,7 @@ use crate::{
     storage::{keys, Table},
 };
 
-/// Most children of one event looked at for its aggregations.
+/// Most children of one event looked at for its edits and references.
 const MAX_CHILDREN: usize = 1000;
 /// Most references listed.
 const MAX_REFERENCES: usize = 100;
@@ -24,20 +28,25 @@ pub struct ThreadSummary {
 }
 
 impl Rooms {
-    /// The children of `parent` from the index, oldest first (at most [`MAX_CHILDREN`]).
-    fn children(&self, parent: &str) -> Result<Vec<(u64, Child)>> {
+    /// The children of `parent` in `room_id` from the index, newest first (at most
+    /// [`MAX_CHILDREN`] index entries looked at).
+    fn children_newest_first(&self, parent: &str, room_id: &RoomId) -> Result<Vec<Child>> {
+        let prefix = keys::prefix(&[parent]);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&u64::MAX.to_be_bytes());
         let mut out = Vec::new();
         for entry in self
             .storage
-            .scan_prefix(Table::Relations, &keys::prefix(&[parent]))?
+            .scan_from(Table::Relations, &prefix, &upper, true)?
             .take(MAX_CHILDREN)
         {
-            let (k, v) = entry?;
-            let (Some(count), Ok(child)) = (keys::count_suffix(&k), serde_json::from_slice(&v))
-            else {
+            let (_, v) = entry?;
+            let Ok(child) = serde_json::from_slice::<Child>(&v) else {
                 continue;
             };
-            out.push((count, child));
+            if self.child_in_room(&child, room_id)? {
+                out.push(child);
+            }
         }
         Ok(out)
     }
@@ -53,101 +62,96 @@ impl Rooms {
             .unwrap_or_default())
     }
 
+    /// The thread rooted at `root`, as `user` sees it (count, latest reply, took part).
     pub fn thread_summary(&self, root: &Pdu, user: &UserId) -> Result<ThreadSummary> {
-        let mut summary = ThreadSummary {
-            count: 0,
-            latest: None,
-            participated: root.sender == user,
+        let stored = match &root.room_id {
+            Some(room) => self.thread_record(room, root.event_id.as_str())?,
+            None => None,
         };
-        for (_, child) in self.children(root.event_id.as_str())? {
-            if child.rel_type != "m.thread" {
-                continue;
-            }
-            summary.count += 1;
-            if !summary.participated && self.child_sender(&child)? == user.as_str() {
-                summary.participated = true;
-            }
-            summary.latest = Some(child.event_id);
-        }
-        Ok(summary)
+        Ok(match stored {
+            Some(t) => ThreadSummary {
+                count: t.count,
+                participated: root.sender == user || t.senders.iter().any(|s| s == user.as_str()),
+                latest: Some(t.latest_event),
+            },
+            None => ThreadSummary {
+                count: 0,
+                latest: None,
+                participated: root.sender == user,
+            },
+        })
     }
 
     /// `unsigned.m.relations` for `pdu` as `user` sees it, or None when nothing relates to it.
     pub fn bundled_relations(&self, pdu: &Pdu, user: &UserId) -> Result<Option<Value>> {
-        let children = self.children(pdu.event_id.as_str())?;
-        if children.is_empty() || is_redacted(pdu) {
+        // Most events have no children: one seek says so.
+        if is_redacted(pdu)
+            || self
+                .storage
+                .scan_prefix(Table::Relations, &keys::prefix(&[pdu.event_id.as_str()]))?
+                .next()
+                .is_none()
+        {
             return Ok(None);
         }
+        let Some(room_id) = pdu.room_id.clone() else {
+            return Ok(None);
+        };
         let mut out = Map::new();
-        let mut thread_count = 0u64;
-        let mut thread_latest = None;
-        let mut participated = pdu.sender == user;
-        let mut latest_edit = None;
-        let mut references = Vec::new();
-        for (_, child) in &children {
-            match child.rel_type.as_str() {
-                "m.thread" => {
-                    thread_count += 1;
-                    thread_latest = Some(child.event_id.as_str());
-                    if !participated && self.child_sender(child)? == user.as_str() {
-                        participated = true;
-                    }
-                }
-                // Only the original sender's edits of the same type are edits.
-                "m.replace"
-                    if child.kind == pdu.kind.to_string()
-                        && self.child_sender(child)? == pdu.sender.as_str() =>
-                {
-                    latest_edit = Some(child.event_id.as_str());
-                }
-                "m.reference" if references.len() < MAX_REFERENCES => {
-                    references.push(json!({ "event_id": child.event_id }));
-                }
-                _ => {}
-            }
-        }
-        if let Some(latest) = thread_latest {
+        let thread = self.thread_summary(pdu, user)?;
+        if let Some(latest) = &thread.latest {
             if let Some(latest) = self.pdu(latest)? {
                 let mut latest_event = latest.to_client_value(None);
                 // The latest reply shows its own latest edit.
-                if let Some(edit) = self.latest_edit(&latest)? {
-                    latest_event["unsigned"]["m.relations"] = json!({ "m.replace": edit });
+                if let Some(edit) = self.latest_edit(&latest, &room_id)? {
+                    latest_event["unsigned"]["m.relations"] =
+                        json!({ "m.replace": edit.to_client_value(None) });
                 }
                 out.insert(
                     "m.thread".into(),
                     json!({
                         "latest_event": latest_event,
-                        "count": thread_count,
-                        "current_user_participated": participated,
+                        "count": thread.count,
+                        "current_user_participated": thread.participated,
                     }),
                 );
             }
         }
-        if let Some(edit) = latest_edit {
-            if let Some(edit) = self.pdu(edit)? {
-                out.insert("m.replace".into(), edit.to_client_value(None));
-            }
+        let children = self.children_newest_first(pdu.event_id.as_str(), &room_id)?;
+        if let Some(edit) = self.latest_edit_of(pdu, &children)? {
+            out.insert("m.replace".into(), edit.to_client_value(None));
         }
+        let mut references: Vec<Value> = children
+            .iter()
+            .filter(|c| c.rel_type == "m.reference")
+            .take(MAX_REFERENCES)
+            .map(|c| json!({ "event_id": c.event_id }))
+            .collect();
+        references.reverse();
         if !references.is_empty() {
             out.insert("m.reference".into(), json!({ "chunk": references }));
         }
         Ok((!out.is_empty()).then_some(Value::Object(out)))
     }
 
-    fn latest_edit(&self, pdu: &Pdu) -> Result<Option<Value>> {
-        let mut latest = None;
-        for (_, child) in self.children(pdu.event_id.as_str())? {
+    fn latest_edit(&self, pdu: &Pdu, room_id: &RoomId) -> Result<Option<Pdu>> {
+        let children = self.children_newest_first(pdu.event_id.as_str(), room_id)?;
+        self.latest_edit_of(pdu, &children)
+    }
+
+    /// The newest valid edit among `children` (newest first): only the original sender's edits
+    /// of the same event type count.
+    fn latest_edit_of(&self, pdu: &Pdu, children: &[Child]) -> Result<Option<Pdu>> {
+        let kind = pdu.kind.to_string();
+        for child in children {
             if child.rel_type == "m.replace"
-                && child.kind == pdu.kind.to_string()
-                && self.child_sender(&child)? == pdu.sender.as_str()
+                && child.kind == kind
+                && self.child_sender(child)? == pdu.sender.as_str()
             {
-                latest = Some(child.event_id);
+                return self.pdu(&child.event_id);
             }
         }
-        Ok(match latest {
-            Some(id) => self.pdu(&id)?.map(|p| p.to_client_value(None)),
-            None => None,
-        })
+        Ok(None)
     }
 }
 

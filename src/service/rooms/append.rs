@@ -541,9 +541,12 @@ impl Rooms {
             &keys::with_count(&[room_id.as_str()], count),
             event_id.as_bytes(),
         )?;
-        if let Some((parent, rel_type)) = super::relations::index(&mut batch, &pdu, count)? {
+        let parent_room = |id: &str| Ok(self.event_meta(id)?.map(|m| m.room_id));
+        if let Some((parent, rel_type)) =
+            super::relations::index(&mut batch, room_id, &pdu, count, parent_room)?
+        {
             if rel_type == "m.thread" {
-                self.index_thread_reply(&mut batch, room_id, &parent, count)?;
+                self.index_thread_reply(&mut batch, room_id, &parent, &pdu, count)?;
             }
         }
         if let Some((device, txn_id)) = txn {

@@ -25,11 +25,21 @@ pub(super) struct Child {
     /// Empty in entries written before senders were indexed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sender: String,
+    /// The child's room; empty in entries written before rooms were indexed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub room_id: String,
 }
 
-/// Index `pdu` under the event it relates to, in the caller's batch. Returns the parent and
-/// relation type when it relates to something.
-pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<Option<(String, String)>> {
+/// Index `pdu` (an event of `room_id`) under the event it relates to, in the caller's batch.
+/// A parent known to be in another room is not related to: relations never cross rooms.
+/// Returns the parent and relation type when it was indexed.
+pub fn index(
+    batch: &mut Batch,
+    room_id: &RoomId,
+    pdu: &Pdu,
+    count: u64,
+    parent_room: impl Fn(&str) -> Result<Option<ruma::OwnedRoomId>>,
+) -> Result<Option<(String, String)>> {
     // Most events relate to nothing: skip parsing their content on the send path.
     if !pdu.content.get().contains("m.relates_to") {
         return Ok(None);
@@ -44,7 +54,7 @@ pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<Option<(String,
     ) else {
         return Ok(None);
     };
-    if parent.contains('\u{ff}') {
+    if parent.contains('\u{ff}') || parent_room(parent)?.is_some_and(|r| r != room_id) {
         return Ok(None);
     }
     let child = Child {
@@ -52,6 +62,7 @@ pub fn index(batch: &mut Batch, pdu: &Pdu, count: u64) -> Result<Option<(String,
         rel_type: rel_type.to_owned(),
         kind: pdu.kind.to_string(),
         sender: pdu.sender.to_string(),
+        room_id: room_id.to_string(),
     };
     batch.put(
         Table::Relations,
@@ -151,6 +162,7 @@ impl Rooms {
             }
             if q.rel_type.is_some_and(|r| r != child.rel_type)
                 || q.event_type.is_some_and(|t| t != child.kind)
+                || !self.child_in_room(&child, room_id)?
             {
                 continue;
             }
@@ -162,6 +174,16 @@ impl Rooms {
             }
         }
         Ok((out, next))
+    }
+
+    /// Is the child an event of `room_id`? (Old index entries do not name their room.)
+    pub(super) fn child_in_room(&self, child: &Child, room_id: &RoomId) -> Result<bool> {
+        if !child.room_id.is_empty() {
+            return Ok(child.room_id == room_id.as_str());
+        }
+        Ok(self
+            .event_meta(&child.event_id)?
+            .is_some_and(|m| m.room_id == room_id))
     }
 
     /// Children, grandchildren and so on of the parent (up to [`MAX_DEPTH`] levels, at most

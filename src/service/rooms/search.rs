@@ -1,6 +1,6 @@
 //! `/search` over room events: the user's joined rooms are walked newest first and events whose
 //! searched keys contain every term (case-insensitive) are returned. There is no full-text index
-//! yet: each request reads a bounded number of events per room (`MAX_SCAN_PER_ROOM`) and pages
+//! yet: each request reads a bounded number of events (`MAX_SCAN_TOTAL`, shared by the rooms) and pages
 //! continue below the oldest position every room was searched to, so no match is skipped.
 //! Encrypted events never match: the server cannot read them.
 
@@ -16,8 +16,10 @@ use crate::{
     storage::{keys, Table},
 };
 
-/// Events one search reads per room.
-const MAX_SCAN_PER_ROOM: usize = 5000;
+/// Events one search reads in all, shared out over the rooms searched (each gets at least
+/// [`MIN_SCAN_PER_ROOM`]): a user in many rooms cannot make one request read millions.
+const MAX_SCAN_TOTAL: usize = 50_000;
+const MIN_SCAN_PER_ROOM: usize = 200;
 /// Results per page when the filter names no limit, and at most.
 pub const DEFAULT_LIMIT: usize = 10;
 pub const MAX_LIMIT: usize = 50;
@@ -75,8 +77,10 @@ impl Rooms {
         // The highest position some room was not searched below: results under it could be
         // incomplete, so this page stops there.
         let mut floor = 0u64;
+        let budget = (MAX_SCAN_TOTAL / rooms.len().max(1)).max(MIN_SCAN_PER_ROOM);
         for room in &rooms {
-            let (room_hits, frontier) = self.search_room(room, user, q, &terms, before, limit)?;
+            let (room_hits, frontier) =
+                self.search_room(room, user, q, &terms, before, limit, budget)?;
             hits.extend(room_hits);
             if let Some(f) = frontier {
                 floor = floor.max(f);
@@ -114,6 +118,7 @@ impl Rooms {
         terms: &[String],
         before: u64,
         limit: usize,
+        budget: usize,
     ) -> Result<(Vec<SearchHit>, Option<u64>)> {
         let visibility = self.history_visibility(room_id)?;
         let prefix = keys::prefix(&[room_id.as_str()]);
@@ -129,7 +134,7 @@ impl Rooms {
                 continue;
             }
             scanned += 1;
-            if out.len() > limit || scanned > MAX_SCAN_PER_ROOM {
+            if out.len() > limit || scanned > budget {
                 return Ok((out, Some(count.saturating_add(1))));
             }
             let Some(pdu) = self.pdu(&String::from_utf8_lossy(&v))? else {
@@ -150,10 +155,13 @@ impl Rooms {
 /// How well the event matches: None unless every term occurs in one of the searched keys;
 /// otherwise the number of occurrences.
 fn match_rank(pdu: &Pdu, keys: &[String], terms: &[String]) -> Option<f64> {
-    // Cheap pre-check on the raw content before parsing it.
-    let raw = pdu.content.get().to_lowercase();
-    if !terms.iter().all(|t| raw.contains(t.as_str())) {
-        return None;
+    // Cheap pre-check on the raw content before parsing it; only for terms that JSON never
+    // escapes (a quote or backslash in a term is written escaped in the raw text).
+    if terms.iter().all(|t| !t.contains(['"', '\\'])) {
+        let raw = pdu.content.get().to_lowercase();
+        if !terms.iter().all(|t| raw.contains(t.as_str())) {
+            return None;
+        }
     }
     let content = pdu.content_value();
     let mut texts: BTreeMap<&str, String> = BTreeMap::new();

@@ -2,6 +2,7 @@
 //! `GET /rooms/{roomId}/threads`, written with each reply in the reply's batch.
 
 use ruma::{RoomId, UserId};
+use serde::{Deserialize, Serialize};
 
 use super::{Pdu, Rooms};
 use crate::{
@@ -14,6 +15,21 @@ pub const MAX_LIMIT: usize = 100;
 /// Most index entries one page looks at (threads the user may not see are skipped).
 const MAX_SCAN: usize = 2000;
 
+/// Distinct reply senders a thread remembers (for `current_user_participated`); a thread with
+/// more stops adding (participation of later newcomers is then not reported).
+const MAX_THREAD_SENDERS: usize = 1000;
+
+/// The summary of one thread, kept in `ThreadRoots` and updated with every reply.
+#[derive(Serialize, Deserialize, Default)]
+pub struct ThreadRecord {
+    /// Stream position of the latest reply (where its `Threads` entry is).
+    pub latest: u64,
+    pub latest_event: String,
+    pub count: u64,
+    /// Who replied (distinct, at most [`MAX_THREAD_SENDERS`]).
+    pub senders: Vec<String>,
+}
+
 /// What `/threads` asks for.
 pub struct ThreadsQuery {
     /// Only threads the user took part in (sent the root or a reply).
@@ -24,21 +40,40 @@ pub struct ThreadsQuery {
 }
 
 impl Rooms {
-    /// A reply at `count` to the thread rooted at `root`: the thread moves to `count`.
+    /// The stored summary of the thread rooted at `root`.
+    pub(super) fn thread_record(&self, room_id: &RoomId, root: &str) -> Result<Option<ThreadRecord>> {
+        Ok(self
+            .storage
+            .get(Table::ThreadRoots, &keys::join(&[room_id.as_str(), root]))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// A reply `reply` at `count` to the thread rooted at `root`: the thread moves to `count`
+    /// and its summary counts the reply. Called under the room's lock, in the reply's batch.
     pub(super) fn index_thread_reply(
         &self,
         batch: &mut Batch,
         room_id: &RoomId,
         root: &str,
+        reply: &Pdu,
         count: u64,
     ) -> Result<()> {
-        let root_key = keys::join(&[room_id.as_str(), root]);
-        if let Some(previous) = self.storage.get(Table::ThreadRoots, &root_key)? {
-            if let Some(c) = keys::u64_value(&previous) {
-                batch.delete(Table::Threads, &keys::with_count(&[room_id.as_str()], c))?;
-            }
+        let mut record = self.thread_record(room_id, root)?.unwrap_or_default();
+        if record.count > 0 {
+            batch.delete(Table::Threads, &keys::with_count(&[room_id.as_str()], record.latest))?;
         }
-        batch.put(Table::ThreadRoots, &root_key, &count.to_be_bytes())?;
+        record.latest = count;
+        record.latest_event = reply.event_id.to_string();
+        record.count += 1;
+        let sender = reply.sender.as_str();
+        if record.senders.len() < MAX_THREAD_SENDERS && !record.senders.iter().any(|s| s == sender) {
+            record.senders.push(sender.to_owned());
+        }
+        batch.put(
+            Table::ThreadRoots,
+            &keys::join(&[room_id.as_str(), root]),
+            &serde_json::to_vec(&record)?,
+        )?;
         batch.put(
             Table::Threads,
             &keys::with_count(&[room_id.as_str()], count),
@@ -63,11 +98,8 @@ impl Rooms {
         let start = keys::with_count(&[room_id.as_str()], q.from.unwrap_or(u64::MAX));
         let mut out = Vec::new();
         let mut next = None;
-        for entry in self
-            .storage
-            .scan_from(Table::Threads, &prefix, &start, true)?
-            .take(MAX_SCAN)
-        {
+        let mut scanned = 0usize;
+        for entry in self.storage.scan_from(Table::Threads, &prefix, &start, true)? {
             let (k, v) = entry?;
             let Some(count) = keys::count_suffix(&k) else {
                 continue;
@@ -75,7 +107,10 @@ impl Rooms {
             if q.from.is_some_and(|f| count >= f) {
                 continue;
             }
-            if out.len() == limit {
+            scanned += 1;
+            // A page full, or the scan budget spent on threads the user may not see: the next
+            // page continues here.
+            if out.len() == limit || scanned > MAX_SCAN {
                 next = Some(count.saturating_add(1));
                 break;
             }

@@ -19,6 +19,9 @@ use crate::error::{ErrCode, Error, Result};
 
 /// Connections kept at most over all users; the least recently used goes first.
 const MAX_CONNECTIONS: usize = 10_000;
+/// Connections one device may hold (distinct `conn_id`s); a new one beyond this replaces that
+/// device's least recently used one, so nobody can push other users' connections out.
+const MAX_CONNECTIONS_PER_DEVICE: usize = 16;
 /// Snapshots kept per connection (the client's current `pos` and a few it might still retry).
 const MAX_SNAPSHOTS: usize = 4;
 
@@ -78,14 +81,26 @@ impl Connections {
         let mut inner = self.inner.lock();
         inner.tick += 1;
         let tick = inner.tick;
-        if !inner.conns.contains_key(key) && inner.conns.len() >= MAX_CONNECTIONS {
-            let oldest = inner
-                .conns
-                .iter()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                inner.conns.remove(&oldest);
+        if !inner.conns.contains_key(key) {
+            let same_device = |k: &ConnKey| k.0 == key.0 && k.1 == key.1;
+            let mine = inner.conns.keys().filter(|k| same_device(k)).count();
+            let oldest = |only_mine: bool| {
+                inner
+                    .conns
+                    .iter()
+                    .filter(|(k, _)| !only_mine || same_device(k))
+                    .min_by_key(|(_, c)| c.last_used)
+                    .map(|(k, _)| k.clone())
+            };
+            let evict = if mine >= MAX_CONNECTIONS_PER_DEVICE {
+                oldest(true)
+            } else if inner.conns.len() >= MAX_CONNECTIONS {
+                oldest(false)
+            } else {
+                None
+            };
+            if let Some(k) = evict {
+                inner.conns.remove(&k);
             }
         }
         inner.conns.insert(

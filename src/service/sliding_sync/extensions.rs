@@ -248,6 +248,10 @@ fn receipts(
     out: &mut Extensions,
 ) -> Result<()> {
     per_room(b, rooms, initial, out, "receipts", |room, since| {
+        // Invitees and knockers see stripped state only, not who read what.
+        if !b.s.rooms.is_joined(room, &b.who.user_id)? {
+            return Ok(None);
+        }
         let receipts = b.s.receipts.since(room, since, b.up_to)?;
         Ok(receipt_content(&receipts, &b.who.user_id)
             .map(|content| json!({ "type": "m.receipt", "content": content })))
@@ -261,6 +265,9 @@ fn typing(
     out: &mut Extensions,
 ) -> Result<()> {
     per_room(b, rooms, initial, out, "typing", |room, since| {
+        if !b.s.rooms.is_joined(room, &b.who.user_id)? {
+            return Ok(None);
+        }
         Ok(b.s
             .typing
             .typing_since(room, since)
