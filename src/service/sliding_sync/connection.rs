@@ -36,6 +36,9 @@ pub struct SentRoom {
     pub required_state: Arc<super::RequiredState>,
     /// Notification and highlight counts sent last.
     pub unread: (u64, u64),
+    /// The `timeline_limit` the room was sent with: a larger one (a client opening the room)
+    /// sends the room again with the longer timeline.
+    pub timeline_limit: usize,
 }
 
 /// What the client has been sent on a connection, as of one `pos`.

@@ -34,6 +34,7 @@ pub fn build(
     let pending = |m: &str| matches!(m, "invite" | "knock");
     let initial = previous.is_none_or(|p| {
         p.membership != info.membership && (pending(&p.membership) || pending(&info.membership))
+            || config.timeline_limit > p.timeline_limit && info.membership == "join"
     });
 
     if matches!(info.membership.as_str(), "invite" | "knock") {
@@ -42,6 +43,7 @@ pub fn build(
             membership: info.membership.clone(),
             required_state,
             unread: (0, 0),
+            timeline_limit: config.timeline_limit,
         };
         if !initial {
             return Ok((None, sent));
@@ -82,6 +84,7 @@ pub fn build(
         membership: info.membership.clone(),
         required_state: required_state.clone(),
         unread,
+        timeline_limit: config.timeline_limit,
     };
     // Fast path: nothing was written to the room since it was sent.
     let quiet = match (since, s.rooms.meta(room_id)?) {
