@@ -269,23 +269,6 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
     Ok(identity)
 }
 
-/// For handlers that do not use a ruma request type: the authenticated identity (token required).
-pub struct Authed(pub Identity);
-
-impl axum::extract::FromRequestParts<Arc<Services>> for Authed {
-    type Rejection = Error;
-
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        services: &Arc<Services>,
-    ) -> Result<Self, Self::Rejection> {
-        match access_token(parts) {
-            Some(token) => Ok(Authed(identify(services, parts, &token)?)),
-            None => Err(Error::new(ErrCode::MissingToken, "Missing access token")),
-        }
-    }
-}
-
 /// For handlers that do not use a ruma request type and serve guests of the server too: the
 /// identity when a token is sent (an invalid token is still an error), None without one.
 pub struct MaybeAuthed(pub Option<Identity>);
@@ -300,6 +283,23 @@ impl axum::extract::FromRequestParts<Arc<Services>> for MaybeAuthed {
         match access_token(parts) {
             Some(token) => Ok(MaybeAuthed(Some(identify(services, parts, &token)?))),
             None => Ok(MaybeAuthed(None)),
+        }
+    }
+}
+
+/// For handlers that do not use a ruma request type: the authenticated identity (token required).
+pub struct Authed(pub Identity);
+
+impl axum::extract::FromRequestParts<Arc<Services>> for Authed {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        services: &Arc<Services>,
+    ) -> Result<Self, Self::Rejection> {
+        match MaybeAuthed::from_request_parts(parts, services).await? {
+            MaybeAuthed(Some(identity)) => Ok(Authed(identity)),
+            MaybeAuthed(None) => Err(Error::new(ErrCode::MissingToken, "Missing access token")),
         }
     }
 }

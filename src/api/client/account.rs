@@ -118,6 +118,16 @@ pub(super) fn query_param(q: &Option<String>, key: &str) -> Result<Option<String
     Ok(pairs.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
 }
 
+/// A non-negative integer query parameter, `default` when absent (`M_INVALID_PARAM` otherwise).
+pub(super) fn uint_param(q: &Option<String>, key: &str, default: usize) -> Result<usize> {
+    match query_param(q, key)? {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| Error::invalid_param(format!("{key} must be a non-negative integer"))),
+    }
+}
+
 /// An optional string field; any other type is `M_BAD_JSON`.
 pub(super) fn opt_str(body: &Map<String, Value>, key: &str) -> Result<Option<String>> {
     match body.get(key) {

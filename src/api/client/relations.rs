@@ -11,15 +11,17 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::account::{query_param, Segs};
+use super::account::{query_param, uint_param, Segs};
 use crate::{
     api::ruma_wrapper::Authed,
     error::{Error, Result},
     service::{
+        accounts::Identity,
         rooms::{
             history::{parse_token, token},
             relations::{RelationsQuery, MAX_DEPTH},
             threads::ThreadsQuery,
+            Pdu,
         },
         Services,
     },
@@ -39,14 +41,20 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
         .route("/_matrix/client/v1/rooms/{room_id}/threads", get(threads))
 }
 
-/// `limit` from the query: a non-negative integer, `default` when absent.
-fn limit_param(q: &Option<String>, default: usize) -> Result<usize> {
-    match query_param(q, "limit")? {
-        None => Ok(default),
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| Error::invalid_param("limit must be a non-negative integer")),
+/// A page of events as the client sees them, with the next page's token.
+fn events_page(s: &Services, who: &Identity, events: &[Pdu], next: Option<u64>) -> Result<Value> {
+    let chunk = events
+        .iter()
+        .map(|pdu| {
+            s.rooms
+                .client_event_for(pdu, &who.user_id, who.device_id.as_str())
+        })
+        .collect::<Result<Vec<Value>>>()?;
+    let mut body = json!({ "chunk": chunk });
+    if let Some(n) = next {
+        body["next_batch"] = json!(token(n));
     }
+    Ok(body)
 }
 
 async fn threads(
@@ -67,21 +75,10 @@ async fn threads(
     let query = ThreadsQuery {
         participated,
         from,
-        limit: limit_param(&q, DEFAULT_LIMIT)?,
+        limit: uint_param(&q, "limit", DEFAULT_LIMIT)?,
     };
     let (roots, next) = s.rooms.threads(room_id, &who.user_id, &query)?;
-    let chunk = roots
-        .iter()
-        .map(|pdu| {
-            s.rooms
-                .client_event_for(pdu, &who.user_id, who.device_id.as_str())
-        })
-        .collect::<Result<Vec<Value>>>()?;
-    let mut body = json!({ "chunk": chunk });
-    if let Some(n) = next {
-        body["next_batch"] = json!(token(n));
-    }
-    Ok(Json(body))
+    Ok(Json(events_page(&s, &who, &roots, next)?))
 }
 
 async fn relations(
@@ -97,7 +94,7 @@ async fn relations(
         Some("f") => false,
         Some(_) => return Err(Error::invalid_param("dir must be b or f")),
     };
-    let limit = limit_param(&q, DEFAULT_LIMIT)?;
+    let limit = uint_param(&q, "limit", DEFAULT_LIMIT)?;
     let from = query_param(&q, "from")?
         .map(|t| parse_token(&t))
         .transpose()?;
@@ -120,17 +117,7 @@ async fn relations(
         backward,
     };
     let (children, next) = s.rooms.relations(room_id, &who.user_id, &query)?;
-    let chunk = children
-        .iter()
-        .map(|pdu| {
-            s.rooms
-                .client_event_for(pdu, &who.user_id, who.device_id.as_str())
-        })
-        .collect::<Result<Vec<Value>>>()?;
-    let mut body = json!({ "chunk": chunk });
-    if let Some(n) = next {
-        body["next_batch"] = json!(token(n));
-    }
+    let mut body = events_page(&s, &who, &children, next)?;
     if recurse {
         body["recursion_depth"] = json!(MAX_DEPTH);
     }

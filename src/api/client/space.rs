@@ -11,7 +11,7 @@ use axum::{
 use ruma::{OwnedRoomId, RoomAliasId};
 use serde_json::{json, Value};
 
-use super::account::{query_param, Segs};
+use super::account::{query_param, uint_param, Segs};
 use crate::{
     api::ruma_wrapper::{Authed, MaybeAuthed},
     error::{Error, Result},
@@ -32,16 +32,6 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
         )
 }
 
-/// A non-negative integer query parameter, `default` when absent.
-fn number(q: &Option<String>, name: &str, default: usize) -> Result<usize> {
-    match query_param(q, name)? {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| Error::invalid_param(format!("{name} must be a non-negative integer"))),
-    }
-}
-
 async fn hierarchy(
     State(s): State<Arc<Services>>,
     Authed(who): Authed,
@@ -54,13 +44,13 @@ async fn hierarchy(
         Some("true") => true,
         Some(_) => return Err(Error::invalid_param("suggested_only must be true or false")),
     };
-    let limit = number(&q, "limit", DEFAULT_HIERARCHY_LIMIT)?;
+    let limit = uint_param(&q, "limit", DEFAULT_HIERARCHY_LIMIT)?;
     if limit == 0 {
         return Err(Error::invalid_param("limit must be greater than zero"));
     }
     let query = HierarchyQuery {
         suggested_only,
-        max_depth: number(&q, "max_depth", DEFAULT_MAX_DEPTH)?.min(MAX_DEPTH),
+        max_depth: uint_param(&q, "max_depth", DEFAULT_MAX_DEPTH)?.min(MAX_DEPTH),
         limit: limit.min(MAX_HIERARCHY_LIMIT),
         from: query_param(&q, "from")?,
     };
