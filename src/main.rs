@@ -33,6 +33,17 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage the server's signing key (run while the server is stopped).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new signing key; the current one stays published as an old key.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +150,9 @@ fn main() -> ExitCode {
         Command::Serve => serve(config),
         Command::User { command } => user_command(config, command),
         Command::Token { command } => token_command(config, command),
+        Command::Key {
+            command: KeyCommand::Rotate,
+        } => rotate_key(config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,6 +198,13 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn rotate_key(config: config::Config) -> Result<(), String> {
+    let storage = Storage::open(&config.database_path, 8, true).map_err(|e| e.to_string())?;
+    let key_id = hafen::service::globals::SigningKey::rotate(&storage).map_err(|e| e.to_string())?;
+    println!("new signing key {key_id}; the previous one is published as an old key");
+    Ok(())
 }
 
 /// Open the database for an admin command; refuses while a server holds it.

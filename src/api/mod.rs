@@ -2,6 +2,7 @@
 //! parse (ruma), call a service, map the result.
 
 pub mod client;
+pub mod federation;
 pub mod ruma_wrapper;
 
 use std::sync::Arc;
@@ -31,7 +32,7 @@ pub fn router(services: Arc<Services>) -> Router {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
         ]);
-    client::routes(Router::new())
+    federation::routes(client::routes(Router::new()))
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)

@@ -172,24 +172,34 @@ pub struct SigningKey {
     pub keypair: ruma::signatures::Ed25519KeyPair,
 }
 
+/// A key the server signed with before a rotation: still published (`old_verify_keys`) so that
+/// what it signed can be verified.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct OldKey {
+    /// Unpadded base64 of the public key.
+    pub key: String,
+    pub expired_ts: u64,
+}
+
+/// `Global` rows: the current key (`version:base64(pkcs8)`) and the old public keys (JSON map).
+const SIGNING_KEY: &[u8] = b"signing_key";
+const OLD_SIGNING_KEYS: &[u8] = b"old_signing_keys";
+
 impl SigningKey {
     pub fn load_or_create(storage: &Storage) -> Result<SigningKey> {
-        let stored = storage.get(Table::Global, b"signing_key")?;
-        let (version, der) = match stored {
+        let (version, der) = match storage.get(Table::Global, SIGNING_KEY)? {
             Some(bytes) => {
                 let text = String::from_utf8(bytes).map_err(Error::internal)?;
                 let (version, b64) = text
                     .split_once(':')
                     .ok_or_else(|| Error::internal("bad signing key"))?;
-                let der = base64_decode(b64)?;
-                (version.to_owned(), der)
+                (version.to_owned(), base64_decode(b64)?)
             }
             None => {
-                let der = ruma::signatures::Ed25519KeyPair::generate();
-                let version: String = crate::utils::random_string(6);
-                let value = format!("{version}:{}", base64_encode(&der));
-                storage.put(Table::Global, b"signing_key", value.as_bytes())?;
-                (version, der.to_vec())
+                let mut batch = storage.batch();
+                let made = Self::store_new(&mut batch)?;
+                batch.commit()?;
+                made
             }
         };
         let keypair = ruma::signatures::Ed25519KeyPair::from_der(&der, version.clone())
@@ -198,6 +208,46 @@ impl SigningKey {
             key_id: format!("ed25519:{version}"),
             keypair,
         })
+    }
+
+    /// A fresh key, put into `batch` as the current one.
+    fn store_new(batch: &mut crate::storage::Batch) -> Result<(String, Vec<u8>)> {
+        let der = ruma::signatures::Ed25519KeyPair::generate();
+        let version: String = crate::utils::random_string(6);
+        let value = format!("{version}:{}", base64_encode(&der));
+        batch.put(Table::Global, SIGNING_KEY, value.as_bytes())?;
+        Ok((version, der.to_vec()))
+    }
+
+    /// Unpadded base64 of the public key.
+    pub fn public_key(&self) -> String {
+        base64_encode(&self.keypair.public_key())
+    }
+
+    /// Keys signed with before rotations, by key id.
+    pub fn old_keys(storage: &Storage) -> Result<std::collections::BTreeMap<String, OldKey>> {
+        Ok(storage
+            .get_json(Table::Global, OLD_SIGNING_KEYS)?
+            .unwrap_or_default())
+    }
+
+    /// Replace the current key by a new one; the current one becomes an old key that expired
+    /// now. Run while the server is stopped (`hafen key rotate`). Returns the new key id.
+    pub fn rotate(storage: &Storage) -> Result<String> {
+        let current = SigningKey::load_or_create(storage)?;
+        let mut old = SigningKey::old_keys(storage)?;
+        old.insert(
+            current.key_id.clone(),
+            OldKey {
+                key: current.public_key(),
+                expired_ts: crate::utils::now_ms(),
+            },
+        );
+        let mut batch = storage.batch();
+        batch.put(Table::Global, OLD_SIGNING_KEYS, &serde_json::to_vec(&old)?)?;
+        let (version, _) = Self::store_new(&mut batch)?;
+        batch.commit()?;
+        Ok(format!("ed25519:{version}"))
     }
 }
 

@@ -18,6 +18,7 @@ pub mod receipts;
 pub mod reports;
 pub mod rooms;
 pub mod sliding_sync;
+pub mod server_keys;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -47,6 +48,7 @@ pub struct Services {
     pub key_backup: key_backup::KeyBackup,
     pub reports: reports::Reports,
     pub push: push::Push,
+    pub server_keys: server_keys::ServerKeys,
     pub media: media::Media,
     /// Sliding sync connections (in memory) and its bump-stamp cache.
     pub sliding_sync: sliding_sync::SlidingSync,
@@ -77,6 +79,7 @@ impl Services {
                 push.pending.clone(),
             ),
             push,
+            server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),

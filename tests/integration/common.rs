@@ -178,9 +178,16 @@ impl TestServer {
 
     /// Stop the server and start it again on the same data (database and media files).
     pub async fn restart(&mut self) {
+        self.restart_after(|_| {}).await
+    }
+
+    /// Stop the server, run `offline` (an admin command on the stopped server's config), start
+    /// it again on the same database.
+    pub async fn restart_after(&mut self, offline: impl FnOnce(&Config)) {
         let r = self.running.take().expect("running");
         let config = r.services.config.clone();
         r.stop().await.expect("clean stop");
+        offline(&config);
         let running = hafen::server::start(config).await.expect("server restarts");
         self.base = running.base_url();
         self.running = Some(running);
