@@ -99,6 +99,16 @@ pub struct Config {
     /// e.g. `["10.1.2.3/32"]` for a gateway on the LAN. Empty: pushes go to public addresses only.
     #[serde(default)]
     pub push_gateway_ip_range_allowlist: Vec<String>,
+    /// Where to reach other homeservers, by server name: a base URL such as
+    /// `"https://matrix.partner.example:8448"`. Names listed here skip discovery (closed
+    /// deployments, tests); an `http://` URL is used as given (only for a TLS-terminating proxy
+    /// on the same host, or tests).
+    #[serde(default)]
+    pub federation_destinations: std::collections::BTreeMap<String, String>,
+    /// A PEM file of extra CA certificates trusted for federation (a partner PKI), in addition
+    /// to the system roots.
+    #[serde(default)]
+    pub federation_ca_file: Option<PathBuf>,
     /// TURN server URIs handed to VoIP clients by `/voip/turnServer`, e.g.
     /// `["turns:turn.example.org:5349?transport=tcp"]`. Empty: no TURN server is offered.
     #[serde(default)]
@@ -394,8 +404,8 @@ fn strip_unknown(global: &mut toml::Table, unknown: &mut Vec<String>) -> toml::T
 }
 
 /// Tables whose keys are data, not config keys.
-fn is_free_form(_key: &str) -> bool {
-    false
+fn is_free_form(key: &str) -> bool {
+    key == "federation_destinations"
 }
 
 impl Config {
@@ -410,6 +420,7 @@ impl Config {
         c.well_known.support_mxid = Some(String::new());
         c.well_known.support_email = Some(String::new());
         c.turn_secret = Some(String::new());
+        c.federation_ca_file = Some(PathBuf::new());
         c.turn_username = Some(String::new());
         c.turn_password = Some(String::new());
         c
@@ -431,7 +442,7 @@ impl Config {
                 } else {
                     format!("{prefix}.{k}")
                 };
-                if let toml::Value::Table(inner) = v {
+                if let (toml::Value::Table(inner), false) = (v, is_free_form(&full)) {
                     walk(inner, &full, out);
                 } else {
                     out.push(full);

@@ -168,7 +168,7 @@ fn is_json_endpoint(parts: &http::request::Parts) -> bool {
     !parts.uri.path().contains("/media/")
 }
 
-async fn read_body_limited(body: axum::body::Body, limit: usize) -> Result<Bytes> {
+pub(crate) async fn read_body_limited(body: axum::body::Body, limit: usize) -> Result<Bytes> {
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),

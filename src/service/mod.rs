@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod accounts;
 pub mod dehydrated;
 pub mod e2ee;
+pub mod federation;
 pub mod filter;
 pub mod globals;
 pub mod key_backup;
@@ -49,6 +50,7 @@ pub struct Services {
     pub reports: reports::Reports,
     pub push: push::Push,
     pub server_keys: server_keys::ServerKeys,
+    pub federation: federation::Federation,
     pub media: media::Media,
     /// Sliding sync connections (in memory) and its bump-stamp cache.
     pub sliding_sync: sliding_sync::SlidingSync,
@@ -80,6 +82,7 @@ impl Services {
             ),
             push,
             server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
+            federation: federation::Federation::new(&config, storage.clone(), globals.clone())?,
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),

@@ -98,6 +98,9 @@ pub enum Table {
     ThreadRoots,
     /// user -> JSON (device id, device data): the user's dehydrated device (MSC3814).
     DehydratedDevices,
+    /// server name -> the server's own key document (`/_matrix/key/v2/server`), verified,
+    /// kept until its `valid_until_ts`.
+    RemoteServerKeys,
     /// server name 0xff media id -> JSON `MediaRecord` (uploader, times, and once uploaded: sha256,
     /// size, content type, filename). A record without upload is a pending `/create`.
     Media,
@@ -159,6 +162,7 @@ impl Table {
         Table::Threads,
         Table::ThreadRoots,
         Table::DehydratedDevices,
+        Table::RemoteServerKeys,
         Table::Media,
         Table::MediaByUser,
         Table::MediaPending,
@@ -213,6 +217,7 @@ impl Table {
             Table::Threads => "threads",
             Table::ThreadRoots => "thread_roots",
             Table::DehydratedDevices => "dehydrated_devices",
+            Table::RemoteServerKeys => "remote_server_keys",
             Table::Media => "media",
             Table::MediaByUser => "media_by_user",
             Table::MediaPending => "media_pending",

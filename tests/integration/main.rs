@@ -9,6 +9,7 @@ mod crash;
 mod directory;
 mod discovery;
 mod e2ee;
+mod federation_auth;
 mod federation_keys;
 mod history;
 mod push;

@@ -111,7 +111,7 @@ impl FromRequestParts<Arc<Services>> for ClientIp {
 }
 
 /// One query parameter (first occurrence).
-pub(super) fn query_param(q: &Option<String>, key: &str) -> Result<Option<String>> {
+pub(crate) fn query_param(q: &Option<String>, key: &str) -> Result<Option<String>> {
     let Some(q) = q else { return Ok(None) };
     let pairs: Vec<(String, String)> =
         serde_html_form::from_str(q).map_err(|_| Error::invalid_param("Invalid query string"))?;

@@ -33,6 +33,8 @@ mod upgrade;
 mod user_directory;
 mod voip;
 
+pub(crate) use account::query_param;
+
 use std::sync::Arc;
 
 use axum::Router;

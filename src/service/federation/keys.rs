@@ -1,0 +1,126 @@
+//! Other servers' signing keys: fetched from the server itself, accepted only if the document
+//! is signed by the keys it lists for the server it names, and cached (table
+//! `remote_server_keys`) until its `valid_until_ts`.
+
+use std::collections::BTreeMap;
+
+use ruma::{
+    serde::Base64,
+    signatures::{verify_json, PublicKeyMap},
+    CanonicalJsonObject, ServerName,
+};
+use serde_json::Value;
+
+use super::{read_json, unreachable, Federation};
+use crate::{
+    error::{ErrCode, Error, Result},
+    service::globals::SigningKey,
+    storage::Table,
+    utils,
+};
+
+/// Longest a fetched key document is trusted, whatever `valid_until_ts` it claims (the spec's
+/// seven days).
+const MAX_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
+
+fn bad_keys(server: &ServerName, why: &str) -> Error {
+    Error::with_status(
+        ErrCode::Unauthorized,
+        http::StatusCode::UNAUTHORIZED,
+        format!("Keys of {server}: {why}"),
+    )
+}
+
+/// The `verify_keys` of a key document as key id -> unpadded base64 public key.
+fn verify_keys(doc: &Value) -> BTreeMap<String, String> {
+    doc.get("verify_keys")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, k)| Some((id.clone(), k.get("key")?.as_str()?.to_owned())))
+        .collect()
+}
+
+impl Federation {
+    /// The keys `server` signs requests with now (key id -> unpadded base64 public key).
+    pub async fn current_keys(&self, server: &ServerName) -> Result<BTreeMap<String, String>> {
+        if server == self.globals.server_name {
+            let key = &self.globals.signing_key;
+            return Ok([(key.key_id.clone(), key.public_key())].into_iter().collect());
+        }
+        let now = utils::now_ms();
+        if let Some(doc) = self.cached_keys(server, now)? {
+            return Ok(verify_keys(&doc));
+        }
+        // One fetch at a time: concurrent requests from a new server wait for the first.
+        let _guard = self.keys_lock.lock().await;
+        if let Some(doc) = self.cached_keys(server, now)? {
+            return Ok(verify_keys(&doc));
+        }
+        let doc = self.fetch_keys(server).await?;
+        let keys = verify_keys(&doc);
+        self.storage.put(
+            Table::RemoteServerKeys,
+            server.as_bytes(),
+            &serde_json::to_vec(&doc)?,
+        )?;
+        Ok(keys)
+    }
+
+    fn cached_keys(&self, server: &ServerName, now: u64) -> Result<Option<Value>> {
+        let doc: Option<Value> = self
+            .storage
+            .get_json(Table::RemoteServerKeys, server.as_bytes())?;
+        Ok(doc.filter(|d| {
+            d.get("valid_until_ts")
+                .and_then(Value::as_u64)
+                .is_some_and(|until| until > now)
+        }))
+    }
+
+    /// `GET /_matrix/key/v2/server` of the server, checked.
+    async fn fetch_keys(&self, server: &ServerName) -> Result<Value> {
+        let base = self.destinations.base_url(server).await?;
+        let response = self
+            .client
+            .get(format!("{base}/_matrix/key/v2/server"))
+            .send()
+            .await
+            .map_err(|e| unreachable(server, e))?;
+        if !response.status().is_success() {
+            return Err(bad_keys(server, "the key request failed"));
+        }
+        let mut doc = read_json(response).await?;
+        if doc.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
+            return Err(bad_keys(server, "the document names another server"));
+        }
+        let keys = verify_keys(&doc);
+        if keys.is_empty() {
+            return Err(bad_keys(server, "no verify keys"));
+        }
+        let mut public = BTreeMap::new();
+        for (id, key) in &keys {
+            let key = Base64::parse(key).map_err(|_| bad_keys(server, "a key is not base64"))?;
+            public.insert(id.clone(), key);
+        }
+        let mut map = PublicKeyMap::new();
+        map.insert(server.to_string(), public);
+        let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
+            .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
+        verify_json(&map, &object).map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
+        // Cached no longer than the spec allows.
+        let cap = utils::now_ms() + MAX_VALIDITY_MS;
+        let until = doc
+            .get("valid_until_ts")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            .min(cap);
+        doc["valid_until_ts"] = Value::from(until);
+        Ok(doc)
+    }
+
+    /// Our own key document, for the notary and for tests.
+    pub fn own_old_keys(&self) -> Result<BTreeMap<String, crate::service::globals::OldKey>> {
+        SigningKey::old_keys(&self.storage)
+    }
+}

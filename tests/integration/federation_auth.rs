@@ -1,0 +1,144 @@
+//! Two Hafen servers on loopback: signed requests (`X-Matrix`) from one are verified by the other
+//! with keys it fetches from the first; unsigned and wrongly signed requests are refused.
+
+use reqwest::{Method, StatusCode};
+use ruma::ServerName;
+use serde_json::json;
+
+use crate::common::{assert_err, TestServer};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn two_servers() -> (TestServer, TestServer) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = TestServer::start_with(|c| {
+        c.server_name = "a.test".try_into().expect("name");
+        c.port = pa;
+        c.federation_destinations
+            .insert("b.test".into(), format!("http://127.0.0.1:{pb}"));
+    })
+    .await;
+    let b = TestServer::start_with(|c| {
+        c.server_name = "b.test".try_into().expect("name");
+        c.port = pb;
+        c.federation_destinations
+            .insert("a.test".into(), format!("http://127.0.0.1:{pa}"));
+    })
+    .await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn signed_requests_are_verified_with_fetched_keys() {
+    let (a, b) = two_servers().await;
+    let bob = b.user("bob").await;
+    let (status, _) = b
+        .put(
+            &format!("/_matrix/client/v3/profile/{}/displayname", crate::common::enc(&bob.user_id)),
+            &bob,
+            json!({ "displayname": "Bob at B" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let b_name = <&ServerName>::try_from("b.test").expect("name");
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        crate::common::enc(&bob.user_id)
+    );
+
+    // A signs, B fetches A's keys from A, checks, answers.
+    let answer = a
+        .services()
+        .federation
+        .send(Method::GET, b_name, &path, None)
+        .await
+        .expect("B answers A");
+    assert_eq!(answer, json!({ "displayname": "Bob at B" }));
+    let field = a
+        .services()
+        .federation
+        .send(Method::GET, b_name, &format!("{path}&field=avatar_url"), None)
+        .await
+        .expect("B answers A");
+    assert_eq!(field, json!({}));
+    // B remembers A's keys.
+    let cached = b
+        .services()
+        .storage
+        .get(hafen::storage::Table::RemoteServerKeys, b"a.test")
+        .expect("db");
+    assert!(cached.is_some());
+    // An error of B comes back as an error with B's errcode.
+    let missing = a
+        .services()
+        .federation
+        .send(
+            Method::GET,
+            b_name,
+            "/_matrix/federation/v1/query/profile?user_id=%40nobody%3Ab.test",
+            None,
+        )
+        .await
+        .expect_err("unknown user");
+    assert!(missing.to_string().contains("M_NOT_FOUND"), "{missing}");
+
+    // Unsigned, wrongly signed, for another destination, with an unknown key, from a server whose
+    // keys cannot be had: all 401 M_UNAUTHORIZED.
+    let got = b.req(Method::GET, &path, None, None).await;
+    assert_err(&got, 401, "M_UNAUTHORIZED");
+    let good = hafen::service::federation::auth::authorization_header(
+        &a.services().globals,
+        &Method::GET,
+        b_name,
+        &path,
+        None,
+    )
+    .expect("header");
+    let raw = |header: String| {
+        let http = b.http.clone();
+        let url = format!("{}{}", b.base, path);
+        async move {
+            let res = http
+                .get(url)
+                .header("Authorization", header)
+                .send()
+                .await
+                .expect("sent");
+            let status = res.status();
+            (status, res.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let (status, body) = raw(good.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["displayname"], json!("Bob at B"));
+    let sig_start = good.find("sig=\"").expect("sig") + 5;
+    let mut tampered = good.clone();
+    tampered.replace_range(sig_start..sig_start + 4, "AAAA");
+    let got = raw(tampered).await;
+    assert_err(&got, 401, "M_UNAUTHORIZED");
+    let got = raw(good.replace("destination=\"b.test\"", "destination=\"c.test\"")).await;
+    assert_err(&got, 401, "M_UNAUTHORIZED");
+    let key_start = good.find("key=\"").expect("key") + 5;
+    let key_end = good[key_start..].find('"').expect("end") + key_start;
+    let mut wrong_key = good.clone();
+    wrong_key.replace_range(key_start..key_end, "ed25519:nope");
+    let got = raw(wrong_key).await;
+    assert_err(&got, 401, "M_UNAUTHORIZED");
+    let got = raw(good.replace("origin=\"a.test\"", "origin=\"nowhere.invalid\"")).await;
+    assert_err(&got, 401, "M_UNAUTHORIZED");
+    // The same signature over another path does not pass.
+    let other_path = format!("{path}&field=displayname");
+    let res = b
+        .http
+        .get(format!("{}{}", b.base, other_path))
+        .header("Authorization", good)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
