@@ -45,9 +45,16 @@ pub struct Config {
     /// Guests (`kind=guest`) may register.
     #[serde(default)]
     pub allow_guest_registration: bool,
-    /// Federation with other homeservers (arrives with the federation issue).
+    /// Federation with other homeservers. Off by default: a closed deployment talks to nobody.
     #[serde(default)]
     pub allow_federation: bool,
+    /// When not empty, the only servers federated with (names, `*` matches any part, e.g.
+    /// `"*.partner.example"`): partner-only federation.
+    #[serde(default)]
+    pub federation_allowlist: Vec<String>,
+    /// Servers never federated with, whatever the allowlist says (same patterns).
+    #[serde(default)]
+    pub federation_denylist: Vec<String>,
     /// Servers trusted for key lookups during federation.
     #[serde(default)]
     pub trusted_servers: Vec<OwnedServerName>,

@@ -1,7 +1,7 @@
 //! The policy layer: every decision the law makes goes through here, at fixed hook points.
-//! Today it holds the privacy-protective defaults the config sets; closed user groups, the
-//! federation allow-list, retention and the audit log arrive with the compliance issue and plug
-//! into these same hooks.
+//! Today it holds the privacy-protective defaults the config sets and who the server federates
+//! with; closed user groups, retention and the audit log arrive with the compliance issue and
+//! plug into these same hooks.
 
 use ruma::UserId;
 
@@ -13,6 +13,23 @@ use crate::{
 pub struct Policy {
     allow_presence: bool,
     allow_public_room_directory: bool,
+    federation: FederationPolicy,
+}
+
+/// Who the server federates with: nobody unless federation is on; then everybody, or only the
+/// allowlist's servers; never the denylist's.
+#[derive(Clone)]
+struct FederationPolicy {
+    enabled: bool,
+    allow: Vec<String>,
+    deny: Vec<String>,
+}
+
+/// Does `name` match `pattern`, where `*` stands for any run of characters?
+fn server_matches(pattern: &str, name: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let name = name.to_ascii_lowercase();
+    crate::service::filter::glob(&pattern, &name)
 }
 
 impl Policy {
@@ -20,6 +37,27 @@ impl Policy {
         Policy {
             allow_presence: config.allow_presence,
             allow_public_room_directory: config.allow_public_room_directory,
+            federation: FederationPolicy {
+                enabled: config.allow_federation,
+                allow: config.federation_allowlist.clone(),
+                deny: config.federation_denylist.clone(),
+            },
+        }
+    }
+
+    /// May this server exchange anything with `server` (requests in either direction)?
+    pub fn may_federate_with(&self, server: &ruma::ServerName) -> Result<()> {
+        let f = &self.federation;
+        let name = server.as_str();
+        let allowed = f.enabled
+            && (f.allow.is_empty() || f.allow.iter().any(|p| server_matches(p, name)))
+            && !f.deny.iter().any(|p| server_matches(p, name));
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::forbidden(format!(
+                "Federation with {name} is not allowed by this server's policy"
+            )))
         }
     }
 
@@ -37,5 +75,35 @@ impl Policy {
                 "Publishing rooms is disabled on this server",
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(enabled: bool, allow: &[&str], deny: &[&str]) -> Policy {
+        let mut c = Config::default();
+        c.allow_federation = enabled;
+        c.federation_allowlist = allow.iter().map(|s| s.to_string()).collect();
+        c.federation_denylist = deny.iter().map(|s| s.to_string()).collect();
+        Policy::new(&c)
+    }
+
+    fn ok(p: &Policy, name: &str) -> bool {
+        p.may_federate_with(<&ruma::ServerName>::try_from(name).unwrap())
+            .is_ok()
+    }
+
+    #[test]
+    fn federation_allow_and_deny_lists() {
+        assert!(!ok(&policy(false, &[], &[]), "a.example"));
+        assert!(ok(&policy(true, &[], &[]), "a.example"));
+        let partners = policy(true, &["*.partner.example", "b.example"], &["bad.partner.example"]);
+        assert!(ok(&partners, "chat.partner.example"));
+        assert!(ok(&partners, "B.example"));
+        assert!(!ok(&partners, "bad.partner.example"));
+        assert!(!ok(&partners, "c.example"));
+        assert!(!ok(&partners, "partner.example.evil.org"));
     }
 }

@@ -15,8 +15,14 @@ fn free_port() -> u16 {
 }
 
 async fn two_servers() -> (TestServer, TestServer) {
+    two_servers_with(|_| {}).await
+}
+
+/// Two federating servers; `b_policy` adjusts B's config further.
+async fn two_servers_with(b_policy: impl FnOnce(&mut hafen::config::Config)) -> (TestServer, TestServer) {
     let (pa, pb) = (free_port(), free_port());
     let a = TestServer::start_with(|c| {
+        c.allow_federation = true;
         c.server_name = "a.test".try_into().expect("name");
         c.port = pa;
         c.federation_destinations
@@ -24,10 +30,12 @@ async fn two_servers() -> (TestServer, TestServer) {
     })
     .await;
     let b = TestServer::start_with(|c| {
+        c.allow_federation = true;
         c.server_name = "b.test".try_into().expect("name");
         c.port = pb;
         c.federation_destinations
             .insert("a.test".into(), format!("http://127.0.0.1:{pa}"));
+        b_policy(c);
     })
     .await;
     (a, b)
@@ -141,4 +149,48 @@ async fn signed_requests_are_verified_with_fetched_keys() {
         .await
         .expect("sent");
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn federation_policy_refuses_servers_both_ways() {
+    // B federates only with *.partner.test: A's requests are refused before A is contacted.
+    let (a, b) = two_servers_with(|c| c.federation_allowlist = vec!["*.partner.test".into()]).await;
+    let bob = b.user("bob").await;
+    let b_name = <&ServerName>::try_from("b.test").expect("name");
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        crate::common::enc(&bob.user_id)
+    );
+    let refused = a
+        .services()
+        .federation
+        .send(Method::GET, b_name, &path, None)
+        .await
+        .expect_err("B refuses A");
+    assert!(refused.to_string().contains("M_FORBIDDEN"), "{refused}");
+    assert!(b
+        .services()
+        .storage
+        .get(hafen::storage::Table::RemoteServerKeys, b"a.test")
+        .expect("db")
+        .is_none());
+    // And B sends nothing to A.
+    let a_name = <&ServerName>::try_from("a.test").expect("name");
+    let err = b
+        .services()
+        .federation
+        .send(Method::GET, a_name, "/_matrix/federation/v1/version", None)
+        .await
+        .expect_err("policy");
+    assert_eq!(err.errcode(), "M_FORBIDDEN");
+
+    // With federation off (the default) the same holds for everybody.
+    let lone = TestServer::start().await;
+    let err = lone
+        .services()
+        .federation
+        .send(Method::GET, b_name, "/_matrix/federation/v1/version", None)
+        .await
+        .expect_err("federation is off");
+    assert_eq!(err.errcode(), "M_FORBIDDEN");
 }

@@ -125,6 +125,8 @@ impl Federation {
         }
         let origin = OwnedServerName::try_from(x.origin.as_str())
             .map_err(|_| unauthorized("Invalid origin"))?;
+        // Servers the policy shuts out are refused before anything is fetched from them.
+        self.policy.may_federate_with(&origin)?;
         let keys = self
             .current_keys(&origin)
             .await

@@ -80,6 +80,7 @@ impl Federation {
 
     /// `GET /_matrix/key/v2/server` of the server, checked.
     async fn fetch_keys(&self, server: &ServerName) -> Result<Value> {
+        self.policy.may_federate_with(server)?;
         let base = self.destinations.base_url(server).await?;
         let response = self
             .client

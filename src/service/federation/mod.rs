@@ -35,6 +35,8 @@ pub struct Federation {
     pub(crate) storage: Storage,
     pub destinations: destination::Destinations,
     pub(crate) keys_lock: tokio::sync::Mutex<()>,
+    /// Who may be talked to (the policy layer decides; built from the same config).
+    pub(crate) policy: crate::policy::Policy,
 }
 
 impl Federation {
@@ -60,6 +62,7 @@ impl Federation {
             globals,
             storage,
             keys_lock: tokio::sync::Mutex::new(()),
+            policy: crate::policy::Policy::new(config),
         })
     }
 
@@ -72,6 +75,7 @@ impl Federation {
         path_and_query: &str,
         body: Option<Value>,
     ) -> Result<Value> {
+        self.policy.may_federate_with(destination)?;
         let base = self.destinations.base_url(destination).await?;
         let authorization = auth::authorization_header(
             &self.globals,
