@@ -194,3 +194,43 @@ async fn federation_policy_refuses_servers_both_ways() {
         .expect_err("federation is off");
     assert_eq!(err.errcode(), "M_FORBIDDEN");
 }
+
+#[tokio::test]
+async fn notary_serves_keys_countersigned() {
+    let (a, b) = two_servers().await;
+    // B vouches for A's keys (fetched from A) and for its own.
+    let (status, body) = b
+        .req(Method::GET, "/_matrix/key/v2/query/a.test", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let docs = body["server_keys"].as_array().expect("server_keys");
+    assert_eq!(docs.len(), 1, "{body}");
+    let doc = &docs[0];
+    assert_eq!(doc["server_name"], json!("a.test"));
+    let (_, a_own) = a.req(Method::GET, "/_matrix/key/v2/server", None, None).await;
+    assert_eq!(doc["verify_keys"], a_own["verify_keys"]);
+    let signers = doc["signatures"].as_object().expect("signatures");
+    assert!(signers.contains_key("a.test") && signers.contains_key("b.test"), "{doc}");
+
+    let (status, body) = b
+        .req(
+            Method::POST,
+            "/_matrix/key/v2/query",
+            None,
+            Some(json!({ "server_keys": { "a.test": {}, "b.test": {}, "unknown.invalid": {} } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut names: Vec<String> = body["server_keys"]
+        .as_array()
+        .expect("server_keys")
+        .iter()
+        .filter_map(|d| d["server_name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["a.test", "b.test"], "{body}");
+    let got = b
+        .req(Method::POST, "/_matrix/key/v2/query", None, Some(json!({ "server_keys": [] })))
+        .await;
+    assert_err(&got, 400, "M_BAD_JSON");
+}

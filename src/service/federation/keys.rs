@@ -9,7 +9,7 @@ use ruma::{
     signatures::{verify_json, PublicKeyMap},
     CanonicalJsonObject, ServerName,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{read_json, unreachable, Federation};
 use crate::{
@@ -57,29 +57,40 @@ impl Federation {
         if let Some(doc) = self.cached_keys(server, now)? {
             return Ok(verify_keys(&doc));
         }
-        let doc = self.fetch_keys(server).await?;
+        let (doc, cache_until) = self.fetch_keys(server).await?;
         let keys = verify_keys(&doc);
+        let record = json!({ "doc": doc, "cache_until": cache_until });
         self.storage.put(
             Table::RemoteServerKeys,
             server.as_bytes(),
-            &serde_json::to_vec(&doc)?,
+            &serde_json::to_vec(&record)?,
         )?;
         Ok(keys)
     }
 
+    /// The server's key document as it signed it, if cached and not expired.
     fn cached_keys(&self, server: &ServerName, now: u64) -> Result<Option<Value>> {
-        let doc: Option<Value> = self
+        let record: Option<Value> = self
             .storage
             .get_json(Table::RemoteServerKeys, server.as_bytes())?;
-        Ok(doc.filter(|d| {
-            d.get("valid_until_ts")
-                .and_then(Value::as_u64)
-                .is_some_and(|until| until > now)
-        }))
+        Ok(record
+            .filter(|r| {
+                r.get("cache_until")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|until| until > now)
+            })
+            .and_then(|mut r| r.get_mut("doc").map(Value::take)))
     }
 
-    /// `GET /_matrix/key/v2/server` of the server, checked.
-    async fn fetch_keys(&self, server: &ServerName) -> Result<Value> {
+    /// The key document of `server` (fetched if not cached), as that server signed it.
+    pub async fn key_document(&self, server: &ServerName) -> Result<Value> {
+        self.current_keys(server).await?;
+        self.cached_keys(server, utils::now_ms())?
+            .ok_or_else(|| bad_keys(server, "no valid key document"))
+    }
+
+    /// `GET /_matrix/key/v2/server` of the server, checked; with how long to keep it.
+    async fn fetch_keys(&self, server: &ServerName) -> Result<(Value, u64)> {
         self.policy.may_federate_with(server)?;
         let base = self.destinations.base_url(server).await?;
         let response = self
@@ -91,7 +102,7 @@ impl Federation {
         if !response.status().is_success() {
             return Err(bad_keys(server, "the key request failed"));
         }
-        let mut doc = read_json(response).await?;
+        let doc = read_json(response).await?;
         if doc.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
             return Err(bad_keys(server, "the document names another server"));
         }
@@ -109,19 +120,31 @@ impl Federation {
         let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
             .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
         verify_json(&map, &object).map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
-        // Cached no longer than the spec allows.
+        // Kept no longer than the spec allows (the document itself stays as signed).
         let cap = utils::now_ms() + MAX_VALIDITY_MS;
         let until = doc
             .get("valid_until_ts")
             .and_then(Value::as_u64)
             .unwrap_or(0)
             .min(cap);
-        doc["valid_until_ts"] = Value::from(until);
-        Ok(doc)
+        Ok((doc, until))
     }
 
-    /// Our own key document, for the notary and for tests.
+    /// Our own old keys (rotations), for the notary.
     pub fn own_old_keys(&self) -> Result<BTreeMap<String, crate::service::globals::OldKey>> {
         SigningKey::old_keys(&self.storage)
+    }
+
+    /// Add this server's signature to a key document it vouches for (notary).
+    pub fn countersign(&self, doc: Value) -> Result<Value> {
+        let mut object: CanonicalJsonObject = serde_json::from_value(doc)
+            .map_err(|e| Error::internal(format!("key document: {e}")))?;
+        ruma::signatures::sign_json(
+            self.globals.server_name.as_str(),
+            &self.globals.signing_key.keypair,
+            &mut object,
+        )
+        .map_err(|e| Error::internal(format!("countersigning: {e}")))?;
+        Ok(serde_json::to_value(object)?)
     }
 }
