@@ -106,6 +106,10 @@ pub struct Config {
     /// e.g. `["10.1.2.3/32"]` for a gateway on the LAN. Empty: pushes go to public addresses only.
     #[serde(default)]
     pub push_gateway_ip_range_allowlist: Vec<String>,
+    /// A TLS listener (for federation, port 8448 by convention) serving the same API with this
+    /// certificate chain and key. Unset: no TLS listener (put a reverse proxy in front).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Where to reach other homeservers, by server name: a base URL such as
     /// `"https://matrix.partner.example:8448"`. Names listed here skip discovery (closed
     /// deployments, tests); an `http://` URL is used as given (only for a TLS-terminating proxy
@@ -146,6 +150,22 @@ pub struct WellKnown {
     /// `/.well-known/matrix/support`: the admin contact's Matrix id and/or email address.
     pub support_mxid: Option<String>,
     pub support_email: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain (leaf first).
+    pub certs: PathBuf,
+    /// PEM file with the private key.
+    pub key: PathBuf,
+    /// Port of the TLS listener; 0 picks a free one (tests).
+    #[serde(default = "default_tls_port")]
+    pub port: u16,
+}
+
+fn default_tls_port() -> u16 {
+    8448
 }
 
 /// A token bucket: `per_second` refill rate and `burst` capacity.
@@ -428,6 +448,11 @@ impl Config {
         c.well_known.support_email = Some(String::new());
         c.turn_secret = Some(String::new());
         c.federation_ca_file = Some(PathBuf::new());
+        c.tls = Some(TlsConfig {
+            certs: PathBuf::new(),
+            key: PathBuf::new(),
+            port: default_tls_port(),
+        });
         c.turn_username = Some(String::new());
         c.turn_password = Some(String::new());
         c

@@ -10,9 +10,13 @@ use crate::{config::Config, service::Services, storage::Storage};
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where the TLS listener is, when `[global.tls]` is configured.
+    pub tls_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    tls_shutdown: tokio::sync::watch::Sender<bool>,
+    tls_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Running {
@@ -20,6 +24,10 @@ impl Running {
     pub async fn stop(mut self) -> anyhow_like::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        let _ = self.tls_shutdown.send(true);
+        if let Some(t) = self.tls_task.take() {
+            t.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         }
         (&mut self.task)
             .await
@@ -62,13 +70,35 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         Arc::downgrade(&services),
         services.push.pending.clone(),
     ));
+    let (tls_shutdown, tls_stop) = tokio::sync::watch::channel(false);
+    let (tls_addr, tls_task) = match &services.config.tls {
+        Some(tls) => {
+            let acceptor = crate::api::tls::acceptor(tls)?;
+            let addr = SocketAddr::new(services.config.address, tls.port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (TLS): {e}"))?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            let task = tokio::spawn(crate::api::tls::serve(
+                services.clone(),
+                listener,
+                acceptor,
+                tls_stop,
+            ));
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
     let task = tokio::spawn(crate::api::serve(services.clone(), listener, async {
         let _ = rx.await;
     }));
     Ok(Running {
         addr,
+        tls_addr,
         services,
         shutdown: Some(tx),
         task,
+        tls_shutdown,
+        tls_task,
     })
 }

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod federation;
 pub mod ruma_wrapper;
+pub mod tls;
 
 use std::sync::Arc;
 
