@@ -200,6 +200,14 @@ impl TestServer {
     }
 }
 
+/// A loopback port free right now (for servers that must know their ports before starting).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Assert a Matrix error: status and errcode.
 #[track_caller]
 pub fn assert_err(got: &(StatusCode, Value), status: u16, errcode: &str) {

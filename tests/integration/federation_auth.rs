@@ -5,14 +5,7 @@ use reqwest::{Method, StatusCode};
 use ruma::ServerName;
 use serde_json::json;
 
-use crate::common::{assert_err, TestServer};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use crate::common::{assert_err, free_port, TestServer};
 
 async fn two_servers() -> (TestServer, TestServer) {
     two_servers_with(|_| {}).await

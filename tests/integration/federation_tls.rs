@@ -5,7 +5,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::common::TestServer;
+use crate::common::{free_port, TestServer};
 
 struct TestPki {
     dir: tempfile::TempDir,
@@ -40,13 +40,6 @@ impl TestPki {
     fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 #[tokio::test]
