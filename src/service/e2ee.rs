@@ -36,7 +36,8 @@ fn parse_user(raw: &str) -> Result<OwnedUserId> {
     UserId::parse(raw).map_err(|_| Error::invalid_param(format!("Invalid user id {raw}")))
 }
 
-/// Whether the user lives on another server (answered as a failure until federation lands).
+/// Whether the user lives on another server (asked over federation by the `_federated` entry
+/// points; the local functions answer a failure for them).
 fn is_remote(s: &Services, user: &UserId) -> bool {
     *user.server_name() != *s.globals.server_name
 }
@@ -72,6 +73,16 @@ pub fn upload_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> R
 /// `POST /keys/query`: device keys and cross-signing keys of local users. The requester sees
 /// their own user-signing key only.
 pub fn query_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Result<Value> {
+    query_keys_for(s, Some(&who.user_id), body)
+}
+
+/// `/keys/query` for `viewer` (None: another server asking, which never sees user-signing
+/// keys). Users of other servers are answered with a failure for their server.
+pub fn query_keys_for(
+    s: &Services,
+    viewer: Option<&UserId>,
+    body: &Map<String, Value>,
+) -> Result<Value> {
     let wanted = object(body, "device_keys")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing device_keys"))?;
     if wanted.len() > MAX_USERS_PER_REQUEST {
@@ -128,7 +139,7 @@ pub fn query_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> Re
         {
             self_signing_keys.insert(user.clone(), k);
         }
-        if user_id == who.user_id {
+        if viewer == Some(&*user_id) {
             if let Some(k) = s
                 .keys
                 .cross_signing_key(&user_id, CrossSigning::UserSigning)?
@@ -328,4 +339,110 @@ pub fn send_to_device(
     }
     s.to_device
         .send(&who.user_id, &who.device_id, txn_id, kind, recipients)
+}
+
+/// Most servers one `/keys/query` or `/keys/claim` asks over federation.
+const MAX_REMOTE_SERVERS: usize = 20;
+
+/// The users of `field` in `body` grouped by their (remote) server.
+fn remote_by_server(
+    s: &Services,
+    body: &Map<String, Value>,
+    field: &str,
+) -> BTreeMap<ruma::OwnedServerName, Map<String, Value>> {
+    let mut out: BTreeMap<ruma::OwnedServerName, Map<String, Value>> = BTreeMap::new();
+    if let Some(Value::Object(users)) = body.get(field) {
+        for (user, v) in users {
+            if let Ok(u) = UserId::parse(user.as_str()) {
+                if is_remote(s, &u) {
+                    out.entry(u.server_name().to_owned())
+                        .or_default()
+                        .insert(user.clone(), v.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Ask each remote server named in the request (federation `/user/keys/{query,claim}`) and
+/// merge its answer into the local one: `fields` are the per-user maps merged; a server that
+/// cannot be asked becomes a `failures` entry.
+async fn merge_remote(
+    s: &Services,
+    body: &Map<String, Value>,
+    field: &str,
+    path: &str,
+    fields: &[&str],
+    answer: &mut Value,
+) -> Result<()> {
+    for (server, users) in remote_by_server(s, body, field)
+        .into_iter()
+        .take(MAX_REMOTE_SERVERS)
+    {
+        let request = json!({ field: users });
+        match s
+            .federation
+            .send(http::Method::POST, &server, path, Some(request))
+            .await
+        {
+            Ok(remote) => {
+                for f in fields {
+                    if let (Some(Value::Object(from)), Some(Value::Object(into))) =
+                        (remote.get(*f), answer.get_mut(*f))
+                    {
+                        for (k, v) in from {
+                            into.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+                if let Some(Value::Object(failures)) = answer.get_mut("failures") {
+                    failures.remove(server.as_str());
+                }
+            }
+            Err(e) => {
+                if let Some(Value::Object(failures)) = answer.get_mut("failures") {
+                    failures.insert(
+                        server.to_string(),
+                        json!({ "status": 503, "message": e.to_string() }),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `POST /keys/query` including users of other servers (asked over federation).
+pub async fn query_keys_federated(
+    s: &Services,
+    who: &Identity,
+    body: &Map<String, Value>,
+) -> Result<Value> {
+    let mut answer = query_keys(s, who, body)?;
+    merge_remote(
+        s,
+        body,
+        "device_keys",
+        "/_matrix/federation/v1/user/keys/query",
+        &["device_keys", "master_keys", "self_signing_keys"],
+        &mut answer,
+    )
+    .await?;
+    Ok(answer)
+}
+
+/// `POST /keys/claim` including devices of other servers (claimed over federation).
+pub async fn claim_keys_federated(s: &Services, body: &Map<String, Value>) -> Result<Value> {
+    let mut answer = claim_keys(s, body)?;
+    merge_remote(
+        s,
+        body,
+        "one_time_keys",
+        "/_matrix/federation/v1/user/keys/claim",
+        &["one_time_keys"],
+        &mut answer,
+    )
+    .await?;
+    Ok(answer)
 }

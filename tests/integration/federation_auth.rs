@@ -227,3 +227,142 @@ async fn notary_serves_keys_countersigned() {
         .await;
     assert_err(&got, 400, "M_BAD_JSON");
 }
+
+#[tokio::test]
+async fn keys_devices_and_aliases_are_queried_across_servers() {
+    let (a, b) = two_servers().await;
+    let bob = b.user("bob").await;
+    let dk = json!({
+        "user_id": bob.user_id, "device_id": bob.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": { format!("curve25519:{}", bob.device_id): "curve", format!("ed25519:{}", bob.device_id): "ed" },
+        "signatures": { bob.user_id.clone(): { format!("ed25519:{}", bob.device_id): "sig" } },
+    });
+    let otk = json!({ "key": "one-time", "signatures": { bob.user_id.clone(): { format!("ed25519:{}", bob.device_id): "sig" } } });
+    let (status, body) = b
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            &bob,
+            json!({ "device_keys": dk, "one_time_keys": { "signed_curve25519:AAAA": otk } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let room = b
+        .create_room(&bob, json!({ "room_alias_name": "lobby", "preset": "public_chat" }))
+        .await;
+    let fed = &a.services().federation;
+    let b_name = <&ServerName>::try_from("b.test").expect("name");
+
+    let keys = fed
+        .send(
+            Method::POST,
+            b_name,
+            "/_matrix/federation/v1/user/keys/query",
+            Some(json!({ "device_keys": { bob.user_id.clone(): [], "@eve:a.test": [] } })),
+        )
+        .await
+        .expect("keys query");
+    assert_eq!(keys["device_keys"][&bob.user_id][&bob.device_id]["keys"], dk["keys"], "{keys}");
+    assert!(keys["device_keys"].get("@eve:a.test").is_none(), "{keys}");
+    assert!(keys.get("user_signing_keys").is_none());
+
+    let claimed = fed
+        .send(
+            Method::POST,
+            b_name,
+            "/_matrix/federation/v1/user/keys/claim",
+            Some(json!({ "one_time_keys": { bob.user_id.clone(): { bob.device_id.clone(): "signed_curve25519" } } })),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed["one_time_keys"][&bob.user_id][&bob.device_id]["signed_curve25519:AAAA"]["key"],
+        json!("one-time"),
+        "{claimed}"
+    );
+
+    let devices = fed
+        .send(
+            Method::GET,
+            b_name,
+            &format!("/_matrix/federation/v1/user/devices/{}", crate::common::enc(&bob.user_id)),
+            None,
+        )
+        .await
+        .expect("devices");
+    assert_eq!(devices["user_id"], json!(bob.user_id));
+    assert_eq!(devices["devices"][0]["device_id"], json!(bob.device_id), "{devices}");
+
+    let dir = fed
+        .send(
+            Method::GET,
+            b_name,
+            "/_matrix/federation/v1/query/directory?room_alias=%23lobby%3Ab.test",
+            None,
+        )
+        .await
+        .expect("alias");
+    assert_eq!(dir, json!({ "room_id": room, "servers": ["b.test"] }));
+    let missing = fed
+        .send(
+            Method::GET,
+            b_name,
+            "/_matrix/federation/v1/query/directory?room_alias=%23nope%3Ab.test",
+            None,
+        )
+        .await
+        .expect_err("unknown alias");
+    assert!(missing.to_string().contains("M_NOT_FOUND"));
+    // A body that is not an object is refused (after the signature is checked).
+    let bad = fed
+        .send(Method::POST, b_name, "/_matrix/federation/v1/user/keys/query", Some(json!([1])))
+        .await
+        .expect_err("bad body");
+    assert!(bad.to_string().contains("M_BAD_JSON"), "{bad}");
+}
+
+#[tokio::test]
+async fn client_key_queries_reach_other_servers() {
+    let (a, b) = two_servers().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let dk = json!({
+        "user_id": bob.user_id, "device_id": bob.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+        "keys": { format!("curve25519:{}", bob.device_id): "curve", format!("ed25519:{}", bob.device_id): "ed" },
+        "signatures": { bob.user_id.clone(): { format!("ed25519:{}", bob.device_id): "sig" } },
+    });
+    let otk = json!({ "key": "otk", "signatures": { bob.user_id.clone(): { format!("ed25519:{}", bob.device_id): "sig" } } });
+    let (status, _) = b
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            &bob,
+            json!({ "device_keys": dk, "one_time_keys": { "signed_curve25519:B1": otk } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, q) = a
+        .post(
+            "/_matrix/client/v3/keys/query",
+            &alice,
+            json!({ "device_keys": { bob.user_id.clone(): [], "@x:unreachable.invalid": [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{q}");
+    assert_eq!(q["device_keys"][&bob.user_id][&bob.device_id]["keys"], dk["keys"], "{q}");
+    assert!(q["failures"].get("b.test").is_none(), "{q}");
+    assert_eq!(q["failures"]["unreachable.invalid"]["status"], json!(503), "{q}");
+    let (status, c) = a
+        .post(
+            "/_matrix/client/v3/keys/claim",
+            &alice,
+            json!({ "one_time_keys": { bob.user_id.clone(): { bob.device_id.clone(): "signed_curve25519" } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{c}");
+    assert_eq!(
+        c["one_time_keys"][&bob.user_id][&bob.device_id]["signed_curve25519:B1"]["key"],
+        json!("otk"),
+        "{c}"
+    );
+}

@@ -48,7 +48,7 @@ async fn query(
     Authed(who): Authed,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    Ok(Json(e2ee::query_keys(&s, &who, &body)?))
+    Ok(Json(e2ee::query_keys_federated(&s, &who, &body).await?))
 }
 
 async fn claim(
@@ -56,7 +56,7 @@ async fn claim(
     Authed(_): Authed,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    Ok(Json(e2ee::claim_keys(&s, &body)?))
+    Ok(Json(e2ee::claim_keys_federated(&s, &body).await?))
 }
 
 async fn changes(

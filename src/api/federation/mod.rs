@@ -4,6 +4,7 @@
 
 mod keys;
 mod query;
+mod user;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use crate::{
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = keys::routes(r);
+    let r = user::routes(r);
     query::routes(r)
 }
 

@@ -1,4 +1,5 @@
-//! Federation queries: `GET /_matrix/federation/v1/query/profile` (a local user's profile).
+//! Federation queries: `/query/profile` (a local user's profile) and `/query/directory` (a local
+//! room alias).
 
 use std::sync::Arc;
 
@@ -18,6 +19,34 @@ use crate::{
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r.route("/_matrix/federation/v1/query/profile", get(profile))
+        .route("/_matrix/federation/v1/query/directory", get(directory))
+}
+
+/// `GET /query/directory?room_alias=`: the room a local alias names, and that this server is
+/// in it.
+async fn directory(
+    State(s): State<Arc<Services>>,
+    RawQuery(q): RawQuery,
+    _signed: Signed,
+) -> Result<Json<Value>> {
+    let alias = query_param(&q, "room_alias")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing room_alias"))?;
+    let alias = <&ruma::RoomAliasId>::try_from(alias.as_str())
+        .map_err(|_| Error::invalid_param("Invalid room alias"))?;
+    if alias.server_name() != s.globals.server_name {
+        return Err(Error::invalid_param("The alias is not local to this server"));
+    }
+    let room_id = s
+        .rooms
+        .resolve_alias(alias)?
+        .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    let mut out = Map::new();
+    out.insert("room_id".into(), Value::String(room_id.to_string()));
+    out.insert(
+        "servers".into(),
+        Value::Array(vec![Value::String(s.globals.server_name.to_string())]),
+    );
+    Ok(Json(Value::Object(out)))
 }
 
 async fn profile(
