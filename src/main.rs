@@ -202,7 +202,8 @@ async fn shutdown_signal() {
 
 fn rotate_key(config: config::Config) -> Result<(), String> {
     let storage = Storage::open(&config.database_path, 8, true).map_err(|e| e.to_string())?;
-    let key_id = hafen::service::globals::SigningKey::rotate(&storage).map_err(|e| e.to_string())?;
+    let key_id =
+        hafen::service::globals::SigningKey::rotate(&storage).map_err(|e| e.to_string())?;
     println!("new signing key {key_id}; the previous one is published as an old key");
     Ok(())
 }

@@ -27,7 +27,9 @@ impl Running {
         }
         let _ = self.tls_shutdown.send(true);
         if let Some(t) = self.tls_task.take() {
-            t.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            t.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
         }
         (&mut self.task)
             .await

@@ -99,7 +99,11 @@ mod tests {
     fn federation_allow_and_deny_lists() {
         assert!(!ok(&policy(false, &[], &[]), "a.example"));
         assert!(ok(&policy(true, &[], &[]), "a.example"));
-        let partners = policy(true, &["*.partner.example", "b.example"], &["bad.partner.example"]);
+        let partners = policy(
+            true,
+            &["*.partner.example", "b.example"],
+            &["bad.partner.example"],
+        );
         assert!(ok(&partners, "chat.partner.example"));
         assert!(ok(&partners, "B.example"));
         assert!(!ok(&partners, "bad.partner.example"));

@@ -12,6 +12,13 @@ use crate::{
     storage::{Batch, Storage, Table},
 };
 
+/// Serializes replacing and deleting a user's dehydrated device (several writes: two requests
+/// at once could otherwise leave two devices or none recorded).
+#[derive(Default)]
+pub struct Dehydration {
+    write: parking_lot::Mutex<()>,
+}
+
 /// The largest `device_data` accepted (it is an encrypted pickle of the device's keys).
 const MAX_DEVICE_DATA_BYTES: usize = 64 * 1024;
 
@@ -43,13 +50,21 @@ pub fn put(s: &Services, user: &UserId, body: &Map<String, Value>) -> Result<Val
         return Err(Error::bad_json("'device_data' needs an 'algorithm'"));
     }
     if serde_json::to_vec(&device_data)?.len() > MAX_DEVICE_DATA_BYTES {
-        return Err(Error::new(crate::error::ErrCode::TooLarge, "device_data is too large"));
+        return Err(Error::new(
+            crate::error::ErrCode::TooLarge,
+            "device_data is too large",
+        ));
     }
     let display_name = match body.get("initial_device_display_name") {
         None | Some(Value::Null) => None,
         Some(Value::String(n)) => Some(n.clone()),
-        Some(_) => return Err(Error::bad_json("initial_device_display_name must be a string")),
+        Some(_) => {
+            return Err(Error::bad_json(
+                "initial_device_display_name must be a string",
+            ))
+        }
     };
+    let _guard = s.dehydrated.write.lock();
     let previous = stored(s, user)?;
     let in_use = s.accounts.device(user, &device_id)?.is_some()
         && previous.as_ref().is_none_or(|p| p.device_id != device_id);
@@ -101,6 +116,7 @@ pub fn get(s: &Services, user: &UserId) -> Result<Value> {
 
 /// `DELETE /dehydrated_device`.
 pub fn delete(s: &Services, user: &UserId) -> Result<Value> {
+    let _guard = s.dehydrated.write.lock();
     let d = stored(s, user)?.ok_or_else(none)?;
     s.accounts.remove_device(user, &d.device_id)?;
     Ok(json!({ "device_id": d.device_id }))
@@ -108,7 +124,12 @@ pub fn delete(s: &Services, user: &UserId) -> Result<Value> {
 
 /// `POST /dehydrated_device/{deviceId}/events`: the device's to-device messages after
 /// `next_batch` (those up to it are deleted: the caller has them).
-pub fn events(s: &Services, user: &UserId, device_id: &str, next_batch: Option<&str>) -> Result<Value> {
+pub fn events(
+    s: &Services,
+    user: &UserId,
+    device_id: &str,
+    next_batch: Option<&str>,
+) -> Result<Value> {
     let d = stored(s, user)?.ok_or_else(none)?;
     if d.device_id.as_str() != device_id {
         return Err(Error::forbidden("This is not your dehydrated device"));
@@ -122,14 +143,12 @@ pub fn events(s: &Services, user: &UserId, device_id: &str, next_batch: Option<&
     if let Some(a) = acknowledged {
         s.to_device.acknowledge(user, &d.device_id, a)?;
     }
-    let (events, last, _) = s
-        .to_device
-        .pending(
-            user,
-            &d.device_id,
-            s.globals.counter.watermark(),
-            crate::service::to_device::MAX_PER_SYNC,
-        )?;
+    let (events, last, _) = s.to_device.pending(
+        user,
+        &d.device_id,
+        s.globals.counter.watermark(),
+        crate::service::to_device::MAX_PER_SYNC,
+    )?;
     let next = last.or(acknowledged).unwrap_or(0);
     Ok(json!({ "events": events, "next_batch": next.to_string() }))
 }
@@ -145,7 +164,8 @@ pub fn remove_device_rows(
     user: &UserId,
     device_id: &str,
 ) -> Result<()> {
-    let current: Option<Dehydrated> = storage.get_json(Table::DehydratedDevices, user.as_bytes())?;
+    let current: Option<Dehydrated> =
+        storage.get_json(Table::DehydratedDevices, user.as_bytes())?;
     if current.is_some_and(|d| d.device_id.as_str() == device_id) {
         batch.delete(Table::DehydratedDevices, user.as_bytes())?;
     }

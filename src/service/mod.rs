@@ -18,8 +18,8 @@ pub mod ratelimit;
 pub mod receipts;
 pub mod reports;
 pub mod rooms;
-pub mod sliding_sync;
 pub mod server_keys;
+pub mod sliding_sync;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -51,6 +51,7 @@ pub struct Services {
     pub push: push::Push,
     pub server_keys: server_keys::ServerKeys,
     pub federation: federation::Federation,
+    pub dehydrated: dehydrated::Dehydration,
     pub media: media::Media,
     /// Sliding sync connections (in memory) and its bump-stamp cache.
     pub sliding_sync: sliding_sync::SlidingSync,
@@ -83,6 +84,7 @@ impl Services {
             push,
             server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
             federation: federation::Federation::new(&config, storage.clone(), globals.clone())?,
+            dehydrated: dehydrated::Dehydration::default(),
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),

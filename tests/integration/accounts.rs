@@ -1167,18 +1167,32 @@ async fn whois_for_admins_and_oneself() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let (status, body) = s.get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &alice).await;
+    let (status, body) = s
+        .get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &alice)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user_id"], json!(alice.user_id));
-    assert!(body["devices"][&alice.device_id]["sessions"].is_array(), "{body}");
-    let got = s.get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &bob).await;
+    assert!(
+        body["devices"][&alice.device_id]["sessions"].is_array(),
+        "{body}"
+    );
+    let got = s
+        .get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &bob)
+        .await;
     assert_err(&got, 403, "M_FORBIDDEN");
     let uid = ruma::UserId::parse(bob.user_id.as_str()).expect("user id");
     s.services().accounts.set_admin(&uid, true).expect("admin");
-    let (status, body) = s.get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &bob).await;
+    let (status, body) = s
+        .get(&format!("{V3}/admin/whois/{}", enc(&alice.user_id)), &bob)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["devices"].as_object().map(|d| d.len()), Some(1));
-    let got = s.get(&format!("{V3}/admin/whois/{}", enc("@ghost:localhost")), &bob).await;
+    let got = s
+        .get(
+            &format!("{V3}/admin/whois/{}", enc("@ghost:localhost")),
+            &bob,
+        )
+        .await;
     assert_err(&got, 404, "M_NOT_FOUND");
 }
 
@@ -1190,8 +1204,13 @@ async fn admins_suspend_and_lock_accounts() {
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let admin_id = ruma::UserId::parse(admin.user_id.as_str()).expect("user id");
-    s.services().accounts.set_admin(&admin_id, true).expect("admin");
-    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    s.services()
+        .accounts
+        .set_admin(&admin_id, true)
+        .expect("admin");
+    let room = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     let (status, sent) = s
         .put(
             &format!("{V3}/rooms/{}/send/m.room.message/before", enc(&room)),
@@ -1216,19 +1235,32 @@ async fn admins_suspend_and_lock_accounts() {
     let got = s.get(&suspend, &bob).await;
     assert_err(&got, 403, "M_FORBIDDEN");
     let got = s
-        .get(&format!("{V1}/admin/suspend/{}", enc("@ghost:localhost")), &bob)
+        .get(
+            &format!("{V1}/admin/suspend/{}", enc("@ghost:localhost")),
+            &bob,
+        )
         .await;
     assert_err(&got, 403, "M_FORBIDDEN");
     let got = s
-        .get(&format!("{V1}/admin/suspend/{}", enc("@ghost:localhost")), &admin)
+        .get(
+            &format!("{V1}/admin/suspend/{}", enc("@ghost:localhost")),
+            &admin,
+        )
         .await;
     assert_err(&got, 404, "M_NOT_FOUND");
     let got = s
-        .get(&format!("{V1}/admin/suspend/{}", enc("@x:elsewhere.org")), &admin)
+        .get(
+            &format!("{V1}/admin/suspend/{}", enc("@x:elsewhere.org")),
+            &admin,
+        )
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s
-        .put(&format!("{V1}/admin/suspend/{}", enc(&admin.user_id)), &admin, json!({ "suspended": true }))
+        .put(
+            &format!("{V1}/admin/suspend/{}", enc(&admin.user_id)),
+            &admin,
+            json!({ "suspended": true }),
+        )
         .await;
     assert_err(&got, 403, "M_FORBIDDEN");
     let got = s.put(&suspend, &admin, json!({ "suspended": "yes" })).await;
@@ -1281,7 +1313,11 @@ async fn admins_suspend_and_lock_accounts() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = s
-        .post(&format!("{V3}/rooms/{}/leave", enc(&room)), &alice, json!({}))
+        .post(
+            &format!("{V3}/rooms/{}/leave", enc(&room)),
+            &alice,
+            json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     s.put(&suspend, &admin, json!({ "suspended": false })).await;

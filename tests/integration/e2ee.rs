@@ -862,7 +862,10 @@ async fn dehydrated_device_lifecycle() {
     let (_, versions) = s
         .req(Method::GET, "/_matrix/client/versions", None, None)
         .await;
-    assert_eq!(versions["unstable_features"]["org.matrix.msc3814"], json!(true));
+    assert_eq!(
+        versions["unstable_features"]["org.matrix.msc3814"],
+        json!(true)
+    );
 
     // The dehydrated device is a device of alice with keys others can claim.
     let dehydrated = TestUser {
@@ -933,7 +936,10 @@ async fn dehydrated_device_lifecycle() {
     assert_eq!(status, StatusCode::OK, "{first}");
     assert_eq!(first["events"].as_array().map(Vec::len), Some(1), "{first}");
     assert_eq!(first["events"][0]["sender"], json!(bob.user_id));
-    assert_eq!(first["events"][0]["content"]["ciphertext"], json!("for the dehydrated device"));
+    assert_eq!(
+        first["events"][0]["content"]["ciphertext"],
+        json!("for the dehydrated device")
+    );
     let next = first["next_batch"].as_str().expect("next_batch").to_owned();
     let (_, second) = s.post(&events, &alice, json!({ "next_batch": next })).await;
     assert_eq!(second["events"], json!([]), "{second}");
@@ -942,14 +948,20 @@ async fn dehydrated_device_lifecycle() {
     assert_eq!(again["events"], json!([]), "{again}");
 
     // Errors.
-    let got = s.post(&format!("{DD}/OTHER/events"), &alice, json!({})).await;
+    let got = s
+        .post(&format!("{DD}/OTHER/events"), &alice, json!({}))
+        .await;
     assert_err(&got, 403, "M_FORBIDDEN");
     let got = s.post(&events, &alice, json!({ "next_batch": "x" })).await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.put(DD, &alice, json!({ "device_id": "D2" })).await;
     assert_err(&got, 400, "M_BAD_JSON");
     let got = s
-        .put(DD, &alice, json!({ "device_id": alice.device_id, "device_data": { "algorithm": "a" } }))
+        .put(
+            DD,
+            &alice,
+            json!({ "device_id": alice.device_id, "device_data": { "algorithm": "a" } }),
+        )
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     // Keys of another device are refused and leave nothing behind.
@@ -965,14 +977,20 @@ async fn dehydrated_device_lifecycle() {
     // Replacing it deletes the old device; deleting it answers with its id.
     let mut replacement = body.clone();
     replacement["device_id"] = json!("DEHYDRATED3");
-    let dehydrated3 = TestUser { device_id: "DEHYDRATED3".into(), ..dehydrated.clone() };
+    let dehydrated3 = TestUser {
+        device_id: "DEHYDRATED3".into(),
+        ..dehydrated.clone()
+    };
     replacement["device_keys"] = device_keys(&dehydrated3, "curve-3");
     replacement["one_time_keys"] = json!({});
     let (status, put) = s.put(DD, &alice, replacement).await;
     assert_eq!(status, StatusCode::OK, "{put}");
     let (_, devices) = s.get(&format!("{V3}/devices"), &alice).await;
     let list = devices["devices"].to_string();
-    assert!(!list.contains("DEHYDRATED1") && list.contains("DEHYDRATED3"), "{list}");
+    assert!(
+        !list.contains("DEHYDRATED1") && list.contains("DEHYDRATED3"),
+        "{list}"
+    );
     let (status, deleted) = s.req(Method::DELETE, DD, Some(&alice.token), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(deleted, json!({ "device_id": "DEHYDRATED3" }));

@@ -12,7 +12,9 @@ async fn two_servers() -> (TestServer, TestServer) {
 }
 
 /// Two federating servers; `b_policy` adjusts B's config further.
-async fn two_servers_with(b_policy: impl FnOnce(&mut hafen::config::Config)) -> (TestServer, TestServer) {
+async fn two_servers_with(
+    b_policy: impl FnOnce(&mut hafen::config::Config),
+) -> (TestServer, TestServer) {
     let (pa, pb) = (free_port(), free_port());
     let a = TestServer::start_with(|c| {
         c.allow_federation = true;
@@ -40,7 +42,10 @@ async fn signed_requests_are_verified_with_fetched_keys() {
     let bob = b.user("bob").await;
     let (status, _) = b
         .put(
-            &format!("/_matrix/client/v3/profile/{}/displayname", crate::common::enc(&bob.user_id)),
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                crate::common::enc(&bob.user_id)
+            ),
             &bob,
             json!({ "displayname": "Bob at B" }),
         )
@@ -63,7 +68,12 @@ async fn signed_requests_are_verified_with_fetched_keys() {
     let field = a
         .services()
         .federation
-        .send(Method::GET, b_name, &format!("{path}&field=avatar_url"), None)
+        .send(
+            Method::GET,
+            b_name,
+            &format!("{path}&field=avatar_url"),
+            None,
+        )
         .await
         .expect("B answers A");
     assert_eq!(field, json!({}));
@@ -111,7 +121,10 @@ async fn signed_requests_are_verified_with_fetched_keys() {
                 .await
                 .expect("sent");
             let status = res.status();
-            (status, res.json::<serde_json::Value>().await.unwrap_or_default())
+            (
+                status,
+                res.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
         }
     };
     let (status, body) = raw(good.clone()).await;
@@ -200,10 +213,15 @@ async fn notary_serves_keys_countersigned() {
     assert_eq!(docs.len(), 1, "{body}");
     let doc = &docs[0];
     assert_eq!(doc["server_name"], json!("a.test"));
-    let (_, a_own) = a.req(Method::GET, "/_matrix/key/v2/server", None, None).await;
+    let (_, a_own) = a
+        .req(Method::GET, "/_matrix/key/v2/server", None, None)
+        .await;
     assert_eq!(doc["verify_keys"], a_own["verify_keys"]);
     let signers = doc["signatures"].as_object().expect("signatures");
-    assert!(signers.contains_key("a.test") && signers.contains_key("b.test"), "{doc}");
+    assert!(
+        signers.contains_key("a.test") && signers.contains_key("b.test"),
+        "{doc}"
+    );
 
     let (status, body) = b
         .req(
@@ -223,7 +241,12 @@ async fn notary_serves_keys_countersigned() {
     names.sort();
     assert_eq!(names, vec!["a.test", "b.test"], "{body}");
     let got = b
-        .req(Method::POST, "/_matrix/key/v2/query", None, Some(json!({ "server_keys": [] })))
+        .req(
+            Method::POST,
+            "/_matrix/key/v2/query",
+            None,
+            Some(json!({ "server_keys": [] })),
+        )
         .await;
     assert_err(&got, 400, "M_BAD_JSON");
 }
@@ -248,7 +271,10 @@ async fn keys_devices_and_aliases_are_queried_across_servers() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let room = b
-        .create_room(&bob, json!({ "room_alias_name": "lobby", "preset": "public_chat" }))
+        .create_room(
+            &bob,
+            json!({ "room_alias_name": "lobby", "preset": "public_chat" }),
+        )
         .await;
     let fed = &a.services().federation;
     let b_name = <&ServerName>::try_from("b.test").expect("name");
@@ -262,7 +288,10 @@ async fn keys_devices_and_aliases_are_queried_across_servers() {
         )
         .await
         .expect("keys query");
-    assert_eq!(keys["device_keys"][&bob.user_id][&bob.device_id]["keys"], dk["keys"], "{keys}");
+    assert_eq!(
+        keys["device_keys"][&bob.user_id][&bob.device_id]["keys"], dk["keys"],
+        "{keys}"
+    );
     assert!(keys["device_keys"].get("@eve:a.test").is_none(), "{keys}");
     assert!(keys.get("user_signing_keys").is_none());
 
@@ -285,13 +314,20 @@ async fn keys_devices_and_aliases_are_queried_across_servers() {
         .send(
             Method::GET,
             b_name,
-            &format!("/_matrix/federation/v1/user/devices/{}", crate::common::enc(&bob.user_id)),
+            &format!(
+                "/_matrix/federation/v1/user/devices/{}",
+                crate::common::enc(&bob.user_id)
+            ),
             None,
         )
         .await
         .expect("devices");
     assert_eq!(devices["user_id"], json!(bob.user_id));
-    assert_eq!(devices["devices"][0]["device_id"], json!(bob.device_id), "{devices}");
+    assert_eq!(
+        devices["devices"][0]["device_id"],
+        json!(bob.device_id),
+        "{devices}"
+    );
 
     let dir = fed
         .send(
@@ -315,7 +351,12 @@ async fn keys_devices_and_aliases_are_queried_across_servers() {
     assert!(missing.to_string().contains("M_NOT_FOUND"));
     // A body that is not an object is refused (after the signature is checked).
     let bad = fed
-        .send(Method::POST, b_name, "/_matrix/federation/v1/user/keys/query", Some(json!([1])))
+        .send(
+            Method::POST,
+            b_name,
+            "/_matrix/federation/v1/user/keys/query",
+            Some(json!([1])),
+        )
         .await
         .expect_err("bad body");
     assert!(bad.to_string().contains("M_BAD_JSON"), "{bad}");
@@ -349,9 +390,16 @@ async fn client_key_queries_reach_other_servers() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{q}");
-    assert_eq!(q["device_keys"][&bob.user_id][&bob.device_id]["keys"], dk["keys"], "{q}");
+    assert_eq!(
+        q["device_keys"][&bob.user_id][&bob.device_id]["keys"], dk["keys"],
+        "{q}"
+    );
     assert!(q["failures"].get("b.test").is_none(), "{q}");
-    assert_eq!(q["failures"]["unreachable.invalid"]["status"], json!(503), "{q}");
+    assert_eq!(
+        q["failures"]["unreachable.invalid"]["status"],
+        json!(503),
+        "{q}"
+    );
     let (status, c) = a
         .post(
             "/_matrix/client/v3/keys/claim",

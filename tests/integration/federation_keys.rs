@@ -14,12 +14,11 @@ use crate::common::TestServer;
 
 /// Check the document's signature by `server` with the key it publishes as `key_id`.
 fn verify(doc: &Value, server: &str, key_id: &str) {
-    let key = doc["verify_keys"][key_id]["key"].as_str().expect("public key");
+    let key = doc["verify_keys"][key_id]["key"]
+        .as_str()
+        .expect("public key");
     let mut keys = BTreeMap::new();
-    keys.insert(
-        key_id.to_owned(),
-        Base64::parse(key).expect("base64 key"),
-    );
+    keys.insert(key_id.to_owned(), Base64::parse(key).expect("base64 key"));
     let mut map = PublicKeyMap::new();
     map.insert(server.to_owned(), keys);
     let object: CanonicalJsonObject = serde_json::from_value(doc.clone()).expect("canonical");
@@ -48,7 +47,12 @@ async fn server_keys_are_signed_and_survive_rotation() {
     verify(&doc, &server, &first_id);
     // The deprecated form with a key id answers the same keys.
     let (status, again) = s
-        .req(Method::GET, &format!("/_matrix/key/v2/server/{first_id}"), None, None)
+        .req(
+            Method::GET,
+            &format!("/_matrix/key/v2/server/{first_id}"),
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again["verify_keys"], doc["verify_keys"]);
@@ -56,14 +60,18 @@ async fn server_keys_are_signed_and_survive_rotation() {
     // The key survives a restart; a rotation (offline, as `hafen key rotate`) makes a new one and
     // publishes the old one as expired.
     s.restart().await;
-    let (_, same) = s.req(Method::GET, "/_matrix/key/v2/server", None, None).await;
+    let (_, same) = s
+        .req(Method::GET, "/_matrix/key/v2/server", None, None)
+        .await;
     assert_eq!(same["verify_keys"], doc["verify_keys"]);
     s.restart_after(|config| {
         let storage = hafen::storage::Storage::open(&config.database_path, 8, true).expect("db");
         hafen::service::globals::SigningKey::rotate(&storage).expect("rotates");
     })
     .await;
-    let (status, rotated) = s.req(Method::GET, "/_matrix/key/v2/server", None, None).await;
+    let (status, rotated) = s
+        .req(Method::GET, "/_matrix/key/v2/server", None, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     let new_id = rotated["verify_keys"]
         .as_object()
@@ -75,7 +83,10 @@ async fn server_keys_are_signed_and_survive_rotation() {
     assert_ne!(new_id, first_id);
     verify(&rotated, &server, &new_id);
     let old = &rotated["old_verify_keys"][&first_id];
-    assert_eq!(old["key"], doc["verify_keys"][&first_id]["key"], "{rotated}");
+    assert_eq!(
+        old["key"], doc["verify_keys"][&first_id]["key"],
+        "{rotated}"
+    );
     assert!(old["expired_ts"].as_u64().expect("expired_ts") >= now);
 
     let (status, version) = s

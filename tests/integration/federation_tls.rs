@@ -56,7 +56,11 @@ async fn federation_over_tls_with_a_private_ca() {
         });
     })
     .await;
-    let tls_addr = a.running.as_ref().and_then(|r| r.tls_addr).expect("TLS listener");
+    let tls_addr = a
+        .running
+        .as_ref()
+        .and_then(|r| r.tls_addr)
+        .expect("TLS listener");
     assert_eq!(tls_addr.port(), tls_port);
 
     // A client trusting the CA reaches the TLS listener; one that does not, fails.
@@ -82,10 +86,19 @@ async fn federation_over_tls_with_a_private_ca() {
     .await;
     let a_name = format!("localhost:{tls_port}");
     let (status, keys) = b
-        .req(Method::GET, &format!("/_matrix/key/v2/query/{a_name}"), None, None)
+        .req(
+            Method::GET,
+            &format!("/_matrix/key/v2/query/{a_name}"),
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{keys}");
-    assert_eq!(keys["server_keys"][0]["server_name"], json!(a_name), "{keys}");
+    assert_eq!(
+        keys["server_keys"][0]["server_name"],
+        json!(a_name),
+        "{keys}"
+    );
     // A server without the CA cannot verify A and leaves it out.
     let c = TestServer::start_with(|c| {
         c.allow_federation = true;
@@ -93,7 +106,12 @@ async fn federation_over_tls_with_a_private_ca() {
     })
     .await;
     let (status, keys) = c
-        .req(Method::GET, &format!("/_matrix/key/v2/query/{a_name}"), None, None)
+        .req(
+            Method::GET,
+            &format!("/_matrix/key/v2/query/{a_name}"),
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(keys["server_keys"], json!([]), "{keys}");

@@ -700,21 +700,40 @@ async fn timestamp_to_event_finds_the_nearest_visible_event() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let eve = s.user("eve").await;
-    let room = s.create_room(&alice, json!({ "preset": "private_chat" })).await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
     let first = say(&s, &alice, &room, "one").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let second = say(&s, &alice, &room, "two").await;
     let ts_of = |v: &Value| v["origin_server_ts"].as_u64().expect("ts");
     let (_, e1) = s
-        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&first)), &alice)
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(&first)
+            ),
+            &alice,
+        )
         .await;
     let (_, e2) = s
-        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&second)), &alice)
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(&second)
+            ),
+            &alice,
+        )
         .await;
     let (t1, t2) = (ts_of(&e1), ts_of(&e2));
     assert!(t2 > t1);
     let path = |ts: u64, dir: &str| {
-        format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?ts={ts}&dir={dir}", enc(&room))
+        format!(
+            "/_matrix/client/v1/rooms/{}/timestamp_to_event?ts={ts}&dir={dir}",
+            enc(&room)
+        )
     };
     let (status, body) = s.get(&path(t1 + 1, "f"), &alice).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -729,7 +748,10 @@ async fn timestamp_to_event_finds_the_nearest_visible_event() {
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s
         .get(
-            &format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?dir=f", enc(&room)),
+            &format!(
+                "/_matrix/client/v1/rooms/{}/timestamp_to_event?dir=f",
+                enc(&room)
+            ),
             &alice,
         )
         .await;
@@ -738,9 +760,16 @@ async fn timestamp_to_event_finds_the_nearest_visible_event() {
     assert_err(&got, 403, "M_FORBIDDEN");
 
     // The deprecated /events/{eventId} finds the event without its room.
-    let (status, body) = s.get(&format!("/_matrix/client/v3/events/{}", enc(&first)), &alice).await;
+    let (status, body) = s
+        .get(
+            &format!("/_matrix/client/v3/events/{}", enc(&first)),
+            &alice,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["content"]["body"], json!("one"));
-    let got = s.get(&format!("/_matrix/client/v3/events/{}", enc(&first)), &eve).await;
+    let got = s
+        .get(&format!("/_matrix/client/v3/events/{}", enc(&first)), &eve)
+        .await;
     assert_err(&got, 404, "M_NOT_FOUND");
 }

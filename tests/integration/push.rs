@@ -48,7 +48,9 @@ async fn unread(s: &TestServer, u: &TestUser, room: &str, filter: Option<Value>)
 fn counts(room: &Value) -> (u64, u64) {
     let c = &room["unread_notifications"];
     (
-        c["notification_count"].as_u64().expect("notification_count"),
+        c["notification_count"]
+            .as_u64()
+            .expect("notification_count"),
         c["highlight_count"].as_u64().expect("highlight_count"),
     )
 }
@@ -109,10 +111,16 @@ async fn push_rule_crud_and_errors() {
 
     // Enabled and actions, on a user rule and on a server default.
     let (status, _) = s
-        .put(&format!("{RULES}/content/cake/enabled"), &alice, json!({ "enabled": false }))
+        .put(
+            &format!("{RULES}/content/cake/enabled"),
+            &alice,
+            json!({ "enabled": false }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let (_, e) = s.get(&format!("{RULES}/content/cake/enabled"), &alice).await;
+    let (_, e) = s
+        .get(&format!("{RULES}/content/cake/enabled"), &alice)
+        .await;
     assert_eq!(e, json!({ "enabled": false }));
     let (status, _) = s
         .put(
@@ -123,7 +131,10 @@ async fn push_rule_crud_and_errors() {
         .await;
     assert_eq!(status, StatusCode::OK);
     let (_, a) = s
-        .get(&format!("{RULES}/underride/.m.rule.message/actions"), &alice)
+        .get(
+            &format!("{RULES}/underride/.m.rule.message/actions"),
+            &alice,
+        )
         .await;
     assert_eq!(a, json!({ "actions": [] }));
 
@@ -144,23 +155,42 @@ async fn push_rule_crud_and_errors() {
 
     // Conditions are optional: an override rule without them matches everything.
     let (status, body) = s
-        .put(&format!("{RULES}/override/all"), &alice, json!({ "actions": ["notify"] }))
+        .put(
+            &format!("{RULES}/override/all"),
+            &alice,
+            json!({ "actions": ["notify"] }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (_, rule) = s.get(&format!("{RULES}/override/all"), &alice).await;
     assert_eq!(rule["conditions"], json!([]), "{rule}");
     let got = s
-        .put(&format!("{RULES}/room/not-a-room"), &alice, json!({ "actions": [] }))
+        .put(
+            &format!("{RULES}/room/not-a-room"),
+            &alice,
+            json!({ "actions": [] }),
+        )
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
 
     // Errors.
     let got = s.get(&format!("{RULES}/content/nope"), &alice).await;
     assert_err(&got, 404, "M_NOT_FOUND");
-    let got = s.req(Method::DELETE, &format!("{RULES}/content/nope"), Some(&alice.token), None).await;
+    let got = s
+        .req(
+            Method::DELETE,
+            &format!("{RULES}/content/nope"),
+            Some(&alice.token),
+            None,
+        )
+        .await;
     assert_err(&got, 404, "M_NOT_FOUND");
     let got = s
-        .put(&format!("{RULES}/override/.m.rule.mine"), &alice, json!({ "actions": [] }))
+        .put(
+            &format!("{RULES}/override/.m.rule.mine"),
+            &alice,
+            json!({ "actions": [] }),
+        )
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s
@@ -172,11 +202,19 @@ async fn push_rule_crud_and_errors() {
         .await;
     assert_err(&got, 400, "M_UNKNOWN");
     let got = s
-        .put(&format!("{RULES}/content/nopattern"), &alice, json!({ "actions": [] }))
+        .put(
+            &format!("{RULES}/content/nopattern"),
+            &alice,
+            json!({ "actions": [] }),
+        )
         .await;
     assert_err(&got, 400, "M_BAD_JSON");
     let got = s
-        .put(&format!("{RULES}/content/nope/enabled"), &alice, json!({ "enabled": true }))
+        .put(
+            &format!("{RULES}/content/nope/enabled"),
+            &alice,
+            json!({ "enabled": true }),
+        )
         .await;
     assert_err(&got, 404, "M_NOT_FOUND");
     let got = s
@@ -193,7 +231,12 @@ async fn push_rule_crud_and_errors() {
 
     // Deleting a user rule.
     let (status, _) = s
-        .req(Method::DELETE, &format!("{RULES}/content/cake"), Some(&alice.token), None)
+        .req(
+            Method::DELETE,
+            &format!("{RULES}/content/cake"),
+            Some(&alice.token),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let got = s.get(&format!("{RULES}/content/cake"), &alice).await;
@@ -205,7 +248,9 @@ async fn push_rules_decide_unread_counts_and_notifications() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     s.join(&bob, &room).await;
 
     send(&s, &bob, &room, "m1", text("hello")).await;
@@ -218,14 +263,25 @@ async fn push_rules_decide_unread_counts_and_notifications() {
                 "m.mentions": { "user_ids": [alice.user_id] } }),
     )
     .await;
-    send(&s, &bob, &room, "m3", json!({ "msgtype": "m.notice", "body": "bot" })).await;
+    send(
+        &s,
+        &bob,
+        &room,
+        "m3",
+        json!({ "msgtype": "m.notice", "body": "bot" }),
+    )
+    .await;
     assert_eq!(counts(&unread(&s, &alice, &room, None).await), (2, 1));
     // The sender's own messages never count for them.
     assert_eq!(counts(&unread(&s, &bob, &room, None).await), (0, 0));
 
     // A room rule that silences the room: new messages stop counting.
     let (status, _) = s
-        .put(&format!("{RULES}/room/{}", enc(&room)), &alice, json!({ "actions": [] }))
+        .put(
+            &format!("{RULES}/room/{}", enc(&room)),
+            &alice,
+            json!({ "actions": [] }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     send(&s, &bob, &room, "m4", text("quiet")).await;
@@ -251,7 +307,9 @@ async fn push_rules_decide_unread_counts_and_notifications() {
         .expect("actions")
         .iter()
         .any(|a| a["set_tweak"] == json!("highlight")));
-    let (_, h) = s.get(&format!("{V3}/notifications?only=highlight"), &alice).await;
+    let (_, h) = s
+        .get(&format!("{V3}/notifications?only=highlight"), &alice)
+        .await;
     assert_eq!(h["notifications"].as_array().map(Vec::len), Some(1), "{h}");
     let (_, page) = s.get(&format!("{V3}/notifications?limit=1"), &alice).await;
     assert_eq!(page["notifications"].as_array().map(Vec::len), Some(1));
@@ -259,7 +317,10 @@ async fn push_rules_decide_unread_counts_and_notifications() {
     let (_, page2) = s
         .get(&format!("{V3}/notifications?limit=1&from={next}"), &alice)
         .await;
-    assert_eq!(page2["notifications"][0]["event"]["content"]["body"], json!("hello"));
+    assert_eq!(
+        page2["notifications"][0]["event"]["content"]["body"],
+        json!("hello")
+    );
     let got = s.get(&format!("{V3}/notifications?from=zzz"), &alice).await;
     assert_err(&got, 400, "M_INVALID_PARAM");
 
@@ -274,11 +335,14 @@ async fn push_rules_decide_unread_counts_and_notifications() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(counts(&unread(&s, &alice, &room, None).await), (0, 0));
     let (_, n) = s.get(&format!("{V3}/notifications"), &alice).await;
-    assert!(n["notifications"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .all(|x| x["read"] == json!(true)), "{n}");
+    assert!(
+        n["notifications"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|x| x["read"] == json!(true)),
+        "{n}"
+    );
 
     // Threads: counted apart when the filter asks, in the main counts otherwise.
     let root = send(&s, &bob, &room, "t0", text("root")).await;
@@ -301,8 +365,15 @@ async fn push_rules_decide_unread_counts_and_notifications() {
         "{split}"
     );
     // A threaded receipt reads the thread only.
-    let last = send(&s, &bob, &room, "t2", json!({ "msgtype": "m.text", "body": "more",
-        "m.relates_to": { "rel_type": "m.thread", "event_id": root } })).await;
+    let last = send(
+        &s,
+        &bob,
+        &room,
+        "t2",
+        json!({ "msgtype": "m.text", "body": "more",
+        "m.relates_to": { "rel_type": "m.thread", "event_id": root } }),
+    )
+    .await;
     let (status, body) = s
         .post(
             &format!("{V3}/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last)),
@@ -313,16 +384,25 @@ async fn push_rules_decide_unread_counts_and_notifications() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let split = unread(&s, &alice, &room, Some(filter)).await;
     assert_eq!(counts(&split), (1, 0), "{split}");
-    assert!(split["unread_thread_notifications"].get(&root).is_none(), "{split}");
+    assert!(
+        split["unread_thread_notifications"].get(&root).is_none(),
+        "{split}"
+    );
 
     // Leaving the room forgets what was unread there.
     let (status, _) = s
-        .post(&format!("{V3}/rooms/{}/leave", enc(&room)), &alice, json!({}))
+        .post(
+            &format!("{V3}/rooms/{}/leave", enc(&room)),
+            &alice,
+            json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let n = s.services().push.notifications.total_unread(
-        &ruma::UserId::parse(alice.user_id.as_str()).expect("user id"),
-    );
+    let n = s
+        .services()
+        .push
+        .notifications
+        .total_unread(&ruma::UserId::parse(alice.user_id.as_str()).expect("user id"));
     assert_eq!(n.expect("count"), 0);
 }
 
@@ -332,7 +412,9 @@ async fn invites_and_room_mentions_follow_the_default_rules() {
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let carol = s.user("carol").await;
-    let room = s.create_room(&alice, json!({ "preset": "private_chat" })).await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
     let (status, _) = s
         .post(
             &format!("{V3}/rooms/{}/invite", enc(&room)),
@@ -367,7 +449,9 @@ async fn invites_and_room_mentions_follow_the_default_rules() {
         json!({ "msgtype": "m.text", "body": "hey", "m.mentions": { "room": true } }),
     )
     .await;
-    let (_, n) = s.get(&format!("{V3}/notifications?only=highlight"), &bob).await;
+    let (_, n) = s
+        .get(&format!("{V3}/notifications?only=highlight"), &bob)
+        .await;
     let list = n["notifications"].as_array().expect("list");
     assert_eq!(list.len(), 1, "{n}");
     assert_eq!(list[0]["event"]["sender"], json!(alice.user_id));
@@ -391,7 +475,11 @@ async fn notify(State(g): State<Gateway>, Json(body): Json<Value>) -> (StatusCod
     }
     let pushkey = body["notification"]["devices"][0]["pushkey"].clone();
     g.received.lock().push(body);
-    let rejected = if pushkey == json!("gone") { vec![pushkey] } else { vec![] };
+    let rejected = if pushkey == json!("gone") {
+        vec![pushkey]
+    } else {
+        vec![]
+    };
     (StatusCode::OK, Json(json!({ "rejected": rejected })))
 }
 
@@ -399,7 +487,9 @@ async fn start_gateway(g: Gateway) -> String {
     let app = Router::new()
         .route("/_matrix/push/v1/notify", post(notify))
         .with_state(g);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}/_matrix/push/v1/notify")
@@ -408,7 +498,10 @@ async fn start_gateway(g: Gateway) -> String {
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -434,28 +527,45 @@ async fn pushers_deliver_to_the_gateway_with_retry() {
     .await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let room = s.create_room(&alice, json!({ "preset": "public_chat", "name": "Lounge" })).await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "public_chat", "name": "Lounge" }))
+        .await;
     s.join(&bob, &room).await;
     let gateway = Gateway::default();
     let url = start_gateway(gateway.clone()).await;
 
     // Validation.
     let got = s
-        .post(&format!("{V3}/pushers/set"), &alice,
-            pusher("http://127.0.0.1:1/wrong/path", "k", None))
+        .post(
+            &format!("{V3}/pushers/set"),
+            &alice,
+            pusher("http://127.0.0.1:1/wrong/path", "k", None),
+        )
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s
-        .post(&format!("{V3}/pushers/set"), &alice, pusher(&url, &"k".repeat(513), None))
+        .post(
+            &format!("{V3}/pushers/set"),
+            &alice,
+            pusher(&url, &"k".repeat(513), None),
+        )
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s
-        .post(&format!("{V3}/pushers/set"), &alice, json!({ "kind": "http", "app_id": "a" }))
+        .post(
+            &format!("{V3}/pushers/set"),
+            &alice,
+            json!({ "kind": "http", "app_id": "a" }),
+        )
         .await;
     assert_err(&got, 400, "M_BAD_JSON");
 
     let (status, body) = s
-        .post(&format!("{V3}/pushers/set"), &alice, pusher(&url, "phone", None))
+        .post(
+            &format!("{V3}/pushers/set"),
+            &alice,
+            pusher(&url, "phone", None),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, list) = s.get(&format!("{V3}/pushers"), &alice).await;
@@ -479,13 +589,21 @@ async fn pushers_deliver_to_the_gateway_with_retry() {
     assert_eq!(n["counts"]["unread"], json!(1));
     assert_eq!(n["devices"][0]["app_id"], json!("org.example.app"));
     assert_eq!(n["devices"][0]["data"], json!({ "extra": "kept" }));
-    assert_eq!(n["devices"][0]["tweaks"]["sound"], json!("default"), "{got}");
+    assert_eq!(
+        n["devices"][0]["tweaks"]["sound"],
+        json!("default"),
+        "{got}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(gateway.received.lock().len(), 1);
 
     // event_id_only format: no content.
-    s.post(&format!("{V3}/pushers/set"), &alice, pusher(&url, "phone", Some("event_id_only")))
-        .await;
+    s.post(
+        &format!("{V3}/pushers/set"),
+        &alice,
+        pusher(&url, "phone", Some("event_id_only")),
+    )
+    .await;
     send(&s, &bob, &room, "p2", text("secret")).await;
     wait_for("the second push", || gateway.received.lock().len() >= 2).await;
     let got = gateway.received.lock()[1].clone();
@@ -494,18 +612,31 @@ async fn pushers_deliver_to_the_gateway_with_retry() {
 
     // A rejected pushkey loses its pusher.
     let (status, _) = s
-        .post(&format!("{V3}/pushers/set"), &alice, pusher(&url, "gone", None))
+        .post(
+            &format!("{V3}/pushers/set"),
+            &alice,
+            pusher(&url, "gone", None),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     send(&s, &bob, &room, "p3", text("again")).await;
     wait_for("the rejected push", || {
-        gateway.received.lock().iter().any(|b| b["notification"]["devices"][0]["pushkey"] == json!("gone"))
+        gateway
+            .received
+            .lock()
+            .iter()
+            .any(|b| b["notification"]["devices"][0]["pushkey"] == json!("gone"))
     })
     .await;
     let start = Instant::now();
     loop {
         let (_, list) = s.get(&format!("{V3}/pushers"), &alice).await;
-        let keys: Vec<Value> = list["pushers"].as_array().expect("list").iter().map(|p| p["pushkey"].clone()).collect();
+        let keys: Vec<Value> = list["pushers"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|p| p["pushkey"].clone())
+            .collect();
         if keys == vec![json!("phone")] {
             break;
         }
@@ -515,21 +646,34 @@ async fn pushers_deliver_to_the_gateway_with_retry() {
 
     // Deleting with kind null, and logging out the device, remove pushers.
     let (status, _) = s
-        .post(&format!("{V3}/pushers/set"), &alice,
-            json!({ "kind": null, "app_id": "org.example.app", "pushkey": "phone" }))
+        .post(
+            &format!("{V3}/pushers/set"),
+            &alice,
+            json!({ "kind": null, "app_id": "org.example.app", "pushkey": "phone" }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let (_, list) = s.get(&format!("{V3}/pushers"), &alice).await;
     assert_eq!(list["pushers"], json!([]));
-    s.post(&format!("{V3}/pushers/set"), &alice, pusher(&url, "phone", None)).await;
+    s.post(
+        &format!("{V3}/pushers/set"),
+        &alice,
+        pusher(&url, "phone", None),
+    )
+    .await;
     let (status, _) = s.post(&format!("{V3}/logout"), &alice, json!({})).await;
     assert_eq!(status, StatusCode::OK);
     let (status, login) = s
-        .req(Method::POST, &format!("{V3}/login"), None, Some(json!({
-            "type": "m.login.password",
-            "identifier": { "type": "m.id.user", "user": "alice" },
-            "password": "password",
-        })))
+        .req(
+            Method::POST,
+            &format!("{V3}/login"),
+            None,
+            Some(json!({
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": "alice" },
+                "password": "password",
+            })),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{login}");
     let again = TestUser {
@@ -546,18 +690,25 @@ async fn pushes_never_reach_internal_addresses_unless_allowed() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let room = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     s.join(&bob, &room).await;
     let gateway = Gateway::default();
     let url = start_gateway(gateway.clone()).await;
     // A host name resolving to loopback is refused just like the address itself.
     let by_name = url.replace("127.0.0.1", "localhost");
     for (key, u) in [("ip", url.as_str()), ("name", by_name.as_str())] {
-        let (status, body) = s.post(&format!("{V3}/pushers/set"), &alice, pusher(u, key, None)).await;
+        let (status, body) = s
+            .post(&format!("{V3}/pushers/set"), &alice, pusher(u, key, None))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     send(&s, &bob, &room, "p1", text("ping")).await;
     // Two sweeps of the delivery task.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(gateway.received.lock().is_empty(), "a push reached loopback");
+    assert!(
+        gateway.received.lock().is_empty(),
+        "a push reached loopback"
+    );
 }

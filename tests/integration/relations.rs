@@ -198,28 +198,68 @@ async fn aggregations_are_bundled_into_events() {
     let root = send(&s, &alice, &room, "m.room.message", "r", msg).await;
 
     // An edit by the sender counts; one by somebody else does not.
-    let edit = send(&s, &alice, &room, "m.room.message", "e1", json!({
-        "msgtype": "m.text", "body": "* edited",
-        "m.new_content": { "msgtype": "m.text", "body": "edited" },
-        "m.relates_to": { "rel_type": "m.replace", "event_id": root },
-    }))
+    let edit = send(
+        &s,
+        &alice,
+        &room,
+        "m.room.message",
+        "e1",
+        json!({
+            "msgtype": "m.text", "body": "* edited",
+            "m.new_content": { "msgtype": "m.text", "body": "edited" },
+            "m.relates_to": { "rel_type": "m.replace", "event_id": root },
+        }),
+    )
     .await;
-    send(&s, &bob, &room, "m.room.message", "e2", json!({
-        "msgtype": "m.text", "body": "* hijack",
-        "m.new_content": { "msgtype": "m.text", "body": "hijack" },
-        "m.relates_to": { "rel_type": "m.replace", "event_id": root },
-    }))
+    send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "e2",
+        json!({
+            "msgtype": "m.text", "body": "* hijack",
+            "m.new_content": { "msgtype": "m.text", "body": "hijack" },
+            "m.relates_to": { "rel_type": "m.replace", "event_id": root },
+        }),
+    )
     .await;
-    send(&s, &bob, &room, "m.room.message", "t1", thread_reply(&root, "one")).await;
-    let latest = send(&s, &bob, &room, "m.room.message", "t2", thread_reply(&root, "two")).await;
-    let reference = send(&s, &bob, &room, "m.room.message", "ref", json!({
-        "msgtype": "m.text", "body": "see above",
-        "m.relates_to": { "rel_type": "m.reference", "event_id": root },
-    }))
+    send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "t1",
+        thread_reply(&root, "one"),
+    )
+    .await;
+    let latest = send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "t2",
+        thread_reply(&root, "two"),
+    )
+    .await;
+    let reference = send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "ref",
+        json!({
+            "msgtype": "m.text", "body": "see above",
+            "m.relates_to": { "rel_type": "m.reference", "event_id": root },
+        }),
+    )
     .await;
 
     let (status, event) = s
-        .get(&format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&root)), &alice)
+        .get(
+            &format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&root)),
+            &alice,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{event}");
     let rel = &event["unsigned"]["m.relations"];
@@ -229,7 +269,10 @@ async fn aggregations_are_bundled_into_events() {
     assert_eq!(rel["m.thread"]["count"], json!(2), "{event}");
     assert_eq!(rel["m.thread"]["latest_event"]["event_id"], json!(latest));
     assert_eq!(rel["m.thread"]["current_user_participated"], json!(true));
-    assert_eq!(rel["m.reference"]["chunk"], json!([{ "event_id": reference }]));
+    assert_eq!(
+        rel["m.reference"]["chunk"],
+        json!([{ "event_id": reference }])
+    );
 
     // The same bundle arrives through /sync and /messages.
     let (_, synced) = s.get(&format!("{V3}/sync"), &bob).await;
@@ -238,7 +281,10 @@ async fn aggregations_are_bundled_into_events() {
         .expect("timeline")
         .clone();
     let (_, page) = s
-        .get(&format!("{V3}/rooms/{}/messages?dir=b&limit=50", enc(&room)), &bob)
+        .get(
+            &format!("{V3}/rooms/{}/messages?dir=b&limit=50", enc(&room)),
+            &bob,
+        )
         .await;
     let chunk = page["chunk"].as_array().expect("chunk").clone();
     for list in [events, chunk] {
@@ -246,7 +292,11 @@ async fn aggregations_are_bundled_into_events() {
             .iter()
             .find(|e| e["event_id"] == json!(root))
             .expect("root listed");
-        assert_eq!(found["unsigned"]["m.relations"]["m.thread"]["count"], json!(2), "{found}");
+        assert_eq!(
+            found["unsigned"]["m.relations"]["m.thread"]["count"],
+            json!(2),
+            "{found}"
+        );
         assert_eq!(
             found["unsigned"]["m.relations"]["m.replace"]["event_id"],
             json!(edit)
@@ -263,7 +313,10 @@ async fn aggregations_are_bundled_into_events() {
         .await;
     assert_eq!(status, StatusCode::OK);
     let (_, event) = s
-        .get(&format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&root)), &alice)
+        .get(
+            &format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&root)),
+            &alice,
+        )
         .await;
     assert!(event["unsigned"].get("m.relations").is_none(), "{event}");
 }
@@ -282,16 +335,43 @@ async fn threads_list_by_latest_activity() {
     let first = send(&s, &alice, &room, "m.room.message", "a", msg("first")).await;
     let second = send(&s, &bob, &room, "m.room.message", "b", msg("second")).await;
     send(&s, &bob, &room, "m.room.message", "no-thread", msg("plain")).await;
-    send(&s, &bob, &room, "m.room.message", "r1", thread_reply(&first, "x")).await;
-    send(&s, &bob, &room, "m.room.message", "r2", thread_reply(&second, "y")).await;
+    send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "r1",
+        thread_reply(&first, "x"),
+    )
+    .await;
+    send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "r2",
+        thread_reply(&second, "y"),
+    )
+    .await;
     // A new reply moves the first thread back to the top.
-    send(&s, &bob, &room, "m.room.message", "r3", thread_reply(&first, "z")).await;
+    send(
+        &s,
+        &bob,
+        &room,
+        "m.room.message",
+        "r3",
+        thread_reply(&first, "z"),
+    )
+    .await;
 
     let path = format!("/_matrix/client/v1/rooms/{}/threads", enc(&room));
     let (status, body) = s.get(&path, &alice).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(ids(&body), vec![first.clone(), second.clone()]);
-    assert_eq!(body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"], json!(2));
+    assert_eq!(
+        body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"],
+        json!(2)
+    );
     assert!(body.get("next_batch").is_none(), "{body}");
 
     // Paging.
@@ -318,15 +398,36 @@ async fn threads_list_by_latest_activity() {
 async fn relations_recurse_into_children_of_children() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
-    let room = s.create_room(&alice, json!({ "preset": "private_chat" })).await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
     let msg = json!({ "msgtype": "m.text", "body": "root" });
     let root = send(&s, &alice, &room, "m.room.message", "r", msg).await;
-    let reply = send(&s, &alice, &room, "m.room.message", "t", thread_reply(&root, "reply")).await;
-    let reaction = send(&s, &alice, &room, "m.reaction", "x", json!({
-        "m.relates_to": { "rel_type": "m.annotation", "event_id": reply, "key": "👍" },
-    }))
+    let reply = send(
+        &s,
+        &alice,
+        &room,
+        "m.room.message",
+        "t",
+        thread_reply(&root, "reply"),
+    )
     .await;
-    let base = format!("/_matrix/client/v1/rooms/{}/relations/{}", enc(&room), enc(&root));
+    let reaction = send(
+        &s,
+        &alice,
+        &room,
+        "m.reaction",
+        "x",
+        json!({
+            "m.relates_to": { "rel_type": "m.annotation", "event_id": reply, "key": "👍" },
+        }),
+    )
+    .await;
+    let base = format!(
+        "/_matrix/client/v1/rooms/{}/relations/{}",
+        enc(&room),
+        enc(&root)
+    );
     let (status, flat) = s.get(&base, &alice).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(ids(&flat), vec![reply.clone()]);

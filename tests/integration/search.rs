@@ -26,7 +26,11 @@ async fn search(s: &TestServer, u: &TestUser, criteria: Value, next: Option<&str
         None => format!("{V3}/search"),
     };
     let (status, body) = s
-        .post(&path, u, json!({ "search_categories": { "room_events": criteria } }))
+        .post(
+            &path,
+            u,
+            json!({ "search_categories": { "room_events": criteria } }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["search_categories"]["room_events"].clone()
@@ -47,7 +51,10 @@ async fn search_finds_messages_in_the_users_rooms() {
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let room = s
-        .create_room(&alice, json!({ "preset": "private_chat", "name": "Planning" }))
+        .create_room(
+            &alice,
+            json!({ "preset": "private_chat", "name": "Planning" }),
+        )
         .await;
     let other = s
         .create_room(&bob, json!({ "preset": "private_chat" }))
@@ -84,7 +91,11 @@ async fn search_finds_messages_in_the_users_rooms() {
         None,
     )
     .await;
-    assert_eq!(found["results"][0]["result"]["type"], json!("m.room.name"), "{found}");
+    assert_eq!(
+        found["results"][0]["result"]["type"],
+        json!("m.room.name"),
+        "{found}"
+    );
     let found = search(
         &s,
         &alice,
@@ -110,7 +121,11 @@ async fn search_finds_messages_in_the_users_rooms() {
         None,
     )
     .await;
-    assert_eq!(found["results"].as_array().map(Vec::len), Some(1), "{found}");
+    assert_eq!(
+        found["results"].as_array().map(Vec::len),
+        Some(1),
+        "{found}"
+    );
 
     // Paging with filter.limit.
     let page1 = search(
@@ -145,12 +160,24 @@ async fn search_finds_messages_in_the_users_rooms() {
     )
     .await;
     let first = &found["results"][0];
-    assert_eq!(first["context"]["events_before"][0]["event_id"], json!(m1), "{found}");
+    assert_eq!(
+        first["context"]["events_before"][0]["event_id"],
+        json!(m1),
+        "{found}"
+    );
     assert_eq!(first["context"]["events_after"][0]["event_id"], json!(m3));
     assert!(first["context"]["start"].is_string() && first["context"]["end"].is_string());
     // Test users have no display names: the profiles are there, empty.
-    assert_eq!(first["context"]["profile_info"][&alice.user_id], json!({}), "{found}");
-    assert_eq!(first["context"]["profile_info"][&bob.user_id], json!({}), "{found}");
+    assert_eq!(
+        first["context"]["profile_info"][&alice.user_id],
+        json!({}),
+        "{found}"
+    );
+    assert_eq!(
+        first["context"]["profile_info"][&bob.user_id],
+        json!({}),
+        "{found}"
+    );
     assert!(found["state"][&room]
         .as_array()
         .expect("state")
@@ -158,7 +185,10 @@ async fn search_finds_messages_in_the_users_rooms() {
         .any(|e| e["type"] == json!("m.room.name")));
     let lunch = first["result"]["event_id"].clone();
     assert_eq!(found["groups"]["room_id"][&room]["results"], json!([lunch]));
-    assert_eq!(found["groups"]["sender"][&alice.user_id]["results"], json!([lunch]));
+    assert_eq!(
+        found["groups"]["sender"][&alice.user_id]["results"],
+        json!([lunch])
+    );
 
     // Errors.
     let got = s.post(&format!("{V3}/search"), &alice, json!({})).await;

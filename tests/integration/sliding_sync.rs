@@ -492,13 +492,19 @@ async fn sliding_sync_room_subscriptions() {
     text(&s, &alice, &newest, "b").await;
     let mut req = list(json!([[0, 0]]), json!([]), 1);
     let v = ss_ok(&s, &alice, &format!("pos={}", enc(&pos)), req.clone()).await;
-    assert_eq!(bodies(room(&v, &newest)["timeline"].as_array().expect("timeline")), vec!["b"]);
+    assert_eq!(
+        bodies(room(&v, &newest)["timeline"].as_array().expect("timeline")),
+        vec!["b"]
+    );
     let pos = v["pos"].as_str().expect("pos").to_owned();
     req["room_subscriptions"] = json!({ newest.clone(): { "timeline_limit": 2 } });
     let v = ss_ok(&s, &alice, &format!("pos={}", enc(&pos)), req).await;
     let opened = room(&v, &newest);
     assert_eq!(opened["initial"], json!(true), "{v}");
-    assert_eq!(bodies(opened["timeline"].as_array().expect("timeline")), vec!["a", "b"]);
+    assert_eq!(
+        bodies(opened["timeline"].as_array().expect("timeline")),
+        vec!["a", "b"]
+    );
 }
 
 #[tokio::test]

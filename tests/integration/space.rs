@@ -24,7 +24,11 @@ async fn add_child(s: &TestServer, u: &TestUser, parent: &str, child: &str, extr
     }
     let (status, body) = s
         .put(
-            &format!("{V3}/rooms/{}/state/m.space.child/{}", enc(parent), enc(child)),
+            &format!(
+                "{V3}/rooms/{}/state/m.space.child/{}",
+                enc(parent),
+                enc(child)
+            ),
             u,
             content,
         )
@@ -52,13 +56,23 @@ async fn hierarchy_walks_the_space_tree() {
         .create_room(&alice, json!({ "name": "Lobby", "preset": "public_chat" }))
         .await;
     let private = s
-        .create_room(&alice, json!({ "name": "Secret", "preset": "private_chat" }))
+        .create_room(
+            &alice,
+            json!({ "name": "Secret", "preset": "private_chat" }),
+        )
         .await;
     let deep = s
         .create_room(&alice, json!({ "name": "Deep", "preset": "public_chat" }))
         .await;
     add_child(&s, &alice, &root, &sub, json!({ "order": "b" })).await;
-    add_child(&s, &alice, &root, &public, json!({ "order": "a", "suggested": true })).await;
+    add_child(
+        &s,
+        &alice,
+        &root,
+        &public,
+        json!({ "order": "a", "suggested": true }),
+    )
+    .await;
     add_child(&s, &alice, &root, &private, json!({})).await;
     add_child(&s, &alice, &sub, &deep, json!({})).await;
     // A cycle does not loop.
@@ -70,14 +84,24 @@ async fn hierarchy_walks_the_space_tree() {
     // Depth first, children by `order`: root, Lobby ("a"), Team ("b"), Deep, then Secret.
     assert_eq!(
         room_ids(&body),
-        vec![root.clone(), public.clone(), sub.clone(), deep.clone(), private.clone()]
+        vec![
+            root.clone(),
+            public.clone(),
+            sub.clone(),
+            deep.clone(),
+            private.clone()
+        ]
     );
     let first = &body["rooms"][0];
     assert_eq!(first["name"], json!("Company"));
     assert_eq!(first["room_type"], json!("m.space"));
     assert_eq!(first["join_rule"], json!("public"));
     assert_eq!(first["num_joined_members"], json!(1));
-    assert_eq!(first["children_state"].as_array().map(Vec::len), Some(3), "{first}");
+    assert_eq!(
+        first["children_state"].as_array().map(Vec::len),
+        Some(3),
+        "{first}"
+    );
     assert_eq!(first["children_state"][0]["type"], json!("m.space.child"));
     assert!(first["children_state"][0]["origin_server_ts"].is_u64());
     assert_eq!(body["rooms"][1]["children_state"], json!([]));
@@ -85,11 +109,17 @@ async fn hierarchy_walks_the_space_tree() {
     // Bob may not see the private room (invite only, not a member) and it is left out.
     let (status, body) = s.get(&path, &bob).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(room_ids(&body), vec![root.clone(), public.clone(), sub.clone(), deep.clone()]);
+    assert_eq!(
+        room_ids(&body),
+        vec![root.clone(), public.clone(), sub.clone(), deep.clone()]
+    );
 
     // max_depth and suggested_only.
     let (_, body) = s.get(&format!("{path}?max_depth=1"), &alice).await;
-    assert_eq!(room_ids(&body), vec![root.clone(), public.clone(), sub.clone(), private.clone()]);
+    assert_eq!(
+        room_ids(&body),
+        vec![root.clone(), public.clone(), sub.clone(), private.clone()]
+    );
     let (_, body) = s.get(&format!("{path}?suggested_only=true"), &alice).await;
     assert_eq!(room_ids(&body), vec![root.clone(), public.clone()]);
 
@@ -103,7 +133,9 @@ async fn hierarchy_walks_the_space_tree() {
     let (_, page3) = s.get(&format!("{path}?limit=2&from={next2}"), &alice).await;
     assert_eq!(room_ids(&page3), vec![private.clone()]);
     assert!(page3.get("next_batch").is_none(), "{page3}");
-    let got = s.get(&format!("{path}?limit=2&from={next}&max_depth=1"), &alice).await;
+    let got = s
+        .get(&format!("{path}?limit=2&from={next}&max_depth=1"), &alice)
+        .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.get(&format!("{path}?from=garbage"), &alice).await;
     assert_err(&got, 400, "M_INVALID_PARAM");
@@ -113,9 +145,16 @@ async fn hierarchy_walks_the_space_tree() {
     assert_err(&got, 400, "M_INVALID_PARAM");
 
     // A private root the user cannot see, an unknown room, no token.
-    let got = s.get(&format!("{V1}/rooms/{}/hierarchy", enc(&private)), &bob).await;
+    let got = s
+        .get(&format!("{V1}/rooms/{}/hierarchy", enc(&private)), &bob)
+        .await;
     assert_err(&got, 403, "M_FORBIDDEN");
-    let got = s.get(&format!("{V1}/rooms/{}/hierarchy", enc("!nope:localhost")), &bob).await;
+    let got = s
+        .get(
+            &format!("{V1}/rooms/{}/hierarchy", enc("!nope:localhost")),
+            &bob,
+        )
+        .await;
     assert_err(&got, 403, "M_FORBIDDEN");
     let got = s.req(Method::GET, &path, None, None).await;
     assert_err(&got, 401, "M_MISSING_TOKEN");
@@ -134,11 +173,20 @@ async fn room_summary_previews_rooms_one_may_see() {
         )
         .await;
     let private = s
-        .create_room(&alice, json!({ "name": "Secret", "preset": "private_chat" }))
+        .create_room(
+            &alice,
+            json!({ "name": "Secret", "preset": "private_chat" }),
+        )
         .await;
 
     let (status, body) = s
-        .get(&format!("{V1}/room_summary/{}", enc(&format!("#lobby:{}", s.server_name()))), &bob)
+        .get(
+            &format!(
+                "{V1}/room_summary/{}",
+                enc(&format!("#lobby:{}", s.server_name()))
+            ),
+            &bob,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["room_id"], json!(public));
@@ -150,7 +198,12 @@ async fn room_summary_previews_rooms_one_may_see() {
 
     // Without a token, public rooms still preview.
     let (status, body) = s
-        .req(Method::GET, &format!("{V1}/room_summary/{}", enc(&public)), None, None)
+        .req(
+            Method::GET,
+            &format!("{V1}/room_summary/{}", enc(&public)),
+            None,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["num_joined_members"], json!(1));
@@ -161,18 +214,37 @@ async fn room_summary_previews_rooms_one_may_see() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["membership"], json!("join"));
-    let got = s.get(&format!("{V1}/room_summary/{}", enc(&private)), &bob).await;
-    assert_err(&got, 404, "M_NOT_FOUND");
     let got = s
-        .req(Method::GET, &format!("{V1}/room_summary/{}", enc(&private)), None, None)
+        .get(&format!("{V1}/room_summary/{}", enc(&private)), &bob)
         .await;
     assert_err(&got, 404, "M_NOT_FOUND");
-    let got = s.get(&format!("{V1}/room_summary/{}", enc("#missing:localhost")), &bob).await;
+    let got = s
+        .req(
+            Method::GET,
+            &format!("{V1}/room_summary/{}", enc(&private)),
+            None,
+            None,
+        )
+        .await;
     assert_err(&got, 404, "M_NOT_FOUND");
-    let got = s.get(&format!("{V1}/room_summary/{}", enc("garbage")), &bob).await;
+    let got = s
+        .get(
+            &format!("{V1}/room_summary/{}", enc("#missing:localhost")),
+            &bob,
+        )
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let got = s
+        .get(&format!("{V1}/room_summary/{}", enc("garbage")), &bob)
+        .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s
-        .req(Method::GET, &format!("{V1}/room_summary/{}", enc(&public)), Some("bad"), None)
+        .req(
+            Method::GET,
+            &format!("{V1}/room_summary/{}", enc(&public)),
+            Some("bad"),
+            None,
+        )
         .await;
     assert_err(&got, 401, "M_UNKNOWN_TOKEN");
 }

@@ -89,7 +89,9 @@ async fn mutual_rooms_lists_rooms_both_joined() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let shared = s.create_room(&alice, json!({ "preset": "public_chat" })).await;
+    let shared = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     s.join(&bob, &shared).await;
     let _alone = s.create_room(&alice, json!({})).await;
     let path = |u: &str| format!("/_matrix/client/v1/mutual_rooms?user_id={}", enc(u));
@@ -104,6 +106,8 @@ async fn mutual_rooms_lists_rooms_both_joined() {
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.get("/_matrix/client/v1/mutual_rooms", &alice).await;
     assert_err(&got, 400, "M_MISSING_PARAM");
-    let got = s.get(&format!("{}&from=zz", path(&bob.user_id)), &alice).await;
+    let got = s
+        .get(&format!("{}&from=zz", path(&bob.user_id)), &alice)
+        .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
 }

@@ -18,7 +18,9 @@ async fn turn_credentials() {
     let (status, body) = s.get(&format!("{V3}/voip/turnServer"), &alice).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({}));
-    let got = s.req(Method::GET, &format!("{V3}/voip/turnServer"), None, None).await;
+    let got = s
+        .req(Method::GET, &format!("{V3}/voip/turnServer"), None, None)
+        .await;
     assert_err(&got, 401, "M_MISSING_TOKEN");
 
     // A shared secret: time-limited credentials the TURN server can check.
@@ -31,7 +33,10 @@ async fn turn_credentials() {
     let alice = s.user("alice").await;
     let (status, body) = s.get(&format!("{V3}/voip/turnServer"), &alice).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["uris"], json!(["turn:turn.example.org:3478?transport=udp"]));
+    assert_eq!(
+        body["uris"],
+        json!(["turn:turn.example.org:3478?transport=udp"])
+    );
     assert_eq!(body["ttl"], json!(600));
     let username = body["username"].as_str().expect("username");
     let (expiry, user) = username.split_once(':').expect("expiry:user");
@@ -73,11 +78,21 @@ async fn third_party_lookups_find_nothing() {
         let got = s.get(&format!("{V3}/thirdparty/{path}"), &alice).await;
         assert_err(&got, 404, "M_NOT_FOUND");
     }
-    for path in ["location?alias=%23a:localhost", "user?userid=%40a:localhost"] {
+    for path in [
+        "location?alias=%23a:localhost",
+        "user?userid=%40a:localhost",
+    ] {
         let (status, body) = s.get(&format!("{V3}/thirdparty/{path}"), &alice).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, json!([]));
     }
-    let got = s.req(Method::GET, &format!("{V3}/thirdparty/protocols"), None, None).await;
+    let got = s
+        .req(
+            Method::GET,
+            &format!("{V3}/thirdparty/protocols"),
+            None,
+            None,
+        )
+        .await;
     assert_err(&got, 401, "M_MISSING_TOKEN");
 }

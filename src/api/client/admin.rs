@@ -34,7 +34,9 @@ async fn whois(
 ) -> Result<Json<Value>> {
     let user = super::user_id(p.get(0)?)?;
     if user != who.user_id && !who.admin {
-        return Err(Error::forbidden("Only server admins may look up other users"));
+        return Err(Error::forbidden(
+            "Only server admins may look up other users",
+        ));
     }
     if !s.accounts.exists(&user)? {
         return Err(Error::not_found("Unknown user"));
@@ -117,7 +119,9 @@ async fn set_moderation(
         None => return Err(Error::bad_json(format!("Missing '{field}'"))),
     };
     if s.accounts.user(&user)?.is_some_and(|r| r.admin) {
-        return Err(Error::forbidden("Server admins cannot be suspended or locked"));
+        return Err(Error::forbidden(
+            "Server admins cannot be suspended or locked",
+        ));
     }
     s.accounts.set_moderation(&user, lock, value)?;
     Ok(Json(json!({ field: value })))

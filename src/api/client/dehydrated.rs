@@ -51,5 +51,10 @@ async fn events(
         Some(Value::String(t)) => Some(t.as_str()),
         Some(_) => return Err(Error::bad_json("next_batch must be a string")),
     };
-    Ok(Json(dehydrated::events(&s, &who.user_id, p.get(0)?, next_batch)?))
+    Ok(Json(dehydrated::events(
+        &s,
+        &who.user_id,
+        p.get(0)?,
+        next_batch,
+    )?))
 }

@@ -90,7 +90,10 @@ async fn capabilities(
         RoomVersionsCapability::new(s.config.default_room_version.clone(), available);
     if req.user()?.admin {
         // Server admins may suspend and lock accounts (`/admin/suspend`, `/admin/lock`).
-        caps.set("m.account_moderation", serde_json::json!({ "suspend": true, "lock": true }))?;
+        caps.set(
+            "m.account_moderation",
+            serde_json::json!({ "suspend": true, "lock": true }),
+        )?;
     }
     Ok(get_capabilities::v3::Response::new(caps).into())
 }

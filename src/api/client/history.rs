@@ -151,7 +151,9 @@ async fn timestamp_to_event(
         None => return Err(Error::new(ErrCode::MissingParam, "Missing dir")),
     };
     match s.rooms.event_at_time(room_id, &who.user_id, ts, forward)? {
-        Some((event_id, at)) => Ok(Json(json!({ "event_id": event_id, "origin_server_ts": at }))),
+        Some((event_id, at)) => Ok(Json(
+            json!({ "event_id": event_id, "origin_server_ts": at }),
+        )),
         None => Err(Error::not_found("No event found")),
     }
 }

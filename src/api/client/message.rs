@@ -23,8 +23,14 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = ruma_route::<send_message_event::v3::Request, _, _>(r, send);
     let r = ruma_route::<redact_event::v3::Request, _, _>(r, redact);
     ruma_route::<get_room_event::v3::Request, _, _>(r, get_event)
-        .route("/_matrix/client/v3/events/{event_id}", axum::routing::get(get_event_any_room))
-        .route("/_matrix/client/r0/events/{event_id}", axum::routing::get(get_event_any_room))
+        .route(
+            "/_matrix/client/v3/events/{event_id}",
+            axum::routing::get(get_event_any_room),
+        )
+        .route(
+            "/_matrix/client/r0/events/{event_id}",
+            axum::routing::get(get_event_any_room),
+        )
 }
 
 /// `GET /events/{eventId}` (deprecated): one event by id alone, if the caller may see it.

@@ -1,8 +1,8 @@
 //! Client-Server API handlers, one file per spec area. `routes` registers them all.
 
 mod account;
-mod admin;
 mod account_data;
+mod admin;
 mod alias;
 mod dehydrated;
 mod devices;

@@ -42,8 +42,14 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = ruma_route::<get_pushrule::v3::Request, _, _>(r, get_rule);
     // Not ruma's request type: it demands `conditions`, which the spec leaves optional.
     let r = r
-        .route("/_matrix/client/v3/pushrules/global/{kind}/{rule_id}", put(set_rule))
-        .route("/_matrix/client/r0/pushrules/global/{kind}/{rule_id}", put(set_rule));
+        .route(
+            "/_matrix/client/v3/pushrules/global/{kind}/{rule_id}",
+            put(set_rule),
+        )
+        .route(
+            "/_matrix/client/r0/pushrules/global/{kind}/{rule_id}",
+            put(set_rule),
+        );
     let r = ruma_route::<delete_pushrule::v3::Request, _, _>(r, delete_rule);
     let r = ruma_route::<get_pushrule_actions::v3::Request, _, _>(r, get_actions);
     let r = ruma_route::<set_pushrule_actions::v3::Request, _, _>(r, set_actions);
@@ -156,9 +162,9 @@ async fn delete_rule(
 ) -> Result<RumaResponse<delete_pushrule::v3::Response>> {
     let user = req.user()?.user_id.clone();
     let (kind, rule_id) = (req.body.kind, req.body.rule_id);
-    s.push
-        .rules
-        .update(&user, |rules| rules.remove(kind, &rule_id).map_err(remove_error))?;
+    s.push.rules.update(&user, |rules| {
+        rules.remove(kind, &rule_id).map_err(remove_error)
+    })?;
     Ok(delete_pushrule::v3::Response::new().into())
 }
 
@@ -234,11 +240,12 @@ async fn set_pusher(
 ) -> Result<RumaResponse<set_pusher::v3::Response>> {
     let who = req.user()?.clone();
     match req.body.action {
-        set_pusher::v3::PusherAction::Post(data) => {
-            s.push
-                .pushers
-                .set(&who.user_id, who.device_id.as_str(), &data.pusher, data.append)?
-        }
+        set_pusher::v3::PusherAction::Post(data) => s.push.pushers.set(
+            &who.user_id,
+            who.device_id.as_str(),
+            &data.pusher,
+            data.append,
+        )?,
         set_pusher::v3::PusherAction::Delete(ids) => {
             s.push
                 .pushers

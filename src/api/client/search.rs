@@ -15,10 +15,7 @@ use crate::{
     api::ruma_wrapper::{ruma_route, Ruma},
     error::{Error, Result},
     service::{
-        rooms::{
-            history::token,
-            search::SearchQuery,
-        },
+        rooms::{history::token, search::SearchQuery},
         Services,
     },
 };
@@ -40,7 +37,12 @@ fn parse_next_batch(t: &str) -> Result<u64> {
 
 async fn search(State(s): State<Arc<Services>>, req: Ruma<Request>) -> Result<Json<Value>> {
     let who = req.user()?.clone();
-    let before = req.body.next_batch.as_deref().map(parse_next_batch).transpose()?;
+    let before = req
+        .body
+        .next_batch
+        .as_deref()
+        .map(parse_next_batch)
+        .transpose()?;
     let Some(criteria) = req.body.search_categories.room_events else {
         return Ok(Json(json!({ "search_categories": {} })));
     };
@@ -76,10 +78,15 @@ async fn search(State(s): State<Arc<Services>>, req: Ruma<Request>) -> Result<Js
         if before_limit > 0 || after_limit > 0 || ctx.include_profile {
             let visibility = s.rooms.history_visibility(&room_id)?;
             let keep = |count: u64, _: &crate::service::rooms::Pdu| -> Result<bool> {
-                s.rooms.user_can_see(&room_id, &who.user_id, count, &visibility)
+                s.rooms
+                    .user_can_see(&room_id, &who.user_id, count, &visibility)
             };
-            let (b, _) = s.rooms.paginate(&room_id, hit.count, true, before_limit, keep)?;
-            let (a, _) = s.rooms.paginate(&room_id, hit.count, false, after_limit, keep)?;
+            let (b, _) = s
+                .rooms
+                .paginate(&room_id, hit.count, true, before_limit, keep)?;
+            let (a, _) = s
+                .rooms
+                .paginate(&room_id, hit.count, false, after_limit, keep)?;
             let start = token(b.last().map_or(hit.count, |(c, _)| *c).saturating_sub(1));
             let end = token(a.last().map_or(hit.count, |(c, _)| *c));
             context = json!({
@@ -90,7 +97,12 @@ async fn search(State(s): State<Arc<Services>>, req: Ruma<Request>) -> Result<Js
             });
             if ctx.include_profile {
                 let mut profiles = Map::new();
-                for sender in b.iter().chain(a.iter()).map(|(_, p)| &p.sender).chain([&hit.pdu.sender]) {
+                for sender in b
+                    .iter()
+                    .chain(a.iter())
+                    .map(|(_, p)| &p.sender)
+                    .chain([&hit.pdu.sender])
+                {
                     let member = s.rooms.state_content(
                         &room_id,
                         &StateEventType::RoomMember,
@@ -163,5 +175,7 @@ async fn search(State(s): State<Arc<Services>>, req: Ruma<Request>) -> Result<Js
         }
         room_events["groups"] = Value::Object(out);
     }
-    Ok(Json(json!({ "search_categories": { "room_events": room_events } })))
+    Ok(Json(
+        json!({ "search_categories": { "room_events": room_events } }),
+    ))
 }

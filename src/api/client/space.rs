@@ -25,11 +25,11 @@ use crate::{
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
-    r.route("/_matrix/client/v1/rooms/{room_id}/hierarchy", get(hierarchy))
-        .route(
-            "/_matrix/client/v1/room_summary/{room}",
-            get(room_summary),
-        )
+    r.route(
+        "/_matrix/client/v1/rooms/{room_id}/hierarchy",
+        get(hierarchy),
+    )
+    .route("/_matrix/client/v1/room_summary/{room}", get(room_summary))
 }
 
 async fn hierarchy(

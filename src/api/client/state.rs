@@ -120,7 +120,13 @@ async fn write(
     }
     let event_id = s
         .rooms
-        .send_state(room_id(room)?, &me.user_id, kind, key, Value::Object(content))
+        .send_state(
+            room_id(room)?,
+            &me.user_id,
+            kind,
+            key,
+            Value::Object(content),
+        )
         .await?;
     Ok(Json(json!({ "event_id": event_id })))
 }

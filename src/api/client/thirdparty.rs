@@ -15,8 +15,14 @@ use crate::{
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let base = "/_matrix/client/v3/thirdparty";
     r.route(&format!("{base}/protocols"), get(protocols))
-        .route(&format!("{base}/protocol/{{protocol}}"), get(unknown_protocol))
-        .route(&format!("{base}/location/{{protocol}}"), get(unknown_protocol))
+        .route(
+            &format!("{base}/protocol/{{protocol}}"),
+            get(unknown_protocol),
+        )
+        .route(
+            &format!("{base}/location/{{protocol}}"),
+            get(unknown_protocol),
+        )
         .route(&format!("{base}/user/{{protocol}}"), get(unknown_protocol))
         .route(&format!("{base}/location"), get(nothing_found))
         .route(&format!("{base}/user"), get(nothing_found))

@@ -77,7 +77,11 @@ async fn mutual_rooms(
         .collect();
     shared.sort();
     let count = shared.len();
-    let page: Vec<String> = shared.into_iter().skip(offset).take(MUTUAL_ROOMS_PAGE).collect();
+    let page: Vec<String> = shared
+        .into_iter()
+        .skip(offset)
+        .take(MUTUAL_ROOMS_PAGE)
+        .collect();
     let mut body = json!({ "joined": page, "count": count });
     if offset + MUTUAL_ROOMS_PAGE < count {
         body["next_batch"] = json!(format!("m{}", offset + MUTUAL_ROOMS_PAGE));

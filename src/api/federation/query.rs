@@ -34,7 +34,9 @@ async fn directory(
     let alias = <&ruma::RoomAliasId>::try_from(alias.as_str())
         .map_err(|_| Error::invalid_param("Invalid room alias"))?;
     if alias.server_name() != s.globals.server_name {
-        return Err(Error::invalid_param("The alias is not local to this server"));
+        return Err(Error::invalid_param(
+            "The alias is not local to this server",
+        ));
     }
     let room_id = s
         .rooms

@@ -18,9 +18,12 @@ use crate::{
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
-    r.route("/_matrix/federation/v1/user/devices/{user_id}", get(devices))
-        .route("/_matrix/federation/v1/user/keys/query", post(keys_query))
-        .route("/_matrix/federation/v1/user/keys/claim", post(keys_claim))
+    r.route(
+        "/_matrix/federation/v1/user/devices/{user_id}",
+        get(devices),
+    )
+    .route("/_matrix/federation/v1/user/keys/query", post(keys_query))
+    .route("/_matrix/federation/v1/user/keys/claim", post(keys_claim))
 }
 
 /// The body of a signed request as a JSON object (`M_BAD_JSON` otherwise).

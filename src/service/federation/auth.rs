@@ -118,7 +118,8 @@ impl Federation {
         header: Option<&str>,
         content: Option<&Value>,
     ) -> Result<OwnedServerName> {
-        let x = parse_header(header.ok_or_else(|| unauthorized("Missing X-Matrix authorization"))?)?;
+        let x =
+            parse_header(header.ok_or_else(|| unauthorized("Missing X-Matrix authorization"))?)?;
         let ours = self.globals.server_name.as_str();
         if x.destination.as_deref().is_some_and(|d| d != ours) {
             return Err(unauthorized("The request is for another server"));

@@ -56,7 +56,10 @@ impl Destinations {
         }
         let (url, ttl) = match self.well_known(server).await {
             Some(delegated) => (delegated, WELL_KNOWN_TTL),
-            None => (format!("https://{}:8448", server.host()), WELL_KNOWN_FAILURE_TTL),
+            None => (
+                format!("https://{}:8448", server.host()),
+                WELL_KNOWN_FAILURE_TTL,
+            ),
         };
         let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
@@ -101,9 +104,18 @@ mod tests {
 
     #[test]
     fn delegation_values() {
-        assert_eq!(delegated_base("matrix.example.org").as_deref(), Some("https://matrix.example.org:8448"));
-        assert_eq!(delegated_base("matrix.example.org:443").as_deref(), Some("https://matrix.example.org:443"));
-        assert_eq!(delegated_base("[::1]:8448").as_deref(), Some("https://[::1]:8448"));
+        assert_eq!(
+            delegated_base("matrix.example.org").as_deref(),
+            Some("https://matrix.example.org:8448")
+        );
+        assert_eq!(
+            delegated_base("matrix.example.org:443").as_deref(),
+            Some("https://matrix.example.org:443")
+        );
+        assert_eq!(
+            delegated_base("[::1]:8448").as_deref(),
+            Some("https://[::1]:8448")
+        );
         assert_eq!(delegated_base("not a name"), None);
     }
 }

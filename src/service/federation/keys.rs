@@ -46,7 +46,9 @@ impl Federation {
     pub async fn current_keys(&self, server: &ServerName) -> Result<BTreeMap<String, String>> {
         if server == self.globals.server_name {
             let key = &self.globals.signing_key;
-            return Ok([(key.key_id.clone(), key.public_key())].into_iter().collect());
+            return Ok([(key.key_id.clone(), key.public_key())]
+                .into_iter()
+                .collect());
         }
         let now = utils::now_ms();
         if let Some(doc) = self.cached_keys(server, now)? {

@@ -91,7 +91,10 @@ impl Federation {
         if let Some(b) = &body {
             request = request.json(b);
         }
-        let response = request.send().await.map_err(|e| unreachable(destination, e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unreachable(destination, e))?;
         let status = response.status();
         let answer = read_json(response).await?;
         if !status.is_success() {
@@ -119,11 +122,13 @@ pub(crate) fn unreachable(destination: &ServerName, e: impl std::fmt::Display) -
 /// Read at most [`MAX_RESPONSE_BYTES`] of an answer as JSON.
 pub(crate) async fn read_json(mut response: reqwest::Response) -> Result<Value> {
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| Error::with_status(ErrCode::Unknown, http::StatusCode::BAD_GATEWAY, e.to_string()))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        Error::with_status(
+            ErrCode::Unknown,
+            http::StatusCode::BAD_GATEWAY,
+            e.to_string(),
+        )
+    })? {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
             return Err(Error::with_status(
                 ErrCode::Unknown,

@@ -432,11 +432,7 @@ impl Media {
                 "Content is too large to thumbnail",
             ));
         }
-        let _permit = self
-            .thumbnailing
-            .acquire()
-            .await
-            .map_err(Error::internal)?;
+        let _permit = self.thumbnailing.acquire().await.map_err(Error::internal)?;
         // Another request may have made it while this one waited.
         if let Some(t) = self.storage.get_json(Table::MediaThumbnails, &key)? {
             return Ok(t);

@@ -128,7 +128,15 @@ pub fn evaluate(
         let Some((index, highlight)) = outcome else {
             continue;
         };
-        record(batch, user, room.room_id, count, &serialized[index].1, highlight, thread)?;
+        record(
+            batch,
+            user,
+            room.room_id,
+            count,
+            &serialized[index].1,
+            highlight,
+            thread,
+        )?;
         notified.push(user.clone());
     }
     Ok(notified)

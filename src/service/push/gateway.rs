@@ -159,10 +159,9 @@ pub async fn run(services: Weak<Services>, pending: Arc<PendingPushes>) {
             let cutoff = utils::now_ms().saturating_sub(NOTIFICATION_RETENTION_MS);
             let s2 = s.clone();
             // A full table walk: off the async workers.
-            let pruned = tokio::task::spawn_blocking(move || {
-                s2.push.notifications.prune(cutoff, 100_000)
-            })
-            .await;
+            let pruned =
+                tokio::task::spawn_blocking(move || s2.push.notifications.prune(cutoff, 100_000))
+                    .await;
             if let Ok(Err(e)) = pruned {
                 tracing::warn!("pruning notifications: {e}");
             }
@@ -195,8 +194,12 @@ async fn deliver(
     backoff: &Mutex<HashMap<Vec<u8>, Backoff>>,
     allow: &[IpNet],
 ) -> Result<()> {
-    let id = [pusher.user_id.as_bytes(), pusher.app_id().as_bytes(), pusher.pushkey().as_bytes()]
-        .join(&0xff);
+    let id = [
+        pusher.user_id.as_bytes(),
+        pusher.app_id().as_bytes(),
+        pusher.pushkey().as_bytes(),
+    ]
+    .join(&0xff);
     if backoff
         .lock()
         .get(&id)
@@ -296,8 +299,11 @@ fn payload(s: &Services, pusher: &StoredPusher, n: &Notification) -> Result<Valu
     notification.insert("counts".into(), json!({ "unread": unread }));
     notification.insert("devices".into(), json!([device]));
     notification.insert("prio".into(), json!(prio));
-    let event_id_only =
-        pusher.pusher.pointer("/data/format").and_then(Value::as_str) == Some("event_id_only");
+    let event_id_only = pusher
+        .pusher
+        .pointer("/data/format")
+        .and_then(Value::as_str)
+        == Some("event_id_only");
     if !event_id_only {
         if let Some(pdu) = s.rooms.pdu(n.event_id.as_str())? {
             notification.insert("type".into(), json!(pdu.kind));
@@ -328,7 +334,11 @@ fn payload(s: &Services, pusher: &StoredPusher, n: &Notification) -> Result<Valu
 fn member_name(s: &Services, n: &Notification, user: &UserId) -> Result<Option<String>> {
     Ok(s.rooms
         .state_content(&n.room_id, &StateEventType::RoomMember, user.as_str())?
-        .and_then(|c| c.get("displayname").and_then(Value::as_str).map(str::to_owned)))
+        .and_then(|c| {
+            c.get("displayname")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        }))
 }
 
 /// The `set_tweak` actions as the gateway's `tweaks` object.

@@ -100,7 +100,10 @@ impl Notifications {
     /// Total unread notifications of the user over all rooms (the badge a push shows), bounded.
     pub fn total_unread(&self, user: &UserId) -> Result<u64> {
         let mut n = 0u64;
-        for entry in self.storage.scan_prefix(Table::PushUnread, &keys::prefix(&[user.as_str()]))? {
+        for entry in self
+            .storage
+            .scan_prefix(Table::PushUnread, &keys::prefix(&[user.as_str()]))?
+        {
             entry?;
             n += 1;
             if n >= MAX_COUNTED {
@@ -163,9 +166,15 @@ impl Notifications {
         only_highlight: bool,
     ) -> Result<Vec<(u64, Notification)>> {
         let prefix = keys::prefix(&[user.as_str()]);
-        let start = keys::with_count(&[user.as_str()], before.map_or(u64::MAX, |b| b.saturating_sub(1)));
+        let start = keys::with_count(
+            &[user.as_str()],
+            before.map_or(u64::MAX, |b| b.saturating_sub(1)),
+        );
         let mut out = Vec::new();
-        for entry in self.storage.scan_from(Table::Notifications, &prefix, &start, true)? {
+        for entry in self
+            .storage
+            .scan_from(Table::Notifications, &prefix, &start, true)?
+        {
             let (k, v) = entry?;
             let Some(count) = keys::count_suffix(&k) else {
                 continue;
@@ -188,11 +197,19 @@ impl Notifications {
     }
 
     /// The user's notifications after stream position `after`, oldest first (gateway delivery).
-    pub fn after(&self, user: &UserId, after: u64, limit: usize) -> Result<Vec<(u64, Notification)>> {
+    pub fn after(
+        &self,
+        user: &UserId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Notification)>> {
         let prefix = keys::prefix(&[user.as_str()]);
         let start = keys::with_count(&[user.as_str()], after.saturating_add(1));
         let mut out = Vec::new();
-        for entry in self.storage.scan_from(Table::Notifications, &prefix, &start, false)? {
+        for entry in self
+            .storage
+            .scan_from(Table::Notifications, &prefix, &start, false)?
+        {
             let (k, v) = entry?;
             let (Some(count), Ok(n)) = (keys::count_suffix(&k), serde_json::from_slice(&v)) else {
                 continue;

@@ -119,7 +119,10 @@ impl Pushers {
     pub fn delete(&self, user: &UserId, app_id: &str, pushkey: &str) -> Result<()> {
         let _guard = self.write.lock();
         let mut batch = self.storage.batch();
-        batch.delete(Table::Pushers, &keys::join(&[user.as_str(), app_id, pushkey]))?;
+        batch.delete(
+            Table::Pushers,
+            &keys::join(&[user.as_str(), app_id, pushkey]),
+        )?;
         batch.commit()
     }
 
@@ -146,7 +149,10 @@ impl Pushers {
     pub fn advance(&self, pusher: &StoredPusher, cursor: u64) -> Result<()> {
         let _guard = self.write.lock();
         let key = pusher.key();
-        let Some(mut current) = self.storage.get_json::<StoredPusher>(Table::Pushers, &key)? else {
+        let Some(mut current) = self
+            .storage
+            .get_json::<StoredPusher>(Table::Pushers, &key)?
+        else {
             return Ok(());
         };
         if current.created_ms != pusher.created_ms || current.cursor >= cursor {
@@ -173,8 +179,8 @@ pub fn remove_device_rows(
 ) -> Result<()> {
     for entry in storage.scan_prefix(Table::Pushers, &keys::prefix(&[user.as_str()]))? {
         let (k, v) = entry?;
-        let of_device = serde_json::from_slice::<StoredPusher>(&v)
-            .map_or(true, |p| p.device_id == device_id);
+        let of_device =
+            serde_json::from_slice::<StoredPusher>(&v).map_or(true, |p| p.device_id == device_id);
         if of_device {
             batch.delete(Table::Pushers, &k)?;
         }

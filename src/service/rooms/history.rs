@@ -62,7 +62,12 @@ pub struct EventContext {
 impl Rooms {
     /// May `user` read the room's history at all? Members past and present may (what exactly they
     /// see is decided per event); others only if the room is world readable.
-    pub(super) fn may_read_history(&self, room_id: &RoomId, user: &UserId, visibility: &str) -> Result<bool> {
+    pub(super) fn may_read_history(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        visibility: &str,
+    ) -> Result<bool> {
         if !self.exists(room_id)? {
             return Ok(false);
         }

@@ -12,11 +12,11 @@ mod notify;
 pub mod pdu;
 mod power;
 pub mod relations;
-pub mod threads;
-mod timestamp;
 pub mod search;
 mod send;
 pub mod summary;
+pub mod threads;
+mod timestamp;
 mod upgrade;
 mod visibility;
 

@@ -24,8 +24,7 @@ impl Rooms {
     ) -> Result<Vec<OwnedUserId>> {
         let ours = |u: &UserId| u.server_name() == self.globals.server_name;
         let joined = self.joined_members(room_id)?;
-        let mut recipients: Vec<OwnedUserId> =
-            joined.iter().filter(|u| ours(u)).cloned().collect();
+        let mut recipients: Vec<OwnedUserId> = joined.iter().filter(|u| ours(u)).cloned().collect();
         let mut member_count = joined.len() as u64;
         if pdu.kind == TimelineEventType::RoomMember {
             if let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) {
@@ -68,6 +67,14 @@ impl Rooms {
             display_name: &display_name,
             room_notification_power: &room_notification_power,
         };
-        evaluate(&self.push_rules, batch, stored, pdu, count, &recipients, &facts)
+        evaluate(
+            &self.push_rules,
+            batch,
+            stored,
+            pdu,
+            count,
+            &recipients,
+            &facts,
+        )
     }
 }

@@ -133,7 +133,11 @@ impl Rooms {
                     .filter_map(|entry| match entry {
                         Ok((k, v)) => {
                             let count = keys::count_suffix(&k)?;
-                            Some(serde_json::from_slice(&v).map(|c| (count, c)).map_err(Into::into))
+                            Some(
+                                serde_json::from_slice(&v)
+                                    .map(|c| (count, c))
+                                    .map_err(Into::into),
+                            )
                         }
                         Err(e) => Some(Err(e)),
                     }),

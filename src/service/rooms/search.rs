@@ -64,7 +64,9 @@ impl Rooms {
         let limit = q
             .filter
             .limit
-            .map_or(DEFAULT_LIMIT, |l| usize::try_from(u64::from(l)).unwrap_or(MAX_LIMIT))
+            .map_or(DEFAULT_LIMIT, |l| {
+                usize::try_from(u64::from(l)).unwrap_or(MAX_LIMIT)
+            })
             .clamp(1, MAX_LIMIT);
         let rooms: Vec<OwnedRoomId> = self
             .joined_rooms(user)?
@@ -125,7 +127,10 @@ impl Rooms {
         let start = keys::with_count(&[room_id.as_str()], before.saturating_sub(1));
         let mut out = Vec::new();
         let mut scanned = 0usize;
-        for entry in self.storage.scan_from(Table::Timeline, &prefix, &start, true)? {
+        for entry in self
+            .storage
+            .scan_from(Table::Timeline, &prefix, &start, true)?
+        {
             let (k, v) = entry?;
             let Some(count) = keys::count_suffix(&k) else {
                 continue;
@@ -143,7 +148,9 @@ impl Rooms {
             let Some(rank) = match_rank(&pdu, &q.keys, terms) else {
                 continue;
             };
-            if !pdu_matches(q.filter, &pdu) || !self.user_can_see(room_id, user, count, &visibility)? {
+            if !pdu_matches(q.filter, &pdu)
+                || !self.user_can_see(room_id, user, count, &visibility)?
+            {
                 continue;
             }
             out.push(SearchHit { count, rank, pdu });

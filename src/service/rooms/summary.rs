@@ -141,7 +141,8 @@ impl Rooms {
                 .get("order")
                 .and_then(Value::as_str)
                 .filter(|o| {
-                    o.len() <= MAX_ORDER_LEN && o.chars().all(|c| ('\u{20}'..='\u{7e}').contains(&c))
+                    o.len() <= MAX_ORDER_LEN
+                        && o.chars().all(|c| ('\u{20}'..='\u{7e}').contains(&c))
                 })
                 .map(str::to_owned);
             let mut stripped = pdu.to_stripped_value();

@@ -41,7 +41,11 @@ pub struct ThreadsQuery {
 
 impl Rooms {
     /// The stored summary of the thread rooted at `root`.
-    pub(super) fn thread_record(&self, room_id: &RoomId, root: &str) -> Result<Option<ThreadRecord>> {
+    pub(super) fn thread_record(
+        &self,
+        room_id: &RoomId,
+        root: &str,
+    ) -> Result<Option<ThreadRecord>> {
         Ok(self
             .storage
             .get(Table::ThreadRoots, &keys::join(&[room_id.as_str(), root]))?
@@ -60,13 +64,17 @@ impl Rooms {
     ) -> Result<()> {
         let mut record = self.thread_record(room_id, root)?.unwrap_or_default();
         if record.count > 0 {
-            batch.delete(Table::Threads, &keys::with_count(&[room_id.as_str()], record.latest))?;
+            batch.delete(
+                Table::Threads,
+                &keys::with_count(&[room_id.as_str()], record.latest),
+            )?;
         }
         record.latest = count;
         record.latest_event = reply.event_id.to_string();
         record.count += 1;
         let sender = reply.sender.as_str();
-        if record.senders.len() < MAX_THREAD_SENDERS && !record.senders.iter().any(|s| s == sender) {
+        if record.senders.len() < MAX_THREAD_SENDERS && !record.senders.iter().any(|s| s == sender)
+        {
             record.senders.push(sender.to_owned());
         }
         batch.put(
@@ -91,7 +99,9 @@ impl Rooms {
     ) -> Result<(Vec<Pdu>, Option<u64>)> {
         let visibility = self.history_visibility(room_id)?;
         if !self.may_read_history(room_id, user, &visibility)? {
-            return Err(Error::forbidden("You are not allowed to read this room's history"));
+            return Err(Error::forbidden(
+                "You are not allowed to read this room's history",
+            ));
         }
         let limit = q.limit.clamp(1, MAX_LIMIT);
         let prefix = keys::prefix(&[room_id.as_str()]);
@@ -99,7 +109,10 @@ impl Rooms {
         let mut out = Vec::new();
         let mut next = None;
         let mut scanned = 0usize;
-        for entry in self.storage.scan_from(Table::Threads, &prefix, &start, true)? {
+        for entry in self
+            .storage
+            .scan_from(Table::Threads, &prefix, &start, true)?
+        {
             let (k, v) = entry?;
             let Some(count) = keys::count_suffix(&k) else {
                 continue;

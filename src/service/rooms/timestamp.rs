@@ -25,12 +25,17 @@ impl Rooms {
     ) -> Result<Option<(OwnedEventId, u64)>> {
         let visibility = self.history_visibility(room_id)?;
         if !self.may_read_history(room_id, user, &visibility)? {
-            return Err(Error::forbidden("You are not allowed to read this room's history"));
+            return Err(Error::forbidden(
+                "You are not allowed to read this room's history",
+            ));
         }
         let prefix = keys::prefix(&[room_id.as_str()]);
         let event_ts = |count_from: u64| -> Result<Option<(u64, u64)>> {
             let start = keys::with_count(&[room_id.as_str()], count_from);
-            let Some(entry) = self.storage.scan_from(Table::Timeline, &prefix, &start, false)?.next()
+            let Some(entry) = self
+                .storage
+                .scan_from(Table::Timeline, &prefix, &start, false)?
+                .next()
             else {
                 return Ok(None);
             };
@@ -50,7 +55,10 @@ impl Rooms {
                 _ => hi = mid,
             }
         }
-        let start = keys::with_count(&[room_id.as_str()], if forward { lo } else { lo.saturating_sub(1) });
+        let start = keys::with_count(
+            &[room_id.as_str()],
+            if forward { lo } else { lo.saturating_sub(1) },
+        );
         for entry in self
             .storage
             .scan_from(Table::Timeline, &prefix, &start, !forward)?
