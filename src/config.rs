@@ -67,6 +67,9 @@ pub struct Config {
     /// Users may publish rooms to the room directory.
     #[serde(default = "default_true")]
     pub allow_public_room_directory: bool,
+    /// Other servers may read the room directory (`/publicRooms` over federation).
+    #[serde(default)]
+    pub allow_public_rooms_over_federation: bool,
     /// Lifetime of an access token handed out together with a refresh token, in seconds.
     #[serde(default = "default_access_token_lifetime")]
     pub access_token_lifetime_secs: u64,

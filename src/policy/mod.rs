@@ -13,6 +13,7 @@ use crate::{
 pub struct Policy {
     allow_presence: bool,
     allow_public_room_directory: bool,
+    allow_public_rooms_over_federation: bool,
     federation: FederationPolicy,
 }
 
@@ -37,11 +38,24 @@ impl Policy {
         Policy {
             allow_presence: config.allow_presence,
             allow_public_room_directory: config.allow_public_room_directory,
+            allow_public_rooms_over_federation: config.allow_public_rooms_over_federation,
             federation: FederationPolicy {
                 enabled: config.allow_federation,
                 allow: config.federation_allowlist.clone(),
                 deny: config.federation_denylist.clone(),
             },
+        }
+    }
+
+    /// May other servers read this server's room directory? Off by default: which rooms an
+    /// organization runs is its own business until the operator decides otherwise.
+    pub fn may_serve_directory_over_federation(&self) -> Result<()> {
+        if self.allow_public_rooms_over_federation {
+            Ok(())
+        } else {
+            Err(Error::forbidden(
+                "This server does not publish its room directory over federation",
+            ))
         }
     }
 

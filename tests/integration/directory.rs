@@ -581,6 +581,7 @@ async fn public_rooms_search_and_pagination() {
         400,
         "M_NOT_JSON",
     );
+    // Another server's directory is asked over federation, which is off by default.
     assert_err(
         &s.req(
             Method::GET,
@@ -589,8 +590,8 @@ async fn public_rooms_search_and_pagination() {
             None,
         )
         .await,
-        400,
-        "M_INVALID_PARAM",
+        403,
+        "M_FORBIDDEN",
     );
     assert_err(
         &s.req(

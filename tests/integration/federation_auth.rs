@@ -414,3 +414,62 @@ async fn client_key_queries_reach_other_servers() {
         "{c}"
     );
 }
+
+#[tokio::test]
+async fn public_rooms_of_another_server() {
+    let (a, b) = two_servers_with(|c| c.allow_public_rooms_over_federation = true).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = b
+        .create_room(
+            &bob,
+            json!({ "preset": "public_chat", "name": "Partner lobby", "visibility": "public" }),
+        )
+        .await;
+    let (status, list) = a
+        .get(
+            "/_matrix/client/v3/publicRooms?server=b.test&limit=5",
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["chunk"][0]["room_id"], json!(room), "{list}");
+    assert_eq!(list["chunk"][0]["name"], json!("Partner lobby"));
+    let (status, found) = a
+        .post(
+            "/_matrix/client/v3/publicRooms?server=b.test",
+            &alice,
+            json!({ "filter": { "generic_search_term": "lobby" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["chunk"].as_array().map(Vec::len), Some(1), "{found}");
+    let (_, none) = a
+        .post(
+            "/_matrix/client/v3/publicRooms?server=b.test",
+            &alice,
+            json!({ "filter": { "generic_search_term": "nothing like it" } }),
+        )
+        .await;
+    assert_eq!(none["chunk"], json!([]));
+
+    // A server that does not publish its directory over federation refuses.
+    let (c, d) = two_servers().await;
+    let carol = c.user("carol").await;
+    let dave = d.user("dave").await;
+    d.create_room(
+        &dave,
+        json!({ "preset": "public_chat", "visibility": "public" }),
+    )
+    .await;
+    let (status, body) = c
+        .get("/_matrix/client/v3/publicRooms?server=b.test", &carol)
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("M_FORBIDDEN")),
+        "{body}"
+    );
+}

@@ -73,17 +73,19 @@ async fn set_visibility(
     Ok(Json(json!({})))
 }
 
-/// Only our own directory is served; asking for another server's needs federation.
-fn check_server(s: &Services, server: Option<&str>) -> Result<()> {
+/// The server whose directory is asked for, when it is not this one (asked over federation).
+fn remote_server(s: &Services, server: Option<&str>) -> Result<Option<ruma::OwnedServerName>> {
     match server {
-        Some(name) if name != s.globals.server_name.as_str() => Err(Error::invalid_param(
-            "Only this server's room directory can be queried",
-        )),
-        _ => Ok(()),
+        Some(name) if name != s.globals.server_name.as_str() => {
+            ruma::OwnedServerName::try_from(name)
+                .map(Some)
+                .map_err(|_| Error::invalid_param("Invalid server name"))
+        }
+        _ => Ok(None),
     }
 }
 
-fn page_json(s: &Services, q: &DirectoryQuery) -> Result<Json<Value>> {
+pub(crate) fn page_json(s: &Services, q: &DirectoryQuery) -> Result<Json<Value>> {
     let page = s.rooms.directory_page(q)?;
     let mut out = json!({
         "chunk": page.chunk,
@@ -114,7 +116,24 @@ async fn public_rooms_get(
     State(s): State<Arc<Services>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>> {
-    check_server(&s, q.get("server").map(String::as_str))?;
+    if let Some(server) = remote_server(&s, q.get("server").map(String::as_str))? {
+        let mut path = "/_matrix/federation/v1/publicRooms".to_owned();
+        let mut params = Vec::new();
+        for key in ["limit", "since"] {
+            if let Some(v) = q.get(key) {
+                params.push((key, v.as_str()));
+            }
+        }
+        if !params.is_empty() {
+            path.push('?');
+            path.push_str(&serde_html_form::to_string(&params).map_err(Error::internal)?);
+        }
+        let answer = s
+            .federation
+            .send(http::Method::GET, &server, &path, None)
+            .await?;
+        return Ok(Json(answer));
+    }
     let limit = match q.get("limit") {
         None => None,
         Some(l) => Some(
@@ -137,7 +156,23 @@ async fn public_rooms_post(
     Query(q): Query<HashMap<String, String>>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    check_server(&s, q.get("server").map(String::as_str))?;
+    if let Some(server) = remote_server(&s, q.get("server").map(String::as_str))? {
+        let answer = s
+            .federation
+            .send(
+                http::Method::POST,
+                &server,
+                "/_matrix/federation/v1/publicRooms",
+                Some(Value::Object(body)),
+            )
+            .await?;
+        return Ok(Json(answer));
+    }
+    page_json(&s, &post_query(&body)?)
+}
+
+/// The query of a `POST /publicRooms` body (client and federation alike).
+pub(crate) fn post_query(body: &serde_json::Map<String, Value>) -> Result<DirectoryQuery> {
     let since = match body.get("since") {
         None | Some(Value::Null) => None,
         Some(Value::String(t)) => Some(t.clone()),
@@ -176,5 +211,5 @@ async fn public_rooms_post(
         }
         Some(_) => return Err(Error::bad_json("filter must be an object")),
     }
-    page_json(&s, &query)
+    Ok(query)
 }

@@ -6,7 +6,7 @@ mod admin;
 mod alias;
 mod dehydrated;
 mod devices;
-mod directory;
+pub(crate) mod directory;
 mod discovery;
 mod filter;
 mod history;

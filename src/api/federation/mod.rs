@@ -2,6 +2,7 @@
 //! authenticated by [`Signed`] (`X-Matrix`), which every endpoint but the key and version ones
 //! takes first.
 
+mod directory;
 mod keys;
 mod query;
 mod user;
@@ -24,6 +25,7 @@ use crate::{
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = keys::routes(r);
     let r = user::routes(r);
+    let r = directory::routes(r);
     query::routes(r)
 }
 
