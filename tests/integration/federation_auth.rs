@@ -473,3 +473,56 @@ async fn public_rooms_of_another_server() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn profiles_of_another_servers_users() {
+    let (a, b) = two_servers().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let enc = crate::common::enc;
+    b.put(
+        &format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            enc(&bob.user_id)
+        ),
+        &bob,
+        json!({ "displayname": "Bob at B" }),
+    )
+    .await;
+    let (status, profile) = a
+        .get(
+            &format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{profile}");
+    assert_eq!(profile, json!({ "displayname": "Bob at B" }));
+    let (status, name) = a
+        .get(
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(&bob.user_id)
+            ),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{name}");
+    assert_eq!(name, json!({ "displayname": "Bob at B" }));
+    let got = a
+        .get(
+            &format!(
+                "/_matrix/client/v3/profile/{}/avatar_url",
+                enc(&bob.user_id)
+            ),
+            &alice,
+        )
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let got = a
+        .get(
+            &format!("/_matrix/client/v3/profile/{}", enc("@ghost:b.test")),
+            &alice,
+        )
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+}

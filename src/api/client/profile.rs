@@ -24,7 +24,41 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     )
 }
 
-/// A local user that exists; anyone else has no profile here (federation lookups come later).
+/// The profile (or one field) of a user of another server, asked over federation; an error of
+/// that server is "not found" here (the client cannot do more about it).
+async fn remote_profile(
+    s: &Services,
+    user: &ruma::UserId,
+    field: Option<&str>,
+) -> Result<Option<serde_json::Map<String, Value>>> {
+    if user.server_name() == s.globals.server_name {
+        return Ok(None);
+    }
+    let mut path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        utf8_percent(user.as_str())
+    );
+    if let Some(f) = field {
+        path.push_str(&format!("&field={}", utf8_percent(f)));
+    }
+    match s
+        .federation
+        .send(http::Method::GET, user.server_name(), &path, None)
+        .await
+    {
+        Ok(Value::Object(o)) => Ok(Some(o)),
+        _ => Err(Error::not_found("Profile not found")),
+    }
+}
+
+/// Percent-encode a query value.
+fn utf8_percent(v: &str) -> String {
+    serde_html_form::to_string([("", v)])
+        .map(|s| s.trim_start_matches('=').to_owned())
+        .unwrap_or_default()
+}
+
+/// A local user that exists; anyone else has no profile here.
 fn known_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
     let user = super::user_id(raw)?;
     if !s.accounts.user(&user)?.is_some_and(|u| !u.deactivated) {
@@ -38,6 +72,9 @@ async fn get_profile(
     Authed(_): Authed,
     p: Segs,
 ) -> Result<Json<Value>> {
+    if let Some(remote) = remote_profile(&s, &super::user_id(p.get(0)?)?, None).await? {
+        return Ok(Json(Value::Object(remote)));
+    }
     let user = known_user(&s, p.get(0)?)?;
     Ok(Json(Value::Object(s.profiles.all(&user)?)))
 }
@@ -47,8 +84,15 @@ async fn get_field(
     Authed(_): Authed,
     p: Segs,
 ) -> Result<Json<Value>> {
-    let user = known_user(&s, p.get(0)?)?;
     let field = p.get(1)?;
+    if let Some(remote) = remote_profile(&s, &super::user_id(p.get(0)?)?, Some(field)).await? {
+        let value = remote
+            .get(field)
+            .cloned()
+            .ok_or_else(|| Error::not_found("Profile field not set"))?;
+        return Ok(Json(json!({ field: value })));
+    }
+    let user = known_user(&s, p.get(0)?)?;
     let value = s
         .profiles
         .get(&user, field)?
