@@ -51,11 +51,17 @@ async fn remote_profile(
     }
 }
 
-/// Percent-encode a query value.
+/// Percent-encode a query value (everything but RFC 3986's unreserved characters).
 fn utf8_percent(v: &str) -> String {
-    serde_html_form::to_string([("", v)])
-        .map(|s| s.trim_start_matches('=').to_owned())
-        .unwrap_or_default()
+    let mut out = String::with_capacity(v.len() * 3);
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A local user that exists; anyone else has no profile here.
