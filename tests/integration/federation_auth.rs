@@ -526,3 +526,76 @@ async fn profiles_of_another_servers_users() {
         .await;
     assert_err(&got, 404, "M_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn space_hierarchy_for_another_server() {
+    let (a, b) = two_servers().await;
+    let bob = b.user("bob").await;
+    let space = b
+        .create_room(
+            &bob,
+            json!({ "preset": "public_chat", "name": "Partner space", "creation_content": { "type": "m.space" } }),
+        )
+        .await;
+    let open = b
+        .create_room(&bob, json!({ "preset": "public_chat", "name": "Open" }))
+        .await;
+    let closed = b
+        .create_room(&bob, json!({ "preset": "private_chat" }))
+        .await;
+    for (child, suggested) in [(&open, true), (&closed, false)] {
+        let (status, body) = b
+            .put(
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/m.space.child/{}",
+                    crate::common::enc(&space),
+                    crate::common::enc(child)
+                ),
+                &bob,
+                json!({ "via": ["b.test"], "suggested": suggested }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let fed = &a.services().federation;
+    let b_name = <&ServerName>::try_from("b.test").expect("name");
+    let path = format!(
+        "/_matrix/federation/v1/hierarchy/{}",
+        crate::common::enc(&space)
+    );
+    let h = fed
+        .send(Method::GET, b_name, &path, None)
+        .await
+        .expect("hierarchy");
+    assert_eq!(h["room"]["room_id"], json!(space), "{h}");
+    assert_eq!(
+        h["room"]["children_state"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(h["children"].as_array().map(Vec::len), Some(1), "{h}");
+    assert_eq!(h["children"][0]["room_id"], json!(open));
+    assert_eq!(h["inaccessible_children"], json!([closed]));
+    let h = fed
+        .send(
+            Method::GET,
+            b_name,
+            &format!("{path}?suggested_only=true"),
+            None,
+        )
+        .await
+        .expect("hierarchy");
+    assert_eq!(h["inaccessible_children"], json!([]), "{h}");
+    let err = fed
+        .send(
+            Method::GET,
+            b_name,
+            &format!(
+                "/_matrix/federation/v1/hierarchy/{}",
+                crate::common::enc(&closed)
+            ),
+            None,
+        )
+        .await
+        .expect_err("private room");
+    assert!(err.to_string().contains("M_NOT_FOUND"), "{err}");
+}

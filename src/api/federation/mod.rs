@@ -5,6 +5,7 @@
 mod directory;
 mod keys;
 mod query;
+mod space;
 mod user;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = keys::routes(r);
     let r = user::routes(r);
     let r = directory::routes(r);
+    let r = space::routes(r);
     query::routes(r)
 }
 

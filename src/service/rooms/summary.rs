@@ -243,3 +243,48 @@ fn parse_hierarchy_token(token: &str, q: &HierarchyQuery) -> Result<usize> {
     }
     Ok(offset)
 }
+
+impl Rooms {
+    /// `GET /_matrix/federation/v1/hierarchy/{roomId}` for another server: the room (if anyone
+    /// may preview it), its children anyone may preview, and the ids of the others.
+    pub fn federation_hierarchy(&self, root: &RoomId, suggested_only: bool) -> Result<Value> {
+        if !self.may_preview(root, None)? {
+            return Err(Error::not_found("Room not found or not previewable"));
+        }
+        let mut room = self.room_summary(root)?;
+        let is_space = room.get("room_type").and_then(Value::as_str) == Some("m.space");
+        let children = if is_space {
+            self.space_children(root)?
+        } else {
+            Vec::new()
+        };
+        room["children_state"] =
+            Value::Array(children.iter().map(|c| c.stripped.clone()).collect());
+        let mut accessible = Vec::new();
+        let mut inaccessible = Vec::new();
+        for c in children {
+            if suggested_only && !c.suggested {
+                continue;
+            }
+            if self.may_preview(&c.room_id, None)? {
+                let mut summary = self.room_summary(&c.room_id)?;
+                let grandchildren =
+                    if summary.get("room_type").and_then(Value::as_str) == Some("m.space") {
+                        self.space_children(&c.room_id)?
+                    } else {
+                        Vec::new()
+                    };
+                summary["children_state"] =
+                    Value::Array(grandchildren.iter().map(|g| g.stripped.clone()).collect());
+                accessible.push(summary);
+            } else {
+                inaccessible.push(Value::String(c.room_id.to_string()));
+            }
+        }
+        Ok(json!({
+            "room": room,
+            "children": accessible,
+            "inaccessible_children": inaccessible,
+        }))
+    }
+}
