@@ -119,6 +119,11 @@ pub struct Config {
     /// on the same host, or tests).
     #[serde(default)]
     pub federation_destinations: std::collections::BTreeMap<String, String>,
+    /// IP ranges (CIDR) discovered federation destinations may be at although they are not
+    /// public (e.g. partners on the LAN found by name). Empty: discovered servers must be at
+    /// public addresses. Servers in `federation_destinations` are reached as configured.
+    #[serde(default)]
+    pub federation_ip_range_allowlist: Vec<String>,
     /// A PEM file of extra CA certificates trusted for federation (a partner PKI), in addition
     /// to the system roots.
     #[serde(default)]
@@ -542,6 +547,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         .url_preview_ip_range_allowlist
         .iter()
         .chain(&c.push_gateway_ip_range_allowlist)
+        .chain(&c.federation_ip_range_allowlist)
     {
         if range.parse::<ipnet::IpNet>().is_err() {
             return Err(ConfigError::Invalid(format!(

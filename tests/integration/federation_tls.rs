@@ -82,6 +82,8 @@ async fn federation_over_tls_with_a_private_ca() {
         c.allow_federation = true;
         c.server_name = "b.test".try_into().expect("name");
         c.federation_ca_file = Some(pki.path("ca.pem"));
+        // A is on loopback, which discovered servers may only be at when allowed.
+        c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];
     })
     .await;
     let a_name = format!("localhost:{tls_port}");
@@ -103,6 +105,7 @@ async fn federation_over_tls_with_a_private_ca() {
     let c = TestServer::start_with(|c| {
         c.allow_federation = true;
         c.server_name = "c.test".try_into().expect("name");
+        c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];
     })
     .await;
     let (status, keys) = c
@@ -115,5 +118,20 @@ async fn federation_over_tls_with_a_private_ca() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(keys["server_keys"], json!([]), "{keys}");
+    // A server that trusts the CA but not loopback addresses never contacts A: a name cannot
+    // lead it into its own network.
+    let d = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "d.test".try_into().expect("name");
+        c.federation_ca_file = Some(pki.path("ca.pem"));
+    })
+    .await;
+    for name in [a_name.clone(), format!("127.0.0.1:{tls_port}")] {
+        let (status, keys) = d
+            .req(Method::GET, &format!("/_matrix/key/v2/query/{name}"), None, None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(keys["server_keys"], json!([]), "{name}: {keys}");
+    }
     a.stop().await;
 }

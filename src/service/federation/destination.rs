@@ -20,6 +20,12 @@ const WELL_KNOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Servers whose discovery is remembered at most.
 const MAX_CACHED: usize = 10_000;
 
+/// Where a server is reached, and whether the operator pinned it (`federation_destinations`).
+pub struct Destination {
+    pub url: String,
+    pub pinned: bool,
+}
+
 pub struct Destinations {
     configured: BTreeMap<String, String>,
     client: reqwest::Client,
@@ -40,18 +46,27 @@ impl Destinations {
     }
 
     /// The base URL (scheme, host, port; no trailing slash) requests to `server` go to.
-    pub async fn base_url(&self, server: &ServerName) -> Result<String> {
+    pub async fn base_url(&self, server: &ServerName) -> Result<Destination> {
         if let Some(url) = self.configured.get(server.as_str()) {
-            return Ok(url.clone());
+            return Ok(Destination {
+                url: url.clone(),
+                pinned: true,
+            });
         }
+        let discovered = |url: String| {
+            Ok(Destination {
+                url,
+                pinned: false,
+            })
+        };
         if server.is_ip_literal() || server.port().is_some() {
             let host = server.host();
             let port = server.port().unwrap_or(8448);
-            return Ok(format!("https://{host}:{port}"));
+            return discovered(format!("https://{host}:{port}"));
         }
         if let Some((url, until)) = self.cache.lock().get(server.as_str()) {
             if *until > Instant::now() {
-                return Ok(url.clone());
+                return discovered(url.clone());
             }
         }
         let (url, ttl) = match self.well_known(server).await {
@@ -66,7 +81,7 @@ impl Destinations {
             cache.clear();
         }
         cache.insert(server.to_string(), (url.clone(), Instant::now() + ttl));
-        Ok(url)
+        discovered(url)
     }
 
     /// `m.server` of the name's well-known document, as a base URL (port 8448 if none).

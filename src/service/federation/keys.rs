@@ -54,11 +54,8 @@ impl Federation {
         if let Some(doc) = self.cached_keys(server, now)? {
             return Ok(verify_keys(&doc));
         }
-        // One fetch at a time: concurrent requests from a new server wait for the first.
-        let _guard = self.keys_lock.lock().await;
-        if let Some(doc) = self.cached_keys(server, now)? {
-            return Ok(verify_keys(&doc));
-        }
+        // No lock around the fetch: a slow server must not hold up requests from others (two
+        // concurrent fetches for one server only fetch twice).
         let (doc, cache_until) = self.fetch_keys(server).await?;
         let keys = verify_keys(&doc);
         let record = json!({ "doc": doc, "cache_until": cache_until });
@@ -93,10 +90,8 @@ impl Federation {
 
     /// `GET /_matrix/key/v2/server` of the server, checked; with how long to keep it.
     async fn fetch_keys(&self, server: &ServerName) -> Result<(Value, u64)> {
-        self.policy.may_federate_with(server)?;
-        let base = self.destinations.base_url(server).await?;
-        let response = self
-            .client
+        let (client, base) = self.route_to(server).await?;
+        let response = client
             .get(format!("{base}/_matrix/key/v2/server"))
             .send()
             .await

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::{
     config::Config,
+    service::media::addr::{parse_ranges, url_allowed, GuardedResolver},
     error::{ErrCode, Error, Result},
     service::globals::Globals,
     storage::Storage,
@@ -30,40 +31,70 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct Federation {
-    pub(crate) client: reqwest::Client,
+    /// For discovered destinations: reaches only public addresses (and the operator's
+    /// `federation_ip_range_allowlist`), checked at every resolution.
+    guarded: reqwest::Client,
+    /// For destinations the operator pinned in `federation_destinations`: used as given.
+    pinned: reqwest::Client,
+    allow: Arc<Vec<ipnet::IpNet>>,
     pub(crate) globals: Arc<Globals>,
     pub(crate) storage: Storage,
     pub destinations: destination::Destinations,
-    pub(crate) keys_lock: tokio::sync::Mutex<()>,
     /// Who may be talked to (the policy layer decides; built from the same config).
     pub(crate) policy: crate::policy::Policy,
 }
 
 impl Federation {
     pub fn new(config: &Config, storage: Storage, globals: Arc<Globals>) -> Result<Federation> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy();
-        if let Some(path) = &config.federation_ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::internal(format!("federation_ca_file {}: {e}", path.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| Error::internal(format!("federation_ca_file: {e}")))?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| Error::internal(format!("federation client: {e}")))?;
+        let extra_roots = match &config.federation_ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::internal(format!("federation_ca_file {}: {e}", path.display()))
+                })?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| Error::internal(format!("federation_ca_file: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        let allow = Arc::new(parse_ranges(&config.federation_ip_range_allowlist));
+        let build = |guard: bool| {
+            let mut builder = reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .tls_certs_merge(extra_roots.clone());
+            if guard {
+                builder = builder.dns_resolver(Arc::new(GuardedResolver::new(allow.clone())));
+            }
+            builder
+                .build()
+                .map_err(|e| Error::internal(format!("federation client: {e}")))
+        };
+        let guarded = build(true)?;
         Ok(Federation {
-            destinations: destination::Destinations::new(config, client.clone()),
-            client,
+            destinations: destination::Destinations::new(config, guarded.clone()),
+            pinned: build(false)?,
+            guarded,
+            allow,
             globals,
             storage,
-            keys_lock: tokio::sync::Mutex::new(()),
             policy: crate::policy::Policy::new(config),
         })
+    }
+
+    /// The client and base URL for `server`, if the policy lets us talk to it. Discovered
+    /// addresses must be public (or allowed): a server name cannot point requests into the
+    /// server's own network.
+    async fn route_to(&self, server: &ServerName) -> Result<(&reqwest::Client, String)> {
+        self.policy.may_federate_with(server)?;
+        let dest = self.destinations.base_url(server).await?;
+        if dest.pinned {
+            return Ok((&self.pinned, dest.url));
+        }
+        if !url_allowed(&dest.url, &self.allow) {
+            return Err(unreachable(server, "its address is not a public one"));
+        }
+        Ok((&self.guarded, dest.url))
     }
 
     /// A request to another server, signed with `X-Matrix`; the answer's JSON on success.
@@ -75,8 +106,7 @@ impl Federation {
         path_and_query: &str,
         body: Option<Value>,
     ) -> Result<Value> {
-        self.policy.may_federate_with(destination)?;
-        let base = self.destinations.base_url(destination).await?;
+        let (client, base) = self.route_to(destination).await?;
         let authorization = auth::authorization_header(
             &self.globals,
             &method,
@@ -84,8 +114,7 @@ impl Federation {
             path_and_query,
             body.as_ref(),
         )?;
-        let mut request = self
-            .client
+        let mut request = client
             .request(method, format!("{base}{path_and_query}"))
             .header(http::header::AUTHORIZATION, authorization);
         if let Some(b) = &body {

@@ -1,11 +1,62 @@
-//! Which IP addresses URL previews may connect to: public unicast addresses only, unless an
-//! operator allowed a range. Everything else (loopback, private, link-local, unique-local,
+//! Which IP addresses outgoing requests for users and other servers may connect to (URL
+//! previews, push gateways, federation): public unicast addresses only, unless an operator
+//! allowed a range. Everything else (loopback, private, link-local, unique-local,
 //! CGNAT, multicast, documentation, benchmarking, reserved, and IPv6 forms that embed such an
 //! IPv4 address) is refused, so a preview cannot be used to probe the server's own network.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::{net::SocketAddr, sync::Arc};
+
 use ipnet::IpNet;
+
+/// Ranges from the config (invalid entries were refused when the config was loaded).
+pub fn parse_ranges(ranges: &[String]) -> Vec<IpNet> {
+    ranges.iter().filter_map(|r| r.parse().ok()).collect()
+}
+
+/// A DNS resolver for `reqwest` that keeps only addresses [`may_connect`] accepts, so a name
+/// cannot lead a request into the server's own network (checked at every resolution).
+pub struct GuardedResolver {
+    allow: Arc<Vec<IpNet>>,
+}
+
+impl GuardedResolver {
+    pub fn new(allow: Arc<Vec<IpNet>>) -> GuardedResolver {
+        GuardedResolver { allow }
+    }
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.allow.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| may_connect(a.ip(), &allow))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to no address that may be reached").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// May a URL be requested? Host names are checked when they resolve (see [`GuardedResolver`]);
+/// IP literals here.
+pub fn url_allowed(url: &str, allow: &[IpNet]) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => may_connect(IpAddr::V4(ip), allow),
+        Some(url::Host::Ipv6(ip)) => may_connect(IpAddr::V6(ip), allow),
+        Some(url::Host::Domain(_)) => true,
+        None => false,
+    }
+}
 
 /// Whether `ip` is a public address a preview may reach, or inside one of `allow`.
 pub fn may_connect(ip: IpAddr, allow: &[IpNet]) -> bool {

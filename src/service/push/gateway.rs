@@ -13,7 +13,6 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
     sync::{Arc, Weak},
     time::{Duration, Instant},
 };
@@ -28,7 +27,10 @@ use serde_json::{json, Map, Value};
 use super::{notifications::Notification, pushers::StoredPusher, PendingPushes};
 use crate::{
     error::Result,
-    service::{media::addr::may_connect, Services},
+    service::{
+        media::addr::{parse_ranges, url_allowed, GuardedResolver},
+        Services,
+    },
     utils,
 };
 
@@ -55,48 +57,9 @@ struct Backoff {
     delay: Duration,
 }
 
-/// Resolves gateway host names and keeps only addresses pushes may go to.
-struct GuardedResolver {
-    allow: Arc<Vec<IpNet>>,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow = self.allow.clone();
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| may_connect(a.ip(), &allow))
-                .collect();
-            if addrs.is_empty() {
-                return Err(format!("{host} resolves to no address pushes may reach").into());
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// The operator's extra ranges for push gateways (invalid entries were refused at startup).
 fn allowlist(s: &Services) -> Vec<IpNet> {
-    s.config
-        .push_gateway_ip_range_allowlist
-        .iter()
-        .filter_map(|r| r.parse().ok())
-        .collect()
-}
-
-/// May a pusher URL be posted to? Host names are checked when they resolve; IP literals here.
-fn url_allowed(url: &str, allow: &[IpNet]) -> bool {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return false;
-    };
-    match parsed.host() {
-        Some(url::Host::Ipv4(ip)) => may_connect(IpAddr::V4(ip), allow),
-        Some(url::Host::Ipv6(ip)) => may_connect(IpAddr::V6(ip), allow),
-        Some(url::Host::Domain(_)) => true,
-        None => false,
-    }
+    parse_ranges(&s.config.push_gateway_ip_range_allowlist)
 }
 
 /// Run until the services are dropped (the server shut down).
@@ -108,9 +71,7 @@ pub async fn run(services: Weak<Services>, pending: Arc<PendingPushes>) {
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
-        .dns_resolver(Arc::new(GuardedResolver {
-            allow: allow.clone(),
-        }))
+        .dns_resolver(Arc::new(GuardedResolver::new(allow.clone())))
         .build()
     {
         Ok(c) => c,

@@ -263,6 +263,19 @@ impl Rooms {
         Ok(out)
     }
 
+    /// The current state events of one type (all state keys).
+    pub fn current_state_of_type(&self, room_id: &RoomId, event_type: &str) -> Result<Vec<Pdu>> {
+        let prefix = keys::prefix(&[room_id.as_str(), event_type]);
+        let mut out = Vec::new();
+        for entry in self.storage.scan_prefix(Table::RoomState, &prefix)? {
+            let (_, v) = entry?;
+            if let Some(p) = self.pdu(&String::from_utf8_lossy(&v))? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// The current state as (type, state_key) -> event id.
     pub fn current_state_ids(
         &self,

@@ -117,10 +117,7 @@ impl Rooms {
     /// The valid `m.space.child` events of a space, sorted by `order`, then time, then room id.
     fn space_children(&self, room_id: &RoomId) -> Result<Vec<Child>> {
         let mut out = Vec::new();
-        for pdu in self.current_state(room_id)? {
-            if pdu.kind.to_string() != "m.space.child" {
-                continue;
-            }
+        for pdu in self.current_state_of_type(room_id, "m.space.child")? {
             let Some(child_id) = pdu
                 .state_key
                 .as_deref()
