@@ -380,7 +380,7 @@ async fn merge_remote(
         .into_iter()
         .take(MAX_REMOTE_SERVERS)
     {
-        let request = json!({ field: users });
+        let request = json!({ field: users.clone() });
         match s
             .federation
             .send(http::Method::POST, &server, path, Some(request))
@@ -391,7 +391,9 @@ async fn merge_remote(
                     if let (Some(Value::Object(from)), Some(Value::Object(into))) =
                         (remote.get(*f), answer.get_mut(*f))
                     {
-                        for (k, v) in from {
+                        // Only what was asked of that server, about its own users: a server
+                        // cannot answer for anybody else's keys.
+                        for (k, v) in from.iter().filter(|(k, _)| users.contains_key(*k)) {
                             into.insert(k.clone(), v.clone());
                         }
                     }

@@ -599,3 +599,44 @@ async fn space_hierarchy_for_another_server() {
         .expect_err("private room");
     assert!(err.to_string().contains("M_NOT_FOUND"), "{err}");
 }
+
+#[tokio::test]
+async fn a_server_cannot_answer_for_other_servers_users_keys() {
+    // A hostile server answers a key query with keys for a user of another server too.
+    async fn spoof() -> axum::Json<serde_json::Value> {
+        axum::Json(json!({ "device_keys": {
+            "@mallory:evil.test": { "DEV": { "keys": { "ed25519:DEV": "mallory" } } },
+            "@alice:a.test": { "FAKE": { "keys": { "ed25519:FAKE": "spoofed" } } },
+        } }))
+    }
+    let app = axum::Router::new().route(
+        "/_matrix/federation/v1/user/keys/query",
+        axum::routing::post(spoof),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let a = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "a.test".try_into().expect("name");
+        c.federation_destinations
+            .insert("evil.test".into(), format!("http://127.0.0.1:{port}"));
+    })
+    .await;
+    let alice = a.user("alice").await;
+    let (status, q) = a
+        .post(
+            "/_matrix/client/v3/keys/query",
+            &alice,
+            json!({ "device_keys": { "@mallory:evil.test": [], alice.user_id.clone(): [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{q}");
+    assert_eq!(
+        q["device_keys"]["@mallory:evil.test"]["DEV"]["keys"]["ed25519:DEV"],
+        json!("mallory")
+    );
+    assert_eq!(q["device_keys"][&alice.user_id], json!({}), "{q}");
+}

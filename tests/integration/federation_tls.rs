@@ -128,7 +128,12 @@ async fn federation_over_tls_with_a_private_ca() {
     .await;
     for name in [a_name.clone(), format!("127.0.0.1:{tls_port}")] {
         let (status, keys) = d
-            .req(Method::GET, &format!("/_matrix/key/v2/query/{name}"), None, None)
+            .req(
+                Method::GET,
+                &format!("/_matrix/key/v2/query/{name}"),
+                None,
+                None,
+            )
             .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(keys["server_keys"], json!([]), "{name}: {keys}");

@@ -53,12 +53,7 @@ impl Destinations {
                 pinned: true,
             });
         }
-        let discovered = |url: String| {
-            Ok(Destination {
-                url,
-                pinned: false,
-            })
-        };
+        let discovered = |url: String| Ok(Destination { url, pinned: false });
         if server.is_ip_literal() || server.port().is_some() {
             let host = server.host();
             let port = server.port().unwrap_or(8448);

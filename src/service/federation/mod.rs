@@ -19,9 +19,9 @@ use serde_json::Value;
 
 use crate::{
     config::Config,
-    service::media::addr::{parse_ranges, url_allowed, GuardedResolver},
     error::{ErrCode, Error, Result},
     service::globals::Globals,
+    service::media::addr::{parse_ranges, url_allowed, GuardedResolver},
     storage::Storage,
 };
 
