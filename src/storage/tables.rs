@@ -113,6 +113,16 @@ pub enum Table {
     MediaFileRefs,
     /// source sha256 (hex) 0xff width 0xff height 0xff method -> JSON `ThumbnailRecord`.
     MediaThumbnails,
+    /// event id -> JSON list of [type, state_key, event id]: the room state just before the event,
+    /// kept only where it is not the room's state log at the event's count (events joined into a
+    /// fork, the join event of a room joined over federation, outliers with known state).
+    EventState,
+    /// destination server 0xff kind byte (`p` PDU, `e` EDU) 0xff big-endian sequence -> JSON
+    /// queue item: what is still to be sent to a server, deleted once it acknowledged it.
+    FederationQueue,
+    /// origin server 0xff transaction id -> JSON answer: incoming `/send` transactions already
+    /// processed (a retried transaction gets the same answer and is not applied twice).
+    FederationTxns,
 }
 
 impl Table {
@@ -223,6 +233,9 @@ impl Table {
             Table::MediaPending => "media_pending",
             Table::MediaFileRefs => "media_file_refs",
             Table::MediaThumbnails => "media_thumbnails",
+            Table::EventState => "event_state",
+            Table::FederationQueue => "federation_queue",
+            Table::FederationTxns => "federation_txns",
         }
     }
 }

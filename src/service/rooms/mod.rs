@@ -6,6 +6,7 @@ mod alias;
 mod append;
 pub mod create;
 pub mod directory;
+pub mod event_state;
 pub mod history;
 pub mod membership;
 mod notify;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use append::{NewEvent, Sent};
 pub use create::{CreateRoom, Preset};
+pub use event_state::StateIds;
 pub use membership::{MemberProfile, Moderation};
 pub use pdu::Pdu;
 pub use power::PowerLevels;
