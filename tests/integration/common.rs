@@ -232,3 +232,63 @@ pub fn enc(s: &str) -> String {
     }
     out
 }
+
+/// A private CA made at test time, and a certificate for `localhost` and 127.0.0.1 it signed
+/// (`ca.pem`, `cert.pem`, `key.pem` in a temp dir): what servers federating over TLS on loopback
+/// present and trust.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// A CA, and a certificate for `localhost` and 127.0.0.1 it signed.
+    pub fn new() -> TestPki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Hafen test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+        let mut leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+        leaf_params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .expect("leaf cert");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).expect("write");
+        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).expect("write");
+        TestPki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A server federating over TLS on loopback as `localhost:PORT` (its TLS listener's port), trusting
+/// the test CA and loopback addresses: the way two Hafens, or Hafen and Synapse, meet in tests.
+pub async fn start_federating(
+    pki: &TestPki,
+    adjust: impl FnOnce(&mut hafen::config::Config),
+) -> TestServer {
+    let tls_port = free_port();
+    TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = format!("localhost:{tls_port}").try_into().expect("name");
+        c.tls = Some(hafen::config::TlsConfig {
+            certs: pki.path("cert.pem"),
+            key: pki.path("key.pem"),
+            port: tls_port,
+        });
+        c.federation_ca_file = Some(pki.path("ca.pem"));
+        c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];
+        adjust(c);
+    })
+    .await
+}

@@ -5,42 +5,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::common::{free_port, TestServer};
-
-struct TestPki {
-    dir: tempfile::TempDir,
-}
-
-impl TestPki {
-    /// A CA, and a certificate for `localhost` and 127.0.0.1 it signed.
-    fn new() -> TestPki {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca_key = rcgen::KeyPair::generate().expect("ca key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "Hafen test CA");
-        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
-        let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-        let mut leaf_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
-        leaf_params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-        let leaf = leaf_params
-            .signed_by(&leaf_key, &ca, &ca_key)
-            .expect("leaf cert");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
-        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).expect("write");
-        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).expect("write");
-        TestPki { dir }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-}
+use crate::common::{free_port, TestPki, TestServer};
 
 #[tokio::test]
 async fn federation_over_tls_with_a_private_ca() {
