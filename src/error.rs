@@ -46,6 +46,8 @@ pub enum ErrCode {
     UserSuspended,
     /// Sliding sync: the `pos` is unknown or expired; the client starts a new connection.
     UnknownPos,
+    /// 400: the room's version is not among those the joining server supports.
+    IncompatibleRoomVersion,
 }
 
 impl ErrCode {
@@ -86,6 +88,7 @@ impl ErrCode {
             ErrCode::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             ErrCode::NotYetUploaded => "M_NOT_YET_UPLOADED",
             ErrCode::UnknownPos => "M_UNKNOWN_POS",
+            ErrCode::IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
         }
     }
 

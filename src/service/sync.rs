@@ -352,6 +352,43 @@ pub fn stripped_state(
     room_id: &RoomId,
     ur: &UserRoom,
 ) -> Result<Vec<Value>> {
+    let own = services.rooms.pdu(ur.event_id.as_str())?;
+    // A room this server is not in: the state the inviting (or knocked-at) server sent along.
+    if !services.rooms.exists(room_id)? {
+        let mut out: Vec<Value> = own
+            .as_ref()
+            .and_then(|p| p.unsigned.as_ref())
+            .and_then(|u| {
+                u.get("invite_room_state")
+                    .or_else(|| u.get("knock_room_state"))
+            })
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(own) = own {
+            out.push(own.to_stripped_value());
+        }
+        return Ok(out);
+    }
+    let mut out = public_stripped_state(services, room_id)?;
+    if let Some(own) = own {
+        // The inviter's own member event tells the client who invited.
+        if own.sender != *user {
+            if let Some(p) =
+                services
+                    .rooms
+                    .state_get(room_id, "m.room.member", own.sender.as_str())?
+            {
+                out.push(p.to_stripped_value());
+            }
+        }
+        out.push(own.to_stripped_value());
+    }
+    Ok(out)
+}
+
+/// The state events anyone about to join may see, stripped: what invites and knocks carry.
+pub fn public_stripped_state(services: &Services, room_id: &RoomId) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for kind in [
         "m.room.create",
@@ -365,19 +402,6 @@ pub fn stripped_state(
         if let Some(p) = services.rooms.state_get(room_id, kind, "")? {
             out.push(p.to_stripped_value());
         }
-    }
-    if let Some(own) = services.rooms.pdu(ur.event_id.as_str())? {
-        // The inviter's own member event tells the client who invited.
-        if own.sender != *user {
-            if let Some(p) =
-                services
-                    .rooms
-                    .state_get(room_id, "m.room.member", own.sender.as_str())?
-            {
-                out.push(p.to_stripped_value());
-            }
-        }
-        out.push(own.to_stripped_value());
     }
     Ok(out)
 }

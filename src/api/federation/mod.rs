@@ -4,6 +4,7 @@
 
 mod directory;
 mod keys;
+mod membership;
 mod query;
 mod space;
 mod user;
@@ -28,6 +29,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = user::routes(r);
     let r = directory::routes(r);
     let r = space::routes(r);
+    let r = membership::routes(r);
     query::routes(r)
 }
 

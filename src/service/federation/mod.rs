@@ -10,7 +10,12 @@
 
 pub mod auth;
 pub mod destination;
+pub mod incoming;
+pub mod invite;
+pub mod join;
 pub mod keys;
+pub mod pdu;
+pub mod resident;
 
 use std::{sync::Arc, time::Duration};
 
@@ -106,6 +111,26 @@ impl Federation {
         path_and_query: &str,
         body: Option<Value>,
     ) -> Result<Value> {
+        self.send_limited(
+            method,
+            destination,
+            path_and_query,
+            body,
+            MAX_RESPONSE_BYTES,
+        )
+        .await
+    }
+
+    /// [`Federation::send`], reading an answer of up to `limit` bytes (a room's whole state in
+    /// `send_join` is larger than other answers).
+    pub async fn send_limited(
+        &self,
+        method: http::Method,
+        destination: &ServerName,
+        path_and_query: &str,
+        body: Option<Value>,
+        limit: usize,
+    ) -> Result<Value> {
         let (client, base) = self.route_to(destination).await?;
         let authorization = auth::authorization_header(
             &self.globals,
@@ -125,18 +150,45 @@ impl Federation {
             .await
             .map_err(|e| unreachable(destination, e))?;
         let status = response.status();
-        let answer = read_json(response).await?;
+        let answer = read_json_limited(response, limit).await?;
         if !status.is_success() {
-            return Err(Error::with_status(
-                ErrCode::Unknown,
-                http::StatusCode::BAD_GATEWAY,
-                format!(
-                    "{destination} answered {status}: {}",
-                    answer.get("errcode").and_then(Value::as_str).unwrap_or("")
-                ),
-            ));
+            return Err(remote_error(destination, status, &answer));
         }
         Ok(answer)
+    }
+}
+
+/// A remote server's refusal as our error: the refusals a client should see as they are (the
+/// room is unknown there, the user may not join, the version does not fit) keep their code and
+/// status; anything else is 502.
+fn remote_error(destination: &ServerName, status: http::StatusCode, answer: &Value) -> Error {
+    let errcode = answer.get("errcode").and_then(Value::as_str).unwrap_or("");
+    let message = answer
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect::<String>();
+    let passed = match errcode {
+        "M_FORBIDDEN" => Some(ErrCode::Forbidden),
+        "M_NOT_FOUND" => Some(ErrCode::NotFound),
+        "M_INCOMPATIBLE_ROOM_VERSION" => Some(ErrCode::IncompatibleRoomVersion),
+        "M_UNSUPPORTED_ROOM_VERSION" => Some(ErrCode::UnsupportedRoomVersion),
+        "M_UNABLE_TO_AUTHORISE_JOIN" => Some(ErrCode::UnableToAuthoriseJoin),
+        "M_UNABLE_TO_GRANT_JOIN" => Some(ErrCode::UnableToGrantJoin),
+        "M_BAD_JSON" => Some(ErrCode::BadJson),
+        _ => None,
+    };
+    match passed {
+        Some(code) if status.is_client_error() => {
+            Error::with_status(code, status, format!("{destination}: {message}"))
+        }
+        _ => Error::with_status(
+            ErrCode::Unknown,
+            http::StatusCode::BAD_GATEWAY,
+            format!("{destination} answered {status}: {errcode}"),
+        ),
     }
 }
 
@@ -149,7 +201,14 @@ pub(crate) fn unreachable(destination: &ServerName, e: impl std::fmt::Display) -
 }
 
 /// Read at most [`MAX_RESPONSE_BYTES`] of an answer as JSON.
-pub(crate) async fn read_json(mut response: reqwest::Response) -> Result<Value> {
+pub(crate) async fn read_json(response: reqwest::Response) -> Result<Value> {
+    read_json_limited(response, MAX_RESPONSE_BYTES).await
+}
+
+pub(crate) async fn read_json_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Value> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| {
         Error::with_status(
@@ -158,7 +217,7 @@ pub(crate) async fn read_json(mut response: reqwest::Response) -> Result<Value> 
             e.to_string(),
         )
     })? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+        if body.len() + chunk.len() > limit {
             return Err(Error::with_status(
                 ErrCode::Unknown,
                 http::StatusCode::BAD_GATEWAY,

@@ -56,6 +56,8 @@ impl NewEvent {
 /// stays below it (sync does not show it) and nobody is woken for it.
 pub struct Deferred<'a> {
     pending: PendingCount<'a>,
+    /// Counts of further state changes the event brought (state resolution of a fork).
+    extra: Vec<PendingCount<'a>>,
     wake: Vec<OwnedUserId>,
     ticket: WriteTicket,
     /// Users notified by this event, for the push gateways once it is durable.
@@ -67,6 +69,9 @@ impl Deferred<'_> {
     /// Wait (without blocking an async worker) until the event is durable, then publish it.
     pub async fn complete(self, storage: &Storage) -> Result<()> {
         storage.durable(self.ticket).await?;
+        for p in self.extra {
+            p.finish(Vec::new());
+        }
         self.pending.finish(self.wake);
         if !self.notified.is_empty() {
             self.pushes.add(self.notified);
@@ -76,12 +81,47 @@ impl Deferred<'_> {
 
     fn finish_blocking(self, storage: &Storage) -> Result<()> {
         storage.make_durable(self.ticket)?;
+        for p in self.extra {
+            p.finish(Vec::new());
+        }
         self.pending.finish(self.wake);
         if !self.notified.is_empty() {
             self.pushes.add(self.notified);
         }
         Ok(())
     }
+}
+
+/// Where an event goes in its room's graph and state. Local events extend every forward
+/// extremity and change the state by themselves ([`Placement::local`]); an event from another
+/// server may extend only some extremities, and when it joins a fork the room's current state is
+/// the resolution of the branches, which can differ from "current state plus the event".
+pub(crate) struct Placement {
+    /// Forward extremities after the event.
+    pub extremities: Vec<OwnedEventId>,
+    /// `None`: the event's own state (if any) is applied to the current state. `Some(changes)`:
+    /// the current state changes by exactly these (type, state_key, new event id or `None` for
+    /// removed), the outcome of state resolution.
+    pub resolved: Option<Vec<(String, String, Option<OwnedEventId>)>>,
+    /// The state before the event when it is not the current state (kept in `event_state`).
+    pub state_before: Option<super::StateIds>,
+}
+
+impl Placement {
+    pub fn local(event_id: &OwnedEventId) -> Placement {
+        Placement {
+            extremities: vec![event_id.clone()],
+            resolved: None,
+            state_before: None,
+        }
+    }
+}
+
+/// A local event built, signed and authorized, not yet written.
+pub(crate) struct Prepared {
+    pub meta: RoomMeta,
+    pub obj: CanonicalJsonObject,
+    pub pdu: Pdu,
 }
 
 /// What sending produced.
@@ -132,7 +172,8 @@ impl Rooms {
                 depth: 0,
                 last_count: 0,
             };
-            self.persist(&room_id, meta, obj, pdu, None)?;
+            let placement = Placement::local(&pdu.event_id);
+            self.persist(&room_id, meta, obj, pdu, None, placement)?;
             return Ok((room_id, guard));
         }
         Err(Error::new(ErrCode::RoomInUse, "Room already exists"))
@@ -208,6 +249,26 @@ impl Rooms {
         new: NewEvent,
         txn: Option<(&DeviceId, &str)>,
     ) -> Result<(Sent, Deferred<'_>)> {
+        let prepared = self.prepare_local(room_id, sender, new)?;
+        let placement = Placement::local(&prepared.pdu.event_id);
+        self.persist_deferred(
+            room_id,
+            prepared.meta,
+            prepared.obj,
+            prepared.pdu,
+            txn,
+            placement,
+        )
+    }
+
+    /// Build, sign and authorize a local event without writing it (an invite of another
+    /// server's user is countersigned there first). The caller holds the room's lock.
+    pub(crate) fn prepare_local(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        new: NewEvent,
+    ) -> Result<Prepared> {
         let meta = self
             .meta(room_id)?
             .ok_or_else(|| Error::not_found("Unknown room"))?;
@@ -221,6 +282,35 @@ impl Rooms {
             return Err(Error::bad_json("content must be a JSON object"));
         }
 
+        let event = self.build_event(room_id, &meta, &rules, sender, new)?;
+        let mut obj = to_canonical(event)?;
+        let event_id = self.sign_and_id(&mut obj, &rules)?;
+        let pdu = self.to_pdu(&obj, &event_id, room_id)?;
+
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |t: &StateEventType, k: &str| -> Option<Arc<Pdu>> {
+                self.state_get_for_auth(room_id, &t.to_string(), k)
+                    .ok()
+                    .flatten()
+            },
+        )
+        .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
+        Ok(Prepared { meta, obj, pdu })
+    }
+
+    /// The unsigned event a sender's new event becomes: auth events chosen from the current
+    /// state, prev events the forward extremities. Also the template `make_join` and friends
+    /// offer to other servers. The caller holds the room's lock.
+    pub(crate) fn build_event(
+        &self,
+        room_id: &RoomId,
+        meta: &RoomMeta,
+        rules: &RoomVersionRules,
+        sender: &UserId,
+        new: NewEvent,
+    ) -> Result<Value> {
         let content_raw = serde_json::value::to_raw_value(&new.content)?;
         let auth_types = ruma::state_res::auth_types_for_event(
             &new.kind,
@@ -260,8 +350,8 @@ impl Rooms {
             "content": content,
             "origin_server_ts": utils::now_ms(),
             "depth": depth,
-            "prev_events": self.event_refs(&meta.extremities, &rules)?,
-            "auth_events": self.event_refs(&auth_events, &rules)?,
+            "prev_events": self.event_refs(&meta.extremities, rules)?,
+            "auth_events": self.event_refs(&auth_events, rules)?,
         });
         if let Some(sk) = &new.state_key {
             event["state_key"] = Value::String(sk.clone());
@@ -269,22 +359,7 @@ impl Rooms {
         if let Some(r) = redacts_top {
             event["redacts"] = Value::String(r);
         }
-        let mut obj = to_canonical(event)?;
-        let event_id = self.sign_and_id(&mut obj, &rules)?;
-        let pdu = self.to_pdu(&obj, &event_id, room_id)?;
-
-        ruma::state_res::check_state_dependent_auth_rules(
-            &rules.authorization,
-            &pdu,
-            |t: &StateEventType, k: &str| -> Option<Arc<Pdu>> {
-                self.state_get_for_auth(room_id, &t.to_string(), k)
-                    .ok()
-                    .flatten()
-            },
-        )
-        .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
-
-        self.persist_deferred(room_id, meta, obj, pdu, txn)
+        Ok(event)
     }
 
     /// Build, authorize, sign and persist an event, durable on return. The caller holds the
@@ -401,15 +476,16 @@ impl Rooms {
 
     /// Write the event and everything it changes in one batch, wait until it is on disk, then
     /// wake the users it concerns.
-    fn persist(
+    pub(crate) fn persist(
         &self,
         room_id: &RoomId,
         meta: RoomMeta,
         obj: CanonicalJsonObject,
         pdu: Pdu,
         txn: Option<(&DeviceId, &str)>,
+        placement: Placement,
     ) -> Result<Sent> {
-        let (sent, deferred) = self.persist_deferred(room_id, meta, obj, pdu, txn)?;
+        let (sent, deferred) = self.persist_deferred(room_id, meta, obj, pdu, txn, placement)?;
         deferred.finish_blocking(&self.storage)?;
         Ok(sent)
     }
@@ -417,13 +493,14 @@ impl Rooms {
     /// Write the event and everything it changes in one batch, without waiting for the disk.
     /// Nobody is woken and the stream watermark does not pass the event until
     /// [`Deferred::complete`]: sync never shows an event that a crash could still take back.
-    fn persist_deferred(
+    pub(crate) fn persist_deferred(
         &self,
         room_id: &RoomId,
         mut meta: RoomMeta,
         obj: CanonicalJsonObject,
         mut pdu: Pdu,
         txn: Option<(&DeviceId, &str)>,
+        placement: Placement,
     ) -> Result<(Sent, Deferred<'_>)> {
         let pending = self.globals.counter.next()?;
         let count = pending.get();
@@ -437,7 +514,7 @@ impl Rooms {
         stored["room_id"] = Value::String(room_id.to_string());
 
         let mut wake: Vec<OwnedUserId> = self.joined_members(room_id)?.iter().cloned().collect();
-        let mut member_change: Option<(OwnedUserId, bool)> = None;
+        let mut member_changes: Vec<(OwnedUserId, bool)> = Vec::new();
 
         if let Some(state_key) = &pdu.state_key {
             let kind = pdu.kind.to_string();
@@ -457,59 +534,70 @@ impl Rooms {
                 stored["unsigned"] = Value::Object(unsigned.clone());
                 pdu.unsigned = Some(unsigned);
             }
-            batch.put(
-                Table::RoomState,
-                &keys::join(&[room_id.as_str(), &kind, state_key_str]),
-                event_id.as_bytes(),
-            )?;
-            let change = StateChange {
-                event_type: kind.clone(),
-                state_key: state_key.clone(),
-                event_id: event_id.clone(),
-            };
-            batch.put(
-                Table::StateLog,
-                &keys::with_count(&[room_id.as_str()], count),
-                &serde_json::to_vec(&change)?,
-            )?;
-
-            if pdu.kind == TimelineEventType::RoomMember {
-                let membership = pdu.membership().unwrap_or_else(|| "leave".to_owned());
-                let target = UserId::parse(state_key.as_str())
-                    .map_err(|_| Error::bad_json("m.room.member state_key must be a user id"))?;
-                batch.put(
-                    Table::RoomMembers,
-                    &keys::join(&[room_id.as_str(), target.as_str()]),
-                    membership.as_bytes(),
-                )?;
-                let user_room = UserRoom {
-                    membership: membership.clone(),
-                    count,
+            if placement.resolved.is_none() {
+                let membership = (pdu.kind == TimelineEventType::RoomMember)
+                    .then(|| pdu.membership().unwrap_or_else(|| "leave".to_owned()));
+                let change = StateChange {
+                    event_type: kind.clone(),
+                    state_key: state_key.clone(),
                     event_id: event_id.clone(),
                 };
-                batch.put(
-                    Table::UserRooms,
-                    &keys::join(&[target.as_str(), room_id.as_str()]),
-                    &serde_json::to_vec(&user_room)?,
-                )?;
-                let mut log_key = keys::prefix(&[target.as_str(), room_id.as_str()]);
-                log_key.extend_from_slice(&count.to_be_bytes());
-                batch.put(Table::MembershipLog, &log_key, membership.as_bytes())?;
-                member_change = Some((target.clone(), membership == "join"));
-                if was_joined != (membership == "join") {
-                    // Who shares rooms with whom changed: E2EE clients track device lists by it.
-                    crate::service::keys::log_change(
-                        &mut batch,
-                        count,
-                        &crate::service::keys::ListChange::Membership {
-                            user: target.clone(),
-                            room: room_id.to_owned(),
-                            joined: membership == "join",
-                        },
-                    )?;
+                if let Some(m) = self.write_state_change(
+                    &mut batch, room_id, &change, membership, was_joined, count,
+                )? {
+                    wake.push(m.0.clone());
+                    member_changes.push(m);
                 }
-                wake.push(target);
             }
+        }
+        let mut extra = Vec::new();
+        if let Some(changes) = &placement.resolved {
+            for (kind, state_key, new_id) in changes {
+                let Some(new_id) = new_id else {
+                    // State resolution never drops a key every branch had; a key only one branch
+                    // had and that lost stays as it was (the log cannot express removal).
+                    continue;
+                };
+                let was_joined = kind == "m.room.member"
+                    && self
+                        .state_get_for_auth(room_id, kind, state_key)?
+                        .is_some_and(|p| p.membership().as_deref() == Some("join"));
+                let membership = if kind == "m.room.member" {
+                    let winner = if *new_id == event_id {
+                        Some(pdu.clone())
+                    } else {
+                        self.pdu(new_id.as_str())?
+                    };
+                    Some(
+                        winner
+                            .and_then(|p| p.membership())
+                            .unwrap_or_else(|| "leave".to_owned()),
+                    )
+                } else {
+                    None
+                };
+                let pending = self.globals.counter.next()?;
+                let change = StateChange {
+                    event_type: kind.clone(),
+                    state_key: state_key.clone(),
+                    event_id: new_id.clone(),
+                };
+                if let Some(m) = self.write_state_change(
+                    &mut batch,
+                    room_id,
+                    &change,
+                    membership,
+                    was_joined,
+                    pending.get(),
+                )? {
+                    wake.push(m.0.clone());
+                    member_changes.push(m);
+                }
+                extra.push(pending);
+            }
+        }
+        if let Some(state) = &placement.state_before {
+            self.put_event_state(&mut batch, &event_id, state)?;
         }
 
         // A redaction strips the target event in storage: the content is really gone.
@@ -556,8 +644,8 @@ impl Rooms {
                 event_id.as_bytes(),
             )?;
         }
-        meta.extremities = vec![event_id.clone()];
-        meta.depth = u64::from(pdu.depth);
+        meta.extremities = placement.extremities;
+        meta.depth = meta.depth.max(u64::from(pdu.depth));
         meta.last_count = count;
         batch.put(
             Table::Rooms,
@@ -566,20 +654,82 @@ impl Rooms {
         )?;
         let ticket = batch.commit_deferred()?;
 
-        // The target (woken above) is the only member whose membership changed.
-        if let Some((target, joined)) = member_change {
+        // The targets (woken above) are the only members whose membership changed.
+        for (target, joined) in member_changes {
             self.update_joined(room_id, &target, joined);
         }
         Ok((
             Sent { event_id, count },
             Deferred {
                 pending,
+                extra,
                 wake,
                 ticket,
                 notified,
                 pushes: &self.pending_pushes,
             },
         ))
+    }
+
+    /// Make `change` the current state for its key, at stream position `count`; for membership
+    /// events (`membership` given) update the member tables too. Returns the member and whether
+    /// they are joined now, when the event is a membership.
+    pub(crate) fn write_state_change(
+        &self,
+        batch: &mut crate::storage::Batch,
+        room_id: &RoomId,
+        change: &StateChange,
+        membership: Option<String>,
+        was_joined: bool,
+        count: u64,
+    ) -> Result<Option<(OwnedUserId, bool)>> {
+        batch.put(
+            Table::RoomState,
+            &keys::join(&[room_id.as_str(), &change.event_type, &change.state_key]),
+            change.event_id.as_bytes(),
+        )?;
+        batch.put(
+            Table::StateLog,
+            &keys::with_count(&[room_id.as_str()], count),
+            &serde_json::to_vec(change)?,
+        )?;
+        let Some(membership) = membership else {
+            return Ok(None);
+        };
+        let target = UserId::parse(change.state_key.as_str())
+            .map_err(|_| Error::bad_json("m.room.member state_key must be a user id"))?;
+        batch.put(
+            Table::RoomMembers,
+            &keys::join(&[room_id.as_str(), target.as_str()]),
+            membership.as_bytes(),
+        )?;
+        let user_room = UserRoom {
+            membership: membership.clone(),
+            count,
+            event_id: change.event_id.clone(),
+        };
+        batch.put(
+            Table::UserRooms,
+            &keys::join(&[target.as_str(), room_id.as_str()]),
+            &serde_json::to_vec(&user_room)?,
+        )?;
+        let mut log_key = keys::prefix(&[target.as_str(), room_id.as_str()]);
+        log_key.extend_from_slice(&count.to_be_bytes());
+        batch.put(Table::MembershipLog, &log_key, membership.as_bytes())?;
+        let joined = membership == "join";
+        if was_joined != joined {
+            // Who shares rooms with whom changed: E2EE clients track device lists by it.
+            crate::service::keys::log_change(
+                batch,
+                count,
+                &crate::service::keys::ListChange::Membership {
+                    user: target.clone(),
+                    room: room_id.to_owned(),
+                    joined,
+                },
+            )?;
+        }
+        Ok(Some((target, joined)))
     }
 
     /// Replace the stored target with its redacted form, keeping `redacted_because`.

@@ -59,7 +59,7 @@ impl Rooms {
 
     /// For a restricted join: a local joined member with invite power who vouches for the
     /// joiner, when the joiner is in one of the rooms the join rule allows.
-    fn restricted_authoriser(
+    pub(crate) fn restricted_authoriser(
         &self,
         room_id: &RoomId,
         user: &UserId,

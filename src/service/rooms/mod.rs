@@ -1,9 +1,10 @@
 //! Rooms: events, state, membership, timeline. The write path is `append.rs`: every local event is
 //! built, authorized by the room version's rules (ruma state-res), signed and persisted here.
 
+pub mod acl;
 mod aggregations;
 mod alias;
-mod append;
+pub mod append;
 pub mod create;
 pub mod directory;
 pub mod event_state;
@@ -13,6 +14,8 @@ mod notify;
 pub mod pdu;
 mod power;
 pub mod relations;
+mod remote;
+mod resolve;
 pub mod search;
 mod send;
 pub mod summary;
@@ -144,6 +147,22 @@ impl Rooms {
 
     pub fn meta(&self, room_id: &RoomId) -> Result<Option<RoomMeta>> {
         self.storage.get_json(Table::Rooms, room_id.as_bytes())
+    }
+
+    /// Store an event from another server without placing it in the timeline or state: an
+    /// event of a room's auth chain or state, or one that was soft-failed.
+    pub fn store_outlier(&self, event: &crate::service::federation::pdu::Incoming) -> Result<()> {
+        if self
+            .storage
+            .contains(Table::Pdus, event.event_id.as_bytes())?
+        {
+            return Ok(());
+        }
+        self.storage.put(
+            Table::Pdus,
+            event.event_id.as_bytes(),
+            &serde_json::to_vec(&event.stored_value()?)?,
+        )
     }
 
     /// Ids of the rooms this server knows, at most `limit`.

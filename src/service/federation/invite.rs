@@ -1,0 +1,107 @@
+//! Inviting a user of another server: the invite is built and signed here, countersigned by the
+//! invitee's server (`/invite/v2`, which also learns the room's stripped state), then written to
+//! the room and sent to the room's servers like any local event.
+
+use ruma::{signatures::PublicKeyMap, RoomId, UserId};
+use serde_json::{json, Value};
+
+use super::{incoming::urlencoding, pdu::KeyCache};
+use crate::{
+    error::{Error, Result},
+    service::{
+        rooms::{append::Placement, membership::member_content, NewEvent},
+        sync::public_stripped_state,
+        Services,
+    },
+};
+
+pub async fn invite_remote(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    reason: Option<&str>,
+    is_direct: bool,
+) -> Result<()> {
+    let rooms = &services.rooms;
+    let guard = rooms.lock(room_id).await;
+    rooms.require_joined(room_id, sender)?;
+    match rooms.membership(room_id, target)?.as_deref() {
+        Some("ban") => return Err(Error::forbidden("The user is banned from this room")),
+        Some("join") => return Err(Error::forbidden("The user is already in this room")),
+        _ => {}
+    }
+    let mut content = member_content("invite", None, reason);
+    if is_direct {
+        content["is_direct"] = Value::Bool(true);
+    }
+    let prepared = rooms
+        .prepare_local(
+            room_id,
+            sender,
+            NewEvent::state("m.room.member", target.as_str(), content),
+        )
+        .map_err(|e| match e.errcode() {
+            "M_FORBIDDEN" => Error::forbidden("You may not invite users to this room"),
+            _ => e,
+        })?;
+    let mut stripped = public_stripped_state(services, room_id)?;
+    if let Some(p) = rooms.state_get(room_id, "m.room.member", sender.as_str())? {
+        stripped.push(p.to_stripped_value());
+    }
+    let event_id = prepared.pdu.event_id.clone();
+    let version = prepared.meta.version.clone();
+    let answer = services
+        .federation
+        .send(
+            http::Method::PUT,
+            target.server_name(),
+            &format!(
+                "/_matrix/federation/v2/invite/{}/{}",
+                urlencoding(room_id.as_str()),
+                urlencoding(event_id.as_str())
+            ),
+            Some(json!({
+                "room_version": version,
+                "event": prepared.obj,
+                "invite_room_state": stripped,
+            })),
+        )
+        .await?;
+    let returned = answer
+        .get("event")
+        .filter(|e| e.is_object())
+        .ok_or_else(|| Error::bad_json("The invitee's server returned no event"))?;
+    let mut keys = KeyCache::default();
+    let checked = services
+        .federation
+        .check_pdu(&version, returned, Some(room_id), &mut keys)
+        .await?;
+    if checked.event_id != event_id {
+        return Err(Error::bad_json("The invitee's server changed the invite"));
+    }
+    // The invitee's server must have signed it: that signature is its consent to the invite.
+    let target_keys = services
+        .federation
+        .event_signing_keys(target.server_name())
+        .await?;
+    let mut map = PublicKeyMap::new();
+    map.insert(target.server_name().to_string(), target_keys);
+    let rules = crate::service::rooms::append::rules_for(&version)?;
+    let redacted = ruma::canonical_json::redact(checked.obj.clone(), &rules.redaction, None)
+        .map_err(|e| Error::bad_json(format!("cannot redact: {e}")))?;
+    ruma::signatures::verify_json(&map, &redacted)
+        .map_err(|_| Error::bad_json("The invitee's server did not sign the invite"))?;
+
+    let placement = Placement::local(&event_id);
+    let (_, deferred) = rooms.persist_deferred(
+        room_id,
+        prepared.meta,
+        checked.obj,
+        prepared.pdu,
+        None,
+        placement,
+    )?;
+    drop(guard);
+    deferred.complete(&services.storage).await
+}
