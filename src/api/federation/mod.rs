@@ -5,6 +5,7 @@
 mod directory;
 mod keys;
 mod query;
+mod send;
 mod space;
 mod user;
 
@@ -28,6 +29,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = user::routes(r);
     let r = directory::routes(r);
     let r = space::routes(r);
+    let r = send::routes(r);
     query::routes(r)
 }
 
@@ -64,6 +66,8 @@ impl FromRequest<Arc<Services>> for Signed {
             .federation
             .verify_request(&parts.method, uri, header, body.as_ref())
             .await?;
+        // The origin is up: anything queued for it that was backing off goes now.
+        services.federation.sender.server_is_back(&origin);
         Ok(Signed { origin, body })
     }
 }

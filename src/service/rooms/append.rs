@@ -61,6 +61,9 @@ pub struct Deferred<'a> {
     /// Users notified by this event, for the push gateways once it is durable.
     notified: Vec<OwnedUserId>,
     pushes: &'a crate::service::push::PendingPushes,
+    /// Servers the event was queued for, to wake the federation sender once it is durable.
+    federate: Vec<ruma::OwnedServerName>,
+    federation_wake: &'a crate::service::federation::sender::Wake,
 }
 
 impl Deferred<'_> {
@@ -71,6 +74,9 @@ impl Deferred<'_> {
         if !self.notified.is_empty() {
             self.pushes.add(self.notified);
         }
+        if !self.federate.is_empty() {
+            self.federation_wake.add(self.federate);
+        }
         Ok(())
     }
 
@@ -79,6 +85,9 @@ impl Deferred<'_> {
         self.pending.finish(self.wake);
         if !self.notified.is_empty() {
             self.pushes.add(self.notified);
+        }
+        if !self.federate.is_empty() {
+            self.federation_wake.add(self.federate);
         }
         Ok(())
     }
@@ -132,7 +141,7 @@ impl Rooms {
                 depth: 0,
                 last_count: 0,
             };
-            self.persist(&room_id, meta, obj, pdu, None)?;
+            self.persist(&room_id, meta, obj, pdu, None, false)?;
             return Ok((room_id, guard));
         }
         Err(Error::new(ErrCode::RoomInUse, "Room already exists"))
@@ -284,7 +293,7 @@ impl Rooms {
         )
         .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
 
-        self.persist_deferred(room_id, meta, obj, pdu, txn)
+        self.persist_deferred(room_id, meta, obj, pdu, txn, false)
     }
 
     /// Build, authorize, sign and persist an event, durable on return. The caller holds the
@@ -408,8 +417,9 @@ impl Rooms {
         obj: CanonicalJsonObject,
         pdu: Pdu,
         txn: Option<(&DeviceId, &str)>,
+        rebroadcast: bool,
     ) -> Result<Sent> {
-        let (sent, deferred) = self.persist_deferred(room_id, meta, obj, pdu, txn)?;
+        let (sent, deferred) = self.persist_deferred(room_id, meta, obj, pdu, txn, rebroadcast)?;
         deferred.finish_blocking(&self.storage)?;
         Ok(sent)
     }
@@ -417,6 +427,10 @@ impl Rooms {
     /// Write the event and everything it changes in one batch, without waiting for the disk.
     /// Nobody is woken and the stream watermark does not pass the event until
     /// [`Deferred::complete`]: sync never shows an event that a crash could still take back.
+    ///
+    /// Events this server originates are queued (in the same batch) for every other server in
+    /// the room; a remote event only when `rebroadcast` (the resident server passing on a join it
+    /// got through send_join), never back to its own server. Events from `/send` pass false.
     fn persist_deferred(
         &self,
         room_id: &RoomId,
@@ -424,6 +438,7 @@ impl Rooms {
         obj: CanonicalJsonObject,
         mut pdu: Pdu,
         txn: Option<(&DeviceId, &str)>,
+        rebroadcast: bool,
     ) -> Result<(Sent, Deferred<'_>)> {
         let pending = self.globals.counter.next()?;
         let count = pending.get();
@@ -436,7 +451,8 @@ impl Rooms {
         stored["event_id"] = Value::String(event_id.to_string());
         stored["room_id"] = Value::String(room_id.to_string());
 
-        let mut wake: Vec<OwnedUserId> = self.joined_members(room_id)?.iter().cloned().collect();
+        let joined = self.joined_members(room_id)?;
+        let mut wake: Vec<OwnedUserId> = joined.iter().cloned().collect();
         let mut member_change: Option<(OwnedUserId, bool)> = None;
 
         if let Some(state_key) = &pdu.state_key {
@@ -564,6 +580,7 @@ impl Rooms {
             room_id.as_bytes(),
             &serde_json::to_vec(&meta)?,
         )?;
+        let federate = self.queue_for_federation(&mut batch, &joined, &pdu, count, rebroadcast)?;
         let ticket = batch.commit_deferred()?;
 
         // The target (woken above) is the only member whose membership changed.
@@ -578,8 +595,45 @@ impl Rooms {
                 ticket,
                 notified,
                 pushes: &self.pending_pushes,
+                federate,
+                federation_wake: &self.federation_wake,
             },
         ))
+    }
+
+    /// Queue the event, in its batch, for the servers that must receive it: every other server
+    /// with a joined member (before the event; the target of a membership event too, so a kick,
+    /// ban or leave reaches the user's server). Only events of our users, or remote events to
+    /// `rebroadcast` (never to their own server). Uses the in-memory member set: no reads.
+    fn queue_for_federation(
+        &self,
+        batch: &mut crate::storage::Batch,
+        joined: &std::collections::HashSet<OwnedUserId>,
+        pdu: &Pdu,
+        count: u64,
+        rebroadcast: bool,
+    ) -> Result<Vec<ruma::OwnedServerName>> {
+        let ours = &*self.globals.server_name;
+        let origin = pdu.sender.server_name();
+        if origin != ours && !rebroadcast {
+            return Ok(Vec::new());
+        }
+        let target = (pdu.kind == TimelineEventType::RoomMember)
+            .then(|| pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()))
+            .flatten();
+        let mut servers: std::collections::BTreeSet<&ruma::ServerName> = Default::default();
+        for user in joined.iter().chain(target.as_ref()) {
+            let server = user.server_name();
+            if server != ours && server != origin {
+                servers.insert(server);
+            }
+        }
+        let servers: Vec<ruma::OwnedServerName> =
+            servers.into_iter().map(ToOwned::to_owned).collect();
+        for server in &servers {
+            crate::service::federation::sender::queue_pdu(batch, server, count, &pdu.event_id)?;
+        }
+        Ok(servers)
     }
 
     /// Replace the stored target with its redacted form, keeping `redacted_because`.
