@@ -17,6 +17,8 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     tls_shutdown: tokio::sync::watch::Sender<bool>,
     tls_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    sender_shutdown: tokio::sync::watch::Sender<bool>,
+    sender_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -35,6 +37,11 @@ impl Running {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        // The federation sender stops its workers (queued items stay queued for the next start).
+        let _ = self.sender_shutdown.send(true);
+        if let Some(t) = self.sender_task.take() {
+            t.await.map_err(|e| e.to_string())?;
+        }
         self.services.storage.flush().map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -72,6 +79,11 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         Arc::downgrade(&services),
         services.push.pending.clone(),
     ));
+    let (sender_shutdown, sender_stop) = tokio::sync::watch::channel(false);
+    let sender_task = tokio::spawn(crate::service::federation::sender::run(
+        Arc::downgrade(&services),
+        sender_stop,
+    ));
     let (tls_shutdown, tls_stop) = tokio::sync::watch::channel(false);
     let (tls_addr, tls_task) = match &services.config.tls {
         Some(tls) => {
@@ -102,5 +114,7 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         task,
         tls_shutdown,
         tls_task,
+        sender_shutdown,
+        sender_task: Some(sender_task),
     })
 }

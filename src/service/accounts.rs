@@ -474,10 +474,15 @@ impl Accounts {
     /// Remove a device (logout, device deletion) in one batch: its tokens, its E2EE keys and
     /// undelivered to-device messages; the change goes to the device-list log so that the user's
     /// other devices and room mates stop encrypting for it. Only the owner is woken at once;
-    /// room mates see the change in their next sync.
-    pub fn remove_device(&self, user_id: &UserId, device_id: &ruma::DeviceId) -> Result<()> {
+    /// room mates see the change in their next sync. Returns the device-list log count of the
+    /// change (None: there was no such device).
+    pub fn remove_device(
+        &self,
+        user_id: &UserId,
+        device_id: &ruma::DeviceId,
+    ) -> Result<Option<u64>> {
         let Some(device) = self.device(user_id, device_id)? else {
-            return Ok(());
+            return Ok(None);
         };
         let pending = self.globals.counter.next()?;
         let mut b = self.storage.batch();
@@ -507,8 +512,9 @@ impl Accounts {
             },
         )?;
         b.commit()?;
+        let count = pending.get();
         pending.finish(vec![user_id.to_owned()]);
-        Ok(())
+        Ok(Some(count))
     }
 
     /// A device nobody logs in with (a dehydrated device): no tokens.

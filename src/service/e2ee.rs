@@ -66,7 +66,19 @@ pub fn upload_keys(s: &Services, who: &Identity, body: &Map<String, Value>) -> R
     } else {
         Vec::new()
     };
+    let count = pending.get();
     pending.finish(wake);
+    if uploaded.device_keys_changed {
+        if let Err(e) = crate::service::federation::edu::send_device_list_update(
+            s,
+            &who.user_id,
+            &who.device_id,
+            false,
+            count,
+        ) {
+            tracing::warn!("queueing a device list update: {e}");
+        }
+    }
     Ok(json!({ "one_time_key_counts": uploaded.one_time_key_counts }))
 }
 
@@ -214,6 +226,11 @@ pub fn upload_cross_signing(s: &Services, user: &UserId, body: &Map<String, Valu
     s.keys
         .set_cross_signing(user, master, self_signing, user_signing, pending.get())?;
     pending.finish(room_mates(s, user)?);
+    if master.is_some() || self_signing.is_some() {
+        if let Err(e) = crate::service::federation::edu::send_signing_key_update(s, user) {
+            tracing::warn!("queueing a signing key update: {e}");
+        }
+    }
     Ok(())
 }
 
@@ -306,14 +323,29 @@ pub fn send_to_device(
     let messages = object(body, "messages")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing messages"))?;
     let mut recipients = Vec::new();
+    let mut remote: BTreeMap<ruma::OwnedServerName, Map<String, Value>> = BTreeMap::new();
+    let mut remote_count = 0;
     for (user, devices) in messages {
         let user_id = parse_user(user)?;
         let devices = devices
             .as_object()
             .ok_or_else(|| Error::bad_json("messages values must be objects"))?;
         if is_remote(s, &user_id) {
-            // Federation is not there yet: nothing can be delivered to another server.
-            tracing::debug!(%user_id, "to-device message for a remote user dropped");
+            // For the user's server: queued (in this request's batch) as m.direct_to_device.
+            if devices.values().any(|c| !c.is_object()) {
+                return Err(Error::bad_json("Message contents must be objects"));
+            }
+            remote_count += devices.len();
+            if remote_count > crate::service::to_device::MAX_RECIPIENTS {
+                return Err(Error::new(
+                    ErrCode::TooLarge,
+                    "Too many devices in one request",
+                ));
+            }
+            remote
+                .entry(user_id.server_name().to_owned())
+                .or_default()
+                .insert(user.clone(), Value::Object(devices.clone()));
             continue;
         }
         for (device, content) in devices {
@@ -337,8 +369,25 @@ pub fn send_to_device(
             }
         }
     }
-    s.to_device
-        .send(&who.user_id, &who.device_id, txn_id, kind, recipients)
+    let edus = crate::service::federation::edu::to_device_edus(&who.user_id, kind, remote)?;
+    let sender = &s.federation.sender;
+    let queued = s.to_device.send_with(
+        &who.user_id,
+        &who.device_id,
+        txn_id,
+        kind,
+        recipients,
+        |batch| {
+            for (server, edu) in &edus {
+                sender.queue_edu(batch, server, edu)?;
+            }
+            Ok(())
+        },
+    )?;
+    if queued && !edus.is_empty() {
+        sender.wake.add(edus.into_iter().map(|(server, _)| server));
+    }
+    Ok(())
 }
 
 /// Most servers one `/keys/query` or `/keys/claim` asks over federation.

@@ -67,6 +67,7 @@ impl Services {
             counter,
         });
         let push = push::Push::new(storage.clone(), globals.clone(), Arc::default());
+        let federation_wake = Arc::new(federation::sender::Wake::default());
         Ok(Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
@@ -80,10 +81,16 @@ impl Services {
                 globals.clone(),
                 push.rules.clone(),
                 push.pending.clone(),
+                federation_wake.clone(),
             ),
             push,
             server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
-            federation: federation::Federation::new(&config, storage.clone(), globals.clone())?,
+            federation: federation::Federation::new(
+                &config,
+                storage.clone(),
+                globals.clone(),
+                federation_wake,
+            )?,
             dehydrated: dehydrated::Dehydration::default(),
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),

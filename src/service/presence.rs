@@ -58,13 +58,14 @@ impl Presence {
     /// Set the user's presence. `status_msg` None keeps the current message (sync's
     /// `set_presence` does not touch it). A change gets a stream count and wakes `wake`; a mere
     /// refresh of the activity time does not, so syncing clients do not wake each other.
+    /// Returns whether it changed (other servers are told of changes only).
     pub fn set(
         &self,
         user: &UserId,
         presence: &str,
         status_msg: Option<Option<String>>,
         wake: impl FnOnce() -> Result<Vec<OwnedUserId>>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let now = crate::utils::now_ms();
         let current = self.get(user)?;
         let new_msg = match status_msg {
@@ -77,11 +78,12 @@ impl Presence {
                     last_active_ts: now,
                     ..cur.clone()
                 };
-                return self.storage.put(
+                self.storage.put(
                     Table::Presence,
                     user.as_bytes(),
                     &serde_json::to_vec(&refreshed)?,
-                );
+                )?;
+                return Ok(false);
             }
         }
         let mut wake = wake()?;
@@ -91,6 +93,32 @@ impl Presence {
             presence: presence.to_owned(),
             status_msg: new_msg,
             last_active_ts: now,
+            count: pending.get(),
+        };
+        self.storage.put(
+            Table::Presence,
+            user.as_bytes(),
+            &serde_json::to_vec(&state)?,
+        )?;
+        pending.finish(wake);
+        Ok(true)
+    }
+
+    /// Store the presence another server reported for one of its users (`last_active_ago` ms
+    /// before now) and wake `wake`.
+    pub fn set_remote(
+        &self,
+        user: &UserId,
+        presence: &str,
+        status_msg: Option<String>,
+        last_active_ago: u64,
+        wake: Vec<OwnedUserId>,
+    ) -> Result<()> {
+        let pending = self.globals.counter.next()?;
+        let state = PresenceState {
+            presence: presence.to_owned(),
+            status_msg,
+            last_active_ts: crate::utils::now_ms().saturating_sub(last_active_ago),
             count: pending.get(),
         };
         self.storage.put(

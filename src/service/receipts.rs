@@ -288,6 +288,13 @@ pub fn send_receipt(
     };
     s.receipts
         .set(room_id, user, receipt_type, thread, event_id, wake)?;
+    if receipt_type == "m.read" {
+        if let Err(e) =
+            crate::service::federation::edu::send_receipt(s, room_id, user, event_id, thread)
+        {
+            tracing::warn!("queueing a receipt: {e}");
+        }
+    }
     // Notifications up to the receipt are read (public and private receipts alike).
     s.push.notifications.mark_read(user, room_id, count, thread)
 }

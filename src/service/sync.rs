@@ -164,10 +164,14 @@ pub fn device_list_changes(
 pub fn note_presence(services: &Services, user: &UserId, set_presence: Option<&str>) -> Result<()> {
     if services.policy.presence_enabled() {
         let presence = set_presence.unwrap_or("online");
-        if presence != "offline" {
-            services
+        if presence != "offline"
+            && services
                 .presence
-                .set(user, presence, None, || room_mates(services, user))?;
+                .set(user, presence, None, || room_mates(services, user))?
+        {
+            if let Err(e) = crate::service::federation::edu::send_presence(services, user) {
+                tracing::warn!("queueing presence: {e}");
+            }
         }
     }
     Ok(())

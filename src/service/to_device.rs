@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::{
     error::{ErrCode, Error, Result},
     service::globals::Globals,
-    storage::{keys, Storage, Table},
+    storage::{keys, Batch, Storage, Table},
 };
 
 /// Most messages one sync response carries for a device; the rest follow in the next sync.
@@ -53,6 +53,22 @@ impl ToDevice {
         kind: &str,
         recipients: Vec<Recipient>,
     ) -> Result<()> {
+        self.send_with(sender, sender_device, txn_id, kind, recipients, |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// [`ToDevice::send`], with `extra` writing more into the same batch (the messages for other
+    /// servers, queued for federation). Returns false when the transaction was already done
+    /// (nothing was written).
+    pub fn send_with(
+        &self,
+        sender: &UserId,
+        sender_device: &DeviceId,
+        txn_id: &str,
+        kind: &str,
+        recipients: Vec<Recipient>,
+        extra: impl FnOnce(&mut Batch) -> Result<()>,
+    ) -> Result<bool> {
         if recipients.len() > MAX_RECIPIENTS {
             return Err(Error::new(
                 ErrCode::TooLarge,
@@ -62,7 +78,7 @@ impl ToDevice {
         // Its own namespace in the transactions table: four parts, where room sends use three.
         let txn_key = keys::join(&[sender.as_str(), sender_device.as_str(), "to_device", txn_id]);
         if self.storage.contains(Table::Transactions, &txn_key)? {
-            return Ok(());
+            return Ok(false);
         }
         let pending = self.globals.counter.next()?;
         let count = pending.get();
@@ -92,9 +108,10 @@ impl ToDevice {
             }
         }
         b.put(Table::Transactions, &txn_key, b"")?;
+        extra(&mut b)?;
         b.commit()?;
         pending.finish(wake);
-        Ok(())
+        Ok(true)
     }
 
     /// Delete the device's messages with counts up to `acknowledged`.

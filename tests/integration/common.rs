@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 
 pub struct TestServer {
     pub running: Option<Running>,
+    /// The config of a server stopped by [`TestServer::halt`], for [`TestServer::resume`].
+    halted: Option<Config>,
     pub base: String,
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -47,6 +49,7 @@ impl TestServer {
         let base = running.base_url();
         TestServer {
             running: Some(running),
+            halted: None,
             base,
             http: reqwest::Client::new(),
             _dir: dir,
@@ -188,6 +191,23 @@ impl TestServer {
         let config = r.services.config.clone();
         r.stop().await.expect("clean stop");
         offline(&config);
+        let running = hafen::server::start(config).await.expect("server restarts");
+        self.base = running.base_url();
+        self.running = Some(running);
+    }
+
+    /// Stop the server but keep its data (and, for federating servers, its name and TLS port):
+    /// to other servers it is down until [`TestServer::resume`].
+    pub async fn halt(&mut self) {
+        let r = self.running.take().expect("running");
+        let config = r.services.config.clone();
+        r.stop().await.expect("clean stop");
+        self.halted = Some(config);
+    }
+
+    /// Start a server stopped by [`TestServer::halt`] again on the same data.
+    pub async fn resume(&mut self) {
+        let config = self.halted.take().expect("halted");
         let running = hafen::server::start(config).await.expect("server restarts");
         self.base = running.base_url();
         self.running = Some(running);

@@ -100,7 +100,9 @@ async fn delete_one(
     }
     s.uiaa
         .password_reauth(&s.accounts, &id.user_id, auth_of(&body))?;
-    s.accounts.remove_device(&id.user_id, device_id.into())?;
+    if let Some(count) = s.accounts.remove_device(&id.user_id, device_id.into())? {
+        crate::service::federation::edu::device_deleted(&s, &id.user_id, device_id.into(), count);
+    }
     Ok(Json(json!({})))
 }
 
@@ -132,7 +134,9 @@ async fn delete_many(
     s.uiaa
         .password_reauth(&s.accounts, &id.user_id, auth_of(&body))?;
     for d in ids {
-        s.accounts.remove_device(&id.user_id, d.into())?;
+        if let Some(count) = s.accounts.remove_device(&id.user_id, d.into())? {
+            crate::service::federation::edu::device_deleted(&s, &id.user_id, d.into(), count);
+        }
     }
     Ok(Json(json!({})))
 }

@@ -57,10 +57,16 @@ async fn set_presence(
         Some(_) => return Err(Error::bad_json("'status_msg' must be a string")),
     };
     if s.policy.presence_enabled() {
-        s.presence
+        let changed = s
+            .presence
             .set(&who.user_id, &presence, Some(status_msg), || {
                 crate::service::sync::room_mates(&s, &who.user_id)
             })?;
+        if changed {
+            if let Err(e) = crate::service::federation::edu::send_presence(&s, &who.user_id) {
+                tracing::warn!("queueing presence: {e}");
+            }
+        }
     }
     Ok(Json(json!({})))
 }

@@ -99,7 +99,9 @@ async fn refresh(State(s): State<Arc<Services>>, JsonBody(body): JsonBody) -> Re
 }
 
 async fn logout(State(s): State<Arc<Services>>, Authed(id): Authed) -> Result<Json<Value>> {
-    s.accounts.remove_device(&id.user_id, &id.device_id)?;
+    if let Some(count) = s.accounts.remove_device(&id.user_id, &id.device_id)? {
+        crate::service::federation::edu::device_deleted(&s, &id.user_id, &id.device_id, count);
+    }
     Ok(Json(json!({})))
 }
 

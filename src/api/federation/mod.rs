@@ -6,6 +6,7 @@ mod directory;
 mod keys;
 mod membership;
 mod query;
+mod send;
 mod space;
 mod user;
 
@@ -30,6 +31,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = directory::routes(r);
     let r = space::routes(r);
     let r = membership::routes(r);
+    let r = send::routes(r);
     query::routes(r)
 }
 
@@ -66,6 +68,8 @@ impl FromRequest<Arc<Services>> for Signed {
             .federation
             .verify_request(&parts.method, uri, header, body.as_ref())
             .await?;
+        // The origin is up: anything queued for it that was backing off goes now.
+        services.federation.sender.server_is_back(&origin);
         Ok(Signed { origin, body })
     }
 }

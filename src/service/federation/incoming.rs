@@ -186,6 +186,7 @@ pub async fn accept(
             extremities,
             resolved: None,
             state_before: None,
+            rebroadcast: broadcast,
         },
         Some(before) => {
             let current = rooms.current_state_ids(&incoming.room_id)?;
@@ -207,10 +208,10 @@ pub async fn accept(
                 extremities,
                 resolved: Some(changes),
                 state_before: Some(before),
+                rebroadcast: broadcast,
             }
         }
     };
-    let _ = broadcast;
     let (_, deferred) = rooms.persist_deferred(
         &incoming.room_id,
         meta,

@@ -7,15 +7,20 @@
 //!   until their `valid_until_ts`.
 //! - `auth`: the `X-Matrix` request signature, made for outgoing requests and checked on
 //!   incoming ones.
+//! - `sender`: the persistent outgoing queue and the task sending it as `/send` transactions.
+//! - `edu`: EDUs both ways (built for local changes; applied when received).
+//! - `incoming`: room events (PDUs) received in `/send` transactions.
 
 pub mod auth;
 pub mod destination;
+pub mod edu;
 pub mod incoming;
 pub mod invite;
 pub mod join;
 pub mod keys;
 pub mod pdu;
 pub mod resident;
+pub mod sender;
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,10 +52,20 @@ pub struct Federation {
     pub destinations: destination::Destinations,
     /// Who may be talked to (the policy layer decides; built from the same config).
     pub(crate) policy: crate::policy::Policy,
+    /// The outgoing queue (see `sender.rs`).
+    pub sender: sender::Sender,
+    /// Incoming `/send` transactions of one origin are handled one at a time (a retry waits for
+    /// the first attempt and then gets its answer): one lock per hash bucket of origins.
+    pub(crate) txn_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl Federation {
-    pub fn new(config: &Config, storage: Storage, globals: Arc<Globals>) -> Result<Federation> {
+    pub fn new(
+        config: &Config,
+        storage: Storage,
+        globals: Arc<Globals>,
+        wake: Arc<sender::Wake>,
+    ) -> Result<Federation> {
         let extra_roots = match &config.federation_ca_file {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -80,6 +95,8 @@ impl Federation {
             destinations: destination::Destinations::new(config, guarded.clone()),
             pinned: build(false)?,
             guarded,
+            sender: sender::Sender::new(storage.clone(), wake)?,
+            txn_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             allow,
             globals,
             storage,
@@ -189,6 +206,17 @@ fn remote_error(destination: &ServerName, status: http::StatusCode, answer: &Val
             http::StatusCode::BAD_GATEWAY,
             format!("{destination} answered {status}: {errcode}"),
         ),
+    }
+}
+
+impl Federation {
+    /// The lock serializing `origin`'s incoming transactions.
+    pub(crate) fn txn_lock(&self, origin: &ServerName) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        origin.hash(&mut h);
+        let i = (h.finish() as usize) % self.txn_locks.len().max(1);
+        &self.txn_locks[i]
     }
 }
 

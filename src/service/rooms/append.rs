@@ -63,6 +63,9 @@ pub struct Deferred<'a> {
     /// Users notified by this event, for the push gateways once it is durable.
     notified: Vec<OwnedUserId>,
     pushes: &'a crate::service::push::PendingPushes,
+    /// Servers the event was queued for, to wake the federation sender once it is durable.
+    federate: Vec<ruma::OwnedServerName>,
+    federation_wake: &'a crate::service::federation::sender::Wake,
 }
 
 impl Deferred<'_> {
@@ -76,6 +79,9 @@ impl Deferred<'_> {
         if !self.notified.is_empty() {
             self.pushes.add(self.notified);
         }
+        if !self.federate.is_empty() {
+            self.federation_wake.add(self.federate);
+        }
         Ok(())
     }
 
@@ -87,6 +93,9 @@ impl Deferred<'_> {
         self.pending.finish(self.wake);
         if !self.notified.is_empty() {
             self.pushes.add(self.notified);
+        }
+        if !self.federate.is_empty() {
+            self.federation_wake.add(self.federate);
         }
         Ok(())
     }
@@ -105,6 +114,10 @@ pub(crate) struct Placement {
     pub resolved: Option<Vec<(String, String, Option<OwnedEventId>)>>,
     /// The state before the event when it is not the current state (kept in `event_state`).
     pub state_before: Option<super::StateIds>,
+    /// For another server's event: whether this server forwards it to the room's other servers
+    /// (the resident server passing on a join it got through `send_join`); never for `/send`.
+    /// Events of our own users are always sent.
+    pub rebroadcast: bool,
 }
 
 impl Placement {
@@ -113,6 +126,7 @@ impl Placement {
             extremities: vec![event_id.clone()],
             resolved: None,
             state_before: None,
+            rebroadcast: false,
         }
     }
 }
@@ -513,7 +527,8 @@ impl Rooms {
         stored["event_id"] = Value::String(event_id.to_string());
         stored["room_id"] = Value::String(room_id.to_string());
 
-        let mut wake: Vec<OwnedUserId> = self.joined_members(room_id)?.iter().cloned().collect();
+        let joined = self.joined_members(room_id)?;
+        let mut wake: Vec<OwnedUserId> = joined.iter().cloned().collect();
         let mut member_changes: Vec<(OwnedUserId, bool)> = Vec::new();
 
         if let Some(state_key) = &pdu.state_key {
@@ -652,6 +667,8 @@ impl Rooms {
             room_id.as_bytes(),
             &serde_json::to_vec(&meta)?,
         )?;
+        let federate =
+            self.queue_for_federation(&mut batch, &joined, &pdu, count, placement.rebroadcast)?;
         let ticket = batch.commit_deferred()?;
 
         // The targets (woken above) are the only members whose membership changed.
@@ -667,6 +684,8 @@ impl Rooms {
                 ticket,
                 notified,
                 pushes: &self.pending_pushes,
+                federate,
+                federation_wake: &self.federation_wake,
             },
         ))
     }
@@ -730,6 +749,41 @@ impl Rooms {
             )?;
         }
         Ok(Some((target, joined)))
+    }
+
+    /// Queue the event, in its batch, for the servers that must receive it: every other server
+    /// with a joined member (before the event; the target of a membership event too, so a kick,
+    /// ban or leave reaches the user's server). Only events of our users, or remote events to
+    /// `rebroadcast` (never to their own server). Uses the in-memory member set: no reads.
+    fn queue_for_federation(
+        &self,
+        batch: &mut crate::storage::Batch,
+        joined: &std::collections::HashSet<OwnedUserId>,
+        pdu: &Pdu,
+        count: u64,
+        rebroadcast: bool,
+    ) -> Result<Vec<ruma::OwnedServerName>> {
+        let ours = &*self.globals.server_name;
+        let origin = pdu.sender.server_name();
+        if origin != ours && !rebroadcast {
+            return Ok(Vec::new());
+        }
+        let target = (pdu.kind == TimelineEventType::RoomMember)
+            .then(|| pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()))
+            .flatten();
+        let mut servers: std::collections::BTreeSet<&ruma::ServerName> = Default::default();
+        for user in joined.iter().chain(target.as_ref()) {
+            let server = user.server_name();
+            if server != ours && server != origin {
+                servers.insert(server);
+            }
+        }
+        let servers: Vec<ruma::OwnedServerName> =
+            servers.into_iter().map(ToOwned::to_owned).collect();
+        for server in &servers {
+            crate::service::federation::sender::queue_pdu(batch, server, count, &pdu.event_id)?;
+        }
+        Ok(servers)
     }
 
     /// Replace the stored target with its redacted form, keeping `redacted_because`.

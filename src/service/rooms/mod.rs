@@ -111,6 +111,8 @@ pub struct Rooms {
     pub(crate) push_rules: Arc<crate::service::push::rules::RuleStore>,
     /// Users to hand to the push gateway task once their notification is durable.
     pub(crate) pending_pushes: Arc<crate::service::push::PendingPushes>,
+    /// Wakes the federation sender once queued events are durable.
+    pub(crate) federation_wake: Arc<crate::service::federation::sender::Wake>,
 }
 
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
@@ -122,12 +124,14 @@ impl Rooms {
         globals: Arc<Globals>,
         push_rules: Arc<crate::service::push::rules::RuleStore>,
         pending_pushes: Arc<crate::service::push::PendingPushes>,
+        federation_wake: Arc<crate::service::federation::sender::Wake>,
     ) -> Rooms {
         Rooms {
             storage,
             globals,
             push_rules,
             pending_pushes,
+            federation_wake,
             locks: Mutex::new(HashMap::new()),
             joined_cache: Mutex::new(HashMap::new()),
             auth_cache: Mutex::new(HashMap::new()),

@@ -111,6 +111,7 @@ impl Rooms {
             extremities: vec![join.event_id.clone()],
             resolved: None,
             state_before: Some(state_before),
+            rebroadcast: false,
         };
         self.persist(
             &join.room_id,
