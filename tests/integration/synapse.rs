@@ -502,3 +502,240 @@ async fn profile_and_device_keys_across_hafen_and_synapse() {
 
     hafen.stop().await;
 }
+
+/// An ed25519 key named by its public key (as cross-signing keys are), and that public key.
+fn named_key() -> (Ed25519KeyPair, String) {
+    let doc = Ed25519KeyPair::generate();
+    let probe = Ed25519KeyPair::from_der(&doc, "probe".into()).expect("key parses");
+    let public =
+        Base64::<ruma::serde::base64::Standard, Vec<u8>>::new(probe.public_key().to_vec()).encode();
+    let pair = Ed25519KeyPair::from_der(&doc, public.clone()).expect("key parses");
+    (pair, public)
+}
+
+/// `value` signed as `entity` with `key`.
+fn signed(entity: &str, key: &Ed25519KeyPair, value: Value) -> Value {
+    let mut obj: CanonicalJsonObject = serde_json::from_value(value).expect("canonical JSON");
+    sign_json(entity, key, &mut obj).expect("signs");
+    serde_json::to_value(obj).expect("serializes")
+}
+
+/// A master key and a self-signing key it signed, for `user`.
+fn cross_signing_keys(user: &str) -> (Value, Value) {
+    let (master, master_pub) = named_key();
+    let (_, ssk_pub) = named_key();
+    let master_key = json!({
+        "user_id": user, "usage": ["master"],
+        "keys": { format!("ed25519:{master_pub}"): master_pub },
+    });
+    let ssk = signed(
+        user,
+        &master,
+        json!({
+            "user_id": user, "usage": ["self_signing"],
+            "keys": { format!("ed25519:{ssk_pub}"): ssk_pub },
+        }),
+    );
+    (master_key, ssk)
+}
+
+/// A one-time key `signed_curve25519:<id>` signed by the device's key.
+fn one_time_key(user: &str, device: &str) -> (String, Value) {
+    let doc = Ed25519KeyPair::generate();
+    let pair = Ed25519KeyPair::from_der(&doc, device.to_owned()).expect("key parses");
+    let curve: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+    let key = Base64::<ruma::serde::base64::Standard, Vec<u8>>::new(curve).encode();
+    let id = format!("signed_curve25519:AAAA{}", secret().get(..6).unwrap_or("x"));
+    (id, signed(user, &pair, json!({ "key": key })))
+}
+
+/// One-time keys claimed and cross-signing keys queried across Hafen and Synapse, both ways.
+#[tokio::test]
+async fn one_time_and_cross_signing_keys_across_hafen_and_synapse() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let (s_user, s_token) = synapse.register("otto").await;
+    let (_, s_device) = whoami_device(synapse.client_req(
+        Method::GET,
+        &format!("{V3}/account/whoami"),
+        Some(&s_token),
+        None,
+    ))
+    .await;
+    let h = hafen.user("hedda").await;
+
+    // Each side: device keys, one one-time key, and cross-signing keys (the first upload needs
+    // no user-interactive auth on either server).
+    let (s_otk_id, s_otk) = one_time_key(&s_user, &s_device);
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/keys/upload"),
+            Some(&s_token),
+            Some(json!({
+                "device_keys": signed_device_keys(&s_user, &s_device),
+                "one_time_keys": { s_otk_id.clone(): s_otk },
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse keys/upload: {v}");
+    assert_eq!(
+        v,
+        json!({ "one_time_key_counts": { "signed_curve25519": 1 } })
+    );
+    let (s_master, s_ssk) = cross_signing_keys(&s_user);
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/keys/device_signing/upload"),
+            Some(&s_token),
+            Some(json!({ "master_key": s_master, "self_signing_key": s_ssk })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse device_signing/upload: {v}");
+    assert_eq!(v, json!({}));
+
+    let (h_otk_id, h_otk) = one_time_key(&h.user_id, &h.device_id);
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/keys/upload"),
+            &h,
+            json!({
+                "device_keys": signed_device_keys(&h.user_id, &h.device_id),
+                "one_time_keys": { h_otk_id.clone(): h_otk },
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen keys/upload: {v}");
+    assert_eq!(
+        v["one_time_key_counts"]["signed_curve25519"],
+        json!(1),
+        "{v}"
+    );
+    let (h_master, h_ssk) = cross_signing_keys(&h.user_id);
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/keys/device_signing/upload"),
+            &h,
+            json!({ "master_key": h_master, "self_signing_key": h_ssk }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen device_signing/upload: {v}");
+    assert_eq!(v, json!({}));
+
+    // Cross-signing keys of the other server's user, through /keys/query.
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/keys/query"),
+            &h,
+            json!({ "device_keys": { s_user.clone(): [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen -> Synapse keys/query: {v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    assert_eq!(v["master_keys"][&s_user]["keys"], s_master["keys"], "{v}");
+    assert_eq!(v["master_keys"][&s_user]["usage"], json!(["master"]), "{v}");
+    assert_eq!(
+        v["self_signing_keys"][&s_user]["keys"], s_ssk["keys"],
+        "{v}"
+    );
+    assert_eq!(
+        v["self_signing_keys"][&s_user]["signatures"], s_ssk["signatures"],
+        "{v}"
+    );
+    assert!(v["device_keys"][&s_user][&s_device].is_object(), "{v}");
+
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/keys/query"),
+            Some(&s_token),
+            Some(json!({ "device_keys": { h.user_id.clone(): [] } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse -> Hafen keys/query: {v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    assert_eq!(
+        v["master_keys"][&h.user_id]["keys"], h_master["keys"],
+        "{v}"
+    );
+    assert_eq!(
+        v["master_keys"][&h.user_id]["usage"],
+        json!(["master"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["self_signing_keys"][&h.user_id]["keys"], h_ssk["keys"],
+        "{v}"
+    );
+    assert_eq!(
+        v["self_signing_keys"][&h.user_id]["signatures"], h_ssk["signatures"],
+        "{v}"
+    );
+    assert!(
+        v["device_keys"][&h.user_id][&h.device_id].is_object(),
+        "{v}"
+    );
+
+    // One-time keys claimed across: each claim hands out the uploaded key, a second one finds
+    // none left (no fallback key was uploaded).
+    let claim_s =
+        json!({ "one_time_keys": { s_user.clone(): { s_device.clone(): "signed_curve25519" } } });
+    let (status, v) = hafen
+        .post(&format!("{V3}/keys/claim"), &h, claim_s.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen -> Synapse keys/claim: {v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    assert_eq!(
+        v["one_time_keys"][&s_user][&s_device],
+        json!({ s_otk_id.clone(): s_otk }),
+        "{v}"
+    );
+    let (status, v) = hafen.post(&format!("{V3}/keys/claim"), &h, claim_s).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    assert!(
+        v["one_time_keys"][&s_user][&s_device]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "no key left: {v}"
+    );
+
+    let claim_h = json!({ "one_time_keys": { h.user_id.clone(): { h.device_id.clone(): "signed_curve25519" } } });
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/keys/claim"),
+            Some(&s_token),
+            Some(claim_h.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse -> Hafen keys/claim: {v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    assert_eq!(
+        v["one_time_keys"][&h.user_id][&h.device_id],
+        json!({ h_otk_id.clone(): h_otk }),
+        "{v}"
+    );
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/keys/claim"),
+            Some(&s_token),
+            Some(claim_h),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    assert!(
+        v["one_time_keys"][&h.user_id][&h.device_id]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "no key left: {v}"
+    );
+
+    hafen.stop().await;
+}
