@@ -14,8 +14,8 @@
 //!
 //! The peer: server name `localhost:PORT` (PORT its TLS federation listener, the certificate from
 //! the shared test CA, which it also trusts for outgoing requests), a plain-HTTP client listener
-//! on another port, SQLite and its signing key in a temp dir, open registration, every rate limit
-//! raised, loopback allowed as a federation address, keys fetched from each server directly (no
+//! on another port, SQLite and its signing key in a temp dir, open registration, aliases and the
+//! room directory open (also over federation), every rate limit raised, loopback allowed as a federation address, keys fetched from each server directly (no
 //! notary). Its log (WARNING and up) is in the temp dir and printed when it fails to start or when
 //! a test using it panics. The process is killed when the peer is dropped.
 //!
@@ -151,6 +151,11 @@ impl SynapsePeer {
             "signing_key_path": path("signing.key"),
             "macaroon_secret_key": secret(),
             "form_secret": secret(),
+            // Aliases and the room directory open to ordinary users, the directory to other
+            // servers too (closed by default).
+            "alias_creation_rules": [{ "action": "allow" }],
+            "room_list_publication_rules": [{ "action": "allow" }],
+            "allow_public_rooms_over_federation": true,
             "enable_registration": true,
             "enable_registration_without_verification": true,
         });
@@ -736,6 +741,195 @@ async fn one_time_and_cross_signing_keys_across_hafen_and_synapse() {
             .is_none_or(|m| m.is_empty()),
         "no key left: {v}"
     );
+
+    hafen.stop().await;
+}
+
+/// Assert that `doc` carries valid signatures of exactly the `signers`, each checked with the keys
+/// its own key document (`/_matrix/key/v2/server`) publishes. (A notary's copy is the document
+/// it fetched earlier, so its `valid_until_ts` and the origin's signature may differ from what the
+/// origin serves now: the signature is verified, not compared.)
+#[track_caller]
+fn assert_signed_by(doc: &Value, signers: &[(&str, &Value)]) {
+    let mut map = ruma::signatures::PublicKeyMap::new();
+    for (name, own) in signers {
+        let keys = own["verify_keys"].as_object().expect("verify_keys");
+        let set = keys
+            .iter()
+            .map(|(id, k)| {
+                let b64 = k["key"].as_str().expect("key");
+                (id.clone(), Base64::parse(b64).expect("base64 key"))
+            })
+            .collect();
+        map.insert((*name).to_owned(), set);
+    }
+    let mut signed_by: Vec<&str> = doc["signatures"]
+        .as_object()
+        .expect("signatures")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    signed_by.sort();
+    let mut want: Vec<&str> = signers.iter().map(|(n, _)| *n).collect();
+    want.sort();
+    assert_eq!(signed_by, want, "signers of {doc}");
+    let obj: CanonicalJsonObject = serde_json::from_value(doc.clone()).expect("canonical JSON");
+    ruma::signatures::verify_json(&map, &obj)
+        .unwrap_or_else(|e| panic!("signatures of {doc} do not verify: {e}"));
+}
+
+/// Aliases, the room directory and the notary key API across Hafen and Synapse, both ways.
+#[tokio::test]
+async fn aliases_public_rooms_and_notary_keys_across_hafen_and_synapse() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |c| c.allow_public_rooms_over_federation = true).await;
+    let (_, s_token) = synapse.register("paula").await;
+    let h = hafen.user("henrik").await;
+    let s_name = synapse.server_name.clone();
+    let h_name = hafen.server_name();
+
+    // A public room with an alias on each side.
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/createRoom"),
+            Some(&s_token),
+            Some(json!({ "room_alias_name": "lobby", "visibility": "public",
+                         "preset": "public_chat", "name": "Synapse lobby" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse createRoom: {v}");
+    let s_room = v["room_id"].as_str().expect("room_id").to_owned();
+    let h_room = hafen
+        .create_room(
+            &h,
+            json!({ "room_alias_name": "hall", "visibility": "public",
+                    "preset": "public_chat", "name": "Hafen hall" }),
+        )
+        .await;
+
+    // Aliases of the other server resolve through its federation directory query.
+    let (status, v) = hafen
+        .get(
+            &format!("{V3}/directory/room/{}", enc(&format!("#lobby:{s_name}"))),
+            &h,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen -> Synapse alias: {v}");
+    assert_eq!(v["room_id"], json!(s_room), "{v}");
+    assert_eq!(v["servers"], json!([s_name]), "{v}");
+    let (status, v) = synapse
+        .client_req(
+            Method::GET,
+            &format!("{V3}/directory/room/{}", enc(&format!("#hall:{h_name}"))),
+            Some(&s_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse -> Hafen alias: {v}");
+    assert_eq!(v["room_id"], json!(h_room), "{v}");
+    assert_eq!(v["servers"], json!([h_name]), "{v}");
+    // Unknown aliases: 404 M_NOT_FOUND both ways.
+    let (status, v) = hafen
+        .get(
+            &format!("{V3}/directory/room/{}", enc(&format!("#nope:{s_name}"))),
+            &h,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["errcode"], json!("M_NOT_FOUND"), "{v}");
+    let (status, v) = synapse
+        .client_req(
+            Method::GET,
+            &format!("{V3}/directory/room/{}", enc(&format!("#nope:{h_name}"))),
+            Some(&s_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["errcode"], json!("M_NOT_FOUND"), "{v}");
+
+    // The other server's room directory, through /publicRooms?server=.
+    let (status, v) = hafen
+        .get(&format!("{V3}/publicRooms?server={}", enc(&s_name)), &h)
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen -> Synapse publicRooms: {v}");
+    let chunk = v["chunk"].as_array().expect("chunk");
+    assert_eq!(chunk.len(), 1, "{v}");
+    assert_eq!(chunk[0]["room_id"], json!(s_room), "{v}");
+    assert_eq!(chunk[0]["name"], json!("Synapse lobby"), "{v}");
+    assert_eq!(
+        chunk[0]["canonical_alias"],
+        json!(format!("#lobby:{s_name}")),
+        "{v}"
+    );
+    assert_eq!(chunk[0]["num_joined_members"], json!(1), "{v}");
+    let (status, v) = synapse
+        .client_req(
+            Method::GET,
+            &format!("{V3}/publicRooms?server={}", enc(&h_name)),
+            Some(&s_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Synapse -> Hafen publicRooms: {v}");
+    let chunk = v["chunk"].as_array().expect("chunk");
+    assert_eq!(chunk.len(), 1, "{v}");
+    assert_eq!(chunk[0]["room_id"], json!(h_room), "{v}");
+    assert_eq!(chunk[0]["name"], json!("Hafen hall"), "{v}");
+    assert_eq!(
+        chunk[0]["canonical_alias"],
+        json!(format!("#hall:{h_name}")),
+        "{v}"
+    );
+    assert_eq!(chunk[0]["num_joined_members"], json!(1), "{v}");
+
+    // Notaries: each serves the other's keys as the other signed them, countersigned.
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.path("ca.pem")).expect("ca"))
+        .expect("ca pem");
+    let tls = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .expect("client");
+    let own_keys = |url: String| {
+        let tls = tls.clone();
+        async move {
+            let res = tls.get(url).send().await.expect("key request");
+            assert_eq!(res.status(), StatusCode::OK);
+            res.json::<Value>().await.expect("json")
+        }
+    };
+    let s_own = own_keys(format!("https://{s_name}/_matrix/key/v2/server")).await;
+    let h_own = own_keys(format!("https://{h_name}/_matrix/key/v2/server")).await;
+
+    let (status, v) = hafen
+        .req(
+            Method::GET,
+            &format!("/_matrix/key/v2/query/{s_name}"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen notary for Synapse: {v}");
+    let doc = &v["server_keys"][0];
+    assert_eq!(doc["server_name"], json!(s_name), "{v}");
+    assert_eq!(doc["verify_keys"], s_own["verify_keys"], "{v}");
+    assert_signed_by(doc, &[(&s_name, &s_own), (&h_name, &h_own)]);
+
+    let res = tls
+        .get(format!("https://{s_name}/_matrix/key/v2/query/{h_name}"))
+        .send()
+        .await
+        .expect("Synapse notary request");
+    assert_eq!(res.status(), StatusCode::OK);
+    let v: Value = res.json().await.expect("json");
+    let doc = &v["server_keys"][0];
+    assert_eq!(doc["server_name"], json!(h_name), "{v}");
+    assert_eq!(doc["verify_keys"], h_own["verify_keys"], "{v}");
+    assert_signed_by(doc, &[(&h_name, &h_own), (&s_name, &s_own)]);
 
     hafen.stop().await;
 }
