@@ -313,6 +313,22 @@ impl SynapsePeer {
     }
 }
 
+impl SynapsePeer {
+    /// The device id of the token's session (`/account/whoami`).
+    pub async fn device_id(&self, token: &str) -> String {
+        let (status, v) = self
+            .client_req(
+                Method::GET,
+                &format!("{V3}/account/whoami"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "Synapse whoami: {v}");
+        v["device_id"].as_str().expect("device_id").to_owned()
+    }
+}
+
 impl Drop for SynapsePeer {
     fn drop(&mut self) {
         // A failing test shows what Synapse said about it.
@@ -344,18 +360,6 @@ fn signed_device_keys(user: &str, device: &str) -> Value {
     let mut obj: CanonicalJsonObject = serde_json::from_value(keys).expect("canonical JSON");
     sign_json(user, &pair, &mut obj).expect("signs");
     serde_json::to_value(obj).expect("serializes")
-}
-
-/// The device id of the token's session, as the server says.
-async fn whoami_device(
-    call: impl std::future::Future<Output = (StatusCode, Value)>,
-) -> (String, String) {
-    let (status, v) = call.await;
-    assert_eq!(status, StatusCode::OK, "whoami: {v}");
-    (
-        v["user_id"].as_str().expect("user_id").to_owned(),
-        v["device_id"].as_str().expect("device_id").to_owned(),
-    )
 }
 
 /// Profiles and end-to-end encryption keys across Hafen and Synapse: each side's client API asks
@@ -446,13 +450,7 @@ async fn profile_and_device_keys_across_hafen_and_synapse() {
     assert_eq!(v["errcode"], json!("M_NOT_FOUND"), "{v}");
 
     // Device keys: each uploads signed keys for its device.
-    let (_, s_device) = whoami_device(synapse.client_req(
-        Method::GET,
-        &format!("{V3}/account/whoami"),
-        Some(&s_token),
-        None,
-    ))
-    .await;
+    let s_device = synapse.device_id(&s_token).await;
     let s_keys = signed_device_keys(&s_user, &s_device);
     let (status, v) = synapse
         .client_req(
@@ -563,13 +561,7 @@ async fn one_time_and_cross_signing_keys_across_hafen_and_synapse() {
     };
     let hafen = start_federating(&pki, |_| {}).await;
     let (s_user, s_token) = synapse.register("otto").await;
-    let (_, s_device) = whoami_device(synapse.client_req(
-        Method::GET,
-        &format!("{V3}/account/whoami"),
-        Some(&s_token),
-        None,
-    ))
-    .await;
+    let s_device = synapse.device_id(&s_token).await;
     let h = hafen.user("hedda").await;
 
     // Each side: device keys, one one-time key, and cross-signing keys (the first upload needs
