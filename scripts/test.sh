@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, and the integration tests in tests/ (real server over
 # real HTTP on loopback, real RocksDB in temp dirs, the matrix-sdk client, the real binary killed
-# with SIGKILL and restarted).
+# with SIGKILL and restarted, a real Synapse as federation peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-debian.sh
+# The real Synapse the interop tests (tests/integration/synapse.rs) federate with: a venv made
+# once and reused (about 20 s the first time); exports HAFEN_SYNAPSE_VENV, which also makes those
+# tests fail rather than skip if Synapse is missing.
+source scripts/synapse-venv.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TERM_COLOR=never
 # Build outputs are kept outside the checkout so that a fresh clone on the same machine (CI)

@@ -640,3 +640,43 @@ async fn a_server_cannot_answer_for_other_servers_users_keys() {
     );
     assert_eq!(q["device_keys"][&alice.user_id], json!({}), "{q}");
 }
+
+#[tokio::test]
+async fn aliases_of_another_server_resolve_through_it() {
+    let (a, b) = two_servers().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let enc = crate::common::enc;
+    let room = b
+        .create_room(&bob, json!({ "room_alias_name": "lounge" }))
+        .await;
+    let (status, v) = a
+        .get(
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc("#lounge:b.test")
+            ),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "room_id": room, "servers": ["b.test"] }));
+    // Unknown on B, and a server that cannot be reached: both "not found".
+    let got = a
+        .get(
+            &format!("/_matrix/client/v3/directory/room/{}", enc("#nope:b.test")),
+            &alice,
+        )
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let got = a
+        .get(
+            &format!(
+                "/_matrix/client/v3/directory/room/{}",
+                enc(&format!("#x:127.0.0.1:{}", free_port()))
+            ),
+            &alice,
+        )
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+}

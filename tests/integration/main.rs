@@ -24,6 +24,7 @@ mod sdk_e2ee;
 mod search;
 mod sliding_sync;
 mod space;
+mod synapse;
 mod sync;
 mod user_directory;
 mod voip;

@@ -37,12 +37,62 @@ async fn resolve(
     State(s): State<Arc<Services>>,
     req: Ruma<get_alias::v3::Request>,
 ) -> Result<RumaResponse<get_alias::v3::Response>> {
-    // Only local aliases resolve until federation queries exist.
+    let not_found = || Error::not_found(format!("Room alias {} not found", req.room_alias));
+    if req.room_alias.server_name() != s.globals.server_name {
+        // Found by the interop tests with Synapse: aliases of other servers were never asked
+        // about and so were always "not found" here. They are the alias's server's to answer.
+        return remote_alias(&s, &req.room_alias)
+            .await?
+            .map(|(room_id, servers)| get_alias::v3::Response::new(room_id, servers).into())
+            .ok_or_else(not_found);
+    }
     let room_id = s
         .rooms
         .resolve_alias(&req.room_alias)?
-        .ok_or_else(|| Error::not_found(format!("Room alias {} not found", req.room_alias)))?;
+        .ok_or_else(not_found)?;
     Ok(get_alias::v3::Response::new(room_id, vec![s.globals.server_name.clone()]).into())
+}
+
+/// The room an alias of another server names and the servers to join it through, asked of the
+/// alias's server (`/query/directory`). As for remote profiles, any error of that server (it
+/// does not know the alias, or cannot be reached or asked) is "not found": the client can do
+/// no more about it. An answer without a valid room id is one too; servers in it that are not
+/// valid names are left out, and the alias's server is always among them.
+async fn remote_alias(
+    s: &Services,
+    alias: &ruma::RoomAliasId,
+) -> Result<Option<(ruma::OwnedRoomId, Vec<ruma::OwnedServerName>)>> {
+    let path = format!(
+        "/_matrix/federation/v1/query/directory?room_alias={}",
+        super::profile::utf8_percent(alias.as_str())
+    );
+    let Ok(answer) = s
+        .federation
+        .send(http::Method::GET, alias.server_name(), &path, None)
+        .await
+    else {
+        return Ok(None);
+    };
+    let Some(room_id) = answer
+        .get("room_id")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|r| ruma::OwnedRoomId::try_from(r).ok())
+    else {
+        return Ok(None);
+    };
+    let mut servers: Vec<ruma::OwnedServerName> = answer
+        .get("servers")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .filter_map(|n| ruma::OwnedServerName::try_from(n).ok())
+        .take(100)
+        .collect();
+    if !servers.iter().any(|n| n == alias.server_name()) {
+        servers.push(alias.server_name().to_owned());
+    }
+    Ok(Some((room_id, servers)))
 }
 
 async fn delete(

@@ -52,7 +52,7 @@ async fn remote_profile(
 }
 
 /// Percent-encode a query value (everything but RFC 3986's unreserved characters).
-fn utf8_percent(v: &str) -> String {
+pub(super) fn utf8_percent(v: &str) -> String {
     let mut out = String::with_capacity(v.len() * 3);
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
