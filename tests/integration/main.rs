@@ -11,6 +11,7 @@ mod discovery;
 mod e2ee;
 mod federation_auth;
 mod federation_keys;
+mod federation_rooms;
 mod federation_send;
 mod federation_tls;
 mod history;

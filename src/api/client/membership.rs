@@ -20,7 +20,7 @@ use super::room_create::member_profile;
 use crate::{
     api::ruma_wrapper::{ruma_route, Ruma},
     error::{Error, Result},
-    service::{rooms::Moderation, Services},
+    service::{federation, rooms::Moderation, Services},
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
@@ -49,6 +49,26 @@ pub(super) fn resolve(s: &Services, target: &RoomOrAliasId) -> Result<OwnedRoomI
     }
 }
 
+/// A room id or alias, resolved through the alias's server when it is another server's, with
+/// the servers to join through (the client's hints, then those the alias lookup named).
+async fn resolve_with_servers(
+    s: &Services,
+    target: &RoomOrAliasId,
+    hints: &[ruma::OwnedServerName],
+) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+    let mut servers = hints.to_vec();
+    let room_id = match <&ruma::RoomAliasId>::try_from(target) {
+        Ok(alias) if alias.server_name() != s.globals.server_name => {
+            let (room_id, more) = federation::join::resolve_remote_alias(s, alias).await?;
+            servers.extend(more);
+            servers.push(alias.server_name().to_owned());
+            room_id
+        }
+        _ => resolve(s, target)?,
+    };
+    Ok((room_id, servers))
+}
+
 async fn join_by_id(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id::v3::Request>,
@@ -56,9 +76,7 @@ async fn join_by_id(
     req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
     let profile = member_profile(&s, user)?;
-    s.rooms
-        .join_room(&req.room_id, user, &profile, req.reason.as_deref())
-        .await?;
+    federation::join::join(&s, &req.room_id, user, &[], &profile, req.reason.as_deref()).await?;
     Ok(Json(json!({ "room_id": req.room_id })))
 }
 
@@ -68,11 +86,17 @@ async fn join_by_id_or_alias(
 ) -> Result<Json<Value>> {
     req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
-    let room_id = resolve(&s, &req.room_id_or_alias)?;
+    let (room_id, servers) = resolve_with_servers(&s, &req.room_id_or_alias, &req.via).await?;
     let profile = member_profile(&s, user)?;
-    s.rooms
-        .join_room(&room_id, user, &profile, req.reason.as_deref())
-        .await?;
+    federation::join::join(
+        &s,
+        &room_id,
+        user,
+        &servers,
+        &profile,
+        req.reason.as_deref(),
+    )
+    .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -82,11 +106,17 @@ async fn knock(
 ) -> Result<Json<Value>> {
     req.user()?.ensure_not_suspended()?;
     let user = &req.user()?.user_id;
-    let room_id = resolve(&s, &req.room_id_or_alias)?;
+    let (room_id, servers) = resolve_with_servers(&s, &req.room_id_or_alias, &req.via).await?;
     let profile = member_profile(&s, user)?;
-    s.rooms
-        .knock_room(&room_id, user, &profile, req.reason.as_deref())
-        .await?;
+    federation::join::knock(
+        &s,
+        &room_id,
+        user,
+        &servers,
+        &profile,
+        req.reason.as_deref(),
+    )
+    .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -100,6 +130,18 @@ async fn invite(
     let InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
     };
+    if target.user_id.server_name() != s.globals.server_name {
+        federation::invite::invite_remote(
+            &s,
+            &req.room_id,
+            user,
+            &target.user_id,
+            target.reason.as_deref(),
+            false,
+        )
+        .await?;
+        return Ok(Json(json!({})));
+    }
     s.rooms
         .invite_user(
             &req.room_id,
@@ -118,9 +160,7 @@ async fn leave(
     req: Ruma<leave_room::v3::Request>,
 ) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
-    s.rooms
-        .leave_room(&req.room_id, user, req.reason.as_deref())
-        .await?;
+    federation::join::leave(&s, &req.room_id, user, req.reason.as_deref()).await?;
     Ok(Json(json!({})))
 }
 

@@ -137,6 +137,24 @@ async fn create(
         creation_content,
     };
     let profile = member_profile(&s, &user)?;
+    let remote_invites: Vec<_> = request
+        .invite
+        .iter()
+        .filter(|u| u.server_name() != s.globals.server_name)
+        .cloned()
+        .collect();
+    let is_direct = request.is_direct;
     let room_id = s.rooms.create_room(&user, &profile, request).await?;
+    for target in remote_invites {
+        // The room exists either way; an invitee whose server cannot be reached is left out,
+        // as an invite through /invite would fail for them too.
+        if let Err(e) = crate::service::federation::invite::invite_remote(
+            &s, &room_id, &user, &target, None, is_direct,
+        )
+        .await
+        {
+            tracing::warn!(%room_id, %target, error = %e, "inviting a user of another server failed");
+        }
+    }
     Ok(Json(json!({ "room_id": room_id })))
 }

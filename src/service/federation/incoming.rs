@@ -485,10 +485,31 @@ pub fn check_against_auth_events(
             .cloned()
             .or_else(|| rooms.pdu(id.as_str()).ok().flatten())
     };
+    if pdu.kind == ruma::events::TimelineEventType::RoomCreate
+        && rules.authorization.room_create_event_id_as_room_id
+    {
+        // A v12 create event is checked as sent: without the room id derived from it.
+        let mut sent = pdu.clone();
+        sent.room_id = None;
+        return ruma::state_res::check_state_independent_auth_rules(
+            &rules.authorization,
+            &sent,
+            fetch,
+        )
+        .map_err(|e| Error::forbidden(format!("event not authorized: {e}")));
+    }
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, fetch)
         .map_err(|e| Error::forbidden(format!("event not authorized: {e}")))?;
     let mut by_key: HashMap<(String, String), Pdu> = HashMap::new();
-    for id in &pdu.auth_events {
+    // Room version 12 leaves the create event out of auth events: the room id names it.
+    let create_id = if rules.authorization.room_create_event_id_as_room_id {
+        pdu.room_id
+            .as_ref()
+            .and_then(|r| OwnedEventId::try_from(format!("${}", &r.as_str()[1..])).ok())
+    } else {
+        None
+    };
+    for id in pdu.auth_events.iter().chain(create_id.as_ref()) {
         let Some(a) = fetch(id) else {
             return Err(Error::bad_json(format!("auth event {id} is unknown")));
         };

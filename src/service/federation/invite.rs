@@ -87,11 +87,20 @@ pub async fn invite_remote(
         .await?;
     let mut map = PublicKeyMap::new();
     map.insert(target.server_name().to_string(), target_keys);
+    // Our own signature is on it too; every signer's keys must be known to check any.
+    map.insert(
+        services.globals.server_name.to_string(),
+        services
+            .federation
+            .event_signing_keys(&services.globals.server_name)
+            .await?,
+    );
     let rules = crate::service::rooms::append::rules_for(&version)?;
     let redacted = ruma::canonical_json::redact(checked.obj.clone(), &rules.redaction, None)
         .map_err(|e| Error::bad_json(format!("cannot redact: {e}")))?;
-    ruma::signatures::verify_json(&map, &redacted)
-        .map_err(|_| Error::bad_json("The invitee's server did not sign the invite"))?;
+    ruma::signatures::verify_json(&map, &redacted).map_err(|e| {
+        Error::bad_json(format!("The invitee's server did not sign the invite: {e}"))
+    })?;
 
     let placement = Placement::local(&event_id);
     let (_, deferred) = rooms.persist_deferred(

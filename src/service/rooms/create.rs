@@ -234,7 +234,8 @@ impl Rooms {
 
         // 8. Invites.
         for u in &req.invite {
-            if u.as_str() == creator.as_str() {
+            // Users of other servers are invited over federation once the room exists.
+            if u.as_str() == creator.as_str() || u.server_name() != self.globals.server_name {
                 continue;
             }
             self.invite_locked(&room_id, creator, u, None, req.is_direct, None)
