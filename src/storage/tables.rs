@@ -178,6 +178,9 @@ impl Table {
         Table::MediaPending,
         Table::MediaFileRefs,
         Table::MediaThumbnails,
+        Table::EventState,
+        Table::FederationQueue,
+        Table::FederationTxns,
     ];
 
     pub fn name(self) -> &'static str {

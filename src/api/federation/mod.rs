@@ -3,6 +3,7 @@
 //! takes first.
 
 mod directory;
+mod events;
 mod keys;
 mod query;
 mod space;
@@ -28,6 +29,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = user::routes(r);
     let r = directory::routes(r);
     let r = space::routes(r);
+    let r = events::routes(r);
     query::routes(r)
 }
 

@@ -1,12 +1,14 @@
 //! Rooms: events, state, membership, timeline. The write path is `append.rs`: every local event is
 //! built, authorized by the room version's rules (ruma state-res), signed and persisted here.
 
+pub mod acl;
 mod aggregations;
 mod alias;
 mod append;
 pub mod create;
 pub mod directory;
 pub mod event_state;
+pub mod federation_read;
 pub mod history;
 pub mod membership;
 mod notify;
@@ -32,9 +34,11 @@ use ruma::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use acl::ServerAcl;
 pub use append::{NewEvent, Sent};
 pub use create::{CreateRoom, Preset};
 pub use event_state::StateIds;
+pub use federation_read::{MissingEventsQuery, ServerView};
 pub use membership::{MemberProfile, Moderation};
 pub use pdu::Pdu;
 pub use power::PowerLevels;
