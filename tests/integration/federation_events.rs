@@ -808,3 +808,126 @@ async fn server_acl_shuts_a_server_out() {
     let got = get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&m))).await;
     assert_err(&got, 403, "M_FORBIDDEN");
 }
+
+/// A destination found through DNS SRV: the request connects to the record's target while TLS
+/// checks the certificate for the server's (delegated) name, which need not resolve at all.
+/// There is no DNS server in tests, so the SRV answer is handed to the destination cache.
+#[tokio::test]
+async fn srv_destination_connects_to_the_target_and_checks_tls_for_the_name() {
+    // A CA and one certificate for localhost and for a name no DNS knows.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "matrix.hafen-srv.invalid".to_owned(),
+    ])
+    .expect("leaf params")
+    .signed_by(&leaf_key, &ca, &ca_key)
+    .expect("leaf");
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("cert.pem", leaf.pem()),
+        ("key.pem", leaf_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.path().join(name), pem).expect("write");
+    }
+    let start = |tls_port: u16| {
+        let dir = dir.path().to_owned();
+        TestServer::start_with(move |c| {
+            c.allow_federation = true;
+            c.server_name = format!("localhost:{tls_port}").try_into().expect("name");
+            c.tls = Some(hafen::config::TlsConfig {
+                certs: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+                port: tls_port,
+            });
+            c.federation_ca_file = Some(dir.join("ca.pem"));
+            c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];
+        })
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let a = start(pa).await;
+    let b = start(pb).await;
+    let alice = a.user("alice").await;
+    let (status, _) = a
+        .put(
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(&alice.user_id)
+            ),
+            &alice,
+            json!({ "displayname": "Alice at A" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let a_name = a.services().config.server_name.clone();
+
+    // As if `_matrix-fed._tcp.matrix.hafen-srv.invalid` named localhost at A's TLS port.
+    let srv = hafen::service::federation::destination::Destination {
+        url: format!("https://matrix.hafen-srv.invalid:{pa}"),
+        pinned: false,
+        connect_to: Some("localhost".into()),
+        host_header: Some("matrix.hafen-srv.invalid".into()),
+    };
+    b.services().federation.destinations.remember(
+        &a_name,
+        srv.clone(),
+        std::time::Duration::from_secs(60),
+    );
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        enc(&alice.user_id)
+    );
+    let answer = b
+        .services()
+        .federation
+        .send(Method::GET, &a_name, &path, None)
+        .await
+        .expect("A answers through the SRV target");
+    assert_eq!(answer, json!({ "displayname": "Alice at A" }));
+
+    // A name the certificate does not cover fails TLS even at the right address.
+    let c = start(free_port()).await;
+    c.services().federation.destinations.remember(
+        &a_name,
+        hafen::service::federation::destination::Destination {
+            url: format!("https://other.hafen-srv.invalid:{pa}"),
+            host_header: Some("other.hafen-srv.invalid".into()),
+            ..srv.clone()
+        },
+        std::time::Duration::from_secs(60),
+    );
+    let err = c
+        .services()
+        .federation
+        .send(Method::GET, &a_name, &path, None)
+        .await
+        .expect_err("certificate is not for that name");
+    assert_eq!(err.errcode(), "M_UNKNOWN");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+
+    // A target outside the allowed addresses is refused by the guard.
+    let d = TestServer::start_with(|cfg| {
+        cfg.allow_federation = true;
+        cfg.federation_ca_file = Some(dir.path().join("ca.pem"));
+    })
+    .await;
+    d.services()
+        .federation
+        .destinations
+        .remember(&a_name, srv, std::time::Duration::from_secs(60));
+    let err = d
+        .services()
+        .federation
+        .send(Method::GET, &a_name, &path, None)
+        .await
+        .expect_err("loopback is not public");
+    assert!(
+        err.to_string().contains("no address that may be reached"),
+        "{err}"
+    );
+}

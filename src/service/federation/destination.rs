@@ -201,15 +201,18 @@ impl Destinations {
             }
         }
         let found = discover(self, server).await;
+        self.remember(server, found.destination.clone(), found.ttl);
+        Ok(found.destination)
+    }
+
+    /// Remember where `server` is reached for `ttl`, as discovery would (tests use it to stand
+    /// in for DNS answers there is no server for).
+    pub fn remember(&self, server: &ServerName, destination: Destination, ttl: Duration) {
         let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(
-            server.to_string(),
-            (found.destination.clone(), Instant::now() + found.ttl),
-        );
-        Ok(found.destination)
+        cache.insert(server.to_string(), (destination, Instant::now() + ttl));
     }
 
     async fn fetch_well_known(&self, host: &str) -> Option<String> {
