@@ -186,18 +186,13 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
         )
         .await;
     let r = enc(&room);
-    let m1 = send_text(&a, &alice, &room, "one").await;
-    let topic = send_state(&a, &alice, &room, "m.room.topic", json!({ "topic": "t1" })).await;
-    let m2 = send_text(&a, &alice, &room, "two").await;
-    let m3 = send_text(&a, &alice, &room, "three").await;
+    let m1 = send_text(a, &alice, &room, "one").await;
+    let topic = send_state(a, &alice, &room, "m.room.topic", json!({ "topic": "t1" })).await;
+    let m2 = send_text(a, &alice, &room, "two").await;
+    let m3 = send_text(a, &alice, &room, "three").await;
 
     // A single event, as a transaction from A, in its federation form.
-    let got = get(
-        &a,
-        &b,
-        &format!("/_matrix/federation/v1/event/{}", enc(&m2)),
-    )
-    .await;
+    let got = get(a, b, &format!("/_matrix/federation/v1/event/{}", enc(&m2))).await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert_eq!(got.1["origin"], json!("a.test"));
     assert!(got.1["origin_server_ts"].as_u64().is_some());
@@ -217,8 +212,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
 
     // The state before the topic change does not hold it; the state before m2 does.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!(
             "/_matrix/federation/v1/state_ids/{r}?event_id={}",
             enc(&topic)
@@ -228,10 +223,10 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     let before_topic = ids(&got.1["pdu_ids"]);
     assert!(!before_topic.contains(&topic));
-    assert_eq!(before_topic, state_before(&a, &topic));
+    assert_eq!(before_topic, state_before(a, &topic));
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!("/_matrix/federation/v1/state_ids/{r}?event_id={}", enc(&m2)),
     )
     .await;
@@ -278,8 +273,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
 
     // `/state`: the same, as events.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!("/_matrix/federation/v1/state/{r}?event_id={}", enc(&m2)),
     )
     .await;
@@ -309,8 +304,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
 
     // `/event_auth`: the auth chain of one event.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!("/_matrix/federation/v1/event_auth/{r}/{}", enc(&m3)),
     )
     .await;
@@ -329,8 +324,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
 
     // Backfill: the `v` event first, then backwards, deepest first, at most `limit`.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!("/_matrix/federation/v1/backfill/{r}?v={}&limit=3", enc(&m3)),
     )
     .await;
@@ -342,8 +337,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     );
     // Everything down to the create event, depths falling.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!(
             "/_matrix/federation/v1/backfill/{r}?v={}&limit=1000",
             enc(&m3)
@@ -361,8 +356,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     assert_eq!(depths[0], depths.len() as u64, "a linear room from depth 1");
     // Two `v` events: both are included, and nothing twice.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!(
             "/_matrix/federation/v1/backfill/{r}?v={}&v={}&limit=3",
             enc(&m1),
@@ -376,8 +371,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
         vec!["three", "two", "<m.room.topic>"]
     );
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!("/_matrix/federation/v1/backfill/{r}?v={}&limit=0", enc(&m3)),
     )
     .await;
@@ -387,8 +382,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     // Missing events between m1 (which B has) and m3 (which B got): the topic and m2.
     let path = format!("/_matrix/federation/v1/get_missing_events/{r}");
     let got = from_b(
-        &a,
-        &b,
+        a,
+        b,
         Method::POST,
         &path,
         Some(json!({ "earliest_events": [m1], "latest_events": [m3] })),
@@ -398,8 +393,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     assert_eq!(bodies(&got.1["events"]), vec!["<m.room.topic>", "two"]);
     // `limit` takes the newest first (the walk starts at the latest events).
     let got = from_b(
-        &a,
-        &b,
+        a,
+        b,
         Method::POST,
         &path,
         Some(json!({ "earliest_events": [m1], "latest_events": [m3], "limit": 1 })),
@@ -410,8 +405,8 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     // `min_depth` stops the walk.
     let m2_depth = a.services().rooms.pdu(&m2).expect("db").expect("m2").depth;
     let got = from_b(
-        &a,
-        &b,
+        a,
+        b,
         Method::POST,
         &path,
         Some(json!({
@@ -428,7 +423,7 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     let other = a
         .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let other_msg = send_text(&a, &alice, &other, "elsewhere").await;
+    let other_msg = send_text(a, &alice, &other, "elsewhere").await;
     let unknown = "$unknownunknownunknownunknownunknownunknown0";
     for path in [
         format!("/_matrix/federation/v1/event/{}", enc(unknown)),
@@ -455,13 +450,13 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
             enc(&m1)
         ),
     ] {
-        let got = get(&a, &b, &path).await;
+        let got = get(a, b, &path).await;
         assert_err(&got, 404, "M_NOT_FOUND");
     }
     // Backfill ignores `v` events that are not in the room.
     let got = get(
-        &a,
-        &b,
+        a,
+        b,
         &format!(
             "/_matrix/federation/v1/backfill/{r}?v={}&limit=5",
             enc(&other_msg)
@@ -519,7 +514,7 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
             "M_INVALID_PARAM",
         ),
     ] {
-        let got = get(&a, &b, &path).await;
+        let got = get(a, b, &path).await;
         assert_err(&got, 400, errcode);
     }
     for body in [
@@ -531,7 +526,7 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
         json!({ "earliest_events": [], "latest_events": [], "min_depth": -1 }),
         json!([]),
     ] {
-        let got = from_b(&a, &b, Method::POST, &path, Some(body)).await;
+        let got = from_b(a, b, Method::POST, &path, Some(body)).await;
         assert_err(&got, 400, "M_BAD_JSON");
     }
 
