@@ -3,6 +3,7 @@
 //! takes first.
 
 mod directory;
+mod events;
 mod keys;
 mod membership;
 mod query;
@@ -32,6 +33,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = space::routes(r);
     let r = membership::routes(r);
     let r = send::routes(r);
+    let r = events::routes(r);
     query::routes(r)
 }
 

@@ -24,7 +24,7 @@ async fn hierarchy(
     State(s): State<Arc<Services>>,
     Path(room): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-    _signed: Signed,
+    signed: Signed,
 ) -> Result<Json<Value>> {
     let room_id = <&ruma::RoomId>::try_from(room.as_str())
         .map_err(|_| Error::invalid_param("Invalid room id"))?;
@@ -33,5 +33,9 @@ async fn hierarchy(
         Some("true") => true,
         Some(_) => return Err(Error::invalid_param("suggested_only must be true or false")),
     };
-    Ok(Json(s.rooms.federation_hierarchy(room_id, suggested_only)?))
+    Ok(Json(s.rooms.federation_hierarchy(
+        room_id,
+        &signed.origin,
+        suggested_only,
+    )?))
 }

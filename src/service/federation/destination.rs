@@ -1,10 +1,29 @@
-//! Where another server is reached: the configured map first, then the spec's discovery
-//! without DNS SRV (not built yet): an IP literal or an explicit port is used as is; otherwise
-//! `/.well-known/matrix/server` may delegate (cached for a day, failures for ten minutes);
-//! otherwise the name on port 8448.
+//! Where another server is reached: the configured map first, then the spec's server discovery,
+//! in its order:
+//!
+//! 1. an IP literal: that address, at the given port or 8448;
+//! 2. a host name with a port: that host and port;
+//! 3. `https://<name>/.well-known/matrix/server` delegating to `<delegated>[:<port>]`: an IP
+//!    literal or a port is used as is; otherwise the SRV records of the delegated name
+//!    (`_matrix-fed._tcp.<delegated>`, then the deprecated `_matrix._tcp.<delegated>`), otherwise
+//!    the delegated name on port 8448;
+//! 4. no delegation: the SRV records of the name itself (`_matrix-fed._tcp`, then `_matrix._tcp`);
+//! 5. otherwise the name on port 8448.
+//!
+//! With an SRV record the request goes to the record's target and port, but the TLS certificate
+//! is checked for the (delegated) server name and `Host:` names it: the URL keeps the name (so
+//! rustls checks it) with the SRV port, and [`Destination::connect_to`] tells the caller to
+//! connect to the target's addresses instead (`federation::Federation` builds a client whose DNS
+//! for that one name is overridden, with the addresses passed through the address guard).
+//!
+//! Results are cached per server name: a delegation for a day, failed lookups for ten minutes,
+//! and anything found through SRV no longer than the record's TTL (at most [`MAX_CACHED`]
+//! names).
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
+    pin::Pin,
     time::{Duration, Instant},
 };
 
@@ -17,23 +36,143 @@ use crate::{config::Config, error::Result};
 const WELL_KNOWN_TTL: Duration = Duration::from_secs(24 * 3600);
 const WELL_KNOWN_FAILURE_TTL: Duration = Duration::from_secs(600);
 const WELL_KNOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one SRV query may take (the resolver retries within it).
+const SRV_TIMEOUT: Duration = Duration::from_secs(10);
+/// An SRV answer is remembered at least this long (a zero TTL would mean a query per request).
+const MIN_SRV_TTL: Duration = Duration::from_secs(60);
 /// Servers whose discovery is remembered at most.
 const MAX_CACHED: usize = 10_000;
 
 /// Where a server is reached, and whether the operator pinned it (`federation_destinations`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Destination {
+    /// Scheme, host and port, no trailing slash. The host is the name the TLS certificate must
+    /// be valid for.
     pub url: String,
     pub pinned: bool,
+    /// Found through SRV: connect to this host (the record's target) at the URL's port, while
+    /// TLS and `Host:` name the URL's host.
+    pub connect_to: Option<String>,
+    /// The `Host:` header to send when it differs from what the URL gives (SRV: the name
+    /// without the record's port).
+    pub host_header: Option<String>,
+}
+
+/// One SRV record, as far as discovery needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SrvRecord {
+    pub priority: u16,
+    pub weight: u16,
+    pub port: u16,
+    /// Host name, without the final dot.
+    pub target: String,
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What discovery asks the outside world: the well-known document and DNS. The real one is
+/// [`Destinations`]; tests hand in their own to check the order of the steps.
+pub trait Lookups: Send + Sync {
+    /// The `m.server` value of `https://<host>/.well-known/matrix/server`, if there is one.
+    fn well_known<'a>(&'a self, host: &'a str) -> BoxFut<'a, Option<String>>;
+    /// The SRV records of `name` (e.g. `_matrix-fed._tcp.example.org`) and how long they may be
+    /// kept; `None` when there are none or the lookup failed.
+    fn srv<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<(Vec<SrvRecord>, Duration)>>;
+}
+
+/// The outcome of discovery for a name that is not pinned, and how long it may be kept.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Discovered {
+    pub destination: Destination,
+    pub ttl: Duration,
+}
+
+fn direct(host: &str, port: u16) -> Destination {
+    Destination {
+        url: format!("https://{host}:{port}"),
+        pinned: false,
+        connect_to: None,
+        host_header: None,
+    }
+}
+
+/// The record to use: the lowest priority, and among those the highest weight (the first of
+/// them when equal). A target of "." means "no service here".
+fn pick_srv(records: &[SrvRecord]) -> Option<&SrvRecord> {
+    records
+        .iter()
+        .filter(|r| !r.target.is_empty() && r.target != ".")
+        .min_by_key(|r| (r.priority, std::cmp::Reverse(r.weight)))
+}
+
+/// Steps 3.3 to 3.5 and 4 to 5: the SRV records of `host` (a name without port), newest
+/// service name first, otherwise port 8448.
+async fn via_srv(lookups: &dyn Lookups, host: &str, ttl: Duration) -> Discovered {
+    for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
+        let name = format!("{service}.{host}");
+        let Some((records, srv_ttl)) = lookups.srv(&name).await else {
+            continue;
+        };
+        if let Some(record) = pick_srv(&records) {
+            return Discovered {
+                destination: Destination {
+                    url: format!("https://{host}:{}", record.port),
+                    pinned: false,
+                    connect_to: Some(record.target.trim_end_matches('.').to_owned()),
+                    host_header: Some(host.to_owned()),
+                },
+                ttl: ttl.min(srv_ttl.max(MIN_SRV_TTL)),
+            };
+        }
+    }
+    Discovered {
+        destination: direct(host, 8448),
+        ttl,
+    }
+}
+
+/// The spec's discovery for a server name (see the module comment), with `lookups` for the
+/// well-known document and DNS.
+pub async fn discover(lookups: &dyn Lookups, server: &ServerName) -> Discovered {
+    let host = server.host();
+    if server.is_ip_literal() || server.port().is_some() {
+        return Discovered {
+            destination: direct(host, server.port().unwrap_or(8448)),
+            ttl: WELL_KNOWN_TTL,
+        };
+    }
+    if let Some(value) = lookups.well_known(host).await {
+        if let Ok(delegated) = <&ServerName>::try_from(value.as_str()) {
+            if delegated.is_ip_literal() || delegated.port().is_some() {
+                return Discovered {
+                    destination: direct(delegated.host(), delegated.port().unwrap_or(8448)),
+                    ttl: WELL_KNOWN_TTL,
+                };
+            }
+            return via_srv(lookups, delegated.host(), WELL_KNOWN_TTL).await;
+        }
+    }
+    via_srv(lookups, host, WELL_KNOWN_FAILURE_TTL).await
 }
 
 pub struct Destinations {
     configured: BTreeMap<String, String>,
     client: reqwest::Client,
-    cache: Mutex<HashMap<String, (String, Instant)>>,
+    /// The system's DNS resolver (`/etc/resolv.conf`), for SRV records; `None` when it could
+    /// not be set up (then discovery goes on without SRV).
+    dns: Option<hickory_resolver::TokioResolver>,
+    cache: Mutex<HashMap<String, (Destination, Instant)>>,
 }
 
 impl Destinations {
     pub fn new(config: &Config, client: reqwest::Client) -> Destinations {
+        let dns = match hickory_resolver::Resolver::builder_tokio().and_then(|b| b.build()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("no DNS resolver for SRV lookups, discovery goes without: {e}");
+                None
+            }
+        };
         Destinations {
             configured: config
                 .federation_destinations
@@ -41,47 +180,43 @@ impl Destinations {
                 .map(|(k, v)| (k.clone(), v.trim_end_matches('/').to_owned()))
                 .collect(),
             client,
+            dns,
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The base URL (scheme, host, port; no trailing slash) requests to `server` go to.
+    /// Where requests to `server` go.
     pub async fn base_url(&self, server: &ServerName) -> Result<Destination> {
         if let Some(url) = self.configured.get(server.as_str()) {
             return Ok(Destination {
                 url: url.clone(),
                 pinned: true,
+                connect_to: None,
+                host_header: None,
             });
         }
-        let discovered = |url: String| Ok(Destination { url, pinned: false });
-        if server.is_ip_literal() || server.port().is_some() {
-            let host = server.host();
-            let port = server.port().unwrap_or(8448);
-            return discovered(format!("https://{host}:{port}"));
-        }
-        if let Some((url, until)) = self.cache.lock().get(server.as_str()) {
+        if let Some((dest, until)) = self.cache.lock().get(server.as_str()) {
             if *until > Instant::now() {
-                return discovered(url.clone());
+                return Ok(dest.clone());
             }
         }
-        let (url, ttl) = match self.well_known(server).await {
-            Some(delegated) => (delegated, WELL_KNOWN_TTL),
-            None => (
-                format!("https://{}:8448", server.host()),
-                WELL_KNOWN_FAILURE_TTL,
-            ),
-        };
+        let found = discover(self, server).await;
+        self.remember(server, found.destination.clone(), found.ttl);
+        Ok(found.destination)
+    }
+
+    /// Remember where `server` is reached for `ttl`, as discovery would (tests use it to stand
+    /// in for DNS answers there is no server for).
+    pub fn remember(&self, server: &ServerName, destination: Destination, ttl: Duration) {
         let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(server.to_string(), (url.clone(), Instant::now() + ttl));
-        discovered(url)
+        cache.insert(server.to_string(), (destination, Instant::now() + ttl));
     }
 
-    /// `m.server` of the name's well-known document, as a base URL (port 8448 if none).
-    async fn well_known(&self, server: &ServerName) -> Option<String> {
-        let url = format!("https://{}/.well-known/matrix/server", server.host());
+    async fn fetch_well_known(&self, host: &str) -> Option<String> {
+        let url = format!("https://{host}/.well-known/matrix/server");
         let response = self
             .client
             .get(url)
@@ -93,39 +228,244 @@ impl Destinations {
             return None;
         }
         let doc: Value = super::read_json(response).await.ok()?;
-        let delegated = doc.get("m.server")?.as_str()?;
-        delegated_base(delegated)
+        Some(doc.get("m.server")?.as_str()?.to_owned())
+    }
+
+    async fn lookup_srv(&self, name: &str) -> Option<(Vec<SrvRecord>, Duration)> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let dns = self.dns.as_ref()?;
+        // A fully qualified name: no search domains appended.
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        let lookup = tokio::time::timeout(SRV_TIMEOUT, dns.lookup(fqdn, RecordType::SRV))
+            .await
+            .ok()?
+            .ok()?;
+        let ttl = lookup
+            .valid_until()
+            .saturating_duration_since(Instant::now());
+        let records: Vec<SrvRecord> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) => Some(SrvRecord {
+                    priority: srv.priority,
+                    weight: srv.weight,
+                    port: srv.port,
+                    target: srv.target.to_ascii().trim_end_matches('.').to_owned(),
+                }),
+                _ => None,
+            })
+            .take(100)
+            .collect();
+        if records.is_empty() {
+            None
+        } else {
+            Some((records, ttl))
+        }
     }
 }
 
-/// The base URL for a well-known `m.server` value (`host`, `host:port`, `[v6]:port`).
-fn delegated_base(value: &str) -> Option<String> {
-    let name = <&ServerName>::try_from(value).ok()?;
-    Some(format!(
-        "https://{}:{}",
-        name.host(),
-        name.port().unwrap_or(8448)
-    ))
+impl Lookups for Destinations {
+    fn well_known<'a>(&'a self, host: &'a str) -> BoxFut<'a, Option<String>> {
+        Box::pin(self.fetch_well_known(host))
+    }
+    fn srv<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<(Vec<SrvRecord>, Duration)>> {
+        Box::pin(self.lookup_srv(name))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn delegation_values() {
+    /// Canned answers, and the questions asked in order.
+    #[derive(Default)]
+    struct Fake {
+        well_known: HashMap<String, String>,
+        srv: HashMap<String, Vec<SrvRecord>>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Lookups for Fake {
+        fn well_known<'a>(&'a self, host: &'a str) -> BoxFut<'a, Option<String>> {
+            self.asked.lock().push(format!("well-known {host}"));
+            Box::pin(async move { self.well_known.get(host).cloned() })
+        }
+        fn srv<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<(Vec<SrvRecord>, Duration)>> {
+            self.asked.lock().push(format!("srv {name}"));
+            Box::pin(async move {
+                self.srv
+                    .get(name)
+                    .map(|r| (r.clone(), Duration::from_secs(300)))
+            })
+        }
+    }
+
+    fn rec(priority: u16, weight: u16, target: &str, port: u16) -> SrvRecord {
+        SrvRecord {
+            priority,
+            weight,
+            port,
+            target: target.to_owned(),
+        }
+    }
+
+    async fn run(fake: &Fake, name: &str) -> (Discovered, Vec<String>) {
+        let server = <&ServerName>::try_from(name).expect("name");
+        let found = discover(fake, server).await;
+        (found, std::mem::take(&mut *fake.asked.lock()))
+    }
+
+    fn plain(url: &str) -> Destination {
+        Destination {
+            url: url.to_owned(),
+            pinned: false,
+            connect_to: None,
+            host_header: None,
+        }
+    }
+
+    fn srv_dest(url: &str, target: &str, host: &str) -> Destination {
+        Destination {
+            url: url.to_owned(),
+            pinned: false,
+            connect_to: Some(target.to_owned()),
+            host_header: Some(host.to_owned()),
+        }
+    }
+
+    #[tokio::test]
+    async fn literals_and_ports_ask_nothing() {
+        let fake = Fake::default();
+        for (name, url) in [
+            ("1.2.3.4", "https://1.2.3.4:8448"),
+            ("1.2.3.4:99", "https://1.2.3.4:99"),
+            ("[2001:db8::1]", "https://[2001:db8::1]:8448"),
+            ("example.org:443", "https://example.org:443"),
+        ] {
+            let (found, asked) = run(&fake, name).await;
+            assert_eq!(found.destination, plain(url), "{name}");
+            assert!(asked.is_empty(), "{name}: {asked:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_delegation_srv_then_deprecated_srv_then_8448() {
+        let mut fake = Fake::default();
+        let (found, asked) = run(&fake, "example.org").await;
+        assert_eq!(found.destination, plain("https://example.org:8448"));
+        assert_eq!(found.ttl, WELL_KNOWN_FAILURE_TTL);
         assert_eq!(
-            delegated_base("matrix.example.org").as_deref(),
-            Some("https://matrix.example.org:8448")
+            asked,
+            [
+                "well-known example.org",
+                "srv _matrix-fed._tcp.example.org",
+                "srv _matrix._tcp.example.org"
+            ]
         );
+
+        // Only the deprecated record.
+        fake.srv.insert(
+            "_matrix._tcp.example.org".into(),
+            vec![rec(10, 0, "old.example.org", 8000)],
+        );
+        let (found, asked) = run(&fake, "example.org").await;
         assert_eq!(
-            delegated_base("matrix.example.org:443").as_deref(),
-            Some("https://matrix.example.org:443")
+            found.destination,
+            srv_dest("https://example.org:8000", "old.example.org", "example.org")
         );
+        assert_eq!(asked.len(), 3);
+
+        // The current one wins, and is used without asking for the deprecated one; lowest
+        // priority first, then highest weight.
+        fake.srv.insert(
+            "_matrix-fed._tcp.example.org".into(),
+            vec![
+                rec(20, 100, "backup.example.org", 1),
+                rec(10, 5, "light.example.org", 2),
+                rec(10, 50, "fed.example.org.", 8449),
+            ],
+        );
+        let (found, asked) = run(&fake, "example.org").await;
         assert_eq!(
-            delegated_base("[::1]:8448").as_deref(),
-            Some("https://[::1]:8448")
+            found.destination,
+            srv_dest("https://example.org:8449", "fed.example.org", "example.org")
         );
-        assert_eq!(delegated_base("not a name"), None);
+        assert_eq!(found.ttl, Duration::from_secs(300));
+        assert_eq!(
+            asked,
+            ["well-known example.org", "srv _matrix-fed._tcp.example.org"]
+        );
+
+        // "." means no service: on to the next step.
+        fake.srv.insert(
+            "_matrix-fed._tcp.example.org".into(),
+            vec![rec(0, 0, ".", 0)],
+        );
+        let (found, _) = run(&fake, "example.org").await;
+        assert_eq!(
+            found.destination.connect_to.as_deref(),
+            Some("old.example.org")
+        );
+    }
+
+    #[tokio::test]
+    async fn delegation_comes_before_srv_and_is_itself_looked_up() {
+        let mut fake = Fake::default();
+        // SRV of the original name is not asked once well-known delegates.
+        fake.srv.insert(
+            "_matrix-fed._tcp.example.org".into(),
+            vec![rec(0, 0, "wrong.example.org", 1)],
+        );
+        fake.well_known
+            .insert("example.org".into(), "matrix.example.net".into());
+        let (found, asked) = run(&fake, "example.org").await;
+        assert_eq!(found.destination, plain("https://matrix.example.net:8448"));
+        assert_eq!(found.ttl, WELL_KNOWN_TTL);
+        assert_eq!(
+            asked,
+            [
+                "well-known example.org",
+                "srv _matrix-fed._tcp.matrix.example.net",
+                "srv _matrix._tcp.matrix.example.net"
+            ]
+        );
+
+        // The delegated name's SRV record: connect to its target, TLS and Host for the
+        // delegated name.
+        fake.srv.insert(
+            "_matrix-fed._tcp.matrix.example.net".into(),
+            vec![rec(0, 0, "node1.example.net", 4443)],
+        );
+        let (found, _) = run(&fake, "example.org").await;
+        assert_eq!(
+            found.destination,
+            srv_dest(
+                "https://matrix.example.net:4443",
+                "node1.example.net",
+                "matrix.example.net"
+            )
+        );
+
+        // A delegated port or IP literal is used as is, without SRV.
+        for (value, url) in [
+            ("matrix.example.net:443", "https://matrix.example.net:443"),
+            ("10.1.2.3", "https://10.1.2.3:8448"),
+            ("[2001:db8::2]:9000", "https://[2001:db8::2]:9000"),
+        ] {
+            fake.well_known.insert("example.org".into(), value.into());
+            let (found, asked) = run(&fake, "example.org").await;
+            assert_eq!(found.destination, plain(url), "{value}");
+            assert_eq!(asked, ["well-known example.org"], "{value}");
+        }
+
+        // A delegation that is not a server name counts as none.
+        fake.well_known
+            .insert("example.org".into(), "not a name".into());
+        let (found, _) = run(&fake, "example.org").await;
+        assert_eq!(
+            found.destination,
+            srv_dest("https://example.org:1", "wrong.example.org", "example.org")
+        );
     }
 }

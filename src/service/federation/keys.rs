@@ -90,9 +90,9 @@ impl Federation {
 
     /// `GET /_matrix/key/v2/server` of the server, checked; with how long to keep it.
     async fn fetch_keys(&self, server: &ServerName) -> Result<(Value, u64)> {
-        let (client, base) = self.route_to(server).await?;
-        let response = client
-            .get(format!("{base}/_matrix/key/v2/server"))
+        let route = self.route_to(server).await?;
+        let response = route
+            .request(http::Method::GET, "/_matrix/key/v2/server")
             .send()
             .await
             .map_err(|e| unreachable(server, e))?;

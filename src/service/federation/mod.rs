@@ -22,7 +22,13 @@ pub mod pdu;
 pub mod resident;
 pub mod sender;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
 
 use ruma::ServerName;
 use serde_json::Value;
@@ -31,12 +37,16 @@ use crate::{
     config::Config,
     error::{ErrCode, Error, Result},
     service::globals::Globals,
-    service::media::addr::{parse_ranges, url_allowed, GuardedResolver},
+    service::media::addr::{may_connect, parse_ranges, url_allowed, GuardedResolver},
     storage::Storage,
 };
 
 /// Timeout of one request to another server.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a client for an SRV-found destination is kept (its addresses were resolved once).
+const SRV_CLIENT_TTL: Duration = Duration::from_secs(300);
+/// Clients for SRV-found destinations kept at most.
+const MAX_SRV_CLIENTS: usize = 256;
 /// Largest answer read from another server.
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
@@ -47,6 +57,12 @@ pub struct Federation {
     /// For destinations the operator pinned in `federation_destinations`: used as given.
     pinned: reqwest::Client,
     allow: Arc<Vec<ipnet::IpNet>>,
+    /// The operator's extra CA roots (`federation_ca_file`), for clients built later.
+    extra_roots: Vec<reqwest::Certificate>,
+    /// Clients for destinations found through DNS SRV: each connects to the record's target
+    /// (addresses checked by the guard) while TLS and `Host:` name the server. Keyed by
+    /// (server host, target), kept [`SRV_CLIENT_TTL`] so address changes are picked up.
+    srv_clients: Mutex<HashMap<(String, String), (reqwest::Client, Instant)>>,
     pub(crate) globals: Arc<Globals>,
     pub(crate) storage: Storage,
     pub destinations: destination::Destinations,
@@ -77,27 +93,22 @@ impl Federation {
             None => Vec::new(),
         };
         let allow = Arc::new(parse_ranges(&config.federation_ip_range_allowlist));
-        let build = |guard: bool| {
-            let mut builder = reqwest::Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .tls_certs_merge(extra_roots.clone());
-            if guard {
-                builder = builder.dns_resolver(Arc::new(GuardedResolver::new(allow.clone())));
-            }
-            builder
-                .build()
-                .map_err(|e| Error::internal(format!("federation client: {e}")))
-        };
-        let guarded = build(true)?;
+        let guarded = client_builder(&extra_roots)
+            .dns_resolver(Arc::new(GuardedResolver::new(allow.clone())))
+            .build()
+            .map_err(|e| Error::internal(format!("federation client: {e}")))?;
+        let pinned = client_builder(&extra_roots)
+            .build()
+            .map_err(|e| Error::internal(format!("federation client: {e}")))?;
         Ok(Federation {
             destinations: destination::Destinations::new(config, guarded.clone()),
-            pinned: build(false)?,
+            pinned,
             guarded,
             sender: sender::Sender::new(storage.clone(), wake)?,
             txn_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             allow,
+            extra_roots,
+            srv_clients: Mutex::new(HashMap::new()),
             globals,
             storage,
             policy: crate::policy::Policy::new(config),
@@ -107,16 +118,74 @@ impl Federation {
     /// The client and base URL for `server`, if the policy lets us talk to it. Discovered
     /// addresses must be public (or allowed): a server name cannot point requests into the
     /// server's own network.
-    async fn route_to(&self, server: &ServerName) -> Result<(&reqwest::Client, String)> {
+    pub(crate) async fn route_to(&self, server: &ServerName) -> Result<Route> {
         self.policy.may_federate_with(server)?;
         let dest = self.destinations.base_url(server).await?;
         if dest.pinned {
-            return Ok((&self.pinned, dest.url));
+            return Ok(Route {
+                client: self.pinned.clone(),
+                base: dest.url,
+                host: None,
+            });
         }
         if !url_allowed(&dest.url, &self.allow) {
             return Err(unreachable(server, "its address is not a public one"));
         }
-        Ok((&self.guarded, dest.url))
+        let client = match &dest.connect_to {
+            Some(target) => self.srv_client(server, &dest.url, target).await?,
+            None => self.guarded.clone(),
+        };
+        Ok(Route {
+            client,
+            base: dest.url,
+            host: dest.host_header,
+        })
+    }
+
+    /// A client that reaches the host of `url` at the addresses of `target` (an SRV record's
+    /// target), each passed through the address guard; TLS still checks the certificate for
+    /// the URL's host.
+    async fn srv_client(
+        &self,
+        server: &ServerName,
+        url: &str,
+        target: &str,
+    ) -> Result<reqwest::Client> {
+        let host = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .ok_or_else(|| unreachable(server, "no host in its address"))?;
+        let key = (host.clone(), target.to_owned());
+        if let Some((client, until)) = self.srv_clients.lock().get(&key) {
+            if *until > Instant::now() {
+                return Ok(client.clone());
+            }
+        }
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::time::timeout(REQUEST_TIMEOUT, tokio::net::lookup_host((target, 0)))
+                .await
+                .map_err(|_| unreachable(server, "resolving its SRV target timed out"))?
+                .map_err(|e| unreachable(server, e))?
+                .filter(|a| may_connect(a.ip(), &self.allow))
+                .take(16)
+                .collect();
+        if addrs.is_empty() {
+            return Err(unreachable(
+                server,
+                "its SRV target resolves to no address that may be reached",
+            ));
+        }
+        let client = client_builder(&self.extra_roots)
+            .dns_resolver(Arc::new(GuardedResolver::new(self.allow.clone())))
+            .resolve_to_addrs(&host, &addrs)
+            .build()
+            .map_err(|e| Error::internal(format!("federation client: {e}")))?;
+        let mut clients = self.srv_clients.lock();
+        if clients.len() >= MAX_SRV_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(key, (client.clone(), Instant::now() + SRV_CLIENT_TTL));
+        Ok(client)
     }
 
     /// A request to another server, signed with `X-Matrix`; the answer's JSON on success.
@@ -148,7 +217,7 @@ impl Federation {
         body: Option<Value>,
         limit: usize,
     ) -> Result<Value> {
-        let (client, base) = self.route_to(destination).await?;
+        let route = self.route_to(destination).await?;
         let authorization = auth::authorization_header(
             &self.globals,
             &method,
@@ -156,8 +225,8 @@ impl Federation {
             path_and_query,
             body.as_ref(),
         )?;
-        let mut request = client
-            .request(method, format!("{base}{path_and_query}"))
+        let mut request = route
+            .request(method, path_and_query)
             .header(http::header::AUTHORIZATION, authorization);
         if let Some(b) = &body {
             request = request.json(b);
@@ -218,6 +287,35 @@ impl Federation {
         let i = (h.finish() as usize) % self.txn_locks.len().max(1);
         &self.txn_locks[i]
     }
+}
+
+/// How a request to one server is made: the client, the base URL and, for destinations found
+/// through SRV, the `Host:` header.
+pub(crate) struct Route {
+    pub client: reqwest::Client,
+    pub base: String,
+    pub host: Option<String>,
+}
+
+impl Route {
+    pub fn request(&self, method: http::Method, path_and_query: &str) -> reqwest::RequestBuilder {
+        let request = self
+            .client
+            .request(method, format!("{}{path_and_query}", self.base));
+        match &self.host {
+            Some(host) => request.header(http::header::HOST, host),
+            None => request,
+        }
+    }
+}
+
+/// The federation client's settings, with the operator's extra CA roots.
+fn client_builder(extra_roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .tls_certs_merge(extra_roots.to_vec())
 }
 
 pub(crate) fn unreachable(destination: &ServerName, e: impl std::fmt::Display) -> Error {

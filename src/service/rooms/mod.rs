@@ -8,6 +8,7 @@ pub mod append;
 pub mod create;
 pub mod directory;
 pub mod event_state;
+pub mod federation_read;
 pub mod history;
 pub mod membership;
 mod notify;
@@ -35,9 +36,11 @@ use ruma::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use acl::ServerAcl;
 pub use append::{NewEvent, Sent};
 pub use create::{CreateRoom, Preset};
 pub use event_state::StateIds;
+pub use federation_read::{MissingEventsQuery, ServerView};
 pub use membership::{MemberProfile, Moderation};
 pub use pdu::Pdu;
 pub use power::PowerLevels;

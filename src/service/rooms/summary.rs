@@ -244,10 +244,18 @@ fn parse_hierarchy_token(token: &str, q: &HierarchyQuery) -> Result<usize> {
 impl Rooms {
     /// `GET /_matrix/federation/v1/hierarchy/{roomId}` for another server: the room (if anyone
     /// may preview it), its children anyone may preview, and the ids of the others.
-    pub fn federation_hierarchy(&self, root: &RoomId, suggested_only: bool) -> Result<Value> {
+    /// The server ACL applies: a root that denies `origin` is 403, children that deny it are
+    /// listed as inaccessible.
+    pub fn federation_hierarchy(
+        &self,
+        root: &RoomId,
+        origin: &ruma::ServerName,
+        suggested_only: bool,
+    ) -> Result<Value> {
         if !self.may_preview(root, None)? {
             return Err(Error::not_found("Room not found or not previewable"));
         }
+        self.ensure_server_acl(root, origin)?;
         let mut room = self.room_summary(root)?;
         let is_space = room.get("room_type").and_then(Value::as_str) == Some("m.space");
         let children = if is_space {
@@ -263,7 +271,7 @@ impl Rooms {
             if suggested_only && !c.suggested {
                 continue;
             }
-            if self.may_preview(&c.room_id, None)? {
+            if self.may_preview(&c.room_id, None)? && self.server_acl_allows(&c.room_id, origin)? {
                 let mut summary = self.room_summary(&c.room_id)?;
                 let grandchildren =
                     if summary.get("room_type").and_then(Value::as_str) == Some("m.space") {
