@@ -465,11 +465,13 @@ async fn public_rooms_of_another_server() {
     let (status, body) = c
         .get("/_matrix/client/v3/publicRooms?server=b.test", &carol)
         .await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    // The other server's refusal is passed on as it is.
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errcode"], json!("M_FORBIDDEN"), "{body}");
     assert!(
         body["error"]
             .as_str()
-            .is_some_and(|e| e.contains("M_FORBIDDEN")),
+            .is_some_and(|e| e.contains("does not publish")),
         "{body}"
     );
 }

@@ -214,7 +214,7 @@ async fn a_retried_transaction_is_applied_once() {
     assert_eq!(
         first.1,
         json!({ "pdus": { "$not-handled": {
-            "error": "room events over federation are not handled yet" } } })
+            "error": "BadJson: room_id is missing" } } })
     );
     // The same transaction again: the same answer, nothing applied twice.
     let again = signed(&a, &b, Method::PUT, path, Some(txn.clone())).await;

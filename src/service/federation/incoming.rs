@@ -50,7 +50,11 @@ pub async fn handle_pdus(
     let mut out = BTreeMap::new();
     let mut keys = KeyCache::default();
     for (i, value) in pdus.into_iter().enumerate() {
-        let fallback = format!("unknown-{i}");
+        let fallback = value
+            .get("event_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("unknown-{i}"));
         match handle_one(services, origin, &value, &mut keys).await {
             Ok(id) => {
                 out.insert(id.to_string(), Ok(()));

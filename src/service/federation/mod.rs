@@ -267,9 +267,11 @@ fn remote_error(destination: &ServerName, status: http::StatusCode, answer: &Val
         _ => None,
     };
     match passed {
-        Some(code) if status.is_client_error() => {
-            Error::with_status(code, status, format!("{destination}: {message}"))
-        }
+        Some(code) if status.is_client_error() => Error::with_status(
+            code,
+            status,
+            format!("{destination} answered {errcode}: {message}"),
+        ),
         _ => Error::with_status(
             ErrCode::Unknown,
             http::StatusCode::BAD_GATEWAY,
