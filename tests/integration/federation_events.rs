@@ -926,3 +926,87 @@ async fn srv_destination_connects_to_the_target_and_checks_tls_for_the_name() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn timestamp_to_event_openid_and_unknown_queries() {
+    let (a, b) = two_servers().await;
+    let alice = a.user("alice").await;
+    let room = a
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "initial_state": [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": { "history_visibility": "world_readable" } }] }),
+        )
+        .await;
+    let first = send_text(&a, &alice, &room, "first").await;
+    let (status, body) = get(
+        &a,
+        &b,
+        &format!(
+            "/_matrix/federation/v1/timestamp_to_event/{}?ts=0&dir=f",
+            enc(&room)
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["origin_server_ts"].as_u64().is_some(), "{body}");
+    // Backwards from far in the future: the newest event, our message.
+    let (status, body) = get(
+        &a,
+        &b,
+        &format!(
+            "/_matrix/federation/v1/timestamp_to_event/{}?ts=99999999999999&dir=b",
+            enc(&room)
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["event_id"], json!(first));
+    let missing_dir = get(
+        &a,
+        &b,
+        &format!(
+            "/_matrix/federation/v1/timestamp_to_event/{}?ts=0",
+            enc(&room)
+        ),
+    )
+    .await;
+    assert_err(&missing_dir, 400, "M_MISSING_PARAM");
+
+    // OpenID: a token alice's client requested names her; anything else is 401.
+    let (status, token) = a
+        .post(
+            &format!(
+                "/_matrix/client/v3/user/{}/openid/request_token",
+                enc(&alice.user_id)
+            ),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{token}");
+    let access = token["access_token"].as_str().expect("token");
+    let (status, who) = a
+        .req(
+            Method::GET,
+            &format!("/_matrix/federation/v1/openid/userinfo?access_token={access}"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{who}");
+    assert_eq!(who, json!({ "sub": alice.user_id }));
+    let bad = a
+        .req(
+            Method::GET,
+            "/_matrix/federation/v1/openid/userinfo?access_token=nope",
+            None,
+            None,
+        )
+        .await;
+    assert_err(&bad, 401, "M_UNKNOWN_TOKEN");
+
+    let unknown = get(&a, &b, "/_matrix/federation/v1/query/weather?city=x").await;
+    assert_err(&unknown, 404, "M_UNRECOGNIZED");
+}

@@ -35,6 +35,45 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
             "/_matrix/federation/v1/get_missing_events/{room_id}",
             post(get_missing_events),
         )
+        .route(
+            "/_matrix/federation/v1/timestamp_to_event/{room_id}",
+            get(timestamp_to_event),
+        )
+}
+
+/// `GET /timestamp_to_event/{roomId}?ts=&dir=`: the closest event the asking server may see.
+async fn timestamp_to_event(
+    State(s): State<Arc<Services>>,
+    Path(room): Path<String>,
+    RawQuery(q): RawQuery,
+    signed: Signed,
+) -> Result<Json<Value>> {
+    let room_id = room_id(&room)?;
+    let ts = crate::api::client::query_param(&q, "ts")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing ts"))?
+        .parse::<u64>()
+        .map_err(|_| Error::invalid_param("ts must be a timestamp in milliseconds"))?;
+    let forward = match crate::api::client::query_param(&q, "dir")?.as_deref() {
+        Some("f") => true,
+        Some("b") => false,
+        Some(_) => return Err(Error::invalid_param("dir must be f or b")),
+        None => return Err(Error::new(ErrCode::MissingParam, "Missing dir")),
+    };
+    let view = s.rooms.server_view(room_id, &signed.origin)?;
+    let found = s
+        .rooms
+        .event_at_time_where(room_id, ts, forward, |_, pdu| {
+            match s.rooms.event_meta(pdu.event_id.as_str())? {
+                Some(meta) => view.can_see(&s.rooms, pdu, &meta),
+                None => Ok(false),
+            }
+        })?;
+    match found {
+        Some((event_id, at)) => Ok(Json(
+            serde_json::json!({ "event_id": event_id, "origin_server_ts": at }),
+        )),
+        None => Err(Error::not_found("No event found")),
+    }
 }
 
 fn room_id(s: &str) -> Result<&RoomId> {

@@ -20,6 +20,41 @@ use crate::{
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r.route("/_matrix/federation/v1/query/profile", get(profile))
         .route("/_matrix/federation/v1/query/directory", get(directory))
+        .route(
+            "/_matrix/federation/v1/query/{query_type}",
+            get(other_query),
+        )
+        .route(
+            "/_matrix/federation/v1/openid/userinfo",
+            get(openid_userinfo),
+        )
+}
+
+/// Query types this server does not know (the spec leaves them to extensions).
+async fn other_query(_signed: Signed) -> Result<Json<Value>> {
+    Err(Error::new(ErrCode::Unrecognized, "Unknown query type"))
+}
+
+/// `GET /openid/userinfo?access_token=`: who an OpenID token (from the client API's
+/// `/openid/request_token`) was issued to. Not signed: the asker is a third party, not a server.
+async fn openid_userinfo(
+    State(s): State<Arc<Services>>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>> {
+    let token = query_param(&q, "access_token")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing access_token"))?;
+    match s.reports.openid_user(&token)? {
+        Some(user) => {
+            let mut out = Map::new();
+            out.insert("sub".into(), Value::String(user));
+            Ok(Json(Value::Object(out)))
+        }
+        None => Err(Error::with_status(
+            ErrCode::UnknownToken,
+            http::StatusCode::UNAUTHORIZED,
+            "Unknown or expired access token",
+        )),
+    }
 }
 
 /// `GET /query/directory?room_alias=`: the room a local alias names, and that this server is

@@ -85,6 +85,16 @@ async fn handle_one(
         .map_err(|e| (None, e))?
         .ok_or((None, Error::not_found("This server is not in the room")))?
         .version;
+    if !services
+        .rooms
+        .server_acl_allows(&room_id, origin)
+        .map_err(|e| (None, e))?
+    {
+        return Err((
+            None,
+            Error::forbidden("The room's server ACL denies the sending server"),
+        ));
+    }
     let incoming = services
         .federation
         .check_pdu(&version, value, Some(&room_id), keys)

@@ -29,6 +29,20 @@ impl Rooms {
                 "You are not allowed to read this room's history",
             ));
         }
+        self.event_at_time_where(room_id, ts, forward, |count, _| {
+            self.user_can_see(room_id, user, count, &visibility)
+        })
+    }
+
+    /// The event closest to `ts` on the asked side among those `may_see` accepts (by stream
+    /// count and event): the search behind the client's and the federation's endpoint.
+    pub fn event_at_time_where(
+        &self,
+        room_id: &RoomId,
+        ts: u64,
+        forward: bool,
+        mut may_see: impl FnMut(u64, &super::Pdu) -> Result<bool>,
+    ) -> Result<Option<(OwnedEventId, u64)>> {
         let prefix = keys::prefix(&[room_id.as_str()]);
         let event_ts = |count_from: u64| -> Result<Option<(u64, u64)>> {
             let start = keys::with_count(&[room_id.as_str()], count_from);
@@ -71,7 +85,7 @@ impl Rooms {
             };
             let t = u64::from(pdu.origin_server_ts.get());
             let on_side = if forward { t >= ts } else { t <= ts };
-            if on_side && self.user_can_see(room_id, user, count, &visibility)? {
+            if on_side && may_see(count, &pdu)? {
                 return Ok(Some((pdu.event_id, t)));
             }
         }
