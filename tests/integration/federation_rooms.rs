@@ -453,3 +453,91 @@ async fn bad_pdus_are_refused_and_the_room_goes_on() {
     say(&b, &bob, &room, "still fine").await;
     wait_messages(&a, &alice, &room, &["still fine"]).await;
 }
+
+#[tokio::test]
+async fn media_of_another_server_is_fetched_once_and_thumbnailed() {
+    let pki = TestPki::new();
+    let mut a = start_federating(&pki, |_| {}).await;
+    let b = start_federating(&pki, |_| {}).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let img = {
+        let img = image::RgbaImage::from_fn(64, 48, |x, y| image::Rgba([x as u8, y as u8, 9, 255]));
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgba8(img)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .expect("png");
+        out
+    };
+    let res = a
+        .http
+        .post(format!(
+            "{}/_matrix/media/v3/upload?filename=cat.png",
+            a.base
+        ))
+        .bearer_auth(&alice.token)
+        .header("Content-Type", "image/png")
+        .body(img.clone())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(res.status(), StatusCode::OK);
+    let uri: Value = res.json().await.expect("json");
+    let mxc = uri["content_uri"].as_str().expect("mxc").to_owned();
+    let (server, id) = mxc
+        .strip_prefix("mxc://")
+        .and_then(|r| r.split_once('/'))
+        .expect("mxc parts");
+    assert_eq!(server, a.server_name());
+
+    let download = |path: String| {
+        let b = &b;
+        let token = bob.token.clone();
+        async move {
+            b.http
+                .get(format!("{}{path}", b.base))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("download")
+        }
+    };
+    let res = download(format!("/_matrix/client/v1/media/download/{server}/{id}")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("image/png")
+    );
+    assert_eq!(res.bytes().await.expect("bytes").to_vec(), img);
+
+    let res = download(format!(
+        "/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32&height=32&method=scale"
+    ))
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let thumb = res.bytes().await.expect("bytes");
+    let decoded = image::load_from_memory(&thumb).expect("a thumbnail image");
+    assert!(
+        decoded.width() <= 64 && decoded.width() >= 32,
+        "{}",
+        decoded.width()
+    );
+
+    // Unknown media on A: 404 on B.
+    let res = download(format!(
+        "/_matrix/client/v1/media/download/{server}/nosuchmedia"
+    ))
+    .await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["errcode"], json!("M_NOT_FOUND"));
+
+    // Fetched once: B serves it with A down.
+    a.halt().await;
+    let res = download(format!("/_matrix/client/v1/media/download/{server}/{id}")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.bytes().await.expect("bytes").to_vec(), img);
+    a.resume().await;
+}

@@ -187,7 +187,7 @@ async fn preview_url(
 }
 
 /// `timeout_ms`, defaulting to the spec's 20 seconds.
-fn timeout(q: &Option<String>) -> Result<Duration> {
+pub(crate) fn timeout(q: &Option<String>) -> Result<Duration> {
     match query_param(q, "timeout_ms")? {
         None => Ok(media::DEFAULT_WAIT),
         Some(t) => t
@@ -242,7 +242,20 @@ fn frozen() -> Error {
     )
 }
 
+/// Another server's media is fetched (once) before it is served like ours.
+async fn fetch_if_remote(s: &Services, p: &Segs) -> Result<()> {
+    let server = p.get(0)?;
+    if server == s.globals.server_name.as_str() {
+        return Ok(());
+    }
+    let server =
+        ruma::ServerName::parse(server).map_err(|_| Error::not_found("Media not found"))?;
+    crate::service::federation::media::remote_file(s, &server, p.get(1)?).await?;
+    Ok(())
+}
+
 async fn serve_download(s: &Services, p: &Segs, q: &Option<String>) -> Result<Response> {
+    fetch_if_remote(s, p).await?;
     let file: FileInfo = s.media.file(p.get(0)?, p.get(1)?, timeout(q)?).await?;
     let content_type = file
         .content_type
@@ -282,6 +295,7 @@ async fn serve_thumbnail(s: &Services, p: &Segs, q: &Option<String>) -> Result<R
         None | Some("true") | Some("false") => {}
         Some(_) => return Err(Error::invalid_param("animated must be true or false")),
     }
+    fetch_if_remote(s, p).await?;
     let thumb = s
         .media
         .thumbnail(p.get(0)?, p.get(1)?, width, height, method, timeout(q)?)

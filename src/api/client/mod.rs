@@ -12,7 +12,7 @@ mod filter;
 mod history;
 mod key_backup;
 mod keys;
-mod media;
+pub(crate) mod media;
 mod membership;
 mod message;
 mod presence;

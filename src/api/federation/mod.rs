@@ -5,6 +5,7 @@
 mod directory;
 mod events;
 mod keys;
+mod media;
 mod membership;
 mod query;
 mod send;
@@ -34,6 +35,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = membership::routes(r);
     let r = send::routes(r);
     let r = events::routes(r);
+    let r = media::routes(r);
     query::routes(r)
 }
 

@@ -18,6 +18,7 @@ pub mod incoming;
 pub mod invite;
 pub mod join;
 pub mod keys;
+pub mod media;
 pub mod pdu;
 pub mod resident;
 pub mod sender;
@@ -242,6 +243,85 @@ impl Federation {
         }
         Ok(answer)
     }
+}
+
+impl Federation {
+    /// A signed `GET` whose answer is not JSON (media): the headers and at most `limit` bytes of
+    /// the body. Non-success answers are errors as for [`Federation::send`].
+    pub async fn get_raw(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        limit: usize,
+    ) -> Result<(http::HeaderMap, Vec<u8>)> {
+        let route = self.route_to(destination).await?;
+        let authorization = auth::authorization_header(
+            &self.globals,
+            &http::Method::GET,
+            destination,
+            path_and_query,
+            None,
+        )?;
+        let response = route
+            .request(http::Method::GET, path_and_query)
+            .header(http::header::AUTHORIZATION, authorization)
+            .send()
+            .await
+            .map_err(|e| unreachable(destination, e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let answer = read_json(response).await.unwrap_or(Value::Null);
+            return Err(remote_error(destination, status, &answer));
+        }
+        let headers = response.headers().clone();
+        let body = read_bytes_limited(response, limit).await?;
+        Ok((headers, body))
+    }
+
+    /// A plain `GET` of a URL another server named (a media `Location`), through the address
+    /// guard, at most `limit` bytes.
+    pub async fn get_url(&self, url: &str, limit: usize) -> Result<(http::HeaderMap, Vec<u8>)> {
+        if !url_allowed(url, &self.allow) {
+            return Err(Error::not_found(
+                "The media location is not a public address",
+            ));
+        }
+        let response = self.guarded.get(url).send().await.map_err(|e| {
+            Error::with_status(
+                ErrCode::Unknown,
+                http::StatusCode::BAD_GATEWAY,
+                e.to_string(),
+            )
+        })?;
+        if !response.status().is_success() {
+            return Err(Error::not_found(
+                "The media location answered with an error",
+            ));
+        }
+        let headers = response.headers().clone();
+        let body = read_bytes_limited(response, limit).await?;
+        Ok((headers, body))
+    }
+}
+
+async fn read_bytes_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        Error::with_status(
+            ErrCode::Unknown,
+            http::StatusCode::BAD_GATEWAY,
+            e.to_string(),
+        )
+    })? {
+        if body.len() + chunk.len() > limit {
+            return Err(Error::new(
+                ErrCode::TooLarge,
+                "The remote content is too large",
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A remote server's refusal as our error: the refusals a client should see as they are (the

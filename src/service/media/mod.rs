@@ -379,8 +379,14 @@ impl Media {
     /// upload: 504 `M_NOT_YET_UPLOADED` if it does not arrive, 404 for unknown, expired and
     /// remote media.
     pub async fn file(&self, server: &str, media_id: &str, timeout: Duration) -> Result<FileInfo> {
-        if server != self.server_name.as_str() || !valid_media_id(media_id) {
+        if !valid_media_id(media_id) {
             return Err(not_found());
+        }
+        if server != self.server_name.as_str() {
+            // Another server's media: only what was fetched already (see
+            // `federation::media::remote_file`).
+            let server = ServerName::parse(server).map_err(|_| not_found())?;
+            return self.remote_cached(&server, media_id)?.ok_or_else(not_found);
         }
         let server = self.server_name.clone();
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
@@ -405,6 +411,58 @@ impl Media {
                 ));
             }
         }
+    }
+
+    /// Another server's media as fetched before, if it was.
+    pub fn remote_cached(&self, server: &ServerName, media_id: &str) -> Result<Option<FileInfo>> {
+        if !valid_media_id(media_id) {
+            return Err(not_found());
+        }
+        Ok(self.record(server, media_id)?.and_then(|r| r.file))
+    }
+
+    /// Keep another server's media (fetched over federation) under its own `mxc://` name. The
+    /// file is durable before its row is written, as for uploads; the file-reference index lets
+    /// erasure and retention find it.
+    pub async fn store_remote(
+        &self,
+        server: &ServerName,
+        media_id: &str,
+        bytes: Vec<u8>,
+        content_type: Option<String>,
+        filename: Option<String>,
+        now: u64,
+    ) -> Result<FileInfo> {
+        if !valid_media_id(media_id) || server == self.server_name {
+            return Err(not_found());
+        }
+        let stored = self.files.write_bytes(bytes.into()).await?;
+        let file = FileInfo {
+            sha256: stored.sha256.clone(),
+            size: stored.size,
+            content_type: content_type.filter(|t| !t.trim().is_empty() && t.len() <= 255),
+            filename,
+            uploaded_ts: now,
+        };
+        let record = MediaRecord {
+            uploader: String::new(),
+            created_ts: now,
+            unused_expires_at: None,
+            file: Some(file.clone()),
+        };
+        let mut refs_key = stored.sha256.as_bytes().to_vec();
+        refs_key.push(0xff);
+        refs_key.extend_from_slice(&media_key(server, media_id));
+        let mut batch = self.storage.batch();
+        batch.put(
+            Table::Media,
+            &media_key(server, media_id),
+            &serde_json::to_vec(&record)?,
+        )?;
+        batch.put(Table::MediaFileRefs, &refs_key, b"")?;
+        let ticket = batch.commit_deferred()?;
+        self.storage.durable(ticket).await?;
+        Ok(file)
     }
 
     /// The thumbnail of a media id for the requested size: made once, then served from disk.
