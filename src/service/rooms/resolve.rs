@@ -24,6 +24,11 @@ impl Rooms {
         match states {
             [] => return Ok(StateIds::new()),
             [one] => return Ok(one.clone()),
+            [first, rest @ ..] if rest.iter().all(|s| s == first) => {
+                // The common fork: two branches that differ only in messages. Nothing to
+                // resolve, and the auth chains (the costly part) are not needed.
+                return Ok(first.clone());
+            }
             _ => {}
         }
         let rules = rules_for(version)?;
