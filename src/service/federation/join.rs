@@ -461,24 +461,8 @@ async fn knock_through(
         reason,
     )
     .await?;
-    let answer = services
-        .federation
-        .send(
-            http::Method::PUT,
-            server,
-            &format!(
-                "/_matrix/federation/v1/send_knock/{}/{}",
-                urlencoding(room_id.as_str()),
-                urlencoding(signed.event_id.as_str())
-            ),
-            Some(signed.value.clone()),
-        )
-        .await?;
-    let mut keys = KeyCache::default();
-    let knock = services
-        .federation
-        .check_pdu(&signed.version, &signed.value, Some(room_id), &mut keys)
-        .await?;
+    let (answer, knock) =
+        send_membership(services, server, room_id, &signed, "v1/send_knock").await?;
     let state: Vec<Value> = answer
         .get("knock_room_state")
         .and_then(Value::as_array)
@@ -542,13 +526,28 @@ async fn leave_through(
     reason: Option<&str>,
 ) -> Result<()> {
     let signed = make_membership(services, server, room_id, user, "leave", None, reason).await?;
-    services
+    let (_, leave) = send_membership(services, server, room_id, &signed, "v2/send_leave").await?;
+    let stored = leave.stored_value()?;
+    super::resident::record_remote_membership(services, room_id, user, "leave", &leave, stored)
+}
+
+/// `PUT /_matrix/federation/{endpoint}/{roomId}/{eventId}` with our signed membership event
+/// (`endpoint`: `v1/send_knock`, `v2/send_leave`): the answer, and the event as checked for
+/// storing.
+async fn send_membership(
+    services: &Services,
+    server: &ServerName,
+    room_id: &RoomId,
+    signed: &Signed,
+    endpoint: &str,
+) -> Result<(Value, Incoming)> {
+    let answer = services
         .federation
         .send(
             http::Method::PUT,
             server,
             &format!(
-                "/_matrix/federation/v2/send_leave/{}/{}",
+                "/_matrix/federation/{endpoint}/{}/{}",
                 urlencoding(room_id.as_str()),
                 urlencoding(signed.event_id.as_str())
             ),
@@ -556,10 +555,9 @@ async fn leave_through(
         )
         .await?;
     let mut keys = KeyCache::default();
-    let leave = services
+    let event = services
         .federation
         .check_pdu(&signed.version, &signed.value, Some(room_id), &mut keys)
         .await?;
-    let stored = leave.stored_value()?;
-    super::resident::record_remote_membership(services, room_id, user, "leave", &leave, stored)
+    Ok((answer, event))
 }
