@@ -541,3 +541,67 @@ async fn media_of_another_server_is_fetched_once_and_thumbnailed() {
     assert_eq!(res.bytes().await.expect("bytes").to_vec(), img);
     a.resume().await;
 }
+
+#[tokio::test]
+async fn knocking_on_a_room_of_another_server() {
+    let pki = TestPki::new();
+    let a = start_federating(&pki, |_| {}).await;
+    let b = start_federating(&pki, |_| {}).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = a
+        .create_room(
+            &alice,
+            json!({ "preset": "private_chat", "name": "Knock here", "initial_state": [{
+                "type": "m.room.join_rules", "state_key": "",
+                "content": { "join_rule": "knock" } }] }),
+        )
+        .await;
+    let (status, body) = b
+        .post(
+            &format!(
+                "/_matrix/client/v3/knock/{}?via={}",
+                enc(&room),
+                enc(&a.server_name())
+            ),
+            &bob,
+            json!({ "reason": "let me in" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["room_id"], json!(room));
+    wait_membership(&a, &alice, &room, &bob.user_id, "knock").await;
+    // Bob's sync on B shows the knock with the room's stripped state.
+    let sync = wait_for(&b, &bob, "/_matrix/client/v3/sync", "the knock", |s| {
+        s["rooms"]["knock"].get(&room).is_some()
+    })
+    .await;
+    let state = sync["rooms"]["knock"][&room]["knock_state"]["events"]
+        .as_array()
+        .expect("knock state")
+        .clone();
+    assert!(
+        state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Knock here"),
+        "{state:?}"
+    );
+    // Alice lets him in; he joins through A.
+    let (status, body) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            &alice,
+            json!({ "user_id": bob.user_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = b
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)),
+            &bob,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_membership(&a, &alice, &room, &bob.user_id, "join").await;
+}
