@@ -682,3 +682,70 @@ async fn aliases_of_another_server_resolve_through_it() {
         .await;
     assert_err(&got, 404, "M_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn keys_of_an_unreachable_server_come_from_a_trusted_notary() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let dead = free_port();
+    let a = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "a.test".try_into().expect("name");
+        c.port = pa;
+    })
+    .await;
+    let b = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "b.test".try_into().expect("name");
+        c.port = pb;
+        c.federation_destinations
+            .insert("a.test".into(), format!("http://127.0.0.1:{pa}"));
+    })
+    .await;
+    // C cannot reach A (a port nobody listens on) but trusts B as a notary.
+    let c = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "c.test".try_into().expect("name");
+        c.port = pc;
+        c.trusted_servers = vec!["b.test".try_into().expect("name")];
+        c.federation_destinations
+            .insert("a.test".into(), format!("http://127.0.0.1:{dead}"));
+        c.federation_destinations
+            .insert("b.test".into(), format!("http://127.0.0.1:{pb}"));
+    })
+    .await;
+    let a_key = a.services().globals.signing_key.public_key();
+    let keys = c
+        .services()
+        .federation
+        .current_keys(ServerName::parse("a.test").expect("name").as_ref())
+        .await
+        .expect("A's keys through the notary");
+    assert_eq!(keys.values().next(), Some(&a_key), "{keys:?}");
+    // Kept as A signed it (no notary signature), and served by C's own notary countersigned.
+    let (status, doc) = c
+        .req(Method::GET, "/_matrix/key/v2/query/a.test", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{doc}");
+    let sigs = doc["server_keys"][0]["signatures"]
+        .as_object()
+        .expect("signatures");
+    assert!(
+        sigs.contains_key("a.test") && sigs.contains_key("c.test"),
+        "{doc}"
+    );
+    assert!(!sigs.contains_key("b.test"), "{doc}");
+    // Without a notary the same situation is a failure.
+    let d = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "d.test".try_into().expect("name");
+        c.federation_destinations
+            .insert("a.test".into(), format!("http://127.0.0.1:{dead}"));
+    })
+    .await;
+    assert!(d
+        .services()
+        .federation
+        .current_keys(ServerName::parse("a.test").expect("name").as_ref())
+        .await
+        .is_err());
+}

@@ -56,7 +56,13 @@ impl Federation {
         }
         // No lock around the fetch: a slow server must not hold up requests from others (two
         // concurrent fetches for one server only fetch twice).
-        let (doc, cache_until) = self.fetch_keys(server).await?;
+        let (doc, cache_until) = match self.fetch_keys(server).await {
+            Ok(found) => found,
+            Err(direct) => match self.keys_from_notaries(server).await {
+                Some(found) => found,
+                None => return Err(direct),
+            },
+        };
         let keys = verify_keys(&doc);
         let record = json!({ "doc": doc, "cache_until": cache_until });
         self.storage.put(
@@ -100,33 +106,108 @@ impl Federation {
             return Err(bad_keys(server, "the key request failed"));
         }
         let doc = read_json(response).await?;
-        if doc.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
-            return Err(bad_keys(server, "the document names another server"));
+        check_key_document(server, doc)
+    }
+
+    /// A server's key document from the notaries the operator trusts (`trusted_servers`), for a
+    /// server that cannot be reached itself: the document must carry the server's own valid
+    /// signature and the notary's, whose keys are fetched from the notary directly.
+    async fn keys_from_notaries(&self, server: &ServerName) -> Option<(Value, u64)> {
+        for notary in self.trusted_servers.iter().take(MAX_NOTARIES) {
+            if notary == server || notary == &self.globals.server_name {
+                continue;
+            }
+            match self.ask_notary(notary, server).await {
+                Ok(found) => return Some(found),
+                Err(e) => tracing::info!(%server, %notary, error = %e, "notary key query failed"),
+            }
         }
-        let keys = verify_keys(&doc);
-        if keys.is_empty() {
-            return Err(bad_keys(server, "no verify keys"));
-        }
+        None
+    }
+
+    async fn ask_notary(&self, notary: &ServerName, server: &ServerName) -> Result<(Value, u64)> {
+        let notary_keys = Box::pin(self.current_keys(notary)).await?;
+        let answer = self
+            .send(
+                http::Method::POST,
+                notary,
+                "/_matrix/key/v2/query",
+                Some(json!({ "server_keys": { server.as_str(): {} } })),
+            )
+            .await?;
+        let doc = answer
+            .get("server_keys")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .take(16)
+            .find(|d| d.get("server_name").and_then(Value::as_str) == Some(server.as_str()))
+            .cloned()
+            .ok_or_else(|| bad_keys(server, "the notary has no keys for it"))?;
         let mut public = BTreeMap::new();
-        for (id, key) in &keys {
-            let key = Base64::parse(key).map_err(|_| bad_keys(server, "a key is not base64"))?;
+        for (id, key) in &notary_keys {
+            let key = Base64::parse(key).map_err(|_| bad_keys(notary, "a key is not base64"))?;
             public.insert(id.clone(), key);
         }
         let mut map = PublicKeyMap::new();
-        map.insert(server.to_string(), public);
+        map.insert(notary.to_string(), public);
+        // Only the notary's signature is checked here (verify_json checks every entity in the
+        // map); the server's own signature is checked by `check_key_document`.
         let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
             .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
-        verify_json(&map, &object).map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
-        // Kept no longer than the spec allows (the document itself stays as signed).
-        let cap = utils::now_ms() + MAX_VALIDITY_MS;
-        let until = doc
-            .get("valid_until_ts")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-            .min(cap);
+        let mut only_notary = object.clone();
+        if let Some(ruma::CanonicalJsonValue::Object(sigs)) = only_notary.get_mut("signatures") {
+            sigs.retain(|k, _| k == notary.as_str());
+        }
+        verify_json(&map, &only_notary)
+            .map_err(|_| bad_keys(server, "the notary's signature is wrong"))?;
+        // Kept as the server signed it: our own notary adds our signature when it serves it.
+        let mut own = object;
+        if let Some(ruma::CanonicalJsonValue::Object(sigs)) = own.get_mut("signatures") {
+            sigs.retain(|k, _| k == server.as_str());
+        }
+        let (doc, until) = check_key_document(server, serde_json::to_value(own)?)?;
+        if until <= utils::now_ms() {
+            return Err(bad_keys(server, "the notary's copy has expired"));
+        }
         Ok((doc, until))
     }
+}
 
+/// Most notaries asked for one server's keys.
+const MAX_NOTARIES: usize = 3;
+
+/// A key document as its server signed it: it must name the server, list keys, and be signed
+/// by them. Returns it with how long to keep it.
+fn check_key_document(server: &ServerName, doc: Value) -> Result<(Value, u64)> {
+    if doc.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
+        return Err(bad_keys(server, "the document names another server"));
+    }
+    let keys = verify_keys(&doc);
+    if keys.is_empty() {
+        return Err(bad_keys(server, "no verify keys"));
+    }
+    let mut public = BTreeMap::new();
+    for (id, key) in &keys {
+        let key = Base64::parse(key).map_err(|_| bad_keys(server, "a key is not base64"))?;
+        public.insert(id.clone(), key);
+    }
+    let mut map = PublicKeyMap::new();
+    map.insert(server.to_string(), public);
+    let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
+        .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
+    verify_json(&map, &object).map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
+    // Kept no longer than the spec allows (the document itself stays as signed).
+    let cap = utils::now_ms() + MAX_VALIDITY_MS;
+    let until = doc
+        .get("valid_until_ts")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .min(cap);
+    Ok((doc, until))
+}
+
+impl Federation {
     /// Our own old keys (rotations), for the notary.
     pub fn own_old_keys(&self) -> Result<BTreeMap<String, crate::service::globals::OldKey>> {
         SigningKey::old_keys(&self.storage)

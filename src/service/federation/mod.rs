@@ -71,6 +71,9 @@ pub struct Federation {
     pub(crate) policy: crate::policy::Policy,
     /// The outgoing queue (see `sender.rs`).
     pub sender: sender::Sender,
+    /// Notaries asked for a server's keys when the server itself cannot be reached
+    /// (`trusted_servers`).
+    pub(crate) trusted_servers: Vec<ruma::OwnedServerName>,
     /// Incoming `/send` transactions of one origin are handled one at a time (a retry waits for
     /// the first attempt and then gets its answer): one lock per hash bucket of origins.
     pub(crate) txn_locks: Vec<tokio::sync::Mutex<()>>,
@@ -110,6 +113,7 @@ impl Federation {
             allow,
             extra_roots,
             srv_clients: Mutex::new(HashMap::new()),
+            trusted_servers: config.trusted_servers.clone(),
             globals,
             storage,
             policy: crate::policy::Policy::new(config),
