@@ -434,18 +434,46 @@ async fn bad_pdus_are_refused_and_the_room_goes_on() {
             Some(json!({
                 "origin": b.server_name(),
                 "origin_server_ts": 1,
-                "pdus": [forged, { "not": "an event" }],
+                "pdus": [forged, { "not": "an event" }, {
+                    "type": "m.room.message", "room_id": room, "sender": bob.user_id,
+                    "content": { "body": "x".repeat(70_000) } }],
                 "edus": [],
             })),
         )
         .await
         .expect("the transaction itself is accepted");
     let results = answer["pdus"].as_object().expect("pdu results");
-    assert_eq!(results.len(), 2, "{answer}");
+    assert_eq!(results.len(), 3, "{answer}");
     assert!(
         results.values().all(|r| r.get("error").is_some()),
         "every bad PDU gets an error: {answer}"
     );
+    // Membership handshakes refuse what is not theirs: a template for another server's user,
+    // and a send_join whose body is no join.
+    let refused = fed
+        .send(
+            Method::GET,
+            &a_name,
+            &format!(
+                "/_matrix/federation/v1/make_join/{}/{}?ver=12&ver=11",
+                enc(&room),
+                enc(&alice.user_id)
+            ),
+            None,
+        )
+        .await
+        .expect_err("not B's user");
+    assert!(refused.to_string().contains("M_FORBIDDEN"), "{refused}");
+    let refused = fed
+        .send(
+            Method::PUT,
+            &a_name,
+            &format!("/_matrix/federation/v2/send_join/{}/$nothing", enc(&room)),
+            Some(json!({ "type": "m.room.message" })),
+        )
+        .await
+        .expect_err("no join");
+    assert!(refused.to_string().contains("M_BAD_JSON"), "{refused}");
     // Nothing of it reached the room, and the room still works both ways.
     assert!(!messages(&a, &alice, &room)
         .await
