@@ -21,8 +21,6 @@ use crate::{
     storage::{keys, Table},
 };
 
-/// Timeline events looked at for the initial backward extremities.
-const FIRST_EVENTS: usize = 50;
 /// Most backward extremities kept (each is a `v` of the next `/backfill`).
 pub const MAX_EXTREMITIES: usize = 20;
 
@@ -47,8 +45,10 @@ impl Rooms {
     }
 
     /// The room's backfill state. Before the first backfill, the extremities are the missing
-    /// prev events of the room's first timeline events (none for a room created here, whose
-    /// first event is the create event).
+    /// prev events of the room's first timeline event: the join of a room joined over
+    /// federation, whose prev events are the joined server's latest events; none for a room
+    /// created here, whose first event is the create event. (Only the first: a later event's
+    /// missing prev can be one this server soft-failed, which must not become history.)
     pub fn backfill_meta(&self, room_id: &RoomId) -> Result<BackfillMeta> {
         if let Some(meta) = self
             .storage
@@ -58,11 +58,7 @@ impl Rooms {
         }
         let prefix = keys::prefix(&[room_id.as_str()]);
         let mut extremities = Vec::new();
-        for entry in self
-            .storage
-            .scan_prefix(Table::Timeline, &prefix)?
-            .take(FIRST_EVENTS)
-        {
+        for entry in self.storage.scan_prefix(Table::Timeline, &prefix)?.take(1) {
             let (_, id) = entry?;
             let Some(pdu) = self.pdu(&String::from_utf8_lossy(&id))? else {
                 continue;

@@ -152,8 +152,7 @@ impl Rooms {
         let mut reached_to = false;
         let mut exhausted = true;
         // Bound the walk so a filter that matches nothing cannot scan a whole huge room.
-        let mut scanned = 0usize;
-        for entry in self.history_positions(room_id, from, backward)? {
+        for (scanned, entry) in self.history_positions(room_id, from, backward)?.enumerate() {
             let (pos, event_id) = entry?;
             if beyond_to(pos) {
                 reached_to = true;
@@ -164,7 +163,6 @@ impl Rooms {
                 exhausted = false;
                 break;
             }
-            scanned += 1;
             last = Some(pos);
             if let Some(pdu) = self.pdu(&event_id)? {
                 // Backfilled events precede every stream position.
@@ -416,5 +414,21 @@ mod tests {
         assert!(parse_token("42").is_err());
         assert!(parse_token("s").is_err());
         assert!(parse_token("s99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn positions_in_backfilled_history() {
+        // Timeline positions are the stream counts; backfilled sequence K sits at -K, and the
+        // token b<K> lies between K and K+1.
+        assert_eq!(parse_position("s7").unwrap(), 7);
+        assert_eq!(parse_position("b0").unwrap(), -1);
+        assert_eq!(parse_position("b5").unwrap(), -6);
+        assert!(parse_position("b").is_err());
+        assert!(parse_position("bx").is_err());
+        for pos in [-9, -1, 0, 1, 42] {
+            assert_eq!(parse_position(&token_at(pos)).unwrap(), pos);
+        }
+        // A backwards page ending at backfilled event 3 (position -3) ends at b3.
+        assert_eq!(token_at(-3 - 1), "b3");
     }
 }
