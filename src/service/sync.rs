@@ -738,7 +738,13 @@ impl Builder<'_> {
                 let mut changes = HashMap::new();
                 if first > since.saturating_add(1) {
                     for (_, change) in self.s.rooms.state_changes(room_id, since, first - 1)? {
-                        changes.insert((change.event_type, change.state_key), change.event_id);
+                        // A key that left the state cannot be expressed to clients: no event.
+                        let key = (change.event_type, change.state_key);
+                        if change.removed {
+                            changes.remove(&key);
+                        } else {
+                            changes.insert(key, change.event_id);
+                        }
                     }
                 }
                 changes

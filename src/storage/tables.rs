@@ -123,6 +123,12 @@ pub enum Table {
     /// origin server 0xff transaction id -> JSON answer: incoming `/send` transactions already
     /// processed (a retried transaction gets the same answer and is not applied twice).
     FederationTxns,
+    /// room 0xff big-endian sequence -> event id: history fetched from other servers
+    /// (`/backfill`), older than the room's first timeline event; a higher sequence is older.
+    /// room -> JSON `BackfillMeta` (next sequence, backward extremities still to fetch).
+    Backfill,
+    /// event id -> big-endian sequence: the events in `backfill`.
+    BackfillIndex,
 }
 
 impl Table {
@@ -181,6 +187,8 @@ impl Table {
         Table::EventState,
         Table::FederationQueue,
         Table::FederationTxns,
+        Table::Backfill,
+        Table::BackfillIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -239,6 +247,8 @@ impl Table {
             Table::EventState => "event_state",
             Table::FederationQueue => "federation_queue",
             Table::FederationTxns => "federation_txns",
+            Table::Backfill => "backfill",
+            Table::BackfillIndex => "backfill_index",
         }
     }
 }

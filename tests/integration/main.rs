@@ -10,6 +10,7 @@ mod directory;
 mod discovery;
 mod e2ee;
 mod federation_auth;
+mod federation_e2ee;
 mod federation_events;
 mod federation_keys;
 mod federation_rooms;

@@ -18,8 +18,16 @@ use super::account::query_param;
 use crate::{
     api::ruma_wrapper::Authed,
     error::{ErrCode, Error, Result},
-    service::{accounts::Identity, rooms::Pdu, Services},
+    service::{
+        accounts::Identity,
+        federation::backfill,
+        rooms::{history::MAX_PAGE, Pdu},
+        Services,
+    },
 };
+
+/// Events asked for at least when backfilling for `/messages`.
+const BACKFILL_PAGE: usize = 50;
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let mut r = r;
@@ -85,15 +93,37 @@ async fn messages(
     };
     let limit = limit_param(&q, 10)?;
     let filter = filter_param(&q)?;
-    let page = s.rooms.messages(
-        room_id,
-        &who.user_id,
-        q.get("from").map(String::as_str),
-        q.get("to").map(String::as_str),
-        backward,
-        limit,
-        &filter,
-    )?;
+    let read = || {
+        s.rooms.messages(
+            room_id,
+            &who.user_id,
+            q.get("from").map(String::as_str),
+            q.get("to").map(String::as_str),
+            backward,
+            limit,
+            &filter,
+        )
+    };
+    let mut page = read()?;
+    // Paging back past the oldest event this server has of a room joined over federation: ask
+    // a server in the room for the history before it (`/backfill`), at most twice per request.
+    let mut rounds = 0;
+    while page.more_elsewhere && page.chunk.len() < limit.min(MAX_PAGE) && rounds < 2 {
+        rounds += 1;
+        let fetched = match backfill::backfill(&s, room_id, limit.max(BACKFILL_PAGE)).await {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!(%room_id, error = %e, "backfill failed");
+                false
+            }
+        };
+        if !fetched {
+            // No server could give more: for now this is the beginning of the history.
+            page.end = None;
+            break;
+        }
+        page = read()?;
+    }
     let mut out = json!({
         "chunk": client_events(&s, &who, &page.chunk)?,
         "start": page.start,

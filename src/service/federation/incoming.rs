@@ -121,7 +121,11 @@ pub async fn accept(
     keys: &mut KeyCache,
 ) -> Result<()> {
     let rooms = &services.rooms;
-    if rooms.event_meta(incoming.event_id.as_str())?.is_some() {
+    // Already in the timeline, or in the history fetched by backfill: an old event that must
+    // not be placed again as if it were new.
+    if rooms.event_meta(incoming.event_id.as_str())?.is_some()
+        || rooms.is_backfilled(incoming.event_id.as_str())?
+    {
         return Ok(());
     }
     let meta = rooms
@@ -216,6 +220,14 @@ pub async fn accept(
             for (key, id) in &resolved {
                 if current.get(key) != Some(id) {
                     changes.push((key.0.clone(), key.1.clone(), Some(id.clone())));
+                }
+            }
+            // Keys the resolution dropped (only one branch had them and their event fails the
+            // auth rules against the resolved state) leave the current state: otherwise this
+            // server keeps state that the other servers resolving the same fork do not have.
+            for key in current.keys() {
+                if !resolved.contains_key(key) {
+                    changes.push((key.0.clone(), key.1.clone(), None));
                 }
             }
             Placement {

@@ -12,6 +12,7 @@
 //! - `incoming`: room events (PDUs) received in `/send` transactions.
 
 pub mod auth;
+pub mod backfill;
 pub mod destination;
 pub mod edu;
 pub mod incoming;

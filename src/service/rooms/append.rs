@@ -556,6 +556,7 @@ impl Rooms {
                     event_type: kind.clone(),
                     state_key: state_key.clone(),
                     event_id: event_id.clone(),
+                    removed: false,
                 };
                 if let Some(m) = self.write_state_change(
                     &mut batch, room_id, &change, membership, was_joined, count,
@@ -568,20 +569,25 @@ impl Rooms {
         let mut extra = Vec::new();
         if let Some(changes) = &placement.resolved {
             for (kind, state_key, new_id) in changes {
-                let Some(new_id) = new_id else {
-                    // State resolution never drops a key every branch had; a key only one branch
-                    // had and that lost stays as it was (the log cannot express removal).
-                    continue;
+                let current = self.state_get_for_auth(room_id, kind, state_key)?;
+                // `None`: the key leaves the state. State resolution never drops a key every
+                // branch had, but a key only one branch had goes when its event fails the auth
+                // rules against the resolved state (spec: the iterative auth checks of state
+                // resolution v2 drop it); every server resolving the fork must end without it.
+                let (change_id, removed) = match (new_id, &current) {
+                    (Some(id), _) => (id.clone(), false),
+                    (None, Some(p)) => (p.event_id.clone(), true),
+                    (None, None) => continue,
                 };
                 let was_joined = kind == "m.room.member"
-                    && self
-                        .state_get_for_auth(room_id, kind, state_key)?
+                    && current
+                        .as_ref()
                         .is_some_and(|p| p.membership().as_deref() == Some("join"));
                 let membership = if kind == "m.room.member" {
-                    let winner = if *new_id == event_id {
-                        Some(pdu.clone())
-                    } else {
-                        self.pdu(new_id.as_str())?
+                    let winner = match new_id {
+                        None => None,
+                        Some(id) if *id == event_id => Some(pdu.clone()),
+                        Some(id) => self.pdu(id.as_str())?,
                     };
                     Some(
                         winner
@@ -595,7 +601,8 @@ impl Rooms {
                 let change = StateChange {
                     event_type: kind.clone(),
                     state_key: state_key.clone(),
-                    event_id: new_id.clone(),
+                    event_id: change_id,
+                    removed,
                 };
                 if let Some(m) = self.write_state_change(
                     &mut batch,
@@ -702,11 +709,12 @@ impl Rooms {
         was_joined: bool,
         count: u64,
     ) -> Result<Option<(OwnedUserId, bool)>> {
-        batch.put(
-            Table::RoomState,
-            &keys::join(&[room_id.as_str(), &change.event_type, &change.state_key]),
-            change.event_id.as_bytes(),
-        )?;
+        let state_key = keys::join(&[room_id.as_str(), &change.event_type, &change.state_key]);
+        if change.removed {
+            batch.delete(Table::RoomState, &state_key)?;
+        } else {
+            batch.put(Table::RoomState, &state_key, change.event_id.as_bytes())?;
+        }
         batch.put(
             Table::StateLog,
             &keys::with_count(&[room_id.as_str()], count),

@@ -90,10 +90,13 @@ impl Rooms {
         let last = self.meta(room_id)?.map(|m| m.last_count).unwrap_or(0);
         for (count, change) in self.state_changes(room_id, 0, last)? {
             if change.event_type == hv_type && change.state_key.is_empty() {
-                let hv = self
-                    .pdu(change.event_id.as_str())?
-                    .map(|p| visibility_of(&p.content_value()))
-                    .unwrap_or_else(|| "shared".to_owned());
+                let hv = if change.removed {
+                    "shared".to_owned()
+                } else {
+                    self.pdu(change.event_id.as_str())?
+                        .map(|p| visibility_of(&p.content_value()))
+                        .unwrap_or_else(|| "shared".to_owned())
+                };
                 visibility_changes.push((count, hv));
             }
         }

@@ -15,6 +15,7 @@ use super::{Pdu, Rooms};
 use crate::{
     error::{Error, Result},
     service::filter::{lazy_loading, pdu_matches},
+    storage::{keys, Table},
 };
 
 /// The largest page a client may ask for.
@@ -41,12 +42,40 @@ pub fn token(count: u64) -> String {
     format!("s{count}")
 }
 
+/// A position in a room's history as `/messages` walks it: stream counts (`s<N>`, N >= 0) for
+/// the timeline, negative numbers for the backfilled history before it (`b<K>`: between the
+/// backfilled events with sequences K and K+1, which sit at positions -K and -(K+1)). Backwards
+/// from position P means the events at positions <= P, forwards those at positions > P.
+pub fn parse_position(token: &str) -> Result<i128> {
+    match token.strip_prefix('b') {
+        Some(rest) => {
+            let seq: u64 = rest
+                .parse()
+                .map_err(|_| Error::invalid_param("Invalid pagination token"))?;
+            Ok(-i128::from(seq) - 1)
+        }
+        None => Ok(i128::from(parse_token(token)?)),
+    }
+}
+
+/// The token of a position (see [`parse_position`]).
+pub fn token_at(pos: i128) -> String {
+    if pos >= 0 {
+        format!("s{pos}")
+    } else {
+        format!("b{}", -pos - 1)
+    }
+}
+
 /// One page of `/messages`.
 pub struct MessagesPage {
     pub chunk: Vec<Pdu>,
     pub start: String,
     pub end: Option<String>,
     pub state: Vec<Pdu>,
+    /// The walk backwards reached the oldest event stored and other servers may have older
+    /// ones: the caller may backfill and ask again.
+    pub more_elsewhere: bool,
 }
 
 /// The answer of `/context`.
@@ -93,62 +122,74 @@ impl Rooms {
             ));
         }
         let from = match from {
-            Some(t) => parse_token(t)?,
-            // No token: after the newest event (backwards) or before the oldest one (forwards).
-            None if backward => self.globals.counter.watermark(),
-            None => 0,
+            Some(t) => parse_position(t)?,
+            // No token: after the newest event (backwards) or before the oldest one (forwards,
+            // which starts at the oldest backfilled event).
+            None if backward => i128::from(self.globals.counter.watermark()),
+            None => i128::from(i64::MIN),
         };
-        let to = to.map(parse_token).transpose()?;
+        let to = to.map(parse_position).transpose()?;
         let limit = limit.min(MAX_PAGE);
-        let start = token(from);
+        let start = token_at(from);
         if limit == 0 {
             return Ok(MessagesPage {
                 chunk: vec![],
                 start,
                 end: None,
                 state: vec![],
+                more_elsewhere: false,
             });
         }
 
         // `to` is a position like `from`: the walk stops when it passes it.
-        let beyond_to = |count: u64| match to {
-            Some(t) if backward => count <= t,
-            Some(t) => count > t,
+        let beyond_to = |pos: i128| match to {
+            Some(t) if backward => pos <= t,
+            Some(t) => pos > t,
             None => false,
         };
-        // `paginate` excludes its start count; backwards from `s<N>` includes N.
-        let walk_from = if backward {
-            from.saturating_add(1)
-        } else {
-            from
-        };
+        let mut events = Vec::new();
+        let mut last = None;
         let mut reached_to = false;
-        let (events, last) = self.paginate(room_id, walk_from, backward, limit, |count, pdu| {
-            if beyond_to(count) {
+        let mut exhausted = true;
+        // Bound the walk so a filter that matches nothing cannot scan a whole huge room.
+        for (scanned, entry) in self.history_positions(room_id, from, backward)?.enumerate() {
+            let (pos, event_id) = entry?;
+            if beyond_to(pos) {
                 reached_to = true;
-                return Ok(false);
+                break;
             }
-            Ok(self.user_can_see(room_id, user, count, &visibility)? && pdu_matches(filter, pdu))
-        })?;
-
-        // `end` is omitted when there is nothing more to read in this direction.
-        let end = match last {
-            None => None,
-            Some(_) if reached_to => None,
-            Some(last) => {
-                let (more, _) =
-                    self.paginate(room_id, last, backward, 1, |c, _| Ok(!beyond_to(c)))?;
-                if more.is_empty() {
-                    None
-                } else if backward {
-                    Some(token(last.saturating_sub(1)))
-                } else {
-                    Some(token(last))
+            if events.len() >= limit || scanned >= limit.max(1) * 20 {
+                // There is more: the page ends here.
+                exhausted = false;
+                break;
+            }
+            last = Some(pos);
+            if let Some(pdu) = self.pdu(&event_id)? {
+                // Backfilled events precede every stream position.
+                let count = u64::try_from(pos).unwrap_or(0);
+                if self.user_can_see(room_id, user, count, &visibility)?
+                    && pdu_matches(filter, &pdu)
+                {
+                    events.push(pdu);
                 }
             }
+        }
+        // Backwards past everything stored: other servers may have more (backfill).
+        let more_elsewhere =
+            backward && exhausted && !reached_to && self.backfill_pending(room_id)?;
+
+        // `end` is omitted when there is nothing more to read in this direction.
+        let end = if reached_to || (exhausted && !more_elsewhere) {
+            None
+        } else {
+            match last {
+                Some(last) if backward => Some(token_at(last - 1)),
+                Some(last) => Some(token_at(last)),
+                None => Some(token_at(from)),
+            }
         };
 
-        let chunk: Vec<Pdu> = events.into_iter().map(|(_, p)| p).collect();
+        let chunk: Vec<Pdu> = events;
         let state = if lazy_loading(filter) {
             self.member_events_of(room_id, chunk.iter().map(|p| p.sender.clone()))?
         } else {
@@ -159,7 +200,91 @@ impl Rooms {
             start,
             end,
             state,
+            more_elsewhere,
         })
+    }
+
+    /// The room's events from position `from` on (see [`parse_position`]), as (position, event
+    /// id): backwards the timeline and then the backfilled history, forwards the other way.
+    #[allow(clippy::type_complexity)]
+    fn history_positions<'a>(
+        &'a self,
+        room_id: &RoomId,
+        from: i128,
+        backward: bool,
+    ) -> Result<Box<dyn Iterator<Item = Result<(i128, String)>> + 'a>> {
+        let room = room_id.as_str();
+        let prefix = keys::prefix(&[room]);
+        let clamp = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
+        let timeline = |entry: Result<(Box<[u8]>, Box<[u8]>)>| {
+            entry.map(|(k, v)| {
+                (
+                    i128::from(keys::count_suffix(&k).unwrap_or(0)),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
+        };
+        let backfilled = |entry: Result<(Box<[u8]>, Box<[u8]>)>| {
+            entry.map(|(k, v)| {
+                (
+                    -i128::from(keys::count_suffix(&k).unwrap_or(0)),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
+        };
+        if backward {
+            // Timeline counts <= from, newest first; then backfilled sequences >= -from.
+            let tl = if from >= 1 {
+                Some(
+                    self.storage
+                        .scan_from(
+                            Table::Timeline,
+                            &prefix,
+                            &keys::with_count(&[room], clamp(from)),
+                            true,
+                        )?
+                        .map(timeline),
+                )
+            } else {
+                None
+            };
+            let bf = self
+                .storage
+                .scan_from(
+                    Table::Backfill,
+                    &prefix,
+                    &keys::with_count(&[room], clamp(-from).max(1)),
+                    false,
+                )?
+                .map(backfilled);
+            Ok(Box::new(tl.into_iter().flatten().chain(bf)))
+        } else {
+            // Backfilled sequences < -from, newest last; then timeline counts > from.
+            let bf = if from < -1 {
+                Some(
+                    self.storage
+                        .scan_from(
+                            Table::Backfill,
+                            &prefix,
+                            &keys::with_count(&[room], clamp(-from - 1)),
+                            true,
+                        )?
+                        .map(backfilled),
+                )
+            } else {
+                None
+            };
+            let tl = self
+                .storage
+                .scan_from(
+                    Table::Timeline,
+                    &prefix,
+                    &keys::with_count(&[room], clamp(from.saturating_add(1))),
+                    false,
+                )?
+                .map(timeline);
+            Ok(Box::new(bf.into_iter().flatten().chain(tl)))
+        }
     }
 
     /// The current `m.room.member` events of the given senders (lazy-loaded members).
@@ -289,5 +414,21 @@ mod tests {
         assert!(parse_token("42").is_err());
         assert!(parse_token("s").is_err());
         assert!(parse_token("s99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn positions_in_backfilled_history() {
+        // Timeline positions are the stream counts; backfilled sequence K sits at -K, and the
+        // token b<K> lies between K and K+1.
+        assert_eq!(parse_position("s7").unwrap(), 7);
+        assert_eq!(parse_position("b0").unwrap(), -1);
+        assert_eq!(parse_position("b5").unwrap(), -6);
+        assert!(parse_position("b").is_err());
+        assert!(parse_position("bx").is_err());
+        for pos in [-9, -1, 0, 1, 42] {
+            assert_eq!(parse_position(&token_at(pos)).unwrap(), pos);
+        }
+        // A backwards page ending at backfilled event 3 (position -3) ends at b3.
+        assert_eq!(token_at(-3 - 1), "b3");
     }
 }

@@ -5,6 +5,7 @@ pub mod acl;
 mod aggregations;
 mod alias;
 pub mod append;
+pub mod backfill;
 pub mod create;
 pub mod directory;
 pub mod event_state;
@@ -88,7 +89,12 @@ impl EventMeta {
 pub struct StateChange {
     pub event_type: String,
     pub state_key: String,
+    /// The event now in the state, or (with `removed`) the one that left it.
     pub event_id: OwnedEventId,
+    /// The key left the state: state resolution chose none of the branches' events for it (a
+    /// key only one branch had, whose event fails the auth rules against the resolved state).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 /// A user's current membership in a room, as kept for sync.
@@ -514,7 +520,11 @@ impl Rooms {
     ) -> Result<HashMap<(String, String), OwnedEventId>> {
         let mut state = HashMap::new();
         for (_, change) in self.state_changes(room_id, 0, count.saturating_sub(1))? {
-            state.insert((change.event_type, change.state_key), change.event_id);
+            if change.removed {
+                state.remove(&(change.event_type, change.state_key));
+            } else {
+                state.insert((change.event_type, change.state_key), change.event_id);
+            }
         }
         Ok(state)
     }

@@ -56,6 +56,7 @@ impl Rooms {
                 event_type: kind.clone(),
                 state_key: key.clone(),
                 event_id: id.clone(),
+                removed: false,
             };
             if let Some(m) = self.write_state_change(
                 &mut batch,

@@ -236,7 +236,13 @@ fn required_state_events(
         Some(since) => {
             let mut changes = HashMap::new();
             for (_, change) in s.rooms.state_changes(room_id, since, end)? {
-                changes.insert((change.event_type, change.state_key), change.event_id);
+                // A key that left the state cannot be expressed to clients: no event.
+                let key = (change.event_type, change.state_key);
+                if change.removed {
+                    changes.remove(&key);
+                } else {
+                    changes.insert(key, change.event_id);
+                }
             }
             // Lazy members are sent with the events they sent, whether or not they changed.
             if !lazy.is_empty() {
