@@ -181,3 +181,21 @@ async fn support_well_known_from_config() {
         })
     );
 }
+
+#[tokio::test]
+async fn server_well_known_delegates_when_configured() {
+    let s = TestServer::start().await;
+    let got = s
+        .req(Method::GET, "/.well-known/matrix/server", None, None)
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let s = TestServer::start_with(|c| {
+        c.well_known.server = Some("matrix.example.org:443".into());
+    })
+    .await;
+    let (status, body) = s
+        .req(Method::GET, "/.well-known/matrix/server", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({ "m.server": "matrix.example.org:443" }));
+}

@@ -16,7 +16,8 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = r
         .route("/_matrix/client/versions", get(versions))
         .route("/.well-known/matrix/client", get(well_known_client))
-        .route("/.well-known/matrix/support", get(well_known_support));
+        .route("/.well-known/matrix/support", get(well_known_support))
+        .route("/.well-known/matrix/server", get(well_known_server));
     ruma_route::<get_capabilities::v3::Request, _, _>(r, capabilities)
 }
 
@@ -48,6 +49,19 @@ async fn well_known_client(State(s): State<Arc<Services>>) -> Result<Json<Value>
         .clone()
         .ok_or_else(|| Error::not_found("No client well-known configured"))?;
     Ok(Json(json!({ "m.homeserver": { "base_url": base } })))
+}
+
+/// Server delegation (`well_known.server`): where other servers reach this one. 404 when not
+/// set, which tells them to use the server name itself (or its SRV records, or port 8448).
+async fn well_known_server(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
+    let server = s
+        .config
+        .well_known
+        .server
+        .clone()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Error::not_found("No server delegation configured"))?;
+    Ok(Json(json!({ "m.server": server })))
 }
 
 /// Support contacts and page from the config (`well_known.support_*`); 404 when none is set.
