@@ -693,7 +693,7 @@ async fn keys_of_an_unreachable_server_come_from_a_trusted_notary() {
         c.port = pa;
     })
     .await;
-    let b = TestServer::start_with(|c| {
+    let _notary = TestServer::start_with(|c| {
         c.allow_federation = true;
         c.server_name = "b.test".try_into().expect("name");
         c.port = pb;

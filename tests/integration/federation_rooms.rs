@@ -115,6 +115,53 @@ async fn wait_messages(server: &TestServer, user: &TestUser, room: &str, want: &
     panic!("{} never saw {want:?}; saw {last:?}", user.user_id);
 }
 
+/// `POST /join/{room}?via=<via's name>` as `user` on `server`.
+pub async fn join_via(
+    server: &TestServer,
+    user: &TestUser,
+    room: &str,
+    via: &TestServer,
+) -> (StatusCode, Value) {
+    server
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                enc(room),
+                enc(&via.server_name())
+            ),
+            user,
+            json!({}),
+        )
+        .await
+}
+
+/// `POST /rooms/{room}/invite` of `who` by `by` on `server`.
+pub async fn invite(
+    server: &TestServer,
+    by: &TestUser,
+    room: &str,
+    who: &str,
+) -> (StatusCode, Value) {
+    server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
+            by,
+            json!({ "user_id": who }),
+        )
+        .await
+}
+
+/// `POST /rooms/{room}/leave` as `user` on `server`.
+pub async fn leave(server: &TestServer, user: &TestUser, room: &str) -> (StatusCode, Value) {
+    server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(room)),
+            user,
+            json!({}),
+        )
+        .await
+}
+
 #[tokio::test]
 async fn remote_join_messages_state_and_leave_both_ways() {
     let pki = TestPki::new();
@@ -205,13 +252,7 @@ async fn remote_join_messages_state_and_leave_both_ways() {
     );
 
     // Bob leaves: both servers see it, and A no longer sends him the room's events.
-    let (status, body) = b
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
-            &bob,
-            json!({}),
-        )
-        .await;
+    let (status, body) = leave(&b, &bob, &room).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_membership(&a, &alice, &room, &bob.user_id, "leave").await;
 }
@@ -232,28 +273,12 @@ async fn invite_of_another_servers_user_then_join_and_reject() {
         )
         .await;
     // Not invited: a private room refuses the join with A's answer.
-    let (status, body) = b
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                enc(&room),
-                enc(&a.server_name())
-            ),
-            &carol,
-            json!({}),
-        )
-        .await;
+    let (status, body) = join_via(&b, &carol, &room, &a).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["errcode"], json!("M_FORBIDDEN"));
 
     for who in [&carol, &dave] {
-        let (status, body) = a
-            .post(
-                &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
-                &alice,
-                json!({ "user_id": who.user_id }),
-            )
-            .await;
+        let (status, body) = invite(&a, &alice, &room, &who.user_id).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     assert_eq!(
@@ -294,13 +319,7 @@ async fn invite_of_another_servers_user_then_join_and_reject() {
     wait_messages(&a, &alice, &room, &["thanks for the invite"]).await;
 
     // Dave's invite is on B too, since the room is on B now; he rejects it.
-    let (status, body) = b
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
-            &dave,
-            json!({}),
-        )
-        .await;
+    let (status, body) = leave(&b, &dave, &room).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_membership(&a, &alice, &room, &dave.user_id, "leave").await;
 }
@@ -315,25 +334,13 @@ async fn rejecting_an_invite_to_a_room_this_server_is_not_in() {
     let room = a
         .create_room(&alice, json!({ "preset": "private_chat" }))
         .await;
-    let (status, body) = a
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
-            &alice,
-            json!({ "user_id": erin.user_id }),
-        )
-        .await;
+    let (status, body) = invite(&a, &alice, &room, &erin.user_id).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_for(&b, &erin, "/_matrix/client/v3/sync", "the invite", |s| {
         s["rooms"]["invite"].get(&room).is_some()
     })
     .await;
-    let (status, body) = b
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
-            &erin,
-            json!({}),
-        )
-        .await;
+    let (status, body) = leave(&b, &erin, &room).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // A hears of the rejection through make_leave/send_leave.
     wait_membership(&a, &alice, &room, &erin.user_id, "leave").await;
@@ -354,17 +361,7 @@ async fn events_sent_while_a_server_is_down_arrive_after_it_returns() {
     let room = a
         .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let (status, body) = b
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                enc(&room),
-                enc(&a.server_name())
-            ),
-            &bob,
-            json!({}),
-        )
-        .await;
+    let (status, body) = join_via(&b, &bob, &room, &a).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_membership(&a, &alice, &room, &bob.user_id, "join").await;
 
@@ -396,17 +393,7 @@ async fn bad_pdus_are_refused_and_the_room_goes_on() {
     let room = a
         .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let (status, body) = b
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                enc(&room),
-                enc(&a.server_name())
-            ),
-            &bob,
-            json!({}),
-        )
-        .await;
+    let (status, body) = join_via(&b, &bob, &room, &a).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_membership(&a, &alice, &room, &bob.user_id, "join").await;
 
@@ -615,13 +602,7 @@ async fn knocking_on_a_room_of_another_server() {
         "{state:?}"
     );
     // Alice lets him in; he joins through A.
-    let (status, body) = a
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
-            &alice,
-            json!({ "user_id": bob.user_id }),
-        )
-        .await;
+    let (status, body) = invite(&a, &alice, &room, &bob.user_id).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = b
         .post(
