@@ -61,6 +61,10 @@ pub struct Config {
     /// Room version for new rooms.
     #[serde(default = "default_room_version")]
     pub default_room_version: RoomVersionId,
+    /// How the audit log keeps IP addresses: `truncate` (default: /24 and /48), `hash` (keyed),
+    /// `keep` or `drop`.
+    #[serde(default)]
+    pub audit_ip_mode: crate::policy::audit::IpMode,
     /// Presence (online/offline status) is off by default: it is personal data few need.
     #[serde(default)]
     pub allow_presence: bool,

@@ -19,6 +19,23 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// HMAC-SHA256 of `data` under `key`, as lowercase hex (pseudonyms that cannot be reversed
+/// without the key).
+pub fn keyed_hash(key: &[u8], data: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = match hmac::Hmac::<Sha256>::new_from_slice(key) {
+        Ok(m) => m,
+        // HMAC takes keys of any length; this cannot happen.
+        Err(_) => return String::new(),
+    };
+    mac.update(data);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Tokens are stored hashed: a leaked database does not leak working tokens.
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()

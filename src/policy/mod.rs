@@ -3,6 +3,8 @@
 //! with; closed user groups, retention and the audit log arrive with the compliance issue and
 //! plug into these same hooks.
 
+pub mod audit;
+
 use ruma::UserId;
 
 use crate::{

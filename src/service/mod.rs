@@ -40,6 +40,8 @@ pub struct Services {
     pub uiaa: uiaa::Uiaa,
     pub ratelimit: ratelimit::RateLimiter,
     pub policy: Policy,
+    /// The audit log (policy layer): what happened, for the data-protection record.
+    pub audit: crate::policy::audit::AuditLog,
     pub profiles: profile::Profiles,
     pub typing: typing::Typing,
     pub receipts: receipts::Receipts,
@@ -95,6 +97,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
+            audit: crate::policy::audit::AuditLog::new(storage.clone(), &config),
             profiles: profile::Profiles::new(storage.clone()),
             typing: typing::Typing::new(globals.clone()),
             receipts: receipts::Receipts::new(storage.clone(), globals.clone()),

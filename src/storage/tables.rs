@@ -129,6 +129,10 @@ pub enum Table {
     Backfill,
     /// event id -> big-endian sequence: the events in `backfill`.
     BackfillIndex,
+    /// big-endian time (ms) and sequence number -> JSON `AuditEntry`: the append-only audit log.
+    AuditLog,
+    /// user 0xff audit key -> "": the audit entries about a user.
+    AuditByUser,
 }
 
 impl Table {
@@ -187,6 +191,8 @@ impl Table {
         Table::EventState,
         Table::FederationQueue,
         Table::FederationTxns,
+        Table::AuditLog,
+        Table::AuditByUser,
         Table::Backfill,
         Table::BackfillIndex,
     ];
@@ -247,6 +253,8 @@ impl Table {
             Table::EventState => "event_state",
             Table::FederationQueue => "federation_queue",
             Table::FederationTxns => "federation_txns",
+            Table::AuditLog => "audit_log",
+            Table::AuditByUser => "audit_by_user",
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
         }
