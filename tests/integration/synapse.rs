@@ -342,7 +342,7 @@ impl Drop for SynapsePeer {
 
 /// Device keys for `device` of `user`, signed with a fresh ed25519 key named by the device, as a
 /// client makes them.
-fn signed_device_keys(user: &str, device: &str) -> Value {
+pub(crate) fn signed_device_keys(user: &str, device: &str) -> Value {
     let doc = Ed25519KeyPair::generate();
     let pair = Ed25519KeyPair::from_der(&doc, device.to_owned()).expect("key parses");
     let b64 =

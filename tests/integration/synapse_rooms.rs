@@ -1,0 +1,871 @@
+//! Rooms shared between Hafen and a real Synapse (`SynapsePeer`): remote joins both ways (by
+//! room id with `via`, by alias, by room id alone after an invite), invites both ways, messages
+//! and state both ways, leaves, typing notices and read receipts, key queries of room members,
+//! and room versions besides Synapse's default 12.
+//!
+//! Run just these: `scripts/synapse-venv.sh && cargo test --test integration synapse_rooms`.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::{
+    common::{enc, free_port, start_federating, TestPki, TestServer, TestUser},
+    synapse::{signed_device_keys, SynapsePeer},
+};
+
+const V3: &str = "/_matrix/client/v3";
+
+// ---------------------------------------------------------------------------------------------
+// Hafen side (as in federation_rooms.rs)
+
+/// Poll `GET path` on Hafen as `user` until `pred` holds on the body (30 s at most).
+async fn wait_for(
+    server: &TestServer,
+    user: &TestUser,
+    path: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (status, body) = server.get(path, user).await;
+        if status == StatusCode::OK && pred(&body) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what} on Hafen; last answer: {last}");
+}
+
+/// The bodies of the room's `m.room.message` events in a `/messages` chunk, oldest first.
+fn bodies(chunk: &Value) -> Vec<String> {
+    let mut out: Vec<String> = chunk
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    out.reverse();
+    out
+}
+
+/// The message bodies of a room as a Hafen user sees them (`/messages`), oldest first.
+async fn h_messages(server: &TestServer, user: &TestUser, room: &str) -> Vec<String> {
+    let (status, body) = server
+        .get(
+            &format!("{V3}/rooms/{}/messages?dir=b&limit=100", enc(room)),
+            user,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen /messages: {body}");
+    bodies(&body["chunk"])
+}
+
+async fn h_wait_messages(server: &TestServer, user: &TestUser, room: &str, want: &[&str]) {
+    let mut last = Vec::new();
+    for _ in 0..300 {
+        last = h_messages(server, user, room).await;
+        if want.iter().all(|w| last.iter().any(|m| m == w)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} on Hafen never saw {want:?}; saw {last:?}", user.user_id);
+}
+
+async fn h_say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> String {
+    let (status, body) = server
+        .put(
+            &format!(
+                "{V3}/rooms/{}/send/m.room.message/{}",
+                enc(room),
+                free_port()
+            ),
+            user,
+            json!({ "msgtype": "m.text", "body": text }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen send: {body}");
+    let id = body["event_id"].as_str().expect("event id").to_owned();
+    assert!(id.starts_with('$'), "{body}");
+    id
+}
+
+async fn h_membership(server: &TestServer, user: &TestUser, room: &str, who: &str) -> Value {
+    let (status, body) = server
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.member/{}", enc(room), enc(who)),
+            user,
+        )
+        .await;
+    if status == StatusCode::OK {
+        body["membership"].clone()
+    } else {
+        Value::Null
+    }
+}
+
+async fn h_wait_membership(server: &TestServer, user: &TestUser, room: &str, who: &str, m: &str) {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = h_membership(server, user, room, who).await;
+        if last == json!(m) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{who} never became {m} in {room} as Hafen's {} sees it (last: {last})",
+        user.user_id
+    );
+}
+
+/// A Hafen user joins by room id or alias through `via` (may be empty); the join must succeed.
+async fn h_join(server: &TestServer, user: &TestUser, room_or_alias: &str, via: &[&str]) -> String {
+    let query: Vec<String> = via.iter().map(|v| format!("via={}", enc(v))).collect();
+    let path = if query.is_empty() {
+        format!("{V3}/join/{}", enc(room_or_alias))
+    } else {
+        format!("{V3}/join/{}?{}", enc(room_or_alias), query.join("&"))
+    };
+    let (status, body) = server.post(&path, user, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "Hafen join {room_or_alias}: {body}");
+    body["room_id"].as_str().expect("room_id").to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synapse side
+
+/// A Synapse user: id and access token.
+struct SUser {
+    id: String,
+    token: String,
+}
+
+async fn s_user(synapse: &SynapsePeer, localpart: &str) -> SUser {
+    let (id, token) = synapse.register(localpart).await;
+    SUser { id, token }
+}
+
+async fn s_req(
+    synapse: &SynapsePeer,
+    method: Method,
+    path: &str,
+    u: &SUser,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    synapse.client_req(method, path, Some(&u.token), body).await
+}
+
+async fn s_create_room(synapse: &SynapsePeer, u: &SUser, body: Value) -> String {
+    let (status, v) = s_req(
+        synapse,
+        Method::POST,
+        &format!("{V3}/createRoom"),
+        u,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse createRoom: {v}");
+    v["room_id"].as_str().expect("room_id").to_owned()
+}
+
+async fn s_say(synapse: &SynapsePeer, u: &SUser, room: &str, text: &str) -> String {
+    let (status, v) = s_req(
+        synapse,
+        Method::PUT,
+        &format!(
+            "{V3}/rooms/{}/send/m.room.message/{}",
+            enc(room),
+            free_port()
+        ),
+        u,
+        Some(json!({ "msgtype": "m.text", "body": text })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse send: {v}");
+    v["event_id"].as_str().expect("event_id").to_owned()
+}
+
+async fn s_messages(synapse: &SynapsePeer, u: &SUser, room: &str) -> Vec<String> {
+    let (status, v) = s_req(
+        synapse,
+        Method::GET,
+        &format!("{V3}/rooms/{}/messages?dir=b&limit=100", enc(room)),
+        u,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse /messages: {v}");
+    bodies(&v["chunk"])
+}
+
+async fn s_wait_messages(synapse: &SynapsePeer, u: &SUser, room: &str, want: &[&str]) {
+    let mut last = Vec::new();
+    for _ in 0..300 {
+        last = s_messages(synapse, u, room).await;
+        if want.iter().all(|w| last.iter().any(|m| m == w)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} on Synapse never saw {want:?}; saw {last:?}", u.id);
+}
+
+/// A state event's content as a Synapse user sees it (None when absent).
+async fn s_state(
+    synapse: &SynapsePeer,
+    u: &SUser,
+    room: &str,
+    kind: &str,
+    key: &str,
+) -> Option<Value> {
+    let (status, v) = s_req(
+        synapse,
+        Method::GET,
+        &format!("{V3}/rooms/{}/state/{kind}/{}", enc(room), enc(key)),
+        u,
+        None,
+    )
+    .await;
+    (status == StatusCode::OK).then_some(v)
+}
+
+/// Poll a state event on Synapse until `pred` holds on its content.
+async fn s_wait_state(
+    synapse: &SynapsePeer,
+    u: &SUser,
+    room: &str,
+    kind: &str,
+    key: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = None;
+    for _ in 0..300 {
+        last = s_state(synapse, u, room, kind, key).await;
+        if let Some(v) = &last {
+            if pred(v) {
+                return v.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{kind}/{key} in {room} never matched on Synapse (seen by {}); last: {last:?}",
+        u.id
+    );
+}
+
+async fn s_wait_membership(synapse: &SynapsePeer, u: &SUser, room: &str, who: &str, m: &str) {
+    s_wait_state(synapse, u, room, "m.room.member", who, |v| {
+        v["membership"] == json!(m)
+    })
+    .await;
+}
+
+/// Synapse's `/sync` until `pred` holds on a response: an initial sync, then incremental long
+/// polls (Synapse caches identical sync requests, so a repeated initial sync would not change).
+async fn s_sync_until(
+    synapse: &SynapsePeer,
+    u: &SUser,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let (status, mut v) = s_req(
+        synapse,
+        Method::GET,
+        &format!("{V3}/sync?timeout=0"),
+        u,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse sync: {v}");
+    for _ in 0..60 {
+        if pred(&v) {
+            return v;
+        }
+        let since = v["next_batch"].as_str().expect("next_batch").to_owned();
+        let (status, next) = s_req(
+            synapse,
+            Method::GET,
+            &format!("{V3}/sync?timeout=1000&since={}", enc(&since)),
+            u,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "Synapse sync: {next}");
+        v = next;
+    }
+    panic!("Synapse's sync for {} never showed {what}; last: {v}", u.id);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A room made on Synapse (its default version 12: the room id names no server), joined from
+/// Hafen by room id with `via`, and another by alias; messages and state both ways; leave.
+#[tokio::test]
+async fn synapse_room_joined_from_hafen() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    let room = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "public_chat", "name": "Synapse lobby" }),
+    )
+    .await;
+    assert!(!room.contains(':'), "a v12 room id has no server: {room}");
+    let (status, v) = s_req(
+        &synapse,
+        Method::GET,
+        &format!("{V3}/rooms/{}/state/m.room.create/", enc(&room)),
+        &sam,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["room_version"], json!("12"), "{v}");
+
+    // Hafen joins by room id, through Synapse.
+    let joined = h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    assert_eq!(joined, room);
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+    assert_eq!(
+        h_membership(&hafen, &hanna, &room, &hanna.user_id).await,
+        json!("join")
+    );
+    let (status, v) = hafen
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.name/", enc(&room)),
+            &hanna,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "name": "Synapse lobby" }));
+    let (status, v) = hafen.get(&format!("{V3}/joined_rooms"), &hanna).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "joined_rooms": [room] }));
+
+    // Messages both ways.
+    s_say(&synapse, &sam, &room, "hello from synapse").await;
+    h_wait_messages(&hafen, &hanna, &room, &["hello from synapse"]).await;
+    let sync = wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync"),
+        "Synapse's message in sync",
+        |s| {
+            s["rooms"]["join"][&room]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|t| {
+                    t.iter()
+                        .any(|e| e["content"]["body"] == "hello from synapse")
+                })
+        },
+    )
+    .await;
+    let event = sync["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .and_then(|t| {
+            t.iter()
+                .find(|e| e["content"]["body"] == "hello from synapse")
+        })
+        .cloned()
+        .expect("the message");
+    assert_eq!(event["sender"], json!(sam.id));
+    assert_eq!(event["type"], json!("m.room.message"));
+    h_say(&hafen, &hanna, &room, "hello from hafen").await;
+    s_wait_messages(
+        &synapse,
+        &sam,
+        &room,
+        &["hello from synapse", "hello from hafen"],
+    )
+    .await;
+
+    // A state change on Synapse (topic) reaches Hafen.
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!("{V3}/rooms/{}/state/m.room.topic/", enc(&room)),
+        &sam,
+        Some(json!({ "topic": "set on synapse" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v["event_id"].is_string(), "{v}");
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/rooms/{}/state/m.room.topic/", enc(&room)),
+        "the topic on Hafen",
+        |t| t["topic"] == "set on synapse",
+    )
+    .await;
+
+    // One on Hafen (hanna's member event with a display name) reaches Synapse.
+    let (status, v) = hafen
+        .put(
+            &format!(
+                "{V3}/rooms/{}/state/m.room.member/{}",
+                enc(&room),
+                enc(&hanna.user_id)
+            ),
+            &hanna,
+            json!({ "membership": "join", "displayname": "Hanna from Hafen" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v["event_id"].is_string(), "{v}");
+    let member = s_wait_state(
+        &synapse,
+        &sam,
+        &room,
+        "m.room.member",
+        &hanna.user_id,
+        |m| m["displayname"] == "Hanna from Hafen",
+    )
+    .await;
+    assert_eq!(member["membership"], json!("join"));
+
+    // A second room, with an alias: Hafen joins by the alias, which it resolves at Synapse.
+    let room2 = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "public_chat", "room_alias_name": "x" }),
+    )
+    .await;
+    let alias = format!("#x:{}", synapse.server_name);
+    let joined = h_join(&hafen, &hanna, &alias, &[]).await;
+    assert_eq!(joined, room2);
+    s_wait_membership(&synapse, &sam, &room2, &hanna.user_id, "join").await;
+    h_say(&hafen, &hanna, &room2, "joined by alias").await;
+    s_wait_messages(&synapse, &sam, &room2, &["joined by alias"]).await;
+
+    // Hanna leaves the first room: Synapse sees it.
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/leave", enc(&room)),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "leave").await;
+    let (status, v) = hafen.get(&format!("{V3}/joined_rooms"), &hanna).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "joined_rooms": [room2] }));
+
+    hafen.stop().await;
+}
+
+/// A room made on Hafen, joined from Synapse; messages both ways; Hafen invites a second
+/// Synapse user, who sees the invite and joins; a Synapse user leaves.
+#[tokio::test]
+async fn hafen_room_joined_from_synapse() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let sue = s_user(&synapse, "sue").await;
+    let hanna = hafen.user("hanna").await;
+
+    let room = hafen
+        .create_room(
+            &hanna,
+            json!({ "preset": "public_chat", "name": "Hafen harbour" }),
+        )
+        .await;
+    h_say(&hafen, &hanna, &room, "before sam").await;
+
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?via={}", enc(&room), enc(&hafen.server_name())),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse join of a Hafen room: {v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "join").await;
+    let name = s_state(&synapse, &sam, &room, "m.room.name", "").await;
+    assert_eq!(name, Some(json!({ "name": "Hafen harbour" })));
+
+    // Messages both ways.
+    s_say(&synapse, &sam, &room, "sam says hi").await;
+    h_wait_messages(&hafen, &hanna, &room, &["before sam", "sam says hi"]).await;
+    h_say(&hafen, &hanna, &room, "hanna says hi").await;
+    s_wait_messages(&synapse, &sam, &room, &["hanna says hi"]).await;
+
+    // Hanna invites sue; sue's sync on Synapse shows the invite, and she joins.
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/invite", enc(&room)),
+            &hanna,
+            json!({ "user_id": sue.id }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Hafen invite of a Synapse user: {v}"
+    );
+    assert_eq!(v, json!({}));
+    let sync = s_sync_until(&synapse, &sue, "the invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let invite_state = sync["rooms"]["invite"][&room]["invite_state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        invite_state.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == json!(sue.id)
+            && e["content"]["membership"] == "invite"
+            && e["sender"] == json!(hanna.user_id)),
+        "{invite_state:?}"
+    );
+    // The room's state went along as PDUs (which Synapse checks) and reached sue's client.
+    assert!(
+        invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Hafen harbour"),
+        "{invite_state:?}"
+    );
+    assert!(
+        invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.create" && e["sender"] == json!(hanna.user_id)),
+        "{invite_state:?}"
+    );
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/join", enc(&room)),
+        &sue,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse join after invite: {v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    h_wait_membership(&hafen, &hanna, &room, &sue.id, "join").await;
+    s_say(&synapse, &sue, &room, "sue is here").await;
+    h_wait_messages(&hafen, &hanna, &room, &["sue is here"]).await;
+
+    // Sam leaves: Hafen sees it.
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/leave", enc(&room)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "leave").await;
+    // Sue is still there and still hears Hafen.
+    h_say(&hafen, &hanna, &room, "after sam left").await;
+    s_wait_messages(&synapse, &sue, &room, &["after sam left"]).await;
+
+    hafen.stop().await;
+}
+
+/// A Synapse user invites a Hafen user to a private room: the invite shows in Hafen's sync with
+/// the room's name, and the Hafen user joins by room id alone (through the inviting server).
+#[tokio::test]
+async fn synapse_invite_of_hafen_user() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    let room = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "private_chat", "name": "Secret", "invite": [hanna.user_id] }),
+    )
+    .await;
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "invite").await;
+
+    let sync = wait_for(&hafen, &hanna, &format!("{V3}/sync"), "the invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let invite_state = sync["rooms"]["invite"][&room]["invite_state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Secret"),
+        "{invite_state:?}"
+    );
+    assert!(
+        invite_state.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == json!(hanna.user_id)
+            && e["content"]["membership"] == "invite"),
+        "{invite_state:?}"
+    );
+    // Synapse sent the state as signed PDUs; the client gets them checked and stripped.
+    assert!(
+        invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.create" && e["sender"] == json!(sam.id)),
+        "{invite_state:?}"
+    );
+    for e in &invite_state {
+        let mut keys: Vec<&str> = e
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["content", "sender", "state_key", "type"], "{e}");
+    }
+
+    // Join by room id alone: Hafen goes through the inviting server.
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/join", enc(&room)),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+    h_say(&hafen, &hanna, &room, "thanks for the invite").await;
+    s_wait_messages(&synapse, &sam, &room, &["thanks for the invite"]).await;
+    s_say(&synapse, &sam, &room, "welcome").await;
+    h_wait_messages(&hafen, &hanna, &room, &["welcome"]).await;
+
+    hafen.stop().await;
+}
+
+/// In a shared room: Hafen's key query finds the Synapse user's device; typing notices and read
+/// receipts go both ways.
+#[tokio::test]
+async fn keys_typing_and_receipts_in_a_shared_room() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    let s_device = synapse.device_id(&sam.token).await;
+    let s_keys = signed_device_keys(&sam.id, &s_device);
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/keys/upload"),
+        &sam,
+        Some(json!({ "device_keys": s_keys })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+
+    let room = s_create_room(&synapse, &sam, json!({ "preset": "public_chat" })).await;
+    h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+
+    // Key query while sharing the room.
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/keys/query"),
+            &hanna,
+            json!({ "device_keys": { sam.id.clone(): [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["failures"], json!({}), "{v}");
+    let got = &v["device_keys"][&sam.id][&s_device];
+    for field in ["user_id", "device_id", "algorithms", "keys", "signatures"] {
+        assert_eq!(got[field], s_keys[field], "{field} of {v}");
+    }
+
+    // Synapse -> Hafen: typing.
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!("{V3}/rooms/{}/typing/{}", enc(&room), enc(&sam.id)),
+        &sam,
+        Some(json!({ "typing": true, "timeout": 30000 })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let ephemeral = |s: &Value, kind: &str| -> Option<Value> {
+        s["rooms"]["join"][&room]["ephemeral"]["events"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["type"] == kind).cloned())
+    };
+    let sync = wait_for(&hafen, &hanna, &format!("{V3}/sync"), "sam typing", |s| {
+        ephemeral(s, "m.typing").is_some_and(|t| t["content"]["user_ids"] == json!([sam.id]))
+    })
+    .await;
+    assert!(ephemeral(&sync, "m.typing").is_some());
+
+    // Synapse -> Hafen: a read receipt.
+    let event = s_say(&synapse, &sam, &room, "read me").await;
+    h_wait_messages(&hafen, &hanna, &room, &["read me"]).await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let sync = wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync"),
+        "sam's receipt",
+        |s| {
+            ephemeral(s, "m.receipt")
+                .is_some_and(|r| r["content"][&event]["m.read"].get(&sam.id).is_some())
+        },
+    )
+    .await;
+    let receipt = ephemeral(&sync, "m.receipt").expect("receipt");
+    assert!(
+        receipt["content"][&event]["m.read"][&sam.id]["ts"].is_u64(),
+        "{receipt}"
+    );
+
+    // Hafen -> Synapse: typing.
+    let (status, v) = hafen
+        .put(
+            &format!("{V3}/rooms/{}/typing/{}", enc(&room), enc(&hanna.user_id)),
+            &hanna,
+            json!({ "typing": true, "timeout": 30000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    s_sync_until(&synapse, &sam, "hanna typing", |s| {
+        ephemeral(s, "m.typing").is_some_and(|t| {
+            t["content"]["user_ids"]
+                .as_array()
+                .is_some_and(|u| u.contains(&json!(hanna.user_id)))
+        })
+    })
+    .await;
+
+    // Hafen -> Synapse: a read receipt.
+    let event = h_say(&hafen, &hanna, &room, "read me too").await;
+    s_wait_messages(&synapse, &sam, &room, &["read me too"]).await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/receipt/m.read/{}", enc(&room), enc(&event)),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    let sync = s_sync_until(&synapse, &sam, "hanna's receipt", |s| {
+        ephemeral(s, "m.receipt")
+            .is_some_and(|r| r["content"][&event]["m.read"].get(&hanna.user_id).is_some())
+    })
+    .await;
+    let receipt = ephemeral(&sync, "m.receipt").expect("receipt");
+    assert!(
+        receipt["content"][&event]["m.read"][&hanna.user_id]["ts"].is_u64(),
+        "{receipt}"
+    );
+
+    hafen.stop().await;
+}
+
+/// Room versions besides 12: rooms of older versions made on Synapse and joined from Hafen (the
+/// room id names Synapse, so no `via` is needed), and one made on Hafen joined from Synapse.
+#[tokio::test]
+async fn older_room_versions_both_ways() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    for version in ["10", "11", "1"] {
+        let room = s_create_room(
+            &synapse,
+            &sam,
+            json!({ "preset": "public_chat", "room_version": version }),
+        )
+        .await;
+        assert!(
+            room.ends_with(&format!(":{}", synapse.server_name)),
+            "{room}"
+        );
+        let joined = h_join(&hafen, &hanna, &room, &[]).await;
+        assert_eq!(joined, room);
+        s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+        let (status, v) = hafen
+            .get(
+                &format!("{V3}/rooms/{}/state/m.room.create/", enc(&room)),
+                &hanna,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["room_version"], json!(version), "{v}");
+        let from_synapse = format!("synapse in v{version}");
+        let from_hafen = format!("hafen in v{version}");
+        s_say(&synapse, &sam, &room, &from_synapse).await;
+        h_wait_messages(&hafen, &hanna, &room, &[&from_synapse]).await;
+        h_say(&hafen, &hanna, &room, &from_hafen).await;
+        s_wait_messages(&synapse, &sam, &room, &[&from_hafen]).await;
+    }
+
+    // A version 10 room made on Hafen, joined from Synapse.
+    let room = hafen
+        .create_room(
+            &hanna,
+            json!({ "preset": "public_chat", "room_version": "10" }),
+        )
+        .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        // Synapse does not try the room id's server by itself: it is named.
+        &format!("{V3}/join/{}?via={}", enc(&room), enc(&hafen.server_name())),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "join").await;
+    s_say(&synapse, &sam, &room, "sam in a hafen v10 room").await;
+    h_wait_messages(&hafen, &hanna, &room, &["sam in a hafen v10 room"]).await;
+    h_say(&hafen, &hanna, &room, "hanna in her v10 room").await;
+    s_wait_messages(&synapse, &sam, &room, &["hanna in her v10 room"]).await;
+
+    hafen.stop().await;
+}
