@@ -467,6 +467,21 @@ async fn synapse_room_joined_from_hafen() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v, json!({ "joined_rooms": [room2] }));
 
+    // Sam talks while Hafen is out of the room; hanna comes back (Hafen has the room's old
+    // state) and both sides go on.
+    s_say(&synapse, &sam, &room, "while hanna was away").await;
+    let joined = h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    assert_eq!(joined, room);
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+    assert_eq!(
+        h_membership(&hafen, &hanna, &room, &hanna.user_id).await,
+        json!("join")
+    );
+    s_say(&synapse, &sam, &room, "welcome back").await;
+    h_wait_messages(&hafen, &hanna, &room, &["welcome back"]).await;
+    h_say(&hafen, &hanna, &room, "glad to be back").await;
+    s_wait_messages(&synapse, &sam, &room, &["glad to be back"]).await;
+
     hafen.stop().await;
 }
 
@@ -509,7 +524,14 @@ async fn hafen_room_joined_from_synapse() {
     s_say(&synapse, &sam, &room, "sam says hi").await;
     h_wait_messages(&hafen, &hanna, &room, &["before sam", "sam says hi"]).await;
     h_say(&hafen, &hanna, &room, "hanna says hi").await;
-    s_wait_messages(&synapse, &sam, &room, &["hanna says hi"]).await;
+    // "before sam" predates Synapse's join: Synapse backfills it from Hafen.
+    s_wait_messages(
+        &synapse,
+        &sam,
+        &room,
+        &["before sam", "sam says hi", "hanna says hi"],
+    )
+    .await;
 
     // Hanna invites sue; sue's sync on Synapse shows the invite, and she joins.
     let (status, v) = hafen
@@ -706,6 +728,125 @@ async fn keys_typing_and_receipts_in_a_shared_room() {
         assert_eq!(got[field], s_keys[field], "{field} of {v}");
     }
 
+    // A new device of sam's (a second login with keys) reaches Hafen as a device-list update:
+    // hanna's sync lists sam as changed, and a new query shows both devices.
+    let (_, since) = {
+        let (status, v) = hafen.get(&format!("{V3}/sync"), &hanna).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        (
+            v.clone(),
+            v["next_batch"].as_str().expect("next_batch").to_owned(),
+        )
+    };
+    let (status, v) = synapse
+        .client_req(
+            Method::POST,
+            &format!("{V3}/login"),
+            None,
+            Some(json!({
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": "sam" },
+                "password": "interop-password",
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let sam2 = SUser {
+        id: sam.id.clone(),
+        token: v["access_token"].as_str().expect("token").to_owned(),
+    };
+    let s_device2 = v["device_id"].as_str().expect("device_id").to_owned();
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/keys/upload"),
+        &sam2,
+        Some(json!({ "device_keys": signed_device_keys(&sam.id, &s_device2) })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync?since={}&timeout=500", enc(&since)),
+        "sam's device list change",
+        |s| {
+            s["device_lists"]["changed"]
+                .as_array()
+                .is_some_and(|c| c.contains(&json!(sam.id)))
+        },
+    )
+    .await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/keys/query"),
+            &hanna,
+            json!({ "device_keys": { sam.id.clone(): [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let devices = v["device_keys"][&sam.id].as_object().expect("devices");
+    assert!(
+        devices.contains_key(&s_device) && devices.contains_key(&s_device2),
+        "{v}"
+    );
+
+    // And the other way: a new Hafen device with keys shows in sam's sync as a change.
+    let (status, v) = s_req(
+        &synapse,
+        Method::GET,
+        &format!("{V3}/sync?timeout=0"),
+        &sam,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let s_since = v["next_batch"].as_str().expect("next_batch").to_owned();
+    let h_keys = signed_device_keys(&hanna.user_id, &hanna.device_id);
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/keys/upload"),
+            &hanna,
+            json!({ "device_keys": h_keys }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut since_tok = s_since;
+    let mut seen = false;
+    for _ in 0..30 {
+        let (status, v) = s_req(
+            &synapse,
+            Method::GET,
+            &format!("{V3}/sync?timeout=1000&since={}", enc(&since_tok)),
+            &sam,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        if v["device_lists"]["changed"]
+            .as_array()
+            .is_some_and(|c| c.contains(&json!(hanna.user_id)))
+        {
+            seen = true;
+            break;
+        }
+        since_tok = v["next_batch"].as_str().expect("next_batch").to_owned();
+    }
+    assert!(seen, "Synapse's sync never listed hanna's device change");
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/keys/query"),
+        &sam,
+        Some(json!({ "device_keys": { hanna.user_id.clone(): [] } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["device_keys"][&hanna.user_id][&hanna.device_id]["keys"], h_keys["keys"],
+        "{v}"
+    );
+
     // Synapse -> Hafen: typing.
     let (status, v) = s_req(
         &synapse,
@@ -866,6 +1007,307 @@ async fn older_room_versions_both_ways() {
     h_wait_messages(&hafen, &hanna, &room, &["sam in a hafen v10 room"]).await;
     h_say(&hafen, &hanna, &room, "hanna in her v10 room").await;
     s_wait_messages(&synapse, &sam, &room, &["hanna in her v10 room"]).await;
+
+    hafen.stop().await;
+}
+
+/// Knocking both ways: a Hafen user knocks on a Synapse room (and is let in), a Synapse user
+/// knocks on a Hafen room (and is let in); the knocker's client sees the room's stripped state.
+#[tokio::test]
+async fn knocks_both_ways() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    // Hafen knocks on a Synapse room.
+    let room = s_create_room(
+        &synapse,
+        &sam,
+        json!({
+            "preset": "private_chat",
+            "name": "Knock here",
+            "initial_state": [{ "type": "m.room.join_rules", "state_key": "",
+                                "content": { "join_rule": "knock" } }],
+        }),
+    )
+    .await;
+    let (status, v) = hafen
+        .post(
+            &format!(
+                "{V3}/knock/{}?via={}",
+                enc(&room),
+                enc(&synapse.server_name)
+            ),
+            &hanna,
+            json!({ "reason": "let me in" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "Hafen knock on Synapse: {v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    let member = s_wait_state(
+        &synapse,
+        &sam,
+        &room,
+        "m.room.member",
+        &hanna.user_id,
+        |m| m["membership"] == "knock",
+    )
+    .await;
+    assert_eq!(member["reason"], json!("let me in"));
+    let sync = wait_for(&hafen, &hanna, &format!("{V3}/sync"), "the knock", |s| {
+        s["rooms"]["knock"].get(&room).is_some()
+    })
+    .await;
+    let knock_state = sync["rooms"]["knock"][&room]["knock_state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        knock_state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Knock here"),
+        "{knock_state:?}"
+    );
+    // Sam lets her in (an invite of a knocking user); she joins by room id alone.
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/invite", enc(&room)),
+        &sam,
+        Some(json!({ "user_id": hanna.user_id })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_for(&hafen, &hanna, &format!("{V3}/sync"), "the invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/join", enc(&room)),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+
+    // Synapse knocks on a Hafen room.
+    let room = hafen
+        .create_room(
+            &hanna,
+            json!({
+                "preset": "private_chat",
+                "name": "Hafen door",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "",
+                                    "content": { "join_rule": "knock" } }],
+            }),
+        )
+        .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!(
+            "{V3}/knock/{}?via={}",
+            enc(&room),
+            enc(&hafen.server_name())
+        ),
+        &sam,
+        Some(json!({ "reason": "knock knock" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "Synapse knock on Hafen: {v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "knock").await;
+    let sync = s_sync_until(&synapse, &sam, "the knock", |s| {
+        s["rooms"]["knock"].get(&room).is_some()
+    })
+    .await;
+    let knock_state = sync["rooms"]["knock"][&room]["knock_state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        knock_state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Hafen door"),
+        "{knock_state:?}"
+    );
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/invite", enc(&room)),
+            &hanna,
+            json!({ "user_id": sam.id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    s_sync_until(&synapse, &sam, "the invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/join", enc(&room)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "join").await;
+
+    hafen.stop().await;
+}
+
+/// Redactions both ways, and a Synapse moderator kicking then banning a Hafen user.
+#[tokio::test]
+async fn redactions_kick_and_ban_across() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+    let room = s_create_room(&synapse, &sam, json!({ "preset": "public_chat" })).await;
+    h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+
+    // Synapse redacts its own message: Hafen no longer shows the body.
+    let event = s_say(&synapse, &sam, &room, "oops from synapse").await;
+    h_wait_messages(&hafen, &hanna, &room, &["oops from synapse"]).await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!(
+            "{V3}/rooms/{}/redact/{}/{}",
+            enc(&room),
+            enc(&event),
+            free_port()
+        ),
+        &sam,
+        Some(json!({ "reason": "typo" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&event)),
+        "the redaction on Hafen",
+        |e| e["content"] == json!({}) && e["unsigned"]["redacted_because"].is_object(),
+    )
+    .await;
+
+    // Hafen redacts its own message: Synapse no longer shows the body.
+    let event = h_say(&hafen, &hanna, &room, "oops from hafen").await;
+    s_wait_messages(&synapse, &sam, &room, &["oops from hafen"]).await;
+    let (status, v) = hafen
+        .put(
+            &format!(
+                "{V3}/rooms/{}/redact/{}/{}",
+                enc(&room),
+                enc(&event),
+                free_port()
+            ),
+            &hanna,
+            json!({ "reason": "typo" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (status, v) = s_req(
+            &synapse,
+            Method::GET,
+            &format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&event)),
+            &sam,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        if v["content"] == json!({}) {
+            last = v;
+            break;
+        }
+        last = v;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["content"], json!({}), "Synapse still shows {last}");
+
+    // Sam kicks hanna: Hafen's sync shows the room left; she rejoins; sam bans her.
+    let (status, v) = hafen.get(&format!("{V3}/sync"), &hanna).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let since = v["next_batch"].as_str().expect("next_batch").to_owned();
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/kick", enc(&room)),
+        &sam,
+        Some(json!({ "user_id": hanna.user_id, "reason": "out" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/joined_rooms"),
+        "the kick",
+        |j| j["joined_rooms"] == json!([]),
+    )
+    .await;
+    let sync = wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync?since={}", enc(&since)),
+        "the room left",
+        |s| s["rooms"]["leave"].get(&room).is_some(),
+    )
+    .await;
+    assert!(sync["rooms"]["join"].get(&room).is_none(), "{sync}");
+    let kick = sync["rooms"]["leave"][&room]["timeline"]["events"]
+        .as_array()
+        .and_then(|t| t.iter().find(|e| e["type"] == "m.room.member").cloned())
+        .expect("the kick in the left room's timeline");
+    assert_eq!(kick["sender"], json!(sam.id), "{kick}");
+    assert_eq!(kick["state_key"], json!(hanna.user_id), "{kick}");
+    assert_eq!(kick["content"]["membership"], json!("leave"), "{kick}");
+    assert_eq!(kick["content"]["reason"], json!("out"), "{kick}");
+    h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/ban", enc(&room)),
+        &sam,
+        Some(json!({ "user_id": hanna.user_id, "reason": "enough" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/joined_rooms"),
+        "the ban",
+        |j| j["joined_rooms"] == json!([]),
+    )
+    .await;
+    // A banned user's join is refused by Synapse, with its answer.
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/join/{}?via={}", enc(&room), enc(&synapse.server_name)),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["errcode"], json!("M_FORBIDDEN"), "{v}");
 
     hafen.stop().await;
 }
