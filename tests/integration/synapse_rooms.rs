@@ -1311,3 +1311,66 @@ async fn redactions_kick_and_ban_across() {
 
     hafen.stop().await;
 }
+
+/// Hafen is down while Synapse's users talk: Synapse (told not to retry a request, so the
+/// outage is real to it) drops the events of the transaction that failed and sends the later
+/// ones once Hafen is back and speaks to it, so Hafen must fetch the gap with
+/// `/get_missing_events`. And both sides talking at once (a fork in the room's graph, each
+/// side's event with only its own prev event) ends with both seeing everything.
+#[tokio::test]
+async fn catch_up_after_hafen_was_down_and_concurrent_messages() {
+    let pki = TestPki::new();
+    let no_retries = json!({ "federation": { "max_long_retries": 0, "max_short_retries": 0 } });
+    let Some(synapse) = SynapsePeer::start_with(&pki, no_retries).await else {
+        return;
+    };
+    let mut hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+    let room = s_create_room(&synapse, &sam, json!({ "preset": "public_chat" })).await;
+    h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+    s_say(&synapse, &sam, &room, "before the outage").await;
+    h_wait_messages(&hafen, &hanna, &room, &["before the outage"]).await;
+
+    hafen.halt().await;
+    let missed = ["missed 1", "missed 2", "missed 3", "missed 4", "missed 5"];
+    for text in missed {
+        s_say(&synapse, &sam, &room, text).await;
+    }
+    // Let Synapse try (and fail) to deliver them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hafen.resume().await;
+    // Hafen speaks to Synapse (its transaction tells Synapse it is back).
+    h_say(&hafen, &hanna, &room, "back online").await;
+    s_wait_messages(&synapse, &sam, &room, &["back online"]).await;
+    // Synapse may wait for something new before catching up: give it one.
+    s_say(&synapse, &sam, &room, "after the outage").await;
+    let mut want = missed.to_vec();
+    want.push("after the outage");
+    h_wait_messages(&hafen, &hanna, &room, &want).await;
+
+    // Both talk at once, several times: neither side loses a message.
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let from_s = format!("concurrent synapse {i}");
+        let from_h = format!("concurrent hafen {i}");
+        let (a, b) = tokio::join!(
+            s_say(&synapse, &sam, &room, &from_s),
+            h_say(&hafen, &hanna, &room, &from_h)
+        );
+        assert!(a.starts_with('$') && b.starts_with('$'));
+        sent.push(from_s);
+        sent.push(from_h);
+    }
+    let want: Vec<&str> = sent.iter().map(String::as_str).collect();
+    h_wait_messages(&hafen, &hanna, &room, &want).await;
+    s_wait_messages(&synapse, &sam, &room, &want).await;
+    // And the room goes on: one more each way after the forks merged.
+    h_say(&hafen, &hanna, &room, "merged from hafen").await;
+    s_wait_messages(&synapse, &sam, &room, &["merged from hafen"]).await;
+    s_say(&synapse, &sam, &room, "merged from synapse").await;
+    h_wait_messages(&hafen, &hanna, &room, &["merged from synapse"]).await;
+
+    hafen.stop().await;
+}
