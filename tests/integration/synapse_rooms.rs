@@ -1374,3 +1374,322 @@ async fn catch_up_after_hafen_was_down_and_concurrent_messages() {
 
     hafen.stop().await;
 }
+
+/// Restricted rooms (`join_rule: restricted`, allowed for members of another room) both ways:
+/// the resident server vouches for the join (`join_authorised_via_users_server`) and countersigns
+/// it in `send_join`.
+#[tokio::test]
+async fn restricted_rooms_both_ways() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+    let restricted_to = |room: &str| {
+        json!([{ "type": "m.room.join_rules", "state_key": "",
+                 "content": { "join_rule": "restricted",
+                              "allow": [{ "type": "m.room_membership", "room_id": room }] } }])
+    };
+
+    // On Synapse: hanna may join the inner room because she is in the outer one.
+    let outer = s_create_room(&synapse, &sam, json!({ "preset": "public_chat" })).await;
+    let inner = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "private_chat", "initial_state": restricted_to(&outer) }),
+    )
+    .await;
+    // Not yet a member of the outer room: refused.
+    let (status, v) = hafen
+        .post(
+            &format!(
+                "{V3}/join/{}?via={}",
+                enc(&inner),
+                enc(&synapse.server_name)
+            ),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["errcode"], json!("M_FORBIDDEN"), "{v}");
+    h_join(&hafen, &hanna, &outer, &[&synapse.server_name]).await;
+    s_wait_membership(&synapse, &sam, &outer, &hanna.user_id, "join").await;
+    let joined = h_join(&hafen, &hanna, &inner, &[&synapse.server_name]).await;
+    assert_eq!(joined, inner);
+    let member = s_wait_state(
+        &synapse,
+        &sam,
+        &inner,
+        "m.room.member",
+        &hanna.user_id,
+        |m| m["membership"] == "join",
+    )
+    .await;
+    assert_eq!(member["join_authorised_via_users_server"], json!(sam.id));
+    h_say(&hafen, &hanna, &inner, "in through the outer room").await;
+    s_wait_messages(&synapse, &sam, &inner, &["in through the outer room"]).await;
+
+    // On Hafen: sam may join the inner room because he is in the outer one.
+    let outer = hafen
+        .create_room(&hanna, json!({ "preset": "public_chat" }))
+        .await;
+    let inner = hafen
+        .create_room(
+            &hanna,
+            json!({ "preset": "private_chat", "initial_state": restricted_to(&outer) }),
+        )
+        .await;
+    let via = format!("via={}", enc(&hafen.server_name()));
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?{via}", enc(&inner)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["errcode"], json!("M_FORBIDDEN"), "{v}");
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?{via}", enc(&outer)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    h_wait_membership(&hafen, &hanna, &outer, &sam.id, "join").await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?{via}", enc(&inner)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Synapse restricted join of a Hafen room: {v}"
+    );
+    assert_eq!(v, json!({ "room_id": inner }));
+    h_wait_membership(&hafen, &hanna, &inner, &sam.id, "join").await;
+    let (status, member) = hafen
+        .get(
+            &format!(
+                "{V3}/rooms/{}/state/m.room.member/{}",
+                enc(&inner),
+                enc(&sam.id)
+            ),
+            &hanna,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{member}");
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        json!(hanna.user_id)
+    );
+    s_say(&synapse, &sam, &inner, "in through hafen's outer room").await;
+    h_wait_messages(&hafen, &hanna, &inner, &["in through hafen's outer room"]).await;
+
+    hafen.stop().await;
+}
+
+/// Invites rejected both ways (the invitee's server goes through `make_leave`/`send_leave` at
+/// the inviting server), a Hafen moderator kicking a Synapse user, and to-device messages both
+/// ways.
+#[tokio::test]
+async fn rejections_remote_kick_and_to_device() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    // Synapse invites hanna; she rejects; Synapse sees her leave.
+    let room = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "private_chat", "invite": [hanna.user_id] }),
+    )
+    .await;
+    wait_for(&hafen, &hanna, &format!("{V3}/sync"), "the invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/leave", enc(&room)),
+            &hanna,
+            json!({ "reason": "no thanks" }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Hafen rejecting a Synapse invite: {v}"
+    );
+    assert_eq!(v, json!({}));
+    let member = s_wait_state(
+        &synapse,
+        &sam,
+        &room,
+        "m.room.member",
+        &hanna.user_id,
+        |m| m["membership"] == "leave",
+    )
+    .await;
+    assert_eq!(member["reason"], json!("no thanks"));
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync"),
+        "the invite gone",
+        |s| s["rooms"]["invite"].get(&room).is_none(),
+    )
+    .await;
+
+    // Hafen invites sam; he rejects; Hafen sees his leave.
+    let room = hafen
+        .create_room(&hanna, json!({ "preset": "private_chat" }))
+        .await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/invite", enc(&room)),
+            &hanna,
+            json!({ "user_id": sam.id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    s_sync_until(&synapse, &sam, "the invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/leave", enc(&room)),
+        &sam,
+        Some(json!({ "reason": "not now" })),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Synapse rejecting a Hafen invite: {v}"
+    );
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "leave").await;
+
+    // Sam joins a Hafen room, and hanna (its creator) kicks him: Synapse sees the kick.
+    let room = hafen
+        .create_room(&hanna, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?via={}", enc(&room), enc(&hafen.server_name())),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    h_wait_membership(&hafen, &hanna, &room, &sam.id, "join").await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/kick", enc(&room)),
+            &hanna,
+            json!({ "user_id": sam.id, "reason": "bye" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    let (status, v) = s_req(
+        &synapse,
+        Method::GET,
+        &format!("{V3}/joined_rooms"),
+        &sam,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut left = false;
+    for _ in 0..300 {
+        let (_, v) = s_req(
+            &synapse,
+            Method::GET,
+            &format!("{V3}/joined_rooms"),
+            &sam,
+            None,
+        )
+        .await;
+        if !v["joined_rooms"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!(room)))
+        {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left, "Synapse still has sam in the room after the kick");
+
+    // To-device messages both ways.
+    let s_device = synapse.device_id(&sam.token).await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!("{V3}/sendToDevice/m.interop.ping/{}", free_port()),
+        &sam,
+        Some(json!({ "messages": { hanna.user_id.clone(): {
+            hanna.device_id.clone(): { "hello": "from synapse" } } } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let sync = wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync"),
+        "the to-device message",
+        |s| {
+            s["to_device"]["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|m| m["type"] == "m.interop.ping"))
+        },
+    )
+    .await;
+    let msg = sync["to_device"]["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|m| m["type"] == "m.interop.ping"))
+        .expect("message");
+    assert_eq!(msg["sender"], json!(sam.id));
+    assert_eq!(msg["content"], json!({ "hello": "from synapse" }));
+    let (status, v) = hafen
+        .put(
+            &format!("{V3}/sendToDevice/m.interop.pong/{}", free_port()),
+            &hanna,
+            json!({ "messages": { sam.id.clone(): { s_device.clone(): { "hello": "from hafen" } } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    let sync = s_sync_until(&synapse, &sam, "the to-device message", |s| {
+        s["to_device"]["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|m| m["type"] == "m.interop.pong"))
+    })
+    .await;
+    let msg = sync["to_device"]["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|m| m["type"] == "m.interop.pong"))
+        .expect("message");
+    assert_eq!(msg["sender"], json!(hanna.user_id));
+    assert_eq!(msg["content"], json!({ "hello": "from hafen" }));
+
+    hafen.stop().await;
+}

@@ -154,7 +154,20 @@ pub async fn accept_membership(
     check_room_for(services, origin, room_id)?;
     let version = services.rooms.version(room_id)?;
     let mut keys = KeyCache::default();
-    let mut incoming = services
+    // A restricted join naming one of our users in `join_authorised_via_users_server` must carry
+    // our signature (room versions 8+: the authorising server signs it), and the PDU checks
+    // below require every signature the event needs. The joining server cannot add it; we are
+    // the one to, so it goes on before the checks. Whether the named user may vouch (joined,
+    // allowed to invite) is for the auth rules in `accept`; if they refuse, the signed event is
+    // dropped.
+    let countersigned;
+    let body = if kind == Handshake::Join && vouched_for_here(services, body) {
+        countersigned = countersign(services, &version, body)?;
+        &countersigned
+    } else {
+        body
+    };
+    let incoming = services
         .federation
         .check_pdu(&version, body, Some(room_id), &mut keys)
         .await?;
@@ -176,24 +189,6 @@ pub async fn accept_membership(
             "The sender does not belong to your server",
         ));
     }
-    if kind == Handshake::Join {
-        let via = pdu
-            .content_value()
-            .get("join_authorised_via_users_server")
-            .and_then(Value::as_str)
-            .and_then(|u| UserId::parse(u).ok());
-        if via.is_some_and(|u| u.server_name() == services.globals.server_name) {
-            // We vouch for this join: our signature is what the auth rules look for.
-            let rules = rules_for(&version)?;
-            ruma::signatures::hash_and_sign_event(
-                services.globals.server_name.as_str(),
-                &services.globals.signing_key.keypair,
-                &mut incoming.obj,
-                &rules.redaction,
-            )
-            .map_err(|e| Error::bad_json(format!("cannot countersign: {e}")))?;
-        }
-    }
     accept(services, origin, incoming.clone(), true, true, &mut keys).await?;
     if services
         .rooms
@@ -205,6 +200,31 @@ pub async fn accept_membership(
         ));
     }
     Ok(incoming)
+}
+
+/// Whether a join event names one of our users as the one vouching for it.
+fn vouched_for_here(services: &Services, event: &Value) -> bool {
+    event
+        .get("content")
+        .and_then(|c| c.get("join_authorised_via_users_server"))
+        .and_then(Value::as_str)
+        .and_then(|u| UserId::parse(u).ok())
+        .is_some_and(|u| u.server_name() == services.globals.server_name)
+}
+
+/// The event with our signature added (over its redacted form, as event signatures are); its
+/// hashes and the other signatures are left as sent, for the PDU checks to verify.
+fn countersign(services: &Services, version: &RoomVersionId, event: &Value) -> Result<Value> {
+    let rules = rules_for(version)?;
+    let mut obj = super::pdu::canonical_pdu(event)?;
+    ruma::signatures::sign_event(
+        services.globals.server_name.as_str(),
+        &services.globals.signing_key.keypair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::bad_json(format!("cannot countersign: {e}")))?;
+    Ok(serde_json::to_value(obj)?)
 }
 
 /// The `send_join` answer: the state before the join and the auth chain of it and the join.
