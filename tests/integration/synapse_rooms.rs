@@ -1693,3 +1693,205 @@ async fn rejections_remote_kick_and_to_device() {
 
     hafen.stop().await;
 }
+
+/// With Hafen already in a Synapse room: a second Hafen user is invited (the invite reaches Hafen
+/// through `/invite` and again through `/send`) and joins locally; a profile change on Hafen
+/// updates the member event Synapse sees; reactions and edits relate across servers.
+#[tokio::test]
+async fn second_local_user_profiles_and_relations() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+    let hugo = hafen.user("hugo").await;
+    let room = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "private_chat", "name": "Two" }),
+    )
+    .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/invite", enc(&room)),
+        &sam,
+        Some(json!({ "user_id": hanna.user_id })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/sync"),
+        "hanna's invite",
+        |s| s["rooms"]["invite"].get(&room).is_some(),
+    )
+    .await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/join", enc(&room)),
+            &hanna,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+
+    // Hafen is in the room now: hugo's invite comes as a room event too.
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/invite", enc(&room)),
+        &sam,
+        Some(json!({ "user_id": hugo.user_id })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let sync = wait_for(&hafen, &hugo, &format!("{V3}/sync"), "hugo's invite", |s| {
+        s["rooms"]["invite"].get(&room).is_some()
+    })
+    .await;
+    let invite_state = sync["rooms"]["invite"][&room]["invite_state"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Two"),
+        "{invite_state:?}"
+    );
+    h_wait_membership(&hafen, &hanna, &room, &hugo.user_id, "invite").await;
+    let (status, v) = hafen
+        .post(&format!("{V3}/rooms/{}/join", enc(&room)), &hugo, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "room_id": room }));
+    s_wait_membership(&synapse, &sam, &room, &hugo.user_id, "join").await;
+    h_say(&hafen, &hugo, &room, "hugo here").await;
+    s_wait_messages(&synapse, &sam, &room, &["hugo here"]).await;
+
+    // Hanna's new display name reaches her member event on Synapse.
+    let (status, v) = hafen
+        .put(
+            &format!("{V3}/profile/{}/displayname", enc(&hanna.user_id)),
+            &hanna,
+            json!({ "displayname": "Hanna H." }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    s_wait_state(
+        &synapse,
+        &sam,
+        &room,
+        "m.room.member",
+        &hanna.user_id,
+        |m| m["displayname"] == "Hanna H." && m["membership"] == "join",
+    )
+    .await;
+
+    // Sam reacts to hugo's message and edits his own; Hafen relates them.
+    let hugo_msg = h_say(&hafen, &hugo, &room, "react to me").await;
+    s_wait_messages(&synapse, &sam, &room, &["react to me"]).await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!("{V3}/rooms/{}/send/m.reaction/{}", enc(&room), free_port()),
+        &sam,
+        Some(json!({ "m.relates_to": { "rel_type": "m.annotation",
+                                       "event_id": hugo_msg, "key": "👍" } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let reaction = v["event_id"].as_str().expect("event_id").to_owned();
+    let rel = wait_for(
+        &hafen,
+        &hugo,
+        &format!(
+            "/_matrix/client/v1/rooms/{}/relations/{}",
+            enc(&room),
+            enc(&hugo_msg)
+        ),
+        "sam's reaction on Hafen",
+        |r| {
+            r["chunk"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|e| e["event_id"] == json!(reaction)))
+        },
+    )
+    .await;
+    assert_eq!(rel["chunk"][0]["type"], json!("m.reaction"), "{rel}");
+    let original = s_say(&synapse, &sam, &room, "tpyo").await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!(
+            "{V3}/rooms/{}/send/m.room.message/{}",
+            enc(&room),
+            free_port()
+        ),
+        &sam,
+        Some(json!({ "msgtype": "m.text", "body": "* typo",
+                     "m.new_content": { "msgtype": "m.text", "body": "typo" },
+                     "m.relates_to": { "rel_type": "m.replace", "event_id": original } })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let edit = v["event_id"].as_str().expect("event_id").to_owned();
+    let ev = wait_for(
+        &hafen,
+        &hugo,
+        &format!("{V3}/rooms/{}/event/{}", enc(&room), enc(&original)),
+        "the edit bundled on Hafen",
+        |e| e["unsigned"]["m.relations"]["m.replace"]["event_id"] == json!(edit),
+    )
+    .await;
+    assert_eq!(ev["sender"], json!(sam.id));
+
+    // Hugo reacts to sam's message: Synapse relates it.
+    let (status, v) = hafen
+        .put(
+            &format!("{V3}/rooms/{}/send/m.reaction/{}", enc(&room), free_port()),
+            &hugo,
+            json!({ "m.relates_to": { "rel_type": "m.annotation",
+                                      "event_id": original, "key": "🎉" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let reaction = v["event_id"].as_str().expect("event_id").to_owned();
+    let mut found = Value::Null;
+    for _ in 0..300 {
+        let (status, v) = s_req(
+            &synapse,
+            Method::GET,
+            &format!(
+                "/_matrix/client/v1/rooms/{}/relations/{}",
+                enc(&room),
+                enc(&original)
+            ),
+            &sam,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        if let Some(e) = v["chunk"]
+            .as_array()
+            .and_then(|c| c.iter().find(|e| e["event_id"] == json!(reaction)))
+        {
+            found = e.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        found["sender"],
+        json!(hugo.user_id),
+        "Synapse never related it"
+    );
+    assert_eq!(found["content"]["m.relates_to"]["key"], json!("🎉"));
+
+    hafen.stop().await;
+}
