@@ -943,7 +943,7 @@ async fn keys_typing_and_receipts_in_a_shared_room() {
 }
 
 /// Room versions besides 12: rooms of older versions made on Synapse and joined from Hafen (the
-/// room id names Synapse, so no `via` is needed), and one made on Hafen joined from Synapse.
+/// room id names Synapse, so no `via` is needed), and made on Hafen joined from Synapse.
 #[tokio::test]
 async fn older_room_versions_both_ways() {
     let pki = TestPki::new();
@@ -984,29 +984,47 @@ async fn older_room_versions_both_ways() {
         s_wait_messages(&synapse, &sam, &room, &[&from_hafen]).await;
     }
 
-    // A version 10 room made on Hafen, joined from Synapse.
-    let room = hafen
-        .create_room(
-            &hanna,
-            json!({ "preset": "public_chat", "room_version": "10" }),
+    // Rooms of older versions made on Hafen, joined from Synapse (version 1 has event ids
+    // naming their server, 3 the first hash ids, 10 integer-only power levels).
+    for version in ["10", "3", "1"] {
+        let room = hafen
+            .create_room(
+                &hanna,
+                json!({ "preset": "public_chat", "room_version": version }),
+            )
+            .await;
+        let (status, v) = s_req(
+            &synapse,
+            Method::POST,
+            // Synapse does not try the room id's server by itself: it is named.
+            &format!("{V3}/join/{}?via={}", enc(&room), enc(&hafen.server_name())),
+            &sam,
+            Some(json!({})),
         )
         .await;
-    let (status, v) = s_req(
-        &synapse,
-        Method::POST,
-        // Synapse does not try the room id's server by itself: it is named.
-        &format!("{V3}/join/{}?via={}", enc(&room), enc(&hafen.server_name())),
-        &sam,
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(v, json!({ "room_id": room }));
-    h_wait_membership(&hafen, &hanna, &room, &sam.id, "join").await;
-    s_say(&synapse, &sam, &room, "sam in a hafen v10 room").await;
-    h_wait_messages(&hafen, &hanna, &room, &["sam in a hafen v10 room"]).await;
-    h_say(&hafen, &hanna, &room, "hanna in her v10 room").await;
-    s_wait_messages(&synapse, &sam, &room, &["hanna in her v10 room"]).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "Synapse joining a v{version} Hafen room: {v}"
+        );
+        assert_eq!(v, json!({ "room_id": room }));
+        h_wait_membership(&hafen, &hanna, &room, &sam.id, "join").await;
+        let create = s_state(&synapse, &sam, &room, "m.room.create", "").await;
+        assert_eq!(
+            create.as_ref().map(|c| c["room_version"].clone()),
+            Some(json!(version)),
+            "{create:?}"
+        );
+        let from_synapse = format!("sam in a hafen v{version} room");
+        let from_hafen = format!("hanna in her v{version} room");
+        s_say(&synapse, &sam, &room, &from_synapse).await;
+        h_wait_messages(&hafen, &hanna, &room, &[&from_synapse]).await;
+        let id = h_say(&hafen, &hanna, &room, &from_hafen).await;
+        s_wait_messages(&synapse, &sam, &room, &[&from_hafen]).await;
+        if version == "1" {
+            assert!(id.ends_with(&format!(":{}", hafen.server_name())), "{id}");
+        }
+    }
 
     hafen.stop().await;
 }
