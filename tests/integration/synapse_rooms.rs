@@ -1913,3 +1913,76 @@ async fn second_local_user_profiles_and_relations() {
 
     hafen.stop().await;
 }
+
+/// Presence across (with Hafen's presence switched on; Synapse has it on by default): a status
+/// set on either side reaches the other side's users who share a room.
+#[tokio::test]
+async fn presence_both_ways() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |c| c.allow_presence = true).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+    let room = s_create_room(&synapse, &sam, json!({ "preset": "public_chat" })).await;
+    h_join(&hafen, &hanna, &room, &[&synapse.server_name]).await;
+    s_wait_membership(&synapse, &sam, &room, &hanna.user_id, "join").await;
+
+    let (status, v) = s_req(
+        &synapse,
+        Method::PUT,
+        &format!("{V3}/presence/{}/status", enc(&sam.id)),
+        &sam,
+        Some(json!({ "presence": "unavailable", "status_msg": "on synapse" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let status_path = format!("{V3}/presence/{}/status", enc(&sam.id));
+    let p = wait_for(
+        &hafen,
+        &hanna,
+        &status_path,
+        "sam's presence on Hafen",
+        |p| p["status_msg"] == "on synapse",
+    )
+    .await;
+    assert_eq!(p["presence"], json!("unavailable"), "{p}");
+
+    let (status, v) = hafen
+        .put(
+            &format!("{V3}/presence/{}/status", enc(&hanna.user_id)),
+            &hanna,
+            json!({ "presence": "online", "status_msg": "on hafen" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({}));
+    let (status, v) = s_req(
+        &synapse,
+        Method::GET,
+        &format!("{V3}/sync?timeout=0"),
+        &sam,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let hanna_presence = |s: &Value| -> Option<Value> {
+        s["presence"]["events"].as_array().and_then(|e| {
+            e.iter()
+                .find(|p| {
+                    p["sender"] == json!(hanna.user_id) && p["content"]["status_msg"] == "on hafen"
+                })
+                .cloned()
+        })
+    };
+    let sync = s_sync_until(&synapse, &sam, "hanna's presence", |s| {
+        hanna_presence(s).is_some()
+    })
+    .await;
+    let p = hanna_presence(&sync).expect("presence");
+    assert_eq!(p["content"]["presence"], json!("online"), "{p}");
+    assert_eq!(p["type"], json!("m.presence"), "{p}");
+
+    hafen.stop().await;
+}
