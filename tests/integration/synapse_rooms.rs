@@ -1986,3 +1986,117 @@ async fn presence_both_ways() {
 
     hafen.stop().await;
 }
+
+/// Room upgrades across: Synapse upgrades a room with a Hafen member (Hafen sees the tombstone
+/// and follows into the new room), and Hafen upgrades a room with a Synapse member.
+#[tokio::test]
+async fn room_upgrades_across() {
+    let pki = TestPki::new();
+    let Some(synapse) = SynapsePeer::start(&pki).await else {
+        return;
+    };
+    let hafen = start_federating(&pki, |_| {}).await;
+    let sam = s_user(&synapse, "sam").await;
+    let hanna = hafen.user("hanna").await;
+
+    let old = s_create_room(
+        &synapse,
+        &sam,
+        json!({ "preset": "public_chat", "room_version": "11", "name": "Old" }),
+    )
+    .await;
+    h_join(&hafen, &hanna, &old, &[]).await;
+    s_wait_membership(&synapse, &sam, &old, &hanna.user_id, "join").await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/rooms/{}/upgrade", enc(&old)),
+        &sam,
+        Some(json!({ "new_version": "12" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let new = v["replacement_room"]
+        .as_str()
+        .expect("replacement_room")
+        .to_owned();
+    let tomb = wait_for(
+        &hafen,
+        &hanna,
+        &format!("{V3}/rooms/{}/state/m.room.tombstone/", enc(&old)),
+        "the tombstone on Hafen",
+        |t| t["replacement_room"] == json!(new),
+    )
+    .await;
+    assert!(tomb["body"].is_string(), "{tomb}");
+    let joined = h_join(&hafen, &hanna, &new, &[&synapse.server_name]).await;
+    assert_eq!(joined, new);
+    s_wait_membership(&synapse, &sam, &new, &hanna.user_id, "join").await;
+    let (status, create) = hafen
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.create/", enc(&new)),
+            &hanna,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{create}");
+    assert_eq!(create["room_version"], json!("12"), "{create}");
+    assert_eq!(create["predecessor"]["room_id"], json!(old), "{create}");
+    h_say(&hafen, &hanna, &new, "followed the upgrade").await;
+    s_wait_messages(&synapse, &sam, &new, &["followed the upgrade"]).await;
+
+    // Hafen upgrades a room sam is in.
+    let old = hafen
+        .create_room(
+            &hanna,
+            json!({ "preset": "public_chat", "room_version": "11", "name": "Hafen old" }),
+        )
+        .await;
+    let via = format!("via={}", enc(&hafen.server_name()));
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?{via}", enc(&old)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    h_wait_membership(&hafen, &hanna, &old, &sam.id, "join").await;
+    let (status, v) = hafen
+        .post(
+            &format!("{V3}/rooms/{}/upgrade", enc(&old)),
+            &hanna,
+            json!({ "new_version": "12" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let new = v["replacement_room"]
+        .as_str()
+        .expect("replacement_room")
+        .to_owned();
+    s_wait_state(&synapse, &sam, &old, "m.room.tombstone", "", |t| {
+        t["replacement_room"] == json!(new)
+    })
+    .await;
+    let (status, v) = s_req(
+        &synapse,
+        Method::POST,
+        &format!("{V3}/join/{}?{via}", enc(&new)),
+        &sam,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Synapse joining Hafen's upgraded room: {v}"
+    );
+    assert_eq!(v, json!({ "room_id": new }));
+    h_wait_membership(&hafen, &hanna, &new, &sam.id, "join").await;
+    let name = s_state(&synapse, &sam, &new, "m.room.name", "").await;
+    assert_eq!(name, Some(json!({ "name": "Hafen old" })));
+    s_say(&synapse, &sam, &new, "sam followed too").await;
+    h_wait_messages(&hafen, &hanna, &new, &["sam followed too"]).await;
+
+    hafen.stop().await;
+}
