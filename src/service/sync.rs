@@ -391,18 +391,21 @@ pub fn stripped_state(
     Ok(out)
 }
 
+/// The types of the state events anyone about to join may see (their state keys are empty).
+pub const PUBLIC_STATE_TYPES: [&str; 7] = [
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
 /// The state events anyone about to join may see, stripped: what invites and knocks carry.
 pub fn public_stripped_state(services: &Services, room_id: &RoomId) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    for kind in [
-        "m.room.create",
-        "m.room.join_rules",
-        "m.room.name",
-        "m.room.avatar",
-        "m.room.canonical_alias",
-        "m.room.encryption",
-        "m.room.topic",
-    ] {
+    for kind in PUBLIC_STATE_TYPES {
         if let Some(p) = services.rooms.state_get(room_id, kind, "")? {
             out.push(p.to_stripped_value());
         }

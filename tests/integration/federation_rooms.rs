@@ -614,3 +614,64 @@ async fn knocking_on_a_room_of_another_server() {
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_membership(&a, &alice, &room, &bob.user_id, "join").await;
 }
+
+#[tokio::test]
+async fn restricted_join_vouched_for_by_the_resident_server() {
+    let pki = TestPki::new();
+    let a = start_federating(&pki, |_| {}).await;
+    let b = start_federating(&pki, |_| {}).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let outer = a
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let inner = a
+        .create_room(
+            &alice,
+            json!({
+                "preset": "private_chat",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "",
+                    "content": { "join_rule": "restricted",
+                        "allow": [{ "type": "m.room_membership", "room_id": outer }] } }],
+            }),
+        )
+        .await;
+    let join = |room: String| {
+        let (b, bob, via) = (&b, &bob, a.server_name());
+        async move {
+            b.post(
+                &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&via)),
+                bob,
+                json!({}),
+            )
+            .await
+        }
+    };
+    let (status, body) = join(inner.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errcode"], json!("M_FORBIDDEN"));
+    let (status, body) = join(outer.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A member of the outer room now: A vouches for the join (and signs it in send_join).
+    let (status, body) = join(inner.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "room_id": inner }));
+    wait_membership(&a, &alice, &inner, &bob.user_id, "join").await;
+    let (status, member) = a
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+                enc(&inner),
+                enc(&bob.user_id)
+            ),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{member}");
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        json!(alice.user_id)
+    );
+    say(&b, &bob, &inner, "vouched for").await;
+    wait_messages(&a, &alice, &inner, &["vouched for"]).await;
+}

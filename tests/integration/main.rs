@@ -28,6 +28,7 @@ mod search;
 mod sliding_sync;
 mod space;
 mod synapse;
+mod synapse_rooms;
 mod sync;
 mod user_directory;
 mod voip;

@@ -100,6 +100,12 @@ impl SynapsePeer {
     /// Start Synapse and wait until its client API answers; None when the test is to be skipped
     /// (see the module comment).
     pub async fn start(pki: &TestPki) -> Option<SynapsePeer> {
+        Self::start_with(pki, json!({})).await
+    }
+
+    /// [`SynapsePeer::start`] with `extra` (a JSON object) merged into the top level of the
+    /// config, replacing keys of the same name.
+    pub async fn start_with(pki: &TestPki, extra: Value) -> Option<SynapsePeer> {
         let venv = synapse_venv()?;
         let dir = tempfile::tempdir().expect("temp dir for Synapse");
         let d = dir.path();
@@ -187,6 +193,9 @@ impl SynapsePeer {
         let mut config = config;
         if let (Some(c), Value::Object(l)) = (config.as_object_mut(), limits) {
             c.extend(l);
+        }
+        if let (Some(c), Value::Object(e)) = (config.as_object_mut(), extra) {
+            c.extend(e);
         }
         let config_path = d.join("homeserver.yaml");
         std::fs::write(&config_path, config.to_string()).expect("write Synapse config");
@@ -342,7 +351,7 @@ impl Drop for SynapsePeer {
 
 /// Device keys for `device` of `user`, signed with a fresh ed25519 key named by the device, as a
 /// client makes them.
-fn signed_device_keys(user: &str, device: &str) -> Value {
+pub(crate) fn signed_device_keys(user: &str, device: &str) -> Value {
     let doc = Ed25519KeyPair::generate();
     let pair = Ed25519KeyPair::from_der(&doc, device.to_owned()).expect("key parses");
     let b64 =

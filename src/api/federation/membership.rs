@@ -228,7 +228,8 @@ async fn send_knock(
         Handshake::Knock,
     )
     .await?;
-    let state = crate::service::sync::public_stripped_state(&s, room_id)?;
+    // Full PDUs, create event included (Matrix 1.16); the knocking server strips them.
+    let state = resident::public_state_pdus(&s, room_id)?;
     Ok(Json(json!({ "knock_room_state": state })))
 }
 

@@ -5,12 +5,11 @@
 use ruma::{signatures::PublicKeyMap, RoomId, UserId};
 use serde_json::{json, Value};
 
-use super::{incoming::urlencoding, pdu::KeyCache};
+use super::{incoming::urlencoding, pdu::KeyCache, resident::public_state_pdus};
 use crate::{
     error::{Error, Result},
     service::{
         rooms::{append::Placement, membership::member_content, NewEvent},
-        sync::public_stripped_state,
         Services,
     },
 };
@@ -45,9 +44,12 @@ pub async fn invite_remote(
             "M_FORBIDDEN" => Error::forbidden("You may not invite users to this room"),
             _ => e,
         })?;
-    let mut stripped = public_stripped_state(services, room_id)?;
+    // Full PDUs (create event included), as Matrix 1.16 requires of `invite_room_state`.
+    let mut room_state = public_state_pdus(services, room_id)?;
     if let Some(p) = rooms.state_get(room_id, "m.room.member", sender.as_str())? {
-        stripped.push(p.to_stripped_value());
+        if let Some(pdu) = rooms.federation_pdu(&p.event_id)? {
+            room_state.push(pdu);
+        }
     }
     let event_id = prepared.pdu.event_id.clone();
     let version = prepared.meta.version.clone();
@@ -64,7 +66,7 @@ pub async fn invite_remote(
             Some(json!({
                 "room_version": version,
                 "event": prepared.obj,
-                "invite_room_state": stripped,
+                "invite_room_state": room_state,
             })),
         )
         .await?;

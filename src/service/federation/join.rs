@@ -463,15 +463,17 @@ async fn knock_through(
     .await?;
     let (answer, knock) =
         send_membership(services, server, room_id, &signed, "v1/send_knock").await?;
-    let state: Vec<Value> = answer
+    let mut keys = KeyCache::default();
+    // PDUs that are improperly signed or of another room are dropped before clients see the
+    // list (Matrix 1.16); what is kept is stripped.
+    let entries: Vec<Value> = answer
         .get("knock_room_state")
         .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|e| e.is_object())
-        .take(64)
         .cloned()
-        .collect();
+        .unwrap_or_default();
+    let (state, _) =
+        super::resident::checked_room_state(services, &signed.version, room_id, entries, &mut keys)
+            .await;
     let mut stored = knock.stored_value()?;
     stored["unsigned"] = json!({ "knock_room_state": state });
     super::resident::record_remote_membership(services, room_id, user, "knock", &knock, stored)

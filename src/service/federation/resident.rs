@@ -154,7 +154,20 @@ pub async fn accept_membership(
     check_room_for(services, origin, room_id)?;
     let version = services.rooms.version(room_id)?;
     let mut keys = KeyCache::default();
-    let mut incoming = services
+    // A restricted join naming one of our users in `join_authorised_via_users_server` must carry
+    // our signature (room versions 8+: the authorising server signs it), and the PDU checks
+    // below require every signature the event needs. The joining server cannot add it; we are
+    // the one to, so it goes on before the checks. Whether the named user may vouch (joined,
+    // allowed to invite) is for the auth rules in `accept`; if they refuse, the signed event is
+    // dropped.
+    let countersigned;
+    let body = if kind == Handshake::Join && vouched_for_here(services, body) {
+        countersigned = countersign(services, &version, body)?;
+        &countersigned
+    } else {
+        body
+    };
+    let incoming = services
         .federation
         .check_pdu(&version, body, Some(room_id), &mut keys)
         .await?;
@@ -176,24 +189,6 @@ pub async fn accept_membership(
             "The sender does not belong to your server",
         ));
     }
-    if kind == Handshake::Join {
-        let via = pdu
-            .content_value()
-            .get("join_authorised_via_users_server")
-            .and_then(Value::as_str)
-            .and_then(|u| UserId::parse(u).ok());
-        if via.is_some_and(|u| u.server_name() == services.globals.server_name) {
-            // We vouch for this join: our signature is what the auth rules look for.
-            let rules = rules_for(&version)?;
-            ruma::signatures::hash_and_sign_event(
-                services.globals.server_name.as_str(),
-                &services.globals.signing_key.keypair,
-                &mut incoming.obj,
-                &rules.redaction,
-            )
-            .map_err(|e| Error::bad_json(format!("cannot countersign: {e}")))?;
-        }
-    }
     accept(services, origin, incoming.clone(), true, true, &mut keys).await?;
     if services
         .rooms
@@ -205,6 +200,31 @@ pub async fn accept_membership(
         ));
     }
     Ok(incoming)
+}
+
+/// Whether a join event names one of our users as the one vouching for it.
+fn vouched_for_here(services: &Services, event: &Value) -> bool {
+    event
+        .get("content")
+        .and_then(|c| c.get("join_authorised_via_users_server"))
+        .and_then(Value::as_str)
+        .and_then(|u| UserId::parse(u).ok())
+        .is_some_and(|u| u.server_name() == services.globals.server_name)
+}
+
+/// The event with our signature added (over its redacted form, as event signatures are); its
+/// hashes and the other signatures are left as sent, for the PDU checks to verify.
+fn countersign(services: &Services, version: &RoomVersionId, event: &Value) -> Result<Value> {
+    let rules = rules_for(version)?;
+    let mut obj = super::pdu::canonical_pdu(event)?;
+    ruma::signatures::sign_event(
+        services.globals.server_name.as_str(),
+        &services.globals.signing_key.keypair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::bad_json(format!("cannot countersign: {e}")))?;
+    Ok(serde_json::to_value(obj)?)
 }
 
 /// The `send_join` answer: the state before the join and the auth chain of it and the join.
@@ -297,6 +317,15 @@ pub async fn receive_invite(
         return Err(Error::not_found("No such user here"));
     }
     services.policy.may_federate_with(origin)?;
+    let (stripped, has_create) =
+        checked_room_state(services, version, room_id, invite_room_state, &mut keys).await;
+    if !has_create && !stripped_room_state_tolerated(version) {
+        // Spec (invite v1/v2, Matrix 1.16): SHOULD refuse with M_INVALID_PARAM for room
+        // versions after 11 when the create event is missing or the entries are not PDUs.
+        return Err(Error::invalid_param(
+            "invite_room_state must hold the room's m.room.create event as a PDU",
+        ));
+    }
     let rules = rules_for(version)?;
     ruma::signatures::hash_and_sign_event(
         services.globals.server_name.as_str(),
@@ -308,14 +337,89 @@ pub async fn receive_invite(
     let signed = serde_json::to_value(&incoming.obj)?;
     // In the room already: the invite reaches the room's timeline through `/send`.
     if !is_resident(&services.rooms, room_id)? {
-        let stripped: Vec<Value> = invite_room_state
-            .into_iter()
-            .filter(|e| e.is_object())
-            .take(MAX_INVITE_STATE)
-            .collect();
         store_remote_invite(services, &incoming, &target, stripped)?;
     }
     Ok(signed)
+}
+
+/// The state events anyone about to join may see, as full PDUs in the room version's format:
+/// what `invite_room_state` (invites) and `knock_room_state` (`send_knock`) carry to another
+/// server. Since Matrix 1.16 these are PDUs and include the create event, so the receiver can
+/// check their signatures and that they belong to the room (Synapse logs stripped events here
+/// as unparseable; room version 12 receivers should refuse them). Clients get them stripped.
+pub fn public_state_pdus(services: &Services, room_id: &RoomId) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for kind in crate::service::sync::PUBLIC_STATE_TYPES {
+        if let Some(p) = services.rooms.state_get(room_id, kind, "")? {
+            if let Some(pdu) = services.rooms.federation_pdu(&p.event_id)? {
+                out.push(pdu);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Room versions for which `invite_room_state` and `knock_room_state` may still be stripped
+/// events, as servers before Matrix 1.16 sent them: the spec lets receivers skip the checks of
+/// these lists for room versions 1 to 11, and asks them to apply the checks for later ones.
+fn stripped_room_state_tolerated(version: &RoomVersionId) -> bool {
+    use RoomVersionId::*;
+    matches!(
+        version,
+        V1 | V2 | V3 | V4 | V5 | V6 | V7 | V8 | V9 | V10 | V11
+    )
+}
+
+/// The `invite_room_state` or `knock_room_state` another server sent, as clients are shown it:
+/// each entry that is a PDU must pass the PDU checks (format, signatures, hashes) and belong to
+/// the room, and is kept stripped (`type`, `state_key`, `content`, `sender`); entries that are
+/// already stripped are kept only for room versions where that is tolerated. Anything else is
+/// dropped. Also says whether the room's create event was among the checked PDUs.
+pub async fn checked_room_state(
+    services: &Services,
+    version: &RoomVersionId,
+    room_id: &RoomId,
+    entries: Vec<Value>,
+    keys: &mut KeyCache,
+) -> (Vec<Value>, bool) {
+    let mut out = Vec::new();
+    let mut has_create = false;
+    for entry in entries.into_iter().take(MAX_INVITE_STATE) {
+        let Some(obj) = entry.as_object() else {
+            continue;
+        };
+        if obj.contains_key("signatures") || obj.contains_key("hashes") {
+            match services
+                .federation
+                .check_pdu(version, &entry, Some(room_id), keys)
+                .await
+            {
+                Ok(i) if i.pdu.state_key.is_some() => {
+                    has_create |= i.pdu.kind == ruma::events::TimelineEventType::RoomCreate;
+                    out.push(i.pdu.to_stripped_value());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%room_id, error = %e, "a room state entry was dropped"),
+            }
+            continue;
+        }
+        if !stripped_room_state_tolerated(version) {
+            continue;
+        }
+        let well_formed = ["type", "state_key", "sender"]
+            .iter()
+            .all(|f| obj.get(*f).is_some_and(Value::is_string))
+            && obj.get("content").is_some_and(Value::is_object);
+        if well_formed {
+            out.push(json!({
+                "type": obj["type"],
+                "state_key": obj["state_key"],
+                "sender": obj["sender"],
+                "content": obj["content"],
+            }));
+        }
+    }
+    (out, has_create)
 }
 
 /// Keep an invite to a room this server is not in: the event (with the stripped state in its
