@@ -77,6 +77,9 @@ pub async fn make_template(
         return Err(Error::forbidden("The user does not belong to your server"));
     }
     check_room_for(services, origin, room_id)?;
+    if kind == Handshake::Join {
+        crate::policy::access::check_join(services, room_id, user)?;
+    }
     let rooms = &services.rooms;
     let _guard = rooms.lock(room_id).await;
     let meta = rooms
@@ -177,6 +180,8 @@ pub async fn accept_membership(
         ));
     }
     if kind == Handshake::Join {
+        // The closed user groups and the room's group, again at the join itself.
+        crate::policy::access::check_join(services, room_id, &pdu.sender)?;
         let via = pdu
             .content_value()
             .get("join_authorised_via_users_server")
@@ -297,6 +302,10 @@ pub async fn receive_invite(
         return Err(Error::not_found("No such user here"));
     }
     services.policy.may_federate_with(origin)?;
+    crate::policy::access::check_contact(services, &pdu.sender, &target, Some(room_id), "invite")?;
+    if is_resident(&services.rooms, room_id)? {
+        crate::policy::access::check_invite(services, room_id, &pdu.sender, &target)?;
+    }
     let rules = rules_for(version)?;
     ruma::signatures::hash_and_sign_event(
         services.globals.server_name.as_str(),
