@@ -226,13 +226,18 @@ pub fn check_invite(s: &Services, room: &RoomId, sender: &UserId, target: &UserI
 /// `user` (local or remote) joins `room`, which this server is in: the room's group, and the
 /// closed user groups against everybody joined already (sharing a room is contact too).
 pub fn check_join(s: &Services, room: &RoomId, user: &UserId) -> Result<()> {
+    check_membership(s, room, user, "join")
+}
+
+/// `user` joins or knocks (`action`): see [`check_join`].
+pub fn check_membership(s: &Services, room: &RoomId, user: &UserId, action: &str) -> Result<()> {
     check_bound(
         s,
         room_group(s, room)?.as_deref(),
         user,
         user,
         Some(room),
-        "join",
+        action,
     )?;
     let groups = &s.access.groups;
     if !groups.active() {
@@ -254,7 +259,7 @@ pub fn check_join(s: &Services, room: &RoomId, user: &UserId) -> Result<()> {
                 Some(user),
                 Some(room),
                 GROUPS,
-                "join",
+                action,
                 &format!("{user} may not share a room with {member}"),
                 detail(&[("target", member.as_str())]),
             ));

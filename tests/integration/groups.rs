@@ -197,6 +197,22 @@ async fn groups_decide_invites_dms_directory_joins_and_bound_rooms() {
     );
     assert_denied(&join(&s, &fred, &bound).await, "room_group");
     assert_eq!(join(&s, &anna, &bound).await.0, StatusCode::OK);
+    // Nor knock on a knock room bound to the group.
+    let (status, body) = create(
+        &s,
+        &alice,
+        json!({
+            "creation_content": { "org.hafen.group": "staff" },
+            "initial_state": [{ "type": "m.room.join_rules", "content": { "join_rule": "knock" } }],
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let knockable = body["room_id"].as_str().expect("room id").to_owned();
+    let got = s
+        .post(&format!("{V3}/knock/{}", enc(&knockable)), &fred, json!({}))
+        .await;
+    assert_denied(&got, "room_group");
     // Only a member may make such a room, and only for a group that exists.
     let got = create(
         &s,
@@ -234,6 +250,7 @@ async fn groups_decide_invites_dms_directory_joins_and_bound_rooms() {
         "room_group",
         "create_room"
     ));
+    assert!(has_denial(&s, Some(&fred.user_id), "room_group", "knock"));
 }
 
 #[tokio::test]
@@ -428,6 +445,19 @@ async fn partner_servers_join_and_non_partners_get_nothing() {
         )
         .await
         .expect_err("A refuses C");
+    assert!(err.to_string().contains("M_FORBIDDEN"), "{err}");
+    // Its transactions (events) are refused the same way.
+    let err = c
+        .services()
+        .federation
+        .send(
+            Method::PUT,
+            &a_server,
+            "/_matrix/federation/v1/send/t1",
+            Some(json!({ "origin": c_name, "origin_server_ts": 1, "pdus": [], "edus": [] })),
+        )
+        .await
+        .expect_err("A refuses C's transaction");
     assert!(err.to_string().contains("M_FORBIDDEN"), "{err}");
     assert!(denials(&a)
         .iter()

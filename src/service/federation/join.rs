@@ -447,6 +447,7 @@ pub async fn knock(
     reason: Option<&str>,
 ) -> Result<()> {
     if super::resident::is_resident(&services.rooms, room_id)? {
+        crate::policy::access::check_membership(services, room_id, user, "knock")?;
         return services
             .rooms
             .knock_room(room_id, user, profile, reason)

@@ -77,8 +77,8 @@ pub async fn make_template(
         return Err(Error::forbidden("The user does not belong to your server"));
     }
     check_room_for(services, origin, room_id)?;
-    if kind == Handshake::Join {
-        crate::policy::access::check_join(services, room_id, user)?;
+    if kind != Handshake::Leave {
+        crate::policy::access::check_membership(services, room_id, user, kind.membership())?;
     }
     let rooms = &services.rooms;
     let _guard = rooms.lock(room_id).await;
@@ -179,9 +179,11 @@ pub async fn accept_membership(
             "The sender does not belong to your server",
         ));
     }
+    if kind != Handshake::Leave {
+        // The closed user groups and the room's group, again at the join or knock itself.
+        crate::policy::access::check_membership(services, room_id, &pdu.sender, kind.membership())?;
+    }
     if kind == Handshake::Join {
-        // The closed user groups and the room's group, again at the join itself.
-        crate::policy::access::check_join(services, room_id, &pdu.sender)?;
         let via = pdu
             .content_value()
             .get("join_authorised_via_users_server")
