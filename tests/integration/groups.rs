@@ -197,6 +197,28 @@ async fn groups_decide_invites_dms_directory_joins_and_bound_rooms() {
     );
     assert_denied(&join(&s, &fred, &bound).await, "room_group");
     assert_eq!(join(&s, &anna, &bound).await.0, StatusCode::OK);
+    // An upgrade keeps the binding.
+    let (status, body) = s
+        .post(
+            &format!("{V3}/rooms/{}/upgrade", enc(&bound)),
+            &alice,
+            json!({ "new_version": "11" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let upgraded = body["replacement_room"]
+        .as_str()
+        .expect("new room")
+        .to_owned();
+    let (status, create_event) = s
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.create/", enc(&upgraded)),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{create_event}");
+    assert_eq!(create_event["org.hafen.group"], json!("staff"));
+    assert_denied(&join(&s, &fred, &upgraded).await, "room_group");
     // Nor knock on a knock room bound to the group.
     let (status, body) = create(
         &s,
