@@ -61,6 +61,18 @@ pub struct Config {
     /// Room version for new rooms.
     #[serde(default = "default_room_version")]
     pub default_room_version: RoomVersionId,
+    /// Closed user groups (`[[global.groups]]`): each a `name`, `users` (user ids, `*` globs such
+    /// as `"@*:hafen.example"`) and `servers` (server names of partner organizations, `*` globs).
+    /// Empty (and no groups made through the admin API): everybody may contact everybody.
+    #[serde(default)]
+    pub groups: Vec<crate::policy::groups::GroupConfig>,
+    /// Which groups may contact each other besides their own members: pairs of group names,
+    /// e.g. `[["staff", "partners"]]` (both directions).
+    #[serde(default)]
+    pub group_contact: Vec<[String; 2]>,
+    /// An external policy service asked before invite, join, createRoom and sending messages.
+    #[serde(default)]
+    pub policy_hook: Option<crate::policy::hook::PolicyHookConfig>,
     /// How the audit log keeps IP addresses: `truncate` (default: /24 and /48), `hash` (keyed),
     /// `keep` or `drop`.
     #[serde(default)]
@@ -467,6 +479,7 @@ impl Config {
         });
         c.turn_username = Some(String::new());
         c.turn_password = Some(String::new());
+        c.policy_hook = Some(crate::policy::hook::PolicyHookConfig::default());
         c
     }
 
@@ -536,6 +549,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
                 "registration_token: must not be empty".into(),
             ));
         }
+    }
+    crate::policy::groups::validate(&c.groups, &c.group_contact).map_err(ConfigError::Invalid)?;
+    if let Some(h) = &c.policy_hook {
+        crate::policy::hook::validate(h).map_err(ConfigError::Invalid)?;
     }
     if c.access_token_lifetime_secs < 60 {
         return Err(ConfigError::Invalid(

@@ -3,7 +3,10 @@
 //! with; closed user groups, retention and the audit log arrive with the compliance issue and
 //! plug into these same hooks.
 
+pub mod access;
 pub mod audit;
+pub mod groups;
+pub mod hook;
 
 use ruma::UserId;
 
@@ -23,6 +26,8 @@ pub struct Policy {
 /// allowlist's servers; never the denylist's.
 #[derive(Clone)]
 struct FederationPolicy {
+    /// This server: never refused (its own signatures on events come back from others).
+    own: ruma::OwnedServerName,
     enabled: bool,
     allow: Vec<String>,
     deny: Vec<String>,
@@ -42,6 +47,7 @@ impl Policy {
             allow_public_room_directory: config.allow_public_room_directory,
             allow_public_rooms_over_federation: config.allow_public_rooms_over_federation,
             federation: FederationPolicy {
+                own: config.server_name.clone(),
                 enabled: config.allow_federation,
                 allow: config.federation_allowlist.clone(),
                 deny: config.federation_denylist.clone(),
@@ -65,9 +71,10 @@ impl Policy {
     pub fn may_federate_with(&self, server: &ruma::ServerName) -> Result<()> {
         let f = &self.federation;
         let name = server.as_str();
-        let allowed = f.enabled
-            && (f.allow.is_empty() || f.allow.iter().any(|p| server_matches(p, name)))
-            && !f.deny.iter().any(|p| server_matches(p, name));
+        let allowed = server == f.own
+            || f.enabled
+                && (f.allow.is_empty() || f.allow.iter().any(|p| server_matches(p, name)))
+                && !f.deny.iter().any(|p| server_matches(p, name));
         if allowed {
             Ok(())
         } else {
@@ -125,5 +132,7 @@ mod tests {
         assert!(!ok(&partners, "bad.partner.example"));
         assert!(!ok(&partners, "c.example"));
         assert!(!ok(&partners, "partner.example.evil.org"));
+        // The server itself is never refused, even when not listed.
+        assert!(ok(&partners, "localhost"));
     }
 }

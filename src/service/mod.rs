@@ -42,6 +42,8 @@ pub struct Services {
     pub policy: Policy,
     /// The audit log (policy layer): what happened, for the data-protection record.
     pub audit: crate::policy::audit::AuditLog,
+    /// Closed user groups, rooms bound to a group, the external policy hook (policy layer).
+    pub access: crate::policy::access::Access,
     pub profiles: profile::Profiles,
     pub typing: typing::Typing,
     pub receipts: receipts::Receipts,
@@ -98,6 +100,7 @@ impl Services {
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
             audit: crate::policy::audit::AuditLog::new(storage.clone(), &config),
+            access: crate::policy::access::Access::new(storage.clone(), &config)?,
             profiles: profile::Profiles::new(storage.clone()),
             typing: typing::Typing::new(globals.clone()),
             receipts: receipts::Receipts::new(storage.clone(), globals.clone()),

@@ -54,7 +54,8 @@ pub fn search(s: &Services, who: &UserId, term: &str, limit: usize) -> Result<(V
             || name
                 .as_deref()
                 .is_some_and(|n| n.to_lowercase().contains(&term));
-        if !matches {
+        // Closed user groups: only users one may contact can be found.
+        if !matches || !s.access.groups.may_contact(who, &user) {
             continue;
         }
         if results.len() == limit {

@@ -133,6 +133,8 @@ pub enum Table {
     AuditLog,
     /// user 0xff audit key -> "": the audit entries about a user.
     AuditByUser,
+    /// group name -> JSON `GroupConfig`: closed user groups made through the admin API.
+    Groups,
 }
 
 impl Table {
@@ -195,6 +197,7 @@ impl Table {
         Table::AuditByUser,
         Table::Backfill,
         Table::BackfillIndex,
+        Table::Groups,
     ];
 
     pub fn name(self) -> &'static str {
@@ -257,6 +260,7 @@ impl Table {
             Table::AuditByUser => "audit_by_user",
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
+            Table::Groups => "groups",
         }
     }
 }

@@ -16,6 +16,7 @@ mod federation_keys;
 mod federation_rooms;
 mod federation_send;
 mod federation_tls;
+mod groups;
 mod history;
 mod media;
 mod push;

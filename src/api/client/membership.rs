@@ -130,6 +130,17 @@ async fn invite(
     let InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
     };
+    crate::policy::access::check_invite(&s, &req.room_id, user, &target.user_id)?;
+    crate::policy::access::check_hook(
+        &s,
+        user,
+        Some(&req.room_id),
+        "invite",
+        [("target".to_owned(), json!(target.user_id))]
+            .into_iter()
+            .collect(),
+    )
+    .await?;
     if target.user_id.server_name() != s.globals.server_name {
         federation::invite::invite_remote(
             &s,

@@ -72,6 +72,16 @@ async fn send(
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);
     }
+    crate::policy::access::check_hook(
+        &s,
+        &me.user_id,
+        Some(room_id),
+        "send",
+        [("event_type".to_owned(), json!(kind))]
+            .into_iter()
+            .collect(),
+    )
+    .await?;
     let event_id = s
         .rooms
         .send_message(

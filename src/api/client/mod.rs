@@ -9,6 +9,7 @@ mod devices;
 pub(crate) mod directory;
 mod discovery;
 mod filter;
+mod groups;
 mod history;
 mod key_backup;
 mod keys;
@@ -76,6 +77,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = dehydrated::routes(r);
     let r = voip::routes(r);
     let r = admin::routes(r);
+    let r = groups::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);
     r

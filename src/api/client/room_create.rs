@@ -42,6 +42,14 @@ fn object(value: Value, field: &str) -> Result<Map<String, Value>> {
     }
 }
 
+fn preset_name(p: &Preset) -> &'static str {
+    match p {
+        Preset::PrivateChat => "private_chat",
+        Preset::TrustedPrivateChat => "trusted_private_chat",
+        Preset::PublicChat => "public_chat",
+    }
+}
+
 async fn create(
     State(s): State<Arc<Services>>,
     req: Ruma<create_room::v3::Request>,
@@ -119,6 +127,18 @@ async fn create(
         Some(raw) => object(raw_json(raw)?, "creation_content")?,
         None => Map::new(),
     };
+
+    crate::policy::access::check_create(&s, &user, &creation_content, &body.invite)?;
+    {
+        let mut d = Map::new();
+        d.insert("invite".into(), json!(body.invite));
+        d.insert("is_direct".into(), json!(body.is_direct));
+        d.insert("preset".into(), json!(preset_name(&preset)));
+        if let Some(g) = creation_content.get(crate::policy::groups::ROOM_GROUP_KEY) {
+            d.insert("group".into(), g.clone());
+        }
+        crate::policy::access::check_hook(&s, &user, None, "create_room", d).await?;
+    }
 
     let request = CreateRoom {
         version: body

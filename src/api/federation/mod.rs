@@ -68,6 +68,10 @@ impl FromRequest<Arc<Services>> for Signed {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok());
+        // The federation policy first, audited: a server not allowed gets nothing.
+        if let Some(claimed) = crate::service::federation::auth::claimed_origin(header) {
+            crate::policy::access::check_federation_origin(services, &claimed, parts.uri.path())?;
+        }
         let origin = services
             .federation
             .verify_request(&parts.method, uri, header, body.as_ref())

@@ -109,6 +109,12 @@ pub fn parse_header(value: &str) -> Result<XMatrix> {
     })
 }
 
+/// The origin an `X-Matrix` header claims (not verified).
+pub fn claimed_origin(header: Option<&str>) -> Option<OwnedServerName> {
+    let x = parse_header(header?).ok()?;
+    OwnedServerName::try_from(x.origin.as_str()).ok()
+}
+
 impl Federation {
     /// Check an incoming request's `Authorization` header; returns the origin server.
     pub async fn verify_request(

@@ -398,7 +398,10 @@ pub async fn join(
     profile: &MemberProfile,
     reason: Option<&str>,
 ) -> Result<()> {
+    crate::policy::access::check_hook(services, user, Some(room_id), "join", Default::default())
+        .await?;
     if super::resident::is_resident(&services.rooms, room_id)? {
+        crate::policy::access::check_join(services, room_id, user)?;
         return services
             .rooms
             .join_room(room_id, user, profile, reason)
@@ -407,8 +410,25 @@ pub async fn join(
     let mut hints = hints.to_vec();
     hints.extend(membership_origin(services, room_id, user)?);
     let servers = candidate_servers(services, room_id, &hints);
+    let allowed: Vec<OwnedServerName> = servers
+        .iter()
+        .filter(|s| services.policy.may_federate_with(s).is_ok())
+        .cloned()
+        .collect();
+    if allowed.is_empty() && !servers.is_empty() {
+        // Only servers the federation policy shuts out could let us in.
+        return crate::policy::access::check_federation(
+            services,
+            Some(user),
+            Some(room_id),
+            &servers[0],
+            "join",
+        );
+    }
+    let servers = allowed;
     if servers.is_empty() && services.rooms.exists(room_id)? {
         // Our own room, which every local user left: only local state to go by.
+        crate::policy::access::check_join(services, room_id, user)?;
         return services
             .rooms
             .join_room(room_id, user, profile, reason)
@@ -427,6 +447,7 @@ pub async fn knock(
     reason: Option<&str>,
 ) -> Result<()> {
     if super::resident::is_resident(&services.rooms, room_id)? {
+        crate::policy::access::check_membership(services, room_id, user, "knock")?;
         return services
             .rooms
             .knock_room(room_id, user, profile, reason)

@@ -85,6 +85,10 @@ pub async fn remote_file(
     server: &ServerName,
     media_id: &str,
 ) -> Result<FileInfo> {
+    if !services.config.allow_federation && server != services.globals.server_name {
+        return Err(Error::not_found("Media not found"));
+    }
+    crate::policy::access::check_federation(services, None, None, server, "media_fetch")?;
     if let Some(file) = services.media.remote_cached(server, media_id)? {
         return Ok(file);
     }

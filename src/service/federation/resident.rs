@@ -77,6 +77,9 @@ pub async fn make_template(
         return Err(Error::forbidden("The user does not belong to your server"));
     }
     check_room_for(services, origin, room_id)?;
+    if kind != Handshake::Leave {
+        crate::policy::access::check_membership(services, room_id, user, kind.membership())?;
+    }
     let rooms = &services.rooms;
     let _guard = rooms.lock(room_id).await;
     let meta = rooms
@@ -188,6 +191,10 @@ pub async fn accept_membership(
         return Err(Error::forbidden(
             "The sender does not belong to your server",
         ));
+    }
+    if kind != Handshake::Leave {
+        // The closed user groups and the room's group, again at the join or knock itself.
+        crate::policy::access::check_membership(services, room_id, &pdu.sender, kind.membership())?;
     }
     accept(services, origin, incoming.clone(), true, true, &mut keys).await?;
     if services
@@ -325,6 +332,10 @@ pub async fn receive_invite(
         return Err(Error::invalid_param(
             "invite_room_state must hold the room's m.room.create event as a PDU",
         ));
+    }
+    crate::policy::access::check_contact(services, &pdu.sender, &target, Some(room_id), "invite")?;
+    if is_resident(&services.rooms, room_id)? {
+        crate::policy::access::check_invite(services, room_id, &pdu.sender, &target)?;
     }
     let rules = rules_for(version)?;
     ruma::signatures::hash_and_sign_event(

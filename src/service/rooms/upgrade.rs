@@ -55,13 +55,14 @@ impl Rooms {
             .meta(room_id)?
             .ok_or_else(|| Error::not_found("Unknown room"))?;
 
-        // The create event: the old room's type and federation flag, and a pointer back.
+        // The create event: the old room's type, federation flag and closed user group (an
+        // upgrade must not unbind a room from its group), and a pointer back.
         let old_create = self
             .state_get(room_id, "m.room.create", "")?
             .map(|p| p.content_value())
             .unwrap_or_else(|| json!({}));
         let mut create = Map::new();
-        for key in ["type", "m.federate"] {
+        for key in ["type", "m.federate", crate::policy::groups::ROOM_GROUP_KEY] {
             if let Some(v) = old_create.get(key) {
                 create.insert(key.into(), v.clone());
             }

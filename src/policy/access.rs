@@ -1,0 +1,332 @@
+//! Who may reach whom: the closed user groups, the rooms bound to a group, the federation
+//! policy at the user-facing hook points, and the external policy hook. Every check here that
+//! denies something writes a `policy_denied` audit entry and answers 403 `M_FORBIDDEN` with a
+//! message naming the policy.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Mutex,
+};
+
+use ruma::{events::StateEventType, RoomId, ServerName, UserId};
+use serde_json::{json, Map, Value};
+
+use super::{
+    audit::AuditEntry,
+    groups::{Groups, ROOM_GROUP_KEY},
+    hook::{Decision, PolicyHook},
+};
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    service::Services,
+    storage::Storage,
+    utils,
+};
+
+/// Policy names used in messages and audit entries.
+pub const GROUPS: &str = "closed_user_groups";
+pub const ROOM_GROUP: &str = "room_group";
+pub const FEDERATION: &str = "federation";
+pub const HOOK: &str = "policy_hook";
+
+/// Denied federation requests are audited at most once per server in this many ms (the origin
+/// of a refused request is not verified, so anyone could otherwise fill the log).
+const FEDERATION_AUDIT_INTERVAL_MS: u64 = 60_000;
+const FEDERATION_AUDIT_TRACKED: usize = 1024;
+
+pub struct Access {
+    pub groups: Groups,
+    pub hook: Option<PolicyHook>,
+    federation_audited: Mutex<HashMap<String, u64>>,
+}
+
+impl Access {
+    pub fn new(storage: Storage, config: &Config) -> Result<Access> {
+        Ok(Access {
+            groups: Groups::new(storage, config)?,
+            hook: config
+                .policy_hook
+                .as_ref()
+                .map(PolicyHook::new)
+                .transpose()?,
+            federation_audited: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Record a denial and make the error the user gets.
+pub fn deny(
+    s: &Services,
+    user: Option<&UserId>,
+    room: Option<&RoomId>,
+    policy: &str,
+    action: &str,
+    message: &str,
+    mut detail: Map<String, Value>,
+) -> Error {
+    detail.insert("policy".into(), json!(policy));
+    detail.insert("action".into(), json!(action));
+    if let Err(e) = s.audit.record(AuditEntry {
+        kind: "policy_denied".into(),
+        user: user.map(|u| u.to_string()),
+        room: room.map(|r| r.to_string()),
+        detail: Value::Object(detail),
+        ..AuditEntry::default()
+    }) {
+        tracing::warn!("audit: recording a policy denial failed: {e}");
+    }
+    Error::forbidden(format!("Denied by the {policy} policy: {message}"))
+}
+
+fn detail(pairs: &[(&str, &str)]) -> Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect()
+}
+
+/// The group a room is bound to (`org.hafen.group` in its create event), if any.
+pub fn room_group(s: &Services, room: &RoomId) -> Result<Option<String>> {
+    Ok(s.rooms
+        .state_content(room, &StateEventType::RoomCreate, "")?
+        .and_then(|c| {
+            c.get(ROOM_GROUP_KEY)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        }))
+}
+
+/// May this server exchange anything with `server` on behalf of `user` (a local user's invite,
+/// join or fetch)?
+pub fn check_federation(
+    s: &Services,
+    user: Option<&UserId>,
+    room: Option<&RoomId>,
+    server: &ServerName,
+    action: &str,
+) -> Result<()> {
+    if server == s.globals.server_name {
+        return Ok(());
+    }
+    if s.policy.may_federate_with(server).is_err() {
+        return Err(deny(
+            s,
+            user,
+            room,
+            FEDERATION,
+            action,
+            &format!("this server does not federate with {server}"),
+            detail(&[("server", server.as_str())]),
+        ));
+    }
+    Ok(())
+}
+
+/// The policy check of an incoming federation request's (claimed) origin, audited at most once
+/// a minute per server.
+pub fn check_federation_origin(s: &Services, origin: &ServerName, path: &str) -> Result<()> {
+    if let Err(e) = s.policy.may_federate_with(origin) {
+        let now = utils::now_ms();
+        let due = {
+            let mut seen = s
+                .access
+                .federation_audited
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= FEDERATION_AUDIT_TRACKED {
+                seen.clear();
+            }
+            let last = seen.get(origin.as_str()).copied().unwrap_or(0);
+            let due = now.saturating_sub(last) >= FEDERATION_AUDIT_INTERVAL_MS;
+            if due {
+                seen.insert(origin.as_str().to_owned(), now);
+            }
+            due
+        };
+        if due {
+            let _ = deny(
+                s,
+                None,
+                None,
+                FEDERATION,
+                "federation_request",
+                "",
+                detail(&[("server", origin.as_str()), ("path", path)]),
+            );
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// May `actor` contact `target` (invite, DM) under the closed user groups?
+pub fn check_contact(
+    s: &Services,
+    actor: &UserId,
+    target: &UserId,
+    room: Option<&RoomId>,
+    action: &str,
+) -> Result<()> {
+    if !s.access.groups.may_contact(actor, target) {
+        return Err(deny(
+            s,
+            Some(actor),
+            room,
+            GROUPS,
+            action,
+            &format!("{actor} and {target} are not in groups that may contact each other"),
+            detail(&[("target", target.as_str())]),
+        ));
+    }
+    Ok(())
+}
+
+/// Is `user` allowed into a room bound to `group` (`None`: not bound)?
+fn check_bound(
+    s: &Services,
+    group: Option<&str>,
+    user: &UserId,
+    actor: &UserId,
+    room: Option<&RoomId>,
+    action: &str,
+) -> Result<()> {
+    let Some(group) = group else {
+        return Ok(());
+    };
+    if !s.access.groups.is_member(group, user) {
+        return Err(deny(
+            s,
+            Some(actor),
+            room,
+            ROOM_GROUP,
+            action,
+            &format!("the room is bound to the group {group}, which {user} is not a member of"),
+            detail(&[("target", user.as_str()), ("group", group)]),
+        ));
+    }
+    Ok(())
+}
+
+/// `sender` invites `target` into `room`: the federation policy for a remote target, the
+/// closed user groups, and the room's group.
+pub fn check_invite(s: &Services, room: &RoomId, sender: &UserId, target: &UserId) -> Result<()> {
+    check_federation(s, Some(sender), Some(room), target.server_name(), "invite")?;
+    check_contact(s, sender, target, Some(room), "invite")?;
+    check_bound(
+        s,
+        room_group(s, room)?.as_deref(),
+        target,
+        sender,
+        Some(room),
+        "invite",
+    )
+}
+
+/// `user` (local or remote) joins `room`, which this server is in: the room's group, and the
+/// closed user groups against everybody joined already (sharing a room is contact too).
+pub fn check_join(s: &Services, room: &RoomId, user: &UserId) -> Result<()> {
+    check_membership(s, room, user, "join")
+}
+
+/// `user` joins or knocks (`action`): see [`check_join`].
+pub fn check_membership(s: &Services, room: &RoomId, user: &UserId, action: &str) -> Result<()> {
+    check_bound(
+        s,
+        room_group(s, room)?.as_deref(),
+        user,
+        user,
+        Some(room),
+        action,
+    )?;
+    let groups = &s.access.groups;
+    if !groups.active() {
+        return Ok(());
+    }
+    let mine = groups.groups_of(user);
+    let mut checked: BTreeSet<BTreeSet<String>> = BTreeSet::new();
+    for member in s.rooms.joined_members(room)?.iter() {
+        if member == user {
+            continue;
+        }
+        let theirs = groups.groups_of(member);
+        if checked.contains(&theirs) {
+            continue;
+        }
+        if !groups.sets_may_contact(&mine, &theirs) {
+            return Err(deny(
+                s,
+                Some(user),
+                Some(room),
+                GROUPS,
+                action,
+                &format!("{user} may not share a room with {member}"),
+                detail(&[("target", member.as_str())]),
+            ));
+        }
+        checked.insert(theirs);
+    }
+    Ok(())
+}
+
+/// createRoom: the group the room is bound to must exist and have the creator, every invitee
+/// must be reachable (federation, groups, the room's group).
+pub fn check_create(
+    s: &Services,
+    creator: &UserId,
+    creation_content: &Map<String, Value>,
+    invites: &[ruma::OwnedUserId],
+) -> Result<()> {
+    let group = match creation_content.get(ROOM_GROUP_KEY) {
+        None => None,
+        Some(Value::String(g)) => {
+            if !s.access.groups.exists(g) {
+                return Err(Error::invalid_param(format!("There is no group named {g}")));
+            }
+            Some(g.as_str())
+        }
+        Some(_) => {
+            return Err(Error::bad_json(format!(
+                "{ROOM_GROUP_KEY} must be a group name"
+            )))
+        }
+    };
+    check_bound(s, group, creator, creator, None, "create_room")?;
+    for target in invites {
+        check_federation(s, Some(creator), None, target.server_name(), "invite")?;
+        check_contact(s, creator, target, None, "invite")?;
+        check_bound(s, group, target, creator, None, "invite")?;
+    }
+    Ok(())
+}
+
+/// Ask the external policy hook (when configured) about `action` by `user`.
+pub async fn check_hook(
+    s: &Services,
+    user: &UserId,
+    room: Option<&RoomId>,
+    action: &str,
+    mut description: Map<String, Value>,
+) -> Result<()> {
+    let Some(hook) = &s.access.hook else {
+        return Ok(());
+    };
+    description.insert("action".into(), json!(action));
+    description.insert("user_id".into(), json!(user));
+    description.insert("server_name".into(), json!(s.globals.server_name));
+    if let Some(r) = room {
+        description.insert("room_id".into(), json!(r));
+    }
+    match hook.ask(&Value::Object(description)).await {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => Err(deny(
+            s,
+            Some(user),
+            room,
+            HOOK,
+            action,
+            &reason,
+            detail(&[("reason", reason.as_str())]),
+        )),
+    }
+}
