@@ -4,6 +4,7 @@
 //! plug into these same hooks.
 
 pub mod audit;
+pub mod register;
 
 use ruma::UserId;
 

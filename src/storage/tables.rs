@@ -133,6 +133,9 @@ pub enum Table {
     AuditLog,
     /// user 0xff audit key -> "": the audit entries about a user.
     AuditByUser,
+    /// kind (`federation`, `push_gateway`) 0xff destination -> JSON `DestinationRecord` (first
+    /// and last contact, count): the register of third-party services contacted.
+    ContactRegister,
 }
 
 impl Table {
@@ -193,6 +196,7 @@ impl Table {
         Table::FederationTxns,
         Table::AuditLog,
         Table::AuditByUser,
+        Table::ContactRegister,
         Table::Backfill,
         Table::BackfillIndex,
     ];
@@ -255,6 +259,7 @@ impl Table {
             Table::FederationTxns => "federation_txns",
             Table::AuditLog => "audit_log",
             Table::AuditByUser => "audit_by_user",
+            Table::ContactRegister => "contact_register",
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
         }
