@@ -170,11 +170,13 @@ const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 const RETENTION_EVERY: u32 = 60; // flush periods: an hour
 
 /// The background jobs of the register and the audit log: flush the counted contacts every
-/// minute, delete audit entries past `audit_retention_days` every hour. Ends once the services
-/// are gone.
+/// minute, delete audit entries past `audit_retention_days` a minute after the start and then
+/// every hour. Ends once the services are gone.
 pub async fn run_jobs(services: std::sync::Weak<crate::service::Services>) {
     let mut round: u32 = 0;
     loop {
+        // First a pause: the first retention run comes a minute after the start.
+        tokio::time::sleep(FLUSH_EVERY).await;
         {
             let Some(s) = services.upgrade() else { return };
             if round % RETENTION_EVERY == 0 {
@@ -189,6 +191,5 @@ pub async fn run_jobs(services: std::sync::Weak<crate::service::Services>) {
             }
         }
         round = round.wrapping_add(1);
-        tokio::time::sleep(FLUSH_EVERY).await;
     }
 }

@@ -211,7 +211,8 @@ const CSV_HEADER: &str = "ts,kind,user,device,ip,user_agent,room,detail";
 
 /// Entries as CSV (RFC 4180: fields with a comma, quote or line break are quoted, quotes
 /// doubled; lines end in CRLF). A field starting with `=`, `+`, `-`, `@`, tab or CR gets a
-/// leading `'`, so a spreadsheet does not run a user agent as a formula.
+/// leading `'` (Matrix ids excepted), so a spreadsheet does not run a user agent or an attempted
+/// user name as a formula.
 fn to_csv(entries: &[AuditEntry]) -> String {
     let mut out = String::from(CSV_HEADER);
     out.push_str("\r\n");
@@ -240,7 +241,12 @@ fn to_csv(entries: &[AuditEntry]) -> String {
 
 pub(crate) fn csv_field(f: &str) -> String {
     let mut f = f.to_owned();
-    if f.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+    // Matrix ids (`@user:server`) start with `@` but cannot call anything: no parentheses,
+    // no `|` or `!`; they stay as they are.
+    let matrix_id = f.starts_with('@')
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._=/+-@:[]".contains(&b));
+    if f.starts_with(['=', '+', '-', '@', '\t', '\r']) && !matrix_id {
         f.insert(0, '\'');
     }
     if f.contains([',', '"', '\r', '\n']) {
@@ -688,6 +694,8 @@ mod tests {
         assert_eq!(csv_field("line\nbreak"), "\"line\nbreak\"");
         assert_eq!(csv_field("=cmd()"), "'=cmd()");
         assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
+        assert_eq!(csv_field("@alice:example.org"), "@alice:example.org");
+        assert_eq!(csv_field("@SUM(1+1)"), "'@SUM(1+1)");
     }
 
     #[test]
