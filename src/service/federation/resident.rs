@@ -315,6 +315,10 @@ pub async fn receive_invite(
             .collect();
         store_remote_invite(services, &incoming, &target, stripped)?;
     }
+    // The address and agent on record are the inviting server's (the request came from it).
+    services
+        .rooms
+        .audit_membership(room_id, &target, &incoming.pdu.sender, "invite", None);
     Ok(signed)
 }
 
