@@ -910,3 +910,74 @@ async fn destinations_register_records_federation_contacts() {
         "M_MISSING_TOKEN",
     );
 }
+
+#[tokio::test]
+async fn memberships_across_servers_are_audited_on_both_sides() {
+    use crate::common::{start_federating, TestPki};
+    use crate::federation_rooms::{invite, join_via, leave};
+    let pki = TestPki::new();
+    let a = start_federating(&pki, |_| {}).await;
+    let b = start_federating(&pki, |_| {}).await;
+    let a_admin = make_admin(&a).await;
+    let b_admin = make_admin(&b).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = a
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, body) = invite(&a, &alice, &room, &bob.user_id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = join_via(&b, &bob, &room, &a).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = leave(&b, &bob, &room).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let membership = |body: &Value| -> Vec<(Value, Value, Value)> {
+        body["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| {
+                (
+                    e["user"].clone(),
+                    e["detail"]["membership"].clone(),
+                    e["detail"]["sender"].clone(),
+                )
+            })
+            .collect()
+    };
+    // A: its user created the room and invited B's user (sent over federation).
+    let on_a = audit(
+        &a,
+        &a_admin,
+        &format!("room={}&kind=membership", enc(&room)),
+    )
+    .await;
+    assert_eq!(
+        membership(&on_a),
+        [
+            (json!(alice.user_id), json!("join"), Value::Null),
+            (json!(bob.user_id), json!("invite"), json!(alice.user_id)),
+        ],
+        "{on_a}"
+    );
+    // B: its user was invited from A, joined through A and left.
+    let on_b = audit(
+        &b,
+        &b_admin,
+        &format!("user={}&kind=membership", enc(&bob.user_id)),
+    )
+    .await;
+    assert_eq!(
+        membership(&on_b),
+        [
+            (json!(bob.user_id), json!("invite"), json!(alice.user_id)),
+            (json!(bob.user_id), json!("join"), Value::Null),
+            (json!(bob.user_id), json!("leave"), Value::Null),
+        ],
+        "{on_b}"
+    );
+    for e in on_b["entries"].as_array().expect("entries") {
+        assert_eq!(e["room"], json!(room));
+    }
+}
