@@ -179,7 +179,7 @@ pub async fn run_jobs(services: std::sync::Weak<crate::service::Services>) {
         tokio::time::sleep(FLUSH_EVERY).await;
         {
             let Some(s) = services.upgrade() else { return };
-            if round % RETENTION_EVERY == 0 {
+            if round.is_multiple_of(RETENTION_EVERY) {
                 match s.audit.run_retention() {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(deleted = n, "audit log retention"),
