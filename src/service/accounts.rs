@@ -123,7 +123,14 @@ pub struct Accounts {
     access_token_lifetime_ms: u64,
     /// The audit log: logins, devices, token refreshes, connections.
     audit: Option<std::sync::Arc<crate::policy::audit::AuditLog>>,
+    /// Read-modify-writes of device records (login, connection, touch, removal) of one user
+    /// run one at a time, so a connection's last-seen write cannot bring back a removed
+    /// device or an old token hash. Striped by user; held only around the read and the commit.
+    device_locks: Vec<parking_lot::Mutex<()>>,
 }
+
+/// Stripes of [`Accounts::device_locks`].
+const DEVICE_LOCK_STRIPES: usize = 64;
 
 /// Run CPU-heavy work (argon2 takes tens of milliseconds and 19 MiB) without stalling the other
 /// requests on this async worker: on the multi-threaded runtime the worker hands its other tasks
@@ -160,7 +167,19 @@ impl Accounts {
             server_name: server_name.to_owned(),
             access_token_lifetime_ms: access_token_lifetime_secs * 1000,
             audit: None,
+            device_locks: (0..DEVICE_LOCK_STRIPES)
+                .map(|_| parking_lot::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    /// The lock for `user_id`'s device records.
+    fn device_lock(&self, user_id: &UserId) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user_id.as_str().hash(&mut h);
+        let i = (h.finish() % DEVICE_LOCK_STRIPES as u64) as usize;
+        self.device_locks[i % self.device_locks.len()].lock()
     }
 
     /// Write the audit entries of accounts and devices to `audit`.
@@ -206,6 +225,7 @@ impl Accounts {
             return;
         };
         let write = || -> Result<()> {
+            let _guard = self.device_lock(&identity.user_id);
             let mut b = self.storage.batch();
             if let Some(mut device) = self.stored_device(&identity.user_id, &identity.device_id)? {
                 device.last_seen_ip = seen.ip.map(|ip| ip.to_string());
@@ -413,6 +433,7 @@ impl Accounts {
         with_refresh: bool,
     ) -> Result<Session> {
         let device_id = device_id.unwrap_or_else(|| utils::random_string(10).to_uppercase().into());
+        let _guard = self.device_lock(user_id);
         let mut b = self.storage.batch();
         let existing = self.device(user_id, &device_id)?;
         if let Some(old) = &existing {
@@ -593,6 +614,7 @@ impl Accounts {
         user_id: &UserId,
         device_id: &ruma::DeviceId,
     ) -> Result<Option<u64>> {
+        let guard = self.device_lock(user_id);
         let Some(device) = self.stored_device(user_id, device_id)? else {
             return Ok(None);
         };
@@ -633,6 +655,7 @@ impl Accounts {
             },
         )?;
         b.commit()?;
+        drop(guard);
         let count = pending.get();
         pending.finish(vec![user_id.to_owned()]);
         Ok(Some(count))
@@ -804,6 +827,7 @@ impl Accounts {
         device_id: &ruma::DeviceId,
         ip: Option<std::net::IpAddr>,
     ) -> Result<()> {
+        let _guard = self.device_lock(user_id);
         let Some(mut device) = self.device(user_id, device_id)? else {
             return Ok(());
         };
