@@ -981,3 +981,82 @@ async fn memberships_across_servers_are_audited_on_both_sides() {
         assert_eq!(e["room"], json!(room));
     }
 }
+
+/// A push gateway on loopback that accepts everything and counts the requests.
+async fn counting_gateway(hits: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> (String, u16) {
+    use axum::{routing::post, Json, Router};
+    let app = Router::new().route(
+        "/_matrix/push/v1/notify",
+        post(move |Json(_): Json<Value>| async move {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Json(json!({ "rejected": [] }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (
+        format!("http://127.0.0.1:{port}/_matrix/push/v1/notify"),
+        port,
+    )
+}
+
+#[tokio::test]
+async fn destinations_register_records_push_gateways() {
+    use std::sync::{atomic::Ordering, Arc};
+    let server = TestServer::start_with(|c| {
+        c.push_gateway_ip_range_allowlist = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let admin = make_admin(&server).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    server.join(&bob, &room).await;
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (url, port) = counting_gateway(hits.clone()).await;
+    let (status, body) = server
+        .post(
+            "/_matrix/client/v3/pushers/set",
+            &alice,
+            json!({
+                "kind": "http", "app_id": "org.example.app", "pushkey": "phone",
+                "app_display_name": "Example", "device_display_name": "Phone",
+                "lang": "en", "data": { "url": url },
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = server
+        .put(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+                enc(&room)
+            ),
+            &bob,
+            json!({ "msgtype": "m.text", "body": "ping" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let start = std::time::Instant::now();
+    while hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no push"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let (status, reg) = server.get("/_hafen/admin/v1/destinations", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{reg}");
+    assert_eq!(reg["total"], json!(1), "{reg}");
+    let d = &reg["destinations"][0];
+    assert_eq!(d["kind"], json!("push_gateway"));
+    assert_eq!(d["destination"], json!(format!("127.0.0.1:{port}")));
+    assert_eq!(d["count"], json!(hits.load(Ordering::SeqCst)));
+    assert!(d["first_contact_ts"].as_u64().expect("first") > 0);
+}
