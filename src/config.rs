@@ -77,6 +77,14 @@ pub struct Config {
     /// `keep` or `drop`.
     #[serde(default)]
     pub audit_ip_mode: crate::policy::audit::IpMode,
+    /// Days audit entries are kept; older ones are deleted by a periodic job. 0 keeps them
+    /// forever.
+    #[serde(default = "default_audit_retention_days")]
+    pub audit_retention_days: u64,
+    /// A device's client connection is written to the audit log when its address or user agent
+    /// changes, and otherwise at most once per this many seconds.
+    #[serde(default = "default_audit_connection_interval")]
+    pub audit_connection_interval_secs: u64,
     /// Presence (online/offline status) is off by default: it is personal data few need.
     #[serde(default)]
     pub allow_presence: bool,
@@ -263,6 +271,12 @@ fn default_turn_ttl() -> u64 {
 }
 fn default_room_version() -> RoomVersionId {
     RoomVersionId::V12
+}
+fn default_audit_retention_days() -> u64 {
+    180
+}
+fn default_audit_connection_interval() -> u64 {
+    600
 }
 fn default_access_token_lifetime() -> u64 {
     3600

@@ -42,6 +42,8 @@ impl Running {
         if let Some(t) = self.sender_task.take() {
             t.await.map_err(|e| e.to_string())?;
         }
+        // Contacts counted since the last periodic write go to the register now.
+        self.services.register.flush().map_err(|e| e.to_string())?;
         self.services.storage.flush().map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -79,6 +81,8 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         Arc::downgrade(&services),
         services.push.pending.clone(),
     ));
+    // The register's flushes and the audit log's retention; end once the services are gone.
+    tokio::spawn(crate::policy::register::run_jobs(Arc::downgrade(&services)));
     let (sender_shutdown, sender_stop) = tokio::sync::watch::channel(false);
     let sender_task = tokio::spawn(crate::service::federation::sender::run(
         Arc::downgrade(&services),

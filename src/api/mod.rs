@@ -36,8 +36,20 @@ pub fn router(services: Arc<Services>) -> Router {
     federation::routes(client::routes(Router::new()))
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_context))
         .layer(cors)
         .with_state(services)
+}
+
+/// Every request runs with its client's address and user agent at hand for the audit log
+/// (`policy::audit::RequestCtx`), whichever service writes the entry.
+async fn request_context(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let ctx = crate::policy::audit::RequestCtx::from_parts(req.headers(), ip);
+    ctx.scope(next.run(req)).await
 }
 
 async fn unrecognized() -> Error {

@@ -266,6 +266,16 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
             return Err(Error::UserLocked);
         }
     }
+    // The device's connection: kept in memory, written only when it changes (audit log).
+    let ip = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let user_agent = parts
+        .headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    services.accounts.note_connection(&identity, ip, user_agent);
     Ok(identity)
 }
 

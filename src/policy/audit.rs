@@ -8,10 +8,12 @@
 //! it needs.
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -71,7 +73,180 @@ pub struct AuditLog {
     /// Orders entries of the same millisecond; restarts continue from the time, not from 0, so
     /// keys never collide (time moves on between runs).
     seq: AtomicU64,
+    /// The devices' client connections, in memory (see [`Connections`]).
+    pub connections: Connections,
+    /// Days entries are kept (0: forever).
+    retention_days: u64,
 }
+
+/// Longest user agent kept (longer ones are cut at a character boundary).
+pub const MAX_USER_AGENT: usize = 512;
+
+/// Where the request being handled comes from: set by the router for every request (a tokio
+/// task-local, so it exists per request, not per process), read where an audit entry is made
+/// deep in a service without the HTTP request at hand.
+#[derive(Clone, Debug, Default)]
+pub struct RequestCtx {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+}
+
+tokio::task_local! {
+    static REQUEST: RequestCtx;
+}
+
+impl RequestCtx {
+    /// The client's address and user agent of an HTTP request.
+    pub fn from_parts(headers: &http::HeaderMap, ip: Option<IpAddr>) -> RequestCtx {
+        RequestCtx {
+            ip,
+            user_agent: headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(cut_user_agent),
+        }
+    }
+
+    /// Run `f` with this context as the current request's.
+    pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+        REQUEST.scope(self, f).await
+    }
+
+    /// The context of the request being handled (empty outside of one: background tasks,
+    /// the CLI).
+    pub fn current() -> RequestCtx {
+        REQUEST.try_with(Clone::clone).unwrap_or_default()
+    }
+}
+
+fn cut_user_agent(ua: &str) -> String {
+    if ua.len() <= MAX_USER_AGENT {
+        return ua.to_owned();
+    }
+    let mut end = MAX_USER_AGENT;
+    while !ua.is_char_boundary(end) {
+        end -= 1;
+    }
+    ua[..end].to_owned()
+}
+
+/// Most devices whose connection is remembered; beyond, the stale ones are forgotten first.
+const MAX_CONNECTIONS: usize = 100_000;
+
+/// A device's last connection as remembered in memory.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    /// Last request (ms).
+    pub last_seen: u64,
+    /// When a `connection` entry was last written for it (ms).
+    written: u64,
+}
+
+/// Client connections per device without a write per request: the last address, user agent
+/// and time of every device are kept in memory; a `connection` entry (and the device record's
+/// last-seen fields) is written only when the address or user agent changes, or when the last
+/// write is older than `audit_connection_interval_secs`.
+pub struct Connections {
+    map: Mutex<HashMap<String, Seen>>,
+    interval_ms: u64,
+}
+
+fn conn_key(user: &str, device: &str) -> String {
+    let mut k = String::with_capacity(user.len() + device.len() + 1);
+    k.push_str(user);
+    k.push('\n');
+    k.push_str(device);
+    k
+}
+
+impl Connections {
+    pub fn new(interval_secs: u64) -> Connections {
+        Connections {
+            map: Mutex::new(HashMap::new()),
+            interval_ms: interval_secs.saturating_mul(1000),
+        }
+    }
+
+    /// Note a request of `user`'s `device`. Returns what to write when a write is due.
+    pub fn seen(
+        &self,
+        user: &str,
+        device: &str,
+        ip: Option<IpAddr>,
+        user_agent: Option<&str>,
+    ) -> Option<Seen> {
+        let now = utils::now_ms();
+        let key = conn_key(user, device);
+        let mut map = self.map.lock();
+        if let Some(s) = map.get_mut(&key) {
+            s.last_seen = now;
+            let changed = s.ip != ip || s.user_agent.as_deref() != user_agent;
+            if !changed && now.saturating_sub(s.written) < self.interval_ms {
+                return None;
+            }
+            s.ip = ip;
+            s.user_agent = user_agent.map(cut_user_agent);
+            s.written = now;
+            return Some(s.clone());
+        }
+        if map.len() >= MAX_CONNECTIONS {
+            let interval = self.interval_ms;
+            map.retain(|_, s| now.saturating_sub(s.last_seen) < interval);
+            if map.len() >= MAX_CONNECTIONS {
+                map.clear();
+            }
+        }
+        let s = Seen {
+            ip,
+            user_agent: user_agent.map(cut_user_agent),
+            last_seen: now,
+            written: now,
+        };
+        map.insert(key, s.clone());
+        Some(s)
+    }
+
+    /// The device's last connection, if it made one since the start.
+    pub fn last(&self, user: &str, device: &str) -> Option<Seen> {
+        self.map.lock().get(&conn_key(user, device)).cloned()
+    }
+
+    /// Forget a device (deleted).
+    pub fn forget(&self, user: &str, device: &str) {
+        self.map.lock().remove(&conn_key(user, device));
+    }
+}
+
+/// What an audit query selects.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub user: Option<String>,
+    pub device: Option<String>,
+    pub room: Option<String>,
+    pub kind: Option<String>,
+    /// `from <= ts < to` (ms).
+    pub from: u64,
+    pub to: u64,
+}
+
+impl Filter {
+    fn keeps(&self, e: &AuditEntry) -> bool {
+        fn eq(want: &Option<String>, have: &Option<String>) -> bool {
+            want.is_none() || want == have
+        }
+        e.ts >= self.from
+            && e.ts < self.to
+            && eq(&self.user, &e.user)
+            && eq(&self.device, &e.device)
+            && eq(&self.room, &e.room)
+            && self.kind.as_ref().is_none_or(|k| *k == e.kind)
+    }
+}
+
+/// Rows deleted per batch by the retention job.
+const PURGE_CHUNK: usize = 1000;
 
 /// Key of an entry: big-endian time and sequence number.
 pub fn entry_key(ts: u64, seq: u64) -> Vec<u8> {
@@ -86,6 +261,32 @@ impl AuditLog {
             storage,
             ip_mode: config.audit_ip_mode,
             seq: AtomicU64::new(0),
+            connections: Connections::new(config.audit_connection_interval_secs),
+            retention_days: config.audit_retention_days,
+        }
+    }
+
+    /// An entry of `kind` about `user`'s `device`, with the current request's address (as
+    /// `audit_ip_mode` keeps it) and user agent.
+    pub fn entry(&self, kind: &str, user: Option<&str>, device: Option<&str>) -> AuditEntry {
+        let ctx = RequestCtx::current();
+        AuditEntry {
+            ts: 0,
+            kind: kind.to_owned(),
+            user: user.map(str::to_owned),
+            device: device.map(str::to_owned),
+            ip: self.ip(ctx.ip),
+            user_agent: ctx.user_agent,
+            room: None,
+            detail: Value::Null,
+        }
+    }
+
+    /// Record an entry after the fact (the audited change is already done): a failure is
+    /// logged, not returned, so the client does not see an error for a change that happened.
+    pub fn note(&self, entry: AuditEntry) {
+        if let Err(e) = self.record(entry) {
+            tracing::error!(error = %e, "could not write an audit entry");
         }
     }
 
@@ -187,6 +388,150 @@ impl AuditLog {
     }
 }
 
+impl AuditLog {
+    /// Entries `filter` selects, oldest first, at most `limit`, continuing after the entry key
+    /// `after` (a previous page's last key). Reads at most `max_scan` rows: the returned key,
+    /// when some, is where to continue (more may follow).
+    pub fn search(
+        &self,
+        filter: &Filter,
+        after: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
+    ) -> Result<(Vec<AuditEntry>, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        let mut scanned = 0usize;
+        match &filter.user {
+            // One person: walk their index rows, read the entries.
+            Some(user) => {
+                let mut prefix = user.as_bytes().to_vec();
+                prefix.push(0xff);
+                let mut start = prefix.clone();
+                match after {
+                    Some(k) => {
+                        start.extend_from_slice(k);
+                        start.push(0);
+                    }
+                    None => start.extend_from_slice(&entry_key(filter.from, 0)),
+                }
+                for item in self
+                    .storage
+                    .scan_from(Table::AuditByUser, &prefix, &start, false)?
+                {
+                    let (k, _) = item?;
+                    let key = k[prefix.len()..].to_vec();
+                    if key.len() < 8 || entry_ts(&key) >= filter.to {
+                        return Ok((out, None));
+                    }
+                    scanned += 1;
+                    if let Some(v) = self.storage.get(Table::AuditLog, &key)? {
+                        let entry: AuditEntry = serde_json::from_slice(&v)?;
+                        if filter.keeps(&entry) {
+                            out.push(entry);
+                            if out.len() >= limit {
+                                return Ok((out, Some(key)));
+                            }
+                        }
+                    }
+                    if scanned >= max_scan {
+                        return Ok((out, Some(key)));
+                    }
+                }
+            }
+            None => {
+                let start = match after {
+                    Some(k) => {
+                        let mut k = k.to_vec();
+                        k.push(0);
+                        k
+                    }
+                    None => entry_key(filter.from, 0),
+                };
+                for item in self
+                    .storage
+                    .scan_from(Table::AuditLog, b"", &start, false)?
+                {
+                    let (k, v) = item?;
+                    if k.len() < 8 || entry_ts(&k) >= filter.to {
+                        return Ok((out, None));
+                    }
+                    scanned += 1;
+                    let entry: AuditEntry = serde_json::from_slice(&v)?;
+                    if filter.keeps(&entry) {
+                        out.push(entry);
+                        if out.len() >= limit {
+                            return Ok((out, Some(k.to_vec())));
+                        }
+                    }
+                    if scanned >= max_scan {
+                        return Ok((out, Some(k.to_vec())));
+                    }
+                }
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// Delete entries older than `cutoff` (ms), with their index rows: the entries go by key
+    /// range, a batch of at most [`PURGE_CHUNK`] at a time, at most `max_rows` in all. Returns
+    /// how many were deleted.
+    pub fn purge_before(&self, cutoff: u64, max_rows: usize) -> Result<usize> {
+        let mut deleted = 0usize;
+        let start = entry_key(0, 0);
+        // Bounded: every round deletes a chunk or ends.
+        for _ in 0..max_rows.div_ceil(PURGE_CHUNK).max(1) {
+            let mut last: Option<Vec<u8>> = None;
+            let mut batch = self.storage.batch();
+            let mut n = 0usize;
+            for item in self
+                .storage
+                .scan_from(Table::AuditLog, b"", &start, false)?
+            {
+                let (k, v) = item?;
+                if k.len() < 8 || entry_ts(&k) >= cutoff || n >= PURGE_CHUNK {
+                    break;
+                }
+                if let Ok(entry) = serde_json::from_slice::<AuditEntry>(&v) {
+                    if let Some(user) = &entry.user {
+                        let mut ik = user.as_bytes().to_vec();
+                        ik.push(0xff);
+                        ik.extend_from_slice(&k);
+                        batch.delete(Table::AuditByUser, &ik)?;
+                    }
+                }
+                last = Some(k.to_vec());
+                n += 1;
+            }
+            let Some(mut end) = last else { break };
+            end.push(0);
+            batch.delete_range(Table::AuditLog, &start, &end)?;
+            batch.commit()?;
+            deleted += n;
+            if n < PURGE_CHUNK || deleted >= max_rows {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// The retention job: delete what is older than `audit_retention_days` (0 keeps all).
+    pub fn run_retention(&self) -> Result<usize> {
+        if self.retention_days == 0 {
+            return Ok(0);
+        }
+        let cutoff = utils::now_ms().saturating_sub(self.retention_days.saturating_mul(86_400_000));
+        self.purge_before(cutoff, 1_000_000)
+    }
+}
+
+/// The time part of an entry key.
+fn entry_ts(key: &[u8]) -> u64 {
+    key.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,7 +549,7 @@ mod tests {
         config.audit_ip_mode = IpMode::Hash;
         let log = AuditLog::new(storage.clone(), &config);
         let h = log.ip(Some(v4)).expect("hash");
-        assert!(h.starts_with("hmac:") && !h.contains("192"));
+        assert!(h.starts_with("hmac:") && !h.contains("192.0.2"));
         assert_eq!(log.ip(Some(v4)), Some(h));
         config.audit_ip_mode = IpMode::Drop;
         assert_eq!(AuditLog::new(storage, &config).ip(Some(v4)), None);

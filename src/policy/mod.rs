@@ -7,6 +7,7 @@ pub mod access;
 pub mod audit;
 pub mod groups;
 pub mod hook;
+pub mod register;
 
 use ruma::UserId;
 

@@ -59,6 +59,8 @@ pub struct DeviceRecord {
     pub last_seen_ip: Option<String>,
     #[serde(default)]
     pub last_seen_ts: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_user_agent: Option<String>,
     /// Hex of the hashes of this device's current tokens, so deleting the device revokes them.
     #[serde(default)]
     pub access_token_hash: Option<String>,
@@ -119,7 +121,16 @@ pub struct Accounts {
     globals: std::sync::Arc<crate::service::globals::Globals>,
     server_name: ruma::OwnedServerName,
     access_token_lifetime_ms: u64,
+    /// The audit log: logins, devices, token refreshes, connections.
+    audit: Option<std::sync::Arc<crate::policy::audit::AuditLog>>,
+    /// Read-modify-writes of device records (login, connection, touch, removal) of one user
+    /// run one at a time, so a connection's last-seen write cannot bring back a removed
+    /// device or an old token hash. Striped by user; held only around the read and the commit.
+    device_locks: Vec<parking_lot::Mutex<()>>,
 }
+
+/// Stripes of [`Accounts::device_locks`].
+const DEVICE_LOCK_STRIPES: usize = 64;
 
 /// Run CPU-heavy work (argon2 takes tens of milliseconds and 19 MiB) without stalling the other
 /// requests on this async worker: on the multi-threaded runtime the worker hands its other tasks
@@ -155,7 +166,105 @@ impl Accounts {
             globals,
             server_name: server_name.to_owned(),
             access_token_lifetime_ms: access_token_lifetime_secs * 1000,
+            audit: None,
+            device_locks: (0..DEVICE_LOCK_STRIPES)
+                .map(|_| parking_lot::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    /// The lock for `user_id`'s device records.
+    fn device_lock(&self, user_id: &UserId) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user_id.as_str().hash(&mut h);
+        let i = (h.finish() % DEVICE_LOCK_STRIPES as u64) as usize;
+        self.device_locks[i % self.device_locks.len()].lock()
+    }
+
+    /// Write the audit entries of accounts and devices to `audit`.
+    pub fn with_audit(mut self, audit: std::sync::Arc<crate::policy::audit::AuditLog>) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// An audit entry of `kind` about a device, with the current request's address and agent.
+    fn audit_entry(
+        &self,
+        kind: &str,
+        user_id: &UserId,
+        device_id: &ruma::DeviceId,
+    ) -> Option<crate::policy::audit::AuditEntry> {
+        let audit = self.audit.as_ref()?;
+        Some(audit.entry(kind, Some(user_id.as_str()), Some(device_id.as_str())))
+    }
+
+    /// Record an entry of `kind` about a device after the fact.
+    pub fn audit_note(&self, kind: &str, user_id: &UserId, device_id: &ruma::DeviceId) {
+        if let (Some(audit), Some(e)) = (&self.audit, self.audit_entry(kind, user_id, device_id)) {
+            audit.note(e);
+        }
+    }
+
+    /// A request of `identity` came in: remember its connection in memory; when the address or
+    /// user agent changed (or the interval passed), write a `connection` audit entry and the
+    /// device's last-seen fields.
+    pub fn note_connection(
+        &self,
+        identity: &Identity,
+        ip: Option<std::net::IpAddr>,
+        user_agent: Option<&str>,
+    ) {
+        let Some(audit) = &self.audit else { return };
+        let Some(seen) = audit.connections.seen(
+            identity.user_id.as_str(),
+            identity.device_id.as_str(),
+            ip,
+            user_agent,
+        ) else {
+            return;
+        };
+        let write = || -> Result<()> {
+            let _guard = self.device_lock(&identity.user_id);
+            let mut b = self.storage.batch();
+            if let Some(mut device) = self.stored_device(&identity.user_id, &identity.device_id)? {
+                device.last_seen_ip = seen.ip.map(|ip| ip.to_string());
+                device.last_seen_ts = Some(seen.last_seen);
+                device.last_seen_user_agent = seen.user_agent.clone();
+                b.put(
+                    Table::Devices,
+                    &keys::join(&[identity.user_id.as_str(), identity.device_id.as_str()]),
+                    &serde_json::to_vec(&device)?,
+                )?;
+            }
+            let mut e = audit.entry(
+                "connection",
+                Some(identity.user_id.as_str()),
+                Some(identity.device_id.as_str()),
+            );
+            e.ip = audit.ip(seen.ip);
+            e.user_agent = seen.user_agent.clone();
+            audit.put(&mut b, e)?;
+            b.commit()
+        };
+        if let Err(e) = write() {
+            tracing::error!(error = %e, "could not record a connection");
+        }
+    }
+
+    /// The in-memory last connection laid over a stored device record.
+    fn with_last_seen(&self, user_id: &UserId, mut device: DeviceRecord) -> DeviceRecord {
+        if let Some(seen) = self.audit.as_ref().and_then(|a| {
+            a.connections
+                .last(user_id.as_str(), device.device_id.as_str())
+        }) {
+            if device.last_seen_ts.is_none_or(|ts| ts <= seen.last_seen) {
+                device.last_seen_ts = Some(seen.last_seen);
+                device.last_seen_ip = seen.ip.map(|ip| ip.to_string());
+                device.last_seen_user_agent = seen.user_agent;
+            }
+        }
+        device
     }
 
     pub fn server_name(&self) -> &ServerName {
@@ -324,6 +433,7 @@ impl Accounts {
         with_refresh: bool,
     ) -> Result<Session> {
         let device_id = device_id.unwrap_or_else(|| utils::random_string(10).to_uppercase().into());
+        let _guard = self.device_lock(user_id);
         let mut b = self.storage.batch();
         let existing = self.device(user_id, &device_id)?;
         if let Some(old) = &existing {
@@ -357,11 +467,21 @@ impl Accounts {
         } else {
             None
         };
+        if existing.is_none() {
+            if let (Some(audit), Some(e)) = (
+                &self.audit,
+                self.audit_entry("device_created", user_id, &device_id),
+            ) {
+                audit.put(&mut b, e)?;
+            }
+        }
+        let ctx = crate::policy::audit::RequestCtx::current();
         let device = DeviceRecord {
             device_id: device_id.clone(),
             display_name: display_name.or_else(|| existing.and_then(|d| d.display_name)),
-            last_seen_ip: None,
+            last_seen_ip: ctx.ip.map(|ip| ip.to_string()),
             last_seen_ts: Some(utils::now_ms()),
+            last_seen_user_agent: ctx.user_agent,
             access_token_hash: Some(hex(&access_hash)),
             refresh_token_hash: refresh_token.as_deref().map(|t| hex(&utils::token_hash(t))),
         };
@@ -388,12 +508,14 @@ impl Accounts {
             None => return Err(Error::UnknownToken { soft_logout: false }),
         };
         let device = self.device(&rec.user_id, &rec.device_id)?;
-        self.create_session(
+        let session = self.create_session(
             &rec.user_id,
             Some(rec.device_id),
             device.and_then(|d| d.display_name),
             true,
-        )
+        )?;
+        self.audit_note("token_refreshed", &session.user_id, &session.device_id);
+        Ok(session)
     }
 
     /// Resolve an access token to its user and device.
@@ -445,6 +567,17 @@ impl Accounts {
         user_id: &UserId,
         device_id: &ruma::DeviceId,
     ) -> Result<Option<DeviceRecord>> {
+        Ok(self
+            .stored_device(user_id, device_id)?
+            .map(|d| self.with_last_seen(user_id, d)))
+    }
+
+    /// The device as stored (without the in-memory last connection).
+    fn stored_device(
+        &self,
+        user_id: &UserId,
+        device_id: &ruma::DeviceId,
+    ) -> Result<Option<DeviceRecord>> {
         self.storage.get_json(
             Table::Devices,
             &keys::join(&[user_id.as_str(), device_id.as_str()]),
@@ -458,7 +591,7 @@ impl Accounts {
             .scan_prefix(Table::Devices, &keys::prefix(&[user_id.as_str()]))?
         {
             let (_, v) = entry?;
-            out.push(serde_json::from_slice(&v)?);
+            out.push(self.with_last_seen(user_id, serde_json::from_slice(&v)?));
         }
         Ok(out)
     }
@@ -481,11 +614,21 @@ impl Accounts {
         user_id: &UserId,
         device_id: &ruma::DeviceId,
     ) -> Result<Option<u64>> {
-        let Some(device) = self.device(user_id, device_id)? else {
+        let guard = self.device_lock(user_id);
+        let Some(device) = self.stored_device(user_id, device_id)? else {
             return Ok(None);
         };
         let pending = self.globals.counter.next()?;
         let mut b = self.storage.batch();
+        if let (Some(audit), Some(e)) = (
+            &self.audit,
+            self.audit_entry("device_deleted", user_id, device_id),
+        ) {
+            audit.put(&mut b, e)?;
+            audit
+                .connections
+                .forget(user_id.as_str(), device_id.as_str());
+        }
         self.revoke_device_tokens(&mut b, &device)?;
         b.delete(
             Table::Devices,
@@ -512,6 +655,7 @@ impl Accounts {
             },
         )?;
         b.commit()?;
+        drop(guard);
         let count = pending.get();
         pending.finish(vec![user_id.to_owned()]);
         Ok(Some(count))
@@ -529,6 +673,7 @@ impl Accounts {
             display_name,
             last_seen_ip: None,
             last_seen_ts: Some(utils::now_ms()),
+            last_seen_user_agent: None,
             access_token_hash: None,
             refresh_token_hash: None,
         };
@@ -613,6 +758,32 @@ impl Accounts {
         Ok(out)
     }
 
+    /// One registration token.
+    pub fn registration_token(&self, token: &str) -> Result<Option<RegistrationToken>> {
+        self.storage
+            .get_json(Table::RegistrationTokens, token.as_bytes())
+    }
+
+    /// Store a changed registration token.
+    pub fn put_registration_token(&self, rec: &RegistrationToken) -> Result<()> {
+        self.storage.put(
+            Table::RegistrationTokens,
+            rec.token.as_bytes(),
+            &serde_json::to_vec(rec)?,
+        )
+    }
+
+    /// Delete a registration token; false when there was none.
+    pub fn delete_registration_token(&self, token: &str) -> Result<bool> {
+        if self.registration_token(token)?.is_none() {
+            return Ok(false);
+        }
+        let mut b = self.storage.batch();
+        b.delete(Table::RegistrationTokens, token.as_bytes())?;
+        b.commit()?;
+        Ok(true)
+    }
+
     /// Whether `token` can still be used (the configured token always can).
     pub fn registration_token_valid(&self, token: &str, configured: Option<&str>) -> Result<bool> {
         if configured == Some(token) {
@@ -656,6 +827,7 @@ impl Accounts {
         device_id: &ruma::DeviceId,
         ip: Option<std::net::IpAddr>,
     ) -> Result<()> {
+        let _guard = self.device_lock(user_id);
         let Some(mut device) = self.device(user_id, device_id)? else {
             return Ok(());
         };
@@ -833,11 +1005,25 @@ pub fn password_login(
     if let Some(ip) = ip {
         services.ratelimit.check(Action::Login, &ip.to_string())?;
     }
+    let failed = |attempted: &str, reason: &str| {
+        // The attempted id, never the password.
+        let mut e = services.audit.entry("login_failed", Some(attempted), None);
+        e.detail = serde_json::json!({ "reason": reason });
+        services.audit.note(e);
+    };
     let Ok(user_id) = accounts.local_user_id(name) else {
+        let attempted: String = name.chars().take(255).collect();
+        failed(&attempted, "invalid_user_id");
         return Err(Error::forbidden("Invalid username or password"));
     };
     services.ratelimit.check(Action::Login, user_id.as_str())?;
     if password.len() > MAX_PASSWORD_LEN || !accounts.check_password(&user_id, password)? {
+        let reason = match accounts.user(&user_id)? {
+            None => "unknown_user",
+            Some(u) if u.deactivated => "deactivated",
+            Some(_) => "wrong_password",
+        };
+        failed(user_id.as_str(), reason);
         if accounts.user(&user_id)?.is_some_and(|u| u.deactivated) {
             return Err(Error::new(
                 ErrCode::UserDeactivated,
@@ -848,6 +1034,7 @@ pub fn password_login(
     }
     let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
     accounts.touch_device(&user_id, &session.device_id, ip)?;
+    accounts.audit_note("login", &user_id, &session.device_id);
     Ok(session)
 }
 

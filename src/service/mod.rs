@@ -41,7 +41,9 @@ pub struct Services {
     pub ratelimit: ratelimit::RateLimiter,
     pub policy: Policy,
     /// The audit log (policy layer): what happened, for the data-protection record.
-    pub audit: crate::policy::audit::AuditLog,
+    pub audit: Arc<crate::policy::audit::AuditLog>,
+    /// The register of third-party services contacted (policy layer).
+    pub register: Arc<crate::policy::register::Register>,
     /// Closed user groups, rooms bound to a group, the external policy hook (policy layer).
     pub access: crate::policy::access::Access,
     pub profiles: profile::Profiles,
@@ -72,13 +74,22 @@ impl Services {
         });
         let push = push::Push::new(storage.clone(), globals.clone(), Arc::default());
         let federation_wake = Arc::new(federation::sender::Wake::default());
+        let audit = Arc::new(crate::policy::audit::AuditLog::new(
+            storage.clone(),
+            &config,
+        ));
+        let register = Arc::new(crate::policy::register::Register::new(
+            storage.clone(),
+            audit.clone(),
+        ));
         Ok(Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
                 globals.clone(),
                 &config.server_name,
                 config.access_token_lifetime_secs,
-            ),
+            )
+            .with_audit(audit.clone()),
             account_data: account_data::AccountData::new(storage.clone(), globals.clone()),
             rooms: rooms::Rooms::new(
                 storage.clone(),
@@ -86,7 +97,8 @@ impl Services {
                 push.rules.clone(),
                 push.pending.clone(),
                 federation_wake.clone(),
-            ),
+            )
+            .with_audit(audit.clone()),
             push,
             server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
             federation: federation::Federation::new(
@@ -94,12 +106,14 @@ impl Services {
                 storage.clone(),
                 globals.clone(),
                 federation_wake,
-            )?,
+            )?
+            .with_register(register.clone()),
             dehydrated: dehydrated::Dehydration::default(),
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
-            audit: crate::policy::audit::AuditLog::new(storage.clone(), &config),
+            audit,
+            register,
             access: crate::policy::access::Access::new(storage.clone(), &config)?,
             profiles: profile::Profiles::new(storage.clone()),
             typing: typing::Typing::new(globals.clone()),

@@ -238,6 +238,13 @@ impl Batch {
         Ok(())
     }
 
+    /// Delete every key `from <= key < to` (one range tombstone, however many keys).
+    pub fn delete_range(&mut self, table: Table, from: &[u8], to: &[u8]) -> Result<()> {
+        let cf = self.storage.cf(table)?;
+        self.inner.delete_range_cf(cf, from, to);
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
     }

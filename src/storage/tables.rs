@@ -135,6 +135,9 @@ pub enum Table {
     AuditByUser,
     /// group name -> JSON `GroupConfig`: closed user groups made through the admin API.
     Groups,
+    /// kind (`federation`, `push_gateway`) 0xff destination -> JSON `DestinationRecord` (first
+    /// and last contact, count): the register of third-party services contacted.
+    ContactRegister,
 }
 
 impl Table {
@@ -195,6 +198,7 @@ impl Table {
         Table::FederationTxns,
         Table::AuditLog,
         Table::AuditByUser,
+        Table::ContactRegister,
         Table::Backfill,
         Table::BackfillIndex,
         Table::Groups,
@@ -258,6 +262,7 @@ impl Table {
             Table::FederationTxns => "federation_txns",
             Table::AuditLog => "audit_log",
             Table::AuditByUser => "audit_by_user",
+            Table::ContactRegister => "contact_register",
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
             Table::Groups => "groups",

@@ -33,10 +33,19 @@ async fn whois(
     p: Segs,
 ) -> Result<Json<Value>> {
     let user = super::user_id(p.get(0)?)?;
-    if user != who.user_id && !who.admin {
-        return Err(Error::forbidden(
-            "Only server admins may look up other users",
-        ));
+    if user != who.user_id {
+        if !who.admin {
+            return Err(Error::forbidden(
+                "Only server admins may look up other users",
+            ));
+        }
+        super::admin_api::audit_admin(
+            &s,
+            &who,
+            "GET /_matrix/client/v3/admin/whois/{userId}",
+            Some(user.as_str()),
+            true,
+        );
     }
     if !s.accounts.exists(&user)? {
         return Err(Error::not_found("Unknown user"));
@@ -49,6 +58,9 @@ async fn whois(
         }
         if let Some(ts) = d.last_seen_ts {
             connection.insert("last_seen".into(), json!(ts));
+        }
+        if let Some(ua) = d.last_seen_user_agent {
+            connection.insert("user_agent".into(), json!(ua));
         }
         let connections = if connection.is_empty() {
             json!([])
@@ -67,6 +79,13 @@ async fn whois(
 /// admin (checked before the target is looked up, so nobody can probe for accounts), the target
 /// a local, active account, and (to change it) not an admin.
 fn moderation_target(s: &Services, who: &Identity, raw: &str) -> Result<ruma::OwnedUserId> {
+    super::admin_api::audit_admin(
+        s,
+        who,
+        "/_matrix/client/v1/admin/{suspend,lock}/{userId}",
+        Some(raw),
+        who.admin,
+    );
     if !who.admin {
         return Err(Error::forbidden("Only server admins may moderate accounts"));
     }

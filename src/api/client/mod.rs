@@ -3,6 +3,7 @@
 mod account;
 mod account_data;
 mod admin;
+mod admin_api;
 mod alias;
 mod dehydrated;
 mod devices;
@@ -78,6 +79,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = voip::routes(r);
     let r = admin::routes(r);
     let r = groups::routes(r);
+    let r = admin_api::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);
     r

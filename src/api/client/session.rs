@@ -99,6 +99,7 @@ async fn refresh(State(s): State<Arc<Services>>, JsonBody(body): JsonBody) -> Re
 }
 
 async fn logout(State(s): State<Arc<Services>>, Authed(id): Authed) -> Result<Json<Value>> {
+    s.accounts.audit_note("logout", &id.user_id, &id.device_id);
     if let Some(count) = s.accounts.remove_device(&id.user_id, &id.device_id)? {
         crate::service::federation::edu::device_deleted(&s, &id.user_id, &id.device_id, count);
     }
@@ -106,6 +107,13 @@ async fn logout(State(s): State<Arc<Services>>, Authed(id): Authed) -> Result<Js
 }
 
 async fn logout_all(State(s): State<Arc<Services>>, Authed(id): Authed) -> Result<Json<Value>> {
+    let mut e = s.audit.entry(
+        "logout",
+        Some(id.user_id.as_str()),
+        Some(id.device_id.as_str()),
+    );
+    e.detail = json!({ "all_devices": true });
+    s.audit.note(e);
     s.accounts.remove_all_devices(&id.user_id, None)?;
     Ok(Json(json!({})))
 }

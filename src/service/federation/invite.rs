@@ -114,5 +114,7 @@ pub async fn invite_remote(
         placement,
     )?;
     drop(guard);
-    deferred.complete(&services.storage).await
+    deferred.complete(&services.storage).await?;
+    rooms.audit_membership(room_id, target, sender, "invite", None);
+    Ok(())
 }

@@ -76,7 +76,12 @@ pub async fn join_remote(
     let mut last_error = None;
     for server in servers {
         match join_through(services, server, room_id, user, profile, reason).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                services
+                    .rooms
+                    .audit_membership(room_id, user, user, "join", None);
+                return Ok(());
+            }
             Err(e) => {
                 tracing::info!(%room_id, %server, error = %e, "remote join failed");
                 let refusal = matches!(
@@ -457,7 +462,12 @@ pub async fn knock(
     let mut last = Error::not_found("This server is not in the room and knows no server to ask");
     for server in &servers {
         match knock_through(services, server, room_id, user, profile, reason).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                services
+                    .rooms
+                    .audit_membership(room_id, user, user, "knock", None);
+                return Ok(());
+            }
             Err(e) => last = e,
         }
     }
@@ -519,7 +529,12 @@ pub async fn leave(
     let mut last = None;
     for server in membership_origin(services, room_id, user)? {
         match leave_through(services, &server, room_id, user, reason).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                services
+                    .rooms
+                    .audit_membership(room_id, user, user, "leave", None);
+                return Ok(());
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -538,7 +553,11 @@ pub async fn leave(
     };
     services
         .rooms
-        .record_local_decline(room_id, user, &ur.event_id)
+        .record_local_decline(room_id, user, &ur.event_id)?;
+    services
+        .rooms
+        .audit_membership(room_id, user, user, "leave", Some("reject_locally"));
+    Ok(())
 }
 
 async fn leave_through(

@@ -78,6 +78,8 @@ pub struct Federation {
     /// Incoming `/send` transactions of one origin are handled one at a time (a retry waits for
     /// the first attempt and then gets its answer): one lock per hash bucket of origins.
     pub(crate) txn_locks: Vec<tokio::sync::Mutex<()>>,
+    /// The register of destinations contacted (every request goes through [`Self::route_to`]).
+    pub(crate) register: Option<Arc<crate::policy::register::Register>>,
 }
 
 impl Federation {
@@ -118,7 +120,14 @@ impl Federation {
             globals,
             storage,
             policy: crate::policy::Policy::new(config),
+            register: None,
         })
+    }
+
+    /// Count every destination contacted in `register`.
+    pub fn with_register(mut self, register: Arc<crate::policy::register::Register>) -> Self {
+        self.register = Some(register);
+        self
     }
 
     /// The client and base URL for `server`, if the policy lets us talk to it. Discovered
@@ -126,6 +135,9 @@ impl Federation {
     /// server's own network.
     pub(crate) async fn route_to(&self, server: &ServerName) -> Result<Route> {
         self.policy.may_federate_with(server)?;
+        if let Some(register) = &self.register {
+            register.contact(crate::policy::register::FEDERATION, server.as_str());
+        }
         let dest = self.destinations.base_url(server).await?;
         if dest.pinned {
             return Ok(Route {

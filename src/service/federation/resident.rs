@@ -350,6 +350,10 @@ pub async fn receive_invite(
     if !is_resident(&services.rooms, room_id)? {
         store_remote_invite(services, &incoming, &target, stripped)?;
     }
+    // The address and agent on record are the inviting server's (the request came from it).
+    services
+        .rooms
+        .audit_membership(room_id, &target, &incoming.pdu.sender, "invite", None);
     Ok(signed)
 }
 

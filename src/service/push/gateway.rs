@@ -172,6 +172,14 @@ async fn deliver(
         return Ok(());
     };
     let url_ok = url_allowed(url, allow);
+    // The gateway as the register of destinations names it: host and port.
+    let gateway = reqwest::Url::parse(url).ok().and_then(|u| {
+        let host = u.host_str()?.to_owned();
+        Some(match u.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        })
+    });
     // Only notifications whose event is durable (below the watermark) are pushed.
     let watermark = s.globals.counter.watermark();
     let mut cursor = pusher.cursor;
@@ -181,6 +189,10 @@ async fn deliver(
         }
         let delivered = if url_ok {
             let body = payload(s, pusher, &n)?;
+            if let Some(host) = &gateway {
+                s.register
+                    .contact(crate::policy::register::PUSH_GATEWAY, host);
+            }
             match client.post(url).json(&body).send().await {
                 Ok(resp) if resp.status().is_success() => {
                     let answer = bounded_json(resp).await;

@@ -129,6 +129,7 @@ impl Rooms {
             creator.as_str(),
             member_content("join", Some(profile), None),
         ))?;
+        self.audit_membership(&room_id, creator, creator, "join", Some("create"));
 
         // 3. Power levels, with the override applied on top.
         let mut users = Map::new();

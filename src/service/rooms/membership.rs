@@ -148,6 +148,7 @@ impl Rooms {
         let event = NewEvent::state("m.room.member", user.as_str(), content);
         self.append_locked(room_id, user, event, None)
             .map_err(|e| refusal(e, "You are not allowed to join this room"))?;
+        self.audit_membership(room_id, user, user, "join", None);
         Ok(())
     }
 
@@ -176,6 +177,7 @@ impl Rooms {
         );
         self.append_locked(room_id, user, event, None)
             .map_err(|e| refusal(e, "This room does not accept knocks"))?;
+        self.audit_membership(room_id, user, user, "knock", None);
         Ok(())
     }
 
@@ -215,6 +217,7 @@ impl Rooms {
         let event = NewEvent::state("m.room.member", target.as_str(), content);
         self.append_locked(room_id, sender, event, None)
             .map_err(|e| refusal(e, "You may not invite users to this room"))?;
+        self.audit_membership(room_id, target, sender, "invite", None);
         Ok(())
     }
 
@@ -239,6 +242,7 @@ impl Rooms {
             member_content("leave", None, reason),
         );
         self.append_locked(room_id, user, event, None)?;
+        self.audit_membership(room_id, user, user, "leave", None);
         Ok(())
     }
 
@@ -279,6 +283,12 @@ impl Rooms {
         );
         self.append_locked(room_id, sender, event, None)
             .map_err(|e| refusal(e, "You do not have the power to do this"))?;
+        let name = match action {
+            Moderation::Kick => "kick",
+            Moderation::Ban => "ban",
+            Moderation::Unban => "unban",
+        };
+        self.audit_membership(room_id, target, sender, membership, Some(name));
         Ok(())
     }
 

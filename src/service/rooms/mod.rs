@@ -122,6 +122,9 @@ pub struct Rooms {
     pub(crate) pending_pushes: Arc<crate::service::push::PendingPushes>,
     /// Wakes the federation sender once queued events are durable.
     pub(crate) federation_wake: Arc<crate::service::federation::sender::Wake>,
+    /// The audit log, for local users' membership changes (written by the membership
+    /// operations, not by the event write path).
+    pub(crate) audit: Option<Arc<crate::policy::audit::AuditLog>>,
 }
 
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
@@ -144,7 +147,43 @@ impl Rooms {
             locks: Mutex::new(HashMap::new()),
             joined_cache: Mutex::new(HashMap::new()),
             auth_cache: Mutex::new(HashMap::new()),
+            audit: None,
         }
+    }
+
+    /// Write local users' membership changes to `audit`.
+    pub fn with_audit(mut self, audit: Arc<crate::policy::audit::AuditLog>) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Audit a membership change of `target` (`membership`: join, leave, invite, knock, ban;
+    /// `action` says kick/unban/reject where `membership` alone does not) made by `sender`,
+    /// when either of them is a local user.
+    pub(crate) fn audit_membership(
+        &self,
+        room_id: &RoomId,
+        target: &UserId,
+        sender: &UserId,
+        membership: &str,
+        action: Option<&str>,
+    ) {
+        let Some(audit) = &self.audit else { return };
+        let local = &self.globals.server_name;
+        if target.server_name() != local && sender.server_name() != local {
+            return;
+        }
+        let mut e = audit.entry("membership", Some(target.as_str()), None);
+        e.room = Some(room_id.to_string());
+        let mut detail = serde_json::json!({ "membership": membership });
+        if sender != target {
+            detail["sender"] = serde_json::json!(sender);
+        }
+        if let Some(a) = action {
+            detail["action"] = serde_json::json!(a);
+        }
+        e.detail = detail;
+        audit.note(e);
     }
 
     /// Take the room's write lock. Hold it across every event of one logical operation.
