@@ -4,6 +4,9 @@
 //! plug into these same hooks.
 
 pub mod audit;
+pub mod erasure;
+pub mod export;
+pub mod report;
 
 use ruma::UserId;
 

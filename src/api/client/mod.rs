@@ -4,6 +4,7 @@ mod account;
 mod account_data;
 mod admin;
 mod alias;
+mod data_rights;
 mod dehydrated;
 mod devices;
 pub(crate) mod directory;
@@ -76,6 +77,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = dehydrated::routes(r);
     let r = voip::routes(r);
     let r = admin::routes(r);
+    let r = data_rights::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);
     r
