@@ -553,9 +553,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         }
     }
     if let Some(p) = &c.privacy_notice {
-        if p.url.is_empty() || p.version.is_empty() || p.version.len() > 64 || p.url.len() > 2048 {
+        let web = p.url.starts_with("https://") || p.url.starts_with("http://");
+        if !web || p.version.is_empty() || p.version.len() > 64 || p.url.len() > 2048 {
             return Err(ConfigError::Invalid(
-                "privacy_notice: needs a non-empty `url` and `version` (at most 64 characters)"
+                "privacy_notice: needs an http(s) `url` and a non-empty `version` (at most 64 characters)"
                     .into(),
             ));
         }
