@@ -375,8 +375,7 @@ async fn erasure_removes_the_text_from_disk_and_redacts_for_others() {
             String::from_utf8_lossy(needle)
         );
     }
-    // A deactivated account cannot be erased twice by its token; the admin API (Synapse's path)
-    // refuses non-admins.
+    // The admin API (Synapse's path) refuses non-admins.
     let carol = server.user("carol").await;
     let (status, body) = server
         .post(
@@ -424,6 +423,18 @@ async fn admin_erasure_at_synapses_path() {
         b"admin-erased-3c4d",
     );
     assert!(found.is_empty(), "{found:?}");
+    // The admin's own audit entry names the erased user by pseudonym only.
+    let s = server.services();
+    let alias = hafen::policy::erasure::pseudonym(s, &uid(&alice.user_id));
+    let actions = s
+        .audit
+        .query(0, u64::MAX, 100, None, |e| e.kind == "admin_action")
+        .expect("audit")
+        .0;
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(actions[0].user.as_deref(), Some(admin.user_id.as_str()));
+    assert_eq!(actions[0].detail["target"], alias);
+    assert_eq!(actions[0].detail["erase"], true);
     server.stop().await;
 }
 

@@ -132,7 +132,16 @@ async fn admin_deactivate(
         kind: "admin_action".to_owned(),
         user: Some(who.user_id.to_string()),
         device: Some(who.device_id.to_string()),
-        detail: json!({ "action": "deactivate", "erase": erase }),
+        // An erased user is named by their pseudonym only, here too.
+        detail: json!({
+            "action": "deactivate",
+            "erase": erase,
+            "target": if erase {
+                crate::policy::erasure::pseudonym(&s, &user)
+            } else {
+                user.to_string()
+            },
+        }),
         ..AuditEntry::default()
     })?;
     crate::policy::erasure::deactivate(&s, &user, erase).await?;
