@@ -222,36 +222,13 @@ fn rotate_key(config: config::Config) -> Result<(), String> {
 
 /// `hafen audit`: the compliance report from the config and the database.
 fn audit(config: config::Config, json: bool) -> ExitCode {
-    let storage = match Storage::open(&config.database_path, 8, false) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("hafen: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let report = match hafen::policy::report::compliance_report(&config, Some(&storage)) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("hafen: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("hafen: {e}");
-                return ExitCode::from(2);
-            }
-        }
+    let (code, text) = hafen::policy::report::run_audit(&config, json);
+    if code == 2 {
+        eprint!("{text}");
     } else {
-        print!("{}", report.to_text());
+        print!("{text}");
     }
-    if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    ExitCode::from(code)
 }
 
 /// Open the database for an admin command; refuses while a server holds it.

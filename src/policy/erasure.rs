@@ -1,7 +1,9 @@
 //! Erasure of a user (GDPR Art. 17, REQUIREMENTS.md A6): deactivation with `erase: true`.
 //!
 //! In the order that keeps the rooms working and the remote copies in step:
-//! 1. every message the user sent in a room they are still joined to is redacted by a real
+//! 1. their display name and avatar are removed (new membership events without them); then
+//!    every message the user sent, and each of their superseded membership events, in a room
+//!    they are still joined to is redacted by a real
 //!    `m.room.redaction` sent as the user (the auth rules let a member redact their own events),
 //!    through the normal write path, so the rooms' other servers redact their copies too; in rooms
 //!    they already left the local copy is stripped the same way (no event can be sent there);
@@ -48,13 +50,19 @@ pub fn pseudonym(services: &Services, user: &UserId) -> String {
     )
 }
 
-/// The events `user` sent in `room` that still carry content worth removing: not state (the
-/// room's state must stay authorizable), not redactions, not already redacted.
+/// The events `user` sent in `room` that still carry content worth removing: their messages
+/// (not redactions, not already redacted) and their superseded membership events (which carry
+/// their display name and avatar of the time; redaction keeps the membership the auth rules
+/// need). Other state (names, topics, power levels) belongs to the room and stays; so does the
+/// current membership event.
 fn user_events(
     services: &Services,
     room: &RoomId,
     user: &UserId,
 ) -> Result<Vec<ruma::OwnedEventId>> {
+    let current_member = services
+        .rooms
+        .state_event_id(room, "m.room.member", user.as_str())?;
     let prefix = keys::prefix(&[room.as_str()]);
     let mut out = Vec::new();
     for entry in services
@@ -67,8 +75,11 @@ fn user_events(
         let Some(pdu) = services.rooms.pdu(&id)? else {
             continue;
         };
+        let own_old_membership = pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && pdu.state_key.as_deref() == Some(user.as_str())
+            && current_member.as_deref() != Some(&*pdu.event_id);
         if pdu.sender != user
-            || pdu.state_key.is_some()
+            || (pdu.state_key.is_some() && !own_old_membership)
             || pdu.kind == ruma::events::TimelineEventType::RoomRedaction
             || pdu
                 .unsigned
@@ -80,6 +91,14 @@ fn user_events(
         // Already stripped by an earlier erasure: nothing left.
         if pdu.content.get() == "{}" {
             continue;
+        }
+        // A membership event that never carried more than the membership has nothing to hide.
+        if own_old_membership {
+            let content: serde_json::Map<String, Value> =
+                serde_json::from_str(pdu.content.get()).unwrap_or_default();
+            if content.keys().all(|k| k == "membership") {
+                continue;
+            }
         }
         out.push(pdu.event_id);
     }
@@ -97,6 +116,15 @@ pub async fn deactivate(
         return Ok(None);
     }
     let mut summary = ErasureSummary::default();
+    // Display name and avatar first: every joined room gets a membership event without them, so
+    // the older ones (which carry them) are superseded and redacted below.
+    for field in ["displayname", "avatar_url"] {
+        if services.profiles.get(user, field)?.is_some() {
+            if let Err(e) = crate::service::profile::set_field(services, user, field, None).await {
+                tracing::warn!(%user, field, error = %e, "could not clear profile field while erasing");
+            }
+        }
+    }
     for (room_id, room) in services.rooms.user_rooms(user)? {
         let events = user_events(services, &room_id, user)?;
         let joined = room.membership == "join";

@@ -262,7 +262,10 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
     if config.audit_ip_mode == crate::policy::audit::IpMode::Keep {
         short.push("audit log keeps full IP addresses (`audit_ip_mode = \"keep\"`)".into());
     }
-    let mut met = vec![format!("audit log on, IP mode {:?}", config.audit_ip_mode)];
+    let mut met = vec![format!(
+        "audit log on, IP addresses kept as: {}",
+        format!("{:?}", config.audit_ip_mode).to_lowercase()
+    )];
     if let Some(d) = &db {
         if !d.audit_entries_seen {
             met.push("no audit entries recorded yet".into());
@@ -326,7 +329,7 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         id: "D5",
         requirement: "security updates",
         status: Status::Info,
-        findings: vec!["dependency audit in CI; upgrade path in docs/deploy.md".into()],
+        findings: vec!["the operator's update schedule; the server cannot check it".into()],
     });
     let ok = rows.iter().all(|r| r.status != Status::FallsShort);
     Ok(Report {
@@ -358,4 +361,27 @@ impl Report {
         });
         out
     }
+}
+
+/// `hafen audit`: open the database (read-only use; the server must be stopped), build the
+/// report, and return the exit code (0 all met, 1 something falls short, 2 error) with the text
+/// (or JSON) to print.
+pub fn run_audit(config: &Config, json: bool) -> (u8, String) {
+    let storage = match Storage::open(&config.database_path, 8, false) {
+        Ok(s) => s,
+        Err(e) => return (2, format!("hafen: {e}\n")),
+    };
+    let report = match compliance_report(config, Some(&storage)) {
+        Ok(r) => r,
+        Err(e) => return (2, format!("hafen: {e}\n")),
+    };
+    let text = if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(t) => t + "\n",
+            Err(e) => return (2, format!("hafen: {e}\n")),
+        }
+    } else {
+        report.to_text()
+    };
+    (if report.ok { 0 } else { 1 }, text)
 }
