@@ -283,6 +283,18 @@ async fn erasure_removes_the_text_from_disk_and_redacts_for_others() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // A room alice already left: her message there can only be stripped locally.
+    let left_room = server.create_room(&bob, json!({})).await;
+    server.invite_and_join(&bob, &alice, &left_room).await;
+    let left_event = say(&server, &alice, &left_room, "unique-left-room-text-e4f5").await;
+    let (status, _) = server
+        .post(
+            &format!("{V3}/rooms/{}/leave", enc(&left_room)),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
     let audit_before = server
         .services()
         .audit
@@ -320,6 +332,14 @@ async fn erasure_removes_the_text_from_disk_and_redacts_for_others() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["content"]["body"], "bob stays");
+    let (status, body) = server
+        .get(
+            &format!("{V3}/rooms/{}/event/{}", enc(&left_room), enc(&left_event)),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["content"], json!({}));
     // Alice left the room.
     let (status, body) = server
         .get(
@@ -377,6 +397,7 @@ async fn erasure_removes_the_text_from_disk_and_redacts_for_others() {
         b"unique-media-bytes-a1b2c3",
         b"unique-account-data-77e1",
         b"unique-display-name-c0ffee",
+        b"unique-left-room-text-e4f5",
     ] {
         let found = files_containing(&db, needle);
         assert!(
