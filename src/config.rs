@@ -103,6 +103,10 @@ pub struct Config {
     /// What `/.well-known/matrix/client` and `/.well-known/matrix/server` answer.
     #[serde(default)]
     pub well_known: WellKnown,
+    /// The operator's privacy notice (REQUIREMENTS.md A1). When set, registration requires
+    /// accepting it (`m.login.terms`) and the accepted version is recorded.
+    #[serde(default)]
+    pub privacy_notice: Option<PrivacyNotice>,
     /// Rate limits per user and per IP.
     #[serde(default)]
     pub rate_limits: RateLimits,
@@ -182,6 +186,19 @@ pub struct WellKnown {
     /// `/.well-known/matrix/support`: the admin contact's Matrix id and/or email address.
     pub support_mxid: Option<String>,
     pub support_email: Option<String>,
+}
+
+/// The privacy notice users accept at registration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyNotice {
+    /// Where the notice is published (an `https://` page of the operator).
+    pub url: String,
+    /// Its version; a new version is a new notice to accept.
+    pub version: String,
+    /// Its title as clients show it; default "Privacy notice".
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -494,6 +511,11 @@ impl Config {
         c.turn_username = Some(String::new());
         c.turn_password = Some(String::new());
         c.policy_hook = Some(crate::policy::hook::PolicyHookConfig::default());
+        c.privacy_notice = Some(PrivacyNotice {
+            url: String::new(),
+            version: String::new(),
+            name: Some(String::new()),
+        });
         c
     }
 
@@ -555,6 +577,15 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::Invalid(format!(
                 "rate_limits.{name}: per_second must be > 0 and burst >= 1"
             )));
+        }
+    }
+    if let Some(p) = &c.privacy_notice {
+        let web = p.url.starts_with("https://") || p.url.starts_with("http://");
+        if !web || p.version.is_empty() || p.version.len() > 64 || p.url.len() > 2048 {
+            return Err(ConfigError::Invalid(
+                "privacy_notice: needs an http(s) `url` and a non-empty `version` (at most 64 characters)"
+                    .into(),
+            ));
         }
     }
     if let Some(t) = &c.registration_token {

@@ -33,6 +33,13 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Check the config and the database against REQUIREMENTS.md, row by row (run while the
+    /// server is stopped). Exit 0 when every row is met, 1 when one falls short, 2 on errors.
+    Audit {
+        /// Print the report as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the server's signing key (run while the server is stopped).
     Key {
         #[command(subcommand)]
@@ -146,13 +153,18 @@ fn main() -> ExitCode {
         tracing::warn!("{w}");
     }
     let config = loaded.config;
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Audit { json } = command {
+        return audit(config, json);
+    }
+    let result = match command {
         Command::Serve => serve(config),
         Command::User { command } => user_command(config, command),
         Command::Token { command } => token_command(config, command),
         Command::Key {
             command: KeyCommand::Rotate,
         } => rotate_key(config),
+        Command::Audit { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -206,6 +218,17 @@ fn rotate_key(config: config::Config) -> Result<(), String> {
         hafen::service::globals::SigningKey::rotate(&storage).map_err(|e| e.to_string())?;
     println!("new signing key {key_id}; the previous one is published as an old key");
     Ok(())
+}
+
+/// `hafen audit`: the compliance report from the config and the database.
+fn audit(config: config::Config, json: bool) -> ExitCode {
+    let (code, text) = hafen::policy::report::run_audit(&config, json);
+    if code == 2 {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+    ExitCode::from(code)
 }
 
 /// Open the database for an admin command; refuses while a server holds it.

@@ -314,7 +314,7 @@ impl AuditLog {
     }
 
     /// The secret the `hash` mode keys with, made on first use and kept in the database.
-    fn hash_key(&self) -> Vec<u8> {
+    pub(crate) fn hash_key(&self) -> Vec<u8> {
         const ROW: &[u8] = b"audit_ip_key";
         if let Ok(Some(k)) = self.storage.get(Table::Global, ROW) {
             return k;

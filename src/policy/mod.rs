@@ -5,9 +5,12 @@
 
 pub mod access;
 pub mod audit;
+pub mod erasure;
+pub mod export;
 pub mod groups;
 pub mod hook;
 pub mod register;
+pub mod report;
 
 use ruma::UserId;
 

@@ -33,6 +33,9 @@ pub struct UserRecord {
     /// (`M_USER_SUSPENDED`).
     #[serde(default)]
     pub suspended: bool,
+    /// The version of the privacy notice the user accepted at registration, and when (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_notice_accepted: Option<(String, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -363,6 +366,7 @@ impl Accounts {
             created_ms: utils::now_ms(),
             locked: false,
             suspended: false,
+            privacy_notice_accepted: None,
         };
         let mut b = self.storage.batch();
         self.put_user(&mut b, user_id, &rec)?;
@@ -697,6 +701,17 @@ impl Accounts {
         Ok(())
     }
 
+    /// Record which privacy notice version the user accepted.
+    pub fn set_privacy_notice_accepted(&self, user_id: &UserId, version: &str) -> Result<()> {
+        let mut rec = self
+            .user(user_id)?
+            .ok_or_else(|| Error::not_found("Unknown user"))?;
+        rec.privacy_notice_accepted = Some((version.to_owned(), utils::now_ms()));
+        let mut b = self.storage.batch();
+        self.put_user(&mut b, user_id, &rec)?;
+        b.commit()
+    }
+
     /// Deactivate: no more logins, every device logged out, password removed.
     pub fn deactivate(&self, user_id: &UserId) -> Result<()> {
         self.remove_all_devices(user_id, None)?;
@@ -876,7 +891,34 @@ pub fn registration_flows(services: &crate::service::Services) -> Result<Vec<Vec
     if registration_tokens_enabled(services)? {
         flows.push(vec!["m.login.registration_token"]);
     }
+    // With a privacy notice configured, every flow ends with accepting it (A1).
+    if services.config.privacy_notice.is_some() {
+        for f in &mut flows {
+            f.push("m.login.terms");
+        }
+    }
     Ok(flows)
+}
+
+/// The `params` of the `m.login.terms` stage (the spec's terms auth type): the privacy notice as
+/// the one policy, or nothing when none is configured.
+pub fn terms_params(services: &crate::service::Services) -> serde_json::Value {
+    match &services.config.privacy_notice {
+        Some(p) => serde_json::json!({
+            "m.login.terms": {
+                "policies": {
+                    "privacy_notice": {
+                        "version": p.version,
+                        "en": {
+                            "name": p.name.as_deref().unwrap_or("Privacy notice"),
+                            "url": p.url,
+                        }
+                    }
+                }
+            }
+        }),
+        None => serde_json::json!({}),
+    }
 }
 
 /// Registration tokens work when one is configured or one was created with `hafen token create`.
@@ -960,12 +1002,21 @@ pub fn register(
                     ))
                 }
             }
+            "m.login.terms" if services.config.privacy_notice.is_some() => Ok(Some((
+                "privacy_notice_version".to_owned(),
+                services
+                    .config
+                    .privacy_notice
+                    .as_ref()
+                    .map(|p| p.version.clone())
+                    .unwrap_or_default(),
+            ))),
             _ => Err(Error::forbidden("Stage not allowed")),
         }
     };
     let session = services.uiaa.run(
         &flows,
-        serde_json::json!({}),
+        terms_params(services),
         r.auth.as_ref(),
         None,
         &mut check,
@@ -976,6 +1027,15 @@ pub fn register(
         if configured != Some(token.as_str()) {
             accounts.use_registration_token(token)?;
         }
+    }
+    if let Some(version) = session.data.get("privacy_notice_version") {
+        accounts.set_privacy_notice_accepted(&user_id, version)?;
+        services.audit.record(crate::policy::audit::AuditEntry {
+            kind: "privacy_notice_accepted".to_owned(),
+            user: Some(user_id.to_string()),
+            detail: serde_json::json!({ "version": version }),
+            ..Default::default()
+        })?;
     }
     crate::service::profile_defaults(services, &user_id)?;
     if r.inhibit_login {

@@ -217,6 +217,30 @@ impl Storage {
         self.db.flush_wal(true)?;
         Ok(())
     }
+
+    /// Make deleted data physically gone: flush every table's memtable (so the WAL files that
+    /// held the old values become obsolete and are deleted), then compact every table fully,
+    /// down to the bottom level, so overwritten values and tombstones are dropped from the SST
+    /// files. Slow on a big database; erasure and purges call it after their deletes.
+    pub fn compact_all(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        let mut flush = rocksdb::FlushOptions::default();
+        flush.set_wait(true);
+        for table in Table::ALL {
+            self.db.flush_cf_opt(self.cf(*table)?, &flush)?;
+        }
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        opts.set_exclusive_manual_compaction(true);
+        for table in Table::ALL {
+            self.db
+                .compact_range_cf_opt(self.cf(*table)?, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        // The default column family is unused but holds a WAL reference too.
+        self.db.flush_opt(&flush)?;
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
 }
 
 /// An atomic set of writes. Nothing is visible until [`Batch::commit`]; then all of it is.

@@ -10,6 +10,7 @@ mod crash;
 mod directory;
 mod discovery;
 mod e2ee;
+mod erasure;
 mod federation_auth;
 mod federation_e2ee;
 mod federation_events;

@@ -283,10 +283,10 @@ async fn deactivate(
     Authed(id): Authed,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    opt_bool(&body, "erase")?;
+    let erase = opt_bool(&body, "erase")?.unwrap_or(false);
     s.uiaa
         .password_reauth(&s.accounts, &id.user_id, body.get("auth"))?;
-    accounts::deactivate_account(&s, &id.user_id).await?;
+    crate::policy::erasure::deactivate(&s, &id.user_id, erase).await?;
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }
 

@@ -5,6 +5,7 @@ mod account_data;
 mod admin;
 mod admin_api;
 mod alias;
+mod data_rights;
 mod dehydrated;
 mod devices;
 pub(crate) mod directory;
@@ -80,6 +81,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = admin::routes(r);
     let r = groups::routes(r);
     let r = admin_api::routes(r);
+    let r = data_rights::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);
     r

@@ -6,6 +6,7 @@
 //! Media of other servers arrives with federation: until then it is "not found".
 
 pub mod addr;
+pub mod erase;
 pub mod preview;
 pub mod store;
 pub mod thumbnail;

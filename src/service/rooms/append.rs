@@ -803,6 +803,35 @@ impl Rooms {
         redaction: &Pdu,
         rules: &RoomVersionRules,
     ) -> Result<()> {
+        self.strip_stored(
+            batch,
+            room_id,
+            target_id,
+            Some(redaction.to_client_value(None)),
+            rules,
+        )
+    }
+
+    /// Erasure of a user who already left a room: strip their event in storage as a redaction
+    /// would (they can no longer send one there), without a redaction event.
+    pub async fn erase_stored(&self, room_id: &RoomId, target_id: &ruma::EventId) -> Result<()> {
+        let rules = rules_for(&self.version(room_id)?)?;
+        let _guard = self.lock(room_id).await;
+        let mut batch = self.storage.batch();
+        self.strip_stored(&mut batch, room_id, target_id, None, &rules)?;
+        batch.commit()
+    }
+
+    /// Replace the stored target with its redacted form; `because` (the redaction) is kept in
+    /// `unsigned.redacted_because`.
+    fn strip_stored(
+        &self,
+        batch: &mut crate::storage::Batch,
+        room_id: &RoomId,
+        target_id: &ruma::EventId,
+        because: Option<Value>,
+        rules: &RoomVersionRules,
+    ) -> Result<()> {
         let Some(bytes) = self.storage.get(Table::Pdus, target_id.as_bytes())? else {
             return Ok(());
         };
@@ -818,7 +847,6 @@ impl Rooms {
         }
         let unsigned = value.as_object_mut().and_then(|o| o.remove("unsigned"));
         let obj = to_canonical(value)?;
-        let because = redaction.to_client_value(None);
         let mut redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
             .map_err(|e| Error::internal(format!("redact: {e}")))?;
         let mut out = serde_json::to_value(&redacted.clone())?;
@@ -836,7 +864,9 @@ impl Rooms {
                 new_unsigned.insert("replaces_state".into(), r.clone());
             }
         }
-        new_unsigned.insert("redacted_because".into(), because);
+        if let Some(because) = because {
+            new_unsigned.insert("redacted_because".into(), because);
+        }
         out["unsigned"] = Value::Object(new_unsigned);
         batch.put(
             Table::Pdus,
