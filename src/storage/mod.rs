@@ -217,6 +217,57 @@ impl Storage {
         self.db.flush_wal(true)?;
         Ok(())
     }
+
+    /// Write every table's memtable to its SST files and wait for it. Afterwards no write-ahead
+    /// log file holds anything the tables do not: RocksDB starts a new log at the flush and
+    /// deletes the old ones (logs are neither recycled nor archived here), so a value that was
+    /// overwritten or deleted before the flush is no longer in any log file.
+    pub fn flush_all(&self) -> Result<()> {
+        let cfs = Table::ALL
+            .iter()
+            .map(|t| self.cf(*t))
+            .collect::<Result<Vec<_>>>()?;
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &opts)?;
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Compact the keys of `table` in `[from, to]` (`None`: from the first / to the last key)
+    /// down to the last level, so that overwritten values and deleted keys are dropped from the
+    /// SST files (a delete only writes a tombstone; the old value stays on disk until a
+    /// compaction meets both). Blocking: call from a blocking thread.
+    pub fn compact_range(
+        &self,
+        table: Table,
+        from: Option<&[u8]>,
+        to: Option<&[u8]>,
+    ) -> Result<()> {
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_exclusive_manual_compaction(true);
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(self.cf(table)?, from, to, &opts);
+        Ok(())
+    }
+
+    /// Make deletions physical: flush every memtable (old log files go), then compact `tables`
+    /// whole (old SST versions go), then flush again. Once this returns, a value deleted or
+    /// overwritten before the call is in no file of the database directory. This is the
+    /// physical-deletion step of retention, admin purges, room deletion and erasure. Blocking.
+    pub fn erase_deleted(&self, tables: &[Table]) -> Result<()> {
+        self.flush_all()?;
+        for table in tables {
+            self.compact_range(*table, None, None)?;
+        }
+        self.flush_all()
+    }
+
+    /// [`Storage::erase_deleted`] over every table.
+    pub fn compact_all(&self) -> Result<()> {
+        self.erase_deleted(Table::ALL)
+    }
 }
 
 /// An atomic set of writes. Nothing is visible until [`Batch::commit`]; then all of it is.

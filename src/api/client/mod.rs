@@ -26,6 +26,7 @@ mod search;
 mod session;
 mod space;
 mod state;
+mod synapse_admin;
 mod sync;
 mod thirdparty;
 mod typing;
@@ -76,6 +77,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = dehydrated::routes(r);
     let r = voip::routes(r);
     let r = admin::routes(r);
+    let r = synapse_admin::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);
     r

@@ -7,6 +7,7 @@
 
 pub mod addr;
 pub mod preview;
+mod retention;
 pub mod store;
 pub mod thumbnail;
 
