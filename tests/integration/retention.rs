@@ -236,6 +236,36 @@ async fn room_retention_purges_expired_messages_from_disk_and_apis() {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
 
+    let txn = hafen::utils::random_string(12);
+    let (status, v) = s
+        .put(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+                enc(&room)
+            ),
+            &alice,
+            json!({
+                "msgtype": "m.text", "body": format!("thread on {secret}"),
+                "m.relates_to": { "rel_type": "m.thread", "event_id": event_id }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let threads_path = format!("/_matrix/client/v1/rooms/{}/threads", enc(&room));
+    let (status, v) = s.get(&threads_path, &bob).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["chunk"].as_array().map(Vec::len), Some(1), "{v}");
+    let (status, v) = s.get("/_matrix/client/v3/notifications", &bob).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v.to_string().contains(&event_id), "{v}");
+    let (status, v) = s.get("/_matrix/client/v3/sync", &bob).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["rooms"]["join"][&room]["unread_notifications"]["notification_count"],
+        json!(3),
+        "{v}"
+    );
+
     // Before: the text is on disk and found by search. Flushed, it is in an SST file too (a
     // compaction must drop that old version, not only a new log file replace the old one).
     assert!(!found_anywhere(&s, &secret).is_empty());
@@ -251,11 +281,32 @@ async fn room_retention_purges_expired_messages_from_disk_and_apis() {
     let report = retention::purge_expired(s.services(), hafen::utils::now_ms())
         .await
         .expect("purge");
-    assert_eq!(report.events, 2, "{report:?}");
+    assert_eq!(report.events, 3, "{report:?}");
     assert_eq!(report.rooms, 1);
 
     assert_eq!(found_anywhere(&s, &secret), Vec::<String>::new());
     assert_gone_from_apis(&s, &bob, &room, &event_id, &secret).await;
+    let (status, v) = s.get(&threads_path, &bob).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["chunk"], json!([]), "{v}");
+    let (status, v) = s.get("/_matrix/client/v3/notifications", &bob).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // (The invite, a state event, is still there.)
+    let listed: Vec<&Value> = v["notifications"]
+        .as_array()
+        .map(|a| a.iter().map(|n| &n["event"]["event_id"]).collect())
+        .unwrap_or_default();
+    assert_eq!(listed.len(), 1, "{v}");
+    assert!(!v.to_string().contains(&event_id), "{v}");
+    assert!(!v.to_string().contains(&secret), "{v}");
+    let (status, v) = s.get("/_matrix/client/v3/sync", &bob).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // Only the invite's notification is left to count.
+    assert_eq!(
+        v["rooms"]["join"][&room]["unread_notifications"]["notification_count"],
+        json!(1),
+        "{v}"
+    );
     // The younger message is untouched.
     let (status, v) = s
         .get(

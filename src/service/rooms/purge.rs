@@ -1,7 +1,7 @@
 //! Deleting room history for real: retention, the admin purge and room deletion.
 //!
 //! A purged message event leaves every index that serves events to clients (timeline, event
-//! meta, relations, threads, backfilled history), so `/sync`, `/messages`, `/context`, `/event`,
+//! meta, relations, threads, backfilled history, notifications and unread counts), so `/sync`, `/messages`, `/context`, `/event`,
 //! `/relations`, `/threads` and `/search` no longer find it. Its stored PDU is replaced by the
 //! redacted form (no content; ids, hashes and signatures stay): the room's DAG still links
 //! through it, so newer events' `prev_events`, federation's missing-event walks and a re-sent
@@ -30,6 +30,8 @@ pub const PURGED_TABLES: &[Table] = &[
     Table::ThreadRoots,
     Table::Backfill,
     Table::BackfillIndex,
+    Table::Notifications,
+    Table::PushUnread,
 ];
 
 /// Events purged per atomic batch (and per hold of the room's lock).
@@ -101,6 +103,22 @@ impl Rooms {
             )?;
             super::relations::unindex(batch, &value, meta.count)?;
             batch.delete(Table::EventMeta, event_id.as_bytes())?;
+            // Notifications and unread counts of the event (rows keyed by its count; only
+            // joined members have unread rows, leaving deletes them).
+            let server = &self.globals.server_name;
+            for user in self.joined_members(room_id)?.iter() {
+                if user.server_name() != server {
+                    continue;
+                }
+                let unread = keys::with_count(&[user.as_str(), room_id.as_str()], meta.count);
+                if self.storage.contains(Table::PushUnread, &unread)? {
+                    batch.delete(Table::PushUnread, &unread)?;
+                }
+                let notification = keys::with_count(&[user.as_str()], meta.count);
+                if self.storage.contains(Table::Notifications, &notification)? {
+                    batch.delete(Table::Notifications, &notification)?;
+                }
+            }
         }
         if !event_id.contains('\u{ff}') {
             // Its children's index rows: the children stay (until they expire themselves), but
