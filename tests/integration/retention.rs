@@ -783,3 +783,44 @@ async fn media_retention_deletes_files_when_unused() {
     assert_eq!(found_anywhere(&s, &secret), Vec::<String>::new());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_job_runs_by_itself() {
+    let s = TestServer::start_with(|c| c.retention.purge_interval = 1000).await;
+    let alice = s.user("alice").await;
+    let room = s
+        .create_room(
+            &alice,
+            json!({
+                "name": "Ephemeral",
+                "initial_state": [{
+                    "type": "m.room.retention", "state_key": "",
+                    "content": { "max_lifetime": 1 }
+                }]
+            }),
+        )
+        .await;
+    let secret = unique("job-secret");
+    let event_id = send_text(&s, &alice, &room, &secret).await;
+    let mut gone = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if search_count(&s, &alice, &secret).await == 0 {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the job did not purge within 10 s");
+    // The job compacts after its writes; give it the moment between the two.
+    let mut on_disk = found_anywhere(&s, &secret);
+    for _ in 0..50 {
+        if on_disk.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        on_disk = found_anywhere(&s, &secret);
+    }
+    assert_eq!(on_disk, Vec::<String>::new());
+    assert_gone_from_apis(&s, &alice, &room, &event_id, &secret).await;
+    s.stop().await;
+}

@@ -291,12 +291,13 @@ impl Rooms {
     pub fn delete_room_rows(&self, room_id: &RoomId) -> Result<usize> {
         let room = room_id.as_str();
         let prefix = keys::prefix(&[room]);
-        let members: Vec<String> = self
-            .storage
-            .scan_prefix(Table::RoomMembers, &prefix)?
-            .filter_map(|e| e.ok())
-            .filter_map(|(k, _)| keys::last_part(&k).map(str::to_owned))
-            .collect();
+        let mut members = Vec::new();
+        for entry in self.storage.scan_prefix(Table::RoomMembers, &prefix)? {
+            let (k, _) = entry?;
+            if let Some(user) = keys::last_part(&k) {
+                members.push(user.to_owned());
+            }
+        }
         let mut aliases = Vec::new();
         let mut batch = self.storage.batch();
         for entry in self.storage.scan_prefix(Table::RoomAliases, &prefix)? {
