@@ -230,6 +230,9 @@ impl Storage {
         let mut opts = rocksdb::FlushOptions::default();
         opts.set_wait(true);
         self.db.flush_cfs_opt(&cfs, &opts)?;
+        // The default column family (unused by Hafen, always there) too, so that nothing keeps
+        // an old log alive.
+        self.db.flush_opt(&opts)?;
         self.db.flush_wal(true)?;
         Ok(())
     }
