@@ -274,11 +274,14 @@ async fn room_retention_purges_expired_messages_from_disk_and_apis() {
     assert!(before.iter().any(|f| f.ends_with(".sst")), "{before:?}");
     assert!(search_count(&s, &bob, &secret).await >= 1);
 
-    // Expire it; a message sent now is younger than the lifetime and must stay.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The purge runs at a time when all of that has expired but a message sent later has not
+    // (the job's clock is injected: the same as waiting a second, without the wait).
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let expired_before = hafen::utils::now_ms();
+    tokio::time::sleep(Duration::from_millis(10)).await;
     let fresh = unique("fresh");
     let fresh_id = send_text(&s, &bob, &room, &fresh).await;
-    let report = retention::purge_expired(s.services(), hafen::utils::now_ms())
+    let report = retention::purge_expired(s.services(), expired_before + 1000)
         .await
         .expect("purge");
     assert_eq!(report.events, 3, "{report:?}");
@@ -748,7 +751,8 @@ async fn media_retention_deletes_files_when_unused() {
     let alice = s.user("alice").await;
     let secret = unique("media-secret");
     let (server, first) = upload(&s, &alice, secret.clone().into_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let first_done = hafen::utils::now_ms();
+    tokio::time::sleep(Duration::from_millis(10)).await;
     // The same bytes again: one file, two media.
     let (_, second) = upload(&s, &alice, secret.clone().into_bytes()).await;
     assert_eq!(
@@ -758,8 +762,9 @@ async fn media_retention_deletes_files_when_unused() {
     let files = files_containing(&s.services().config.media_dir(), secret.as_bytes());
     assert_eq!(files.len(), 1, "{files:?}");
 
-    // The first expired, the second not: the file stays for the second.
-    let report = retention::purge_expired(s.services(), hafen::utils::now_ms())
+    // Half a second after the first upload: the first expired, the second not, and the file
+    // stays for the second.
+    let report = retention::purge_expired(s.services(), first_done + 500)
         .await
         .expect("purge");
     assert_eq!(report.media, 1);
