@@ -140,7 +140,7 @@ pub async fn purge_expired(services: &Services, now: u64) -> Result<RunReport> {
     let mut report = RunReport::default();
     let mut deleted_rooms = false;
     for room_id in pending_deletions(services)? {
-        finish_deletion(services, &room_id)?;
+        finish_deletion(services, &room_id).await?;
         deleted_rooms = true;
     }
     for room_id in services.rooms.room_ids(MAX_ROOMS)? {
@@ -322,7 +322,7 @@ pub async fn delete_room(
     // The deletion is recorded first, so a crash part-way is finished by the next job run.
     let marker = keys::join(&[DELETING, room_id.as_str()]);
     services.storage.put(Table::Global, &marker, b"")?;
-    finish_deletion(services, room_id)?;
+    finish_deletion(services, room_id).await?;
     let storage = services.storage.clone();
     tokio::task::spawn_blocking(move || storage.compact_all())
         .await
@@ -383,8 +383,8 @@ fn pending_deletions(services: &Services) -> Result<Vec<OwnedRoomId>> {
     Ok(out)
 }
 
-fn finish_deletion(services: &Services, room_id: &RoomId) -> Result<()> {
-    services.rooms.delete_room_rows(room_id)?;
+async fn finish_deletion(services: &Services, room_id: &RoomId) -> Result<()> {
+    services.rooms.delete_room_rows(room_id).await?;
     let mut batch = services.storage.batch();
     batch.delete(Table::Global, &keys::join(&[DELETING, room_id.as_str()]))?;
     batch.commit()

@@ -829,3 +829,32 @@ async fn the_job_runs_by_itself() {
     assert_gone_from_apis(&s, &alice, &room, &event_id, &secret).await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_interrupted_room_deletion_is_finished_by_the_job() {
+    use hafen::storage::{keys, Table};
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = s.create_room(&alice, json!({ "name": "Half" })).await;
+    let secret = unique("half-deleted");
+    send_text(&s, &alice, &room, &secret).await;
+    // A crash right after the deletion was recorded: only its marker is on disk.
+    s.services()
+        .storage
+        .put(Table::Global, &keys::join(&["deleting_room", &room]), b"")
+        .expect("marker");
+    retention::purge_expired(s.services(), hafen::utils::now_ms())
+        .await
+        .expect("purge");
+    let (status, v) = s.get("/_matrix/client/v3/joined_rooms", &alice).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({ "joined_rooms": [] }));
+    assert_eq!(search_count(&s, &alice, &secret).await, 0);
+    assert_eq!(found_anywhere(&s, &secret), Vec::<String>::new());
+    // The next run has nothing left to finish.
+    let report = retention::purge_expired(s.services(), hafen::utils::now_ms())
+        .await
+        .expect("purge");
+    assert_eq!((report.rooms, report.events, report.media), (0, 0, 0));
+    s.stop().await;
+}

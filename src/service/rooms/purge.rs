@@ -286,9 +286,13 @@ impl Rooms {
     /// rows, receipts, aliases, directory entry, relations, threads, backfill, notifications),
     /// in bounded atomic batches. The first batch removes the room from the room list, the
     /// directory, its aliases and its members' room lists, so a crash part-way leaves no room
-    /// anyone can see; calling this again finishes the job (it is idempotent).
+    /// anyone can see; calling this again finishes the job (it is idempotent). Holds the room's
+    /// write lock throughout.
     /// Make it physical afterwards with `Storage::compact_all`.
-    pub fn delete_room_rows(&self, room_id: &RoomId) -> Result<usize> {
+    pub async fn delete_room_rows(&self, room_id: &RoomId) -> Result<usize> {
+        // No event of the room is written meanwhile (a send or an incoming event in flight
+        // finishes first; later ones find no room).
+        let _guard = self.lock(room_id).await;
         let room = room_id.as_str();
         let prefix = keys::prefix(&[room]);
         let mut members = Vec::new();
