@@ -85,6 +85,13 @@ pub struct Config {
     /// changes, and otherwise at most once per this many seconds.
     #[serde(default = "default_audit_connection_interval")]
     pub audit_connection_interval_secs: u64,
+    /// Message retention (D4): the lifetime of rooms without `m.room.retention`, the bounds a
+    /// room's policy is clamped into, and how often the purge job runs.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Media retention (D4): how long uploaded and cached remote media are kept.
+    #[serde(default)]
+    pub media_retention: MediaRetentionConfig,
     /// Presence (online/offline status) is off by default: it is personal data few need.
     #[serde(default)]
     pub allow_presence: bool,
@@ -199,6 +206,53 @@ pub struct PrivacyNotice {
     /// Its title as clients show it; default "Privacy notice".
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// `[global.retention]`: lifetimes in milliseconds, as `m.room.retention` (MSC1763) has them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Lifetime of messages in rooms without `m.room.retention` (ms). Unset: kept until a room
+    /// sets a policy.
+    #[serde(default)]
+    pub default_max_lifetime: Option<u64>,
+    /// Smallest lifetime a room's policy may ask for (ms); shorter ones are raised to it.
+    #[serde(default)]
+    pub allowed_min: Option<u64>,
+    /// Largest lifetime (ms): longer room policies are lowered to it, and it applies to rooms
+    /// without a policy too.
+    #[serde(default)]
+    pub allowed_max: Option<u64>,
+    /// How often the purge job runs (ms); it also purges media past `media_retention`.
+    #[serde(default = "default_purge_interval")]
+    pub purge_interval: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            default_max_lifetime: None,
+            allowed_min: None,
+            allowed_max: None,
+            purge_interval: default_purge_interval(),
+        }
+    }
+}
+
+fn default_purge_interval() -> u64 {
+    60 * 60 * 1000
+}
+
+/// `[global.media_retention]`: lifetimes in milliseconds; unset keeps media forever.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaRetentionConfig {
+    /// Media uploaded by this server's users, counted from the upload.
+    #[serde(default)]
+    pub local_max_lifetime: Option<u64>,
+    /// Other servers' media cached here, counted from when it was fetched.
+    #[serde(default)]
+    pub remote_max_lifetime: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -516,6 +570,11 @@ impl Config {
             version: String::new(),
             name: Some(String::new()),
         });
+        c.retention.default_max_lifetime = Some(0);
+        c.retention.allowed_min = Some(0);
+        c.retention.allowed_max = Some(0);
+        c.media_retention.local_max_lifetime = Some(0);
+        c.media_retention.remote_max_lifetime = Some(0);
         c
     }
 
@@ -561,6 +620,18 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid(
             "max_request_size: must be at least 1024 bytes".into(),
         ));
+    }
+    if c.retention.purge_interval < 1000 {
+        return Err(ConfigError::Invalid(
+            "retention.purge_interval: must be at least 1000 (milliseconds)".into(),
+        ));
+    }
+    if let (Some(min), Some(max)) = (c.retention.allowed_min, c.retention.allowed_max) {
+        if min > max {
+            return Err(ConfigError::Invalid(
+                "retention.allowed_min: must not be larger than retention.allowed_max".into(),
+            ));
+        }
     }
     if c.default_room_version.rules().is_none() {
         return Err(ConfigError::Invalid(format!(

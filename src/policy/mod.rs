@@ -11,6 +11,7 @@ pub mod groups;
 pub mod hook;
 pub mod register;
 pub mod report;
+pub mod retention;
 
 use ruma::UserId;
 
@@ -24,6 +25,8 @@ pub struct Policy {
     allow_public_room_directory: bool,
     allow_public_rooms_over_federation: bool,
     federation: FederationPolicy,
+    /// Room and message retention (D4): `retention.*` and rooms' `m.room.retention`.
+    pub retention: retention::RetentionPolicy,
 }
 
 /// Who the server federates with: nobody unless federation is on; then everybody, or only the
@@ -56,6 +59,7 @@ impl Policy {
                 allow: config.federation_allowlist.clone(),
                 deny: config.federation_denylist.clone(),
             },
+            retention: retention::RetentionPolicy::new(config),
         }
     }
 

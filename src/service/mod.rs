@@ -17,6 +17,7 @@ pub mod push;
 pub mod ratelimit;
 pub mod receipts;
 pub mod reports;
+pub mod retention;
 pub mod rooms;
 pub mod server_keys;
 pub mod sliding_sync;
@@ -61,6 +62,8 @@ pub struct Services {
     pub media: media::Media,
     /// Sliding sync connections (in memory) and its bump-stamp cache.
     pub sliding_sync: sliding_sync::SlidingSync,
+    /// The retention purge job's state: admin purges and room deletions in progress.
+    pub retention: retention::Retention,
 }
 
 impl Services {
@@ -125,6 +128,7 @@ impl Services {
             reports: reports::Reports::new(storage.clone()),
             media: media::Media::new(storage.clone(), &config)?,
             sliding_sync: sliding_sync::SlidingSync::default(),
+            retention: retention::Retention::default(),
             globals,
             storage,
             config,

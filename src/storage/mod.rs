@@ -218,28 +218,58 @@ impl Storage {
         Ok(())
     }
 
-    /// Make deleted data physically gone: flush every table's memtable (so the WAL files that
-    /// held the old values become obsolete and are deleted), then compact every table fully,
-    /// down to the bottom level, so overwritten values and tombstones are dropped from the SST
-    /// files. Slow on a big database; erasure and purges call it after their deletes.
-    pub fn compact_all(&self) -> Result<()> {
-        self.db.flush_wal(true)?;
-        let mut flush = rocksdb::FlushOptions::default();
-        flush.set_wait(true);
-        for table in Table::ALL {
-            self.db.flush_cf_opt(self.cf(*table)?, &flush)?;
-        }
-        let mut opts = rocksdb::CompactOptions::default();
-        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        opts.set_exclusive_manual_compaction(true);
-        for table in Table::ALL {
-            self.db
-                .compact_range_cf_opt(self.cf(*table)?, None::<&[u8]>, None::<&[u8]>, &opts);
-        }
-        // The default column family is unused but holds a WAL reference too.
-        self.db.flush_opt(&flush)?;
+    /// Write every table's memtable to its SST files and wait for it. Afterwards no write-ahead
+    /// log file holds anything the tables do not: RocksDB starts a new log at the flush and
+    /// deletes the old ones (logs are neither recycled nor archived here), so a value that was
+    /// overwritten or deleted before the flush is no longer in any log file.
+    pub fn flush_all(&self) -> Result<()> {
+        let cfs = Table::ALL
+            .iter()
+            .map(|t| self.cf(*t))
+            .collect::<Result<Vec<_>>>()?;
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        self.db.flush_cfs_opt(&cfs, &opts)?;
+        // The default column family (unused by Hafen, always there) too, so that nothing keeps
+        // an old log alive.
+        self.db.flush_opt(&opts)?;
         self.db.flush_wal(true)?;
         Ok(())
+    }
+
+    /// Compact the keys of `table` in `[from, to]` (`None`: from the first / to the last key)
+    /// down to the last level, so that overwritten values and deleted keys are dropped from the
+    /// SST files (a delete only writes a tombstone; the old value stays on disk until a
+    /// compaction meets both). Blocking: call from a blocking thread.
+    pub fn compact_range(
+        &self,
+        table: Table,
+        from: Option<&[u8]>,
+        to: Option<&[u8]>,
+    ) -> Result<()> {
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_exclusive_manual_compaction(true);
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(self.cf(table)?, from, to, &opts);
+        Ok(())
+    }
+
+    /// Make deletions physical: flush every memtable (old log files go), then compact `tables`
+    /// whole (old SST versions go), then flush again. Once this returns, a value deleted or
+    /// overwritten before the call is in no file of the database directory. This is the
+    /// physical-deletion step of retention, admin purges, room deletion and erasure. Blocking.
+    pub fn erase_deleted(&self, tables: &[Table]) -> Result<()> {
+        self.flush_all()?;
+        for table in tables {
+            self.compact_range(*table, None, None)?;
+        }
+        self.flush_all()
+    }
+
+    /// [`Storage::erase_deleted`] over every table.
+    pub fn compact_all(&self) -> Result<()> {
+        self.erase_deleted(Table::ALL)
     }
 }
 

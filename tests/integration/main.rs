@@ -24,6 +24,7 @@ mod media;
 mod push;
 mod relations;
 mod reports;
+mod retention;
 mod rooms;
 mod sdk_client;
 mod sdk_e2ee;

@@ -29,6 +29,7 @@ mod search;
 mod session;
 mod space;
 mod state;
+mod synapse_admin;
 mod sync;
 mod thirdparty;
 mod typing;
@@ -82,6 +83,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = groups::routes(r);
     let r = admin_api::routes(r);
     let r = data_rights::routes(r);
+    let r = synapse_admin::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);
     r

@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod erase;
 pub mod preview;
+mod retention;
 pub mod store;
 pub mod thumbnail;
 

@@ -15,6 +15,7 @@ pub mod membership;
 mod notify;
 pub mod pdu;
 mod power;
+pub mod purge;
 pub mod relations;
 mod remote;
 mod resolve;
