@@ -1,7 +1,8 @@
-//! The policy layer: every decision the law makes goes through here, at fixed hook points.
-//! Today it holds the privacy-protective defaults the config sets and who the server federates
-//! with; closed user groups, retention and the audit log arrive with the compliance issue and
-//! plug into these same hooks.
+//! The policy layer: every decision the law makes goes through here, at fixed hook points:
+//! the privacy-protective defaults the config sets, who the server federates with, closed user
+//! groups and the external policy hook (`access`, `groups`, `hook`), retention lifetimes
+//! (`retention`), and the record and rights around personal data (`audit`, `register`,
+//! `export`, `erasure`, `report`). Every denial is written to the audit log.
 
 pub mod access;
 pub mod audit;
