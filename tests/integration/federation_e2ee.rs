@@ -26,75 +26,9 @@ use serde_json::{json, Value};
 
 use crate::{
     common::{enc, free_port, start_federating, TestPki, TestServer, TestUser},
+    federation_rooms::{membership, say, wait_for, wait_membership},
     sdk_client::collect_texts,
 };
-
-/// Poll `GET path` as `user` until `pred` holds on the body (20 s at most).
-async fn wait_for(
-    server: &TestServer,
-    user: &TestUser,
-    path: &str,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..200 {
-        let (status, body) = server.get(path, user).await;
-        if status == StatusCode::OK && pred(&body) {
-            return body;
-        }
-        last = body;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}; last answer: {last}");
-}
-
-async fn say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> String {
-    let (status, body) = server
-        .put(
-            &format!(
-                "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
-                enc(room),
-                free_port()
-            ),
-            user,
-            json!({ "msgtype": "m.text", "body": text }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["event_id"].as_str().expect("event id").to_owned()
-}
-
-async fn membership(server: &TestServer, user: &TestUser, room: &str, who: &str) -> Value {
-    let (status, body) = server
-        .get(
-            &format!(
-                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
-                enc(room),
-                enc(who)
-            ),
-            user,
-        )
-        .await;
-    if status == StatusCode::OK {
-        body["membership"].clone()
-    } else {
-        Value::Null
-    }
-}
-
-async fn wait_membership(server: &TestServer, user: &TestUser, room: &str, who: &str, m: &str) {
-    for _ in 0..200 {
-        if membership(server, user, room, who).await == json!(m) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{who} never became {m} in {room} as seen by {}",
-        user.user_id
-    );
-}
 
 /// The text bodies of one `/messages` page (newest first), and its `end`.
 async fn page(

@@ -7,10 +7,10 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{start_federating, TestPki, TestServer, TestUser};
+use crate::common::{enc, start_federating, TestPki, TestServer, TestUser};
 
 /// Poll `GET path` as `user` until `pred` holds on the body (20 s at most).
-async fn wait_for(
+pub(crate) async fn wait_for(
     server: &TestServer,
     user: &TestUser,
     path: &str,
@@ -29,12 +29,8 @@ async fn wait_for(
     panic!("timed out waiting for {what}; last answer: {last}");
 }
 
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 /// The bodies of the room's `m.room.message` events, oldest first, as `user` sees them.
-async fn messages(server: &TestServer, user: &TestUser, room: &str) -> Vec<String> {
+pub(crate) async fn messages(server: &TestServer, user: &TestUser, room: &str) -> Vec<String> {
     let (status, body) = server
         .get(
             &format!(
@@ -56,7 +52,7 @@ async fn messages(server: &TestServer, user: &TestUser, room: &str) -> Vec<Strin
     out
 }
 
-async fn say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> String {
+pub(crate) async fn say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> String {
     let (status, body) = server
         .put(
             &format!(
@@ -72,7 +68,12 @@ async fn say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> St
     body["event_id"].as_str().expect("event id").to_owned()
 }
 
-async fn membership(server: &TestServer, user: &TestUser, room: &str, who: &str) -> Value {
+pub(crate) async fn membership(
+    server: &TestServer,
+    user: &TestUser,
+    room: &str,
+    who: &str,
+) -> Value {
     let (status, body) = server
         .get(
             &format!(
@@ -90,7 +91,13 @@ async fn membership(server: &TestServer, user: &TestUser, room: &str, who: &str)
     }
 }
 
-async fn wait_membership(server: &TestServer, user: &TestUser, room: &str, who: &str, m: &str) {
+pub(crate) async fn wait_membership(
+    server: &TestServer,
+    user: &TestUser,
+    room: &str,
+    who: &str,
+    m: &str,
+) {
     for _ in 0..200 {
         if membership(server, user, room, who).await == json!(m) {
             return;
@@ -103,7 +110,7 @@ async fn wait_membership(server: &TestServer, user: &TestUser, room: &str, who: 
     );
 }
 
-async fn wait_messages(server: &TestServer, user: &TestUser, room: &str, want: &[&str]) {
+pub(crate) async fn wait_messages(server: &TestServer, user: &TestUser, room: &str, want: &[&str]) {
     let mut last = Vec::new();
     for _ in 0..300 {
         last = messages(server, user, room).await;
