@@ -1,17 +1,23 @@
 //! Erasure of a user (GDPR Art. 17, REQUIREMENTS.md A6): deactivation with `erase: true`.
 //!
 //! In the order that keeps the rooms working and the remote copies in step:
-//! 1. their display name and avatar are removed (new membership events without them); then
+//! 1. their display name and avatar are removed (new membership events without them); the
+//!    local aliases they created are deleted (and dropped from the canonical alias event where
+//!    they may still send one); then
 //!    every message the user sent, and each of their superseded membership events, in a room
 //!    they are still joined to is redacted by a real
 //!    `m.room.redaction` sent as the user (the auth rules let a member redact their own events),
 //!    through the normal write path, so the rooms' other servers redact their copies too; in rooms
-//!    they already left the local copy is stripped the same way (no event can be sent there);
+//!    they already left, and in rooms they forgot (found through their membership history), the
+//!    local copy is stripped the same way (no event can be sent there);
 //! 2. the account is deactivated: it leaves every room, all devices and their tokens, device
 //!    keys, one-time and fallback keys and pushers go;
 //! 3. profile, account data (push rules are account data), filters, cross-signing keys,
 //!    signatures, key backups, to-device messages, notifications, presence and dehydrated device
 //!    are deleted; their media rows and files (unless another media id uses the same file);
+//!    their read receipts (and receipt log rows) in every room they were ever in, their OpenID
+//!    tokens and the signatures they made on other users' keys are deleted; in the reports they
+//!    filed (or that name them) their id becomes the pseudonym below, the report stays;
 //! 4. the audit entries about the user are pseudonymized: the user id is replaced by a keyed hash
 //!    (`utils::keyed_hash` with the audit log's secret), so the log stays consistent without
 //!    naming the person;
@@ -38,8 +44,58 @@ const MAX_ROWS: usize = 10_000_000;
 pub struct ErasureSummary {
     pub redacted_events: usize,
     pub stripped_events: usize,
+    /// Of the stripped events, those in rooms the user had forgotten.
+    pub forgotten_room_events: usize,
     pub media_deleted: usize,
     pub audit_entries_pseudonymized: usize,
+    pub receipts_deleted: usize,
+    pub reports_pseudonymized: usize,
+    pub openid_tokens_deleted: usize,
+    pub key_signatures_deleted: usize,
+    pub aliases_deleted: usize,
+}
+
+/// Every room the user ever had a membership in, with their last membership there, read from
+/// their membership history (`membership_log`: `user 0xff room 0xff count`), which outlives
+/// forgetting a room (forgetting only drops the room from their room list).
+pub fn rooms_ever(
+    services: &Services,
+    user: &UserId,
+) -> Result<std::collections::BTreeMap<ruma::OwnedRoomId, String>> {
+    let prefix = keys::prefix(&[user.as_str()]);
+    let mut out = std::collections::BTreeMap::new();
+    for entry in services
+        .storage
+        .scan_prefix(Table::MembershipLog, &prefix)?
+        .take(MAX_ROWS)
+    {
+        let (k, v) = entry?;
+        // The room is the part between the user and the count (the count's bytes may hold 0xff
+        // too, so only the second part is taken).
+        let Some(room) = keys::split(&k).get(1).and_then(|r| RoomId::parse(*r).ok()) else {
+            continue;
+        };
+        // Rows come in count order within a room: the last one wins.
+        out.insert(room, String::from_utf8_lossy(&v).into_owned());
+    }
+    Ok(out)
+}
+
+/// The rooms the user has forgotten: in their membership history, not in their room list.
+pub fn forgotten_rooms(
+    services: &Services,
+    user: &UserId,
+) -> Result<Vec<(ruma::OwnedRoomId, String)>> {
+    let listed: std::collections::HashSet<ruma::OwnedRoomId> = services
+        .rooms
+        .user_rooms(user)?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    Ok(rooms_ever(services, user)?
+        .into_iter()
+        .filter(|(r, _)| !listed.contains(r))
+        .collect())
 }
 
 /// The pseudonym that replaces `user` in the audit log.
@@ -125,9 +181,21 @@ pub async fn deactivate(
             }
         }
     }
-    for (room_id, room) in services.rooms.user_rooms(user)? {
+    // Aliases first, while the user may still be allowed to update the canonical alias event.
+    summary.aliases_deleted = services
+        .rooms
+        .remove_aliases_created_by(user, MAX_ROWS)
+        .await?
+        .len();
+    let forgotten = forgotten_rooms(services, user)?;
+    let rooms = services
+        .rooms
+        .user_rooms(user)?
+        .into_iter()
+        .map(|(id, room)| (id, room.membership == "join", false))
+        .chain(forgotten.into_iter().map(|(id, _)| (id, false, true)));
+    for (room_id, joined, was_forgotten) in rooms {
         let events = user_events(services, &room_id, user)?;
-        let joined = room.membership == "join";
         for event_id in events {
             if joined {
                 let redaction = NewEvent {
@@ -148,12 +216,25 @@ pub async fn deactivate(
             }
             services.rooms.erase_stored(&room_id, &event_id).await?;
             summary.stripped_events += 1;
+            if was_forgotten {
+                summary.forgotten_room_events += 1;
+            }
         }
     }
 
     crate::service::accounts::deactivate_account(services, user).await?;
 
     delete_user_rows(services, user)?;
+    for room_id in rooms_ever(services, user)?.keys() {
+        summary.receipts_deleted += services.receipts.erase_user(room_id, user, MAX_ROWS)?;
+    }
+    let (reports, tokens) =
+        services
+            .reports
+            .erase_user(user.as_str(), &pseudonym(services, user), MAX_ROWS)?;
+    summary.reports_pseudonymized = reports;
+    summary.openid_tokens_deleted = tokens;
+    summary.key_signatures_deleted = services.keys.remove_signatures_by(user, MAX_ROWS)?;
     summary.media_deleted = services.media.delete_user_media(user.as_str()).await?;
     summary.audit_entries_pseudonymized = pseudonymize_audit(services, user)?;
     services.audit.record(AuditEntry {

@@ -4,7 +4,8 @@
 //!   backup metadata (versions, not the keys), cross-signing public keys, the audit entries about
 //!   the user, the list of media and which event files hold which room;
 //! - `events/<n>-<chunk>.jsonl`: every timeline event the user sent, as stored (one per line),
-//!   written out every few MiB;
+//!   written out every few MiB; rooms the user forgot are included (found through their
+//!   membership history, marked `"forgotten": true` in the manifest);
 //! - `media/<server>/<media id>`: the files they uploaded.
 //!
 //! The archive is produced while it is sent: memory holds at most one chunk of events or one
@@ -89,8 +90,24 @@ async fn write_archive(
 ) -> Result<()> {
     let mut rooms_out = Vec::new();
     let mut event_files = Vec::new();
-    for (n, (room_id, room)) in s.rooms.user_rooms(user)?.into_iter().enumerate() {
-        rooms_out.push(json!({ "room_id": room_id, "membership": room.membership }));
+    // The rooms in the user's room list, then those they forgot (found through their
+    // membership history), with their last membership there.
+    let rooms = s
+        .rooms
+        .user_rooms(user)?
+        .into_iter()
+        .map(|(id, room)| (id, room.membership, false))
+        .chain(
+            crate::policy::erasure::forgotten_rooms(s, user)?
+                .into_iter()
+                .map(|(id, membership)| (id, membership, true)),
+        );
+    for (n, (room_id, membership, forgotten)) in rooms.enumerate() {
+        let mut room_out = json!({ "room_id": room_id, "membership": membership });
+        if forgotten {
+            room_out["forgotten"] = json!(true);
+        }
+        rooms_out.push(room_out);
         // Events of this room the user sent, in stream order, in chunks.
         let prefix = keys::prefix(&[room_id.as_str()]);
         let mut chunk = Vec::new();

@@ -542,6 +542,29 @@ impl Keys {
         Ok(true)
     }
 
+    /// Delete every signature `signer` made on other users' keys (erasure; the signatures on
+    /// their own keys go with their rows). The table is scanned whole, at most `max_rows` rows.
+    /// Returns how many were deleted.
+    pub fn remove_signatures_by(&self, signer: &UserId, max_rows: usize) -> Result<usize> {
+        let mut rows = Vec::new();
+        for entry in self
+            .storage
+            .scan_prefix(Table::KeySignatures, b"")?
+            .take(max_rows)
+        {
+            let (k, _) = entry?;
+            if keys::split(&k).get(2) == Some(&signer.as_str()) {
+                rows.push(k);
+            }
+        }
+        let mut b = self.storage.batch();
+        for k in &rows {
+            b.delete(Table::KeySignatures, k)?;
+        }
+        b.commit()?;
+        Ok(rows.len())
+    }
+
     fn merge_signatures(&self, target: &UserId, key_id: &str, value: &mut Value) -> Result<()> {
         let prefix = keys::prefix(&[target.as_str(), key_id]);
         for entry in self

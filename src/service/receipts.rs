@@ -151,6 +151,40 @@ impl Receipts {
         Ok(out)
     }
 
+    /// Erasure: delete the user's receipts in `room_id` and their rows in the receipt log (at
+    /// most `max_rows` rows of each looked at). Returns how many rows went.
+    pub fn erase_user(&self, room_id: &RoomId, user: &UserId, max_rows: usize) -> Result<usize> {
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let mine = keys::prefix(&[user.as_str()]);
+        let mut rows = Vec::new();
+        for entry in self
+            .storage
+            .scan_prefix(Table::Receipts, &prefix)?
+            .take(max_rows)
+        {
+            let (k, _) = entry?;
+            if keys::last_part(&k) == Some(user.as_str()) {
+                rows.push((Table::Receipts, k));
+            }
+        }
+        for entry in self
+            .storage
+            .scan_prefix(Table::ReceiptLog, &prefix)?
+            .take(max_rows)
+        {
+            let (k, v) = entry?;
+            if v.starts_with(&mine) {
+                rows.push((Table::ReceiptLog, k));
+            }
+        }
+        let mut b = self.storage.batch();
+        for (table, k) in &rows {
+            b.delete(*table, k)?;
+        }
+        b.commit()?;
+        Ok(rows.len())
+    }
+
     /// The stream counts of the events the user's read receipts (public or private, unthreaded
     /// or on the main timeline) point at; the largest is where their unread messages start.
     pub fn read_up_to(

@@ -130,6 +130,60 @@ impl Reports {
         Ok(out)
     }
 
+    /// Erasure of `user`: in every report they filed or that names them, their id becomes
+    /// `pseudonym` (the report itself, its target and reason stay: an administrator may still
+    /// have to act on it or account for it); their OpenID tokens are deleted. Returns (reports
+    /// changed, tokens deleted). Both tables are scanned whole, at most `max_rows` rows each.
+    pub fn erase_user(
+        &self,
+        user: &str,
+        pseudonym: &str,
+        max_rows: usize,
+    ) -> Result<(usize, usize)> {
+        let mut changed = 0;
+        let mut batch = self.storage.batch();
+        for entry in self
+            .storage
+            .scan_prefix(Table::Reports, b"")?
+            .take(max_rows)
+        {
+            let (k, v) = entry?;
+            let Ok(mut report) = serde_json::from_slice::<Report>(&v) else {
+                continue;
+            };
+            let mut touched = false;
+            if report.reporter == user {
+                report.reporter = pseudonym.to_owned();
+                touched = true;
+            }
+            if report.user_id.as_deref() == Some(user) {
+                report.user_id = Some(pseudonym.to_owned());
+                touched = true;
+            }
+            if touched {
+                batch.put(Table::Reports, &k, &serde_json::to_vec(&report)?)?;
+                changed += 1;
+            }
+        }
+        let mut tokens = 0;
+        for entry in self
+            .storage
+            .scan_prefix(Table::OpenIdTokens, b"")?
+            .take(max_rows)
+        {
+            let (k, v) = entry?;
+            let mine = serde_json::from_slice::<OpenIdRecord>(&v)
+                .map(|r| r.user_id == user)
+                .unwrap_or(false);
+            if mine {
+                batch.delete(Table::OpenIdTokens, &k)?;
+                tokens += 1;
+            }
+        }
+        batch.commit()?;
+        Ok((changed, tokens))
+    }
+
     /// A fresh OpenID token for the user: (token, lifetime in seconds).
     pub fn openid_token(&self, user: &UserId) -> Result<(String, u64)> {
         let token = utils::random_string(32);

@@ -36,6 +36,10 @@ pub enum OpenError {
     Other { path: String, message: String },
 }
 
+/// Largest MANIFEST before RocksDB starts a new one (at its next change of the file set). One
+/// byte: every change starts a new one, so no old file boundary (a key) outlives its file.
+const MAX_MANIFEST_BYTES: usize = 1;
+
 impl Storage {
     pub fn open(path: &Path, cache_mb: u64, sync_writes: bool) -> Result<Storage, OpenError> {
         let mut opts = rocksdb::Options::default();
@@ -58,6 +62,12 @@ impl Storage {
         // tables (users, aliases) would keep gigabytes of old WAL alive; past this size RocksDB
         // flushes them. (The scale run measured about 1 KB of WAL per message without it.)
         opts.set_max_total_wal_size(64 * 1024 * 1024);
+        // The MANIFEST (RocksDB's log of which SST files exist) records each file's smallest and
+        // largest key, so a deleted key can live on there after its files are compacted away.
+        // With this limit every change of the file set starts a new MANIFEST holding only the
+        // live files (a snapshot of a few KiB per table) and the old one is deleted;
+        // `erase_deleted` ends with such a change.
+        opts.set_max_manifest_file_size(MAX_MANIFEST_BYTES);
         let cfs = Table::ALL.iter().map(|t| {
             let mut cf_opts = rocksdb::Options::default();
             cf_opts.set_write_buffer_size(4 * 1024 * 1024);
@@ -264,6 +274,15 @@ impl Storage {
         for table in tables {
             self.compact_range(*table, None, None)?;
         }
+        // Deleted keys can still be in the MANIFEST as the boundaries of files that are gone:
+        // one more flush (of a marker row, so there is something to flush) changes the file set
+        // after the compactions, which starts a new MANIFEST of the live files only (see
+        // `MAX_MANIFEST_BYTES`) and deletes the old one.
+        self.put(
+            Table::Global,
+            b"last_physical_erase",
+            &crate::utils::now_ms().to_be_bytes(),
+        )?;
         self.flush_all()
     }
 

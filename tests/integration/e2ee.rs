@@ -15,12 +15,12 @@ use crate::common::{assert_err, enc, TestServer, TestUser};
 const V3: &str = "/_matrix/client/v3";
 
 /// An ed25519 key for signing test keys, named by its public key as cross-signing keys are.
-struct TestKey {
-    pair: Ed25519KeyPair,
-    public: String,
+pub(crate) struct TestKey {
+    pub(crate) pair: Ed25519KeyPair,
+    pub(crate) public: String,
 }
 
-fn new_key() -> TestKey {
+pub(crate) fn new_key() -> TestKey {
     let doc = Ed25519KeyPair::generate();
     let probe = Ed25519KeyPair::from_der(&doc, "probe".into()).expect("key parses");
     let public =
@@ -30,7 +30,7 @@ fn new_key() -> TestKey {
 }
 
 /// Sign `value` as `entity` with `key` (the signature is named `ed25519:<public>`).
-fn sign(entity: &str, key: &TestKey, value: &Value) -> Value {
+pub(crate) fn sign(entity: &str, key: &TestKey, value: &Value) -> Value {
     let mut obj: CanonicalJsonObject =
         serde_json::from_value(value.clone()).expect("canonical JSON");
     sign_json(entity, &key.pair, &mut obj).expect("signs");

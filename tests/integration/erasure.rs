@@ -747,3 +747,345 @@ fn hafen_audit_exit_code_and_rows() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("privacy_notice"), "{out}");
 }
+
+/// Uploads cross-signing keys for `user`; returns (master key JSON as uploaded, user-signing key).
+async fn cross_signing(server: &TestServer, user: &TestUser) -> (Value, crate::e2ee::TestKey) {
+    use crate::e2ee::{new_key, sign};
+    let (master, self_signing, user_signing) = (new_key(), new_key(), new_key());
+    let cs_key = |k: &crate::e2ee::TestKey, usage: &str| {
+        json!({
+            "user_id": user.user_id,
+            "usage": [usage],
+            "keys": { format!("ed25519:{}", k.public): k.public },
+        })
+    };
+    let master_key = cs_key(&master, "master");
+    let body = json!({
+        "master_key": master_key,
+        "self_signing_key": sign(&user.user_id, &master, &cs_key(&self_signing, "self_signing")),
+        "user_signing_key": sign(&user.user_id, &master, &cs_key(&user_signing, "user_signing")),
+    });
+    let (status, body) = server
+        .post(&format!("{V3}/keys/device_signing/upload"), user, body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    (master_key, user_signing)
+}
+
+/// Rows of `table` under the prefix `parts`.
+fn rows(server: &TestServer, table: hafen::storage::Table, parts: &[&str]) -> usize {
+    server
+        .services()
+        .storage
+        .scan_prefix(table, &hafen::storage::keys::prefix(parts))
+        .expect("scan")
+        .count()
+}
+
+#[tokio::test]
+async fn erasure_reaches_receipts_reports_signatures_aliases_tokens_and_forgotten_rooms() {
+    use hafen::storage::Table;
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = server.create_room(&bob, json!({})).await;
+    server.invite_and_join(&bob, &alice, &room).await;
+    let bobs = say(&server, &bob, &room, "bob's message").await;
+
+    // A read receipt.
+    let (status, body) = server
+        .post(
+            &format!("{V3}/rooms/{}/receipt/m.read/{}", enc(&room), enc(&bobs)),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A report of bob's message.
+    let (status, body) = server
+        .post(
+            &format!("{V3}/rooms/{}/report/{}", enc(&room), enc(&bobs)),
+            &alice,
+            json!({ "reason": "report-reason-kept", "score": -50 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({}));
+    // Alice signs bob's master key with her user-signing key.
+    let (bob_master, _) = cross_signing(&server, &bob).await;
+    let (_, alice_usk) = cross_signing(&server, &alice).await;
+    let bob_master_id = bob_master["keys"]
+        .as_object()
+        .and_then(|k| k.values().next())
+        .and_then(Value::as_str)
+        .expect("bob's master public key")
+        .to_owned();
+    let signed = crate::e2ee::sign(&alice.user_id, &alice_usk, &bob_master);
+    let signature = signed["signatures"][&alice.user_id][format!("ed25519:{}", alice_usk.public)]
+        .as_str()
+        .expect("signature")
+        .to_owned();
+    let (status, body) = server
+        .post(
+            &format!("{V3}/keys/signatures/upload"),
+            &alice,
+            json!({ bob.user_id.clone(): { bob_master_id.clone(): signed } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "failures": {} }));
+    let query = json!({ "device_keys": { bob.user_id.clone(): [] } });
+    let (status, body) = server
+        .post(&format!("{V3}/keys/query"), &bob, query.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["master_keys"][&bob.user_id]["signatures"][&alice.user_id].is_object(),
+        "{body}"
+    );
+    // An alias.
+    let alias = "#unique-alias-4e2f:localhost";
+    let (status, body) = server
+        .put(
+            &format!("{V3}/directory/room/{}", enc(alias)),
+            &alice,
+            json!({ "room_id": room }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // An OpenID token.
+    let (status, body) = server
+        .post(
+            &format!("{V3}/user/{}/openid/request_token", enc(&alice.user_id)),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let openid = body["access_token"].as_str().expect("token").to_owned();
+    let userinfo = format!("/_matrix/federation/v1/openid/userinfo?access_token={openid}");
+    let (status, body) = server.req(Method::GET, &userinfo, None, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "sub": alice.user_id }));
+    // A dehydrated device.
+    let (status, body) = server
+        .put(
+            "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",
+            &alice,
+            json!({
+                "device_id": "DEHYDRATED1",
+                "device_data": {
+                    "algorithm": "org.matrix.msc3814.v2",
+                    "device_pickle": "unique-dehydrated-pickle-90af",
+                },
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A to-device message waiting in her inbox.
+    let (status, body) = server
+        .put(
+            &format!("{V3}/sendToDevice/m.test/erasure1"),
+            &bob,
+            json!({ "messages": { alice.user_id.clone(): {
+                alice.device_id.clone(): { "note": "unique-to-device-6b1d" } } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Bob finds her in the user directory.
+    let search = json!({ "search_term": "alice" });
+    let (status, body) = server
+        .post(&format!("{V3}/user_directory/search"), &bob, search.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["user_id"], alice.user_id, "{body}");
+    // A room she left and forgot, with a message of hers.
+    let forgotten = server.create_room(&bob, json!({})).await;
+    server.invite_and_join(&bob, &alice, &forgotten).await;
+    let forgotten_text = "unique-forgotten-room-text-3e7a";
+    let forgotten_event = say(&server, &alice, &forgotten, forgotten_text).await;
+    for action in ["leave", "forget"] {
+        let (status, body) = server
+            .post(
+                &format!("{V3}/rooms/{}/{action}", enc(&forgotten)),
+                &alice,
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // The export still holds the forgotten room and her message there.
+    let (status, tar) = get_bytes(&server, "/_hafen/client/v1/export", &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    let files = untar(&tar);
+    let manifest: Value =
+        serde_json::from_slice(files.get("manifest.json").expect("manifest")).expect("json");
+    assert!(
+        manifest["rooms"]
+            .as_array()
+            .expect("rooms")
+            .iter()
+            .any(|r| r["room_id"] == forgotten
+                && r["membership"] == "leave"
+                && r["forgotten"] == true),
+        "{}",
+        manifest["rooms"]
+    );
+    let file = manifest["event_files"]
+        .as_array()
+        .expect("event files")
+        .iter()
+        .find(|f| f["room_id"] == forgotten)
+        .and_then(|f| f["path"].as_str())
+        .expect("events file of the forgotten room")
+        .to_owned();
+    let lines = String::from_utf8_lossy(files.get(&file).expect("file")).into_owned();
+    assert!(lines.lines().any(|l| {
+        let e: Value = serde_json::from_str(l).expect("event line");
+        e["event_id"] == forgotten_event && e["content"]["body"] == forgotten_text
+    }));
+
+    // What is on disk before.
+    let a = alice.user_id.as_str();
+    assert!(rows(&server, Table::Notifications, &[a]) > 0);
+    assert!(server
+        .services()
+        .storage
+        .get(Table::DehydratedDevices, a.as_bytes())
+        .expect("read")
+        .is_some());
+    let receipt_log_row = [a.as_bytes(), b"\xffm.read\xff"].concat();
+    let reporter = format!("\"reporter\":\"{a}\"");
+    let openid_hash = hafen::utils::token_hash(&openid);
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("receipt log row", receipt_log_row),
+        ("reporter", reporter.into_bytes()),
+        ("key signature", signature.clone().into_bytes()),
+        ("alias", b"unique-alias-4e2f".to_vec()),
+        ("openid token hash", openid_hash),
+        (
+            "dehydrated device",
+            b"unique-dehydrated-pickle-90af".to_vec(),
+        ),
+        ("to-device message", b"unique-to-device-6b1d".to_vec()),
+        ("forgotten room message", forgotten_text.as_bytes().to_vec()),
+    ];
+    let db = server.services().config.database_path.clone();
+    for (what, needle) in &needles {
+        assert!(
+            !files_containing(&db, needle).is_empty(),
+            "{what} not on disk before"
+        );
+    }
+
+    erase(&server, &alice).await;
+
+    // Receipts: none of hers left (nor rows in the receipt log); bob's room still works.
+    let s = server.services();
+    let receipts = s
+        .receipts
+        .since(&ruma::RoomId::parse(&room).expect("room"), None, u64::MAX);
+    assert!(receipts
+        .expect("receipts")
+        .iter()
+        .all(|r| r.user.as_str() != a));
+    // The report stays for the admins, under her pseudonym.
+    let pseudonym = hafen::policy::erasure::pseudonym(s, &uid(a));
+    let reports = s.reports.list(100).expect("reports");
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].reporter, pseudonym);
+    assert_eq!(reports[0].event_id.as_deref(), Some(bobs.as_str()));
+    assert_eq!(reports[0].reason.as_deref(), Some("report-reason-kept"));
+    // Her signature on bob's master key is gone.
+    let (status, body) = server.post(&format!("{V3}/keys/query"), &bob, query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["master_keys"][&bob.user_id]["signatures"][a].is_null(),
+        "{body}"
+    );
+    assert!(body["master_keys"][&bob.user_id].is_object(), "{body}");
+    // The alias is gone.
+    let (status, body) = server
+        .get(&format!("{V3}/directory/room/{}", enc(alias)), &bob)
+        .await;
+    assert_err(&(status, body), 404, "M_NOT_FOUND");
+    // The OpenID token no longer names her.
+    let got = server.req(Method::GET, &userinfo, None, None).await;
+    assert_err(&got, 401, "M_UNKNOWN_TOKEN");
+    // Nobody finds her in the user directory.
+    let (status, body) = server
+        .post(&format!("{V3}/user_directory/search"), &bob, search)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"], json!([]), "{body}");
+    // Her message in the forgotten room is stripped.
+    let (status, body) = server
+        .get(
+            &format!(
+                "{V3}/rooms/{}/event/{}",
+                enc(&forgotten),
+                enc(&forgotten_event)
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["content"], json!({}));
+    // No rows of hers left in the tables concerned.
+    for table in [
+        Table::Notifications,
+        Table::PushUnread,
+        Table::ToDevice,
+        Table::Pushers,
+    ] {
+        assert_eq!(rows(&server, table, &[a]), 0, "{table:?}");
+    }
+    assert!(s
+        .storage
+        .get(Table::DehydratedDevices, a.as_bytes())
+        .expect("read")
+        .is_none());
+    for table in [
+        Table::OpenIdTokens,
+        Table::KeySignatures,
+        Table::RoomAliases,
+    ] {
+        let theirs = s
+            .storage
+            .scan_prefix(table, b"")
+            .expect("scan")
+            .filter(|e| {
+                e.as_ref()
+                    .map(|(k, v)| {
+                        k.windows(a.len()).any(|w| w == a.as_bytes())
+                            || v.windows(a.len()).any(|w| w == a.as_bytes())
+                    })
+                    .unwrap_or(true)
+            })
+            .count();
+        assert_eq!(theirs, 0, "{table:?}");
+    }
+    // The erasure entry counts what was done.
+    let entry = s
+        .audit
+        .query(0, u64::MAX, 100, None, |e| e.kind == "erasure")
+        .expect("audit")
+        .0;
+    assert_eq!(entry.len(), 1);
+    let d = &entry[0].detail;
+    assert_eq!(d["forgotten_room_events"], 1, "{d}");
+    assert_eq!(d["reports_pseudonymized"], 1, "{d}");
+    assert_eq!(d["openid_tokens_deleted"], 1, "{d}");
+    assert_eq!(d["key_signatures_deleted"], 1, "{d}");
+    assert_eq!(d["aliases_deleted"], 1, "{d}");
+    assert!(
+        d["receipts_deleted"].as_u64().is_some_and(|n| n >= 2),
+        "{d}"
+    );
+    // Physically gone.
+    for (what, needle) in &needles {
+        let found = files_containing(&db, needle);
+        assert!(found.is_empty(), "{what} still in {found:?}");
+    }
+    server.stop().await;
+}

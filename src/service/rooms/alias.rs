@@ -146,6 +146,48 @@ impl Rooms {
         Ok(())
     }
 
+    /// Erasure: delete every local alias `user` created, and take it out of its room's
+    /// canonical alias event where the user may still send one (best effort, as in
+    /// `delete_alias`). The alias table is scanned whole, at most `max_rows` rows. Returns the
+    /// deleted aliases.
+    pub async fn remove_aliases_created_by(
+        &self,
+        user: &UserId,
+        max_rows: usize,
+    ) -> Result<Vec<OwnedRoomAliasId>> {
+        let mut removed = Vec::new();
+        {
+            let _guard = self.lock(&self.alias_lock_id()?).await;
+            for entry in self
+                .storage
+                .scan_prefix(Table::RoomAliases, b"")?
+                .take(max_rows)
+            {
+                let (k, v) = entry?;
+                if &*v != user.as_bytes() {
+                    continue;
+                }
+                let parts = keys::split(&k);
+                let (Some(room), Some(alias)) = (
+                    parts.first().and_then(|r| RoomId::parse(*r).ok()),
+                    parts.get(1).and_then(|a| RoomAliasId::parse(*a).ok()),
+                ) else {
+                    continue;
+                };
+                self.remove_alias_mapping(&alias, &room)?;
+                removed.push((room, alias));
+            }
+        }
+        let mut out = Vec::with_capacity(removed.len());
+        for (room, alias) in removed {
+            if let Err(e) = self.drop_from_canonical_alias(&room, user, &alias).await {
+                tracing::info!(%room, error = %e, "erased user's alias deleted but canonical alias event not updated");
+            }
+            out.push(alias);
+        }
+        Ok(out)
+    }
+
     /// Remove `alias` from the room's `m.room.canonical_alias` (alias and alt_aliases).
     async fn drop_from_canonical_alias(
         &self,
