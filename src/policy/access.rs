@@ -156,7 +156,7 @@ pub fn check_client(
         let key = (user.to_string(), device.to_string());
         let due = seen
             .get(&key)
-            .map_or(true, |t| now.saturating_sub(*t) >= CLIENT_AUDIT_INTERVAL_MS);
+            .is_none_or(|t| now.saturating_sub(*t) >= CLIENT_AUDIT_INTERVAL_MS);
         if due {
             if seen.len() >= CLIENT_AUDIT_TRACKED {
                 seen.retain(|_, t| now.saturating_sub(*t) < CLIENT_AUDIT_INTERVAL_MS);
@@ -438,5 +438,21 @@ pub async fn check_hook(
             &reason,
             detail(&[("reason", reason.as_str())]),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_matches;
+
+    #[test]
+    fn blocked_agent_patterns() {
+        assert!(agent_matches("OldClient/0.", "OldClient/0.9 (Linux)"));
+        assert!(agent_matches("OldClient/0.", "Mozilla OldClient/0.1"));
+        assert!(!agent_matches("OldClient/0.", "OldClient/1.0"));
+        assert!(agent_matches("Legacy*/1.*", "LegacyApp/1.2"));
+        assert!(!agent_matches("Legacy*/1.*", "MyLegacyApp/1.2"));
+        assert!(agent_matches("*", ""));
+        assert!(!agent_matches("", "anything"));
     }
 }
