@@ -1,7 +1,8 @@
 //! Who may reach whom: the closed user groups, the rooms bound to a group, the federation
-//! policy at the user-facing hook points, and the external policy hook. Every check here that
-//! denies something writes a `policy_denied` audit entry and answers 403 `M_FORBIDDEN` with a
-//! message naming the policy.
+//! policy at the user-facing hook points, the external policy hook, the device limit and the
+//! client version policy. Every check here that denies something writes a `policy_denied` audit
+//! entry (a blocked client at most once per device an hour) and answers 403 `M_FORBIDDEN` with
+//! a message naming the policy.
 
 use std::{
     collections::{BTreeSet, HashMap},

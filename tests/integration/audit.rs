@@ -1292,8 +1292,25 @@ async fn device_limit_refuses_logins_beyond_it() {
         assert_eq!(e["detail"]["policy"], json!("max_devices_per_user"));
         assert_eq!(e["detail"]["action"], json!("login"));
     }
+    // The compliance report names the limit under C1.
+    let (status, body) = server
+        .get("/_hafen/admin/v1/compliance_report", &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let c1 = body["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["id"] == "C1")
+        .expect("C1")
+        .clone();
+    assert!(
+        c1["findings"]
+            .to_string()
+            .contains("at most 2 devices per user"),
+        "{c1}"
+    );
 }
-
 #[tokio::test]
 async fn blocked_user_agents_are_refused_and_audited_once() {
     let server = TestServer::start_with(|c| {
