@@ -85,6 +85,14 @@ pub struct Config {
     /// changes, and otherwise at most once per this many seconds.
     #[serde(default = "default_audit_connection_interval")]
     pub audit_connection_interval_secs: u64,
+    /// At most this many devices (sessions) per user; a login that would create one more is
+    /// refused (REQUIREMENTS C1). 0: no limit.
+    #[serde(default)]
+    pub max_devices_per_user: u64,
+    /// Clients whose user agent matches one of these (a substring, or a glob with `*` that
+    /// must match the whole user agent) get 403 on every authenticated request (C3). Empty: none.
+    #[serde(default)]
+    pub blocked_user_agents: Vec<String>,
     /// Message retention (D4): the lifetime of rooms without `m.room.retention`, the bounds a
     /// room's policy is clamped into, and how often the purge job runs.
     #[serde(default)]

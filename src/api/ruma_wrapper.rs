@@ -276,6 +276,16 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
         .get(http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok());
     services.accounts.note_connection(&identity, ip, user_agent);
+    // Client version policy; a blocked client may still log out.
+    let path = parts.uri.path();
+    if !(path.ends_with("/logout") || path.ends_with("/logout/all")) {
+        crate::policy::access::check_client(
+            services,
+            &identity.user_id,
+            &identity.device_id,
+            user_agent,
+        )?;
+    }
     Ok(identity)
 }
 

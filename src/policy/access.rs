@@ -1,7 +1,8 @@
 //! Who may reach whom: the closed user groups, the rooms bound to a group, the federation
-//! policy at the user-facing hook points, and the external policy hook. Every check here that
-//! denies something writes a `policy_denied` audit entry and answers 403 `M_FORBIDDEN` with a
-//! message naming the policy.
+//! policy at the user-facing hook points, the external policy hook, the device limit and the
+//! client version policy. Every check here that denies something writes a `policy_denied` audit
+//! entry (a blocked client at most once per device an hour) and answers 403 `M_FORBIDDEN` with
+//! a message naming the policy.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -29,6 +30,12 @@ pub const GROUPS: &str = "closed_user_groups";
 pub const ROOM_GROUP: &str = "room_group";
 pub const FEDERATION: &str = "federation";
 pub const HOOK: &str = "policy_hook";
+pub const MAX_DEVICES: &str = "max_devices_per_user";
+pub const BLOCKED_AGENTS: &str = "blocked_user_agents";
+
+/// A blocked client is audited at most once per device in this many ms.
+const CLIENT_AUDIT_INTERVAL_MS: u64 = 3_600_000;
+const CLIENT_AUDIT_TRACKED: usize = 10_000;
 
 /// Denied federation requests are audited at most once per server in this many ms (the origin
 /// of a refused request is not verified, so anyone could otherwise fill the log).
@@ -39,6 +46,8 @@ pub struct Access {
     pub groups: Groups,
     pub hook: Option<PolicyHook>,
     federation_audited: Mutex<HashMap<String, u64>>,
+    /// (user, device) -> when a blocked client was last audited.
+    client_audited: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl Access {
@@ -51,6 +60,7 @@ impl Access {
                 .map(PolicyHook::new)
                 .transpose()?,
             federation_audited: Mutex::new(HashMap::new()),
+            client_audited: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -77,6 +87,107 @@ pub fn deny(
         tracing::warn!("audit: recording a policy denial failed: {e}");
     }
     Error::forbidden(format!("Denied by the {policy} policy: {message}"))
+}
+
+/// Device limit (C1): may `user` log in with `device` (None: a new, generated id)? Logging in
+/// again with a device id the user has is always allowed.
+pub fn check_device_limit(
+    s: &Services,
+    user: &UserId,
+    device: Option<&ruma::DeviceId>,
+) -> Result<()> {
+    let max = s.config.max_devices_per_user;
+    if max == 0 {
+        return Ok(());
+    }
+    if let Some(d) = device {
+        if s.accounts.device(user, d)?.is_some() {
+            return Ok(());
+        }
+    }
+    let count = s.accounts.devices(user)?.len() as u64;
+    if count < max {
+        return Ok(());
+    }
+    Err(deny(
+        s,
+        Some(user),
+        None,
+        MAX_DEVICES,
+        "login",
+        &format!("at most {max} devices per user; log out another device first"),
+        detail(&[("devices", &count.to_string())]),
+    ))
+}
+
+/// Does a `blocked_user_agents` entry match `agent`: a glob with `*` over the whole agent, or
+/// else a substring.
+fn agent_matches(pattern: &str, agent: &str) -> bool {
+    if pattern.contains('*') {
+        crate::service::filter::glob(pattern, agent)
+    } else {
+        !pattern.is_empty() && agent.contains(pattern)
+    }
+}
+
+/// Client version policy (C3): refuse authenticated requests of clients whose user agent is
+/// blocked. Audited at most once per device an hour. Nothing to do without blocked agents.
+pub fn check_client(
+    s: &Services,
+    user: &UserId,
+    device: &ruma::DeviceId,
+    user_agent: Option<&str>,
+) -> Result<()> {
+    let blocked = &s.config.blocked_user_agents;
+    if blocked.is_empty() {
+        return Ok(());
+    }
+    let agent = user_agent.unwrap_or("");
+    let Some(pattern) = blocked.iter().find(|p| agent_matches(p, agent)) else {
+        return Ok(());
+    };
+    let message = "this client version is not allowed on this server; please update it";
+    let now = utils::now_ms();
+    let audit = {
+        let mut seen = s
+            .access
+            .client_audited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (user.to_string(), device.to_string());
+        let due = seen
+            .get(&key)
+            .is_none_or(|t| now.saturating_sub(*t) >= CLIENT_AUDIT_INTERVAL_MS);
+        if due {
+            if seen.len() >= CLIENT_AUDIT_TRACKED {
+                seen.retain(|_, t| now.saturating_sub(*t) < CLIENT_AUDIT_INTERVAL_MS);
+                if seen.len() >= CLIENT_AUDIT_TRACKED {
+                    seen.clear();
+                }
+            }
+            seen.insert(key, now);
+        }
+        due
+    };
+    if !audit {
+        return Err(Error::forbidden(format!(
+            "Denied by the {BLOCKED_AGENTS} policy: {message}"
+        )));
+    }
+    let agent_short: String = agent.chars().take(255).collect();
+    Err(deny(
+        s,
+        Some(user),
+        None,
+        BLOCKED_AGENTS,
+        "request",
+        message,
+        detail(&[
+            ("device", device.as_str()),
+            ("pattern", pattern),
+            ("user_agent", &agent_short),
+        ]),
+    ))
 }
 
 fn detail(pairs: &[(&str, &str)]) -> Map<String, Value> {
@@ -328,5 +439,21 @@ pub async fn check_hook(
             &reason,
             detail(&[("reason", reason.as_str())]),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_matches;
+
+    #[test]
+    fn blocked_agent_patterns() {
+        assert!(agent_matches("OldClient/0.", "OldClient/0.9 (Linux)"));
+        assert!(agent_matches("OldClient/0.", "Mozilla OldClient/0.1"));
+        assert!(!agent_matches("OldClient/0.", "OldClient/1.0"));
+        assert!(agent_matches("Legacy*/1.*", "LegacyApp/1.2"));
+        assert!(!agent_matches("Legacy*/1.*", "MyLegacyApp/1.2"));
+        assert!(agent_matches("*", ""));
+        assert!(!agent_matches("", "anything"));
     }
 }

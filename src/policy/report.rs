@@ -284,11 +284,25 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         ("C2", "access protection, encrypted storage"),
         ("C3", "only patched operating systems"),
     ] {
+        let mut findings = vec!["mostly the organization's and the client's job".to_owned()];
+        match id {
+            "C1" if config.max_devices_per_user > 0 => findings.push(format!(
+                "at most {} devices per user (`max_devices_per_user`)",
+                config.max_devices_per_user
+            )),
+            "C1" => findings.push("no limit of devices per user (`max_devices_per_user`)".into()),
+            "C3" if !config.blocked_user_agents.is_empty() => findings.push(format!(
+                "{} blocked client user agent pattern(s) (`blocked_user_agents`)",
+                config.blocked_user_agents.len()
+            )),
+            "C3" => findings.push("no client version policy (`blocked_user_agents`)".into()),
+            _ => {}
+        }
         rows.push(Row {
             id,
             requirement: req,
             status: Status::Info,
-            findings: vec!["mostly the organization's and the client's job".into()],
+            findings,
         });
     }
     let mut short = Vec::new();

@@ -1092,6 +1092,7 @@ pub fn password_login(
         }
         return Err(Error::forbidden("Invalid username or password"));
     }
+    crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
     let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
     accounts.touch_device(&user_id, &session.device_id, ip)?;
     accounts.audit_note("login", &user_id, &session.device_id);

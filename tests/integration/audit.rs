@@ -620,7 +620,13 @@ async fn synapse_user_and_device_endpoints() {
         .await;
     assert_eq!(status, StatusCode::OK, "{whois}");
     assert_eq!(whois["user_id"], json!(alice.user_id));
-    let conn = &whois["devices"][alice.device_id.as_str()]["sessions"][0]["connections"][0];
+    // Synapse's shape: every connection in one session under the device key "".
+    assert_eq!(
+        whois["devices"].as_object().expect("devices").len(),
+        1,
+        "{whois}"
+    );
+    let conn = &whois["devices"][""]["sessions"][0]["connections"][0];
     assert_eq!(conn["ip"], json!("127.0.0.1"));
     assert_eq!(conn["user_agent"], json!("Element/1.11"));
     assert!(conn["last_seen"].as_u64().expect("last_seen") > 0);
@@ -1059,4 +1065,445 @@ async fn destinations_register_records_push_gateways() {
     assert_eq!(d["destination"], json!(format!("127.0.0.1:{port}")));
     assert_eq!(d["count"], json!(hits.load(Ordering::SeqCst)));
     assert!(d["first_contact_ts"].as_u64().expect("first") > 0);
+}
+
+/// `GET /_synapse/admin/v2/users?<query>` as the admin: the names in order, and the body.
+async fn user_names(server: &TestServer, admin: &TestUser, query: &str) -> (Vec<String>, Value) {
+    let (status, page) = server
+        .get(&format!("/_synapse/admin/v2/users?{query}"), admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{query}: {page}");
+    let names = page["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["name"].as_str().expect("name").to_owned())
+        .collect();
+    (names, page)
+}
+
+#[tokio::test]
+async fn synapse_user_list_filters_and_order() {
+    let server = TestServer::start().await;
+    let admin = make_admin(&server).await;
+    let s = server.services();
+    let _alice = server.user("alice").await;
+    let _bob = server.user("bob").await;
+    let carol = server.user("carol").await;
+    let alice_id = ruma::UserId::parse("@alice:localhost").expect("id");
+    s.profiles
+        .set(&alice_id, "displayname", Some(&json!("Wonderland Queen")))
+        .expect("display name");
+    let guest = ruma::UserId::parse("@guest1:localhost").expect("id");
+    s.accounts
+        .create_user(&guest, None, false, true)
+        .expect("guest");
+    let carol_id = ruma::UserId::parse(carol.user_id.as_str()).expect("id");
+    s.accounts.deactivate(&carol_id).expect("deactivate");
+
+    // Default: by user id, guests in, deactivated users out.
+    let (names, page) = user_names(&server, &admin, "").await;
+    assert_eq!(
+        names,
+        [
+            "@admin:localhost",
+            "@alice:localhost",
+            "@bob:localhost",
+            "@guest1:localhost"
+        ]
+    );
+    assert_eq!(page["total"], json!(4));
+    let (names, _) = user_names(&server, &admin, "deactivated=true&guests=false").await;
+    assert_eq!(
+        names,
+        [
+            "@admin:localhost",
+            "@alice:localhost",
+            "@bob:localhost",
+            "@carol:localhost"
+        ]
+    );
+    // name: a substring of the user id or of the display name (any case).
+    let (names, _) = user_names(&server, &admin, "name=wonder").await;
+    assert_eq!(names, ["@alice:localhost"]);
+    let (names, _) = user_names(&server, &admin, "name=BO").await;
+    assert_eq!(names, ["@bob:localhost"]);
+    // user_id: a substring of the user id only; ignored when name is given.
+    let (names, _) = user_names(&server, &admin, "user_id=wonder").await;
+    assert!(names.is_empty(), "{names:?}");
+    let (names, page) = user_names(&server, &admin, "user_id=%40a").await;
+    assert_eq!(names, ["@admin:localhost", "@alice:localhost"]);
+    assert_eq!(page["total"], json!(2));
+    let (names, _) = user_names(&server, &admin, "user_id=bob&name=guest").await;
+    assert_eq!(names, ["@guest1:localhost"]);
+    // admins: only admins, or none.
+    let (names, _) = user_names(&server, &admin, "admins=true").await;
+    assert_eq!(names, ["@admin:localhost"]);
+    let (names, _) = user_names(&server, &admin, "admins=false&guests=false").await;
+    assert_eq!(names, ["@alice:localhost", "@bob:localhost"]);
+    // order_by and dir.
+    let (names, _) = user_names(&server, &admin, "dir=b").await;
+    assert_eq!(
+        names,
+        [
+            "@guest1:localhost",
+            "@bob:localhost",
+            "@alice:localhost",
+            "@admin:localhost"
+        ]
+    );
+    for (name, ts) in [
+        ("@bob:localhost", 3000u64),
+        ("@admin:localhost", 2000),
+        ("@alice:localhost", 1000),
+        ("@guest1:localhost", 4000),
+    ] {
+        let id = ruma::UserId::parse(name).expect("id");
+        let mut rec = s.accounts.user(&id).expect("read").expect("user");
+        rec.created_ms = ts;
+        s.storage
+            .put(
+                hafen::storage::Table::Users,
+                id.localpart().as_bytes(),
+                &serde_json::to_vec(&rec).expect("json"),
+            )
+            .expect("store");
+    }
+    let (names, page) = user_names(&server, &admin, "order_by=creation_ts").await;
+    assert_eq!(
+        names,
+        [
+            "@alice:localhost",
+            "@admin:localhost",
+            "@bob:localhost",
+            "@guest1:localhost"
+        ]
+    );
+    assert_eq!(page["users"][0]["creation_ts"], json!(1000));
+    let (names, page) = user_names(&server, &admin, "order_by=creation_ts&dir=b&limit=3").await;
+    assert_eq!(
+        names,
+        ["@guest1:localhost", "@bob:localhost", "@admin:localhost"]
+    );
+    assert_eq!(page["next_token"], json!("3"));
+    let (names, _) = user_names(&server, &admin, "order_by=creation_ts&dir=b&from=3").await;
+    assert_eq!(names, ["@alice:localhost"]);
+    // Bad values.
+    for q in ["order_by=password", "dir=x", "admins=maybe"] {
+        let got = server
+            .get(&format!("/_synapse/admin/v2/users?{q}"), &admin)
+            .await;
+        assert_err(&got, 400, "M_INVALID_PARAM");
+    }
+    // Not an admin.
+    let bob = server.user("bob2").await;
+    let got = server.get("/_synapse/admin/v2/users?name=a", &bob).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn device_limit_refuses_logins_beyond_it() {
+    let server = TestServer::start_with(|c| c.max_devices_per_user = 2).await;
+    let admin = make_admin(&server).await;
+    let _alice = server.user("alice").await; // one device
+    let login = |device: Option<&str>| {
+        let mut b = login_body("alice", "password");
+        if let Some(d) = device {
+            b["device_id"] = json!(d);
+        }
+        b
+    };
+    let (status, body) = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        UA,
+        Some(login(Some("SECOND"))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A third device: refused, naming the policy.
+    let got = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        UA,
+        Some(login(None)),
+    )
+    .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let msg = got.1["error"].as_str().expect("error");
+    assert!(msg.contains("max_devices_per_user"), "{msg}");
+    let got = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        UA,
+        Some(login(Some("THIRD"))),
+    )
+    .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    // Logging in again on a device the user has is allowed.
+    let (status, body) = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        UA,
+        Some(login(Some("SECOND"))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["device_id"], json!("SECOND"));
+    // After logging a device out there is room again.
+    let token = body["access_token"].as_str().expect("token").to_owned();
+    let (status, _) = server
+        .req(
+            Method::POST,
+            "/_matrix/client/v3/logout",
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        UA,
+        Some(login(Some("THIRD"))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The denials are audited.
+    let entries = audit(
+        &server,
+        &admin,
+        "kind=policy_denied&user=%40alice%3Alocalhost",
+    )
+    .await;
+    let list = entries["entries"].as_array().expect("entries");
+    assert_eq!(list.len(), 2, "{entries}");
+    for e in list {
+        assert_eq!(e["detail"]["policy"], json!("max_devices_per_user"));
+        assert_eq!(e["detail"]["action"], json!("login"));
+    }
+    // The compliance report names the limit under C1.
+    let (status, body) = server
+        .get("/_hafen/admin/v1/compliance_report", &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let c1 = body["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["id"] == "C1")
+        .expect("C1")
+        .clone();
+    assert!(
+        c1["findings"]
+            .to_string()
+            .contains("at most 2 devices per user"),
+        "{c1}"
+    );
+}
+#[tokio::test]
+async fn blocked_user_agents_are_refused_and_audited_once() {
+    let server = TestServer::start_with(|c| {
+        c.blocked_user_agents = vec!["OldClient/0.".to_owned(), "Legacy*/1.*".to_owned()]
+    })
+    .await;
+    let admin = make_admin(&server).await;
+    let alice = server.user("alice").await;
+    let whoami = "/_matrix/client/v3/account/whoami";
+    let (status, body) = send_ua(
+        &server,
+        Method::GET,
+        whoami,
+        Some(&alice.token),
+        "Element/1.11",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for ua in ["OldClient/0.9 (Linux)", "LegacyApp/1.2", "OldClient/0.1"] {
+        let got = send_ua(&server, Method::GET, whoami, Some(&alice.token), ua, None).await;
+        assert_err(&got, 403, "M_FORBIDDEN");
+        let msg = got.1["error"].as_str().expect("error");
+        assert!(msg.contains("blocked_user_agents"), "{msg}");
+    }
+    // A glob must match the whole agent; a newer version passes.
+    for ua in ["MyLegacyApp/2.0", "OldClient/1.0"] {
+        let (status, body) =
+            send_ua(&server, Method::GET, whoami, Some(&alice.token), ua, None).await;
+        assert_eq!(status, StatusCode::OK, "{ua}: {body}");
+    }
+    // Unauthenticated requests are not refused (login works, the client can say what to update).
+    let (status, body) = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/login",
+        None,
+        "OldClient/0.9",
+        Some(login_body("alice", "password")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A blocked client may still log out.
+    let (status, body) = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/logout",
+        Some(&alice.token),
+        "OldClient/0.9",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Audited once for the device within the hour, whatever the number of refusals.
+    let entries = audit(&server, &admin, "kind=policy_denied").await;
+    let list = entries["entries"].as_array().expect("entries");
+    assert_eq!(list.len(), 1, "{entries}");
+    assert_eq!(list[0]["user"], json!(alice.user_id));
+    assert_eq!(list[0]["detail"]["policy"], json!("blocked_user_agents"));
+    assert_eq!(list[0]["detail"]["device"], json!(alice.device_id));
+    assert_eq!(
+        list[0]["detail"]["user_agent"],
+        json!("OldClient/0.9 (Linux)")
+    );
+}
+
+#[tokio::test]
+async fn memberships_changed_by_another_servers_events_are_audited() {
+    use crate::common::{start_federating, TestPki};
+    use crate::federation_rooms::{invite, join_via};
+    let pki = TestPki::new();
+    let a = start_federating(&pki, |_| {}).await;
+    let b = start_federating(&pki, |_| {}).await;
+    let b_admin = make_admin(&b).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let bea = b.user("bea").await;
+    let room = a
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    // Bea keeps B in the room, so that B sees what happens to Bob.
+    for u in [&bea, &bob] {
+        let (status, body) = join_via(&b, u, &room, &a).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let moderate = |what: &'static str| {
+        let a = &a;
+        let alice = &alice;
+        let bob = &bob;
+        let room = &room;
+        async move {
+            a.post(
+                &format!("/_matrix/client/v3/rooms/{}/{what}", enc(room)),
+                alice,
+                json!({ "user_id": bob.user_id, "reason": "test" }),
+            )
+            .await
+        }
+    };
+    let bob_entries = |want: usize| {
+        let b = &b;
+        let b_admin = &b_admin;
+        let bob = &bob;
+        async move {
+            let q = format!("user={}&kind=membership", enc(&bob.user_id));
+            let mut last = Value::Null;
+            for _ in 0..100 {
+                last = audit(b, b_admin, &q).await;
+                if last["entries"].as_array().map_or(0, Vec::len) >= want {
+                    return last;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("wanted {want} membership entries of bob on B: {last}");
+        }
+    };
+    for (what, want) in [("kick", 2), ("ban", 3), ("unban", 4)] {
+        let (status, body) = moderate(what).await;
+        assert_eq!(status, StatusCode::OK, "{what}: {body}");
+        bob_entries(want).await;
+    }
+    // An invite goes through /invite (audited there) and then through /send: one entry.
+    let (status, body) = invite(&a, &alice, &room, &bob.user_id).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    bob_entries(5).await;
+    // A message after the invite: once it is on B, the invite's /send has been handled too.
+    let (status, body) = a
+        .put(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+                enc(&room)
+            ),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "after" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut seen = false;
+    for _ in 0..100 {
+        let (_, msgs) = b
+            .get(
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5",
+                    enc(&room)
+                ),
+                &bea,
+            )
+            .await;
+        if msgs.to_string().contains("\"after\"") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(seen, "the message reached B");
+    let got = bob_entries(5).await;
+    let list: Vec<(Value, Value, Value)> = got["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            assert_eq!(e["user"], json!(bob.user_id));
+            assert_eq!(e["room"], json!(room));
+            (
+                e["detail"]["membership"].clone(),
+                e["detail"]["sender"].clone(),
+                e["detail"]["action"].clone(),
+            )
+        })
+        .collect();
+    let alice_v = json!(alice.user_id);
+    assert_eq!(
+        list,
+        [
+            (json!("join"), Value::Null, Value::Null),
+            (json!("leave"), alice_v.clone(), json!("kick")),
+            (json!("ban"), alice_v.clone(), json!("ban")),
+            (json!("leave"), alice_v.clone(), json!("unban")),
+            (json!("invite"), alice_v.clone(), Value::Null),
+        ],
+        "{got}"
+    );
+    // Other servers' users' memberships are not audited on B.
+    let all = audit(
+        &b,
+        &b_admin,
+        &format!("room={}&kind=membership", enc(&room)),
+    )
+    .await;
+    for e in all["entries"].as_array().expect("entries") {
+        assert!(
+            e["user"] == json!(bob.user_id) || e["user"] == json!(bea.user_id),
+            "{all}"
+        );
+    }
 }

@@ -288,8 +288,12 @@ fn user_json(s: &Services, user: &ruma::UserId, rec: &UserRecord) -> Result<Map<
     }
 }
 
-/// `GET /_synapse/admin/v2/users?from=&limit=&guests=&deactivated=`: local users by id;
-/// `next_token` (an offset) when more follow; `total` counts all that match.
+/// `GET /_synapse/admin/v2/users`: local users, filtered and ordered as Synapse documents it:
+/// `name` (substring of the user id or display name; `user_id` is ignored with it), `user_id`
+/// (substring of the user id), `guests` (false leaves guests out), `deactivated` (true includes
+/// deactivated users), `admins` (true: only admins, false: no admins), `order_by` and `dir`
+/// (`f`/`b`); `from` (an offset) and `limit`. `next_token` when more follow; `total` counts
+/// all that match.
 async fn list_users(
     State(s): State<Arc<Services>>,
     Authed(who): Authed,
@@ -298,26 +302,51 @@ async fn list_users(
     require_admin(&s, &who, "GET /_synapse/admin/v2/users", None)?;
     let from = uint_param(&q, "from", 0)?;
     let limit = uint_param(&q, "limit", USERS_PAGE)?.min(USERS_PAGE_MAX);
-    let flag = |key: &str, default: bool| -> Result<bool> {
+    let flag = |key: &str| -> Result<Option<bool>> {
         match query_param(&q, key)?.as_deref() {
-            None => Ok(default),
-            Some("true") => Ok(true),
-            Some("false") => Ok(false),
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
             Some(_) => Err(Error::invalid_param(format!("{key} must be true or false"))),
         }
     };
-    let guests = flag("guests", true)?;
-    let deactivated = flag("deactivated", false)?;
-    let mut users = Vec::new();
-    let mut total = 0usize;
+    let guests = flag("guests")?.unwrap_or(true);
+    let deactivated = flag("deactivated")?.unwrap_or(false);
+    let admins = flag("admins")?;
+    let name = query_param(&q, "name")?
+        .filter(|n| !n.is_empty())
+        .map(|n| n.to_lowercase());
+    let user_id = query_param(&q, "user_id")?
+        .filter(|n| !n.is_empty())
+        .map(|n| n.to_lowercase());
+    let order_by = query_param(&q, "order_by")?.unwrap_or_else(|| "name".to_owned());
+    if !USERS_ORDER.contains(&order_by.as_str()) {
+        return Err(Error::invalid_param(format!(
+            "Unknown value for order_by: {order_by}"
+        )));
+    }
+    let backwards = match query_param(&q, "dir")?.as_deref() {
+        None | Some("f") => false,
+        Some("b") => true,
+        Some(_) => {
+            return Err(Error::invalid_param(
+                "Unknown direction: dir must be f or b",
+            ))
+        }
+    };
+    let displayname = |user: &ruma::UserId| -> Result<Option<String>> {
+        Ok(s.profiles
+            .get(user, "displayname")?
+            .and_then(|v| v.as_str().map(str::to_owned)))
+    };
+    let mut matching: Vec<(OwnedUserId, UserRecord, SortKey)> = Vec::new();
     for item in s.storage.scan_prefix(crate::storage::Table::Users, b"")? {
         let (k, v) = item?;
         let rec: UserRecord = serde_json::from_slice(&v)?;
-        if (!guests && rec.guest) || (!deactivated && rec.deactivated) {
-            continue;
-        }
-        total += 1;
-        if total <= from || users.len() >= limit {
+        if (!guests && rec.guest)
+            || (!deactivated && rec.deactivated)
+            || admins.is_some_and(|a| a != rec.admin)
+        {
             continue;
         }
         let Ok(localpart) = std::str::from_utf8(&k) else {
@@ -327,13 +356,77 @@ async fn list_users(
         else {
             continue;
         };
-        users.push(Value::Object(user_json(&s, &user, &rec)?));
+        if let Some(n) = &name {
+            let in_id = user.as_str().to_lowercase().contains(n.as_str());
+            if !in_id && !displayname(&user)?.is_some_and(|d| d.to_lowercase().contains(n.as_str()))
+            {
+                continue;
+            }
+        } else if let Some(u) = &user_id {
+            if !user.as_str().to_lowercase().contains(u.as_str()) {
+                continue;
+            }
+        }
+        let key = match order_by.as_str() {
+            "creation_ts" => SortKey::Num(rec.created_ms),
+            "admin" => SortKey::Num(u64::from(rec.admin)),
+            "is_guest" => SortKey::Num(u64::from(rec.guest)),
+            "deactivated" => SortKey::Num(u64::from(rec.deactivated)),
+            "locked" => SortKey::Num(u64::from(rec.locked)),
+            "displayname" => SortKey::Text(displayname(&user)?.unwrap_or_default()),
+            "avatar_url" => SortKey::Text(
+                s.profiles
+                    .get(&user, "avatar_url")?
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            ),
+            _ => SortKey::Text(String::new()),
+        };
+        matching.push((user, rec, key));
+    }
+    // Synapse: by the column in `dir`, then by user id.
+    matching.sort_by(|a, b| {
+        let first = if backwards {
+            b.2.cmp(&a.2)
+        } else {
+            a.2.cmp(&b.2)
+        };
+        let by_name = if backwards && order_by == "name" {
+            b.0.cmp(&a.0)
+        } else {
+            a.0.cmp(&b.0)
+        };
+        first.then(by_name)
+    });
+    let total = matching.len();
+    let mut users = Vec::new();
+    for (user, rec, _) in matching.iter().skip(from).take(limit) {
+        users.push(Value::Object(user_json(&s, user, rec)?));
     }
     let mut v = json!({ "users": users, "total": total });
     if from + users.len() < total {
         v["next_token"] = json!((from + users.len()).to_string());
     }
     Ok(Json(v))
+}
+
+/// The `order_by` values of Synapse's user list that Hafen has data for (`user_type`,
+/// `shadow_banned` and `last_seen_ts` are not kept per user here).
+const USERS_ORDER: &[&str] = &[
+    "name",
+    "creation_ts",
+    "displayname",
+    "avatar_url",
+    "admin",
+    "is_guest",
+    "deactivated",
+    "locked",
+];
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum SortKey {
+    Num(u64),
+    Text(String),
 }
 
 /// `GET /_synapse/admin/v2/users/{userId}`.
@@ -474,22 +567,22 @@ async fn whois(
     require_admin(&s, &who, "GET /_synapse/admin/v1/whois/{userId}", Some(raw))?;
     let user = local_user(&s, raw)?;
     known_user(&s, &user)?;
-    let mut devices = Map::new();
+    // Synapse's shape: every connection in one session under the device key "" (the client
+    // API's `/admin/whois` keys them by device id, as the spec says).
+    let mut connections = Vec::new();
     for d in s.accounts.devices(&user)? {
-        let connections = match d.last_seen_ts {
-            Some(ts) => json!([{
+        if let Some(ts) = d.last_seen_ts {
+            connections.push(json!({
                 "ip": d.last_seen_ip,
                 "last_seen": ts,
                 "user_agent": d.last_seen_user_agent,
-            }]),
-            None => json!([]),
-        };
-        devices.insert(
-            d.device_id.to_string(),
-            json!({ "sessions": [{ "connections": connections }] }),
-        );
+            }));
+        }
     }
-    Ok(Json(json!({ "user_id": user, "devices": devices })))
+    Ok(Json(json!({
+        "user_id": user,
+        "devices": { "": { "sessions": [{ "connections": connections }] } },
+    })))
 }
 
 // Registration tokens (Synapse's shapes).

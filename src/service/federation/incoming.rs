@@ -238,6 +238,12 @@ pub async fn accept(
             }
         }
     };
+    // A local user's membership changed by another server's user (a remote kick, ban, invite):
+    // the audit entry, with the membership before the event to tell a kick from an unban.
+    let local_member = remote_change_of_local_member(services, pdu).map(|target| {
+        let before = rooms.membership(&incoming.room_id, &target).ok().flatten();
+        (target, before)
+    });
     let (_, deferred) = rooms.persist_deferred(
         &incoming.room_id,
         meta,
@@ -247,7 +253,66 @@ pub async fn accept(
         placement,
     )?;
     drop(_guard);
+    if let Some((target, before)) = local_member {
+        audit_remote_membership(services, &incoming, &target, before.as_deref());
+    }
     deferred.complete(&services.storage).await
+}
+
+/// The local user whose membership `pdu` changes when it is an `m.room.member` event of a local
+/// user sent by another server's user; None for every other event (no storage read).
+fn remote_change_of_local_member(services: &Services, pdu: &Pdu) -> Option<ruma::OwnedUserId> {
+    if pdu.kind != ruma::events::TimelineEventType::RoomMember {
+        return None;
+    }
+    let local = &services.globals.server_name;
+    if pdu.sender.server_name() == local {
+        return None;
+    }
+    let target = ruma::UserId::parse(pdu.state_key.as_deref()?).ok()?;
+    (target.server_name() == local).then_some(target)
+}
+
+/// Write the `membership` audit entry of a remote change of a local user's membership. Invites
+/// this server countersigned came through `/invite` and are audited there already.
+fn audit_remote_membership(
+    services: &Services,
+    incoming: &Incoming,
+    target: &ruma::UserId,
+    before: Option<&str>,
+) {
+    let Some(membership) = incoming.pdu.membership() else {
+        return;
+    };
+    let action = match (membership.as_str(), before) {
+        ("leave", Some("ban")) => Some("unban"),
+        ("leave", _) => Some("kick"),
+        ("ban", _) => Some("ban"),
+        ("invite", _) => {
+            let countersigned = incoming
+                .obj
+                .get("signatures")
+                .and_then(|s| match s {
+                    ruma::CanonicalJsonValue::Object(o) => {
+                        o.get(services.globals.server_name.as_str())
+                    }
+                    _ => None,
+                })
+                .is_some();
+            if countersigned {
+                return;
+            }
+            None
+        }
+        _ => None,
+    };
+    services.rooms.audit_membership(
+        &incoming.room_id,
+        target,
+        &incoming.pdu.sender,
+        &membership,
+        action,
+    );
 }
 
 /// The prev events of `pdu` that are not in the room's timeline.
