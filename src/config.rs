@@ -128,6 +128,11 @@ pub struct Config {
     /// Directory of uploaded media files; unset means `<database_path>/media`.
     #[serde(default)]
     pub media_path: Option<PathBuf>,
+    /// Where online backups go (`POST /_hafen/admin/v1/backup`): each one a directory named by
+    /// its time with `db/` (a RocksDB checkpoint) and `media/`. Unset: no backups (`hafen audit`
+    /// reports it).
+    #[serde(default)]
+    pub backup_path: Option<PathBuf>,
     /// Largest media upload in bytes (413 `M_TOO_LARGE` above it); announced as `m.upload.size`.
     #[serde(default = "default_max_upload_size")]
     pub max_upload_size: u64,
@@ -560,6 +565,7 @@ impl Config {
         c.well_known.client = Some(String::new());
         c.well_known.server = Some(String::new());
         c.media_path = Some(PathBuf::new());
+        c.backup_path = Some(PathBuf::new());
         c.well_known.support_page = Some(String::new());
         c.well_known.support_mxid = Some(String::new());
         c.well_known.support_email = Some(String::new());

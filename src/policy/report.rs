@@ -181,13 +181,25 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         Vec::new(),
         vec!["redactions strip stored content; deactivation with `erase` removes a user's data and compacts storage".into()],
     );
-    row(
-        &mut rows,
-        "A7",
-        "availability: backup",
-        vec!["no backup configured: this build has no online backup schedule; back up the database directory and media store from outside".into()],
-        Vec::new(),
-    );
+    match &config.backup_path {
+        Some(path) => row(
+            &mut rows,
+            "A7",
+            "availability: backup",
+            Vec::new(),
+            vec![format!(
+                "online backups (POST /_hafen/admin/v1/backup) go to {}; schedule them and test a restore",
+                path.display()
+            )],
+        ),
+        None => row(
+            &mut rows,
+            "A7",
+            "availability: backup",
+            vec!["no backup configured: set backup_path and take online backups with POST /_hafen/admin/v1/backup".into()],
+            Vec::new(),
+        ),
+    }
     row(
         &mut rows,
         "A8",

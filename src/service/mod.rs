@@ -3,6 +3,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod backup;
 pub mod dehydrated;
 pub mod e2ee;
 pub mod federation;

@@ -286,6 +286,15 @@ impl Storage {
         self.flush_all()
     }
 
+    /// A consistent copy of the whole database at this moment into `dest` (which must not exist),
+    /// taken while the server runs: RocksDB hard-links the immutable table files and copies the
+    /// rest, after flushing. Blocking: call from a blocking thread.
+    pub fn checkpoint(&self, dest: &Path) -> Result<()> {
+        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&*self.db)?;
+        checkpoint.create_checkpoint(dest)?;
+        Ok(())
+    }
+
     /// [`Storage::erase_deleted`] over every table.
     pub fn compact_all(&self) -> Result<()> {
         self.erase_deleted(Table::ALL)

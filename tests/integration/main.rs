@@ -5,6 +5,7 @@ mod common;
 
 mod accounts;
 mod audit;
+mod backup;
 mod config;
 mod crash;
 mod directory;

@@ -47,6 +47,7 @@ const MAX_DELETE: usize = 1000;
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r.route("/_hafen/admin/v1/audit", get(audit))
         .route("/_hafen/admin/v1/destinations", get(destinations))
+        .route("/_hafen/admin/v1/backup", axum::routing::post(backup))
         .route("/_synapse/admin/v2/users", get(list_users))
         .route("/_synapse/admin/v2/users/{user_id}", get(query_user))
         .route(
@@ -261,6 +262,13 @@ async fn destinations(State(s): State<Arc<Services>>, Authed(who): Authed) -> Re
     require_admin(&s, &who, "GET /_hafen/admin/v1/destinations", None)?;
     let list = s.register.list()?;
     Ok(Json(json!({ "destinations": list, "total": list.len() })))
+}
+
+/// `POST /_hafen/admin/v1/backup`: an online backup of the database and media now (A7).
+async fn backup(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<Json<Value>> {
+    require_admin(&s, &who, "POST /_hafen/admin/v1/backup", None)?;
+    let path = crate::service::backup::run(&s).await?;
+    Ok(Json(json!({ "path": path.display().to_string() })))
 }
 
 // Synapse's user admin API.
