@@ -221,6 +221,19 @@ impl TestServer {
 }
 
 /// A loopback port free right now (for servers that must know their ports before starting).
+/// A client transaction id (`PUT .../send/{type}/{txnId}`, redactions, to-device) no other call
+/// in this test process uses. Servers treat a repeated transaction id of the same device as a
+/// retry and answer with the first event, creating nothing: ids taken from `free_port()` could
+/// repeat (the OS hands the same ephemeral port out again, more often under load), so a message
+/// now and then was silently never sent.
+pub fn unique_txn() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    format!(
+        "txn-{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -23,7 +23,7 @@ async fn say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> St
             &format!(
                 "{V3}/rooms/{}/send/m.room.message/{}",
                 enc(room),
-                crate::common::free_port()
+                crate::common::unique_txn()
             ),
             user,
             json!({ "msgtype": "m.text", "body": text }),

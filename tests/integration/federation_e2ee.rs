@@ -25,7 +25,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::{
-    common::{enc, free_port, start_federating, TestPki, TestServer, TestUser},
+    common::{enc, start_federating, TestPki, TestServer, TestUser},
     federation_rooms::{membership, say, wait_for, wait_membership},
     sdk_client::collect_texts,
 };
@@ -602,7 +602,7 @@ async fn concurrent_state_changes_resolve_to_the_same_state_on_both_servers() {
                 &format!(
                     "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
                     enc(&room),
-                    free_port()
+                    crate::common::unique_txn()
                 ),
                 &dave,
                 json!({ "msgtype": "m.text", "body": "dave" }),
@@ -614,7 +614,7 @@ async fn concurrent_state_changes_resolve_to_the_same_state_on_both_servers() {
                 &format!(
                     "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
                     enc(&room),
-                    free_port()
+                    crate::common::unique_txn()
                 ),
                 &bob,
                 json!({ "msgtype": "m.text", "body": format!("after race {round} from B") }),

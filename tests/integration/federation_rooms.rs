@@ -58,7 +58,7 @@ pub(crate) async fn say(server: &TestServer, user: &TestUser, room: &str, text: 
             &format!(
                 "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
                 enc(room),
-                crate::common::free_port()
+                crate::common::unique_txn()
             ),
             user,
             json!({ "msgtype": "m.text", "body": text }),

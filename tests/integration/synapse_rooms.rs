@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::{
-    common::{enc, free_port, start_federating, TestPki, TestServer, TestUser},
+    common::{enc, start_federating, TestPki, TestServer, TestUser},
     synapse::{signed_device_keys, SynapsePeer},
 };
 
@@ -84,7 +84,7 @@ async fn h_say(server: &TestServer, user: &TestUser, room: &str, text: &str) -> 
             &format!(
                 "{V3}/rooms/{}/send/m.room.message/{}",
                 enc(room),
-                free_port()
+                crate::common::unique_txn()
             ),
             user,
             json!({ "msgtype": "m.text", "body": text }),
@@ -182,7 +182,7 @@ async fn s_say(synapse: &SynapsePeer, u: &SUser, room: &str, text: &str) -> Stri
         &format!(
             "{V3}/rooms/{}/send/m.room.message/{}",
             enc(room),
-            free_port()
+            crate::common::unique_txn()
         ),
         u,
         Some(json!({ "msgtype": "m.text", "body": text })),
@@ -1207,7 +1207,7 @@ async fn redactions_kick_and_ban_across() {
             "{V3}/rooms/{}/redact/{}/{}",
             enc(&room),
             enc(&event),
-            free_port()
+            crate::common::unique_txn()
         ),
         &sam,
         Some(json!({ "reason": "typo" })),
@@ -1232,7 +1232,7 @@ async fn redactions_kick_and_ban_across() {
                 "{V3}/rooms/{}/redact/{}/{}",
                 enc(&room),
                 enc(&event),
-                free_port()
+                crate::common::unique_txn()
             ),
             &hanna,
             json!({ "reason": "typo" }),
@@ -1662,7 +1662,10 @@ async fn rejections_remote_kick_and_to_device() {
     let (status, v) = s_req(
         &synapse,
         Method::PUT,
-        &format!("{V3}/sendToDevice/m.interop.ping/{}", free_port()),
+        &format!(
+            "{V3}/sendToDevice/m.interop.ping/{}",
+            crate::common::unique_txn()
+        ),
         &sam,
         Some(json!({ "messages": { hanna.user_id.clone(): {
             hanna.device_id.clone(): { "hello": "from synapse" } } } })),
@@ -1689,7 +1692,7 @@ async fn rejections_remote_kick_and_to_device() {
     assert_eq!(msg["content"], json!({ "hello": "from synapse" }));
     let (status, v) = hafen
         .put(
-            &format!("{V3}/sendToDevice/m.interop.pong/{}", free_port()),
+            &format!("{V3}/sendToDevice/m.interop.pong/{}", crate::common::unique_txn()),
             &hanna,
             json!({ "messages": { sam.id.clone(): { s_device.clone(): { "hello": "from hafen" } } } }),
         )
@@ -1817,7 +1820,11 @@ async fn second_local_user_profiles_and_relations() {
     let (status, v) = s_req(
         &synapse,
         Method::PUT,
-        &format!("{V3}/rooms/{}/send/m.reaction/{}", enc(&room), free_port()),
+        &format!(
+            "{V3}/rooms/{}/send/m.reaction/{}",
+            enc(&room),
+            crate::common::unique_txn()
+        ),
         &sam,
         Some(json!({ "m.relates_to": { "rel_type": "m.annotation",
                                        "event_id": hugo_msg, "key": "👍" } })),
@@ -1849,7 +1856,7 @@ async fn second_local_user_profiles_and_relations() {
         &format!(
             "{V3}/rooms/{}/send/m.room.message/{}",
             enc(&room),
-            free_port()
+            crate::common::unique_txn()
         ),
         &sam,
         Some(json!({ "msgtype": "m.text", "body": "* typo",
@@ -1872,7 +1879,11 @@ async fn second_local_user_profiles_and_relations() {
     // Hugo reacts to sam's message: Synapse relates it.
     let (status, v) = hafen
         .put(
-            &format!("{V3}/rooms/{}/send/m.reaction/{}", enc(&room), free_port()),
+            &format!(
+                "{V3}/rooms/{}/send/m.reaction/{}",
+                enc(&room),
+                crate::common::unique_txn()
+            ),
             &hugo,
             json!({ "m.relates_to": { "rel_type": "m.annotation",
                                       "event_id": original, "key": "🎉" } }),
