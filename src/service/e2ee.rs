@@ -13,7 +13,7 @@ use crate::{
         accounts::Identity,
         keys::{CrossSigning, ListChange},
         sync::room_mates,
-        to_device::Recipient,
+        to_device::recipients_for,
         Services,
     },
 };
@@ -352,21 +352,7 @@ pub fn send_to_device(
             if !content.is_object() {
                 return Err(Error::bad_json("Message contents must be objects"));
             }
-            if device == "*" {
-                for d in s.accounts.devices(&user_id)? {
-                    recipients.push(Recipient {
-                        user: user_id.clone(),
-                        device: d.device_id.clone(),
-                        content: content.clone(),
-                    });
-                }
-            } else {
-                recipients.push(Recipient {
-                    user: user_id.clone(),
-                    device: device.as_str().into(),
-                    content: content.clone(),
-                });
-            }
+            recipients_for(&s.accounts, &user_id, device, content, &mut recipients)?;
         }
     }
     let edus = crate::service::federation::edu::to_device_edus(&who.user_id, kind, remote)?;

@@ -39,6 +39,33 @@ pub struct Recipient {
     pub content: Value,
 }
 
+/// The recipients one `messages` entry (user, device or `*`, content) stands for: `*` is every
+/// device the local user has.
+pub fn recipients_for(
+    accounts: &crate::service::accounts::Accounts,
+    user: &ruma::UserId,
+    device: &str,
+    content: &Value,
+    out: &mut Vec<Recipient>,
+) -> crate::error::Result<()> {
+    if device == "*" {
+        for d in accounts.devices(user)? {
+            out.push(Recipient {
+                user: user.to_owned(),
+                device: d.device_id.clone(),
+                content: content.clone(),
+            });
+        }
+    } else {
+        out.push(Recipient {
+            user: user.to_owned(),
+            device: device.into(),
+            content: content.clone(),
+        });
+    }
+    Ok(())
+}
+
 impl ToDevice {
     pub fn new(storage: Storage, globals: std::sync::Arc<Globals>) -> ToDevice {
         ToDevice { storage, globals }

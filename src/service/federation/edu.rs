@@ -21,7 +21,7 @@ use crate::{
     service::{
         keys::{CrossSigning, ListChange},
         sync::room_mates,
-        to_device::Recipient,
+        to_device::recipients_for,
         Services,
     },
     storage::{keys, Table},
@@ -397,21 +397,7 @@ fn to_device(s: &Services, origin: &ServerName, c: &Map<String, Value>) -> Resul
             if !content.is_object() {
                 continue;
             }
-            if device == "*" {
-                for d in s.accounts.devices(&user_id)? {
-                    recipients.push(Recipient {
-                        user: user_id.clone(),
-                        device: d.device_id.clone(),
-                        content: content.clone(),
-                    });
-                }
-            } else {
-                recipients.push(Recipient {
-                    user: user_id.clone(),
-                    device: device.as_str().into(),
-                    content: content.clone(),
-                });
-            }
+            recipients_for(&s.accounts, &user_id, device, content, &mut recipients)?;
         }
     }
     recipients.truncate(crate::service::to_device::MAX_RECIPIENTS);

@@ -291,7 +291,7 @@ impl Federation {
             return Err(remote_error(destination, status, &answer));
         }
         let headers = response.headers().clone();
-        let body = read_bytes_limited(response, limit).await?;
+        let body = read_bytes_limited(response, limit, content_too_large).await?;
         Ok((headers, body))
     }
 
@@ -316,12 +316,17 @@ impl Federation {
             ));
         }
         let headers = response.headers().clone();
-        let body = read_bytes_limited(response, limit).await?;
+        let body = read_bytes_limited(response, limit, content_too_large).await?;
         Ok((headers, body))
     }
 }
 
-async fn read_bytes_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>> {
+/// At most `limit` bytes of an answer's body; `too_large` is the error when there are more.
+async fn read_bytes_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+    too_large: impl Fn() -> Error,
+) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| {
         Error::with_status(
@@ -331,14 +336,16 @@ async fn read_bytes_limited(mut response: reqwest::Response, limit: usize) -> Re
         )
     })? {
         if body.len() + chunk.len() > limit {
-            return Err(Error::new(
-                ErrCode::TooLarge,
-                "The remote content is too large",
-            ));
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// Media from another server beyond the size this server accepts.
+fn content_too_large() -> Error {
+    Error::new(ErrCode::TooLarge, "The remote content is too large")
 }
 
 /// A remote server's refusal as our error: the refusals a client should see as they are (the
@@ -430,27 +437,15 @@ pub(crate) async fn read_json(response: reqwest::Response) -> Result<Value> {
     read_json_limited(response, MAX_RESPONSE_BYTES).await
 }
 
-pub(crate) async fn read_json_limited(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Value> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| {
+pub(crate) async fn read_json_limited(response: reqwest::Response, limit: usize) -> Result<Value> {
+    let body = read_bytes_limited(response, limit, || {
         Error::with_status(
             ErrCode::Unknown,
             http::StatusCode::BAD_GATEWAY,
-            e.to_string(),
+            "The remote answer is too large",
         )
-    })? {
-        if body.len() + chunk.len() > limit {
-            return Err(Error::with_status(
-                ErrCode::Unknown,
-                http::StatusCode::BAD_GATEWAY,
-                "The remote answer is too large",
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    })
+    .await?;
     serde_json::from_slice(&body).map_err(|_| {
         Error::with_status(
             ErrCode::Unknown,

@@ -111,6 +111,14 @@ fn media_key(server: &ServerName, media_id: &str) -> Vec<u8> {
     k
 }
 
+/// `media_file_refs` key: which media id uses a stored file.
+pub(crate) fn file_ref_key(sha256: &str, server: &ServerName, media_id: &str) -> Vec<u8> {
+    let mut k = sha256.as_bytes().to_vec();
+    k.push(0xff);
+    k.extend_from_slice(&media_key(server, media_id));
+    k
+}
+
 fn user_media_key(user: &str, server: &ServerName, media_id: &str) -> Vec<u8> {
     let mut k = user.as_bytes().to_vec();
     k.push(0xff);
@@ -246,9 +254,7 @@ impl Media {
             uploaded_ts: utils::now_ms(),
         });
         let user_key = user_media_key(user.as_str(), server, media_id);
-        let mut refs_key = stored.sha256.as_bytes().to_vec();
-        refs_key.push(0xff);
-        refs_key.extend_from_slice(&media_key(server, media_id));
+        let refs_key = file_ref_key(&stored.sha256, server, media_id);
         let mut batch = self.storage.batch();
         batch.put(
             Table::Media,
@@ -452,9 +458,7 @@ impl Media {
             unused_expires_at: None,
             file: Some(file.clone()),
         };
-        let mut refs_key = stored.sha256.as_bytes().to_vec();
-        refs_key.push(0xff);
-        refs_key.extend_from_slice(&media_key(server, media_id));
+        let refs_key = file_ref_key(&stored.sha256, server, media_id);
         let mut batch = self.storage.batch();
         batch.put(
             Table::Media,

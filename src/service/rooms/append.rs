@@ -72,21 +72,19 @@ impl Deferred<'_> {
     /// Wait (without blocking an async worker) until the event is durable, then publish it.
     pub async fn complete(self, storage: &Storage) -> Result<()> {
         storage.durable(self.ticket).await?;
-        for p in self.extra {
-            p.finish(Vec::new());
-        }
-        self.pending.finish(self.wake);
-        if !self.notified.is_empty() {
-            self.pushes.add(self.notified);
-        }
-        if !self.federate.is_empty() {
-            self.federation_wake.add(self.federate);
-        }
+        self.publish();
         Ok(())
     }
 
     fn finish_blocking(self, storage: &Storage) -> Result<()> {
         storage.make_durable(self.ticket)?;
+        self.publish();
+        Ok(())
+    }
+
+    /// The event is durable: let the watermark pass it and wake whoever it concerns (syncs,
+    /// push gateways, the federation sender).
+    fn publish(self) {
         for p in self.extra {
             p.finish(Vec::new());
         }
@@ -97,7 +95,6 @@ impl Deferred<'_> {
         if !self.federate.is_empty() {
             self.federation_wake.add(self.federate);
         }
-        Ok(())
     }
 }
 
