@@ -749,3 +749,29 @@ async fn keys_of_an_unreachable_server_come_from_a_trusted_notary() {
         .await
         .is_err());
 }
+
+#[tokio::test]
+async fn unreachable_notaries_do_not_ask_each_other_forever() {
+    let (x, y, a) = (free_port(), free_port(), free_port());
+    // Nobody listens on any of these ports: every server here is unreachable.
+    let e = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "e.test".try_into().expect("name");
+        c.trusted_servers = vec![
+            "x.test".try_into().expect("name"),
+            "y.test".try_into().expect("name"),
+        ];
+        for (name, port) in [("x.test", x), ("y.test", y), ("a.test", a)] {
+            c.federation_destinations
+                .insert(name.into(), format!("http://127.0.0.1:{port}"));
+        }
+    })
+    .await;
+    let a_name = ServerName::parse("a.test").expect("name");
+    let attempt = e.services().federation.current_keys(&a_name);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(15), attempt)
+        .await
+        .expect("gives up instead of asking notary after notary");
+    let err = result.expect_err("no keys to be had");
+    assert!(err.to_string().contains("a.test"), "{err}");
+}

@@ -44,6 +44,17 @@ fn verify_keys(doc: &Value) -> BTreeMap<String, String> {
 impl Federation {
     /// The keys `server` signs requests with now (key id -> unpadded base64 public key).
     pub async fn current_keys(&self, server: &ServerName) -> Result<BTreeMap<String, String>> {
+        self.keys_of(server, true).await
+    }
+
+    /// [`Federation::current_keys`]; `via_notaries`: whether the notaries may be asked when the
+    /// server cannot be reached. A notary's own keys are only ever fetched from the notary, so
+    /// two unreachable notaries never ask each other about each other.
+    async fn keys_of(
+        &self,
+        server: &ServerName,
+        via_notaries: bool,
+    ) -> Result<BTreeMap<String, String>> {
         if server == self.globals.server_name {
             let key = &self.globals.signing_key;
             return Ok([(key.key_id.clone(), key.public_key())]
@@ -58,10 +69,11 @@ impl Federation {
         // concurrent fetches for one server only fetch twice).
         let (doc, cache_until) = match self.fetch_keys(server).await {
             Ok(found) => found,
-            Err(direct) => match self.keys_from_notaries(server).await {
+            Err(direct) if via_notaries => match self.keys_from_notaries(server).await {
                 Some(found) => found,
                 None => return Err(direct),
             },
+            Err(direct) => return Err(direct),
         };
         let keys = verify_keys(&doc);
         let record = json!({ "doc": doc, "cache_until": cache_until });
@@ -126,7 +138,7 @@ impl Federation {
     }
 
     async fn ask_notary(&self, notary: &ServerName, server: &ServerName) -> Result<(Value, u64)> {
-        let notary_keys = Box::pin(self.current_keys(notary)).await?;
+        let notary_keys = Box::pin(self.keys_of(notary, false)).await?;
         let answer = self
             .send(
                 http::Method::POST,
