@@ -46,13 +46,13 @@ async fn send_transaction(
     if txn_id.is_empty() || txn_id.len() > MAX_TXN_ID_LEN {
         return Err(Error::invalid_param("Invalid transaction id"));
     }
-    let body = signed
+    let mut body = signed
         .body
         .ok_or_else(|| Error::bad_json("A transaction needs a body"))?;
     let body = body
-        .as_object()
+        .as_object_mut()
         .ok_or_else(|| Error::bad_json("The transaction must be a JSON object"))?;
-    let pdus = match body.get("pdus") {
+    let pdus = match body.remove("pdus") {
         Some(Value::Array(a)) => a,
         Some(_) => return Err(Error::bad_json("pdus must be a list")),
         None => return Err(Error::bad_json("Missing pdus")),
@@ -85,7 +85,7 @@ async fn send_transaction(
         }
     }
 
-    let results = incoming::handle_pdus(&s, &origin, pdus.clone()).await;
+    let results = incoming::handle_pdus(&s, &origin, pdus).await;
     edu::apply(&s, &origin, edus);
 
     let mut per_pdu = Map::new();
