@@ -133,6 +133,23 @@ pub struct Config {
     /// reports it).
     #[serde(default)]
     pub backup_path: Option<PathBuf>,
+    /// Take a backup every this many seconds (the first one this long after the start). Unset:
+    /// only on request. Needs `backup_path`.
+    #[serde(default)]
+    pub backup_interval_secs: Option<u64>,
+    /// Keep only the newest this many backups below `backup_path` (older ones are deleted after
+    /// each successful backup). Unset: keep all.
+    #[serde(default)]
+    pub backup_keep: Option<u32>,
+    /// A file with the 32-byte key (64 hex digits or base64; not accessible to every user) that
+    /// encrypts new media files and thumbnails at rest (REQUIREMENTS C2). Files written before it
+    /// was set stay readable; `hafen media encrypt` converts them.
+    #[serde(default)]
+    pub media_encryption_key_file: Option<PathBuf>,
+    /// A file with the key that encrypts backups (one archive each); unset: the media key, and
+    /// without either, backups are plain directories.
+    #[serde(default)]
+    pub backup_encryption_key_file: Option<PathBuf>,
     /// Largest media upload in bytes (413 `M_TOO_LARGE` above it); announced as `m.upload.size`.
     #[serde(default = "default_max_upload_size")]
     pub max_upload_size: u64,
@@ -566,6 +583,10 @@ impl Config {
         c.well_known.server = Some(String::new());
         c.media_path = Some(PathBuf::new());
         c.backup_path = Some(PathBuf::new());
+        c.backup_interval_secs = Some(0);
+        c.backup_keep = Some(0);
+        c.media_encryption_key_file = Some(PathBuf::new());
+        c.backup_encryption_key_file = Some(PathBuf::new());
         c.well_known.support_page = Some(String::new());
         c.well_known.support_mxid = Some(String::new());
         c.well_known.support_email = Some(String::new());
@@ -633,6 +654,22 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     if c.max_request_size < 1024 {
         return Err(ConfigError::Invalid(
             "max_request_size: must be at least 1024 bytes".into(),
+        ));
+    }
+    if c.backup_interval_secs == Some(0) {
+        return Err(ConfigError::Invalid(
+            "backup_interval_secs: must be at least 1 (seconds); leave it unset for no schedule"
+                .into(),
+        ));
+    }
+    if c.backup_keep == Some(0) {
+        return Err(ConfigError::Invalid(
+            "backup_keep: must be at least 1; leave it unset to keep every backup".into(),
+        ));
+    }
+    if c.backup_interval_secs.is_some() && c.backup_path.is_none() {
+        return Err(ConfigError::Invalid(
+            "backup_interval_secs: needs backup_path (where the backups go)".into(),
         ));
     }
     if c.retention.purge_interval < 1000 {

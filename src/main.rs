@@ -8,7 +8,7 @@ use hafen::{config, service::Services, storage::Storage};
 #[derive(Parser)]
 #[command(
     name = "hafen",
-    version,
+    version = hafen::VERSION,
     about = "A Matrix homeserver for organizations"
 )]
 struct Cli {
@@ -45,6 +45,31 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Media store maintenance (run while the server is stopped).
+    Media {
+        #[command(subcommand)]
+        command: MediaCommand,
+    },
+    /// Backups.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MediaCommand {
+    /// Rewrite every media file stored in plain text encrypted with media_encryption_key_file.
+    /// Interruptible: run it again to finish.
+    Encrypt,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Decrypt an encrypted backup (`hafen-<ms>.tar.enc`) into TARGET (new or empty), as
+    /// TARGET/db and TARGET/media: start a server with database_path and media_path there.
+    /// The key is the config's backup_encryption_key_file (else media_encryption_key_file).
+    Restore { archive: PathBuf, target: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +189,12 @@ fn main() -> ExitCode {
         Command::Key {
             command: KeyCommand::Rotate,
         } => rotate_key(config),
+        Command::Media {
+            command: MediaCommand::Encrypt,
+        } => encrypt_media(config),
+        Command::Backup {
+            command: BackupCommand::Restore { archive, target },
+        } => restore_backup(config, &archive, &target),
         Command::Audit { .. } => Ok(()),
     };
     match result {
@@ -212,8 +243,20 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn rotate_key(config: config::Config) -> Result<(), String> {
+/// Open the database for an admin command (refused while a server holds it), at the schema
+/// version of this build (a newer one is refused, an older one backed up and migrated).
+fn open_storage(config: &config::Config) -> Result<Storage, String> {
     let storage = Storage::open(&config.database_path, 8, true).map_err(|e| e.to_string())?;
+    hafen::storage::schema::prepare(
+        &storage,
+        &config.database_path,
+        config.backup_path.as_deref(),
+    )?;
+    Ok(storage)
+}
+
+fn rotate_key(config: config::Config) -> Result<(), String> {
+    let storage = open_storage(&config)?;
     let key_id =
         hafen::service::globals::SigningKey::rotate(&storage).map_err(|e| e.to_string())?;
     println!("new signing key {key_id}; the previous one is published as an old key");
@@ -233,8 +276,69 @@ fn audit(config: config::Config, json: bool) -> ExitCode {
 
 /// Open the database for an admin command; refuses while a server holds it.
 fn open_services(config: config::Config) -> Result<std::sync::Arc<Services>, String> {
-    let storage = Storage::open(&config.database_path, 8, true).map_err(|e| e.to_string())?;
+    let storage = open_storage(&config)?;
     Services::build(config, storage).map_err(|e| e.to_string())
+}
+
+/// `hafen media encrypt`: the database is opened (and held) only so that a running server
+/// refuses the command; the files are converted one by one, crash-safely.
+fn encrypt_media(config: config::Config) -> Result<(), String> {
+    let keys = hafen::service::at_rest::AtRestKeys::load(&config)?;
+    let key = keys
+        .media
+        .ok_or("media_encryption_key_file is not set: there is no key to encrypt with")?;
+    let _held = open_storage(&config)?;
+    let store = hafen::service::media::store::FileStore::open(config.media_dir(), Some(&key))
+        .map_err(|e| e.to_string())?;
+    let report = store.encrypt_existing().map_err(|e| e.to_string())?;
+    println!(
+        "encrypted {} media files in {}{}",
+        report.converted,
+        config.media_dir().display(),
+        if report.mismatched > 0 {
+            format!(
+                "; {} files do not match their name and were left as they are (see the log)",
+                report.mismatched
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// `hafen backup restore ARCHIVE TARGET`.
+fn restore_backup(
+    config: config::Config,
+    archive: &std::path::Path,
+    target: &std::path::Path,
+) -> Result<(), String> {
+    if archive.is_dir() {
+        return Err(format!(
+            "{} is a plain backup directory: start a server with database_path = {}/db and \
+             media_path = {}/media (or copy it)",
+            archive.display(),
+            archive.display(),
+            archive.display()
+        ));
+    }
+    let keys = hafen::service::at_rest::AtRestKeys::load(&config)?;
+    let key = keys.backup.ok_or(
+        "no backup key: set backup_encryption_key_file (or media_encryption_key_file) in the \
+         config to the key the backup was written with",
+    )?;
+    hafen::service::backup::archive::restore(
+        archive,
+        target,
+        &hafen::service::backup::archive_key(&key),
+    )?;
+    println!(
+        "restored into {}: start Hafen with database_path = \"{}\" and media_path = \"{}\"",
+        target.display(),
+        target.join("db").display(),
+        target.join("media").display()
+    );
+    Ok(())
 }
 
 fn read_password(file: Option<PathBuf>) -> Result<String, String> {

@@ -65,6 +65,12 @@ pub async fn start(config: Config) -> anyhow_like::Result<Running> {
         config.database_sync_writes,
     )
     .map_err(|e| e.to_string())?;
+    // Schema version: a newer database is refused, an older one backed up and migrated.
+    crate::storage::schema::prepare(
+        &storage,
+        &config.database_path,
+        config.backup_path.as_deref(),
+    )?;
     let services = Services::build(config, storage).map_err(|e| e.to_string())?;
     start_with(services).await
 }
@@ -85,6 +91,8 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
     tokio::spawn(crate::policy::register::run_jobs(Arc::downgrade(&services)));
     // The retention purge job ends by itself once the services are gone.
     tokio::spawn(crate::service::retention::run(Arc::downgrade(&services)));
+    // Scheduled backups (`backup_interval_secs`); ends once the services are gone.
+    tokio::spawn(crate::service::backup::run_schedule(Arc::downgrade(&services)));
     let (sender_shutdown, sender_stop) = tokio::sync::watch::channel(false);
     let sender_task = tokio::spawn(crate::service::federation::sender::run(
         Arc::downgrade(&services),

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ruma::UserId;
 use serde_json::{json, Value};
-use tokio::{io::AsyncReadExt, sync::mpsc};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 
 use crate::{
     error::{Error, Result},
@@ -152,26 +153,24 @@ async fn write_archive(
             item["size"] = json!(file.size);
             item["uploaded_ts"] = json!(file.uploaded_ts);
             let path = format!("media/{}/{}", m.server, m.media_id);
-            if let Ok(mut f) = s.media.files().open_file(&file.sha256).await {
-                let len = f
-                    .metadata()
-                    .await
-                    .map_err(|e| Error::internal(format!("media metadata: {e}")))?
-                    .len();
+            // The size recorded at upload is the plaintext size, whether the file is stored
+            // encrypted or not; the tar header needs it before the bytes.
+            if let Ok(mut bytes) = s.media.files().open_stream(&file.sha256).await {
+                let len = file.size;
                 send(tx, header(&path, len)?).await?;
                 let mut left = len;
-                let mut buf = vec![0u8; 64 * 1024];
                 while left > 0 {
-                    let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
-                    let got = f
-                        .read(&mut buf[..want])
-                        .await
-                        .map_err(|e| Error::internal(format!("media read: {e}")))?;
-                    if got == 0 {
-                        return Err(Error::internal("media file shrank during export"));
+                    let chunk = match bytes.next().await {
+                        Some(chunk) => {
+                            chunk.map_err(|e| Error::internal(format!("media read: {e}")))?
+                        }
+                        None => return Err(Error::internal("media file shrank during export")),
+                    };
+                    if chunk.len() as u64 > left {
+                        return Err(Error::internal("media file grew during export"));
                     }
-                    send(tx, Bytes::copy_from_slice(&buf[..got])).await?;
-                    left -= got as u64;
+                    left -= chunk.len() as u64;
+                    send(tx, chunk).await?;
                 }
                 send(tx, padding(len)).await?;
                 item["path"] = json!(path);

@@ -3,6 +3,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod at_rest;
 pub mod backup;
 pub mod dehydrated;
 pub mod e2ee;
@@ -65,10 +66,15 @@ pub struct Services {
     pub sliding_sync: sliding_sync::SlidingSync,
     /// The retention purge job's state: admin purges and room deletions in progress.
     pub retention: retention::Retention,
+    /// Backups: the key they are encrypted with and the state of the last run.
+    pub backups: backup::Backups,
 }
 
 impl Services {
     pub fn build(config: Config, storage: Storage) -> Result<Arc<Services>> {
+        // A missing, short or world-readable key file stops the start (the message names the
+        // file, never the key).
+        let keys = at_rest::AtRestKeys::load(&config).map_err(crate::error::Error::Internal)?;
         let counter = Arc::new(globals::StreamCounter::load(storage.clone())?);
         let signing_key = globals::SigningKey::load_or_create(&storage)?;
         let globals = Arc::new(globals::Globals {
@@ -127,7 +133,8 @@ impl Services {
             to_device: to_device::ToDevice::new(storage.clone(), globals.clone()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
             reports: reports::Reports::new(storage.clone()),
-            media: media::Media::new(storage.clone(), &config)?,
+            media: media::Media::new(storage.clone(), &config, keys.media.as_ref())?,
+            backups: backup::Backups::new(keys.backup.clone()),
             sliding_sync: sliding_sync::SlidingSync::default(),
             retention: retention::Retention::default(),
             globals,

@@ -7,6 +7,7 @@
 
 mod durability;
 pub mod keys;
+pub mod schema;
 mod tables;
 
 use std::{path::Path, sync::Arc};

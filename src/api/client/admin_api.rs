@@ -47,7 +47,10 @@ const MAX_DELETE: usize = 1000;
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r.route("/_hafen/admin/v1/audit", get(audit))
         .route("/_hafen/admin/v1/destinations", get(destinations))
-        .route("/_hafen/admin/v1/backup", axum::routing::post(backup))
+        .route(
+            "/_hafen/admin/v1/backup",
+            axum::routing::post(backup).get(list_backups),
+        )
         .route("/_synapse/admin/v2/users", get(list_users))
         .route("/_synapse/admin/v2/users/{user_id}", get(query_user))
         .route(
@@ -267,8 +270,34 @@ async fn destinations(State(s): State<Arc<Services>>, Authed(who): Authed) -> Re
 /// `POST /_hafen/admin/v1/backup`: an online backup of the database and media now (A7).
 async fn backup(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<Json<Value>> {
     require_admin(&s, &who, "POST /_hafen/admin/v1/backup", None)?;
-    let path = crate::service::backup::run(&s).await?;
-    Ok(Json(json!({ "path": path.display().to_string() })))
+    let path = crate::service::backup::run(&s, crate::service::backup::Trigger::Request).await?;
+    Ok(Json(json!({
+        "path": path.display().to_string(),
+        "encrypted": s.backups.encrypted(),
+    })))
+}
+
+/// `GET /_hafen/admin/v1/backup`: the backups below `backup_path` (newest first), the outcome
+/// of the last run and the schedule.
+async fn list_backups(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+) -> Result<Json<Value>> {
+    require_admin(&s, &who, "GET /_hafen/admin/v1/backup", None)?;
+    let backups = match s.config.backup_path.clone() {
+        Some(root) => tokio::task::spawn_blocking(move || crate::service::backup::list(&root))
+            .await
+            .map_err(Error::internal)??,
+        None => Vec::new(),
+    };
+    Ok(Json(json!({
+        "backup_path": s.config.backup_path.as_ref().map(|p| p.display().to_string()),
+        "encrypted": s.backups.encrypted(),
+        "interval_secs": s.config.backup_interval_secs,
+        "keep": s.config.backup_keep,
+        "last_run": s.backups.last_run(),
+        "backups": backups,
+    })))
 }
 
 // Synapse's user admin API.

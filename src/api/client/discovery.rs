@@ -37,7 +37,7 @@ async fn versions() -> Json<Value> {
             // Simplified Sliding Sync (MSC4186), which Element X requires.
             "org.matrix.simplified_msc3575": true,
         },
-        "server": { "name": "hafen", "version": env!("CARGO_PKG_VERSION") },
+        "server": { "name": "hafen", "version": crate::VERSION },
     }))
 }
 

@@ -324,8 +324,7 @@ async fn stream_file(
     content_type: &str,
     disposition: ContentDisposition,
 ) -> Result<Response> {
-    let file = s.media.files().open_file(sha256).await?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let body = Body::from_stream(s.media.files().open_stream(sha256).await?);
     let mut res = (StatusCode::OK, body).into_response();
     let h = res.headers_mut();
     h.insert(

@@ -27,7 +27,7 @@ async fn server_keys(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
 }
 
 async fn version() -> Json<Value> {
-    Json(json!({ "server": { "name": "hafen", "version": env!("CARGO_PKG_VERSION") } }))
+    Json(json!({ "server": { "name": "hafen", "version": crate::VERSION } }))
 }
 
 /// Servers one notary query may ask about.

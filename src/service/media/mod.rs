@@ -162,10 +162,15 @@ impl Drop for UploadingGuard<'_> {
 }
 
 impl Media {
-    pub fn new(storage: Storage, config: &Config) -> Result<Media> {
+    /// With `key` (`media_encryption_key_file`), new files and thumbnails are stored encrypted.
+    pub fn new(
+        storage: Storage,
+        config: &Config,
+        key: Option<&crate::service::at_rest::SecretKey>,
+    ) -> Result<Media> {
         Ok(Media {
             storage,
-            files: FileStore::open(config.media_dir())?,
+            files: FileStore::open(config.media_dir(), key)?,
             server_name: config.server_name.clone(),
             max_upload_size: config.max_upload_size,
             max_pending: config.max_pending_media_uploads,

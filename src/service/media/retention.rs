@@ -148,15 +148,6 @@ impl Media {
     }
 
     async fn remove_file(&self, sha256: &str) -> Result<()> {
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Ok(());
-        }
-        match tokio::fs::remove_file(self.files.path(sha256)).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(crate::error::Error::internal(format!(
-                "cannot delete media file {sha256}: {e}"
-            ))),
-        }
+        self.files.remove(sha256).await
     }
 }
