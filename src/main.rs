@@ -280,17 +280,9 @@ fn open_services(config: config::Config) -> Result<std::sync::Arc<Services>, Str
     Services::build(config, storage).map_err(|e| e.to_string())
 }
 
-/// `hafen media encrypt`: the database is opened (and held) only so that a running server
-/// refuses the command; the files are converted one by one, crash-safely.
+/// `hafen media encrypt`.
 fn encrypt_media(config: config::Config) -> Result<(), String> {
-    let keys = hafen::service::at_rest::AtRestKeys::load(&config)?;
-    let key = keys
-        .media
-        .ok_or("media_encryption_key_file is not set: there is no key to encrypt with")?;
-    let _held = open_storage(&config)?;
-    let store = hafen::service::media::store::FileStore::open(config.media_dir(), Some(&key))
-        .map_err(|e| e.to_string())?;
-    let report = store.encrypt_existing().map_err(|e| e.to_string())?;
+    let report = hafen::service::media::encrypt_store(&config)?;
     println!(
         "encrypted {} media files in {}{}",
         report.converted,
@@ -313,25 +305,7 @@ fn restore_backup(
     archive: &std::path::Path,
     target: &std::path::Path,
 ) -> Result<(), String> {
-    if archive.is_dir() {
-        return Err(format!(
-            "{} is a plain backup directory: start a server with database_path = {}/db and \
-             media_path = {}/media (or copy it)",
-            archive.display(),
-            archive.display(),
-            archive.display()
-        ));
-    }
-    let keys = hafen::service::at_rest::AtRestKeys::load(&config)?;
-    let key = keys.backup.ok_or(
-        "no backup key: set backup_encryption_key_file (or media_encryption_key_file) in the \
-         config to the key the backup was written with",
-    )?;
-    hafen::service::backup::archive::restore(
-        archive,
-        target,
-        &hafen::service::backup::archive_key(&key),
-    )?;
+    hafen::service::backup::restore(&config, archive, target)?;
     println!(
         "restored into {}: start Hafen with database_path = \"{}\" and media_path = \"{}\"",
         target.display(),

@@ -4,6 +4,7 @@
 mod common;
 
 mod accounts;
+mod at_rest;
 mod audit;
 mod backup;
 mod config;
@@ -27,6 +28,7 @@ mod relations;
 mod reports;
 mod retention;
 mod rooms;
+mod schema;
 mod sdk_client;
 mod sdk_e2ee;
 mod search;

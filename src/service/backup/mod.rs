@@ -178,6 +178,28 @@ pub async fn run(services: &Services, trigger: Trigger) -> Result<PathBuf> {
     outcome
 }
 
+/// `hafen backup restore ARCHIVE TARGET`: an encrypted archive into a directory (`TARGET/db`,
+/// `TARGET/media`) with the config's backup key.
+pub fn restore(
+    config: &crate::config::Config,
+    archive: &Path,
+    target: &Path,
+) -> std::result::Result<(), String> {
+    if archive.is_dir() {
+        return Err(format!(
+            "{0} is a plain backup directory: start a server with database_path = {0}/db and \
+             media_path = {0}/media (or copy it)",
+            archive.display()
+        ));
+    }
+    let keys = crate::service::at_rest::AtRestKeys::load(config)?;
+    let key = keys.backup.ok_or(
+        "no backup key: set backup_encryption_key_file (or media_encryption_key_file) to the key \
+         the backup was written with",
+    )?;
+    archive::restore(archive, target, &archive_key(&key))
+}
+
 /// The scheduled backups (`backup_interval_secs`): one every interval, the first one interval
 /// after the start. Ends once the services are gone.
 pub async fn run_schedule(services: Weak<Services>) {
@@ -258,6 +280,8 @@ pub fn list(root: &Path) -> Result<Vec<BackupInfo>> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        // Not a directory: no backups (the failed runs say why).
+        Err(_) if !root.is_dir() => return Ok(out),
         Err(e) => return Err(io(e)),
     };
     for entry in entries.flatten().take(MAX_ENTRIES) {

@@ -609,6 +609,20 @@ impl Media {
     }
 }
 
+/// `hafen media encrypt` (server stopped): rewrite the plain files of the media store encrypted
+/// with `media_encryption_key_file`. The database is opened (and held) only so that a running
+/// server makes this fail instead of racing it; it is not changed (file names derive from the
+/// content hashes the rows keep).
+pub fn encrypt_store(config: &Config) -> std::result::Result<store::EncryptReport, String> {
+    let keys = crate::service::at_rest::AtRestKeys::load(config)?;
+    let key = keys
+        .media
+        .ok_or("media_encryption_key_file is not set: there is no key to encrypt with")?;
+    let _held = Storage::open(&config.database_path, 8, true).map_err(|e| e.to_string())?;
+    let files = FileStore::open(config.media_dir(), Some(&key)).map_err(|e| e.to_string())?;
+    files.encrypt_existing().map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
