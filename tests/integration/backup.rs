@@ -309,3 +309,80 @@ async fn scheduled_backups_keep_the_newest_and_failures_show() {
     assert_eq!(list["last_run"]["ok"], json!(false));
     assert!(list["last_run"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{list}");
 }
+
+/// `hafen audit` (what `main` runs) on a config: the rows C2, A7 and A10 as JSON.
+fn audit_rows(dir: &std::path::Path, extra: &str) -> std::collections::HashMap<String, serde_json::Value> {
+    let text = format!(
+        "[global]\nserver_name = \"audit.test\"\ndatabase_path = \"{}\"\n{extra}",
+        dir.join("db").display()
+    );
+    let loaded = hafen::config::from_toml_str(&text, Vec::new()).expect("config");
+    let (code, out) = hafen::policy::report::run_audit(&loaded.config, true);
+    assert!(code == 0 || code == 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("json");
+    report["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| ["C2", "A7", "A10"].contains(&r["id"].as_str().unwrap_or("")))
+        .map(|r| (r["id"].as_str().expect("id").to_owned(), r.clone()))
+        .collect()
+}
+
+#[test]
+fn hafen_audit_judges_encryption_backups_and_the_schema_version() {
+    let dir = tempfile::tempdir().expect("dir");
+    let rows = audit_rows(dir.path(), "");
+    assert_eq!(rows["C2"]["status"], json!("falls_short"), "{:?}", rows["C2"]);
+    assert!(rows["C2"]["findings"].to_string().contains("media_encryption_key_file"));
+    assert_eq!(rows["A7"]["status"], json!("falls_short"));
+    assert!(rows["A7"]["findings"].to_string().contains("backup_interval_secs"));
+    assert!(rows["A7"]["findings"].to_string().contains("backup_keep"));
+    assert_eq!(rows["A10"]["status"], json!("met"));
+    assert!(rows["A10"]["findings"].to_string().contains(hafen::VERSION));
+
+    // Backups without a key: C2 still falls short for them.
+    let backups = dir.path().join("backups");
+    let configured = format!(
+        "backup_path = \"{}\"\nbackup_interval_secs = 86400\nbackup_keep = 7\n",
+        backups.display()
+    );
+    let rows = audit_rows(dir.path(), &configured);
+    assert_eq!(rows["A7"]["status"], json!("met"), "{:?}", rows["A7"]);
+    assert!(rows["A7"]["findings"].to_string().contains("86400"));
+    let key = crate::at_rest::key_file(dir.path(), "backup.key");
+    let rows = audit_rows(
+        dir.path(),
+        &format!("{configured}backup_encryption_key_file = \"{}\"\n", key.display()),
+    );
+    assert_eq!(rows["C2"]["status"], json!("falls_short"), "{:?}", rows["C2"]);
+    assert!(rows["C2"]["findings"].to_string().contains("media stored unencrypted"));
+
+    // Both encrypted: met.
+    let rows = audit_rows(
+        dir.path(),
+        &format!("{configured}media_encryption_key_file = \"{}\"\n", key.display()),
+    );
+    assert_eq!(rows["C2"]["status"], json!("met"), "{:?}", rows["C2"]);
+    assert!(rows["C2"]["findings"].to_string().contains("encrypted archives"));
+
+    // A key file every user can read: falls short, naming the problem.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let rows = audit_rows(
+        dir.path(),
+        &format!("{configured}media_encryption_key_file = \"{}\"\n", key.display()),
+    );
+    assert_eq!(rows["C2"]["status"], json!("falls_short"));
+    assert!(rows["C2"]["findings"].to_string().contains("accessible to every user"));
+
+    // A database written by a later release: A10 falls short.
+    {
+        let storage = hafen::storage::Storage::open(&dir.path().join("db"), 8, true).expect("open");
+        hafen::storage::schema::set_version(&storage, hafen::storage::schema::CURRENT + 1)
+            .expect("set");
+    }
+    let rows = audit_rows(dir.path(), "");
+    assert_eq!(rows["A10"]["status"], json!("falls_short"), "{:?}", rows["A10"]);
+    assert!(rows["A10"]["findings"].to_string().contains("newer"));
+}
