@@ -92,7 +92,9 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
     // The retention purge job ends by itself once the services are gone.
     tokio::spawn(crate::service::retention::run(Arc::downgrade(&services)));
     // Scheduled backups (`backup_interval_secs`); ends once the services are gone.
-    tokio::spawn(crate::service::backup::run_schedule(Arc::downgrade(&services)));
+    tokio::spawn(crate::service::backup::run_schedule(Arc::downgrade(
+        &services,
+    )));
     let (sender_shutdown, sender_stop) = tokio::sync::watch::channel(false);
     let sender_task = tokio::spawn(crate::service::federation::sender::run(
         Arc::downgrade(&services),

@@ -14,9 +14,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use ruma::UserId;
 use serde_json::{json, Value};
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::{

@@ -307,7 +307,10 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
     );
     // C2, the server's part: media and backups encrypted at rest (tokens are always hashed).
     let mut short = Vec::new();
-    let mut met = vec!["access tokens stored hashed; refresh tokens; device encryption is the organization's job".to_owned()];
+    let mut met = vec![
+        "access tokens stored hashed; refresh tokens; device encryption is the organization's job"
+            .to_owned(),
+    ];
     match crate::service::at_rest::AtRestKeys::load(config) {
         Err(e) => short.push(format!("encryption key: {e}")),
         Ok(keys) => {
@@ -350,7 +353,13 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
     }
     // C2 between C1 and C3, in the order of REQUIREMENTS.md.
     let c3 = rows.len() - 1;
-    row(&mut rows, "C2", "access protection, encrypted storage", c2_short, c2_met);
+    row(
+        &mut rows,
+        "C2",
+        "access protection, encrypted storage",
+        c2_short,
+        c2_met,
+    );
     rows[c3..].rotate_right(1);
     let mut short = Vec::new();
     if federation_open {

@@ -32,7 +32,11 @@ pub fn all_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        assert!(out.len() < 100_000, "too many files under {}", dir.display());
+        assert!(
+            out.len() < 100_000,
+            "too many files under {}",
+            dir.display()
+        );
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
@@ -157,12 +161,17 @@ async fn encrypted_media_is_not_on_disk_in_the_clear_but_is_served() {
     let empty_id = upload(&s, &alice, Vec::new(), "text/plain").await.1;
 
     // Served as uploaded.
-    assert_eq!(download_ok(&s, &alice, &server, &text_id).await, text.as_bytes());
+    assert_eq!(
+        download_ok(&s, &alice, &server, &text_id).await,
+        text.as_bytes()
+    );
     assert_eq!(download_ok(&s, &alice, &server, &image_id).await, image);
     let res = download(&s, &alice, &server, &large_id).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        res.headers().get("content-length").and_then(|v| v.to_str().ok()),
+        res.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
         Some(large.len().to_string().as_str())
     );
     assert_eq!(res.bytes().await.expect("body").to_vec(), large);
@@ -206,22 +215,45 @@ async fn encrypted_media_is_not_on_disk_in_the_clear_but_is_served() {
         exported.get(&format!("media/{server}/{text_id}")),
         Some(&text.clone().into_bytes())
     );
-    assert_eq!(exported.get(&format!("media/{server}/{large_id}")), Some(&large));
+    assert_eq!(
+        exported.get(&format!("media/{server}/{large_id}")),
+        Some(&large)
+    );
 
     // On disk: every file is encrypted, none holds the content, none is named by its hash.
     let files = stored(&media_dir);
     assert!(files.len() >= 5, "{} files", files.len());
     for (path, bytes) in &files {
-        assert!(bytes.starts_with(b"HAFENENC"), "{} is not encrypted", path.display());
-        assert!(path.to_string_lossy().ends_with(".enc"), "{}", path.display());
+        assert!(
+            bytes.starts_with(b"HAFENENC"),
+            "{} is not encrypted",
+            path.display()
+        );
+        assert!(
+            path.to_string_lossy().ends_with(".enc"),
+            "{}",
+            path.display()
+        );
     }
     assert!(files_containing(&media_dir, text.as_bytes()).is_empty());
     assert!(files_containing(&media_dir, &large[70_000..70_064]).is_empty());
-    assert!(files_containing(&media_dir, b"\x89PNG").is_empty(), "no image in the clear");
-    assert!(files_containing(&media_dir, b"\xff\xd8\xff").is_empty(), "no thumbnail in the clear");
-    for hash in [sha256_hex(text.as_bytes()), sha256_hex(&large), sha256_hex(&image)] {
+    assert!(
+        files_containing(&media_dir, b"\x89PNG").is_empty(),
+        "no image in the clear"
+    );
+    assert!(
+        files_containing(&media_dir, b"\xff\xd8\xff").is_empty(),
+        "no thumbnail in the clear"
+    );
+    for hash in [
+        sha256_hex(text.as_bytes()),
+        sha256_hex(&large),
+        sha256_hex(&image),
+    ] {
         assert!(
-            files.iter().all(|(p, _)| !p.to_string_lossy().contains(&hash)),
+            files
+                .iter()
+                .all(|(p, _)| !p.to_string_lossy().contains(&hash)),
             "a file is named by the content hash {hash}"
         );
     }
@@ -270,7 +302,11 @@ async fn a_damaged_encrypted_file_is_an_error_not_data() {
     assert_eq!(res.status(), StatusCode::OK);
     match res.bytes().await {
         Err(_) => {}
-        Ok(got) => panic!("a damaged file was served ({} of {} bytes)", got.len(), large.len()),
+        Ok(got) => panic!(
+            "a damaged file was served ({} of {} bytes)",
+            got.len(),
+            large.len()
+        ),
     }
 
     // Cut after its first chunk (a chunk boundary): the cut is noticed, 500.
@@ -288,7 +324,10 @@ async fn a_damaged_encrypted_file_is_an_error_not_data() {
     // Undamaged media is unaffected.
     let fine = unique("fine");
     let (_, fine_id) = upload(&s, &alice, fine.clone().into_bytes(), "text/plain").await;
-    assert_eq!(download_ok(&s, &alice, &server, &fine_id).await, fine.as_bytes());
+    assert_eq!(
+        download_ok(&s, &alice, &server, &fine_id).await,
+        fine.as_bytes()
+    );
 }
 
 #[tokio::test]
@@ -314,7 +353,9 @@ async fn a_mixed_store_works_and_hafen_media_encrypt_converts_it() {
         (keys.path().join("missing.key"), "cannot read"),
     ] {
         let mut config = s.services().config.clone();
-        config.database_path = keys.path().join(format!("db-{}", hafen::utils::random_string(8)));
+        config.database_path = keys
+            .path()
+            .join(format!("db-{}", hafen::utils::random_string(8)));
         config.media_encryption_key_file = Some(bad);
         let err = match hafen::server::start(config).await {
             Ok(_) => panic!("started with a bad key file"),
@@ -328,8 +369,14 @@ async fn a_mixed_store_works_and_hafen_media_encrypt_converts_it() {
     let new = unique("after-the-key");
     let (_, new_id) = upload(&s, &alice, new.clone().into_bytes(), "text/plain").await;
     // Both served; only the old one is in the clear.
-    assert_eq!(download_ok(&s, &alice, &server, &old_id).await, old.as_bytes());
-    assert_eq!(download_ok(&s, &alice, &server, &new_id).await, new.as_bytes());
+    assert_eq!(
+        download_ok(&s, &alice, &server, &old_id).await,
+        old.as_bytes()
+    );
+    assert_eq!(
+        download_ok(&s, &alice, &server, &new_id).await,
+        new.as_bytes()
+    );
     assert_eq!(files_containing(&media_dir, old.as_bytes()).len(), 1);
     assert!(files_containing(&media_dir, new.as_bytes()).is_empty());
 
@@ -347,8 +394,14 @@ async fn a_mixed_store_works_and_hafen_media_encrypt_converts_it() {
     assert!(stored(&media_dir)
         .iter()
         .all(|(_, b)| b.starts_with(b"HAFENENC")));
-    assert_eq!(download_ok(&s, &alice, &server, &old_id).await, old.as_bytes());
-    assert_eq!(download_ok(&s, &alice, &server, &new_id).await, new.as_bytes());
+    assert_eq!(
+        download_ok(&s, &alice, &server, &old_id).await,
+        old.as_bytes()
+    );
+    assert_eq!(
+        download_ok(&s, &alice, &server, &new_id).await,
+        new.as_bytes()
+    );
     let mut again = None;
     s.restart_after(|c| again = Some(hafen::service::media::encrypt_store(c)))
         .await;
@@ -397,8 +450,9 @@ async fn federation_media_of_an_encrypting_server() {
         assert!(files_containing(&dir, text.as_bytes()).is_empty());
         assert!(files_containing(&dir, b"\x89PNG").is_empty());
     }
-    let (status, body) = b
-        .get("/_matrix/client/v3/account/whoami", &bob)
-        .await;
-    assert_eq!((status, body["user_id"].clone()), (StatusCode::OK, json!(bob.user_id)));
+    let (status, body) = b.get("/_matrix/client/v3/account/whoami", &bob).await;
+    assert_eq!(
+        (status, body["user_id"].clone()),
+        (StatusCode::OK, json!(bob.user_id))
+    );
 }

@@ -150,7 +150,8 @@ async fn encrypted_backup_holds_no_plaintext_and_restores() {
         .await;
     assert_eq!(status, StatusCode::OK, "{sent}");
     let media_text = format!("backup-media-{}", hafen::utils::random_string(24));
-    let (server, media_id) = upload(&s, &alice, media_text.clone().into_bytes(), "text/plain").await;
+    let (server, media_id) =
+        upload(&s, &alice, media_text.clone().into_bytes(), "text/plain").await;
 
     let (status, body) = s.post("/_hafen/admin/v1/backup", &admin, json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -167,7 +168,10 @@ async fn encrypted_backup_holds_no_plaintext_and_restores() {
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(files_containing(&root, secret.as_bytes()).is_empty());
     assert!(files_containing(&root, media_text.as_bytes()).is_empty());
-    assert!(files_containing(&root, b"ustar").is_empty(), "the tar is not in the clear");
+    assert!(
+        files_containing(&root, b"ustar").is_empty(),
+        "the tar is not in the clear"
+    );
     // ... while the live data has them in the clear (so the test would see a leak).
     assert!(!files_containing(&s.services().config.media_dir(), media_text.as_bytes()).is_empty());
 
@@ -220,16 +224,22 @@ async fn encrypted_backup_holds_no_plaintext_and_restores() {
     .await;
     let (status, msgs) = restored
         .get(
-            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room)),
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+                enc(&room)
+            ),
             &alice,
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{msgs}");
-    assert!(msgs["chunk"]
-        .as_array()
-        .expect("chunk")
-        .iter()
-        .any(|e| e["content"]["body"] == json!(secret)), "{msgs}");
+    assert!(
+        msgs["chunk"]
+            .as_array()
+            .expect("chunk")
+            .iter()
+            .any(|e| e["content"]["body"] == json!(secret)),
+        "{msgs}"
+    );
     let res = download(&restored, &alice, &server, &media_id).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.text().await.expect("text"), media_text);
@@ -262,7 +272,10 @@ async fn scheduled_backups_keep_the_newest_and_failures_show() {
         {
             break list;
         }
-        assert!(std::time::Instant::now() < deadline, "no scheduled backups: {list}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled backups: {list}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert_eq!(list["interval_secs"], json!(1));
@@ -272,7 +285,9 @@ async fn scheduled_backups_keep_the_newest_and_failures_show() {
     for b in list["backups"].as_array().expect("backups") {
         assert_eq!(b["encrypted"], json!(false));
         assert!(b["size_bytes"].as_u64().expect("size") > 0, "{b}");
-        assert!(std::path::Path::new(b["path"].as_str().expect("path")).join("db/CURRENT").is_file());
+        assert!(std::path::Path::new(b["path"].as_str().expect("path"))
+            .join("db/CURRENT")
+            .is_file());
     }
     assert!(root.join("keep-me").is_dir());
     // Two more periods: still two backups, the newest ones.
@@ -287,7 +302,11 @@ async fn scheduled_backups_keep_the_newest_and_failures_show() {
             .collect()
     };
     assert_eq!(names(&later).len(), 2, "{later}");
-    assert_ne!(names(&later), names(&list), "newer backups replaced older ones");
+    assert_ne!(
+        names(&later),
+        names(&list),
+        "newer backups replaced older ones"
+    );
     // The runs are on record.
     let (status, audit) = s.get("/_hafen/admin/v1/audit?kind=backup", &admin).await;
     assert_eq!(status, StatusCode::OK, "{audit}");
@@ -295,23 +314,35 @@ async fn scheduled_backups_keep_the_newest_and_failures_show() {
         .as_array()
         .expect("entries")
         .iter()
-        .any(|e| e["detail"]["deleted"].as_array().is_some_and(|d| !d.is_empty())));
+        .any(|e| e["detail"]["deleted"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())));
 
     // A failing backup (backup_path is a file): 500 to the caller, and visible in the list.
     let file = backups.path().join("not-a-dir");
     std::fs::write(&file, b"x").expect("file");
     let failing = TestServer::start_with(|c| c.backup_path = Some(file.clone())).await;
     let admin2 = make_admin(&failing, "admin").await;
-    let got = failing.post("/_hafen/admin/v1/backup", &admin2, json!({})).await;
+    let got = failing
+        .post("/_hafen/admin/v1/backup", &admin2, json!({}))
+        .await;
     assert_err(&got, 500, "M_UNKNOWN");
     let (status, list) = failing.get("/_hafen/admin/v1/backup", &admin2).await;
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(list["last_run"]["ok"], json!(false));
-    assert!(list["last_run"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{list}");
+    assert!(
+        list["last_run"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{list}"
+    );
 }
 
 /// `hafen audit` (what `main` runs) on a config: the rows C2, A7 and A10 as JSON.
-fn audit_rows(dir: &std::path::Path, extra: &str) -> std::collections::HashMap<String, serde_json::Value> {
+fn audit_rows(
+    dir: &std::path::Path,
+    extra: &str,
+) -> std::collections::HashMap<String, serde_json::Value> {
     let text = format!(
         "[global]\nserver_name = \"audit.test\"\ndatabase_path = \"{}\"\n{extra}",
         dir.join("db").display()
@@ -333,10 +364,19 @@ fn audit_rows(dir: &std::path::Path, extra: &str) -> std::collections::HashMap<S
 fn hafen_audit_judges_encryption_backups_and_the_schema_version() {
     let dir = tempfile::tempdir().expect("dir");
     let rows = audit_rows(dir.path(), "");
-    assert_eq!(rows["C2"]["status"], json!("falls_short"), "{:?}", rows["C2"]);
-    assert!(rows["C2"]["findings"].to_string().contains("media_encryption_key_file"));
+    assert_eq!(
+        rows["C2"]["status"],
+        json!("falls_short"),
+        "{:?}",
+        rows["C2"]
+    );
+    assert!(rows["C2"]["findings"]
+        .to_string()
+        .contains("media_encryption_key_file"));
     assert_eq!(rows["A7"]["status"], json!("falls_short"));
-    assert!(rows["A7"]["findings"].to_string().contains("backup_interval_secs"));
+    assert!(rows["A7"]["findings"]
+        .to_string()
+        .contains("backup_interval_secs"));
     assert!(rows["A7"]["findings"].to_string().contains("backup_keep"));
     assert_eq!(rows["A10"]["status"], json!("met"));
     assert!(rows["A10"]["findings"].to_string().contains(hafen::VERSION));
@@ -353,28 +393,48 @@ fn hafen_audit_judges_encryption_backups_and_the_schema_version() {
     let key = crate::at_rest::key_file(dir.path(), "backup.key");
     let rows = audit_rows(
         dir.path(),
-        &format!("{configured}backup_encryption_key_file = \"{}\"\n", key.display()),
+        &format!(
+            "{configured}backup_encryption_key_file = \"{}\"\n",
+            key.display()
+        ),
     );
-    assert_eq!(rows["C2"]["status"], json!("falls_short"), "{:?}", rows["C2"]);
-    assert!(rows["C2"]["findings"].to_string().contains("media stored unencrypted"));
+    assert_eq!(
+        rows["C2"]["status"],
+        json!("falls_short"),
+        "{:?}",
+        rows["C2"]
+    );
+    assert!(rows["C2"]["findings"]
+        .to_string()
+        .contains("media stored unencrypted"));
 
     // Both encrypted: met.
     let rows = audit_rows(
         dir.path(),
-        &format!("{configured}media_encryption_key_file = \"{}\"\n", key.display()),
+        &format!(
+            "{configured}media_encryption_key_file = \"{}\"\n",
+            key.display()
+        ),
     );
     assert_eq!(rows["C2"]["status"], json!("met"), "{:?}", rows["C2"]);
-    assert!(rows["C2"]["findings"].to_string().contains("encrypted archives"));
+    assert!(rows["C2"]["findings"]
+        .to_string()
+        .contains("encrypted archives"));
 
     // A key file every user can read: falls short, naming the problem.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let rows = audit_rows(
         dir.path(),
-        &format!("{configured}media_encryption_key_file = \"{}\"\n", key.display()),
+        &format!(
+            "{configured}media_encryption_key_file = \"{}\"\n",
+            key.display()
+        ),
     );
     assert_eq!(rows["C2"]["status"], json!("falls_short"));
-    assert!(rows["C2"]["findings"].to_string().contains("accessible to every user"));
+    assert!(rows["C2"]["findings"]
+        .to_string()
+        .contains("accessible to every user"));
 
     // A database written by a later release: A10 falls short.
     {
@@ -383,6 +443,11 @@ fn hafen_audit_judges_encryption_backups_and_the_schema_version() {
             .expect("set");
     }
     let rows = audit_rows(dir.path(), "");
-    assert_eq!(rows["A10"]["status"], json!("falls_short"), "{:?}", rows["A10"]);
+    assert_eq!(
+        rows["A10"]["status"],
+        json!("falls_short"),
+        "{:?}",
+        rows["A10"]
+    );
     assert!(rows["A10"]["findings"].to_string().contains("newer"));
 }

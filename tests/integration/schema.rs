@@ -64,17 +64,31 @@ async fn a_new_database_gets_the_current_version_and_an_old_one_is_backed_up_the
         .collect();
     assert_eq!(copies.len(), 1, "{copies:?}");
     let copy = &copies[0];
-    let name = copy.file_name().expect("name").to_string_lossy().into_owned();
-    assert!(name.starts_with(&format!("pre-migration-v0-to-v{}-", schema::CURRENT)), "{name}");
+    let name = copy
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with(&format!("pre-migration-v0-to-v{}-", schema::CURRENT)),
+        "{name}"
+    );
     // The copy is the database as it was: version 0, the message in it.
     {
         let old = open(copy);
         assert_eq!(schema::stored_version(&old).expect("read"), None);
-        assert!(old.scan_prefix(Table::Global, b"").expect("scan").next().is_some());
+        assert!(old
+            .scan_prefix(Table::Global, b"")
+            .expect("scan")
+            .next()
+            .is_some());
     }
     let (status, msgs) = s
         .get(
-            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10", enc(&room)),
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=10",
+                enc(&room)
+            ),
             &alice,
         )
         .await;
@@ -105,11 +119,21 @@ fn migration_steps_run_in_order_after_a_checkpoint_next_to_the_database() {
     let dir = tempfile::tempdir().expect("dir");
     let db = dir.path().join("db");
     let storage = open(&db);
-    storage.put(Table::Global, b"counter", &[0; 8]).expect("put");
+    storage
+        .put(Table::Global, b"counter", &[0; 8])
+        .expect("put");
     schema::set_version(&storage, 1).expect("version");
     let steps = [
-        Migration { from: 2, what: "second", run: step_two },
-        Migration { from: 1, what: "first", run: step_one },
+        Migration {
+            from: 2,
+            what: "second",
+            run: step_two,
+        },
+        Migration {
+            from: 1,
+            what: "first",
+            run: step_one,
+        },
     ];
     // A gap in the steps: refused before anything is touched.
     let err = schema::migrate(&storage, &db, None, 4, &steps).expect_err("no step from 3");
@@ -150,7 +174,12 @@ async fn a_database_of_a_newer_version_refuses_to_start() {
     let alice = s.user("alice").await;
     let config = s.services().config.clone();
     let newer = schema::CURRENT + 1;
-    s.running.take().expect("running").stop().await.expect("stop");
+    s.running
+        .take()
+        .expect("running")
+        .stop()
+        .await
+        .expect("stop");
     {
         let storage = open(&config.database_path);
         schema::set_version(&storage, newer).expect("set");
@@ -163,7 +192,11 @@ async fn a_database_of_a_newer_version_refuses_to_start() {
     assert!(err.contains("newer"), "{err}");
 
     // The real binary: a non-zero exit with the message, the database untouched.
-    let cfg = config.database_path.parent().expect("dir").join("newer.toml");
+    let cfg = config
+        .database_path
+        .parent()
+        .expect("dir")
+        .join("newer.toml");
     std::fs::write(
         &cfg,
         format!(
@@ -181,7 +214,10 @@ async fn a_database_of_a_newer_version_refuses_to_start() {
         .expect("run hafen");
     assert!(!out.status.success(), "started on a newer database");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("schema version {newer}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("schema version {newer}")),
+        "{stderr}"
+    );
     // Admin commands refuse too.
     let out = Command::new(BIN)
         .arg("--config")
@@ -193,16 +229,21 @@ async fn a_database_of_a_newer_version_refuses_to_start() {
     assert!(!out.status.success());
     let storage = open(&config.database_path);
     assert_eq!(schema::stored_version(&storage).expect("read"), Some(newer));
-    assert!(std::fs::read_dir(config.database_path.parent().expect("dir"))
-        .expect("dir")
-        .flatten()
-        .all(|e| !e.file_name().to_string_lossy().contains("pre-migration")));
+    assert!(
+        std::fs::read_dir(config.database_path.parent().expect("dir"))
+            .expect("dir")
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains("pre-migration"))
+    );
     drop(alice);
 }
 
 #[tokio::test]
 async fn the_version_is_the_same_everywhere() {
-    let out = Command::new(BIN).arg("--version").output().expect("run hafen");
+    let out = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("run hafen");
     assert!(out.status.success());
     let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert_eq!(printed, format!("hafen {}", hafen::VERSION));
@@ -224,8 +265,14 @@ async fn the_version_is_the_same_everywhere() {
     };
     let (status, body) = get("/_matrix/client/versions").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["server"], json!({ "name": "hafen", "version": hafen::VERSION }));
+    assert_eq!(
+        body["server"],
+        json!({ "name": "hafen", "version": hafen::VERSION })
+    );
     let (status, body) = get("/_matrix/federation/v1/version").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, json!({ "server": { "name": "hafen", "version": hafen::VERSION } }));
+    assert_eq!(
+        body,
+        json!({ "server": { "name": "hafen", "version": hafen::VERSION } })
+    );
 }

@@ -279,10 +279,7 @@ async fn backup(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<J
 
 /// `GET /_hafen/admin/v1/backup`: the backups below `backup_path` (newest first), the outcome
 /// of the last run and the schedule.
-async fn list_backups(
-    State(s): State<Arc<Services>>,
-    Authed(who): Authed,
-) -> Result<Json<Value>> {
+async fn list_backups(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<Json<Value>> {
     require_admin(&s, &who, "GET /_hafen/admin/v1/backup", None)?;
     let backups = match s.config.backup_path.clone() {
         Some(root) => tokio::task::spawn_blocking(move || crate::service::backup::list(&root))

@@ -35,7 +35,10 @@ pub const SEALED_CHUNK: usize = CHUNK + TAG;
 const PREFIX_LEN: usize = 7;
 
 fn damaged(what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("encrypted data damaged: {what}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("encrypted data damaged: {what}"),
+    )
 }
 
 fn nonce(header: &[u8; HEADER_LEN], counter: u32, last: bool) -> [u8; 12] {

@@ -40,7 +40,8 @@ pub fn write(
     let checkpoint = root.join(format!("{name}.checkpoint{PARTIAL_SUFFIX}"));
     let result = (|| -> Result<()> {
         let file = std::fs::File::create(&partial).map_err(io)?;
-        let writer = EncryptWriter::new(key, BufWriter::with_capacity(256 * 1024, file)).map_err(io)?;
+        let writer =
+            EncryptWriter::new(key, BufWriter::with_capacity(256 * 1024, file)).map_err(io)?;
         let mut tar = tar::Builder::new(writer);
         append_tree(&mut tar, media_src, Path::new("media"), 0)?;
         storage.checkpoint(&checkpoint)?;
@@ -83,14 +84,16 @@ fn append_tree<W: std::io::Write>(
         Err(e) => return Err(io(e)),
     };
     entries.sort_by_key(|e| e.file_name());
-    tar.append_dir(name, dir).or_else(|_| {
-        // The directory itself may be missing (an empty media store); an entry is still written.
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(0o700);
-        header.set_size(0);
-        tar.append_data(&mut header, name, std::io::empty())
-    }).map_err(io)?;
+    tar.append_dir(name, dir)
+        .or_else(|_| {
+            // The directory itself may be missing (an empty media store); an entry is still written.
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o700);
+            header.set_size(0);
+            tar.append_data(&mut header, name, std::io::empty())
+        })
+        .map_err(io)?;
     for entry in entries {
         let file_name = entry.file_name();
         if depth == 0 && name == Path::new("media") && file_name == "tmp" {
@@ -131,20 +134,29 @@ pub fn restore(archive: &Path, target: &Path, key: &SecretKey) -> std::result::R
         let file = std::fs::File::open(archive)
             .map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
         let reader = DecryptReader::new(key, file).map_err(|e| {
-            format!("{} is not an encrypted Hafen backup: {e}", archive.display())
+            format!(
+                "{} is not an encrypted Hafen backup: {e}",
+                archive.display()
+            )
         })?;
         std::fs::create_dir_all(&partial)
             .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
         let mut tar = tar::Archive::new(reader);
         tar.set_preserve_permissions(true);
         tar.unpack(&partial).map_err(|e| {
-            format!("cannot restore {} (damaged, or another key): {e}", archive.display())
+            format!(
+                "cannot restore {} (damaged, or another key): {e}",
+                archive.display()
+            )
         })?;
         // tar stops at its end marker; the rest must decrypt too (it holds the last chunk, whose
         // check tells that nothing was cut off).
         let mut rest = tar.into_inner();
         std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| {
-            format!("cannot restore {} (damaged or truncated): {e}", archive.display())
+            format!(
+                "cannot restore {} (damaged or truncated): {e}",
+                archive.display()
+            )
         })?;
         let mut probe = [0u8; 1];
         if rest.read(&mut probe).map_err(|e| e.to_string())? != 0 {

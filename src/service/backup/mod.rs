@@ -203,7 +203,10 @@ pub fn restore(
 /// The scheduled backups (`backup_interval_secs`): one every interval, the first one interval
 /// after the start. Ends once the services are gone.
 pub async fn run_schedule(services: Weak<Services>) {
-    let interval = match services.upgrade().and_then(|s| s.config.backup_interval_secs) {
+    let interval = match services
+        .upgrade()
+        .and_then(|s| s.config.backup_interval_secs)
+    {
         Some(secs) => Duration::from_secs(secs),
         None => return,
     };
@@ -219,7 +222,11 @@ pub async fn run_schedule(services: Weak<Services>) {
 
 /// A plain backup: media first, then the checkpoint, so every file a row of the checkpoint
 /// names is in the backup (files are never changed in place, only added and deleted).
-fn write_directory(storage: &crate::storage::Storage, media_src: &Path, dest: &Path) -> Result<PathBuf> {
+fn write_directory(
+    storage: &crate::storage::Storage,
+    media_src: &Path,
+    dest: &Path,
+) -> Result<PathBuf> {
     let partial = with_suffix(dest, PARTIAL_SUFFIX);
     std::fs::create_dir_all(&partial).map_err(io)?;
     copy_tree(media_src, &partial.join("media"), 0)?;
@@ -314,7 +321,9 @@ fn prune(root: &Path, keep: usize) -> Result<Vec<String>> {
         };
         match removed {
             Ok(()) => deleted.push(old.name),
-            Err(e) => tracing::error!(backup = %old.path, error = %e, "cannot delete an old backup"),
+            Err(e) => {
+                tracing::error!(backup = %old.path, error = %e, "cannot delete an old backup")
+            }
         }
     }
     sync_dir(Some(root));

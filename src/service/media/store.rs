@@ -161,7 +161,8 @@ impl FileStore {
                     Some(sealer) => {
                         pending.extend_from_slice(&chunk);
                         while pending.len() > CHUNK {
-                            let sealed = sealer.seal(&pending[..CHUNK], false).map_err(write_err)?;
+                            let sealed =
+                                sealer.seal(&pending[..CHUNK], false).map_err(write_err)?;
                             file.write_all(&sealed).await.map_err(write_err)?;
                             pending.drain(..CHUNK);
                         }
