@@ -219,6 +219,11 @@ pub struct PrivacyNotice {
     /// Its title as clients show it; default "Privacy notice".
     #[serde(default)]
     pub name: Option<String>,
+    /// Users who have not accepted this version (a new version, or accounts made before the
+    /// notice) get 403 `M_CONSENT_NOT_GIVEN` with a page to accept it when they send, join,
+    /// invite, create rooms, change their profile or upload. Default true.
+    #[serde(default = "default_true")]
+    pub block_until_accepted: bool,
 }
 
 /// `[global.retention]`: lifetimes in milliseconds, as `m.room.retention` (MSC1763) has them.
@@ -583,6 +588,7 @@ impl Config {
             url: String::new(),
             version: String::new(),
             name: Some(String::new()),
+            block_until_accepted: true,
         });
         c.retention.default_max_lifetime = Some(0);
         c.retention.allowed_min = Some(0);

@@ -537,6 +537,7 @@ async fn registration_requires_accepting_the_privacy_notice() {
             url: "https://example.org/privacy".into(),
             version: "2026-01".into(),
             name: None,
+            block_until_accepted: true,
         });
     })
     .await;
