@@ -283,6 +283,14 @@ pub struct TlsConfig {
     /// Port of the TLS listener; 0 picks a free one (tests).
     #[serde(default = "default_tls_port")]
     pub port: u16,
+    /// Seconds between checks whether `certs` or `key` changed on disk; a changed pair is
+    /// loaded without a restart (a renewed certificate). 0: only on SIGHUP.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval_secs: u64,
+}
+
+fn default_tls_reload_interval() -> u64 {
+    60
 }
 
 fn default_tls_port() -> u16 {
@@ -580,6 +588,7 @@ impl Config {
             certs: PathBuf::new(),
             key: PathBuf::new(),
             port: default_tls_port(),
+            reload_interval_secs: default_tls_reload_interval(),
         });
         c.turn_username = Some(String::new());
         c.turn_password = Some(String::new());

@@ -171,7 +171,7 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         "A4",
         "integrated certificate and key management",
         short,
-        vec!["TLS with rustls; signing key rotation with `hafen key rotate`".into()],
+        vec!["TLS with rustls, renewed certificates loaded without a restart; signing key rotation with `hafen key rotate`".into()],
     );
     row(
         &mut rows,

@@ -328,6 +328,7 @@ pub async fn start_federating(
             certs: pki.path("cert.pem"),
             key: pki.path("key.pem"),
             port: tls_port,
+            reload_interval_secs: 60,
         });
         c.federation_ca_file = Some(pki.path("ca.pem"));
         c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];
