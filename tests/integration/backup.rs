@@ -290,6 +290,29 @@ async fn scheduled_backups_keep_the_newest_and_failures_show() {
             .is_file());
     }
     assert!(root.join("keep-me").is_dir());
+    // The privacy statement tells users how long backups keep their data.
+    let (status, statement) = s
+        .req(
+            reqwest::Method::GET,
+            "/_hafen/client/v1/privacy",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{statement}");
+    let backups_category = statement["categories"]
+        .as_array()
+        .expect("categories")
+        .iter()
+        .find(|c| c["id"] == json!("backups"))
+        .expect("backups")
+        .clone();
+    assert!(
+        backups_category["kept_for"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("the newest 2 backups")),
+        "{backups_category}"
+    );
     // Two more periods: still two backups, the newest ones.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let (_, later) = s.get("/_hafen/admin/v1/backup", &admin).await;

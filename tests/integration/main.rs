@@ -37,5 +37,6 @@ mod space;
 mod synapse;
 mod synapse_rooms;
 mod sync;
+mod transparency;
 mod user_directory;
 mod voip;
