@@ -204,8 +204,9 @@ async fn download<A>(
     _access: A,
     p: Segs,
     RawQuery(q): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    serve_download(&s, &p, &q).await
+    serve_download(&s, &p, &q, range_header(&headers)).await
 }
 
 async fn thumbnail<A>(
@@ -213,8 +214,80 @@ async fn thumbnail<A>(
     _access: A,
     p: Segs,
     RawQuery(q): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    serve_thumbnail(&s, &p, &q).await
+    serve_thumbnail(&s, &p, &q, range_header(&headers)).await
+}
+
+fn range_header(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// What a `Range` header asks of a file of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeAsk {
+    /// No range, or one this server ignores (several ranges, bad syntax): the whole file, 200.
+    Whole,
+    /// Bytes `start..=end`, 206.
+    Part { start: u64, end: u64 },
+    /// Nothing of the file: 416.
+    Unsatisfiable,
+}
+
+/// Parse `bytes=a-b`, `bytes=a-` and `bytes=-n` (RFC 9110 section 14.1.2); anything else is
+/// ignored, which the RFC allows.
+fn parse_range(value: Option<&str>, size: u64) -> RangeAsk {
+    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else {
+        return RangeAsk::Whole;
+    };
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeAsk::Whole;
+    };
+    if spec.contains(',') {
+        return RangeAsk::Whole;
+    }
+    let number = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (first.trim(), last.trim()) {
+        ("", suffix) => match number(suffix) {
+            Some(0) => RangeAsk::Unsatisfiable,
+            Some(_) if size == 0 => RangeAsk::Unsatisfiable,
+            Some(n) => RangeAsk::Part {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            },
+            None => RangeAsk::Whole,
+        },
+        (from, to) => {
+            let Some(start) = number(from) else {
+                return RangeAsk::Whole;
+            };
+            let end = if to.is_empty() {
+                Some(u64::MAX)
+            } else {
+                number(to)
+            };
+            match end {
+                Some(end) if end >= start => {
+                    if start >= size {
+                        RangeAsk::Unsatisfiable
+                    } else {
+                        RangeAsk::Part {
+                            start,
+                            end: end.min(size - 1),
+                        }
+                    }
+                }
+                _ => RangeAsk::Whole,
+            }
+        }
+    }
 }
 
 /// Access to the legacy unauthenticated download and thumbnail: refused (404) while
@@ -254,7 +327,12 @@ async fn fetch_if_remote(s: &Services, p: &Segs) -> Result<()> {
     Ok(())
 }
 
-async fn serve_download(s: &Services, p: &Segs, q: &Option<String>) -> Result<Response> {
+async fn serve_download(
+    s: &Services,
+    p: &Segs,
+    q: &Option<String>,
+    range: Option<String>,
+) -> Result<Response> {
     fetch_if_remote(s, p).await?;
     let file: FileInfo = s.media.file(p.get(0)?, p.get(1)?, timeout(q)?).await?;
     let content_type = file
@@ -276,11 +354,17 @@ async fn serve_download(s: &Services, p: &Segs, q: &Option<String>) -> Result<Re
         file.size,
         &content_type,
         ContentDisposition::new(disposition).with_filename(filename),
+        range.as_deref(),
     )
     .await
 }
 
-async fn serve_thumbnail(s: &Services, p: &Segs, q: &Option<String>) -> Result<Response> {
+async fn serve_thumbnail(
+    s: &Services,
+    p: &Segs,
+    q: &Option<String>,
+    range: Option<String>,
+) -> Result<Response> {
     let dimension = |key: &str| -> Result<u32> {
         query_param(q, key)?
             .ok_or_else(|| Error::new(ErrCode::MissingParam, format!("{key} is required")))?
@@ -312,27 +396,51 @@ async fn serve_thumbnail(s: &Services, p: &Segs, q: &Option<String>) -> Result<R
         &thumb.content_type,
         ContentDisposition::new(ContentDispositionType::Inline)
             .with_filename(Some(format!("thumbnail.{extension}"))),
+        range.as_deref(),
     )
     .await
 }
 
-/// A stored file as the response body, read from disk as it is sent.
+/// A stored file as the response body, read from disk (and decrypted) as it is sent; a single
+/// byte range when the client asks for one (206, or 416 outside the file).
 async fn stream_file(
     s: &Services,
     sha256: &str,
     size: u64,
     content_type: &str,
     disposition: ContentDisposition,
+    range: Option<&str>,
 ) -> Result<Response> {
-    let body = Body::from_stream(s.media.files().open_stream(sha256).await?);
-    let mut res = (StatusCode::OK, body).into_response();
+    let (status, start, len) = match parse_range(range, size) {
+        RangeAsk::Whole => (StatusCode::OK, 0, size),
+        RangeAsk::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        RangeAsk::Unsatisfiable => {
+            let body = Json(json!({
+                "errcode": "M_UNKNOWN",
+                "error": "The requested range is not within the file",
+            }));
+            let mut res = (StatusCode::RANGE_NOT_SATISFIABLE, body).into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                res.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(res);
+        }
+    };
+    let body = Body::from_stream(s.media.files().open_range(sha256, start, len).await?);
+    let mut res = (status, body).into_response();
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(content_type)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&disposition.to_string()) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -358,6 +466,27 @@ async fn stream_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_parse_as_rfc_9110_says() {
+        let p = |v: &str, size| parse_range(Some(v), size);
+        assert_eq!(p("bytes=0-9", 100), RangeAsk::Part { start: 0, end: 9 });
+        assert_eq!(p("bytes=90-", 100), RangeAsk::Part { start: 90, end: 99 });
+        assert_eq!(
+            p("bytes=90-500", 100),
+            RangeAsk::Part { start: 90, end: 99 }
+        );
+        assert_eq!(p("bytes=-10", 100), RangeAsk::Part { start: 90, end: 99 });
+        assert_eq!(p("bytes=-500", 100), RangeAsk::Part { start: 0, end: 99 });
+        assert_eq!(p("bytes=100-", 100), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=-0", 100), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=0-", 0), RangeAsk::Unsatisfiable);
+        assert_eq!(p("bytes=5-2", 100), RangeAsk::Whole);
+        assert_eq!(p("bytes=0-1,5-6", 100), RangeAsk::Whole);
+        assert_eq!(p("items=0-1", 100), RangeAsk::Whole);
+        assert_eq!(p("bytes=a-b", 100), RangeAsk::Whole);
+        assert_eq!(parse_range(None, 100), RangeAsk::Whole);
+    }
 
     #[test]
     fn only_safe_types_are_inline() {

@@ -172,6 +172,13 @@ impl Opener {
     pub fn finished(&self) -> bool {
         self.finished
     }
+
+    /// Continue at chunk `index` (a reader that seeked to it, for a byte range): that chunk
+    /// still only opens at its own position, so nothing can be passed off as another part.
+    pub fn seek_chunk(&mut self, index: u32) {
+        self.counter = index;
+        self.finished = false;
+    }
 }
 
 /// Read until `buf` is full or the input ends; how many bytes were read.

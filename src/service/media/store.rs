@@ -25,7 +25,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::{
     error::{ErrCode, Error, Result},
@@ -224,12 +224,25 @@ impl FileStore {
     /// an error here (500 `M_UNKNOWN`, logged) and a damaged chunk further on ends the stream
     /// with an error instead of handing out wrong bytes.
     pub async fn open_stream(&self, sha256: &str) -> Result<FileStream> {
+        self.open_range(sha256, 0, u64::MAX).await
+    }
+
+    /// [`FileStore::open_stream`] of `len` bytes from byte `start` of the content (HTTP range
+    /// requests). An encrypted file is read from the chunk that holds `start` on: seeking costs
+    /// no decryption of what comes before.
+    pub async fn open_range(&self, sha256: &str, start: u64, len: u64) -> Result<FileStream> {
         let (path, encrypted) = self.locate(sha256).await?;
-        let file = tokio::fs::File::open(&path)
+        let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| Error::internal(format!("media file {sha256} missing: {e}")))?;
+        let seek_err = |e: std::io::Error| Error::internal(format!("media file {sha256}: {e}"));
         let Some(crypt) = self.crypt.as_ref().filter(|_| encrypted) else {
-            return Ok(Box::pin(tokio_util::io::ReaderStream::new(file)));
+            if start > 0 {
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(seek_err)?;
+            }
+            return Ok(Box::pin(tokio_util::io::ReaderStream::new(file.take(len))));
         };
         let mut reader = tokio::io::BufReader::with_capacity(SEALED_CHUNK, file);
         let mut header = [0u8; HEADER_LEN];
@@ -237,11 +250,24 @@ impl FileStore {
             .read_exact(&mut header)
             .await
             .map_err(|e| damaged(sha256, format!("no header: {e}")))?;
-        let opener = Opener::new(&crypt.file_key, &header).map_err(|e| damaged(sha256, e))?;
+        let mut opener = Opener::new(&crypt.file_key, &header).map_err(|e| damaged(sha256, e))?;
+        let index = start / CHUNK as u64;
+        if index > 0 {
+            let index32 = u32::try_from(index)
+                .map_err(|_| Error::internal("range start beyond any encrypted file"))?;
+            let at = HEADER_LEN as u64 + index * SEALED_CHUNK as u64;
+            reader
+                .seek(std::io::SeekFrom::Start(at))
+                .await
+                .map_err(seek_err)?;
+            opener.seek_chunk(index32);
+        }
         let mut chunks = Decrypting {
             reader,
             opener,
             sealed: vec![0u8; SEALED_CHUNK],
+            skip: (start % CHUNK as u64) as usize,
+            remaining: len,
         };
         let first = chunks
             .next_chunk()
@@ -379,12 +405,16 @@ struct Decrypting {
     reader: tokio::io::BufReader<tokio::fs::File>,
     opener: Opener,
     sealed: Vec<u8>,
+    /// Bytes of the next chunk before the requested range.
+    skip: usize,
+    /// Bytes of the range still to deliver.
+    remaining: u64,
 }
 
 impl Decrypting {
-    /// The next chunk's plaintext; `None` after the last one.
+    /// The next piece of the range; `None` after the last chunk or the end of the range.
     async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
-        if self.opener.finished() {
+        if self.opener.finished() || self.remaining == 0 {
             return Ok(None);
         }
         let mut got = 0;
@@ -402,8 +432,11 @@ impl Decrypting {
             ));
         }
         let last = got < SEALED_CHUNK || self.reader.fill_buf().await?.is_empty();
-        let plain = self.opener.open(&self.sealed[..got], last)?;
-        Ok(Some(Bytes::from(plain)))
+        let plain = Bytes::from(self.opener.open(&self.sealed[..got], last)?);
+        let from = std::mem::take(&mut self.skip).min(plain.len());
+        let take = (plain.len() - from).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        self.remaining -= take as u64;
+        Ok(Some(plain.slice(from..from + take)))
     }
 }
 
