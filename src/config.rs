@@ -157,6 +157,10 @@ pub struct Config {
     /// e.g. `["10.1.2.3/32"]` for a gateway on the LAN. Empty: pushes go to public addresses only.
     #[serde(default)]
     pub push_gateway_ip_range_allowlist: Vec<String>,
+    /// Application service registration files (YAML, as bridges write them; Synapse's key).
+    /// Read and checked at start: a bad file stops the start naming the file and the field.
+    #[serde(default)]
+    pub app_service_config_files: Vec<PathBuf>,
     /// A TLS listener (for federation, port 8448 by convention) serving the same API with this
     /// certificate chain and key. Unset: no TLS listener (put a reverse proxy in front).
     #[serde(default)]

@@ -259,7 +259,10 @@ where
 /// The identity behind an access token. A locked account gets `M_USER_LOCKED` everywhere except
 /// on the logout endpoints.
 fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> Result<Identity> {
-    let identity = services.accounts.identify(token)?;
+    let identity = match services.appservices.by_token(token) {
+        Some(appservice) => appservice_identity(services, parts, appservice)?,
+        None => services.accounts.identify(token)?,
+    };
     if identity.locked {
         let path = parts.uri.path();
         if !(path.ends_with("/logout") || path.ends_with("/logout/all")) {
@@ -287,6 +290,62 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
         )?;
     }
     Ok(identity)
+}
+
+/// The device an appservice user acts from when the appservice names none: appservice users
+/// need no device of their own (their `as_token` is their access token).
+pub const APPSERVICE_DEVICE: &str = "APPSERVICE";
+
+/// Who an appservice acts as: its sender, or the user `?user_id=` asserts, which must be in its
+/// user namespace (else 403 `M_FORBIDDEN`) and registered (else 403 `M_FORBIDDEN`). A device of
+/// that user may be named with `device_id` (MSC4190; `org.matrix.msc3202.device_id`); it must
+/// exist (else 400 `M_INVALID_PARAM`).
+fn appservice_identity(
+    services: &Services,
+    parts: &http::request::Parts,
+    appservice: Arc<crate::service::appservice::Appservice>,
+) -> Result<Identity> {
+    let pairs: Vec<(String, String)> = match parts.uri.query() {
+        Some(q) => serde_html_form::from_str(q)
+            .map_err(|_| Error::invalid_param("Invalid query string"))?,
+        None => Vec::new(),
+    };
+    let param = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let user_id = match param("user_id") {
+        Some(u) => ruma::UserId::parse(u)
+            .map_err(|_| Error::invalid_param("Invalid user_id"))?,
+        None => appservice.sender.clone(),
+    };
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::forbidden(
+            "The application service may not act as this user (outside its namespace)",
+        ));
+    }
+    let record = services
+        .accounts
+        .user(&user_id)?
+        .filter(|u| !u.deactivated)
+        .ok_or_else(|| Error::forbidden("The application service has not registered this user"))?;
+    let device_id: ruma::OwnedDeviceId =
+        match param("device_id").or(param("org.matrix.msc3202.device_id")) {
+            Some(d) => {
+                let d: ruma::OwnedDeviceId = d.into();
+                if services.accounts.device(&user_id, &d)?.is_none() {
+                    return Err(Error::invalid_param("The user has no such device"));
+                }
+                d
+            }
+            None => APPSERVICE_DEVICE.into(),
+        };
+    Ok(Identity {
+        user_id,
+        device_id,
+        admin: record.admin,
+        guest: false,
+        locked: record.locked,
+        suspended: record.suspended,
+        appservice: Some(appservice),
+    })
 }
 
 /// For handlers that do not use a ruma request type and serve guests of the server too: the

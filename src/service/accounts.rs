@@ -103,9 +103,19 @@ pub struct Identity {
     pub guest: bool,
     pub locked: bool,
     pub suspended: bool,
+    /// The appservice acting (its `as_token` was the access token), as this user.
+    pub appservice: Option<std::sync::Arc<crate::service::appservice::Appservice>>,
 }
 
 impl Identity {
+    /// Whether rate limits apply: always, except to appservices registered with
+    /// `rate_limited: false`.
+    pub fn rate_limited(&self) -> bool {
+        self.appservice
+            .as_ref()
+            .is_none_or(|a| a.registration.is_rate_limited())
+    }
+
     /// Refuse an action a suspended account may not take (sending, joining, inviting,
     /// creating rooms, changing the profile, uploading).
     pub fn ensure_not_suspended(&self) -> Result<()> {
@@ -549,6 +559,7 @@ impl Accounts {
             guest: user.guest,
             locked: user.locked,
             suspended: user.suspended,
+            appservice: None,
         })
     }
 

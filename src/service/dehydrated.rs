@@ -93,6 +93,7 @@ pub fn put(s: &Services, user: &UserId, body: &Map<String, Value>) -> Result<Val
         guest: false,
         locked: false,
         suspended: false,
+        appservice: None,
     };
     let mut keys = Map::new();
     for k in ["device_keys", "one_time_keys", "fallback_keys"] {

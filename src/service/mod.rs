@@ -3,6 +3,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod appservice;
 pub mod backup;
 pub mod dehydrated;
 pub mod e2ee;
@@ -65,6 +66,8 @@ pub struct Services {
     pub sliding_sync: sliding_sync::SlidingSync,
     /// The retention purge job's state: admin purges and room deletions in progress.
     pub retention: retention::Retention,
+    /// Application services (bridges): registrations, their transaction queue, requests to them.
+    pub appservices: Arc<appservice::Appservices>,
 }
 
 impl Services {
@@ -86,7 +89,8 @@ impl Services {
             storage.clone(),
             audit.clone(),
         ));
-        Ok(Arc::new(Services {
+        let appservices = Arc::new(appservice::Appservices::load(&config, storage.clone())?);
+        let services = Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
                 globals.clone(),
@@ -102,7 +106,8 @@ impl Services {
                 push.pending.clone(),
                 federation_wake.clone(),
             )
-            .with_audit(audit.clone()),
+            .with_audit(audit.clone())
+            .with_appservices(appservices.clone()),
             push,
             server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
             federation: federation::Federation::new(
@@ -130,10 +135,16 @@ impl Services {
             media: media::Media::new(storage.clone(), &config)?,
             sliding_sync: sliding_sync::SlidingSync::default(),
             retention: retention::Retention::default(),
+            appservices,
             globals,
             storage,
             config,
-        }))
+        });
+        // Every appservice's sender exists from its registration on.
+        for a in services.appservices.all().iter() {
+            appservice::ensure_sender(&services, a)?;
+        }
+        Ok(services)
     }
 }
 

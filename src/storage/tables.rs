@@ -138,6 +138,15 @@ pub enum Table {
     /// kind (`federation`, `push_gateway`) 0xff destination -> JSON `DestinationRecord` (first
     /// and last contact, count): the register of third-party services contacted.
     ContactRegister,
+    /// appservice id -> JSON registration: appservices registered through the admin API.
+    AppserviceRegistrations,
+    /// appservice id 0xff kind (`p` event, `e` ephemeral) 0xff big-endian sequence -> event id
+    /// (`p`, the sequence is the event's stream count) or ephemeral event JSON (`e`): what is
+    /// still to be pushed to an appservice, deleted once it acknowledged the transaction.
+    AppserviceQueue,
+    /// appservice id -> JSON (next transaction number, the transaction in flight and the items it
+    /// carries): a failed transaction is sent again unchanged, also after a restart.
+    AppserviceTxns,
 }
 
 impl Table {
@@ -202,6 +211,9 @@ impl Table {
         Table::Backfill,
         Table::BackfillIndex,
         Table::Groups,
+        Table::AppserviceRegistrations,
+        Table::AppserviceQueue,
+        Table::AppserviceTxns,
     ];
 
     pub fn name(self) -> &'static str {
@@ -266,6 +278,9 @@ impl Table {
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
             Table::Groups => "groups",
+            Table::AppserviceRegistrations => "appservice_registrations",
+            Table::AppserviceQueue => "appservice_queue",
+            Table::AppserviceTxns => "appservice_txns",
         }
     }
 }

@@ -66,6 +66,9 @@ pub struct Deferred<'a> {
     /// Servers the event was queued for, to wake the federation sender once it is durable.
     federate: Vec<ruma::OwnedServerName>,
     federation_wake: &'a crate::service::federation::sender::Wake,
+    /// Appservices the event was queued for, to wake their sender once it is durable.
+    appservices: Vec<String>,
+    appservice_queue: Option<&'a crate::service::appservice::queue::Queue>,
 }
 
 impl Deferred<'_> {
@@ -94,6 +97,9 @@ impl Deferred<'_> {
         }
         if !self.federate.is_empty() {
             self.federation_wake.add(self.federate);
+        }
+        if let (false, Some(queue)) = (self.appservices.is_empty(), self.appservice_queue) {
+            queue.wake(self.appservices);
         }
     }
 }
@@ -673,6 +679,16 @@ impl Rooms {
         )?;
         let federate =
             self.queue_for_federation(&mut batch, &joined, &pdu, count, placement.rebroadcast)?;
+        let appservices = match &self.appservices {
+            Some(a) => a.queue_event(&mut batch, room_id, &pdu, &joined, count, &|| {
+                Ok(self
+                    .local_aliases(room_id)?
+                    .into_iter()
+                    .map(|a| a.to_string())
+                    .collect())
+            })?,
+            None => Vec::new(),
+        };
         let ticket = batch.commit_deferred()?;
 
         // The targets (woken above) are the only members whose membership changed.
@@ -690,6 +706,8 @@ impl Rooms {
                 pushes: &self.pending_pushes,
                 federate,
                 federation_wake: &self.federation_wake,
+                appservices,
+                appservice_queue: self.appservices.as_deref().map(|a| &a.queue),
             },
         ))
     }

@@ -126,6 +126,9 @@ pub struct Rooms {
     /// The audit log, for local users' membership changes (written by the membership
     /// operations, not by the event write path).
     pub(crate) audit: Option<Arc<crate::policy::audit::AuditLog>>,
+    /// The registered appservices: events that interest one are queued for it in the event's
+    /// batch, and aliases in an exclusive namespace are reserved for it.
+    pub(crate) appservices: Option<Arc<crate::service::appservice::Appservices>>,
 }
 
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
@@ -149,7 +152,17 @@ impl Rooms {
             joined_cache: Mutex::new(HashMap::new()),
             auth_cache: Mutex::new(HashMap::new()),
             audit: None,
+            appservices: None,
         }
+    }
+
+    /// Queue events for the appservices they interest, reserve their exclusive aliases.
+    pub fn with_appservices(
+        mut self,
+        appservices: Arc<crate::service::appservice::Appservices>,
+    ) -> Self {
+        self.appservices = Some(appservices);
+        self
     }
 
     /// Write local users' membership changes to `audit`.
