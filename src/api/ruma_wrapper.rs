@@ -406,3 +406,37 @@ impl FromRequest<Arc<Services>> for JsonBody {
         }
     }
 }
+
+/// The access token as sent, unchecked: for the endpoints where an appservice identifies itself
+/// by its `as_token` before any user exists (`/register` and `/login` with
+/// `m.login.application_service`).
+pub struct RawToken(pub Option<String>);
+
+impl axum::extract::FromRequestParts<Arc<Services>> for RawToken {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &Arc<Services>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(RawToken(access_token(parts)))
+    }
+}
+
+impl RawToken {
+    /// The appservice whose `as_token` this is: 401 `M_MISSING_TOKEN` without a token,
+    /// 401 `M_UNKNOWN_TOKEN` when it is no appservice's.
+    pub fn appservice(
+        &self,
+        services: &Services,
+    ) -> Result<Arc<crate::service::appservice::Appservice>> {
+        let token = self
+            .0
+            .as_deref()
+            .ok_or_else(|| Error::new(ErrCode::MissingToken, "Missing access token"))?;
+        services
+            .appservices
+            .by_token(token)
+            .ok_or(Error::UnknownToken { soft_logout: false })
+    }
+}

@@ -984,6 +984,8 @@ pub fn register(
     let user_id = match &r.username {
         Some(name) => {
             let id = accounts.validate_new_localpart(&name.to_lowercase())?;
+            // Names an appservice reserved are for it alone (400 `M_EXCLUSIVE`).
+            services.appservices.ensure_user_not_exclusive(&id, None)?;
             if accounts.exists(&id)? {
                 return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
             }
@@ -1059,6 +1061,78 @@ pub fn register(
         r.refresh_token,
     )?;
     Ok((user_id, Some(session)))
+}
+
+/// Register a user for an appservice (`type: m.login.application_service`): the name must lie
+/// in its user namespace (400 `M_EXCLUSIVE` otherwise, as Synapse answers); no UIA, no rate
+/// limit, open even when registration is closed.
+pub fn register_for_appservice(
+    services: &crate::service::Services,
+    appservice: &crate::service::appservice::Appservice,
+    r: Registration,
+) -> Result<(OwnedUserId, Option<Session>)> {
+    let accounts = &services.accounts;
+    let name = r
+        .username
+        .as_deref()
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'username'"))?;
+    let user_id = accounts.validate_new_localpart(name)?;
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::new(
+            ErrCode::Exclusive,
+            "This user id is not in the application service's namespace",
+        ));
+    }
+    services
+        .appservices
+        .ensure_user_not_exclusive(&user_id, Some(appservice.id()))?;
+    accounts.create_user(&user_id, None, false, false)?;
+    crate::service::profile_defaults(services, &user_id)?;
+    if r.inhibit_login {
+        return Ok((user_id, None));
+    }
+    let session = accounts.create_session(
+        &user_id,
+        r.device_id,
+        r.initial_device_display_name,
+        r.refresh_token,
+    )?;
+    Ok((user_id, Some(session)))
+}
+
+/// Log in as an appservice's user (`m.login.application_service`, the appservice's `as_token`
+/// as access token): the user must be the appservice's (403 `M_FORBIDDEN`) and exist.
+pub fn appservice_login(
+    services: &crate::service::Services,
+    appservice: &crate::service::appservice::Appservice,
+    name: &str,
+    device_id: Option<OwnedDeviceId>,
+    display_name: Option<String>,
+    with_refresh: bool,
+    ip: Option<std::net::IpAddr>,
+) -> Result<Session> {
+    let accounts = &services.accounts;
+    let user_id = accounts
+        .local_user_id(name)
+        .map_err(|_| Error::forbidden("Invalid user for this application service"))?;
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::forbidden("Invalid user for this application service"));
+    }
+    match accounts.user(&user_id)? {
+        Some(u) if u.deactivated => {
+            return Err(Error::new(
+                ErrCode::UserDeactivated,
+                "This account has been deactivated",
+            ))
+        }
+        Some(_) => {}
+        None => return Err(Error::forbidden("Invalid user for this application service")),
+    }
+    crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
+    let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
+    accounts.touch_device(&user_id, &session.device_id, ip)?;
+    accounts.audit_note("login", &user_id, &session.device_id);
+    Ok(session)
 }
 
 /// Log in with a password. Failures say only "forbidden", so they do not reveal which users exist.

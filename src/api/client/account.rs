@@ -13,7 +13,7 @@ use axum::{
 use serde_json::{json, Map, Value};
 
 use crate::{
-    api::ruma_wrapper::{Authed, JsonBody},
+    api::ruma_wrapper::{Authed, JsonBody, RawToken},
     error::{ErrCode, Error, Result},
     service::{accounts, Services},
 };
@@ -169,6 +169,7 @@ async fn register(
     State(s): State<Arc<Services>>,
     ClientIp(ip): ClientIp,
     RawQuery(q): RawQuery,
+    token: RawToken,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     let guest = match query_param(&q, "kind")?.as_deref() {
@@ -199,7 +200,13 @@ async fn register(
         auth,
         ip,
     };
-    let (user_id, session) = accounts::register(&s, r)?;
+    let (user_id, session) =
+        if opt_str(&body, "type")?.as_deref() == Some("m.login.application_service") {
+            let appservice = token.appservice(&s)?;
+            accounts::register_for_appservice(&s, &appservice, r)?
+        } else {
+            accounts::register(&s, r)?
+        };
     Ok(Json(match session {
         Some(session) => session_json(&session),
         None => json!({ "user_id": user_id, "home_server": user_id.server_name() }),
@@ -226,6 +233,7 @@ async fn available(
     let name = query_param(&q, "username")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'username'"))?;
     let id = s.accounts.validate_new_localpart(&name.to_lowercase())?;
+    s.appservices.ensure_user_not_exclusive(&id, None)?;
     if s.accounts.exists(&id)? {
         return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
     }

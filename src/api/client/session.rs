@@ -1,4 +1,4 @@
-//! Sessions: login (password only), token refresh, logout.
+//! Sessions: login (password, or an appservice as its user), token refresh, logout.
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::account::{both, opt_bool, opt_str, session_json, ClientIp};
 use crate::{
-    api::ruma_wrapper::{Authed, JsonBody},
+    api::ruma_wrapper::{Authed, JsonBody, RawToken},
     error::{ErrCode, Error, Result},
     service::{accounts, Services},
 };
@@ -24,19 +24,28 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     both(r, "/logout/all", post(logout_all))
 }
 
-/// Only passwords: SSO and login tokens are not offered.
+/// Passwords, and appservices logging in as their users: SSO and login tokens are not offered.
 async fn login_flows() -> Json<Value> {
-    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+    Json(json!({ "flows": [
+        { "type": "m.login.password" },
+        { "type": "m.login.application_service" },
+    ] }))
 }
 
 async fn login(
     State(s): State<Arc<Services>>,
     ClientIp(ip): ClientIp,
+    token: RawToken,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     let kind = opt_str(&body, "type")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing login 'type'"))?;
-    if kind != "m.login.password" {
+    let appservice = match kind.as_str() {
+        "m.login.password" => None,
+        "m.login.application_service" => Some(token.appservice(&s)?),
+        _ => None,
+    };
+    if kind != "m.login.password" && appservice.is_none() {
         return Err(Error::with_status(
             ErrCode::Unknown,
             StatusCode::BAD_REQUEST,
@@ -63,6 +72,25 @@ async fn login(
         Some(_) => return Err(Error::bad_json("'identifier' must be an object")),
     }
     .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing user identifier"))?;
+    if let Some(appservice) = appservice {
+        let device_id = opt_str(&body, "device_id")?;
+        if device_id
+            .as_ref()
+            .is_some_and(|d| d.is_empty() || d.len() > 255)
+        {
+            return Err(Error::invalid_param("Invalid device_id"));
+        }
+        let session = accounts::appservice_login(
+            &s,
+            &appservice,
+            &name,
+            device_id.map(Into::into),
+            opt_str(&body, "initial_device_display_name")?,
+            opt_bool(&body, "refresh_token")?.unwrap_or(false),
+            ip,
+        )?;
+        return Ok(Json(session_json(&session)));
+    }
     let password = opt_str(&body, "password")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'password'"))?;
     let device_id = opt_str(&body, "device_id")?;

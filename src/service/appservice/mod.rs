@@ -12,6 +12,7 @@
 //! third-party lookups) in [`client`].
 
 pub mod client;
+pub mod query;
 pub mod queue;
 pub mod registration;
 
