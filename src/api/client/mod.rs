@@ -5,6 +5,8 @@ mod account_data;
 mod admin;
 mod admin_api;
 mod alias;
+mod appservice;
+mod appservice_admin;
 mod data_rights;
 mod dehydrated;
 mod devices;
@@ -81,6 +83,8 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = voip::routes(r);
     let r = admin::routes(r);
     let r = groups::routes(r);
+    let r = appservice::routes(r);
+    let r = appservice_admin::routes(r);
     let r = admin_api::routes(r);
     let r = data_rights::routes(r);
     let r = synapse_admin::routes(r);
