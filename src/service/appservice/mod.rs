@@ -12,9 +12,11 @@
 //! third-party lookups) in [`client`].
 
 pub mod client;
+pub mod ephemeral;
 pub mod query;
 pub mod queue;
 pub mod registration;
+pub mod thirdparty;
 
 use std::{collections::HashSet, sync::Arc};
 
