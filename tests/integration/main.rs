@@ -4,6 +4,7 @@
 mod common;
 
 mod accounts;
+mod appservice;
 mod audit;
 mod backup;
 mod config;
