@@ -47,6 +47,61 @@ struct DbFacts {
     admins: usize,
     unlimited_tokens: usize,
     audit_entries_seen: bool,
+    /// Appservices registered through the admin API: (id, url).
+    appservices: Vec<(String, Option<String>)>,
+}
+
+/// An appservice as the report sees it.
+struct AppserviceFact {
+    id: String,
+    url: Option<String>,
+    source: String,
+}
+
+/// The configured and stored appservices, and the registration files that cannot be used (why).
+fn appservices(config: &Config, db: Option<&DbFacts>) -> (Vec<AppserviceFact>, Vec<String>) {
+    use crate::service::appservice::registration::Registration;
+    let mut found = Vec::new();
+    let mut bad = Vec::new();
+    for path in &config.app_service_config_files {
+        let name = path.display().to_string();
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Registration::from_yaml(&t))
+            .and_then(|r| r.validate().map(|_| r));
+        match parsed {
+            Ok(r) => found.push(AppserviceFact {
+                id: r.id,
+                url: r.url,
+                source: name,
+            }),
+            Err(e) => bad.push(format!("{name}: {e}")),
+        }
+    }
+    if let Some(d) = db {
+        for (id, url) in &d.appservices {
+            found.push(AppserviceFact {
+                id: id.clone(),
+                url: url.clone(),
+                source: "admin API".to_owned(),
+            });
+        }
+    }
+    (found, bad)
+}
+
+/// An appservice URL over plain HTTP to another machine: the hs_token and every event cross the
+/// network unencrypted.
+fn plain_http_elsewhere(url: &str) -> bool {
+    match url::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" => match u.host() {
+            Some(url::Host::Domain(d)) => d != "localhost",
+            Some(url::Host::Ipv4(a)) => !a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => !a.is_loopback(),
+            None => false,
+        },
+        _ => false,
+    }
 }
 
 fn db_facts(storage: &Storage) -> Result<DbFacts> {
@@ -72,6 +127,17 @@ fn db_facts(storage: &Storage) -> Result<DbFacts> {
         }
     }
     f.audit_entries_seen = storage.scan_prefix(Table::AuditLog, b"")?.next().is_some();
+    for entry in storage
+        .scan_prefix(Table::AppserviceRegistrations, b"")?
+        .take(10_000)
+    {
+        let (_, v) = entry?;
+        if let Ok(r) =
+            serde_json::from_slice::<crate::service::appservice::registration::Registration>(&v)
+        {
+            f.appservices.push((r.id, r.url));
+        }
+    }
     Ok(f)
 }
 
@@ -241,20 +307,39 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
             env!("CARGO_PKG_VERSION")
         )],
     );
+    let (appservices, bad_appservices) = appservices(config, db.as_ref());
+    let mut met = vec![
+        "every outbound destination (federation servers, push gateways, appservices) is counted in the register, `/_hafen/admin/v1/destinations`".to_owned(),
+    ];
+    if !config.allow_federation && config.turn_uris.is_empty() && appservices.is_empty() {
+        met.push("no configured outbound destinations: federation off, no TURN, no appservices".into());
+    }
+    for a in &appservices {
+        met.push(format!(
+            "appservice {} ({}) at {}",
+            a.id,
+            a.source,
+            a.url.as_deref().unwrap_or("no URL (client API only)")
+        ));
+    }
     row(
         &mut rows,
         "A11",
         "third-party services identifiable",
-        if config.allow_federation || !config.turn_uris.is_empty() {
-            vec!["no register of outbound destinations in this build".into()]
-        } else {
-            Vec::new()
-        },
-        vec!["no outbound destinations: federation off, no TURN".into()],
+        Vec::new(),
+        met,
     );
     let mut short = Vec::new();
     if !tls {
         short.push("no TLS configured".into());
+    }
+    for a in &appservices {
+        if a.url.as_deref().is_some_and(plain_http_elsewhere) {
+            short.push(format!(
+                "appservice {} is reached over plain HTTP on another host: use https or a local address",
+                a.id
+            ));
+        }
     }
     row(
         &mut rows,
@@ -284,12 +369,19 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         }
     }
     row(&mut rows, "B3", "connection data recorded", short, met);
+    let short: Vec<String> = bad_appservices
+        .iter()
+        .map(|b| format!("appservice registration unusable (the server will not start): {b}"))
+        .collect();
     row(
         &mut rows,
         "B4",
         "open protocols",
-        Vec::new(),
-        vec!["Matrix client-server, server-server and appservice APIs".into()],
+        short,
+        vec![format!(
+            "Matrix client-server, server-server and application service APIs; {} appservice(s) registered",
+            appservices.len()
+        )],
     );
     for (id, req) in [
         ("C1", "mobile device management"),

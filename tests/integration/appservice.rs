@@ -1214,6 +1214,26 @@ async fn admin_api_registers_lists_and_removes_appservices() {
         .iter()
         .all(|t| t.authorization.as_deref() == Some("Bearer hookshot-hs")));
 
+    // `hafen audit` (here its admin endpoint) names it among the outbound destinations.
+    let (status, v) = server
+        .get("/_hafen/admin/v1/compliance_report", &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let a11 = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "A11")
+        .unwrap()
+        .clone();
+    assert_eq!(a11["status"], json!("met"), "{a11}");
+    let findings = a11["findings"].to_string();
+    assert!(
+        findings.contains(&format!("appservice hookshot (admin API) at {}", fake.url())),
+        "{findings}"
+    );
+    assert!(findings.contains("appservice bridge ("), "{findings}");
+
     // It survives a restart; the file's one cannot be removed here.
     server.restart().await;
     let (status, v) = server.get("/_hafen/admin/v1/appservices/hookshot", &admin).await;
@@ -1516,4 +1536,47 @@ async fn thirdparty_lookups_and_network_room_lists_go_through_the_appservice() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(rooms(&v), Vec::<String>::new());
     server.stop().await;
+}
+
+#[test]
+fn hafen_audit_reports_appservices() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local.yaml");
+    std::fs::write(&local, registration_yaml("local", "http://127.0.0.1:29317", "l-as", "l-hs", "lbot")).unwrap();
+    let remote = dir.path().join("remote.yaml");
+    std::fs::write(
+        &remote,
+        registration_yaml("remote", "http://bridges.internal.example:29318", "r-as", "r-hs", "rbot"),
+    )
+    .unwrap();
+    let mut config = crate::common::test_config(dir.path());
+    config.app_service_config_files = vec![local.clone(), remote.clone()];
+    let report = hafen::policy::report::compliance_report(&config, None).unwrap();
+    let row = |id: &str| {
+        serde_json::to_value(report.rows.iter().find(|r| r.id == id).unwrap()).unwrap()
+    };
+    let a11 = row("A11");
+    assert_eq!(a11["status"], json!("met"));
+    assert!(
+        a11["findings"].to_string().contains(&format!(
+            "appservice local ({}) at http://127.0.0.1:29317",
+            local.display()
+        )),
+        "{a11}"
+    );
+    // Plain HTTP to another host carries the tokens and every event unencrypted.
+    let b1 = row("B1");
+    assert_eq!(b1["status"], json!("falls_short"));
+    assert!(b1["findings"].to_string().contains("appservice remote"), "{b1}");
+    assert!(!b1["findings"].to_string().contains("appservice local"), "{b1}");
+    let b4 = row("B4");
+    assert_eq!(b4["status"], json!("met"));
+    assert!(b4["findings"].to_string().contains("2 appservice(s)"), "{b4}");
+
+    // A file the server could not start with makes B4 fall short.
+    std::fs::write(&remote, "id: broken\n").unwrap();
+    let report = hafen::policy::report::compliance_report(&config, None).unwrap();
+    let b4 = serde_json::to_value(report.rows.iter().find(|r| r.id == "B4").unwrap()).unwrap();
+    assert_eq!(b4["status"], json!("falls_short"));
+    assert!(b4["findings"].to_string().contains("remote.yaml"), "{b4}");
 }
