@@ -203,6 +203,7 @@ pub async fn deactivate(
                     content: serde_json::json!({ "reason": "erased at the user's request" }),
                     state_key: None,
                     redacts: Some(event_id.clone()),
+                    origin_server_ts: None,
                 };
                 match services.rooms.append(&room_id, user, redaction, None).await {
                     Ok(_) => {

@@ -514,6 +514,61 @@ async fn appservice_asserts_users_in_its_namespace_only() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["sender"], json!(bob));
 
+    // Timestamp massaging: the appservice keeps the other network's time; others cannot.
+    let (status, v) = server
+        .req(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/{}?user_id={}&ts=1500000000000",
+                enc(&room),
+                unique_txn(),
+                enc(&bob)
+            ),
+            Some(AS_TOKEN),
+            Some(json!({ "msgtype": "m.text", "body": "sent long ago" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let old_id = v["event_id"].as_str().unwrap().to_owned();
+    let (status, v) = server
+        .req(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.topic/?user_id={}&ts=1500000000001",
+                enc(&room),
+                enc(&bob)
+            ),
+            Some(AS_TOKEN),
+            Some(json!({ "topic": "bridged" })),
+        )
+        .await;
+    // The ghost may not set the topic (power level), which says the request got that far.
+    assert_err(&(status, v), 403, "M_FORBIDDEN");
+    let (status, v) = server
+        .req(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.topic/?ts=1500000000001",
+                enc(&room)
+            ),
+            Some(&alice.token),
+            Some(json!({ "topic": "not bridged" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let topic_id = v["event_id"].as_str().unwrap().to_owned();
+    for (id, old) in [(&old_id, true), (&topic_id, false)] {
+        let (status, v) = server
+            .get(
+                &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id)),
+                &alice,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["origin_server_ts"] == json!(1_500_000_000_000u64), old, "{v}");
+        assert_eq!(v["origin_server_ts"] == json!(1_500_000_000_001u64), false, "{v}");
+    }
+
     // Outside the namespace: 403, even for a user that exists.
     let got = server
         .req(

@@ -31,6 +31,8 @@ pub struct NewEvent {
     pub content: Value,
     pub state_key: Option<String>,
     pub redacts: Option<OwnedEventId>,
+    /// The event's `origin_server_ts` when not now: an appservice's timestamp massaging (`?ts=`).
+    pub origin_server_ts: Option<u64>,
 }
 
 impl NewEvent {
@@ -40,7 +42,13 @@ impl NewEvent {
             content,
             state_key: None,
             redacts: None,
+            origin_server_ts: None,
         }
+    }
+    /// The same event with the given timestamp (an appservice's `?ts=`), if any.
+    pub fn at(mut self, ts: Option<u64>) -> NewEvent {
+        self.origin_server_ts = ts;
+        self
     }
     pub fn state(kind: &str, state_key: &str, content: Value) -> NewEvent {
         NewEvent {
@@ -48,6 +56,7 @@ impl NewEvent {
             content,
             state_key: Some(state_key.to_owned()),
             redacts: None,
+            origin_server_ts: None,
         }
     }
 }
@@ -365,7 +374,7 @@ impl Rooms {
             "room_id": room_id,
             "sender": sender,
             "content": content,
-            "origin_server_ts": utils::now_ms(),
+            "origin_server_ts": new.origin_server_ts.unwrap_or_else(utils::now_ms),
             "depth": depth,
             "prev_events": self.event_refs(&meta.extremities, rules)?,
             "auth_events": self.event_refs(&auth_events, rules)?,
