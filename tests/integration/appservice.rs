@@ -1635,3 +1635,67 @@ fn hafen_audit_reports_appservices() {
     assert_eq!(b4["status"], json!("falls_short"));
     assert!(b4["findings"].to_string().contains("remote.yaml"), "{b4}");
 }
+
+#[tokio::test]
+async fn closed_user_groups_apply_to_appservice_users() {
+    let fake = FakeAs::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Only alice and carol are in a group; the bridge's ghosts are in none.
+    let server = start_with_bridge_and(&fake, &dir, |c| {
+        c.groups = vec![hafen::policy::groups::GroupConfig {
+            name: "staff".into(),
+            users: vec!["@alice:localhost".into(), "@carol:localhost".into()],
+            servers: vec![],
+        }];
+    })
+    .await;
+    let alice = server.user("alice").await;
+    let carol = server.user("carol").await;
+    let (status, v) = register_ghost(&server, "bridge_bob").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let bob = as_user(&server, "bridge_bob");
+
+    // The ghost cannot reach alice: its room invite is refused by the group policy, audited.
+    let (status, v) = server
+        .req(
+            Method::POST,
+            &format!("/_matrix/client/v3/createRoom?user_id={}", enc(&bob)),
+            Some(AS_TOKEN),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let ghost_room = v["room_id"].as_str().unwrap().to_owned();
+    let got = server
+        .req(
+            Method::POST,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/invite?user_id={}",
+                enc(&ghost_room),
+                enc(&bob)
+            ),
+            Some(AS_TOKEN),
+            Some(json!({ "user_id": alice.user_id })),
+        )
+        .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    // Nor can alice invite the ghost; members of the same group still reach each other.
+    let room = server.create_room(&alice, json!({})).await;
+    let got = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            &alice,
+            json!({ "user_id": bob }),
+        )
+        .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let (status, v) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            &alice,
+            json!({ "user_id": carol.user_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    server.stop().await;
+}
