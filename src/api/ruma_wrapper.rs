@@ -310,10 +310,14 @@ fn appservice_identity(
             .map_err(|_| Error::invalid_param("Invalid query string"))?,
         None => Vec::new(),
     };
-    let param = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let param = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let user_id = match param("user_id") {
-        Some(u) => ruma::UserId::parse(u)
-            .map_err(|_| Error::invalid_param("Invalid user_id"))?,
+        Some(u) => ruma::UserId::parse(u).map_err(|_| Error::invalid_param("Invalid user_id"))?,
         None => appservice.sender.clone(),
     };
     if !appservice.owns_user(&user_id) {

@@ -312,7 +312,9 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         "every outbound destination (federation servers, push gateways, appservices) is counted in the register, `/_hafen/admin/v1/destinations`".to_owned(),
     ];
     if !config.allow_federation && config.turn_uris.is_empty() && appservices.is_empty() {
-        met.push("no configured outbound destinations: federation off, no TURN, no appservices".into());
+        met.push(
+            "no configured outbound destinations: federation off, no TURN, no appservices".into(),
+        );
     }
     for a in &appservices {
         met.push(format!(

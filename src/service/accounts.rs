@@ -1116,7 +1116,9 @@ pub fn appservice_login(
         .local_user_id(name)
         .map_err(|_| Error::forbidden("Invalid user for this application service"))?;
     if !appservice.owns_user(&user_id) {
-        return Err(Error::forbidden("Invalid user for this application service"));
+        return Err(Error::forbidden(
+            "Invalid user for this application service",
+        ));
     }
     match accounts.user(&user_id)? {
         Some(u) if u.deactivated => {
@@ -1126,7 +1128,11 @@ pub fn appservice_login(
             ))
         }
         Some(_) => {}
-        None => return Err(Error::forbidden("Invalid user for this application service")),
+        None => {
+            return Err(Error::forbidden(
+                "Invalid user for this application service",
+            ))
+        }
     }
     crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
     let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;

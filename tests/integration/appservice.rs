@@ -67,7 +67,10 @@ impl FakeAs {
                 "/_matrix/app/v1/thirdparty/protocol/{protocol}",
                 get(as_protocol),
             )
-            .route("/_matrix/app/v1/thirdparty/user/{protocol}", get(as_tp_user))
+            .route(
+                "/_matrix/app/v1/thirdparty/user/{protocol}",
+                get(as_tp_user),
+            )
             .route("/_matrix/app/v1/thirdparty/location", get(as_tp_location))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -164,7 +167,10 @@ async fn as_user_query(
         .map(str::to_owned);
     st.user_queries.lock().push((user.clone(), auth));
     if !user.starts_with("@bridge_auto") {
-        return (AxStatus::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND" })));
+        return (
+            AxStatus::NOT_FOUND,
+            Json(json!({ "errcode": "M_NOT_FOUND" })),
+        );
     }
     let hs = st.hs.lock().clone().unwrap();
     let localpart = user[1..].split(':').next().unwrap().to_owned();
@@ -190,7 +196,10 @@ async fn as_room(
 ) -> (AxStatus, Json<Value>) {
     st.alias_queries.lock().push(alias.clone());
     if !alias.starts_with("#bridge_auto") {
-        return (AxStatus::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND" })));
+        return (
+            AxStatus::NOT_FOUND,
+            Json(json!({ "errcode": "M_NOT_FOUND" })),
+        );
     }
     let hs = st.hs.lock().clone().unwrap();
     let localpart = alias[1..].split(':').next().unwrap().to_owned();
@@ -211,9 +220,7 @@ async fn as_ping(
     Json(body): Json<Value>,
 ) -> (AxStatus, String) {
     let mut seen = body.clone();
-    seen["authorization"] = json!(headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok()));
+    seen["authorization"] = json!(headers.get("authorization").and_then(|v| v.to_str().ok()));
     st.pings.lock().push(seen);
     match st.ping_status.load(Ordering::SeqCst) {
         0 => (AxStatus::OK, "{}".to_owned()),
@@ -230,7 +237,10 @@ async fn as_protocol(
 ) -> (AxStatus, Json<Value>) {
     st.thirdparty.lock().push(format!("protocol {protocol}"));
     if protocol != "gitter" {
-        return (AxStatus::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND" })));
+        return (
+            AxStatus::NOT_FOUND,
+            Json(json!({ "errcode": "M_NOT_FOUND" })),
+        );
     }
     (
         AxStatus::OK,
@@ -413,12 +423,17 @@ async fn yaml_registered_appservice_receives_transactions() {
 
     let room = bridged_room(&server, &alice).await;
     let event_id = send_text(&server, &alice, &room, "hello bridge").await;
-    fake.wait_until("the message", |f| f.bodies().contains(&"hello bridge".to_owned()))
-        .await;
+    fake.wait_until("the message", |f| {
+        f.bodies().contains(&"hello bridge".to_owned())
+    })
+    .await;
 
     let accepted = fake.accepted();
     for t in &accepted {
-        assert_eq!(t.authorization.as_deref(), Some(&*format!("Bearer {HS_TOKEN}")));
+        assert_eq!(
+            t.authorization.as_deref(),
+            Some(&*format!("Bearer {HS_TOKEN}"))
+        );
     }
     // Transaction ids are never reused.
     let mut ids: Vec<&str> = accepted.iter().map(|t| t.txn_id.as_str()).collect();
@@ -565,8 +580,16 @@ async fn appservice_asserts_users_in_its_namespace_only() {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["origin_server_ts"] == json!(1_500_000_000_000u64), old, "{v}");
-        assert_eq!(v["origin_server_ts"] == json!(1_500_000_000_001u64), false, "{v}");
+        assert_eq!(
+            v["origin_server_ts"] == json!(1_500_000_000_000u64),
+            old,
+            "{v}"
+        );
+        assert_eq!(
+            v["origin_server_ts"] == json!(1_500_000_000_001u64),
+            false,
+            "{v}"
+        );
     }
 
     // Outside the namespace: 403, even for a user that exists.
@@ -612,7 +635,9 @@ async fn appservice_asserts_users_in_its_namespace_only() {
     assert_eq!(status, StatusCode::OK, "{login}");
     assert_eq!(login["user_id"], json!(bob));
     assert_eq!(login["device_id"], json!("BOBPHONE"));
-    assert!(login["access_token"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(login["access_token"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
     let (status, v) = server
         .req(
             Method::GET,
@@ -873,8 +898,10 @@ async fn appservice_queue_survives_downtime_and_restart() {
     let alice = server.user("alice").await;
     let room = bridged_room(&server, &alice).await;
     send_text(&server, &alice, &room, "warm up").await;
-    fake.wait_until("the first message", |f| f.bodies().contains(&"warm up".to_owned()))
-        .await;
+    fake.wait_until("the first message", |f| {
+        f.bodies().contains(&"warm up".to_owned())
+    })
+    .await;
 
     // The bridge goes down: events queue and the transaction is retried.
     fake.state.down.store(true, Ordering::SeqCst);
@@ -920,7 +947,13 @@ async fn appservice_queue_survives_downtime_and_restart() {
     fake.state.down.store(true, Ordering::SeqCst);
     send_text(&server, &alice, &room, "before restart 1").await;
     send_text(&server, &alice, &room, "before restart 2").await;
-    let refused_before = fake.state.txns.lock().iter().filter(|t| !t.accepted).count();
+    let refused_before = fake
+        .state
+        .txns
+        .lock()
+        .iter()
+        .filter(|t| !t.accepted)
+        .count();
     fake.wait_until("a refused attempt", |f| {
         f.state.txns.lock().iter().filter(|t| !t.accepted).count() > refused_before
     })
@@ -936,7 +969,12 @@ async fn appservice_queue_survives_downtime_and_restart() {
         .unwrap();
     server.restart().await;
     *fake.state.hs.lock() = Some(server.base.clone());
-    let (events, _) = server.services().appservices.queue.queued("bridge").unwrap();
+    let (events, _) = server
+        .services()
+        .appservices
+        .queue
+        .queued("bridge")
+        .unwrap();
     assert!(events >= 2, "{events} events queued");
     fake.state.down.store(false, Ordering::SeqCst);
     fake.wait_until("the messages from before the restart", |f| {
@@ -959,7 +997,12 @@ async fn appservice_queue_survives_downtime_and_restart() {
     // Everything acknowledged is gone from the queue.
     let mut left = (1, 1);
     for _ in 0..100 {
-        left = server.services().appservices.queue.queued("bridge").unwrap();
+        left = server
+            .services()
+            .appservices
+            .queue
+            .queued("bridge")
+            .unwrap();
         if left == (0, 0) {
             break;
         }
@@ -979,7 +1022,10 @@ async fn unknown_users_and_aliases_are_asked_of_the_appservice() {
     // A profile lookup of an unknown ghost: the appservice creates it.
     let ghost = as_user(&server, "bridge_auto_one");
     let (status, v) = server
-        .get(&format!("/_matrix/client/v3/profile/{}", enc(&ghost)), &alice)
+        .get(
+            &format!("/_matrix/client/v3/profile/{}", enc(&ghost)),
+            &alice,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["displayname"], json!("bridge_auto_one"));
@@ -987,12 +1033,18 @@ async fn unknown_users_and_aliases_are_asked_of_the_appservice() {
         let queries = fake.state.user_queries.lock();
         assert_eq!(queries.len(), 1);
         assert_eq!(queries[0].0, ghost);
-        assert_eq!(queries[0].1.as_deref(), Some(&*format!("Bearer {HS_TOKEN}")));
+        assert_eq!(
+            queries[0].1.as_deref(),
+            Some(&*format!("Bearer {HS_TOKEN}"))
+        );
     }
     // One it does not know: still 404, after asking.
     let nobody = as_user(&server, "bridge_nobody");
     let got = server
-        .get(&format!("/_matrix/client/v3/profile/{}", enc(&nobody)), &alice)
+        .get(
+            &format!("/_matrix/client/v3/profile/{}", enc(&nobody)),
+            &alice,
+        )
         .await;
     assert_err(&got, 404, "M_NOT_FOUND");
     assert_eq!(fake.state.user_queries.lock().len(), 2);
@@ -1069,7 +1121,10 @@ async fn appservice_ping_reports_the_spec_errors() {
         let pings = fake.state.pings.lock();
         assert_eq!(pings.len(), 1);
         assert_eq!(pings[0]["transaction_id"], json!("ping-1"));
-        assert_eq!(pings[0]["authorization"], json!(format!("Bearer {HS_TOKEN}")));
+        assert_eq!(
+            pings[0]["authorization"],
+            json!(format!("Bearer {HS_TOKEN}"))
+        );
     }
 
     // Only the appservice itself.
@@ -1092,7 +1147,11 @@ async fn appservice_ping_reports_the_spec_errors() {
         .await;
     assert_err(&got, 502, "M_BAD_STATUS");
     assert_eq!(got.1["status"], json!(500));
-    assert!(got.1["body"].as_str().unwrap().contains("bridge broken"), "{}", got.1);
+    assert!(
+        got.1["body"].as_str().unwrap().contains("bridge broken"),
+        "{}",
+        got.1
+    );
 
     // Unreachable, and without a URL (registered through the admin API).
     let admin = admin_user(&server, "root").await;
@@ -1193,14 +1252,22 @@ async fn admin_api_registers_lists_and_removes_appservices() {
         .post("/_hafen/admin/v1/appservices", &admin, registration.clone())
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
-    assert!(got.1["error"].as_str().unwrap().contains("`id`"), "{}", got.1);
+    assert!(
+        got.1["error"].as_str().unwrap().contains("`id`"),
+        "{}",
+        got.1
+    );
     let mut same_token = registration.clone();
     same_token["id"] = json!("copy");
     let got = server
         .post("/_hafen/admin/v1/appservices", &admin, same_token)
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
-    assert!(got.1["error"].as_str().unwrap().contains("as_token"), "{}", got.1);
+    assert!(
+        got.1["error"].as_str().unwrap().contains("as_token"),
+        "{}",
+        got.1
+    );
     let mut bad_regex = registration.clone();
     bad_regex["id"] = json!("bad");
     bad_regex["as_token"] = json!("bad-as");
@@ -1210,7 +1277,10 @@ async fn admin_api_registers_lists_and_removes_appservices() {
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     assert!(
-        got.1["error"].as_str().unwrap().contains("namespaces.users[0].regex"),
+        got.1["error"]
+            .as_str()
+            .unwrap()
+            .contains("namespaces.users[0].regex"),
         "{}",
         got.1
     );
@@ -1284,14 +1354,19 @@ async fn admin_api_registers_lists_and_removes_appservices() {
     assert_eq!(a11["status"], json!("met"), "{a11}");
     let findings = a11["findings"].to_string();
     assert!(
-        findings.contains(&format!("appservice hookshot (admin API) at {}", fake.url())),
+        findings.contains(&format!(
+            "appservice hookshot (admin API) at {}",
+            fake.url()
+        )),
         "{findings}"
     );
     assert!(findings.contains("appservice bridge ("), "{findings}");
 
     // It survives a restart; the file's one cannot be removed here.
     server.restart().await;
-    let (status, v) = server.get("/_hafen/admin/v1/appservices/hookshot", &admin).await;
+    let (status, v) = server
+        .get("/_hafen/admin/v1/appservices/hookshot", &admin)
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["url"], json!(fake.url()));
     let got = server
@@ -1313,7 +1388,9 @@ async fn admin_api_registers_lists_and_removes_appservices() {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v, json!({}));
-    let got = server.get("/_hafen/admin/v1/appservices/hookshot", &admin).await;
+    let got = server
+        .get("/_hafen/admin/v1/appservices/hookshot", &admin)
+        .await;
     assert_err(&got, 404, "M_NOT_FOUND");
     let got = server
         .req(
@@ -1370,13 +1447,25 @@ async fn bad_registration_files_stop_the_start() {
     )
     .unwrap();
     let one = dir.path().join("one.yaml");
-    std::fs::write(&one, registration_yaml("one", "http://127.0.0.1:9", "same", "h1", "onebot")).unwrap();
+    std::fs::write(
+        &one,
+        registration_yaml("one", "http://127.0.0.1:9", "same", "h1", "onebot"),
+    )
+    .unwrap();
     let two = dir.path().join("two.yaml");
-    std::fs::write(&two, registration_yaml("two", "http://127.0.0.1:9", "same", "h2", "twobot")).unwrap();
+    std::fs::write(
+        &two,
+        registration_yaml("two", "http://127.0.0.1:9", "same", "h2", "twobot"),
+    )
+    .unwrap();
 
     for (files, file, field) in [
         (vec![missing_hs.clone()], &missing_hs, "hs_token"),
-        (vec![bad_regex.clone()], &bad_regex, "namespaces.users[0].regex"),
+        (
+            vec![bad_regex.clone()],
+            &bad_regex,
+            "namespaces.users[0].regex",
+        ),
         (vec![one.clone(), two.clone()], &two, "as_token"),
     ] {
         let db = tempfile::tempdir().unwrap();
@@ -1492,7 +1581,10 @@ async fn thirdparty_lookups_and_network_room_lists_go_through_the_appservice() {
     assert_eq!(v[0]["protocol"], json!("gitter"));
     {
         let seen = fake.state.thirdparty.lock();
-        assert!(seen.contains(&"user gitter username=alice".to_owned()), "{seen:?}");
+        assert!(
+            seen.contains(&"user gitter username=alice".to_owned()),
+            "{seen:?}"
+        );
         assert!(
             seen.iter().any(|s| s.starts_with("location alias=")),
             "{seen:?}"
@@ -1532,7 +1624,9 @@ async fn thirdparty_lookups_and_network_room_lists_go_through_the_appservice() {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v, json!({}));
-    let public = server.create_room(&alice, json!({ "visibility": "public" })).await;
+    let public = server
+        .create_room(&alice, json!({ "visibility": "public" }))
+        .await;
 
     let rooms = |v: &Value| -> Vec<String> {
         v["chunk"]
@@ -1597,19 +1691,28 @@ async fn thirdparty_lookups_and_network_room_lists_go_through_the_appservice() {
 fn hafen_audit_reports_appservices() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local.yaml");
-    std::fs::write(&local, registration_yaml("local", "http://127.0.0.1:29317", "l-as", "l-hs", "lbot")).unwrap();
+    std::fs::write(
+        &local,
+        registration_yaml("local", "http://127.0.0.1:29317", "l-as", "l-hs", "lbot"),
+    )
+    .unwrap();
     let remote = dir.path().join("remote.yaml");
     std::fs::write(
         &remote,
-        registration_yaml("remote", "http://bridges.internal.example:29318", "r-as", "r-hs", "rbot"),
+        registration_yaml(
+            "remote",
+            "http://bridges.internal.example:29318",
+            "r-as",
+            "r-hs",
+            "rbot",
+        ),
     )
     .unwrap();
     let mut config = crate::common::test_config(dir.path());
     config.app_service_config_files = vec![local.clone(), remote.clone()];
     let report = hafen::policy::report::compliance_report(&config, None).unwrap();
-    let row = |id: &str| {
-        serde_json::to_value(report.rows.iter().find(|r| r.id == id).unwrap()).unwrap()
-    };
+    let row =
+        |id: &str| serde_json::to_value(report.rows.iter().find(|r| r.id == id).unwrap()).unwrap();
     let a11 = row("A11");
     assert_eq!(a11["status"], json!("met"));
     assert!(
@@ -1622,11 +1725,20 @@ fn hafen_audit_reports_appservices() {
     // Plain HTTP to another host carries the tokens and every event unencrypted.
     let b1 = row("B1");
     assert_eq!(b1["status"], json!("falls_short"));
-    assert!(b1["findings"].to_string().contains("appservice remote"), "{b1}");
-    assert!(!b1["findings"].to_string().contains("appservice local"), "{b1}");
+    assert!(
+        b1["findings"].to_string().contains("appservice remote"),
+        "{b1}"
+    );
+    assert!(
+        !b1["findings"].to_string().contains("appservice local"),
+        "{b1}"
+    );
     let b4 = row("B4");
     assert_eq!(b4["status"], json!("met"));
-    assert!(b4["findings"].to_string().contains("2 appservice(s)"), "{b4}");
+    assert!(
+        b4["findings"].to_string().contains("2 appservice(s)"),
+        "{b4}"
+    );
 
     // A file the server could not start with makes B4 fall short.
     std::fs::write(&remote, "id: broken\n").unwrap();

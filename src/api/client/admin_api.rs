@@ -97,7 +97,12 @@ pub(crate) fn audit_admin(
 }
 
 /// The caller must be a server admin; the call is audited either way.
-pub(super) fn require_admin(s: &Services, who: &Identity, endpoint: &str, target: Option<&str>) -> Result<()> {
+pub(super) fn require_admin(
+    s: &Services,
+    who: &Identity,
+    endpoint: &str,
+    target: Option<&str>,
+) -> Result<()> {
     audit_admin(s, who, endpoint, target, who.admin);
     if who.admin {
         Ok(())

@@ -10,11 +10,7 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::State,
-    routing::get,
-    Json, Router,
-};
+use axum::{extract::State, routing::get, Json, Router};
 use serde_json::{json, Value};
 
 use super::{account::Segs, admin_api::require_admin};
@@ -82,11 +78,7 @@ async fn list(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<Jso
     Ok(Json(json!({ "appservices": out })))
 }
 
-async fn show(
-    State(s): State<Arc<Services>>,
-    Authed(who): Authed,
-    p: Segs,
-) -> Result<Json<Value>> {
+async fn show(State(s): State<Arc<Services>>, Authed(who): Authed, p: Segs) -> Result<Json<Value>> {
     let id = p.get(0)?;
     require_admin(&s, &who, "appservices", Some(id))?;
     let a = s

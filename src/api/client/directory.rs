@@ -113,7 +113,8 @@ async fn set_appservice_visibility(
     if public {
         s.policy.may_publish_room(&who.user_id)?;
     }
-    let instance = crate::service::appservice::thirdparty::instance_id(appservice.id(), &network_id);
+    let instance =
+        crate::service::appservice::thirdparty::instance_id(appservice.id(), &network_id);
     s.rooms.set_public_in_network(room_id, &instance, public)?;
     Ok(Json(json!({})))
 }

@@ -15,8 +15,7 @@ fn for_room(s: &Services, room_id: &RoomId) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let joined = s.rooms.joined_members(room_id)?;
-    Ok(s
-        .appservices
+    Ok(s.appservices
         .ephemeral_for_room(room_id, &joined, &|| {
             Ok(s.rooms
                 .local_aliases(room_id)?

@@ -47,7 +47,11 @@ pub struct Appservice {
 }
 
 impl Appservice {
-    pub fn new(registration: Registration, source: String, server: &ServerName) -> Result<Self, String> {
+    pub fn new(
+        registration: Registration,
+        source: String,
+        server: &ServerName,
+    ) -> Result<Self, String> {
         let namespaces = registration.validate()?;
         let sender = UserId::parse(format!("@{}:{server}", registration.sender_localpart))
             .map_err(|e| format!("field `sender_localpart`: {e}"))?;
@@ -356,7 +360,11 @@ impl Appservices {
 fn clash(list: &[Arc<Appservice>], a: &Appservice) -> Option<String> {
     for b in list {
         if b.id() == a.id() {
-            return Some(format!("field `id`: {} is already registered ({})", a.id(), b.source));
+            return Some(format!(
+                "field `id`: {} is already registered ({})",
+                a.id(),
+                b.source
+            ));
         }
         if b.as_token_hash == a.as_token_hash {
             return Some(format!(
@@ -372,7 +380,9 @@ fn clash(list: &[Arc<Appservice>], a: &Appservice) -> Option<String> {
 /// Create the appservice's sender user if it does not exist yet (it exists from registration on).
 pub fn ensure_sender(services: &crate::service::Services, a: &Appservice) -> Result<()> {
     if !services.accounts.exists(&a.sender)? {
-        services.accounts.create_user(&a.sender, None, false, false)?;
+        services
+            .accounts
+            .create_user(&a.sender, None, false, false)?;
         crate::service::profile_defaults(services, &a.sender)?;
     }
     Ok(())

@@ -20,7 +20,11 @@ pub async fn resolve_local_alias(s: &Services, alias: &RoomAliasId) -> Result<Op
         .cloned()
         .collect();
     for a in candidates {
-        if s.appservices.client.query_alias(s, &a, alias.as_str()).await {
+        if s.appservices
+            .client
+            .query_alias(s, &a, alias.as_str())
+            .await
+        {
             if let Some(room) = s.rooms.resolve_alias(alias)? {
                 return Ok(Some(room));
             }

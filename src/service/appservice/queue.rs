@@ -55,7 +55,12 @@ fn item_key(appservice: &str, kind: &str, seq: u64) -> Vec<u8> {
 }
 
 /// Queue the event (stream count `count`) for `appservice` in the caller's batch.
-pub fn queue_event(batch: &mut Batch, appservice: &str, count: u64, event_id: &EventId) -> Result<()> {
+pub fn queue_event(
+    batch: &mut Batch,
+    appservice: &str,
+    count: u64,
+    event_id: &EventId,
+) -> Result<()> {
     batch.put(
         Table::AppserviceQueue,
         &item_key(appservice, PDU, count),
@@ -103,7 +108,10 @@ impl Queue {
     pub fn new(storage: Storage) -> Result<Queue> {
         // Ephemeral sequences continue above any queued one.
         let mut highest = 0;
-        for entry in storage.scan_prefix(Table::AppserviceQueue, b"")?.take(1_000_000) {
+        for entry in storage
+            .scan_prefix(Table::AppserviceQueue, b"")?
+            .take(1_000_000)
+        {
             let (k, _) = entry?;
             let parts = keys::split(&k[..k.len().saturating_sub(8)]);
             if parts.get(1) == Some(&EDU) {
@@ -374,7 +382,12 @@ pub async fn run(services: Weak<Services>, mut shutdown: watch::Receiver<bool>) 
     let mut workers: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     // After a start every appservice is looked at once: its queue may hold items from before.
     if let Some(s) = services.upgrade() {
-        let ids: Vec<String> = s.appservices.all().iter().map(|a| a.id().to_owned()).collect();
+        let ids: Vec<String> = s
+            .appservices
+            .all()
+            .iter()
+            .map(|a| a.id().to_owned())
+            .collect();
         s.appservices.queue.wake(ids);
     }
     loop {
@@ -382,7 +395,12 @@ pub async fn run(services: Weak<Services>, mut shutdown: watch::Receiver<bool>) 
             break;
         }
         let Some(s) = services.upgrade() else { break };
-        let known: Vec<String> = s.appservices.all().iter().map(|a| a.id().to_owned()).collect();
+        let known: Vec<String> = s
+            .appservices
+            .all()
+            .iter()
+            .map(|a| a.id().to_owned())
+            .collect();
         let (start, next_due) = s.appservices.queue.schedule(&known);
         for id in start {
             workers.spawn(worker(services.clone(), id));
@@ -440,7 +458,8 @@ async fn deliver(services: &Weak<Services>, id: &str) -> Outcome {
                 return Outcome::Failed;
             }
         };
-        let empty = body["events"].as_array().is_some_and(Vec::is_empty) && body.get("ephemeral").is_none();
+        let empty =
+            body["events"].as_array().is_some_and(Vec::is_empty) && body.get("ephemeral").is_none();
         if !empty {
             if let Err(e) = s
                 .appservices

@@ -46,11 +46,7 @@ pub async fn protocol(s: &Services, protocol: &str) -> Result<Value> {
     Err(Error::not_found("No bridge offers this protocol"))
 }
 
-async fn protocol_of(
-    s: &Services,
-    a: &super::Appservice,
-    protocol: &str,
-) -> Option<Value> {
+async fn protocol_of(s: &Services, a: &super::Appservice, protocol: &str) -> Option<Value> {
     let mut p = s
         .appservices
         .client
@@ -84,7 +80,12 @@ pub async fn lookup(
         let segments: Vec<&str> = match protocol {
             Some(p) if a.declares_protocol(p) => vec![kind, p],
             Some(_) => continue,
-            None if a.registration.protocols.as_ref().is_some_and(|p| !p.is_empty()) => {
+            None if a
+                .registration
+                .protocols
+                .as_ref()
+                .is_some_and(|p| !p.is_empty()) =>
+            {
                 vec![kind]
             }
             None => continue,
