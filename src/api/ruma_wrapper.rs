@@ -260,8 +260,18 @@ where
 /// on the logout endpoints.
 fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> Result<Identity> {
     let identity = match services.appservices.by_token(token) {
+        // Appservice users cannot click through a privacy notice: the operator who registered
+        // the bridge answers for it (as in Synapse, they are exempt from consent).
         Some(appservice) => appservice_identity(services, parts, appservice)?,
-        None => services.accounts.identify(token)?,
+        None => {
+            let mut identity = services.accounts.identify(token)?;
+            identity.consent_uri = crate::policy::consent::pending_uri(
+                services,
+                &identity.user_id,
+                identity.accepted_notice.as_deref(),
+            );
+            identity
+        }
     };
     if identity.locked {
         let path = parts.uri.path();
@@ -348,6 +358,8 @@ fn appservice_identity(
         guest: false,
         locked: record.locked,
         suspended: record.suspended,
+        accepted_notice: record.privacy_notice_accepted.map(|(version, _)| version),
+        consent_uri: None,
         appservice: Some(appservice),
     })
 }

@@ -103,6 +103,11 @@ pub struct Identity {
     pub guest: bool,
     pub locked: bool,
     pub suspended: bool,
+    /// The privacy notice version this user accepted (from the user record).
+    pub accepted_notice: Option<String>,
+    /// Set when the user must accept the current privacy notice before acting: where to do it
+    /// (`policy::consent`).
+    pub consent_uri: Option<String>,
     /// The appservice acting (its `as_token` was the access token), as this user.
     pub appservice: Option<std::sync::Arc<crate::service::appservice::Appservice>>,
 }
@@ -114,6 +119,18 @@ impl Identity {
         self.appservice
             .as_ref()
             .is_none_or(|a| a.registration.is_rate_limited())
+    }
+
+    /// Refuse an action that needs an active account which accepted the current privacy
+    /// notice: sending, joining, inviting, creating rooms, changing the profile, uploading.
+    pub fn ensure_may_act(&self) -> Result<()> {
+        self.ensure_not_suspended()?;
+        if let Some(consent_uri) = &self.consent_uri {
+            return Err(Error::ConsentNotGiven {
+                consent_uri: consent_uri.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Refuse an action a suspended account may not take (sending, joining, inviting,
@@ -560,6 +577,8 @@ impl Accounts {
             locked: user.locked,
             suspended: user.suspended,
             appservice: None,
+            accepted_notice: user.privacy_notice_accepted.map(|(version, _)| version),
+            consent_uri: None,
         })
     }
 

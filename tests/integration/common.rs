@@ -213,6 +213,16 @@ impl TestServer {
         self.running = Some(running);
     }
 
+    /// [`TestServer::resume`] with a changed configuration (what an operator does between two
+    /// starts).
+    pub async fn resume_with(&mut self, adjust: impl FnOnce(&mut Config)) {
+        let mut config = self.halted.take().expect("halted");
+        adjust(&mut config);
+        let running = hafen::server::start(config).await.expect("server restarts");
+        self.base = running.base_url();
+        self.running = Some(running);
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.expect("clean stop");
@@ -318,10 +328,37 @@ pub async fn start_federating(
             certs: pki.path("cert.pem"),
             key: pki.path("key.pem"),
             port: tls_port,
+            reload_interval_secs: 60,
         });
         c.federation_ca_file = Some(pki.path("ca.pem"));
         c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];
         adjust(c);
     })
     .await
+}
+
+/// Files under `dir` (recursively) whose bytes contain `needle`: the physical-deletion checks
+/// (retention, erasure, admin media deletion) search the whole data directory with it.
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut visited = 0;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            visited += 1;
+            assert!(visited < 100_000, "too many files under {}", dir.display());
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    out.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    out
 }

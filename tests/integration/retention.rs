@@ -4,38 +4,13 @@
 //! the event, while the room keeps working. The same for the Synapse-compatible admin purge and
 //! room deletion, and for media retention.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use hafen::service::retention;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{assert_err, enc, TestServer, TestUser};
-
-/// Files under `dir` (recursively) whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let mut visited = 0;
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            visited += 1;
-            assert!(visited < 100_000, "too many files under {}", dir.display());
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    out.push(path.display().to_string());
-                }
-            }
-        }
-    }
-    out
-}
+use crate::common::{assert_err, enc, files_containing, TestServer, TestUser};
 
 /// Where the server keeps anything: the database directory and the media store.
 fn data_dirs(s: &TestServer) -> Vec<std::path::PathBuf> {

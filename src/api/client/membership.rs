@@ -76,7 +76,7 @@ async fn join_by_id(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let profile = member_profile(&s, user)?;
     federation::join::join(&s, &req.room_id, user, &[], &profile, req.reason.as_deref()).await?;
@@ -87,7 +87,7 @@ async fn join_by_id_or_alias(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let (room_id, servers) = resolve_with_servers(&s, &req.room_id_or_alias, &req.via).await?;
     let profile = member_profile(&s, user)?;
@@ -107,7 +107,7 @@ async fn knock(
     State(s): State<Arc<Services>>,
     req: Ruma<knock_room::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let (room_id, servers) = resolve_with_servers(&s, &req.room_id_or_alias, &req.via).await?;
     let profile = member_profile(&s, user)?;
@@ -128,7 +128,7 @@ async fn invite(
     req: Ruma<invite_user::v3::Request>,
 ) -> Result<Json<Value>> {
     use invite_user::v3::InvitationRecipient;
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
@@ -192,7 +192,7 @@ async fn kick(
     State(s): State<Arc<Services>>,
     req: Ruma<kick_user::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(
@@ -210,7 +210,7 @@ async fn ban(
     State(s): State<Arc<Services>>,
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(
@@ -228,7 +228,7 @@ async fn unban(
     State(s): State<Arc<Services>>,
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(

@@ -87,7 +87,7 @@ async fn send(
 ) -> Result<Json<Value>> {
     let ts = appservice_ts(&me, &q)?;
     let room_id = room_id(&room)?;
-    me.ensure_not_suspended()?;
+    me.ensure_may_act()?;
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);
     }
@@ -136,7 +136,7 @@ async fn redact(
             .pdu(target.as_str())?
             .is_none_or(|p| p.sender != me.user_id)
     {
-        me.ensure_not_suspended()?;
+        me.ensure_may_act()?;
     }
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);
