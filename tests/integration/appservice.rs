@@ -664,6 +664,72 @@ async fn appservice_asserts_users_in_its_namespace_only() {
         .await;
     assert_err(&got, 400, "M_INVALID_PARAM");
 
+    // Devices made by the appservice (spec v1.17): PUT creates (201), DELETE needs no password.
+    let dev_path = format!("/_matrix/client/v3/devices/BRIDGEDEV?user_id={}", enc(&bob));
+    let (status, v) = server
+        .req(
+            Method::PUT,
+            &dev_path,
+            Some(AS_TOKEN),
+            Some(json!({ "display_name": "bridge device" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v, json!({}));
+    let (status, v) = server
+        .req(
+            Method::PUT,
+            &dev_path,
+            Some(AS_TOKEN),
+            Some(json!({ "display_name": "renamed" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = server
+        .req(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/account/whoami?user_id={}&device_id=BRIDGEDEV",
+                enc(&bob)
+            ),
+            Some(AS_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["device_id"], json!("BRIDGEDEV"));
+    let got = server
+        .put("/_matrix/client/v3/devices/NEWDEV", &alice, json!({}))
+        .await;
+    assert_err(&got, 404, "M_NOT_FOUND");
+    let (status, v) = server
+        .req(Method::DELETE, &dev_path, Some(AS_TOKEN), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let got = server
+        .req(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/account/whoami?user_id={}&device_id=BRIDGEDEV",
+                enc(&bob)
+            ),
+            Some(AS_TOKEN),
+            None,
+        )
+        .await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
+    // An ordinary user still re-authenticates.
+    let got = server
+        .req(
+            Method::DELETE,
+            &format!("/_matrix/client/v3/devices/{}", alice.device_id),
+            Some(&alice.token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(got.0, StatusCode::UNAUTHORIZED, "{}", got.1);
+    assert!(got.1["flows"].is_array(), "{}", got.1);
+
     // rate_limited: false exempts the appservice: many messages in a row are accepted where
     // the default limit (enabled in this server) stops an ordinary user.
     for i in 0..20 {

@@ -149,13 +149,17 @@ impl Queue {
         Ok(())
     }
 
-    /// Items queued for `appservice` (events, ephemeral); for tests and the admin API.
+    /// Items queued for `appservice` (events, ephemeral; counted up to a million each); for tests
+    /// and the admin API.
     pub fn queued(&self, appservice: &str) -> Result<(usize, usize)> {
         let count = |kind: &str| -> Result<usize> {
             let mut n = 0;
+            // Bounded: an appservice down for long may have a large queue; beyond a million
+            // the admin sees "at least".
             for entry in self
                 .storage
                 .scan_prefix(Table::AppserviceQueue, &keys::prefix(&[appservice, kind]))?
+                .take(1_000_000)
             {
                 entry?;
                 n += 1;
