@@ -340,6 +340,11 @@ fn appservice_identity(
         .user(&user_id)?
         .filter(|u| !u.deactivated)
         .ok_or_else(|| Error::forbidden("The application service has not registered this user"))?;
+    // A request from the appservice says it is up: a transaction waiting for a retry goes now.
+    services
+        .appservices
+        .queue
+        .appservice_is_back(appservice.id());
     let device_id: ruma::OwnedDeviceId =
         match param("device_id").or(param("org.matrix.msc3202.device_id")) {
             Some(d) => {

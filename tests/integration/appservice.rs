@@ -1877,3 +1877,40 @@ async fn closed_user_groups_apply_to_appservice_users() {
     assert_eq!(status, StatusCode::OK, "{v}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_from_the_appservice_ends_the_backoff() {
+    let fake = FakeAs::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_bridge(&fake, &dir).await;
+    let alice = server.user("alice").await;
+    let room = bridged_room(&server, &alice).await;
+    fake.state.down.store(true, Ordering::SeqCst);
+    send_text(&server, &alice, &room, "waiting").await;
+    // Refused at once, after 1 s and after 2 s more: the next try would be 4 s later.
+    fake.wait_until("three refused attempts", |f| {
+        f.state.txns.lock().iter().filter(|t| !t.accepted).count() >= 3
+    })
+    .await;
+    fake.state.down.store(false, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let (status, v) = server
+        .req(
+            Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            Some(AS_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    fake.wait_until("the message", |f| {
+        f.bodies().contains(&"waiting".to_owned())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "delivered only after {:?}",
+        started.elapsed()
+    );
+    server.stop().await;
+}

@@ -45,7 +45,10 @@ async fn ping(
         .ping(&s, &appservice, transaction_id.as_deref())
         .await
     {
-        Ok(took) => Ok(Json(json!({ "duration_ms": took.as_millis() as u64 }))),
+        Ok(took) => {
+            s.appservices.queue.appservice_is_back(appservice.id());
+            Ok(Json(json!({ "duration_ms": took.as_millis() as u64 })))
+        }
         Err(PingError::UrlNotSet) => Err(Error::new(
             ErrCode::UrlNotSet,
             "The application service has no URL",

@@ -133,6 +133,22 @@ impl Queue {
         self.notify.notify_one();
     }
 
+    /// The appservice showed it is up (it called the client API, or answered a ping): if we
+    /// were backing off from it, retry now (as the federation sender does for a server whose
+    /// request arrives).
+    pub fn appservice_is_back(&self, appservice: &str) {
+        let mut dests = self.dests.lock();
+        if let Some(d) = dests.get_mut(appservice) {
+            if d.next_attempt.is_some() {
+                d.next_attempt = None;
+                d.delay = Duration::ZERO;
+                d.pending = true;
+                drop(dests);
+                self.notify.notify_one();
+            }
+        }
+    }
+
     /// Queue an ephemeral event for each appservice, commit and wake the sender.
     pub fn queue_ephemeral(&self, appservices: &[String], edu: &Value) -> Result<()> {
         if appservices.is_empty() {
