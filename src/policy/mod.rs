@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod client_version;
 pub mod consent;
 pub mod erasure;
 pub mod export;
