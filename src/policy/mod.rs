@@ -6,9 +6,11 @@
 
 pub mod access;
 pub mod audit;
+pub mod client_version;
 pub mod consent;
 pub mod erasure;
 pub mod export;
+pub mod group_sweep;
 pub mod groups;
 pub mod hook;
 pub mod register;
