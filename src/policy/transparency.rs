@@ -315,6 +315,34 @@ pub(crate) fn escape(s: &str) -> String {
 }
 
 impl Statement {
+    /// Add the application services (bridges) registered now (from files and the admin API),
+    /// which receive the events of the rooms that interest them: a recipient users must know of.
+    pub fn with_appservices(mut self, appservices: &[String]) -> Statement {
+        if appservices.is_empty() {
+            return self;
+        }
+        let index = self
+            .categories
+            .iter()
+            .position(|c| c.id == "messages")
+            .map_or(self.categories.len(), |i| i + 1);
+        self.categories.insert(
+            index,
+            Category {
+                id: "bridges",
+                data: "the messages, state, typing notices and read receipts of rooms in which a bridged user takes part (or that a bridge manages), also yours".into(),
+                purpose: "to connect rooms with other messaging networks through bridges the operator runs".into(),
+                kept_for: "as long as the bridge keeps them (ask the operator); the server keeps them as any message".into(),
+                recipients: format!(
+                    "the bridges (application services) registered by the operator: {}",
+                    appservices.join(", ")
+                ),
+                settings: vec!["app_service_config_files"],
+            },
+        );
+        self
+    }
+
     /// The statement as a self-contained web page.
     pub fn to_html(&self) -> String {
         let mut h = format!(

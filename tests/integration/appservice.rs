@@ -421,6 +421,24 @@ async fn yaml_registered_appservice_receives_transactions() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["user_id"], json!(as_user(&server, "bridgebot")));
 
+    // The privacy statement names the bridge among the recipients (A1).
+    let (status, v) = server
+        .req(Method::GET, "/_hafen/client/v1/privacy", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let bridges = v["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "bridges")
+        .expect("a bridges category")
+        .clone();
+    assert!(
+        bridges["recipients"].as_str().unwrap().ends_with(": bridge"),
+        "{bridges}"
+    );
+    assert_eq!(bridges["settings"], json!(["app_service_config_files"]));
+
     let room = bridged_room(&server, &alice).await;
     let event_id = send_text(&server, &alice, &room, "hello bridge").await;
     fake.wait_until("the message", |f| {
