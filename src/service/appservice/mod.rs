@@ -102,7 +102,7 @@ impl Appservice {
         if let Some(target) = pdu
             .state_key
             .as_deref()
-            .filter(|_| pdu.kind.to_string() == "m.room.member")
+            .filter(|_| pdu.kind == ruma::events::TimelineEventType::RoomMember)
             .and_then(|k| UserId::parse(k).ok())
         {
             if self.owns_user(&target) {
