@@ -22,6 +22,7 @@ pub mod retention;
 pub mod rooms;
 pub mod server_keys;
 pub mod sliding_sync;
+pub mod sso;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -65,6 +66,8 @@ pub struct Services {
     pub sliding_sync: sliding_sync::SlidingSync,
     /// The retention purge job's state: admin purges and room deletions in progress.
     pub retention: retention::Retention,
+    /// SSO (OpenID Connect) and JWT login.
+    pub sso: sso::Sso,
 }
 
 impl Services {
@@ -116,6 +119,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
+            sso: sso::Sso::new(&config, register.clone())?,
             audit,
             register,
             access: crate::policy::access::Access::new(storage.clone(), &config)?,

@@ -138,6 +138,16 @@ pub enum Table {
     /// kind (`federation`, `push_gateway`) 0xff destination -> JSON `DestinationRecord` (first
     /// and last contact, count): the register of third-party services contacted.
     ContactRegister,
+    /// sha256(login token) -> JSON `LoginTokenRecord` (user, expiry, method): the one-time
+    /// tokens of `m.login.token`, deleted when used.
+    LoginTokens,
+    /// idp id 0xff subject -> user id: which account an identity provider's user logs into.
+    SsoSubjects,
+    /// user 0xff idp id -> subject: the same links by user (erasure deletes them).
+    SsoUserSubjects,
+    /// user -> JSON `ClaimsRecord`: the groups the identity provider named at the user's latest
+    /// SSO or JWT login (policy: closed user groups).
+    IdpClaims,
 }
 
 impl Table {
@@ -202,6 +212,10 @@ impl Table {
         Table::Backfill,
         Table::BackfillIndex,
         Table::Groups,
+        Table::LoginTokens,
+        Table::SsoSubjects,
+        Table::SsoUserSubjects,
+        Table::IdpClaims,
     ];
 
     pub fn name(self) -> &'static str {
@@ -266,6 +280,10 @@ impl Table {
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
             Table::Groups => "groups",
+            Table::LoginTokens => "login_tokens",
+            Table::SsoSubjects => "sso_subjects",
+            Table::SsoUserSubjects => "sso_user_subjects",
+            Table::IdpClaims => "idp_claims",
         }
     }
 }
