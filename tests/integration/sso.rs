@@ -258,16 +258,20 @@ fn location(res: &reqwest::Response) -> String {
 /// The browser's way up to the callback: the redirect to the provider (with its cookie) and the
 /// provider's redirect back. Returns the callback URL on the real server and the cookie.
 async fn to_callback(ts: &TestServer, idp_id: &str, redirect_url: &str) -> (String, String) {
-    let b = browser();
-    let res = b
-        .get(format!(
-            "{}{V3}/login/sso/redirect/{idp_id}?redirectUrl={}",
-            ts.base,
+    through_idp(
+        ts,
+        &format!(
+            "{V3}/login/sso/redirect/{idp_id}?redirectUrl={}",
             url::form_urlencoded::byte_serialize(redirect_url.as_bytes()).collect::<String>()
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await
+}
+
+/// From `start_path` on the server, through the provider, up to the callback.
+async fn through_idp(ts: &TestServer, start_path: &str) -> (String, String) {
+    let b = browser();
+    let res = b.get(format!("{}{start_path}", ts.base)).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::FOUND);
     let set_cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
@@ -795,4 +799,78 @@ fn sso_config_is_checked_at_load() {
     assert!(e.to_string().contains("secret"), "{e}");
     let e = from_toml_str("[global.jwt]\nalgorithm = \"RS256\"\nsecret = \"x\"\n", Vec::new()).err().expect("refused");
     assert!(e.to_string().contains("key_file"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sso_users_pass_user_interactive_auth_through_the_sso_stage() {
+    let idp = start_idp().await;
+    let ts = sso_server(&idp, |_| {}).await;
+    idp.next_user(json!({ "sub": "f-1", "preferred_username": "frank" }));
+    let first = sso_login(&ts).await;
+    let second = sso_login(&ts).await;
+    idp.next_user(json!({ "sub": "g-1", "preferred_username": "grace" }));
+    sso_login(&ts).await;
+    let token = first["access_token"].as_str().unwrap().to_owned();
+    let other_device = second["device_id"].as_str().unwrap().to_owned();
+    let delete = |auth: Option<Value>| {
+        let ts = &ts;
+        let token = token.clone();
+        let path = format!("{V3}/devices/{other_device}");
+        async move {
+            let body = match auth {
+                Some(a) => json!({ "auth": a }),
+                None => json!({}),
+            };
+            ts.req(Method::DELETE, &path, Some(&token), Some(body)).await
+        }
+    };
+    // A password-less SSO user is offered the SSO stage only.
+    let (status, challenge) = delete(None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    assert_eq!(challenge["flows"], json!([{ "stages": ["m.login.sso"] }]));
+    let session = challenge["session"].as_str().unwrap().to_owned();
+    // Claiming the stage without doing it does not work.
+    let (status, body) = delete(Some(json!({ "type": "m.login.sso", "session": session }))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["errcode"], json!("M_FORBIDDEN"));
+    // Signing in at the provider as somebody else does not complete it.
+    let fallback = format!("{V3}/auth/m.login.sso/fallback/web?session={session}");
+    let (url, cookie) = through_idp(&ts, &fallback).await;
+    let (status, _, page) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("someone else"), "{page}");
+    let (status, _) = delete(Some(json!({ "session": session }))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // As themself: the fallback page says "done" and the retried request goes through.
+    idp.next_user(json!({ "sub": "f-1" }));
+    let (url, cookie) = through_idp(&ts, &fallback).await;
+    let (status, _, page) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("onAuthDone") && page.contains("authDone"), "{page}");
+    let (status, body) = delete(Some(json!({ "session": session }))).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({})));
+    let (status, devices) = ts
+        .req(Method::GET, &format!("{V3}/devices"), Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(devices["devices"].as_array().unwrap().len(), 1, "{devices}");
+    // No such session; a stage without a fallback.
+    let res = browser()
+        .get(format!("{}{V3}/auth/m.login.sso/fallback/web?session=nope", ts.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert!(res.text().await.unwrap().contains("unknown or expired session"));
+    let r = ts
+        .req(Method::GET, &format!("{V3}/auth/m.login.password/fallback/web?session=x"), None, None)
+        .await;
+    assert_err(&r, 404, "M_UNRECOGNIZED");
+    // A user with a password keeps the password stage as well.
+    let pw = ts.user("henry").await;
+    let (status, challenge) = ts
+        .req(Method::DELETE, &format!("{V3}/devices/{}", pw.device_id), Some(&pw.token), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(challenge["flows"], json!([{ "stages": ["m.login.password"] }]));
 }

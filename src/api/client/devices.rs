@@ -99,7 +99,7 @@ async fn delete_one(
         return Err(Error::not_found("Unknown device"));
     }
     s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, auth_of(&body))?;
+        .reauth(&s, &id.user_id, auth_of(&body))?;
     if let Some(count) = s.accounts.remove_device(&id.user_id, device_id.into())? {
         crate::service::federation::edu::device_deleted(&s, &id.user_id, device_id.into(), count);
     }
@@ -132,7 +132,7 @@ async fn delete_many(
         );
     }
     s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, auth_of(&body))?;
+        .reauth(&s, &id.user_id, auth_of(&body))?;
     for d in ids {
         if let Some(count) = s.accounts.remove_device(&id.user_id, d.into())? {
             crate::service::federation::edu::device_deleted(&s, &id.user_id, d.into(), count);

@@ -81,7 +81,7 @@ async fn device_signing_upload(
 ) -> Result<Json<Value>> {
     if e2ee::cross_signing_needs_auth(&s, &who.user_id, &body)? {
         s.uiaa
-            .password_reauth(&s.accounts, &who.user_id, body.get("auth"))?;
+            .reauth(&s, &who.user_id, body.get("auth"))?;
     }
     e2ee::upload_cross_signing(&s, &who.user_id, &body)?;
     Ok(Json(json!({})))

@@ -1,6 +1,8 @@
 //! SSO (C-S spec "Client login via SSO"): `GET /login/sso/redirect[/{idpId}]?redirectUrl=` sends
 //! the browser to the identity provider; `GET /_hafen/client/v1/sso/callback` is where it comes
-//! back. Both answer browsers: failures at the callback are small HTML pages.
+//! back; `GET /auth/m.login.sso/fallback/web?session=` is the user-interactive authentication
+//! stage `m.login.sso` (a fresh login at the provider). They answer browsers: failures at the
+//! callback are small HTML pages.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -16,7 +18,7 @@ use super::account::{both, query_param, Segs};
 use crate::{
     error::{ErrCode, Error, Result},
     service::{
-        sso::{html_escape, Sso, CALLBACK_PATH, COOKIE},
+        sso::{html_escape, Completed, Purpose, Sso, CALLBACK_PATH, COOKIE},
         Services,
     },
 };
@@ -27,6 +29,7 @@ const MAX_QUERY_PAIRS: usize = 32;
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = both(r, "/login/sso/redirect", get(redirect_any));
     let r = both(r, "/login/sso/redirect/{idp_id}", get(redirect_idp));
+    let r = both(r, "/auth/{auth_type}/fallback/web", get(auth_fallback));
     r.route(CALLBACK_PATH, get(callback))
 }
 
@@ -76,7 +79,7 @@ async fn redirect_any(
     }
     let url = redirect_url(&q)?;
     if s.sso.providers.len() == 1 {
-        return start(&s, 0, &url).await;
+        return start(&s, 0, Purpose::Login { redirect_url: url }).await;
     }
     let mut links = String::from("<ul>");
     for p in &s.sso.providers {
@@ -108,11 +111,47 @@ async fn redirect_idp(
         .and_then(|id| s.sso.provider(id))
         .ok_or_else(|| Error::not_found("Unknown identity provider"))?;
     let url = redirect_url(&q)?;
-    start(&s, idp, &url).await
+    start(&s, idp, Purpose::Login { redirect_url: url }).await
 }
 
-async fn start(s: &Services, idp: usize, redirect_url: &str) -> Result<Response> {
-    let (location, session) = s.sso.start(idp, redirect_url).await?;
+/// The fallback page of user-interactive authentication (C-S spec "Fallback"): only the
+/// `m.login.sso` stage has one; it sends the browser to the user's provider.
+async fn auth_fallback(
+    State(s): State<Arc<Services>>,
+    Segs(segs): Segs,
+    RawQuery(q): RawQuery,
+) -> Result<Response> {
+    if segs.first().map(String::as_str) != Some("m.login.sso") {
+        return Err(Error::with_status(
+            ErrCode::Unrecognized,
+            StatusCode::NOT_FOUND,
+            "This authentication stage has no fallback",
+        ));
+    }
+    let session = query_param(&q, "session")?
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing session"))?;
+    let user = s
+        .uiaa
+        .get(&session)
+        .and_then(|u| u.user)
+        .and_then(|u| ruma::UserId::parse(u).ok());
+    let Some(user) = user else {
+        return Ok(html(
+            StatusCode::BAD_REQUEST,
+            page("Authentication failed", "<p>M_UNKNOWN: unknown or expired session</p>"),
+        ));
+    };
+    let Some(idp) = s.sso.reauth_provider(&s, &user) else {
+        return Ok(html(
+            StatusCode::BAD_REQUEST,
+            page("Authentication failed", "<p>M_UNKNOWN: your account has no SSO login</p>"),
+        ));
+    };
+    start(&s, idp, Purpose::Reauth { session, user }).await
+}
+
+async fn start(s: &Services, idp: usize, purpose: Purpose) -> Result<Response> {
+    let (location, session) = s.sso.start(idp, purpose).await?;
     let mut res = StatusCode::FOUND.into_response();
     let h = res.headers_mut();
     h.insert(
@@ -166,9 +205,17 @@ async fn callback(
                 ),
             ),
         ),
-        Ok(done) if !done.confirm => {
+        Ok(Completed::Reauth) => html(
+            StatusCode::OK,
+            // The spec's fallback ending: tell the client (embedded or a popup) it may go on.
+            page(
+                "Authentication complete",
+                "<script>if (window.onAuthDone) { window.onAuthDone(); } else if (window.opener && window.opener.postMessage) { window.opener.postMessage(\"authDone\", \"*\"); }</script><p>Thank you. You may now close this window and return to the application.</p>",
+            ),
+        ),
+        Ok(Completed::Login { location, confirm: false }) => {
             let mut res = StatusCode::FOUND.into_response();
-            match HeaderValue::from_str(&done.location) {
+            match HeaderValue::from_str(&location) {
                 Ok(v) => {
                     res.headers_mut().insert(header::LOCATION, v);
                 }
@@ -176,10 +223,10 @@ async fn callback(
             }
             res
         }
-        Ok(done) => {
+        Ok(Completed::Login { location, .. }) => {
             // A client not on the allowlist: the user decides whether it gets their login, so a
             // link sent by someone else cannot take over the account unnoticed.
-            let host = url::Url::parse(&done.location)
+            let host = url::Url::parse(&location)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
                 .unwrap_or_default();
@@ -190,7 +237,7 @@ async fn callback(
                     &format!(
                         "<p>You are logging in to <b>{}</b>. Continue only if you started this login there.</p><p><a href=\"{}\">Continue to {}</a></p>",
                         html_escape(&host),
-                        html_escape(&done.location),
+                        html_escape(&location),
                         html_escape(&host)
                     ),
                 ),

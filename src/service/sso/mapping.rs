@@ -66,6 +66,21 @@ pub fn link(services: &Services, idp: &str, subject: &str, user: &UserId) -> cra
     b.commit()
 }
 
+/// The providers `user` is linked to (at most 100).
+pub fn linked_idps(services: &Services, user: &UserId) -> crate::error::Result<Vec<String>> {
+    let prefix = keys::prefix(&[user.as_str()]);
+    let mut out = Vec::new();
+    for item in services
+        .storage
+        .scan_prefix(Table::SsoUserSubjects, &prefix)?
+        .take(100)
+    {
+        let (k, _) = item?;
+        out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+    }
+    Ok(out)
+}
+
 /// Forget every link of `user` (erasure).
 pub fn unlink_user(services: &Services, user: &UserId) -> crate::error::Result<()> {
     let prefix = keys::prefix(&[user.as_str()]);

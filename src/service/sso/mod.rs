@@ -22,6 +22,7 @@ use std::{
 
 use http::StatusCode;
 use parking_lot::Mutex;
+use ruma::OwnedUserId;
 
 use crate::{
     config::Config,
@@ -39,13 +40,22 @@ pub const COOKIE: &str = "hafen_sso_session";
 /// The callback path on this server the provider redirects to.
 pub const CALLBACK_PATH: &str = "/_hafen/client/v1/sso/callback";
 
+/// What an SSO round trip is for.
+#[derive(Clone, Debug)]
+pub enum Purpose {
+    /// A login; the client waits at this URL for the login token.
+    Login { redirect_url: String },
+    /// The `m.login.sso` stage of user-interactive authentication session `session` of `user`.
+    Reauth { session: String, user: OwnedUserId },
+}
+
 /// An SSO login started and not yet come back.
 struct Pending {
     idp: usize,
     state: String,
     nonce: String,
     verifier: String,
-    redirect_url: String,
+    purpose: Purpose,
     created: Instant,
 }
 
@@ -103,11 +113,13 @@ pub struct Provider {
     pub meta: oidc::MetaCache,
 }
 
-/// What the callback achieved: where to send the browser, and whether to ask first.
-pub struct Completed {
-    pub location: String,
-    /// The client is not in `sso_client_allowlist`: ask the user before handing it the token.
-    pub confirm: bool,
+/// What the callback achieved.
+pub enum Completed {
+    /// A login: where to send the browser, and whether to ask first (`confirm`: the client is
+    /// not in `sso_client_allowlist`, the user decides before it gets the token).
+    Login { location: String, confirm: bool },
+    /// The `m.login.sso` stage is done; the fallback page tells the client.
+    Reauth,
 }
 
 pub struct Sso {
@@ -193,7 +205,7 @@ impl Sso {
     }
 
     /// Start a login at provider `idp`: the provider's authorization URL and the cookie value.
-    pub async fn start(&self, idp: usize, redirect_url: &str) -> Result<(String, String)> {
+    pub async fn start(&self, idp: usize, purpose: Purpose) -> Result<(String, String)> {
         let provider = &self.providers[idp];
         let callback = self
             .callback_url
@@ -216,7 +228,7 @@ impl Sso {
             state: utils::random_string(32),
             nonce: utils::random_string(32),
             verifier: utils::random_string(64),
-            redirect_url: redirect_url.to_owned(),
+            purpose,
             created: Instant::now(),
         };
         let location = oidc::authorization_url(
@@ -346,7 +358,34 @@ impl Sso {
                 "The identity provider's ID token does not belong to this login (nonce mismatch)",
             ));
         }
-        let user = mapping::map_oidc_user(services, provider, &claims)?;
+        let (redirect_url, user) = match pending.purpose {
+            Purpose::Reauth { session, user } => {
+                // The stage proves the account's owner is at the browser: the provider's user
+                // must be the one linked to this account.
+                let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default();
+                let linked = mapping::linked(services, &provider.conf.idp_id, subject)
+                    .map_err(SsoFailure::internal)?;
+                if linked.as_ref() != Some(&user) {
+                    return Err(SsoFailure::forbidden(
+                        "reauth_wrong_user",
+                        "You signed in at the identity provider as someone else",
+                    ));
+                }
+                services
+                    .uiaa
+                    .complete_stage(&session, user.as_str(), "m.login.sso")
+                    .map_err(|_| {
+                        SsoFailure::bad_request(
+                            "unknown_session",
+                            "The authentication session has expired. Start again from your client.",
+                        )
+                    })?;
+                return Ok(Completed::Reauth);
+            }
+            Purpose::Login { redirect_url } => {
+                (redirect_url, mapping::map_oidc_user(services, provider, &claims)?)
+            }
+        };
         let method = format!("sso:{}", provider.conf.idp_id);
         let groups = crate::policy::claims::groups_from_claim(
             provider
@@ -359,17 +398,29 @@ impl Sso {
             .map_err(SsoFailure::internal)?;
         let token = login_token::issue(&services.storage, &user, &method)
             .map_err(SsoFailure::internal)?;
-        let mut url = url::Url::parse(&pending.redirect_url)
+        let mut url = url::Url::parse(&redirect_url)
             .map_err(|_| SsoFailure::bad_request("bad_redirect_url", "Invalid redirectUrl"))?;
         url.query_pairs_mut().append_pair("loginToken", &token);
         let confirm = !self
             .client_allowlist
             .iter()
-            .any(|prefix| pending.redirect_url.starts_with(prefix.as_str()));
-        Ok(Completed {
+            .any(|prefix| redirect_url.starts_with(prefix.as_str()));
+        Ok(Completed::Login {
             location: url.to_string(),
             confirm,
         })
+    }
+
+    /// The provider `user` re-authenticates with (`m.login.sso`): the first configured one they
+    /// are linked to.
+    pub fn reauth_provider(&self, services: &crate::service::Services, user: &ruma::UserId) -> Option<usize> {
+        if !self.enabled() {
+            return None;
+        }
+        mapping::linked_idps(services, user)
+            .ok()?
+            .iter()
+            .find_map(|idp| self.provider(idp))
     }
 }
 
