@@ -874,3 +874,61 @@ async fn sso_users_pass_user_interactive_auth_through_the_sso_stage() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(challenge["flows"], json!([{ "stages": ["m.login.password"] }]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso() {
+    let idp = start_idp().await;
+    let ts = sso_server(&idp, |c| {
+        c.jwt = Some(toml::from_str("secret = \"short\"").unwrap());
+    })
+    .await;
+    idp.next_user(json!({ "sub": "e-1", "preferred_username": "ida", "groups": ["x"] }));
+    let login = sso_login(&ts).await;
+    let user = ruma::UserId::parse("@ida:localhost").unwrap();
+    let s = ts.services();
+    assert!(hafen::policy::claims::get(&s.storage, &user).unwrap().is_some());
+    assert_eq!(
+        hafen::service::sso::mapping::linked(s, "corp", "e-1").unwrap(),
+        Some(user.clone())
+    );
+    // The user erases their account (the SSO stage stands in for the password).
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let (status, challenge) = ts
+        .req(Method::POST, &format!("{V3}/account/deactivate"), Some(&token), Some(json!({ "erase": true })))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let session = challenge["session"].as_str().unwrap().to_owned();
+    let (url, cookie) = through_idp(&ts, &format!("{V3}/auth/m.login.sso/fallback/web?session={session}")).await;
+    let (status, _, page) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let (status, body) = ts
+        .req(
+            Method::POST,
+            &format!("{V3}/account/deactivate"),
+            Some(&token),
+            Some(json!({ "erase": true, "auth": { "session": session } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(hafen::policy::claims::get(&s.storage, &user).unwrap().is_none());
+    assert_eq!(hafen::service::sso::mapping::linked(s, "corp", "e-1").unwrap(), None);
+    // Logging in again through the provider does not revive the erased account: the name is
+    // taken, so a new one is made.
+    assert_eq!(sso_login(&ts).await["user_id"], json!("@ida1:localhost"));
+
+    ts.user("root").await;
+    s.accounts
+        .set_admin(&ruma::UserId::parse("@root:localhost").unwrap(), true)
+        .unwrap();
+    // hafen audit: A4 lists the provider and falls short for plain http and the weak JWT setup.
+    let report = hafen::policy::report::compliance_report(&s.config, Some(&s.storage)).unwrap();
+    let a4 = report.rows.iter().find(|r| r.id == "A4").unwrap();
+    assert_eq!(a4.status, hafen::policy::report::Status::FallsShort);
+    let text = a4.findings.join("\n");
+    assert!(text.contains("`corp` is reached without TLS"), "{text}");
+    assert!(text.contains("shorter than 32 bytes"), "{text}");
+    assert!(text.contains("does not check the audience"), "{text}");
+    let d1 = report.rows.iter().find(|r| r.id == "D1").unwrap();
+    assert_eq!(d1.status, hafen::policy::report::Status::Met, "{:?}", d1.findings);
+    assert!(d1.findings.iter().any(|f| f.contains("central identity management")), "{:?}", d1.findings);
+}
