@@ -197,7 +197,8 @@ pub struct Config {
     #[serde(default)]
     pub oidc_providers: Vec<crate::service::sso::config::OidcProvider>,
     /// Where clients may be sent back to after SSO: prefixes of `redirectUrl`, e.g.
-    /// `["https://app.element.io/"]`. A listed client gets the login token at once; any other
+    /// `["https://app.element.io/"]` (an app's own scheme, such as `"io.element.android:/"`, is
+    /// allowed only when listed here). A listed client gets the login token at once; any other
     /// http(s) URL first gets a page asking the user whether to continue to it. Empty: every
     /// client gets that page.
     #[serde(default)]

@@ -138,7 +138,11 @@ async fn token(State(idp): State<Arc<Idp>>, headers: HeaderMap, body: String) ->
         base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", enc(CLIENT_ID), enc(CLIENT_SECRET)))
     );
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(basic.as_str()) {
+    let by_basic = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(basic.as_str());
+    let by_post = form.get("client_id").map(String::as_str) == Some(CLIENT_ID)
+        && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET);
+    // One way only (RFC 6749 2.3: a client uses one authentication method per request).
+    if by_basic == by_post {
         return (AxStatus::UNAUTHORIZED, Json(json!({ "error": "invalid_client" }))).into_response();
     }
     let Some(issued) = form
@@ -233,7 +237,7 @@ async fn sso_server(idp: &Idp, adjust: impl FnOnce(&mut hafen::config::Config)) 
     TestServer::start_with(move |c| {
         c.oidc_providers = vec![p];
         c.public_baseurl = Some(PUBLIC.into());
-        c.sso_client_allowlist = vec!["https://client.example/".into()];
+        c.sso_client_allowlist = vec!["https://client.example/".into(), "io.element.test:/".into()];
         adjust(c);
     })
     .await
@@ -496,7 +500,14 @@ async fn sso_refuses_bad_state_signature_nonce_audience_and_bad_requests() {
     );
     assert_err(&get(format!("{V3}/login/sso/redirect/corp")).await, 400, "M_MISSING_PARAM");
     assert_err(&get(format!("{V3}/login/sso/redirect")).await, 400, "M_MISSING_PARAM");
-    for bad in ["ftp%3A%2F%2Fx.example%2F", "javascript%3Aalert(1)", "not-a-url"] {
+    // An app's own scheme only when allowlisted.
+    let res = b
+        .get(format!("{}{V3}/login/sso/redirect/corp?redirectUrl=io.element.test%3A%2Fcallback", ts.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FOUND);
+    for bad in ["ftp%3A%2F%2Fx.example%2F", "javascript%3Aalert(1)", "not-a-url", "other.app%3A%2Fcb"] {
         assert_err(
             &get(format!("{V3}/login/sso/redirect/corp?redirectUrl={bad}")).await,
             400,
@@ -795,6 +806,9 @@ fn sso_config_is_checked_at_load() {
     assert!(from_toml_str(&bad_id, Vec::new()).is_err());
     let no_secret = ok.replace("client_secret = \"s\"\n", "");
     assert!(from_toml_str(&no_secret, Vec::new()).is_err());
+    let js = ok.replace("[global]\n", "[global]\nsso_client_allowlist = [\"javascript:\"]\n");
+    let e = from_toml_str(&js, Vec::new()).err().expect("refused");
+    assert!(e.to_string().contains("sso_client_allowlist"), "{e}");
     let e = from_toml_str("[global.jwt]\nalgorithm = \"HS256\"\n", Vec::new()).err().expect("refused");
     assert!(e.to_string().contains("secret"), "{e}");
     let e = from_toml_str("[global.jwt]\nalgorithm = \"RS256\"\nsecret = \"x\"\n", Vec::new()).err().expect("refused");
@@ -931,4 +945,56 @@ async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso()
     let d1 = report.rows.iter().find(|r| r.id == "D1").unwrap();
     assert_eq!(d1.status, hafen::policy::report::Status::Met, "{:?}", d1.findings);
     assert!(d1.findings.iter().any(|f| f.contains("central identity management")), "{:?}", d1.findings);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_providers_get_a_choice_page_and_client_secret_post_works() {
+    let idp = start_idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).unwrap();
+    let mut second = provider(&idp);
+    second.idp_id = "corp-post".into();
+    second.idp_name = "Corp <post>".into();
+    second.idp_icon = None;
+    second.client_secret = None;
+    second.client_secret_file = Some(secret_file);
+    second.client_auth_method = "client_secret_post".into();
+    let ts = sso_server(&idp, move |c| c.oidc_providers.push(second)).await;
+    let (status, flows) = ts.req(Method::GET, &format!("{V3}/login"), None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        flows["flows"][1]["identity_providers"],
+        json!([
+            { "id": "corp", "name": "Corp login", "icon": "mxc://localhost/icon" },
+            { "id": "corp-post", "name": "Corp <post>" },
+        ])
+    );
+    // Without an idpId: a page to choose, names escaped.
+    let res = browser()
+        .get(format!("{}{V3}/login/sso/redirect?redirectUrl=https%3A%2F%2Fclient.example%2F", ts.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let page = res.text().await.unwrap();
+    assert!(page.contains("/login/sso/redirect/corp-post?redirectUrl=https%3A%2F%2Fclient.example%2F"), "{page}");
+    assert!(page.contains("Corp &lt;post&gt;") && !page.contains("<post>"), "{page}");
+    // The secret from the file, sent in the form body.
+    idp.next_user(json!({ "sub": "p-1", "preferred_username": "paula" }));
+    let (url, cookie) = to_callback(&ts, "corp-post", "https://client.example/").await;
+    let (status, loc, body) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::FOUND, "{body}");
+    let loc = loc.unwrap();
+    let token = query_map(&url::Url::parse(&loc).unwrap().query().map(str::to_owned))["loginToken"].clone();
+    let (status, login) = token_login(&ts, &token).await;
+    assert_eq!((status, &login["user_id"]), (StatusCode::OK, &json!("@paula:localhost")));
+    let logins = audit_entries(&ts, "login");
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0].detail, json!({ "method": "sso:corp-post" }));
+    // The same provider user through the other provider entry is another identity.
+    let (url, cookie) = to_callback(&ts, "corp", "https://client.example/").await;
+    let (status, _, body) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::FOUND, "{body}");
+    assert!(ts.services().accounts.exists(&ruma::UserId::parse("@paula1:localhost").unwrap()).unwrap());
 }

@@ -34,10 +34,10 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
 }
 
 /// The client's `redirectUrl`, checked.
-fn redirect_url(q: &Option<String>) -> Result<String> {
+fn redirect_url(sso: &Sso, q: &Option<String>) -> Result<String> {
     let url = query_param(q, "redirectUrl")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing redirectUrl"))?;
-    if !Sso::valid_redirect_url(&url) {
+    if !sso.valid_redirect_url(&url) {
         return Err(Error::invalid_param("redirectUrl must be an http(s) URL"));
     }
     Ok(url)
@@ -77,7 +77,7 @@ async fn redirect_any(
     if !s.sso.enabled() {
         return Err(not_configured());
     }
-    let url = redirect_url(&q)?;
+    let url = redirect_url(&s.sso, &q)?;
     if s.sso.providers.len() == 1 {
         return start(&s, 0, Purpose::Login { redirect_url: url }).await;
     }
@@ -110,7 +110,7 @@ async fn redirect_idp(
         .first()
         .and_then(|id| s.sso.provider(id))
         .ok_or_else(|| Error::not_found("Unknown identity provider"))?;
-    let url = redirect_url(&q)?;
+    let url = redirect_url(&s.sso, &q)?;
     start(&s, idp, Purpose::Login { redirect_url: url }).await
 }
 

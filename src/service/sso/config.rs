@@ -184,9 +184,17 @@ pub fn validate(c: &Config) -> Result<(), String> {
         }
     }
     for prefix in &c.sso_client_allowlist {
-        if !(prefix.starts_with("https://") || prefix.starts_with("http://")) {
+        // A scheme and more; never one that runs code or reads files in the browser.
+        let scheme = prefix.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+        let ok = prefix.len() > 4
+            && scheme.as_deref().is_some_and(|s| {
+                !s.is_empty()
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    && !matches!(s, "javascript" | "data" | "vbscript" | "file")
+            });
+        if !ok {
             return Err(format!(
-                "sso_client_allowlist: `{prefix}` is not an http(s) URL prefix"
+                "sso_client_allowlist: `{prefix}` is not a URL prefix (like \"https://app.element.io/\")"
             ));
         }
     }

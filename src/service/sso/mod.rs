@@ -197,11 +197,23 @@ impl Sso {
         self.providers.iter().position(|p| p.conf.idp_id == idp_id)
     }
 
-    /// Is `url` a URL a client may be sent back to (http or https, with a host)?
-    pub fn valid_redirect_url(url: &str) -> bool {
-        url.len() <= 2048
-            && url::Url::parse(url)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+    /// Is `url` a URL a client may be sent back to? http or https with a host, or a URL starting
+    /// with an entry of `sso_client_allowlist` (which may name an app's own scheme, such as
+    /// `"io.element.android:/"`).
+    pub fn valid_redirect_url(&self, url: &str) -> bool {
+        if url.len() > 2048 {
+            return false;
+        }
+        let web = url::Url::parse(url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        web || (url::Url::parse(url).is_ok() && self.allowlisted(url))
+    }
+
+    /// Does `url` start with an entry of `sso_client_allowlist`?
+    fn allowlisted(&self, url: &str) -> bool {
+        self.client_allowlist
+            .iter()
+            .any(|prefix| url.starts_with(prefix.as_str()))
     }
 
     /// Start a login at provider `idp`: the provider's authorization URL and the cookie value.
@@ -401,10 +413,7 @@ impl Sso {
         let mut url = url::Url::parse(&redirect_url)
             .map_err(|_| SsoFailure::bad_request("bad_redirect_url", "Invalid redirectUrl"))?;
         url.query_pairs_mut().append_pair("loginToken", &token);
-        let confirm = !self
-            .client_allowlist
-            .iter()
-            .any(|prefix| redirect_url.starts_with(prefix.as_str()));
+        let confirm = !self.allowlisted(&redirect_url);
         Ok(Completed::Login {
             location: url.to_string(),
             confirm,
