@@ -15,6 +15,10 @@ export CARGO_TERM_COLOR=never
 # reuses compiled dependencies (RocksDB's C++ alone takes a quarter of an hour on 2 cores).
 # On a new machine the directory is simply empty and everything is built.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hafen-target}
+# Dependency audit (REQUIREMENTS.md D5, docs/security-updates.md): yanked crates and RustSec
+# advisories affecting Cargo.lock fail the run.
+python3 scripts/dep-audit.py --self-test
+python3 scripts/dep-audit.py
 # The crash test starts the real binary: build it first so the test does not time out building.
 cargo build --bin hafen
 cargo test --no-fail-fast -- --test-threads 4

@@ -239,6 +239,11 @@ pub struct PrivacyNotice {
     /// Its title as clients show it; default "Privacy notice".
     #[serde(default)]
     pub name: Option<String>,
+    /// Users who have not accepted this version (a new version, or accounts made before the
+    /// notice) get 403 `M_CONSENT_NOT_GIVEN` with a page to accept it when they send, join,
+    /// invite, create rooms, change their profile or upload. Default true.
+    #[serde(default = "default_true")]
+    pub block_until_accepted: bool,
 }
 
 /// `[global.retention]`: lifetimes in milliseconds, as `m.room.retention` (MSC1763) has them.
@@ -298,6 +303,14 @@ pub struct TlsConfig {
     /// Port of the TLS listener; 0 picks a free one (tests).
     #[serde(default = "default_tls_port")]
     pub port: u16,
+    /// Seconds between checks whether `certs` or `key` changed on disk; a changed pair is
+    /// loaded without a restart (a renewed certificate). 0: only on SIGHUP.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval_secs: u64,
+}
+
+fn default_tls_reload_interval() -> u64 {
+    60
 }
 
 fn default_tls_port() -> u16 {
@@ -595,6 +608,7 @@ impl Config {
             certs: PathBuf::new(),
             key: PathBuf::new(),
             port: default_tls_port(),
+            reload_interval_secs: default_tls_reload_interval(),
         });
         c.turn_username = Some(String::new());
         c.turn_password = Some(String::new());
@@ -603,6 +617,7 @@ impl Config {
             url: String::new(),
             version: String::new(),
             name: Some(String::new()),
+            block_until_accepted: true,
         });
         c.retention.default_max_lifetime = Some(0);
         c.retention.allowed_min = Some(0);

@@ -139,6 +139,10 @@ pub enum Error {
     /// A key backup write to a version that is not the current one (403, with the current one).
     #[error("wrong room keys version")]
     WrongRoomKeysVersion { current_version: Option<String> },
+    /// The user must accept the current privacy notice first: 403 `M_CONSENT_NOT_GIVEN` with the
+    /// page where they can (the errcode and field Synapse uses and Element understands).
+    #[error("consent not given")]
+    ConsentNotGiven { consent_uri: String },
     /// User-interactive authentication: the 401 body that lists flows and completed stages.
     #[error("user-interactive authentication required")]
     Uiaa(serde_json::Value),
@@ -191,6 +195,7 @@ impl Error {
             Error::RateLimited { .. } => "M_LIMIT_EXCEEDED",
             Error::UnknownToken { .. } => "M_UNKNOWN_TOKEN",
             Error::Uiaa(_) => "M_FORBIDDEN",
+            Error::ConsentNotGiven { .. } => "M_CONSENT_NOT_GIVEN",
             Error::UserLocked => "M_USER_LOCKED",
             Error::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
             Error::Internal(_) => "M_UNKNOWN",
@@ -238,6 +243,14 @@ impl IntoResponse for Error {
                 }),
             ),
             Error::Uiaa(body) => (StatusCode::UNAUTHORIZED, body),
+            Error::ConsentNotGiven { consent_uri } => (
+                StatusCode::FORBIDDEN,
+                json!({
+                    "errcode": "M_CONSENT_NOT_GIVEN",
+                    "error": format!("Please review and accept the privacy notice at {consent_uri} to continue"),
+                    "consent_uri": consent_uri,
+                }),
+            ),
             Error::UserLocked => (
                 StatusCode::UNAUTHORIZED,
                 json!({

@@ -93,7 +93,15 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
     let (tls_shutdown, tls_stop) = tokio::sync::watch::channel(false);
     let (tls_addr, tls_task) = match &services.config.tls {
         Some(tls) => {
-            let acceptor = crate::api::tls::acceptor(tls)?;
+            let store = crate::api::tls::CertStore::open(tls)?;
+            if tls.reload_interval_secs > 0 {
+                tokio::spawn(store.clone().watch(
+                    std::time::Duration::from_secs(tls.reload_interval_secs),
+                    tls_stop.clone(),
+                ));
+            }
+            tokio::spawn(reload_on_sighup(store.clone(), tls_stop.clone()));
+            let acceptor = crate::api::tls::acceptor(store)?;
             let addr = SocketAddr::new(services.config.address, tls.port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -123,4 +131,30 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         sender_shutdown,
         sender_task: Some(sender_task),
     })
+}
+
+/// SIGHUP reloads the TLS certificate at once (what `systemctl reload` sends).
+async fn reload_on_sighup(
+    store: std::sync::Arc<crate::api::tls::CertStore>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(mut hangups) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            got = hangups.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match store.reload(true) {
+                    Ok(_) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays in use"),
+                }
+            }
+        }
+    }
 }

@@ -259,7 +259,12 @@ where
 /// The identity behind an access token. A locked account gets `M_USER_LOCKED` everywhere except
 /// on the logout endpoints.
 fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> Result<Identity> {
-    let identity = services.accounts.identify(token)?;
+    let mut identity = services.accounts.identify(token)?;
+    identity.consent_uri = crate::policy::consent::pending_uri(
+        services,
+        &identity.user_id,
+        identity.accepted_notice.as_deref(),
+    );
     if identity.locked {
         let path = parts.uri.path();
         if !(path.ends_with("/logout") || path.ends_with("/logout/all")) {

@@ -315,15 +315,7 @@ impl AuditLog {
 
     /// The secret the `hash` mode keys with, made on first use and kept in the database.
     pub(crate) fn hash_key(&self) -> Vec<u8> {
-        const ROW: &[u8] = b"audit_ip_key";
-        if let Ok(Some(k)) = self.storage.get(Table::Global, ROW) {
-            return k;
-        }
-        let k = utils::random_string(32).into_bytes();
-        // A concurrent first use may write another key; the later write wins and both entries
-        // stay valid hashes, only not comparable with each other (a one-time effect).
-        let _ = self.storage.put(Table::Global, ROW, &k);
-        k
+        super::stored_secret(&self.storage, b"audit_ip_key")
     }
 
     /// Add an entry to `batch`.

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod audit;
 pub mod claims;
+pub mod consent;
 pub mod erasure;
 pub mod export;
 pub mod groups;
@@ -15,6 +16,7 @@ pub mod hook;
 pub mod register;
 pub mod report;
 pub mod retention;
+pub mod transparency;
 
 use ruma::UserId;
 
@@ -41,6 +43,19 @@ struct FederationPolicy {
     enabled: bool,
     allow: Vec<String>,
     deny: Vec<String>,
+}
+
+/// A secret the policy layer keys hashes with (audit IP hashes, consent links): made on first
+/// use and kept in the `global` row `row`. A concurrent first use may write another secret; the
+/// later write wins and values keyed with the earlier one stop matching (a one-time effect).
+pub(crate) fn stored_secret(storage: &crate::storage::Storage, row: &[u8]) -> Vec<u8> {
+    use crate::storage::Table;
+    if let Ok(Some(k)) = storage.get(Table::Global, row) {
+        return k;
+    }
+    let k = crate::utils::random_string(32).into_bytes();
+    let _ = storage.put(Table::Global, row, &k);
+    k
 }
 
 /// Does `name` match `pattern`, where `*` stands for any run of characters?

@@ -103,9 +103,26 @@ pub struct Identity {
     pub guest: bool,
     pub locked: bool,
     pub suspended: bool,
+    /// The privacy notice version this user accepted (from the user record).
+    pub accepted_notice: Option<String>,
+    /// Set when the user must accept the current privacy notice before acting: where to do it
+    /// (`policy::consent`).
+    pub consent_uri: Option<String>,
 }
 
 impl Identity {
+    /// Refuse an action that needs an active account which accepted the current privacy
+    /// notice: sending, joining, inviting, creating rooms, changing the profile, uploading.
+    pub fn ensure_may_act(&self) -> Result<()> {
+        self.ensure_not_suspended()?;
+        if let Some(consent_uri) = &self.consent_uri {
+            return Err(Error::ConsentNotGiven {
+                consent_uri: consent_uri.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Refuse an action a suspended account may not take (sending, joining, inviting,
     /// creating rooms, changing the profile, uploading).
     pub fn ensure_not_suspended(&self) -> Result<()> {
@@ -549,6 +566,8 @@ impl Accounts {
             guest: user.guest,
             locked: user.locked,
             suspended: user.suspended,
+            accepted_notice: user.privacy_notice_accepted.map(|(version, _)| version),
+            consent_uri: None,
         })
     }
 

@@ -93,6 +93,8 @@ pub fn put(s: &Services, user: &UserId, body: &Map<String, Value>) -> Result<Val
         guest: false,
         locked: false,
         suspended: false,
+        accepted_notice: None,
+        consent_uri: None,
     };
     let mut keys = Map::new();
     for k in ["device_keys", "one_time_keys", "fallback_keys"] {

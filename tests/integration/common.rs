@@ -213,6 +213,16 @@ impl TestServer {
         self.running = Some(running);
     }
 
+    /// [`TestServer::resume`] with a changed configuration (what an operator does between two
+    /// starts).
+    pub async fn resume_with(&mut self, adjust: impl FnOnce(&mut Config)) {
+        let mut config = self.halted.take().expect("halted");
+        adjust(&mut config);
+        let running = hafen::server::start(config).await.expect("server restarts");
+        self.base = running.base_url();
+        self.running = Some(running);
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.expect("clean stop");
@@ -318,6 +328,7 @@ pub async fn start_federating(
             certs: pki.path("cert.pem"),
             key: pki.path("key.pem"),
             port: tls_port,
+            reload_interval_secs: 60,
         });
         c.federation_ca_file = Some(pki.path("ca.pem"));
         c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];

@@ -537,6 +537,7 @@ async fn registration_requires_accepting_the_privacy_notice() {
             url: "https://example.org/privacy".into(),
             version: "2026-01".into(),
             name: None,
+            block_until_accepted: true,
         });
     })
     .await;
@@ -685,6 +686,14 @@ async fn compliance_report_over_the_admin_api() {
         .contains("no TLS"));
     assert_eq!(row("A1")["status"], "falls_short");
     assert_eq!(row("D3")["status"], "met");
+    assert_eq!(row("A11")["status"], "met");
+    assert!(
+        row("A11")["findings"]
+            .to_string()
+            .contains("0 destination(s) contacted so far"),
+        "{}",
+        row("A11")
+    );
     server.stop().await;
 }
 

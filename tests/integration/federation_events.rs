@@ -839,6 +839,7 @@ async fn srv_destination_connects_to_the_target_and_checks_tls_for_the_name() {
                 certs: dir.join("cert.pem"),
                 key: dir.join("key.pem"),
                 port: tls_port,
+                reload_interval_secs: 60,
             });
             c.federation_ca_file = Some(dir.join("ca.pem"));
             c.federation_ip_range_allowlist = vec!["127.0.0.0/8".into(), "::1/128".into()];

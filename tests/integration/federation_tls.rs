@@ -18,6 +18,7 @@ async fn federation_over_tls_with_a_private_ca() {
             certs: pki.path("cert.pem"),
             key: pki.path("key.pem"),
             port: tls_port,
+            reload_interval_secs: 60,
         });
     })
     .await;
@@ -104,4 +105,105 @@ async fn federation_over_tls_with_a_private_ca() {
         assert_eq!(keys["server_keys"], json!([]), "{name}: {keys}");
     }
     a.stop().await;
+}
+
+/// A new client that trusts only `pki`'s CA (new: no pooled connection, no TLS session to
+/// resume, so each check is a full handshake with the certificate the server presents now).
+fn trusting(pki: &TestPki) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.path("ca.pem")).expect("ca"))
+        .expect("ca pem");
+    reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
+
+async fn reaches(pki: &TestPki, url: &str) -> bool {
+    match trusting(pki).get(url).send().await {
+        Ok(res) => {
+            assert_eq!(res.status(), StatusCode::OK);
+            let body: serde_json::Value = res.json().await.expect("json");
+            assert_eq!(body["server"]["name"], json!("hafen"));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Put `pki`'s certificate and key where the server reads them (each file replaced whole, as
+/// certbot and similar tools do).
+fn install(from: &TestPki, dir: &std::path::Path) {
+    for name in ["key.pem", "cert.pem"] {
+        let tmp = dir.join(format!("{name}.new"));
+        std::fs::copy(from.path(name), &tmp).expect("copy");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_used_without_a_restart() {
+    let (old, new) = (TestPki::new(), TestPki::new());
+    let dir = tempfile::tempdir().expect("dir");
+    install(&old, dir.path());
+    let tls_port = free_port();
+    let start = |interval: u64, port: u16| {
+        let d = dir.path().to_path_buf();
+        TestServer::start_with(move |c| {
+            c.tls = Some(hafen::config::TlsConfig {
+                certs: d.join("cert.pem"),
+                key: d.join("key.pem"),
+                port,
+                reload_interval_secs: interval,
+            });
+        })
+    };
+    let a = start(1, tls_port).await;
+    let url = format!("https://localhost:{tls_port}/_matrix/federation/v1/version");
+    assert!(reaches(&old, &url).await);
+    assert!(!reaches(&new, &url).await);
+
+    // Renewed on disk: within a few checks the listener presents the new certificate.
+    install(&new, dir.path());
+    let mut switched = false;
+    for _ in 0..50 {
+        if reaches(&new, &url).await {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(switched, "the new certificate was never presented");
+    assert!(!reaches(&old, &url).await);
+
+    // A broken file is not taken: the last good certificate stays in use.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(reaches(&new, &url).await);
+    a.stop().await;
+
+    // Without periodic checks (0), SIGHUP reloads.
+    install(&old, dir.path());
+    let tls_port = free_port();
+    let b = start(0, tls_port).await;
+    let url = format!("https://localhost:{tls_port}/_matrix/federation/v1/version");
+    assert!(reaches(&old, &url).await);
+    install(&new, dir.path());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(reaches(&old, &url).await, "reloaded without being asked");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut switched = false;
+    for _ in 0..50 {
+        if reaches(&new, &url).await {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(switched, "SIGHUP did not reload the certificate");
+    b.stop().await;
 }

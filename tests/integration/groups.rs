@@ -682,3 +682,101 @@ async fn the_external_policy_hook_decides_and_fails_closed_or_open() {
     let u = gone.user("alice").await;
     assert_denied(&create(&gone, &u, json!({})).await, "policy_hook");
 }
+
+#[tokio::test]
+async fn the_policy_hook_is_asked_about_knocks_and_other_servers_users() {
+    let (base, seen) = policy_service().await;
+    let pki = TestPki::new();
+    let b = start_federating(&pki, |_| {}).await;
+    let a = start_federating(&pki, |c| {
+        c.policy_hook = Some(hafen::policy::hook::PolicyHookConfig {
+            url: format!("{base}/decide"),
+            timeout_ms: 2000,
+            fail_open: false,
+        })
+    })
+    .await;
+    let alice = a.user("alice").await;
+    let kim = a.user("kim").await;
+    let mute = a.user("mute").await;
+    let blocked = a.user("blocked").await;
+    let bob = b.user("bob").await;
+    let mute_b = b.user("mute").await;
+
+    // A local knock is asked about: allowed for kim, denied for mute.
+    let (status, body) = create(
+        &a,
+        &alice,
+        json!({ "initial_state": [{
+            "type": "m.room.join_rules", "state_key": "",
+            "content": { "join_rule": "knock" }
+        }]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let knock_room = body["room_id"].as_str().expect("room").to_owned();
+    let knock_path = format!("{V3}/knock/{}", enc(&knock_room));
+    let got = a.post(&knock_path, &kim, json!({ "reason": "let me in" })).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    assert_eq!(got.1["room_id"], json!(knock_room));
+    assert_denied(
+        &a.post(&knock_path, &mute, json!({ "reason": "let me in" })).await,
+        "policy_hook",
+    );
+    assert!(has_denial(&a, Some(&mute.user_id), "policy_hook", "knock"));
+
+    // Another server's users joining here: bob is allowed, B's mute is refused at send_join and
+    // never becomes a member.
+    let room = create(&a, &alice, json!({ "preset": "public_chat" }))
+        .await
+        .1["room_id"]
+        .as_str()
+        .expect("room")
+        .to_owned();
+    // (mute first: once bob is in, B is in the room and joins of its users reach us only as
+    // PDUs, which the auth rules decide, see docs/compliance.md.)
+    let got = join_via(&b, &mute_b, &room, &a).await;
+    assert_eq!(got.1["errcode"], json!("M_FORBIDDEN"), "{}", got.1);
+    assert_eq!(
+        membership(&a, &alice, &room, &mute_b.user_id).await,
+        Value::Null
+    );
+    assert!(has_denial(&a, Some(&mute_b.user_id), "policy_hook", "join"));
+    let got = join_via(&b, &bob, &room, &a).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    wait_membership(&a, &alice, &room, &bob.user_id, "join").await;
+
+    // An invite from another server's user to a local user: asked with the target; the
+    // service refuses invites of @blocked.
+    let b_room = create(&b, &bob, json!({ "preset": "private_chat" }))
+        .await
+        .1["room_id"]
+        .as_str()
+        .expect("room")
+        .to_owned();
+    let got = invite(&b, &bob, &b_room, &alice.user_id).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let got = invite(&b, &bob, &b_room, &blocked.user_id).await;
+    assert_eq!(got.1["errcode"], json!("M_FORBIDDEN"), "{}", got.1);
+    assert!(has_denial(&a, Some(&bob.user_id), "policy_hook", "invite"));
+
+    let asked = seen.lock().expect("lock").clone();
+    let find = |action: &str, user: &str| {
+        asked
+            .iter()
+            .find(|v| v["action"] == json!(action) && v["user_id"] == json!(user))
+            .cloned()
+    };
+    let k = find("knock", &kim.user_id).expect("knock asked");
+    assert_eq!(k["room_id"], json!(knock_room));
+    let j = find("join", &bob.user_id).expect("remote join asked");
+    assert_eq!(j["remote"], json!(true));
+    assert_eq!(j["room_id"], json!(room));
+    assert_eq!(j["server_name"], json!(a.server_name()));
+    let i = asked
+        .iter()
+        .find(|v| v["action"] == json!("invite") && v["target"] == json!(alice.user_id))
+        .expect("remote invite asked");
+    assert_eq!(i["user_id"], json!(bob.user_id));
+    assert_eq!(i["remote"], json!(true));
+}

@@ -36,5 +36,6 @@ mod sso;
 mod synapse;
 mod synapse_rooms;
 mod sync;
+mod transparency;
 mod user_directory;
 mod voip;

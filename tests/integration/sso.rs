@@ -745,6 +745,17 @@ async fn jwt_login_checks_signature_expiry_issuer_and_audience() {
         .await;
     assert_err(&r, 404, "M_UNRECOGNIZED");
 
+    // The transparency statement names the identity provider data.
+    let (status, privacy) = ts.req(Method::GET, "/_hafen/client/v1/privacy", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let idp_data = privacy["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == json!("identity_provider"))
+        .expect("an identity_provider category");
+    assert!(idp_data["recipients"].as_str().unwrap().contains("JWT login"), "{idp_data}");
+
     let logins = audit_entries(&ts, "login");
     assert_eq!(logins.len(), 2);
     assert!(logins.iter().all(|e| e.detail["method"] == json!("jwt")));

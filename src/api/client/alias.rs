@@ -26,7 +26,7 @@ async fn create(
     req: Ruma<create_alias::v3::Request>,
 ) -> Result<RumaResponse<create_alias::v3::Response>> {
     let who = req.user()?;
-    who.ensure_not_suspended()?;
+    who.ensure_may_act()?;
     s.rooms
         .create_alias(&req.room_alias, &req.room_id, &who.user_id)
         .await?;

@@ -7,6 +7,8 @@
 //! - `POST /_synapse/admin/v1/deactivate/{userId}` with `{"erase": true}` (server admins);
 //! - `GET /_hafen/client/v1/privacy_notice`: the configured notice (no token: it must be
 //!   readable before registering);
+//! - `GET /_hafen/client/v1/privacy` (JSON) and `GET /_hafen/privacy` (a web page): what is
+//!   stored, why, for how long and who receives it, from the live config (no token);
 //! - `GET /_hafen/admin/v1/compliance_report`: `hafen audit` as JSON (server admins).
 
 use std::sync::Arc;
@@ -37,6 +39,8 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
             post(admin_deactivate),
         )
         .route("/_hafen/client/v1/privacy_notice", get(privacy_notice))
+        .route("/_hafen/client/v1/privacy", get(privacy_statement))
+        .route("/_hafen/privacy", get(privacy_page))
         .route("/_hafen/admin/v1/compliance_report", get(compliance_report))
 }
 
@@ -160,6 +164,21 @@ async fn privacy_notice(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
         "version": p.version,
         "policies": crate::service::accounts::terms_params(&s)["m.login.terms"]["policies"].clone(),
     })))
+}
+
+async fn privacy_statement(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
+    Ok(Json(serde_json::to_value(
+        crate::policy::transparency::statement(&s.config),
+    )?))
+}
+
+async fn privacy_page(State(s): State<Arc<Services>>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        crate::policy::transparency::statement(&s.config).to_html(),
+    )
+        .into_response()
 }
 
 async fn compliance_report(

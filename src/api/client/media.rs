@@ -133,7 +133,7 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>> {
-    who.ensure_not_suspended()?;
+    who.ensure_may_act()?;
     let meta = upload_meta(&headers, &q)?;
     let mxc = s
         .media
@@ -150,7 +150,7 @@ async fn upload_to(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>> {
-    who.ensure_not_suspended()?;
+    who.ensure_may_act()?;
     let meta = upload_meta(&headers, &q)?;
     s.media
         .upload_to(
@@ -165,7 +165,7 @@ async fn upload_to(
 }
 
 async fn create(State(s): State<Arc<Services>>, Authed(who): Authed) -> Result<Json<Value>> {
-    who.ensure_not_suspended()?;
+    who.ensure_may_act()?;
     let (mxc, expires_at) = s.media.create(&who.user_id).await?;
     Ok(Json(
         json!({ "content_uri": mxc, "unused_expires_at": expires_at }),

@@ -73,7 +73,7 @@ async fn join_by_id(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let profile = member_profile(&s, user)?;
     federation::join::join(&s, &req.room_id, user, &[], &profile, req.reason.as_deref()).await?;
@@ -84,7 +84,7 @@ async fn join_by_id_or_alias(
     State(s): State<Arc<Services>>,
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let (room_id, servers) = resolve_with_servers(&s, &req.room_id_or_alias, &req.via).await?;
     let profile = member_profile(&s, user)?;
@@ -104,7 +104,7 @@ async fn knock(
     State(s): State<Arc<Services>>,
     req: Ruma<knock_room::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let (room_id, servers) = resolve_with_servers(&s, &req.room_id_or_alias, &req.via).await?;
     let profile = member_profile(&s, user)?;
@@ -125,7 +125,7 @@ async fn invite(
     req: Ruma<invite_user::v3::Request>,
 ) -> Result<Json<Value>> {
     use invite_user::v3::InvitationRecipient;
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     let InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
@@ -187,7 +187,7 @@ async fn kick(
     State(s): State<Arc<Services>>,
     req: Ruma<kick_user::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(
@@ -205,7 +205,7 @@ async fn ban(
     State(s): State<Arc<Services>>,
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(
@@ -223,7 +223,7 @@ async fn unban(
     State(s): State<Arc<Services>>,
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = &req.user()?.user_id;
     s.rooms
         .moderate(

@@ -68,7 +68,7 @@ async fn send(
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
     let room_id = room_id(&room)?;
-    me.ensure_not_suspended()?;
+    me.ensure_may_act()?;
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);
     }
@@ -116,7 +116,7 @@ async fn redact(
             .pdu(target.as_str())?
             .is_none_or(|p| p.sender != me.user_id)
     {
-        me.ensure_not_suspended()?;
+        me.ensure_may_act()?;
     }
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
         return Ok(done);

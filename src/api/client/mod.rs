@@ -5,6 +5,7 @@ mod account_data;
 mod admin;
 mod admin_api;
 mod alias;
+mod consent;
 mod data_rights;
 mod dehydrated;
 mod devices;
@@ -85,6 +86,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = groups::routes(r);
     let r = admin_api::routes(r);
     let r = data_rights::routes(r);
+    let r = consent::routes(r);
     let r = synapse_admin::routes(r);
     let r = thirdparty::routes(r);
     let r = media::routes(r);

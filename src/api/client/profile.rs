@@ -130,7 +130,7 @@ async fn set_field(
     p: Segs,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
-    id.ensure_not_suspended()?;
+    id.ensure_may_act()?;
     let user = own_user(&id, p.get(0)?)?;
     let field = p.get(1)?;
     check_key(field)?;
@@ -163,7 +163,7 @@ async fn delete_field(
     Authed(id): Authed,
     p: Segs,
 ) -> Result<Json<Value>> {
-    id.ensure_not_suspended()?;
+    id.ensure_may_act()?;
     let user = own_user(&id, p.get(0)?)?;
     let field = p.get(1)?;
     check_key(field)?;

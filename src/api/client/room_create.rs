@@ -54,7 +54,7 @@ async fn create(
     State(s): State<Arc<Services>>,
     req: Ruma<create_room::v3::Request>,
 ) -> Result<Json<Value>> {
-    req.user()?.ensure_not_suspended()?;
+    req.user()?.ensure_may_act()?;
     let user = req.user()?.user_id.clone();
     let body = &req.body;
 

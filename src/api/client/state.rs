@@ -116,7 +116,7 @@ async fn write(
         && key == me.user_id.as_str()
         && content.get("membership").and_then(Value::as_str) == Some("leave");
     if !leaving {
-        me.ensure_not_suspended()?;
+        me.ensure_may_act()?;
     }
     let event_id = s
         .rooms

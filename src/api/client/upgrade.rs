@@ -20,7 +20,7 @@ async fn upgrade(
     req: Ruma<upgrade_room::v3::Request>,
 ) -> Result<RumaResponse<upgrade_room::v3::Response>> {
     let who = req.user()?;
-    who.ensure_not_suspended()?;
+    who.ensure_may_act()?;
     let new_room = s
         .rooms
         .upgrade_room(

@@ -451,6 +451,8 @@ pub async fn knock(
     profile: &MemberProfile,
     reason: Option<&str>,
 ) -> Result<()> {
+    crate::policy::access::check_hook(services, user, Some(room_id), "knock", Default::default())
+        .await?;
     if super::resident::is_resident(&services.rooms, room_id)? {
         crate::policy::access::check_membership(services, room_id, user, "knock")?;
         return services

@@ -195,6 +195,15 @@ pub async fn accept_membership(
     if kind != Handshake::Leave {
         // The closed user groups and the room's group, again at the join or knock itself.
         crate::policy::access::check_membership(services, room_id, &pdu.sender, kind.membership())?;
+        // The organization's policy service decides about other servers' users too.
+        crate::policy::access::check_hook(
+            services,
+            &pdu.sender,
+            Some(room_id),
+            kind.membership(),
+            [("remote".to_owned(), serde_json::json!(true))].into_iter().collect(),
+        )
+        .await?;
     }
     accept(services, origin, incoming.clone(), true, true, &mut keys).await?;
     if services
@@ -337,6 +346,19 @@ pub async fn receive_invite(
     if is_resident(&services.rooms, room_id)? {
         crate::policy::access::check_invite(services, room_id, &pdu.sender, &target)?;
     }
+    crate::policy::access::check_hook(
+        services,
+        &pdu.sender,
+        Some(room_id),
+        "invite",
+        [
+            ("target".to_owned(), serde_json::json!(target)),
+            ("remote".to_owned(), serde_json::json!(true)),
+        ]
+        .into_iter()
+        .collect(),
+    )
+    .await?;
     let rules = rules_for(version)?;
     ruma::signatures::hash_and_sign_event(
         services.globals.server_name.as_str(),

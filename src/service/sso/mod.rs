@@ -433,18 +433,7 @@ impl Sso {
     }
 }
 
-/// Escape text for HTML.
+/// Escape text for HTML (the pages of the SSO flow).
 pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    crate::policy::transparency::escape(s)
 }
