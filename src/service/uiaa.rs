@@ -178,19 +178,19 @@ impl Uiaa {
     }
 
     /// Mark `stage` done in session `id` of `user` (a stage completed out of band: the SSO
-    /// fallback page). Err when there is no such session.
-    pub fn complete_stage(&self, id: &str, user: &str, stage: &str) -> Result<(), ()> {
+    /// fallback page). False when there is no such session of that user.
+    pub fn complete_stage(&self, id: &str, user: &str, stage: &str) -> bool {
         let mut sessions = self.sessions.lock();
         let Some((t, s)) = sessions.get_mut(id) else {
-            return Err(());
+            return false;
         };
         if t.elapsed() >= SESSION_LIFETIME || s.user.as_deref() != Some(user) {
-            return Err(());
+            return false;
         }
         if !s.completed.iter().any(|c| c == stage) {
             s.completed.push(stage.to_owned());
         }
-        Ok(())
+        true
     }
 
     /// Has session `id` completed `stage`?

@@ -92,7 +92,8 @@ async fn authorize(State(idp): State<Arc<Idp>>, RawQuery(q): RawQuery) -> Respon
     let ok = q.get("response_type").map(String::as_str) == Some("code")
         && q.get("client_id").map(String::as_str) == Some(CLIENT_ID)
         && q.get("code_challenge_method").map(String::as_str) == Some("S256")
-        && q.get("scope").is_some_and(|s| s.split(' ').any(|x| x == "openid"));
+        && q.get("scope")
+            .is_some_and(|s| s.split(' ').any(|x| x == "openid"));
     if !ok {
         return (AxStatus::BAD_REQUEST, "bad authorization request").into_response();
     }
@@ -135,41 +136,74 @@ async fn token(State(idp): State<Arc<Idp>>, headers: HeaderMap, body: String) ->
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let basic = format!(
         "Basic {}",
-        base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", enc(CLIENT_ID), enc(CLIENT_SECRET)))
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            enc(CLIENT_ID),
+            enc(CLIENT_SECRET)
+        ))
     );
-    let by_basic = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(basic.as_str());
+    let by_basic =
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(basic.as_str());
     let by_post = form.get("client_id").map(String::as_str) == Some(CLIENT_ID)
         && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET);
     // One way only (RFC 6749 2.3: a client uses one authentication method per request).
     if by_basic == by_post {
-        return (AxStatus::UNAUTHORIZED, Json(json!({ "error": "invalid_client" }))).into_response();
+        return (
+            AxStatus::UNAUTHORIZED,
+            Json(json!({ "error": "invalid_client" })),
+        )
+            .into_response();
     }
     let Some(issued) = form
         .get("code")
         .and_then(|c| idp.codes.lock().unwrap().remove(c))
     else {
-        return (AxStatus::BAD_REQUEST, Json(json!({ "error": "invalid_grant" }))).into_response();
+        return (
+            AxStatus::BAD_REQUEST,
+            Json(json!({ "error": "invalid_grant" })),
+        )
+            .into_response();
     };
     let verifier = form.get("code_verifier").cloned().unwrap_or_default();
     if form.get("grant_type").map(String::as_str) != Some("authorization_code")
         || form.get("redirect_uri") != Some(&issued.redirect_uri)
         || b64(&sha2::Sha256::digest(verifier.as_bytes())) != issued.challenge
     {
-        return (AxStatus::BAD_REQUEST, Json(json!({ "error": "invalid_grant" }))).into_response();
+        return (
+            AxStatus::BAD_REQUEST,
+            Json(json!({ "error": "invalid_grant" })),
+        )
+            .into_response();
     }
     let spoil = *idp.spoil.lock().unwrap();
     let mut claims = issued.claims;
     claims["iss"] = json!(idp.issuer);
-    claims["aud"] = json!(if spoil == Spoil::Audience { "someone-else" } else { CLIENT_ID });
+    claims["aud"] = json!(if spoil == Spoil::Audience {
+        "someone-else"
+    } else {
+        CLIENT_ID
+    });
     claims["iat"] = json!(now());
-    claims["exp"] = json!(if spoil == Spoil::Expired { now() - 3600 } else { now() + 300 });
-    claims["nonce"] = json!(if spoil == Spoil::Nonce { "not-the-nonce".to_owned() } else { issued.nonce });
+    claims["exp"] = json!(if spoil == Spoil::Expired {
+        now() - 3600
+    } else {
+        now() + 300
+    });
+    claims["nonce"] = json!(if spoil == Spoil::Nonce {
+        "not-the-nonce".to_owned()
+    } else {
+        issued.nonce
+    });
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some("k1".into());
-    let key = if spoil == Spoil::Signature { &idp.other_key } else { &idp.key };
+    let key = if spoil == Spoil::Signature {
+        &idp.other_key
+    } else {
+        &idp.key
+    };
     let id_token = jsonwebtoken::encode(&header, &claims, key).unwrap();
-    Json(json!({ "access_token": "at", "token_type": "Bearer", "id_token": id_token })).into_response()
+    Json(json!({ "access_token": "at", "token_type": "Bearer", "id_token": id_token }))
+        .into_response()
 }
 
 /// Start the provider; its issuer URL.
@@ -275,7 +309,11 @@ async fn to_callback(ts: &TestServer, idp_id: &str, redirect_url: &str) -> (Stri
 /// From `start_path` on the server, through the provider, up to the callback.
 async fn through_idp(ts: &TestServer, start_path: &str) -> (String, String) {
     let b = browser();
-    let res = b.get(format!("{}{start_path}", ts.base)).send().await.unwrap();
+    let res = b
+        .get(format!("{}{start_path}", ts.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::FOUND);
     let set_cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
@@ -283,11 +321,19 @@ async fn through_idp(ts: &TestServer, start_path: &str) -> (String, String) {
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let at_idp = location(&res);
     let q = query_map(&url::Url::parse(&at_idp).unwrap().query().map(str::to_owned));
-    assert_eq!(q["redirect_uri"], format!("{PUBLIC}/_hafen/client/v1/sso/callback"));
+    assert_eq!(
+        q["redirect_uri"],
+        format!("{PUBLIC}/_hafen/client/v1/sso/callback")
+    );
     assert_eq!(q["code_challenge_method"], "S256");
     assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32);
     let res = b.get(&at_idp).send().await.unwrap();
-    assert_eq!(res.status(), StatusCode::FOUND, "{}", res.text().await.unwrap());
+    assert_eq!(
+        res.status(),
+        StatusCode::FOUND,
+        "{}",
+        res.text().await.unwrap()
+    );
     let back = location(&res);
     assert!(back.starts_with(PUBLIC), "{back}");
     (format!("{}{}", ts.base, &back[PUBLIC.len()..]), cookie)
@@ -314,7 +360,10 @@ async fn sso_login_token(ts: &TestServer) -> String {
     let (status, loc, body) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::FOUND, "{body}");
     let loc = loc.unwrap();
-    assert!(loc.starts_with("https://client.example/app?x=1&loginToken="), "{loc}");
+    assert!(
+        loc.starts_with("https://client.example/app?x=1&loginToken="),
+        "{loc}"
+    );
     let q = query_map(&url::Url::parse(&loc).unwrap().query().map(str::to_owned));
     q["loginToken"].clone()
 }
@@ -351,7 +400,9 @@ async fn sso_login_maps_users_and_login_tokens_work_once() {
     let ts = sso_server(&idp, |_| {}).await;
 
     // GET /login offers SSO with its provider and login tokens, no JWT.
-    let (status, flows) = ts.req(Method::GET, &format!("{V3}/login"), None, None).await;
+    let (status, flows) = ts
+        .req(Method::GET, &format!("{V3}/login"), None, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     let types: Vec<&str> = flows["flows"]
         .as_array()
@@ -366,21 +417,36 @@ async fn sso_login_maps_users_and_login_tokens_work_once() {
     );
 
     // A first login makes the account from the claims.
-    idp.next_user(json!({ "sub": "u-1", "preferred_username": "Alice.Smith", "name": "Alice Smith" }));
+    idp.next_user(
+        json!({ "sub": "u-1", "preferred_username": "Alice.Smith", "name": "Alice Smith" }),
+    );
     let token = sso_login_token(&ts).await;
     let (status, login) = token_login(&ts, &token).await;
     assert_eq!(status, StatusCode::OK, "{login}");
     assert_eq!(login["user_id"], json!("@alice.smith:localhost"));
     let access = login["access_token"].as_str().unwrap().to_owned();
     let (status, who) = ts
-        .req(Method::GET, &format!("{V3}/account/whoami"), Some(&access), None)
+        .req(
+            Method::GET,
+            &format!("{V3}/account/whoami"),
+            Some(&access),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(who["user_id"], json!("@alice.smith:localhost"));
     let (status, name) = ts
-        .req(Method::GET, &format!("{V3}/profile/@alice.smith:localhost/displayname"), Some(&access), None)
+        .req(
+            Method::GET,
+            &format!("{V3}/profile/@alice.smith:localhost/displayname"),
+            Some(&access),
+            None,
+        )
         .await;
-    assert_eq!((status, name), (StatusCode::OK, json!({ "displayname": "Alice Smith" })));
+    assert_eq!(
+        (status, name),
+        (StatusCode::OK, json!({ "displayname": "Alice Smith" }))
+    );
 
     // The token works once.
     assert_err(&token_login(&ts, &token).await, 403, "M_FORBIDDEN");
@@ -404,13 +470,21 @@ async fn sso_login_maps_users_and_login_tokens_work_once() {
     assert_err(&token_login(&ts, &old).await, 403, "M_FORBIDDEN");
     // Missing token field.
     let r = ts
-        .req(Method::POST, &format!("{V3}/login"), None, Some(json!({ "type": "m.login.token" })))
+        .req(
+            Method::POST,
+            &format!("{V3}/login"),
+            None,
+            Some(json!({ "type": "m.login.token" })),
+        )
         .await;
     assert_err(&r, 400, "M_MISSING_PARAM");
 
     // The same provider user later logs into the same account, whatever their name says now.
     idp.next_user(json!({ "sub": "u-1", "preferred_username": "alice.renamed" }));
-    assert_eq!(sso_login(&ts).await["user_id"], json!("@alice.smith:localhost"));
+    assert_eq!(
+        sso_login(&ts).await["user_id"],
+        json!("@alice.smith:localhost")
+    );
 
     // A taken localpart: another provider user named like an existing account gets a free one.
     ts.user("bob").await;
@@ -418,7 +492,10 @@ async fn sso_login_maps_users_and_login_tokens_work_once() {
     assert_eq!(sso_login(&ts).await["user_id"], json!("@bob1:localhost"));
     // Characters outside the localpart grammar become `_`.
     idp.next_user(json!({ "sub": "u-3", "preferred_username": "Jürgen Ä" }));
-    assert_eq!(sso_login(&ts).await["user_id"], json!("@j_rgen__:localhost"));
+    assert_eq!(
+        sso_login(&ts).await["user_id"],
+        json!("@j_rgen__:localhost")
+    );
     // No usable name claim: refused at the callback.
     idp.next_user(json!({ "sub": "u-4" }));
     let (url, cookie) = to_callback(&ts, "corp", "https://client.example/").await;
@@ -445,33 +522,59 @@ async fn sso_login_maps_users_and_login_tokens_work_once() {
     assert!(loc.is_none());
     assert!(body.contains("elsewhere.example"), "{body}");
     let start = body.find("loginToken=").expect("a link with the token") + "loginToken=".len();
-    let token: String = body[start..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+    let token: String = body[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
     let (status, login) = token_login(&ts, &token).await;
-    assert_eq!((status, &login["user_id"]), (StatusCode::OK, &json!("@alice.smith:localhost")));
+    assert_eq!(
+        (status, &login["user_id"]),
+        (StatusCode::OK, &json!("@alice.smith:localhost"))
+    );
 
     // Audit: logins by method, the failed token logins with their reason.
     let logins = audit_entries(&ts, "login");
     assert!(logins.len() >= 5, "{logins:?}");
-    assert!(logins.iter().all(|e| e.detail["method"] == json!("sso:corp")), "{logins:?}");
+    assert!(
+        logins
+            .iter()
+            .all(|e| e.detail["method"] == json!("sso:corp")),
+        "{logins:?}"
+    );
     assert_eq!(logins[0].user.as_deref(), Some("@alice.smith:localhost"));
     let failed = audit_entries(&ts, "login_failed");
-    let reasons: Vec<&str> = failed.iter().filter_map(|e| e.detail["reason"].as_str()).collect();
+    let reasons: Vec<&str> = failed
+        .iter()
+        .filter_map(|e| e.detail["reason"].as_str())
+        .collect();
     assert_eq!(
-        reasons.iter().filter(|r| **r == "invalid_login_token").count(),
+        reasons
+            .iter()
+            .filter(|r| **r == "invalid_login_token")
+            .count(),
         3,
         "{failed:?}"
     );
     assert!(reasons.contains(&"no_localpart"), "{failed:?}");
     assert!(reasons.contains(&"wrong_password"), "{failed:?}");
     // No token in the audit log.
-    let all = serde_json::to_string(&ts.services().audit.query(0, u64::MAX, 10_000, None, |_| true).unwrap().0).unwrap();
+    let all = serde_json::to_string(
+        &ts.services()
+            .audit
+            .query(0, u64::MAX, 10_000, None, |_| true)
+            .unwrap()
+            .0,
+    )
+    .unwrap();
     assert!(!all.contains(&token));
 
     // The provider is in the register of destinations.
     let register = ts.services().register.list().unwrap();
     let host = idp.issuer.trim_start_matches("http://");
     assert!(
-        register.iter().any(|d| d.kind == "identity_provider" && d.destination == host && d.count >= 3),
+        register
+            .iter()
+            .any(|d| d.kind == "identity_provider" && d.destination == host && d.count >= 3),
         "{register:?}"
     );
 }
@@ -489,25 +592,47 @@ async fn sso_refuses_bad_state_signature_nonce_audience_and_bad_requests() {
             let res = b.get(url).send().await.unwrap();
             let status = res.status();
             let text = res.text().await.unwrap();
-            (status, serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)))
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+            )
         }
     };
     // Unknown provider, missing or unusable redirectUrl.
     assert_err(
-        &get(format!("{V3}/login/sso/redirect/nope?redirectUrl=https%3A%2F%2Fclient.example%2F")).await,
+        &get(format!(
+            "{V3}/login/sso/redirect/nope?redirectUrl=https%3A%2F%2Fclient.example%2F"
+        ))
+        .await,
         404,
         "M_NOT_FOUND",
     );
-    assert_err(&get(format!("{V3}/login/sso/redirect/corp")).await, 400, "M_MISSING_PARAM");
-    assert_err(&get(format!("{V3}/login/sso/redirect")).await, 400, "M_MISSING_PARAM");
+    assert_err(
+        &get(format!("{V3}/login/sso/redirect/corp")).await,
+        400,
+        "M_MISSING_PARAM",
+    );
+    assert_err(
+        &get(format!("{V3}/login/sso/redirect")).await,
+        400,
+        "M_MISSING_PARAM",
+    );
     // An app's own scheme only when allowlisted.
     let res = b
-        .get(format!("{}{V3}/login/sso/redirect/corp?redirectUrl=io.element.test%3A%2Fcallback", ts.base))
+        .get(format!(
+            "{}{V3}/login/sso/redirect/corp?redirectUrl=io.element.test%3A%2Fcallback",
+            ts.base
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::FOUND);
-    for bad in ["ftp%3A%2F%2Fx.example%2F", "javascript%3Aalert(1)", "not-a-url", "other.app%3A%2Fcb"] {
+    for bad in [
+        "ftp%3A%2F%2Fx.example%2F",
+        "javascript%3Aalert(1)",
+        "not-a-url",
+        "other.app%3A%2Fcb",
+    ] {
         assert_err(
             &get(format!("{V3}/login/sso/redirect/corp?redirectUrl={bad}")).await,
             400,
@@ -516,7 +641,10 @@ async fn sso_refuses_bad_state_signature_nonce_audience_and_bad_requests() {
     }
     // Without an idpId and one provider: straight to it (legacy r0 path too).
     let res = b
-        .get(format!("{}/_matrix/client/r0/login/sso/redirect?redirectUrl=https%3A%2F%2Fclient.example%2F", ts.base))
+        .get(format!(
+            "{}/_matrix/client/r0/login/sso/redirect?redirectUrl=https%3A%2F%2Fclient.example%2F",
+            ts.base
+        ))
         .send()
         .await
         .unwrap();
@@ -529,7 +657,10 @@ async fn sso_refuses_bad_state_signature_nonce_audience_and_bad_requests() {
     let (status, loc, body) = callback(&tampered, Some(&cookie)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(loc.is_none());
-    assert!(body.contains("M_UNKNOWN") && body.contains("state mismatch"), "{body}");
+    assert!(
+        body.contains("M_UNKNOWN") && body.contains("state mismatch"),
+        "{body}"
+    );
     // The pending login is gone once answered, right or wrong.
     let (status, _, body) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -552,12 +683,16 @@ async fn sso_refuses_bad_state_signature_nonce_audience_and_bad_requests() {
         let (status, loc, body) = callback(&url, Some(&cookie)).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{spoil:?}: {body}");
         assert!(loc.is_none());
-        assert!(body.contains("M_UNKNOWN") && body.contains(says), "{spoil:?}: {body}");
+        assert!(
+            body.contains("M_UNKNOWN") && body.contains(says),
+            "{spoil:?}: {body}"
+        );
     }
     idp.spoil(Spoil::None);
     // The provider refusing the user.
     let (url, cookie) = to_callback(&ts, "corp", "https://client.example/").await;
-    let state = query_map(&url::Url::parse(&url).unwrap().query().map(str::to_owned))["state"].clone();
+    let state =
+        query_map(&url::Url::parse(&url).unwrap().query().map(str::to_owned))["state"].clone();
     let refused = format!(
         "{}/_hafen/client/v1/sso/callback?error=access_denied&error_description=no&state={state}",
         ts.base
@@ -566,11 +701,21 @@ async fn sso_refuses_bad_state_signature_nonce_audience_and_bad_requests() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(body.contains("access_denied"), "{body}");
     // Nobody was made or logged in by any of this.
-    assert!(!ts.services().accounts.exists(&ruma::UserId::parse("@zoe:localhost").unwrap()).unwrap());
+    assert!(!ts
+        .services()
+        .accounts
+        .exists(&ruma::UserId::parse("@zoe:localhost").unwrap())
+        .unwrap());
     assert!(audit_entries(&ts, "login").is_empty());
     let reasons: Vec<String> = audit_entries(&ts, "login_failed")
         .iter()
-        .map(|e| format!("{} {}", e.detail["method"].as_str().unwrap(), e.detail["reason"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.detail["method"].as_str().unwrap(),
+                e.detail["reason"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(
         reasons,
@@ -602,7 +747,9 @@ async fn groups_from_claims_decide_invites_and_follow_the_next_login() {
     })
     .await;
     let carol = ts.user("carol").await;
-    idp.next_user(json!({ "sub": "d-1", "preferred_username": "dave", "groups": ["/staff", "/other"] }));
+    idp.next_user(
+        json!({ "sub": "d-1", "preferred_username": "dave", "groups": ["/staff", "/other"] }),
+    );
     let dave = sso_login(&ts).await;
     assert_eq!(dave["user_id"], json!("@dave:localhost"));
     let room = ts.create_room(&carol, json!({})).await;
@@ -633,15 +780,25 @@ async fn groups_from_claims_decide_invites_and_follow_the_next_login() {
     let room2 = ts.create_room(&carol, json!({})).await;
     let r = invite(room2.clone()).await;
     assert_err(&r, 403, "M_FORBIDDEN");
-    assert!(r.1["error"].as_str().unwrap().contains("closed_user_groups"), "{}", r.1);
+    assert!(
+        r.1["error"]
+            .as_str()
+            .unwrap()
+            .contains("closed_user_groups"),
+        "{}",
+        r.1
+    );
     // And back in when it names it again.
     idp.next_user(json!({ "sub": "d-1", "groups": "/staff" }));
     sso_login(&ts).await;
     let (status, _) = invite(room2).await;
     assert_eq!(status, StatusCode::OK);
-    let rec = hafen::policy::claims::get(&ts.services().storage, &ruma::UserId::parse("@dave:localhost").unwrap())
-        .unwrap()
-        .unwrap();
+    let rec = hafen::policy::claims::get(
+        &ts.services().storage,
+        &ruma::UserId::parse("@dave:localhost").unwrap(),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(rec.source, "sso:corp");
     assert_eq!(rec.groups.into_iter().collect::<Vec<_>>(), ["/staff"]);
 }
@@ -674,7 +831,9 @@ async fn jwt_login_checks_signature_expiry_issuer_and_audience() {
         );
     })
     .await;
-    let (status, flows) = ts.req(Method::GET, &format!("{V3}/login"), None, None).await;
+    let (status, flows) = ts
+        .req(Method::GET, &format!("{V3}/login"), None, None)
+        .await;
     assert_eq!(
         (status, flows),
         (
@@ -689,7 +848,8 @@ async fn jwt_login_checks_signature_expiry_issuer_and_audience() {
             if let Some(t) = token {
                 body["token"] = json!(t);
             }
-            ts.req(Method::POST, &format!("{V3}/login"), None, Some(body)).await
+            ts.req(Method::POST, &format!("{V3}/login"), None, Some(body))
+                .await
         }
     };
     let good = json!({ "sub": "erin", "iss": "https://idp.example", "aud": "hafen", "exp": now() + 60, "roles": ["ops"] });
@@ -698,15 +858,29 @@ async fn jwt_login_checks_signature_expiry_issuer_and_audience() {
     assert_eq!(body["user_id"], json!("@erin:localhost"));
     let access = body["access_token"].as_str().unwrap().to_owned();
     let (status, who) = ts
-        .req(Method::GET, &format!("{V3}/account/whoami"), Some(&access), None)
+        .req(
+            Method::GET,
+            &format!("{V3}/account/whoami"),
+            Some(&access),
+            None,
+        )
         .await;
-    assert_eq!((status, &who["user_id"]), (StatusCode::OK, &json!("@erin:localhost")));
+    assert_eq!(
+        (status, &who["user_id"]),
+        (StatusCode::OK, &json!("@erin:localhost"))
+    );
     // Again: the same account.
     let (status, body) = login(Some(jwt(good.clone(), JWT_SECRET))).await;
-    assert_eq!((status, &body["user_id"]), (StatusCode::OK, &json!("@erin:localhost")));
-    let rec = hafen::policy::claims::get(&ts.services().storage, &ruma::UserId::parse("@erin:localhost").unwrap())
-        .unwrap()
-        .unwrap();
+    assert_eq!(
+        (status, &body["user_id"]),
+        (StatusCode::OK, &json!("@erin:localhost"))
+    );
+    let rec = hafen::policy::claims::get(
+        &ts.services().storage,
+        &ruma::UserId::parse("@erin:localhost").unwrap(),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(rec.source, "jwt");
     assert_eq!(rec.groups.into_iter().collect::<Vec<_>>(), ["ops"]);
 
@@ -727,26 +901,49 @@ async fn jwt_login_checks_signature_expiry_issuer_and_audience() {
     ] {
         let r = login(Some(jwt(claims.clone(), secret))).await;
         assert_err(&r, 403, "M_FORBIDDEN");
-        assert!(r.1["error"].as_str().unwrap().starts_with("JWT validation failed"), "{claims}: {}", r.1);
+        assert!(
+            r.1["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("JWT validation failed"),
+            "{claims}: {}",
+            r.1
+        );
     }
     assert_err(&login(None).await, 403, "M_FORBIDDEN");
     assert_err(&login(Some("not.a.jwt".into())).await, 403, "M_FORBIDDEN");
     // A subject that is not a user of this server.
-    let r = login(Some(jwt(with("sub", json!("@x:elsewhere.example")), JWT_SECRET))).await;
+    let r = login(Some(jwt(
+        with("sub", json!("@x:elsewhere.example")),
+        JWT_SECRET,
+    )))
+    .await;
     assert_err(&r, 403, "M_FORBIDDEN");
     // No SSO here: login tokens are not a login type.
     let r = ts
-        .req(Method::POST, &format!("{V3}/login"), None, Some(json!({ "type": "m.login.token", "token": "x" })))
+        .req(
+            Method::POST,
+            &format!("{V3}/login"),
+            None,
+            Some(json!({ "type": "m.login.token", "token": "x" })),
+        )
         .await;
     assert_err(&r, 400, "M_UNKNOWN");
     // Nor are the SSO redirects.
     let r = ts
-        .req(Method::GET, &format!("{V3}/login/sso/redirect?redirectUrl=https%3A%2F%2Fc.example%2F"), None, None)
+        .req(
+            Method::GET,
+            &format!("{V3}/login/sso/redirect?redirectUrl=https%3A%2F%2Fc.example%2F"),
+            None,
+            None,
+        )
         .await;
     assert_err(&r, 404, "M_UNRECOGNIZED");
 
     // The transparency statement names the identity provider data.
-    let (status, privacy) = ts.req(Method::GET, "/_hafen/client/v1/privacy", None, None).await;
+    let (status, privacy) = ts
+        .req(Method::GET, "/_hafen/client/v1/privacy", None, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     let idp_data = privacy["categories"]
         .as_array()
@@ -754,18 +951,34 @@ async fn jwt_login_checks_signature_expiry_issuer_and_audience() {
         .iter()
         .find(|c| c["id"] == json!("identity_provider"))
         .expect("an identity_provider category");
-    assert!(idp_data["recipients"].as_str().unwrap().contains("JWT login"), "{idp_data}");
+    assert!(
+        idp_data["recipients"]
+            .as_str()
+            .unwrap()
+            .contains("JWT login"),
+        "{idp_data}"
+    );
 
     let logins = audit_entries(&ts, "login");
     assert_eq!(logins.len(), 2);
     assert!(logins.iter().all(|e| e.detail["method"] == json!("jwt")));
     let failed = audit_entries(&ts, "login_failed");
-    let reasons: Vec<&str> = failed.iter().map(|e| e.detail["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = failed
+        .iter()
+        .map(|e| e.detail["reason"].as_str().unwrap())
+        .collect();
     assert_eq!(
         reasons,
         [
-            "invalid_jwt", "invalid_jwt", "invalid_jwt", "invalid_jwt", "invalid_jwt", "invalid_jwt",
-            "missing_token", "invalid_jwt", "invalid_user_id"
+            "invalid_jwt",
+            "invalid_jwt",
+            "invalid_jwt",
+            "invalid_jwt",
+            "invalid_jwt",
+            "invalid_jwt",
+            "missing_token",
+            "invalid_jwt",
+            "invalid_user_id"
         ]
     );
 }
@@ -796,9 +1009,16 @@ async fn jwt_without_registration_refuses_unknown_users() {
         }
     };
     let (status, body) = login("known").await;
-    assert_eq!((status, &body["user_id"]), (StatusCode::OK, &json!("@known:localhost")));
+    assert_eq!(
+        (status, &body["user_id"]),
+        (StatusCode::OK, &json!("@known:localhost"))
+    );
     assert_err(&login("stranger").await, 403, "M_FORBIDDEN");
-    assert!(!ts.services().accounts.exists(&ruma::UserId::parse("@stranger:localhost").unwrap()).unwrap());
+    assert!(!ts
+        .services()
+        .accounts
+        .exists(&ruma::UserId::parse("@stranger:localhost").unwrap())
+        .unwrap());
 }
 
 #[test]
@@ -810,19 +1030,35 @@ fn sso_config_is_checked_at_load() {
     assert!(e.to_string().contains("public_baseurl"), "{e}");
     let ok = format!("[global]\npublic_baseurl = \"https://matrix.example\"\n{provider}");
     let l = from_toml_str(&ok, Vec::new()).expect("loads");
-    assert_eq!(l.config.oidc_providers[0].localpart_claim, "preferred_username");
-    assert_eq!(l.config.oidc_providers[0].client_auth_method, "client_secret_basic");
+    assert_eq!(
+        l.config.oidc_providers[0].localpart_claim,
+        "preferred_username"
+    );
+    assert_eq!(
+        l.config.oidc_providers[0].client_auth_method,
+        "client_secret_basic"
+    );
     assert!(l.config.oidc_providers[0].auto_provision);
     let bad_id = ok.replace("idp_id = \"corp\"", "idp_id = \"Corp Login\"");
     assert!(from_toml_str(&bad_id, Vec::new()).is_err());
     let no_secret = ok.replace("client_secret = \"s\"\n", "");
     assert!(from_toml_str(&no_secret, Vec::new()).is_err());
-    let js = ok.replace("[global]\n", "[global]\nsso_client_allowlist = [\"javascript:\"]\n");
+    let js = ok.replace(
+        "[global]\n",
+        "[global]\nsso_client_allowlist = [\"javascript:\"]\n",
+    );
     let e = from_toml_str(&js, Vec::new()).err().expect("refused");
     assert!(e.to_string().contains("sso_client_allowlist"), "{e}");
-    let e = from_toml_str("[global.jwt]\nalgorithm = \"HS256\"\n", Vec::new()).err().expect("refused");
+    let e = from_toml_str("[global.jwt]\nalgorithm = \"HS256\"\n", Vec::new())
+        .err()
+        .expect("refused");
     assert!(e.to_string().contains("secret"), "{e}");
-    let e = from_toml_str("[global.jwt]\nalgorithm = \"RS256\"\nsecret = \"x\"\n", Vec::new()).err().expect("refused");
+    let e = from_toml_str(
+        "[global.jwt]\nalgorithm = \"RS256\"\nsecret = \"x\"\n",
+        Vec::new(),
+    )
+    .err()
+    .expect("refused");
     assert!(e.to_string().contains("key_file"), "{e}");
 }
 
@@ -846,7 +1082,8 @@ async fn sso_users_pass_user_interactive_auth_through_the_sso_stage() {
                 Some(a) => json!({ "auth": a }),
                 None => json!({}),
             };
-            ts.req(Method::DELETE, &path, Some(&token), Some(body)).await
+            ts.req(Method::DELETE, &path, Some(&token), Some(body))
+                .await
         }
     };
     // A password-less SSO user is offered the SSO stage only.
@@ -871,7 +1108,10 @@ async fn sso_users_pass_user_interactive_auth_through_the_sso_stage() {
     let (url, cookie) = through_idp(&ts, &fallback).await;
     let (status, _, page) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
-    assert!(page.contains("onAuthDone") && page.contains("authDone"), "{page}");
+    assert!(
+        page.contains("onAuthDone") && page.contains("authDone"),
+        "{page}"
+    );
     let (status, body) = delete(Some(json!({ "session": session }))).await;
     assert_eq!((status, body), (StatusCode::OK, json!({})));
     let (status, devices) = ts
@@ -881,23 +1121,43 @@ async fn sso_users_pass_user_interactive_auth_through_the_sso_stage() {
     assert_eq!(devices["devices"].as_array().unwrap().len(), 1, "{devices}");
     // No such session; a stage without a fallback.
     let res = browser()
-        .get(format!("{}{V3}/auth/m.login.sso/fallback/web?session=nope", ts.base))
+        .get(format!(
+            "{}{V3}/auth/m.login.sso/fallback/web?session=nope",
+            ts.base
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-    assert!(res.text().await.unwrap().contains("unknown or expired session"));
+    assert!(res
+        .text()
+        .await
+        .unwrap()
+        .contains("unknown or expired session"));
     let r = ts
-        .req(Method::GET, &format!("{V3}/auth/m.login.password/fallback/web?session=x"), None, None)
+        .req(
+            Method::GET,
+            &format!("{V3}/auth/m.login.password/fallback/web?session=x"),
+            None,
+            None,
+        )
         .await;
     assert_err(&r, 404, "M_UNRECOGNIZED");
     // A user with a password keeps the password stage as well.
     let pw = ts.user("henry").await;
     let (status, challenge) = ts
-        .req(Method::DELETE, &format!("{V3}/devices/{}", pw.device_id), Some(&pw.token), Some(json!({})))
+        .req(
+            Method::DELETE,
+            &format!("{V3}/devices/{}", pw.device_id),
+            Some(&pw.token),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(challenge["flows"], json!([{ "stages": ["m.login.password"] }]));
+    assert_eq!(
+        challenge["flows"],
+        json!([{ "stages": ["m.login.password"] }])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -911,7 +1171,9 @@ async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso()
     let login = sso_login(&ts).await;
     let user = ruma::UserId::parse("@ida:localhost").unwrap();
     let s = ts.services();
-    assert!(hafen::policy::claims::get(&s.storage, &user).unwrap().is_some());
+    assert!(hafen::policy::claims::get(&s.storage, &user)
+        .unwrap()
+        .is_some());
     assert_eq!(
         hafen::service::sso::mapping::linked(s, "corp", "e-1").unwrap(),
         Some(user.clone())
@@ -919,11 +1181,20 @@ async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso()
     // The user erases their account (the SSO stage stands in for the password).
     let token = login["access_token"].as_str().unwrap().to_owned();
     let (status, challenge) = ts
-        .req(Method::POST, &format!("{V3}/account/deactivate"), Some(&token), Some(json!({ "erase": true })))
+        .req(
+            Method::POST,
+            &format!("{V3}/account/deactivate"),
+            Some(&token),
+            Some(json!({ "erase": true })),
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let session = challenge["session"].as_str().unwrap().to_owned();
-    let (url, cookie) = through_idp(&ts, &format!("{V3}/auth/m.login.sso/fallback/web?session={session}")).await;
+    let (url, cookie) = through_idp(
+        &ts,
+        &format!("{V3}/auth/m.login.sso/fallback/web?session={session}"),
+    )
+    .await;
     let (status, _, page) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let (status, body) = ts
@@ -935,8 +1206,13 @@ async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso()
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(hafen::policy::claims::get(&s.storage, &user).unwrap().is_none());
-    assert_eq!(hafen::service::sso::mapping::linked(s, "corp", "e-1").unwrap(), None);
+    assert!(hafen::policy::claims::get(&s.storage, &user)
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        hafen::service::sso::mapping::linked(s, "corp", "e-1").unwrap(),
+        None
+    );
     // Logging in again through the provider does not revive the erased account: the name is
     // taken, so a new one is made.
     assert_eq!(sso_login(&ts).await["user_id"], json!("@ida1:localhost"));
@@ -954,8 +1230,19 @@ async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso()
     assert!(text.contains("shorter than 32 bytes"), "{text}");
     assert!(text.contains("does not check the audience"), "{text}");
     let d1 = report.rows.iter().find(|r| r.id == "D1").unwrap();
-    assert_eq!(d1.status, hafen::policy::report::Status::Met, "{:?}", d1.findings);
-    assert!(d1.findings.iter().any(|f| f.contains("central identity management")), "{:?}", d1.findings);
+    assert_eq!(
+        d1.status,
+        hafen::policy::report::Status::Met,
+        "{:?}",
+        d1.findings
+    );
+    assert!(
+        d1.findings
+            .iter()
+            .any(|f| f.contains("central identity management")),
+        "{:?}",
+        d1.findings
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -972,7 +1259,9 @@ async fn several_providers_get_a_choice_page_and_client_secret_post_works() {
     second.client_secret_file = Some(secret_file);
     second.client_auth_method = "client_secret_post".into();
     let ts = sso_server(&idp, move |c| c.oidc_providers.push(second)).await;
-    let (status, flows) = ts.req(Method::GET, &format!("{V3}/login"), None, None).await;
+    let (status, flows) = ts
+        .req(Method::GET, &format!("{V3}/login"), None, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         flows["flows"][1]["identity_providers"],
@@ -983,23 +1272,36 @@ async fn several_providers_get_a_choice_page_and_client_secret_post_works() {
     );
     // Without an idpId: a page to choose, names escaped.
     let res = browser()
-        .get(format!("{}{V3}/login/sso/redirect?redirectUrl=https%3A%2F%2Fclient.example%2F", ts.base))
+        .get(format!(
+            "{}{V3}/login/sso/redirect?redirectUrl=https%3A%2F%2Fclient.example%2F",
+            ts.base
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let page = res.text().await.unwrap();
-    assert!(page.contains("/login/sso/redirect/corp-post?redirectUrl=https%3A%2F%2Fclient.example%2F"), "{page}");
-    assert!(page.contains("Corp &lt;post&gt;") && !page.contains("<post>"), "{page}");
+    assert!(
+        page.contains("/login/sso/redirect/corp-post?redirectUrl=https%3A%2F%2Fclient.example%2F"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Corp &lt;post&gt;") && !page.contains("<post>"),
+        "{page}"
+    );
     // The secret from the file, sent in the form body.
     idp.next_user(json!({ "sub": "p-1", "preferred_username": "paula" }));
     let (url, cookie) = to_callback(&ts, "corp-post", "https://client.example/").await;
     let (status, loc, body) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::FOUND, "{body}");
     let loc = loc.unwrap();
-    let token = query_map(&url::Url::parse(&loc).unwrap().query().map(str::to_owned))["loginToken"].clone();
+    let token =
+        query_map(&url::Url::parse(&loc).unwrap().query().map(str::to_owned))["loginToken"].clone();
     let (status, login) = token_login(&ts, &token).await;
-    assert_eq!((status, &login["user_id"]), (StatusCode::OK, &json!("@paula:localhost")));
+    assert_eq!(
+        (status, &login["user_id"]),
+        (StatusCode::OK, &json!("@paula:localhost"))
+    );
     let logins = audit_entries(&ts, "login");
     assert_eq!(logins.len(), 1);
     assert_eq!(logins[0].detail, json!({ "method": "sso:corp-post" }));
@@ -1007,5 +1309,9 @@ async fn several_providers_get_a_choice_page_and_client_secret_post_works() {
     let (url, cookie) = to_callback(&ts, "corp", "https://client.example/").await;
     let (status, _, body) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::FOUND, "{body}");
-    assert!(ts.services().accounts.exists(&ruma::UserId::parse("@paula1:localhost").unwrap()).unwrap());
+    assert!(ts
+        .services()
+        .accounts
+        .exists(&ruma::UserId::parse("@paula1:localhost").unwrap())
+        .unwrap());
 }

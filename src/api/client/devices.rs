@@ -98,8 +98,7 @@ async fn delete_one(
     if s.accounts.device(&id.user_id, device_id.into())?.is_none() {
         return Err(Error::not_found("Unknown device"));
     }
-    s.uiaa
-        .reauth(&s, &id.user_id, auth_of(&body))?;
+    s.uiaa.reauth(&s, &id.user_id, auth_of(&body))?;
     if let Some(count) = s.accounts.remove_device(&id.user_id, device_id.into())? {
         crate::service::federation::edu::device_deleted(&s, &id.user_id, device_id.into(), count);
     }
@@ -131,8 +130,7 @@ async fn delete_many(
                 .ok_or_else(|| Error::bad_json("'devices' must be an array of strings"))?,
         );
     }
-    s.uiaa
-        .reauth(&s, &id.user_id, auth_of(&body))?;
+    s.uiaa.reauth(&s, &id.user_id, auth_of(&body))?;
     for d in ids {
         if let Some(count) = s.accounts.remove_device(&id.user_id, d.into())? {
             crate::service::federation::edu::device_deleted(&s, &id.user_id, d.into(), count);

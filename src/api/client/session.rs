@@ -55,7 +55,10 @@ async fn login_flows(State(s): State<Arc<Services>>) -> Json<Value> {
 }
 
 /// What every login type reads besides its credential.
-fn device_request(body: &serde_json::Map<String, Value>, ip: Option<std::net::IpAddr>) -> Result<sso::login::DeviceRequest> {
+fn device_request(
+    body: &serde_json::Map<String, Value>,
+    ip: Option<std::net::IpAddr>,
+) -> Result<sso::login::DeviceRequest> {
     let device_id = opt_str(body, "device_id")?;
     if device_id
         .as_ref()

@@ -70,10 +70,7 @@ fn page(title: &str, body: &str) -> String {
 }
 
 /// Without an idpId: the one provider, or a page to choose among several.
-async fn redirect_any(
-    State(s): State<Arc<Services>>,
-    RawQuery(q): RawQuery,
-) -> Result<Response> {
+async fn redirect_any(State(s): State<Arc<Services>>, RawQuery(q): RawQuery) -> Result<Response> {
     if !s.sso.enabled() {
         return Err(not_configured());
     }
@@ -138,13 +135,19 @@ async fn auth_fallback(
     let Some(user) = user else {
         return Ok(html(
             StatusCode::BAD_REQUEST,
-            page("Authentication failed", "<p>M_UNKNOWN: unknown or expired session</p>"),
+            page(
+                "Authentication failed",
+                "<p>M_UNKNOWN: unknown or expired session</p>",
+            ),
         ));
     };
     let Some(idp) = s.sso.reauth_provider(&s, &user) else {
         return Ok(html(
             StatusCode::BAD_REQUEST,
-            page("Authentication failed", "<p>M_UNKNOWN: your account has no SSO login</p>"),
+            page(
+                "Authentication failed",
+                "<p>M_UNKNOWN: your account has no SSO login</p>",
+            ),
         ));
     };
     start(&s, idp, Purpose::Reauth { session, user }).await

@@ -128,8 +128,7 @@ pub fn validate(c: &Config) -> Result<(), String> {
     for p in &c.oidc_providers {
         let ok_id = !p.idp_id.is_empty()
             && p.idp_id.len() <= 64
-            && p
-                .idp_id
+            && p.idp_id
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
         if !ok_id {
@@ -189,7 +188,8 @@ pub fn validate(c: &Config) -> Result<(), String> {
         let ok = prefix.len() > 4
             && scheme.as_deref().is_some_and(|s| {
                 !s.is_empty()
-                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
                     && !matches!(s, "javascript" | "data" | "vbscript" | "file")
             });
         if !ok {

@@ -49,7 +49,10 @@ impl JwtVerifier {
                 DecodingKey::from_secret(j.secret.as_deref().unwrap_or_default().as_bytes())
             }
             _ => {
-                let path = j.key_file.as_ref().ok_or_else(|| Error::internal("jwt.key_file"))?;
+                let path = j
+                    .key_file
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("jwt.key_file"))?;
                 let pem = std::fs::read(path).map_err(|e| {
                     Error::internal(format!("jwt.key_file {}: {e}", path.display()))
                 })?;
@@ -58,9 +61,8 @@ impl JwtVerifier {
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
                     _ => DecodingKey::from_rsa_pem(&pem),
                 };
-                parsed.map_err(|e| {
-                    Error::internal(format!("jwt.key_file {}: {e}", path.display()))
-                })?
+                parsed
+                    .map_err(|e| Error::internal(format!("jwt.key_file {}: {e}", path.display())))?
             }
         };
         let mut validation = Validation::new(alg);

@@ -36,9 +36,11 @@ fn finish(services: &Services, user: &UserId, method: &str, d: DeviceRequest) ->
     crate::policy::access::check_device_limit(services, user, d.device_id.as_deref())?;
     let session = accounts.create_session(user, d.device_id, d.display_name, d.with_refresh)?;
     accounts.touch_device(user, &session.device_id, d.ip)?;
-    let mut e = services
-        .audit
-        .entry("login", Some(user.as_str()), Some(session.device_id.as_str()));
+    let mut e = services.audit.entry(
+        "login",
+        Some(user.as_str()),
+        Some(session.device_id.as_str()),
+    );
     e.detail = json!({ "method": method });
     services.audit.note(e);
     Ok(session)

@@ -42,7 +42,11 @@ pub fn sanitize_localpart(raw: &str) -> Option<String> {
 }
 
 /// The account linked to `idp`'s user `subject`, if any.
-pub fn linked(services: &Services, idp: &str, subject: &str) -> crate::error::Result<Option<OwnedUserId>> {
+pub fn linked(
+    services: &Services,
+    idp: &str,
+    subject: &str,
+) -> crate::error::Result<Option<OwnedUserId>> {
     let v = services
         .storage
         .get(Table::SsoSubjects, &keys::join(&[idp, subject]))?;
@@ -51,7 +55,12 @@ pub fn linked(services: &Services, idp: &str, subject: &str) -> crate::error::Re
 }
 
 /// Link `idp`'s user `subject` to `user`.
-pub fn link(services: &Services, idp: &str, subject: &str, user: &UserId) -> crate::error::Result<()> {
+pub fn link(
+    services: &Services,
+    idp: &str,
+    subject: &str,
+    user: &UserId,
+) -> crate::error::Result<()> {
     let mut b = services.storage.batch();
     b.put(
         Table::SsoSubjects,
@@ -157,7 +166,9 @@ pub fn map_oidc_user(
         }
         candidate = accounts
             .validate_new_localpart(&format!("{localpart}{n}"))
-            .map_err(|_| SsoFailure::forbidden("no_localpart", "The user name is not valid here"))?;
+            .map_err(|_| {
+                SsoFailure::forbidden("no_localpart", "The user name is not valid here")
+            })?;
     }
     // No password: the account logs in through its provider only.
     accounts
@@ -189,6 +200,9 @@ fn ensure_active(services: &Services, user: &UserId) -> Result<(), SsoFailure> {
         )),
         Some(_) => Ok(()),
         // The link outlived its account (should not happen): refuse rather than recreate.
-        None => Err(SsoFailure::forbidden("unknown_user", "This account does not exist")),
+        None => Err(SsoFailure::forbidden(
+            "unknown_user",
+            "This account does not exist",
+        )),
     }
 }

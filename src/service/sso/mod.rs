@@ -277,7 +277,9 @@ impl Sso {
                 "{COOKIE}={s}; Path={CALLBACK_PATH}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
                 PENDING_LIFETIME.as_secs()
             ),
-            None => format!("{COOKIE}=; Path={CALLBACK_PATH}; Max-Age=0; HttpOnly; SameSite=Lax{secure}"),
+            None => format!(
+                "{COOKIE}=; Path={CALLBACK_PATH}; Max-Age=0; HttpOnly; SameSite=Lax{secure}"
+            ),
         }
     }
 
@@ -292,7 +294,9 @@ impl Sso {
         let out = self.complete(services, session, query, &mut idp).await;
         if let Err(f) = &out {
             let mut e = services.audit.entry("login_failed", None, None);
-            let method = idp.map(|i| format!("sso:{i}")).unwrap_or_else(|| "sso".to_owned());
+            let method = idp
+                .map(|i| format!("sso:{i}"))
+                .unwrap_or_else(|| "sso".to_owned());
             e.detail = serde_json::json!({ "reason": f.reason, "method": method });
             services.audit.note(e);
         }
@@ -339,9 +343,9 @@ impl Sso {
                 ),
             ));
         }
-        let code = query
-            .get("code")
-            .ok_or_else(|| SsoFailure::bad_request("missing_code", "The login answer has no code"))?;
+        let code = query.get("code").ok_or_else(|| {
+            SsoFailure::bad_request("missing_code", "The login answer has no code")
+        })?;
         let callback = self
             .callback_url
             .as_deref()
@@ -374,7 +378,10 @@ impl Sso {
             Purpose::Reauth { session, user } => {
                 // The stage proves the account's owner is at the browser: the provider's user
                 // must be the one linked to this account.
-                let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default();
+                let subject = claims
+                    .get("sub")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or_default();
                 let linked = mapping::linked(services, &provider.conf.idp_id, subject)
                     .map_err(SsoFailure::internal)?;
                 if linked.as_ref() != Some(&user) {
@@ -383,20 +390,21 @@ impl Sso {
                         "You signed in at the identity provider as someone else",
                     ));
                 }
-                services
+                if !services
                     .uiaa
                     .complete_stage(&session, user.as_str(), "m.login.sso")
-                    .map_err(|_| {
-                        SsoFailure::bad_request(
-                            "unknown_session",
-                            "The authentication session has expired. Start again from your client.",
-                        )
-                    })?;
+                {
+                    return Err(SsoFailure::bad_request(
+                        "unknown_session",
+                        "The authentication session has expired. Start again from your client.",
+                    ));
+                }
                 return Ok(Completed::Reauth);
             }
-            Purpose::Login { redirect_url } => {
-                (redirect_url, mapping::map_oidc_user(services, provider, &claims)?)
-            }
+            Purpose::Login { redirect_url } => (
+                redirect_url,
+                mapping::map_oidc_user(services, provider, &claims)?,
+            ),
         };
         let method = format!("sso:{}", provider.conf.idp_id);
         let groups = crate::policy::claims::groups_from_claim(
@@ -408,8 +416,8 @@ impl Sso {
         );
         crate::policy::claims::record(&services.storage, &user, &method, groups)
             .map_err(SsoFailure::internal)?;
-        let token = login_token::issue(&services.storage, &user, &method)
-            .map_err(SsoFailure::internal)?;
+        let token =
+            login_token::issue(&services.storage, &user, &method).map_err(SsoFailure::internal)?;
         let mut url = url::Url::parse(&redirect_url)
             .map_err(|_| SsoFailure::bad_request("bad_redirect_url", "Invalid redirectUrl"))?;
         url.query_pairs_mut().append_pair("loginToken", &token);
@@ -422,7 +430,11 @@ impl Sso {
 
     /// The provider `user` re-authenticates with (`m.login.sso`): the first configured one they
     /// are linked to.
-    pub fn reauth_provider(&self, services: &crate::service::Services, user: &ruma::UserId) -> Option<usize> {
+    pub fn reauth_provider(
+        &self,
+        services: &crate::service::Services,
+        user: &ruma::UserId,
+    ) -> Option<usize> {
         if !self.enabled() {
             return None;
         }

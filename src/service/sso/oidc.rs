@@ -198,7 +198,8 @@ impl MetaCache {
             meta = fresh;
             key = find_key(&meta.jwks, header.kid.as_deref(), header.alg);
         }
-        let key = key.ok_or_else(|| bad("signed with a key the provider does not publish".into()))?;
+        let key =
+            key.ok_or_else(|| bad("signed with a key the provider does not publish".into()))?;
         let mut v = Validation::new(header.alg);
         v.leeway = LEEWAY_SECS;
         v.set_issuer(&[conf.issuer.as_str()]);
@@ -214,12 +215,18 @@ impl MetaCache {
 fn find_key(jwks: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
     use jsonwebtoken::jwk::AlgorithmParameters as P;
     // Without a kid, the key must at least be of the algorithm's kind.
-    let fits = |j: &&jsonwebtoken::jwk::Jwk| match (&j.algorithm, alg) {
-        (P::RSA(_), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512)
-        | (P::RSA(_), Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512)
-        | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
-        | (P::OctetKeyPair(_), Algorithm::EdDSA) => true,
-        _ => false,
+    let fits = |j: &&jsonwebtoken::jwk::Jwk| {
+        matches!(
+            (&j.algorithm, alg),
+            (
+                P::RSA(_),
+                Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512
+            ) | (
+                P::RSA(_),
+                Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512
+            ) | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
+                | (P::OctetKeyPair(_), Algorithm::EdDSA)
+        )
     };
     let jwk = match kid {
         Some(kid) => jwks
@@ -240,7 +247,8 @@ fn find_key(jwks: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<Decoding
 
 /// PKCE S256: the challenge of a verifier.
 pub fn pkce_challenge(verifier: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()))
 }
 
 /// The URL the browser is sent to at the provider.
@@ -255,7 +263,12 @@ pub fn authorization_url(
     let mut url = url::Url::parse(endpoint)
         .map_err(|e| Error::internal(format!("authorization endpoint: {e}")))?;
     let mut scopes: Vec<&str> = vec!["openid"];
-    scopes.extend(conf.scopes.iter().map(String::as_str).filter(|s| *s != "openid"));
+    scopes.extend(
+        conf.scopes
+            .iter()
+            .map(String::as_str)
+            .filter(|s| *s != "openid"),
+    );
     url.query_pairs_mut()
         .append_pair("response_type", "code")
         .append_pair("client_id", &conf.client_id)
@@ -298,12 +311,14 @@ pub async fn exchange_code(
             }
             _ => {
                 // RFC 6749 2.3.1: both parts form-encoded before the Basic encoding.
-                let enc =
-                    |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-                basic = Some(
-                    base64::engine::general_purpose::STANDARD
-                        .encode(format!("{}:{}", enc(&conf.client_id), enc(secret))),
-                );
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
+                basic = Some(base64::engine::general_purpose::STANDARD.encode(format!(
+                    "{}:{}",
+                    enc(&conf.client_id),
+                    enc(secret)
+                )));
             }
         }
         (form.finish(), basic)
@@ -323,9 +338,11 @@ pub async fn exchange_code(
         .await
         .map_err(|e| fail(format!("The identity provider cannot be reached: {e}")))?;
     let status = res.status();
-    let body = read_json(res)
-        .await
-        .map_err(|e| fail(format!("The identity provider's token answer is unusable: {e}")))?;
+    let body = read_json(res).await.map_err(|e| {
+        fail(format!(
+            "The identity provider's token answer is unusable: {e}"
+        ))
+    })?;
     if !status.is_success() {
         let err = body
             .get("error")
