@@ -138,8 +138,7 @@ async fn reload_on_sighup(
     store: std::sync::Arc<crate::api::tls::CertStore>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Ok(mut hangups) =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         return;
     };

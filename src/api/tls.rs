@@ -33,7 +33,9 @@ type FileStamp = [(std::time::SystemTime, u64); 2];
 
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertStore").field("certs", &self.certs).finish()
+        f.debug_struct("CertStore")
+            .field("certs", &self.certs)
+            .finish()
     }
 }
 
@@ -54,7 +56,10 @@ fn load(
         .and_then(|i| i.collect())
         .map_err(|e| format!("tls.certs {}: {e}", certs_path.display()))?;
     if certs.is_empty() {
-        return Err(format!("tls.certs {}: no certificate", certs_path.display()));
+        return Err(format!(
+            "tls.certs {}: no certificate",
+            certs_path.display()
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| format!("tls.key {}: {e}", key_path.display()))?;

@@ -32,7 +32,10 @@ pub fn pending_uri(s: &Services, user: &UserId, accepted: Option<&str>) -> Optio
 }
 
 fn link_mac(storage: &Storage, user: &str) -> String {
-    utils::keyed_hash(&super::stored_secret(storage, LINK_KEY_ROW), user.as_bytes())
+    utils::keyed_hash(
+        &super::stored_secret(storage, LINK_KEY_ROW),
+        user.as_bytes(),
+    )
 }
 
 /// The page of this server where `user` accepts the notice.

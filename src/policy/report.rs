@@ -281,7 +281,10 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         "every outbound destination (federation servers, push gateways) is in the register: GET /_hafen/admin/v1/destinations".to_owned(),
     ];
     if let Some(d) = &db {
-        met.push(format!("{} destination(s) contacted so far", d.destinations));
+        met.push(format!(
+            "{} destination(s) contacted so far",
+            d.destinations
+        ));
     }
     if !config.turn_uris.is_empty() {
         met.push(format!(
@@ -433,8 +436,12 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         requirement: "security updates",
         status: Status::Info,
         findings: vec![
-            format!("this is Hafen {}; the dependency audit (scripts/dep-audit.py) runs in CI", env!("CARGO_PKG_VERSION")),
-            "the operator's update schedule; the server cannot check it (docs/security-updates.md)".into(),
+            format!(
+                "this is Hafen {}; the dependency audit (scripts/dep-audit.py) runs in CI",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "the operator's update schedule; the server cannot check it (docs/security-updates.md)"
+                .into(),
         ],
     });
     let ok = rows.iter().all(|r| r.status != Status::FallsShort);

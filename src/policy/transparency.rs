@@ -69,7 +69,8 @@ fn federation_recipients(config: &Config) -> String {
         return "nobody: federation with other servers is off".into();
     }
     let mut s = if config.federation_allowlist.is_empty() {
-        "the servers of the other members of the rooms you are in (federation is open to any server".to_owned()
+        "the servers of the other members of the rooms you are in (federation is open to any server"
+            .to_owned()
     } else {
         format!(
             "the servers of the other members of the rooms you are in, only among these partners: {}",
@@ -117,9 +118,7 @@ fn message_lifetime(config: &Config) -> String {
         None => "until deleted (redaction, room deletion, account erasure), or as long as the room's retention policy (m.room.retention) says".into(),
     };
     bound(&mut s);
-    s.push_str(
-        "; state events (names, memberships, permissions) stay as long as the room exists",
-    );
+    s.push_str("; state events (names, memberships, permissions) stay as long as the room exists");
     s
 }
 
@@ -165,9 +164,18 @@ pub fn statement(config: &Config) -> Statement {
         id: "media",
         data: "files and images you upload, and copies of other servers' files shown to you".into(),
         purpose: "to deliver files in rooms and show previews (thumbnails)".into(),
-        kept_for: format!("your uploads: {media_kept}; copies of other servers' files: {remote_kept}"),
-        recipients: format!("whoever is in the rooms the file is sent to; {}", federation_recipients(config)),
-        settings: vec!["media_retention.local_max_lifetime", "media_retention.remote_max_lifetime", "max_upload_size"],
+        kept_for: format!(
+            "your uploads: {media_kept}; copies of other servers' files: {remote_kept}"
+        ),
+        recipients: format!(
+            "whoever is in the rooms the file is sent to; {}",
+            federation_recipients(config)
+        ),
+        settings: vec![
+            "media_retention.local_max_lifetime",
+            "media_retention.remote_max_lifetime",
+            "max_upload_size",
+        ],
     });
     let ip_kept = match config.audit_ip_mode {
         crate::policy::audit::IpMode::Truncate => "shortened (IPv4 to /24, IPv6 to /48)",
@@ -205,7 +213,10 @@ pub fn statement(config: &Config) -> Statement {
         purpose: "to show others whether you are reachable".into(),
         kept_for: "only the latest status".into(),
         recipients: if config.allow_presence {
-            format!("the people you share rooms with; {}", federation_recipients(config))
+            format!(
+                "the people you share rooms with; {}",
+                federation_recipients(config)
+            )
         } else {
             "nobody".into()
         },
@@ -258,7 +269,8 @@ pub fn statement(config: &Config) -> Statement {
             data: "the web addresses your client asks the server to preview".into(),
             purpose: "to show a preview of links".into(),
             kept_for: "the preview is cached; the request is not logged with your name".into(),
-            recipients: "the web site the link points to (fetched by the server, not your device)".into(),
+            recipients: "the web site the link points to (fetched by the server, not your device)"
+                .into(),
             settings: vec!["url_preview_enabled"],
         });
     }
@@ -374,6 +386,9 @@ mod tests {
 
     #[test]
     fn html_is_escaped() {
-        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 }

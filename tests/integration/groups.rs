@@ -716,11 +716,14 @@ async fn the_policy_hook_is_asked_about_knocks_and_other_servers_users() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let knock_room = body["room_id"].as_str().expect("room").to_owned();
     let knock_path = format!("{V3}/knock/{}", enc(&knock_room));
-    let got = a.post(&knock_path, &kim, json!({ "reason": "let me in" })).await;
+    let got = a
+        .post(&knock_path, &kim, json!({ "reason": "let me in" }))
+        .await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert_eq!(got.1["room_id"], json!(knock_room));
     assert_denied(
-        &a.post(&knock_path, &mute, json!({ "reason": "let me in" })).await,
+        &a.post(&knock_path, &mute, json!({ "reason": "let me in" }))
+            .await,
         "policy_hook",
     );
     assert!(has_denial(&a, Some(&mute.user_id), "policy_hook", "knock"));

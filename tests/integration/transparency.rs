@@ -42,11 +42,10 @@ async fn the_privacy_statement_follows_the_live_config() {
         .as_str()
         .expect("data")
         .starts_with("nothing"));
-    assert!(body["rights"]
-        .as_array()
-        .expect("rights")
-        .iter()
-        .any(|r| r.as_str().unwrap_or_default().contains("/_hafen/client/v1/export")));
+    assert!(body["rights"].as_array().expect("rights").iter().any(|r| r
+        .as_str()
+        .unwrap_or_default()
+        .contains("/_hafen/client/v1/export")));
     s.stop().await;
 
     // Retention, partner federation, media lifetimes, audit retention and presence change it.
@@ -152,17 +151,19 @@ async fn a_new_privacy_notice_version_is_asked_again() {
         c.well_known.client = Some("https://matrix.example.org".into());
     })
     .await;
-    let send = |txn: &str| {
-        format!(
-            "{V3}/rooms/{}/send/m.room.message/{txn}",
-            enc(&room)
-        )
-    };
+    let send = |txn: &str| format!("{V3}/rooms/{}/send/m.room.message/{txn}", enc(&room));
     let got = s
-        .put(&send("t1"), &alice, json!({ "msgtype": "m.text", "body": "hi" }))
+        .put(
+            &send("t1"),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
         .await;
     assert_err(&got, 403, "M_CONSENT_NOT_GIVEN");
-    let uri = got.1["consent_uri"].as_str().expect("consent_uri").to_owned();
+    let uri = got.1["consent_uri"]
+        .as_str()
+        .expect("consent_uri")
+        .to_owned();
     assert!(
         uri.starts_with("https://matrix.example.org/_hafen/consent?u=%40alice%3Alocalhost&h="),
         "{uri}"
@@ -203,7 +204,10 @@ async fn a_new_privacy_notice_version_is_asked_again() {
     assert!(html.contains("version 2"));
     let h = uri.split("&h=").nth(1).expect("h").to_owned();
     let forged = http
-        .get(format!("{}/_hafen/consent?u=%40bob%3Alocalhost&h={h}", s.base))
+        .get(format!(
+            "{}/_hafen/consent?u=%40bob%3Alocalhost&h={h}",
+            s.base
+        ))
         .send()
         .await
         .expect("page");
@@ -216,7 +220,10 @@ async fn a_new_privacy_notice_version_is_asked_again() {
     };
     // A forged code and an old version are refused; nothing is recorded.
     assert_eq!(
-        form(&alice.user_id, "00", "2").await.expect("post").status(),
+        form(&alice.user_id, "00", "2")
+            .await
+            .expect("post")
+            .status(),
         StatusCode::FORBIDDEN
     );
     assert_eq!(
@@ -224,8 +231,12 @@ async fn a_new_privacy_notice_version_is_asked_again() {
         StatusCode::CONFLICT
     );
     assert_err(
-        &s.put(&send("t2"), &alice, json!({ "msgtype": "m.text", "body": "hi" }))
-            .await,
+        &s.put(
+            &send("t2"),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
+        .await,
         403,
         "M_CONSENT_NOT_GIVEN",
     );
@@ -233,14 +244,20 @@ async fn a_new_privacy_notice_version_is_asked_again() {
     assert_eq!(done.status(), StatusCode::OK);
     assert!(done.text().await.expect("html").contains("Thank you"));
     let got = s
-        .put(&send("t3"), &alice, json!({ "msgtype": "m.text", "body": "hi" }))
+        .put(
+            &send("t3"),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
         .await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     assert!(got.1["event_id"].is_string());
     let accepted = s
         .services()
         .audit
-        .query(0, u64::MAX, 100, None, |e| e.kind == "privacy_notice_accepted")
+        .query(0, u64::MAX, 100, None, |e| {
+            e.kind == "privacy_notice_accepted"
+        })
         .expect("audit")
         .0;
     let versions: Vec<&Value> = accepted.iter().map(|e| &e.detail["version"]).collect();
@@ -285,7 +302,11 @@ async fn a_new_privacy_notice_version_is_asked_again() {
     })
     .await;
     let got = s
-        .put(&send("t4"), &alice, json!({ "msgtype": "m.text", "body": "hi" }))
+        .put(
+            &send("t4"),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
         .await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     s.stop().await;

@@ -94,7 +94,11 @@ fn bad_link() -> Response {
 
 async fn consent_page(State(s): State<Arc<Services>>, Query(link): Query<Link>) -> Response {
     let Some(notice) = &s.config.privacy_notice else {
-        return page(StatusCode::NOT_FOUND, "No privacy notice", "<p>This server has no privacy notice.</p>");
+        return page(
+            StatusCode::NOT_FOUND,
+            "No privacy notice",
+            "<p>This server has no privacy notice.</p>",
+        );
     };
     let Some(user) = linked_user(&s, &link) else {
         return bad_link();
@@ -122,7 +126,11 @@ async fn consent_page(State(s): State<Arc<Services>>, Query(link): Query<Link>) 
 
 async fn consent_form(State(s): State<Arc<Services>>, body: Bytes) -> Response {
     let Ok(link) = serde_html_form::from_bytes::<Link>(&body) else {
-        return page(StatusCode::BAD_REQUEST, "Bad request", "<p>The form could not be read.</p>");
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "<p>The form could not be read.</p>",
+        );
     };
     let Some(user) = linked_user(&s, &link) else {
         return bad_link();

@@ -4,6 +4,7 @@ mod account;
 mod account_data;
 mod admin;
 mod admin_api;
+mod admin_media;
 mod alias;
 mod consent;
 mod data_rights;
@@ -85,6 +86,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = admin::routes(r);
     let r = groups::routes(r);
     let r = admin_api::routes(r);
+    let r = admin_media::routes(r);
     let r = data_rights::routes(r);
     let r = consent::routes(r);
     let r = synapse_admin::routes(r);

@@ -201,7 +201,9 @@ pub async fn accept_membership(
             &pdu.sender,
             Some(room_id),
             kind.membership(),
-            [("remote".to_owned(), serde_json::json!(true))].into_iter().collect(),
+            [("remote".to_owned(), serde_json::json!(true))]
+                .into_iter()
+                .collect(),
         )
         .await?;
     }

@@ -415,6 +415,22 @@ impl Sender {
         Ok(dropped)
     }
 
+    /// Whether `destination` still has a PDU queued whose stream count is at most `count` (PDUs
+    /// go out in count order, so none left means every event up to `count` was delivered).
+    pub fn pdus_pending_up_to(&self, destination: &ServerName, count: u64) -> Result<bool> {
+        let first = self
+            .storage
+            .scan_prefix(
+                Table::FederationQueue,
+                &keys::prefix(&[destination.as_str(), PDU]),
+            )?
+            .next()
+            .transpose()?;
+        Ok(first
+            .and_then(|(k, _)| keys::count_suffix(&k))
+            .is_some_and(|c| c <= count))
+    }
+
     /// Number of items queued for `destination` (PDUs, EDUs); for tests and the admin.
     pub fn queued(&self, destination: &ServerName) -> Result<(usize, usize)> {
         let count = |kind: &str| -> Result<usize> {
