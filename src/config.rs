@@ -93,6 +93,12 @@ pub struct Config {
     /// must match the whole user agent) get 403 on every authenticated request (C3). Empty: none.
     #[serde(default)]
     pub blocked_user_agents: Vec<String>,
+    /// Minimum versions of what a client's user agent names (C3: only patched systems and
+    /// apps), e.g. `[{ token = "Android", version = "12" }, { token = "Element", version =
+    /// "1.6.0" }]`: a user agent with `Android 11` or `Element/1.5.2` gets 403 on every
+    /// authenticated request. A user agent without the token is not affected.
+    #[serde(default)]
+    pub min_user_agent_versions: Vec<crate::policy::client_version::MinVersion>,
     /// Message retention (D4): the lifetime of rooms without `m.room.retention`, the bounds a
     /// room's policy is clamped into, and how often the purge job runs.
     #[serde(default)]
@@ -671,6 +677,16 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid(
             "max_request_size: must be at least 1024 bytes".into(),
         ));
+    }
+    for m in &c.min_user_agent_versions {
+        if m.token.trim().is_empty()
+            || crate::policy::client_version::parse_version(&m.version).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "min_user_agent_versions: `{}` needs a token and a version of dot-separated numbers (got `{}`)",
+                m.token, m.version
+            )));
+        }
     }
     if c.retention.purge_interval < 1000 {
         return Err(ConfigError::Invalid(

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod audit;
 pub mod claims;
+pub mod client_version;
 pub mod consent;
 pub mod erasure;
 pub mod export;

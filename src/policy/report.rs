@@ -354,7 +354,19 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
                 "{} blocked client user agent pattern(s) (`blocked_user_agents`)",
                 config.blocked_user_agents.len()
             )),
-            "C3" => findings.push("no client version policy (`blocked_user_agents`)".into()),
+            "C3" if !config.min_user_agent_versions.is_empty() => findings.push(format!(
+                "minimum client versions: {}",
+                config
+                    .min_user_agent_versions
+                    .iter()
+                    .map(|m| format!("{} {}", m.token, m.version))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            "C3" => findings.push(
+                "no client version policy (`blocked_user_agents`, `min_user_agent_versions`)"
+                    .into(),
+            ),
             _ => {}
         }
         rows.push(Row {

@@ -318,7 +318,12 @@ pub async fn delete_room(
     }
     // The leave events must reach the other servers in the room before their rows go: the
     // sender drops queue items whose event is gone.
-    wait_for_delivery(services, &remote_servers, services.globals.counter.watermark()).await;
+    wait_for_delivery(
+        services,
+        &remote_servers,
+        services.globals.counter.watermark(),
+    )
+    .await;
     if let Some(id) = task_id {
         services
             .retention

@@ -867,7 +867,11 @@ async fn room_deletion_waits_for_the_leaves_to_reach_other_servers() {
             &root,
         )
         .await;
-    assert_eq!(st["status"], json!("shutting_down"), "still waiting for B: {st}");
+    assert_eq!(
+        st["status"],
+        json!("shutting_down"),
+        "still waiting for B: {st}"
+    );
     b.resume().await;
     let st = wait_status(
         &a,
@@ -884,7 +888,10 @@ async fn room_deletion_waits_for_the_leaves_to_reach_other_servers() {
     // B learned that alice left; the room is gone on A.
     wait_membership(&b, &bob, &room, &alice.user_id, "leave").await;
     let (status, _) = a
-        .get(&format!("/_matrix/client/v3/rooms/{}/state", enc(&room)), &alice)
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+            &alice,
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     a.stop().await;
