@@ -85,6 +85,9 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
     tokio::spawn(crate::policy::register::run_jobs(Arc::downgrade(&services)));
     // The retention purge job ends by itself once the services are gone.
     tokio::spawn(crate::service::retention::run(Arc::downgrade(&services)));
+    tokio::spawn(crate::policy::group_sweep::run_at_start(Arc::downgrade(
+        &services,
+    )));
     let (sender_shutdown, sender_stop) = tokio::sync::watch::channel(false);
     let sender_task = tokio::spawn(crate::service::federation::sender::run(
         Arc::downgrade(&services),

@@ -49,6 +49,24 @@ pub fn groups_from_claim(value: Option<&Value>) -> BTreeSet<String> {
     }
 }
 
+/// A login through the identity provider: keep its groups, and when a group value the user had
+/// is gone, make them leave the rooms bound to groups they are no longer in (as when an admin
+/// removes a member, `group_sweep`).
+pub async fn record_login(
+    services: &crate::service::Services,
+    user: &UserId,
+    source: &str,
+    groups: BTreeSet<String>,
+) -> Result<()> {
+    let before = get(&services.storage, user)?.map(|r| r.groups).unwrap_or_default();
+    let lost = before.iter().any(|g| !groups.contains(g));
+    record(&services.storage, user, source, groups)?;
+    if lost && services.access.groups.active() {
+        super::group_sweep::remove_user_outside(services, user).await?;
+    }
+    Ok(())
+}
+
 /// Replace the user's claims with those of this login.
 pub fn record(
     storage: &Storage,

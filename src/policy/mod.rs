@@ -12,6 +12,7 @@ pub mod client_version;
 pub mod consent;
 pub mod erasure;
 pub mod export;
+pub mod group_sweep;
 pub mod groups;
 pub mod hook;
 pub mod register;

@@ -774,9 +774,36 @@ async fn groups_from_claims_decide_invites_and_follow_the_next_login() {
     };
     assert_eq!(status, StatusCode::OK);
     assert_eq!(groups[0]["sso_groups"], json!(["/staff"]));
-    // The provider no longer names the group: after the next login dave is out of it.
+    // Dave joins a room bound to the group.
+    let bound = ts
+        .create_room(&carol, json!({ "creation_content": { "org.hafen.group": "staff" } }))
+        .await;
+    let (status, _) = invite(bound.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let dave_token = dave["access_token"].as_str().unwrap().to_owned();
+    let (status, body) = ts
+        .req(Method::POST, &format!("{V3}/join/{}", crate::common::enc(&bound)), Some(&dave_token), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The provider no longer names the group: after the next login dave is out of it, and out
+    // of the room bound to it.
     idp.next_user(json!({ "sub": "d-1", "preferred_username": "dave", "groups": ["/other"] }));
     assert_eq!(sso_login(&ts).await["user_id"], json!("@dave:localhost"));
+    let (status, member) = ts
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.member/@dave:localhost", crate::common::enc(&bound)),
+            &carol,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(member["membership"], json!("leave"), "{member}");
+    let denied = audit_entries(&ts, "policy_denied");
+    assert!(
+        denied.iter().any(|e| e.detail["action"] == json!("remain_member")
+            && e.user.as_deref() == Some("@dave:localhost")
+            && e.room.as_deref() == Some(bound.as_str())),
+        "{denied:?}"
+    );
     let room2 = ts.create_room(&carol, json!({})).await;
     let r = invite(room2.clone()).await;
     assert_err(&r, 403, "M_FORBIDDEN");

@@ -91,11 +91,8 @@ async fn login(
         "org.matrix.login.jwt" if s.sso.jwt.is_some() => {
             let token = opt_str(&body, "token")?;
             let d = device_request(&body, ip)?;
-            return Ok(Json(session_json(&sso::login::jwt_login(
-                &s,
-                token.as_deref(),
-                d,
-            )?)));
+            let session = sso::login::jwt_login(&s, token.as_deref(), d).await?;
+            return Ok(Json(session_json(&session)));
         }
         _ => {}
     }

@@ -63,7 +63,11 @@ pub fn token_login(services: &Services, token: &str, d: DeviceRequest) -> Result
 }
 
 /// `org.matrix.login.jwt`: check the token, find (or register) the user.
-pub fn jwt_login(services: &Services, token: Option<&str>, d: DeviceRequest) -> Result<Session> {
+pub async fn jwt_login(
+    services: &Services,
+    token: Option<&str>,
+    d: DeviceRequest,
+) -> Result<Session> {
     let Some(verifier) = services.sso.jwt.as_ref() else {
         return Err(Error::with_status(
             ErrCode::Unknown,
@@ -110,6 +114,6 @@ pub fn jwt_login(services: &Services, token: Option<&str>, d: DeviceRequest) -> 
     let groups = crate::policy::claims::groups_from_claim(
         verifier.groups_claim.as_deref().and_then(|c| claims.get(c)),
     );
-    crate::policy::claims::record(&services.storage, &user, "jwt", groups)?;
+    crate::policy::claims::record_login(services, &user, "jwt", groups).await?;
     finish(services, &user, "jwt", d)
 }

@@ -414,7 +414,8 @@ impl Sso {
                 .as_deref()
                 .and_then(|c| claims.get(c)),
         );
-        crate::policy::claims::record(&services.storage, &user, &method, groups)
+        crate::policy::claims::record_login(services, &user, &method, groups)
+            .await
             .map_err(SsoFailure::internal)?;
         let token =
             login_token::issue(&services.storage, &user, &method).map_err(SsoFailure::internal)?;
