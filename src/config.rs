@@ -202,6 +202,26 @@ pub struct Config {
     /// Lifetime of TURN credentials, in seconds.
     #[serde(default = "default_turn_ttl")]
     pub turn_ttl: u64,
+    /// OpenID Connect identity providers users may log in with (`[[global.oidc_providers]]`,
+    /// `m.login.sso`). Empty: no SSO. See docs/sso.md.
+    #[serde(default)]
+    pub oidc_providers: Vec<crate::service::sso::config::OidcProvider>,
+    /// Where clients may be sent back to after SSO: prefixes of `redirectUrl`, e.g.
+    /// `["https://app.element.io/"]` (an app's own scheme, such as `"io.element.android:/"`, is
+    /// allowed only when listed here). A listed client gets the login token at once; any other
+    /// http(s) URL first gets a page asking the user whether to continue to it. Empty: every
+    /// client gets that page.
+    #[serde(default)]
+    pub sso_client_allowlist: Vec<String>,
+    /// The public base URL of this server's client API, e.g. `"https://matrix.example.org"`:
+    /// the SSO callback the identity provider redirects to is built from it. Unset: taken from
+    /// `well_known.client`.
+    #[serde(default)]
+    pub public_baseurl: Option<String>,
+    /// JWT login (`org.matrix.login.jwt`): tokens signed by the organization's identity service.
+    /// Unset: not offered. See docs/sso.md.
+    #[serde(default)]
+    pub jwt: Option<crate::service::sso::config::JwtConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -355,7 +375,7 @@ fn default_database_path() -> PathBuf {
 fn default_database_backend() -> String {
     "rocksdb".to_owned()
 }
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
 fn default_db_cache_capacity_mb() -> u64 {
@@ -614,6 +634,8 @@ impl Config {
         c.retention.allowed_max = Some(0);
         c.media_retention.local_max_lifetime = Some(0);
         c.media_retention.remote_max_lifetime = Some(0);
+        c.public_baseurl = Some(String::new());
+        c.jwt = Some(crate::service::sso::config::JwtConfig::for_keys());
         c
     }
 
@@ -741,6 +763,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             )));
         }
     }
+    crate::service::sso::config::validate(c).map_err(ConfigError::Invalid)?;
     tracing_subscriber::EnvFilter::try_new(&c.log)
         .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
     Ok(())

@@ -67,6 +67,45 @@ pub async fn remove_outsiders(
     Ok(removed)
 }
 
+/// Make `user` (a local user) leave the rooms bound to a group they are no longer in: after
+/// their identity provider stopped naming a group (`claims::record_login`). Looks only at the
+/// user's own rooms.
+pub async fn remove_user_outside(s: &Services, user: &ruma::UserId) -> Result<Vec<OwnedRoomId>> {
+    let mut removed = Vec::new();
+    for (room, r) in s.rooms.user_rooms(user)? {
+        if !matches!(r.membership.as_str(), "join" | "invite" | "knock") {
+            continue;
+        }
+        let Some(bound) = super::access::room_group(s, &room)? else {
+            continue;
+        };
+        if s.access.groups.is_member(&bound, user) {
+            continue;
+        }
+        let reason = format!("No longer a member of the group {bound} this room is bound to");
+        match s.rooms.leave_room(&room, user, Some(&reason)).await {
+            Ok(()) => {
+                s.audit.record(AuditEntry {
+                    kind: "policy_denied".to_owned(),
+                    user: Some(user.to_string()),
+                    room: Some(room.to_string()),
+                    detail: json!({
+                        "policy": ROOM_GROUP,
+                        "action": "remain_member",
+                        "group": bound,
+                    }),
+                    ..AuditEntry::default()
+                })?;
+                removed.push(room);
+            }
+            Err(e) => {
+                tracing::warn!(%room, %user, error = %e, "could not remove a user outside the room's group");
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// The check at start, in the background (after a config change of the groups).
 pub async fn run_at_start(services: Weak<Services>) {
     let Some(s) = services.upgrade() else { return };

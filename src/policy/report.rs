@@ -147,6 +147,34 @@ fn db_facts(storage: &Storage) -> Result<DbFacts> {
     Ok(f)
 }
 
+/// A4: logins through the organization's identity provider, and their weak spots.
+fn sso_findings(config: &Config, short: &mut Vec<String>, met: &mut Vec<String>) {
+    for p in &config.oidc_providers {
+        if p.issuer.starts_with("http://") {
+            short.push(format!(
+                "SSO provider `{}` is reached without TLS (`issuer` is http://)",
+                p.idp_id
+            ));
+        }
+        met.push(format!(
+            "SSO (OpenID Connect) login through `{}` ({})",
+            p.idp_id, p.issuer
+        ));
+    }
+    if !config.oidc_providers.is_empty() && config.sso_client_allowlist.is_empty() {
+        met.push("SSO: no `sso_client_allowlist`, users confirm every client before it gets their login".into());
+    }
+    if let Some(j) = &config.jwt {
+        if j.secret.as_ref().is_some_and(|s| s.len() < 32) {
+            short.push("JWT login secret shorter than 32 bytes (`jwt.secret`)".into());
+        }
+        if j.audiences.is_empty() {
+            short.push("JWT login does not check the audience (`jwt.audiences` empty): tokens for other services are accepted".into());
+        }
+        met.push(format!("JWT login ({})", j.algorithm));
+    }
+}
+
 /// Build the report from the config and (when given) the database.
 pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<Report> {
     let db = match storage {
@@ -232,12 +260,14 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
     if !tls {
         short.push("no TLS configured (`tls`): traffic relies on a proxy in front".into());
     }
+    let mut met = vec!["TLS with rustls, renewed certificates loaded without a restart; signing key rotation with `hafen key rotate`".to_owned()];
+    sso_findings(config, &mut short, &mut met);
     row(
         &mut rows,
         "A4",
-        "integrated certificate and key management",
+        "import of server-side authentication; certificate and key management",
         short,
-        vec!["TLS with rustls, renewed certificates loaded without a restart; signing key rotation with `hafen key rotate`".into()],
+        met,
     );
     row(
         &mut rows,
@@ -445,12 +475,22 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
             short.push("no active admin account".into());
         }
     }
+    let mut met = vec!["registration by token or admin; federation limited to partners".to_owned()];
+    if !config.oidc_providers.is_empty() || config.jwt.is_some() {
+        met.push("central identity management: logins through the organization's identity provider (SSO/JWT)".into());
+    }
+    let claim_groups = config.groups.iter().filter(|g| !g.sso_groups.is_empty()).count();
+    if claim_groups > 0 {
+        met.push(format!(
+            "{claim_groups} closed user group(s) follow the identity provider's groups (`sso_groups`)"
+        ));
+    }
     row(
         &mut rows,
         "D1",
-        "secured registration, closed user groups",
+        "central identity management, secured registration, closed user groups",
         short,
-        vec!["registration by token or admin; federation limited to partners".into()],
+        met,
     );
     rows.push(Row {
         id: "D2",

@@ -242,6 +242,27 @@ pub fn statement(config: &Config) -> Statement {
         },
         settings: vec!["groups", "group_contact"],
     });
+    if !config.oidc_providers.is_empty() || config.jwt.is_some() {
+        let mut via: Vec<String> = config
+            .oidc_providers
+            .iter()
+            .map(|p| format!("{} ({})", p.idp_name, p.issuer))
+            .collect();
+        if config.jwt.is_some() {
+            via.push("the organization's token service (JWT login)".into());
+        }
+        categories.push(Category {
+            id: "identity_provider",
+            data: "which user of the organization's identity provider you are (its subject id), and the groups it named at your latest login".into(),
+            purpose: "logging in with your organization account; closed user groups that follow the organization's groups".into(),
+            kept_for: "the groups until your next login; the link while your account exists (erasure deletes both)".into(),
+            recipients: format!(
+                "nothing about your chats goes to the identity provider; you log in there: {}",
+                via.join(", ")
+            ),
+            settings: vec!["oidc_providers", "jwt", "groups"],
+        });
+    }
     if config.url_preview_enabled {
         categories.push(Category {
             id: "url_previews",

@@ -219,7 +219,7 @@ impl Accounts {
     }
 
     /// An audit entry of `kind` about a device, with the current request's address and agent.
-    fn audit_entry(
+    pub(crate) fn audit_entry(
         &self,
         kind: &str,
         user_id: &UserId,
@@ -1205,7 +1205,10 @@ pub fn password_login(
     crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
     let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
     accounts.touch_device(&user_id, &session.device_id, ip)?;
-    accounts.audit_note("login", &user_id, &session.device_id);
+    if let Some(mut e) = accounts.audit_entry("login", &user_id, &session.device_id) {
+        e.detail = serde_json::json!({ "method": "password" });
+        services.audit.note(e);
+    }
     Ok(session)
 }
 

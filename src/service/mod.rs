@@ -23,6 +23,7 @@ pub mod retention;
 pub mod rooms;
 pub mod server_keys;
 pub mod sliding_sync;
+pub mod sso;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -68,6 +69,8 @@ pub struct Services {
     pub retention: retention::Retention,
     /// Application services (bridges): registrations, their transaction queue, requests to them.
     pub appservices: Arc<appservice::Appservices>,
+    /// SSO (OpenID Connect) and JWT login.
+    pub sso: sso::Sso,
 }
 
 impl Services {
@@ -121,6 +124,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
+            sso: sso::Sso::new(&config, register.clone())?,
             audit,
             register,
             access: crate::policy::access::Access::new(storage.clone(), &config)?,

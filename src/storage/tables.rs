@@ -147,6 +147,16 @@ pub enum Table {
     /// appservice id -> JSON (next transaction number, the transaction in flight and the items it
     /// carries): a failed transaction is sent again unchanged, also after a restart.
     AppserviceTxns,
+    /// sha256(login token) -> JSON `LoginTokenRecord` (user, expiry, method): the one-time
+    /// tokens of `m.login.token`, deleted when used.
+    LoginTokens,
+    /// idp id 0xff subject -> user id: which account an identity provider's user logs into.
+    SsoSubjects,
+    /// user 0xff idp id -> subject: the same links by user (erasure deletes them).
+    SsoUserSubjects,
+    /// user -> JSON `ClaimsRecord`: the groups the identity provider named at the user's latest
+    /// SSO or JWT login (policy: closed user groups).
+    IdpClaims,
 }
 
 impl Table {
@@ -214,6 +224,10 @@ impl Table {
         Table::AppserviceRegistrations,
         Table::AppserviceQueue,
         Table::AppserviceTxns,
+        Table::LoginTokens,
+        Table::SsoSubjects,
+        Table::SsoUserSubjects,
+        Table::IdpClaims,
     ];
 
     pub fn name(self) -> &'static str {
@@ -281,6 +295,10 @@ impl Table {
             Table::AppserviceRegistrations => "appservice_registrations",
             Table::AppserviceQueue => "appservice_queue",
             Table::AppserviceTxns => "appservice_txns",
+            Table::LoginTokens => "login_tokens",
+            Table::SsoSubjects => "sso_subjects",
+            Table::SsoUserSubjects => "sso_user_subjects",
+            Table::IdpClaims => "idp_claims",
         }
     }
 }

@@ -1842,6 +1842,7 @@ async fn closed_user_groups_apply_to_appservice_users() {
             name: "staff".into(),
             users: vec!["@alice:localhost".into(), "@carol:localhost".into()],
             servers: vec![],
+            sso_groups: vec![],
         }];
     })
     .await;

@@ -24,6 +24,7 @@ fn group(name: &str, users: &[String], servers: &[String]) -> GroupConfig {
         name: name.into(),
         users: users.to_vec(),
         servers: servers.to_vec(),
+        sso_groups: vec![],
     }
 }
 

@@ -33,6 +33,7 @@ mod sdk_e2ee;
 mod search;
 mod sliding_sync;
 mod space;
+mod sso;
 mod synapse;
 mod synapse_rooms;
 mod sync;

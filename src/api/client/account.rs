@@ -274,8 +274,7 @@ async fn change_password(
     {
         return Err(Error::invalid_param("Password is too long"));
     }
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, body.get("auth"))?;
+    s.uiaa.reauth(&s, &id.user_id, body.get("auth"))?;
     let new_password =
         new_password.ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'new_password'"))?;
     s.accounts.set_password(&id.user_id, &new_password)?;
@@ -292,8 +291,7 @@ async fn deactivate(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     let erase = opt_bool(&body, "erase")?.unwrap_or(false);
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, body.get("auth"))?;
+    s.uiaa.reauth(&s, &id.user_id, body.get("auth"))?;
     crate::policy::erasure::deactivate(&s, &id.user_id, erase).await?;
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }

@@ -103,7 +103,8 @@ fn auth_of(body: &Map<String, Value>) -> Option<&Value> {
     body.get("auth")
 }
 
-/// Deleting devices re-authenticates with the password, except for an appservice (spec v1.17).
+/// Deleting devices re-authenticates (password, or SSO for accounts linked to a provider),
+/// except for an appservice (spec v1.17).
 fn reauth(
     s: &Services,
     id: &crate::service::accounts::Identity,
@@ -112,9 +113,7 @@ fn reauth(
     if id.appservice.is_some() {
         return Ok(());
     }
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, auth_of(body))
-        .map(|_| ())
+    s.uiaa.reauth(s, &id.user_id, auth_of(body))
 }
 
 async fn delete_one(

@@ -32,6 +32,7 @@ mod room_create;
 mod search;
 mod session;
 mod space;
+mod sso;
 mod state;
 mod synapse_admin;
 mod sync;
@@ -57,6 +58,7 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = discovery::routes(r);
     let r = account::routes(r);
     let r = session::routes(r);
+    let r = sso::routes(r);
     let r = devices::routes(r);
     let r = profile::routes(r);
     let r = push::routes(r);
