@@ -420,6 +420,9 @@ async fn yaml_registered_appservice_receives_transactions() {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["user_id"], json!(as_user(&server, "bridgebot")));
+    // Acting without a device: none is reported.
+    assert!(v.get("device_id").is_none(), "{v}");
+    assert_eq!(v["is_guest"], json!(false));
 
     // The privacy statement names the bridge among the recipients (A1).
     let (status, v) = server

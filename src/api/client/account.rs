@@ -258,7 +258,14 @@ async fn token_validity(
 }
 
 async fn whoami(Authed(id): Authed) -> Json<Value> {
-    Json(json!({ "user_id": id.user_id, "device_id": id.device_id, "is_guest": id.guest }))
+    let mut body = json!({ "user_id": id.user_id, "is_guest": id.guest });
+    // An appservice acting without a device has none to report (the spec leaves it out).
+    let deviceless = id.appservice.is_some()
+        && id.device_id.as_str() == crate::api::ruma_wrapper::APPSERVICE_DEVICE;
+    if !deviceless {
+        body["device_id"] = json!(id.device_id);
+    }
+    Json(body)
 }
 
 async fn change_password(
