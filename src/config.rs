@@ -93,6 +93,12 @@ pub struct Config {
     /// must match the whole user agent) get 403 on every authenticated request (C3). Empty: none.
     #[serde(default)]
     pub blocked_user_agents: Vec<String>,
+    /// Minimum versions of what a client's user agent names (C3: only patched systems and
+    /// apps), e.g. `[{ token = "Android", version = "12" }, { token = "Element", version =
+    /// "1.6.0" }]`: a user agent with `Android 11` or `Element/1.5.2` gets 403 on every
+    /// authenticated request. A user agent without the token is not affected.
+    #[serde(default)]
+    pub min_user_agent_versions: Vec<crate::policy::client_version::MinVersion>,
     /// Message retention (D4): the lifetime of rooms without `m.room.retention`, the bounds a
     /// room's policy is clamped into, and how often the purge job runs.
     #[serde(default)]
@@ -174,6 +180,10 @@ pub struct Config {
     /// e.g. `["10.1.2.3/32"]` for a gateway on the LAN. Empty: pushes go to public addresses only.
     #[serde(default)]
     pub push_gateway_ip_range_allowlist: Vec<String>,
+    /// Application service registration files (YAML, as bridges write them; Synapse's key).
+    /// Read and checked at start: a bad file stops the start naming the file and the field.
+    #[serde(default)]
+    pub app_service_config_files: Vec<PathBuf>,
     /// A TLS listener (for federation, port 8448 by convention) serving the same API with this
     /// certificate chain and key. Unset: no TLS listener (put a reverse proxy in front).
     #[serde(default)]
@@ -209,6 +219,26 @@ pub struct Config {
     /// Lifetime of TURN credentials, in seconds.
     #[serde(default = "default_turn_ttl")]
     pub turn_ttl: u64,
+    /// OpenID Connect identity providers users may log in with (`[[global.oidc_providers]]`,
+    /// `m.login.sso`). Empty: no SSO. See docs/sso.md.
+    #[serde(default)]
+    pub oidc_providers: Vec<crate::service::sso::config::OidcProvider>,
+    /// Where clients may be sent back to after SSO: prefixes of `redirectUrl`, e.g.
+    /// `["https://app.element.io/"]` (an app's own scheme, such as `"io.element.android:/"`, is
+    /// allowed only when listed here). A listed client gets the login token at once; any other
+    /// http(s) URL first gets a page asking the user whether to continue to it. Empty: every
+    /// client gets that page.
+    #[serde(default)]
+    pub sso_client_allowlist: Vec<String>,
+    /// The public base URL of this server's client API, e.g. `"https://matrix.example.org"`:
+    /// the SSO callback the identity provider redirects to is built from it. Unset: taken from
+    /// `well_known.client`.
+    #[serde(default)]
+    pub public_baseurl: Option<String>,
+    /// JWT login (`org.matrix.login.jwt`): tokens signed by the organization's identity service.
+    /// Unset: not offered. See docs/sso.md.
+    #[serde(default)]
+    pub jwt: Option<crate::service::sso::config::JwtConfig>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -362,7 +392,7 @@ fn default_database_path() -> PathBuf {
 fn default_database_backend() -> String {
     "rocksdb".to_owned()
 }
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
 fn default_db_cache_capacity_mb() -> u64 {
@@ -625,6 +655,8 @@ impl Config {
         c.retention.allowed_max = Some(0);
         c.media_retention.local_max_lifetime = Some(0);
         c.media_retention.remote_max_lifetime = Some(0);
+        c.public_baseurl = Some(String::new());
+        c.jwt = Some(crate::service::sso::config::JwtConfig::for_keys());
         c
     }
 
@@ -686,6 +718,16 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid(
             "backup_interval_secs: needs backup_path (where the backups go)".into(),
         ));
+    }
+    for m in &c.min_user_agent_versions {
+        if m.token.trim().is_empty()
+            || crate::policy::client_version::parse_version(&m.version).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "min_user_agent_versions: `{}` needs a token and a version of dot-separated numbers (got `{}`)",
+                m.token, m.version
+            )));
+        }
     }
     if c.retention.purge_interval < 1000 {
         return Err(ConfigError::Invalid(
@@ -758,6 +800,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
             )));
         }
     }
+    crate::service::sso::config::validate(c).map_err(ConfigError::Invalid)?;
     tracing_subscriber::EnvFilter::try_new(&c.log)
         .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
     Ok(())

@@ -48,6 +48,12 @@ pub enum ErrCode {
     UnknownPos,
     /// 400: the room's version is not among those the joining server supports.
     IncompatibleRoomVersion,
+    /// 400: an appservice ping to an appservice registered without `url`.
+    UrlNotSet,
+    /// 502: the appservice could not be reached.
+    ConnectionFailed,
+    /// 504: the appservice did not answer in time.
+    ConnectionTimeout,
 }
 
 impl ErrCode {
@@ -89,6 +95,9 @@ impl ErrCode {
             ErrCode::NotYetUploaded => "M_NOT_YET_UPLOADED",
             ErrCode::UnknownPos => "M_UNKNOWN_POS",
             ErrCode::IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
+            ErrCode::UrlNotSet => "M_URL_NOT_SET",
+            ErrCode::ConnectionFailed => "M_CONNECTION_FAILED",
+            ErrCode::ConnectionTimeout => "M_CONNECTION_TIMEOUT",
         }
     }
 
@@ -112,6 +121,8 @@ impl ErrCode {
             ErrCode::CannotOverwriteMedia => StatusCode::CONFLICT,
             ErrCode::NotYetUploaded => StatusCode::GATEWAY_TIMEOUT,
             ErrCode::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrCode::ConnectionFailed => StatusCode::BAD_GATEWAY,
+            ErrCode::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -146,6 +157,9 @@ pub enum Error {
     /// User-interactive authentication: the 401 body that lists flows and completed stages.
     #[error("user-interactive authentication required")]
     Uiaa(serde_json::Value),
+    /// 502 `M_BAD_STATUS`: an appservice answered a ping with an error status (and this body).
+    #[error("appservice answered {status}")]
+    BadStatus { status: u16, body: String },
     /// A failure of ours (database, serialization of our own data). Logged, never detailed to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -198,6 +212,7 @@ impl Error {
             Error::ConsentNotGiven { .. } => "M_CONSENT_NOT_GIVEN",
             Error::UserLocked => "M_USER_LOCKED",
             Error::WrongRoomKeysVersion { .. } => "M_WRONG_ROOM_KEYS_VERSION",
+            Error::BadStatus { .. } => "M_BAD_STATUS",
             Error::Internal(_) => "M_UNKNOWN",
         }
     }
@@ -265,6 +280,15 @@ impl IntoResponse for Error {
                     "errcode": "M_WRONG_ROOM_KEYS_VERSION",
                     "error": "This is not the current backup version",
                     "current_version": current_version,
+                }),
+            ),
+            Error::BadStatus { status, body } => (
+                StatusCode::BAD_GATEWAY,
+                json!({
+                    "errcode": "M_BAD_STATUS",
+                    "error": "The appservice answered with an error status",
+                    "status": status,
+                    "body": body,
                 }),
             ),
             Error::Internal(message) => {

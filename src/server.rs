@@ -19,6 +19,8 @@ pub struct Running {
     tls_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     sender_shutdown: tokio::sync::watch::Sender<bool>,
     sender_task: Option<tokio::task::JoinHandle<()>>,
+    /// The appservice transaction task (stops with the federation sender's signal).
+    appservice_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -39,6 +41,9 @@ impl Running {
             .map_err(|e| e.to_string())?;
         // The federation sender stops its workers (queued items stay queued for the next start).
         let _ = self.sender_shutdown.send(true);
+        if let Some(t) = self.appservice_task.take() {
+            let _ = t.await;
+        }
         if let Some(t) = self.sender_task.take() {
             t.await.map_err(|e| e.to_string())?;
         }
@@ -95,10 +100,17 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
     tokio::spawn(crate::service::backup::run_schedule(Arc::downgrade(
         &services,
     )));
+    tokio::spawn(crate::policy::group_sweep::run_at_start(Arc::downgrade(
+        &services,
+    )));
     let (sender_shutdown, sender_stop) = tokio::sync::watch::channel(false);
     let sender_task = tokio::spawn(crate::service::federation::sender::run(
         Arc::downgrade(&services),
         sender_stop,
+    ));
+    let appservice_task = tokio::spawn(crate::service::appservice::queue::run(
+        Arc::downgrade(&services),
+        sender_shutdown.subscribe(),
     ));
     let (tls_shutdown, tls_stop) = tokio::sync::watch::channel(false);
     let (tls_addr, tls_task) = match &services.config.tls {
@@ -140,6 +152,7 @@ pub async fn start_with(services: Arc<Services>) -> anyhow_like::Result<Running>
         tls_task,
         sender_shutdown,
         sender_task: Some(sender_task),
+        appservice_task: Some(appservice_task),
     })
 }
 

@@ -259,12 +259,20 @@ where
 /// The identity behind an access token. A locked account gets `M_USER_LOCKED` everywhere except
 /// on the logout endpoints.
 fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> Result<Identity> {
-    let mut identity = services.accounts.identify(token)?;
-    identity.consent_uri = crate::policy::consent::pending_uri(
-        services,
-        &identity.user_id,
-        identity.accepted_notice.as_deref(),
-    );
+    let identity = match services.appservices.by_token(token) {
+        // Appservice users cannot click through a privacy notice: the operator who registered
+        // the bridge answers for it (as in Synapse, they are exempt from consent).
+        Some(appservice) => appservice_identity(services, parts, appservice)?,
+        None => {
+            let mut identity = services.accounts.identify(token)?;
+            identity.consent_uri = crate::policy::consent::pending_uri(
+                services,
+                &identity.user_id,
+                identity.accepted_notice.as_deref(),
+            );
+            identity
+        }
+    };
     if identity.locked {
         let path = parts.uri.path();
         if !(path.ends_with("/logout") || path.ends_with("/logout/all")) {
@@ -292,6 +300,73 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
         )?;
     }
     Ok(identity)
+}
+
+/// The device an appservice user acts from when the appservice names none: appservice users
+/// need no device of their own (their `as_token` is their access token).
+pub const APPSERVICE_DEVICE: &str = "APPSERVICE";
+
+/// Who an appservice acts as: its sender, or the user `?user_id=` asserts, which must be in its
+/// user namespace (else 403 `M_FORBIDDEN`) and registered (else 403 `M_FORBIDDEN`). A device of
+/// that user may be named with `device_id` (MSC4190; `org.matrix.msc3202.device_id`); it must
+/// exist (else 400 `M_INVALID_PARAM`).
+fn appservice_identity(
+    services: &Services,
+    parts: &http::request::Parts,
+    appservice: Arc<crate::service::appservice::Appservice>,
+) -> Result<Identity> {
+    let pairs: Vec<(String, String)> = match parts.uri.query() {
+        Some(q) => serde_html_form::from_str(q)
+            .map_err(|_| Error::invalid_param("Invalid query string"))?,
+        None => Vec::new(),
+    };
+    let param = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let user_id = match param("user_id") {
+        Some(u) => ruma::UserId::parse(u).map_err(|_| Error::invalid_param("Invalid user_id"))?,
+        None => appservice.sender.clone(),
+    };
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::forbidden(
+            "The application service may not act as this user (outside its namespace)",
+        ));
+    }
+    let record = services
+        .accounts
+        .user(&user_id)?
+        .filter(|u| !u.deactivated)
+        .ok_or_else(|| Error::forbidden("The application service has not registered this user"))?;
+    // A request from the appservice says it is up: a transaction waiting for a retry goes now.
+    services
+        .appservices
+        .queue
+        .appservice_is_back(appservice.id());
+    let device_id: ruma::OwnedDeviceId =
+        match param("device_id").or(param("org.matrix.msc3202.device_id")) {
+            Some(d) => {
+                let d: ruma::OwnedDeviceId = d.into();
+                if services.accounts.device(&user_id, &d)?.is_none() {
+                    return Err(Error::invalid_param("The user has no such device"));
+                }
+                d
+            }
+            None => APPSERVICE_DEVICE.into(),
+        };
+    Ok(Identity {
+        user_id,
+        device_id,
+        admin: record.admin,
+        guest: false,
+        locked: record.locked,
+        suspended: record.suspended,
+        accepted_notice: record.privacy_notice_accepted.map(|(version, _)| version),
+        consent_uri: None,
+        appservice: Some(appservice),
+    })
 }
 
 /// For handlers that do not use a ruma request type and serve guests of the server too: the
@@ -350,5 +425,39 @@ impl FromRequest<Arc<Services>> for JsonBody {
                 "Request body is not valid JSON",
             )),
         }
+    }
+}
+
+/// The access token as sent, unchecked: for the endpoints where an appservice identifies itself
+/// by its `as_token` before any user exists (`/register` and `/login` with
+/// `m.login.application_service`).
+pub struct RawToken(pub Option<String>);
+
+impl axum::extract::FromRequestParts<Arc<Services>> for RawToken {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &Arc<Services>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(RawToken(access_token(parts)))
+    }
+}
+
+impl RawToken {
+    /// The appservice whose `as_token` this is: 401 `M_MISSING_TOKEN` without a token,
+    /// 401 `M_UNKNOWN_TOKEN` when it is no appservice's.
+    pub fn appservice(
+        &self,
+        services: &Services,
+    ) -> Result<Arc<crate::service::appservice::Appservice>> {
+        let token = self
+            .0
+            .as_deref()
+            .ok_or_else(|| Error::new(ErrCode::MissingToken, "Missing access token"))?;
+        services
+            .appservices
+            .by_token(token)
+            .ok_or(Error::UnknownToken { soft_logout: false })
     }
 }

@@ -32,6 +32,7 @@ pub const FEDERATION: &str = "federation";
 pub const HOOK: &str = "policy_hook";
 pub const MAX_DEVICES: &str = "max_devices_per_user";
 pub const BLOCKED_AGENTS: &str = "blocked_user_agents";
+pub const MIN_VERSIONS: &str = "min_user_agent_versions";
 
 /// A blocked client is audited at most once per device in this many ms.
 const CLIENT_AUDIT_INTERVAL_MS: u64 = 3_600_000;
@@ -131,22 +132,34 @@ fn agent_matches(pattern: &str, agent: &str) -> bool {
 }
 
 /// Client version policy (C3): refuse authenticated requests of clients whose user agent is
-/// blocked. Audited at most once per device an hour. Nothing to do without blocked agents.
+/// blocked or names a version below a minimum. Audited at most once per device an hour.
+/// Nothing to do without blocked agents or minimums.
 pub fn check_client(
     s: &Services,
     user: &UserId,
     device: &ruma::DeviceId,
     user_agent: Option<&str>,
 ) -> Result<()> {
-    let blocked = &s.config.blocked_user_agents;
-    if blocked.is_empty() {
+    let (blocked, minimums) = (
+        &s.config.blocked_user_agents,
+        &s.config.min_user_agent_versions,
+    );
+    if blocked.is_empty() && minimums.is_empty() {
         return Ok(());
     }
     let agent = user_agent.unwrap_or("");
-    let Some(pattern) = blocked.iter().find(|p| agent_matches(p, agent)) else {
-        return Ok(());
+    // (policy, what matched, the message)
+    let (policy, matched, message) = match blocked.iter().find(|p| agent_matches(p, agent)) {
+        Some(pattern) => (
+            BLOCKED_AGENTS,
+            pattern.clone(),
+            "this client version is not allowed on this server; please update it".to_owned(),
+        ),
+        None => match super::client_version::too_old(minimums, agent) {
+            Some((token, message)) => (MIN_VERSIONS, token, message),
+            None => return Ok(()),
+        },
     };
-    let message = "this client version is not allowed on this server; please update it";
     let now = utils::now_ms();
     let audit = {
         let mut seen = s
@@ -171,7 +184,7 @@ pub fn check_client(
     };
     if !audit {
         return Err(Error::forbidden(format!(
-            "Denied by the {BLOCKED_AGENTS} policy: {message}"
+            "Denied by the {policy} policy: {message}"
         )));
     }
     let agent_short: String = agent.chars().take(255).collect();
@@ -179,12 +192,19 @@ pub fn check_client(
         s,
         Some(user),
         None,
-        BLOCKED_AGENTS,
+        policy,
         "request",
-        message,
+        &message,
         detail(&[
             ("device", device.as_str()),
-            ("pattern", pattern),
+            (
+                if policy == BLOCKED_AGENTS {
+                    "pattern"
+                } else {
+                    "token"
+                },
+                &matched,
+            ),
             ("user_agent", &agent_short),
         ]),
     ))

@@ -203,6 +203,7 @@ pub async fn deactivate(
                     content: serde_json::json!({ "reason": "erased at the user's request" }),
                     state_key: None,
                     redacts: Some(event_id.clone()),
+                    origin_server_ts: None,
                 };
                 match services.rooms.append(&room_id, user, redaction, None).await {
                     Ok(_) => {
@@ -293,7 +294,9 @@ fn delete_user_rows(services: &Services, user: &UserId) -> Result<()> {
     batch.delete(Table::Presence, user.as_bytes())?;
     batch.delete(Table::DehydratedDevices, user.as_bytes())?;
     batch.delete(Table::BackupVersions, &keys::join(&["next", user.as_str()]))?;
-    batch.commit()
+    batch.commit()?;
+    // The identity provider's links to the account and the groups it named.
+    crate::service::sso::mapping::unlink_user(services, user)
 }
 
 /// Replace the user id by its pseudonym in every audit entry about the user (and in the

@@ -286,5 +286,6 @@ fn manifest(
         "event_files": event_files,
         "media": media,
         "audit": audit,
+        "identity_provider": super::claims::get(&s.storage, user)?,
     }))
 }

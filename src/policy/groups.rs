@@ -2,7 +2,9 @@
 //! (`[[global.groups]]`, read-only) and from the admin API (kept in the `groups` table). With no
 //! group at all everybody may contact everybody; as soon as one exists, users may invite, start a
 //! DM with, find and share a room with only members of a group they belong to, or of a group
-//! `group_contact` pairs with one of theirs.
+//! `group_contact` pairs with one of theirs. A group may also name group values of the identity
+//! provider (`sso_groups`): users whose latest SSO or JWT login carried one of them are members
+//! (`policy::claims`), until a later login no longer carries it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,10 +36,18 @@ pub struct GroupConfig {
     pub users: Vec<String>,
     #[serde(default)]
     pub servers: Vec<String>,
+    /// Group names from the identity provider's groups claim (exact match), e.g. `["staff"]`
+    /// or Keycloak's `["/staff"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sso_groups: Vec<String>,
 }
 
 impl GroupConfig {
-    fn contains(&self, user: &UserId) -> bool {
+    /// Is `user` (whose identity provider named the groups `claimed`) a member?
+    fn contains(&self, user: &UserId, claimed: &BTreeSet<String>) -> bool {
+        if self.sso_groups.iter().any(|g| claimed.contains(g)) {
+            return true;
+        }
         let id = user.as_str();
         let server = user.server_name().as_str().to_ascii_lowercase();
         self.users
@@ -47,6 +57,17 @@ impl GroupConfig {
                 .servers
                 .iter()
                 .any(|p| crate::service::filter::glob(&p.to_ascii_lowercase(), &server))
+    }
+}
+
+impl GroupConfig {
+    /// The group as the admin API lists it (`sso_groups` only when it has some).
+    fn describe(&self, source: &str) -> Value {
+        let mut v = json!({ "name": self.name, "users": self.users, "servers": self.servers, "source": source });
+        if !self.sso_groups.is_empty() {
+            v["sso_groups"] = json!(self.sso_groups);
+        }
+        v
     }
 }
 
@@ -64,7 +85,7 @@ pub fn validate(
         if !names.insert(g.name.as_str()) {
             return Err(format!("groups: `{}` is defined twice", g.name));
         }
-        if g.users.len() + g.servers.len() > MAX_MEMBERS {
+        if g.users.len() + g.servers.len() + g.sso_groups.len() > MAX_MEMBERS {
             return Err(format!("groups: `{}` has too many members", g.name));
         }
         if let Some(u) = g
@@ -105,6 +126,8 @@ fn valid_name(name: &str) -> std::result::Result<(), String> {
 /// The groups in force.
 pub struct Groups {
     storage: Storage,
+    /// Only this server's users have identity-provider claims.
+    server_name: ruma::OwnedServerName,
     config: Vec<GroupConfig>,
     contact: Vec<[String; 2]>,
     /// The admin API's groups, loaded at start and written through.
@@ -121,6 +144,7 @@ impl Groups {
         }
         Ok(Groups {
             storage,
+            server_name: config.server_name.clone(),
             config: config.groups.clone(),
             contact: config.group_contact.clone(),
             runtime: RwLock::new(runtime),
@@ -136,18 +160,31 @@ impl Groups {
         !self.config.is_empty() || !self.read().is_empty()
     }
 
+    /// The group names the identity provider gave `user` at their latest login, read only when
+    /// some group names identity-provider groups.
+    fn claimed(&self, user: &UserId) -> BTreeSet<String> {
+        let any = self.config.iter().any(|g| !g.sso_groups.is_empty())
+            || self.read().values().any(|g| !g.sso_groups.is_empty());
+        if any && user.server_name() == self.server_name {
+            super::claims::groups(&self.storage, user)
+        } else {
+            BTreeSet::new()
+        }
+    }
+
     /// The names of the groups `user` belongs to.
     pub fn groups_of(&self, user: &UserId) -> BTreeSet<String> {
+        let claimed = self.claimed(user);
         let mut out: BTreeSet<String> = self
             .config
             .iter()
-            .filter(|g| g.contains(user))
+            .filter(|g| g.contains(user, &claimed))
             .map(|g| g.name.clone())
             .collect();
         out.extend(
             self.read()
                 .values()
-                .filter(|g| g.contains(user))
+                .filter(|g| g.contains(user, &claimed))
                 .map(|g| g.name.clone()),
         );
         out
@@ -160,11 +197,15 @@ impl Groups {
 
     /// Is `user` a member of the group `name`?
     pub fn is_member(&self, name: &str, user: &UserId) -> bool {
+        let claimed = self.claimed(user);
         self.config
             .iter()
             .find(|g| g.name == name)
-            .is_some_and(|g| g.contains(user))
-            || self.read().get(name).is_some_and(|g| g.contains(user))
+            .is_some_and(|g| g.contains(user, &claimed))
+            || self
+                .read()
+                .get(name)
+                .is_some_and(|g| g.contains(user, &claimed))
     }
 
     /// May users of the groups `mine` contact users of the groups `theirs`?
@@ -188,14 +229,8 @@ impl Groups {
 
     /// Every group, for the admin API.
     pub fn list(&self) -> Vec<Value> {
-        let mut out: Vec<Value> = self
-            .config
-            .iter()
-            .map(|g| json!({ "name": g.name, "users": g.users, "servers": g.servers, "source": "config" }))
-            .collect();
-        out.extend(self.read().values().map(
-            |g| json!({ "name": g.name, "users": g.users, "servers": g.servers, "source": "admin_api" }),
-        ));
+        let mut out: Vec<Value> = self.config.iter().map(|g| g.describe("config")).collect();
+        out.extend(self.read().values().map(|g| g.describe("admin_api")));
         out
     }
 
@@ -299,16 +334,19 @@ mod tests {
                 name: "staff".into(),
                 users: vec!["@*:x.example".into()],
                 servers: vec![],
+                sso_groups: vec![],
             },
             GroupConfig {
                 name: "partners".into(),
                 users: vec![],
                 servers: vec!["*.partner.example".into()],
+                sso_groups: vec![],
             },
             GroupConfig {
                 name: "board".into(),
                 users: vec!["@boss:x.example".into()],
                 servers: vec!["board.example".into()],
+                sso_groups: vec![],
             },
         ];
         c.group_contact = vec![["staff".into(), "partners".into()]];

@@ -1,14 +1,18 @@
 //! The policy layer: every decision the law makes goes through here, at fixed hook points:
 //! the privacy-protective defaults the config sets, who the server federates with, closed user
-//! groups and the external policy hook (`access`, `groups`, `hook`), retention lifetimes
+//! groups and the external policy hook (`access`, `groups`, `hook`, and `claims`: the groups the
+//! identity provider names), retention lifetimes
 //! (`retention`), and the record and rights around personal data (`audit`, `register`,
 //! `export`, `erasure`, `report`). Every denial is written to the audit log.
 
 pub mod access;
 pub mod audit;
+pub mod claims;
+pub mod client_version;
 pub mod consent;
 pub mod erasure;
 pub mod export;
+pub mod group_sweep;
 pub mod groups;
 pub mod hook;
 pub mod register;

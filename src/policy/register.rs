@@ -21,6 +21,10 @@ use crate::{
 /// Kinds of destinations.
 pub const FEDERATION: &str = "federation";
 pub const PUSH_GATEWAY: &str = "push_gateway";
+/// Application services (bridges), by their URL.
+pub const APPSERVICE: &str = "appservice";
+/// An OpenID Connect provider users log in with (discovery, keys, token endpoint).
+pub const IDENTITY_PROVIDER: &str = "identity_provider";
 
 /// Most destinations counted in memory between flushes; one more flushes at once.
 const MAX_PENDING: usize = 10_000;

@@ -51,6 +51,61 @@ struct DbFacts {
     schema_version: Option<u64>,
     /// Outbound destinations in the register (A11).
     destinations: usize,
+    /// Appservices registered through the admin API: (id, url).
+    appservices: Vec<(String, Option<String>)>,
+}
+
+/// An appservice as the report sees it.
+struct AppserviceFact {
+    id: String,
+    url: Option<String>,
+    source: String,
+}
+
+/// The configured and stored appservices, and the registration files that cannot be used (why).
+fn appservices(config: &Config, db: Option<&DbFacts>) -> (Vec<AppserviceFact>, Vec<String>) {
+    use crate::service::appservice::registration::Registration;
+    let mut found = Vec::new();
+    let mut bad = Vec::new();
+    for path in &config.app_service_config_files {
+        let name = path.display().to_string();
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Registration::from_yaml(&t))
+            .and_then(|r| r.validate().map(|_| r));
+        match parsed {
+            Ok(r) => found.push(AppserviceFact {
+                id: r.id,
+                url: r.url,
+                source: name,
+            }),
+            Err(e) => bad.push(format!("{name}: {e}")),
+        }
+    }
+    if let Some(d) = db {
+        for (id, url) in &d.appservices {
+            found.push(AppserviceFact {
+                id: id.clone(),
+                url: url.clone(),
+                source: "admin API".to_owned(),
+            });
+        }
+    }
+    (found, bad)
+}
+
+/// An appservice URL over plain HTTP to another machine: the hs_token and every event cross the
+/// network unencrypted.
+fn plain_http_elsewhere(url: &str) -> bool {
+    match url::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" => match u.host() {
+            Some(url::Host::Domain(d)) => d != "localhost",
+            Some(url::Host::Ipv4(a)) => !a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => !a.is_loopback(),
+            None => false,
+        },
+        _ => false,
+    }
 }
 
 fn db_facts(storage: &Storage) -> Result<DbFacts> {
@@ -81,7 +136,49 @@ fn db_facts(storage: &Storage) -> Result<DbFacts> {
         .scan_prefix(Table::ContactRegister, b"")?
         .take(1_000_000)
         .count();
+    for entry in storage
+        .scan_prefix(Table::AppserviceRegistrations, b"")?
+        .take(10_000)
+    {
+        let (_, v) = entry?;
+        if let Ok(r) =
+            serde_json::from_slice::<crate::service::appservice::registration::Registration>(&v)
+        {
+            f.appservices.push((r.id, r.url));
+        }
+    }
     Ok(f)
+}
+
+/// A4: logins through the organization's identity provider, and their weak spots.
+fn sso_findings(config: &Config, short: &mut Vec<String>, met: &mut Vec<String>) {
+    for p in &config.oidc_providers {
+        if p.issuer.starts_with("http://") {
+            short.push(format!(
+                "SSO provider `{}` is reached without TLS (`issuer` is http://)",
+                p.idp_id
+            ));
+        }
+        met.push(format!(
+            "SSO (OpenID Connect) login through `{}` ({})",
+            p.idp_id, p.issuer
+        ));
+    }
+    if !config.oidc_providers.is_empty() && config.sso_client_allowlist.is_empty() {
+        met.push(
+            "SSO: no `sso_client_allowlist`, users confirm every client before it gets their login"
+                .into(),
+        );
+    }
+    if let Some(j) = &config.jwt {
+        if j.secret.as_ref().is_some_and(|s| s.len() < 32) {
+            short.push("JWT login secret shorter than 32 bytes (`jwt.secret`)".into());
+        }
+        if j.audiences.is_empty() {
+            short.push("JWT login does not check the audience (`jwt.audiences` empty): tokens for other services are accepted".into());
+        }
+        met.push(format!("JWT login ({})", j.algorithm));
+    }
 }
 
 /// Build the report from the config and (when given) the database.
@@ -169,12 +266,14 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
     if !tls {
         short.push("no TLS configured (`tls`): traffic relies on a proxy in front".into());
     }
+    let mut met = vec!["TLS with rustls, renewed certificates loaded without a restart; signing key rotation with `hafen key rotate`".to_owned()];
+    sso_findings(config, &mut short, &mut met);
     row(
         &mut rows,
         "A4",
-        "integrated certificate and key management",
+        "import of server-side authentication; certificate and key management",
         short,
-        vec!["TLS with rustls, renewed certificates loaded without a restart; signing key rotation with `hafen key rotate`".into()],
+        met,
     );
     row(
         &mut rows,
@@ -261,13 +360,22 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         None => {}
     }
     row(&mut rows, "A10", "semi-automatic updates", short, met);
+    let (appservices, bad_appservices) = appservices(config, db.as_ref());
     let mut met = vec![
-        "every outbound destination (federation servers, push gateways) is in the register: GET /_hafen/admin/v1/destinations".to_owned(),
+        "every outbound destination (federation servers, push gateways, appservices) is in the register: GET /_hafen/admin/v1/destinations".to_owned(),
     ];
     if let Some(d) = &db {
         met.push(format!(
             "{} destination(s) contacted so far",
             d.destinations
+        ));
+    }
+    for a in &appservices {
+        met.push(format!(
+            "appservice {} ({}) at {}",
+            a.id,
+            a.source,
+            a.url.as_deref().unwrap_or("no URL (client API only)")
         ));
     }
     if !config.turn_uris.is_empty() {
@@ -286,6 +394,14 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
     let mut short = Vec::new();
     if !tls {
         short.push("no TLS configured".into());
+    }
+    for a in &appservices {
+        if a.url.as_deref().is_some_and(plain_http_elsewhere) {
+            short.push(format!(
+                "appservice {} is reached over plain HTTP on another host: use https or a local address",
+                a.id
+            ));
+        }
     }
     row(
         &mut rows,
@@ -315,12 +431,19 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
         }
     }
     row(&mut rows, "B3", "connection data recorded", short, met);
+    let short: Vec<String> = bad_appservices
+        .iter()
+        .map(|b| format!("appservice registration unusable (the server will not start): {b}"))
+        .collect();
     row(
         &mut rows,
         "B4",
         "open protocols",
-        Vec::new(),
-        vec!["Matrix client-server, server-server and appservice APIs".into()],
+        short,
+        vec![format!(
+            "Matrix client-server, server-server and application service APIs; {} appservice(s) registered",
+            appservices.len()
+        )],
     );
     // C2, the server's part: media and backups encrypted at rest (tokens are always hashed).
     let mut short = Vec::new();
@@ -358,7 +481,19 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
                 "{} blocked client user agent pattern(s) (`blocked_user_agents`)",
                 config.blocked_user_agents.len()
             )),
-            "C3" => findings.push("no client version policy (`blocked_user_agents`)".into()),
+            "C3" if !config.min_user_agent_versions.is_empty() => findings.push(format!(
+                "minimum client versions: {}",
+                config
+                    .min_user_agent_versions
+                    .iter()
+                    .map(|m| format!("{} {}", m.token, m.version))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            "C3" => findings.push(
+                "no client version policy (`blocked_user_agents`, `min_user_agent_versions`)"
+                    .into(),
+            ),
             _ => {}
         }
         rows.push(Row {
@@ -387,12 +522,26 @@ pub fn compliance_report(config: &Config, storage: Option<&Storage>) -> Result<R
             short.push("no active admin account".into());
         }
     }
+    let mut met = vec!["registration by token or admin; federation limited to partners".to_owned()];
+    if !config.oidc_providers.is_empty() || config.jwt.is_some() {
+        met.push("central identity management: logins through the organization's identity provider (SSO/JWT)".into());
+    }
+    let claim_groups = config
+        .groups
+        .iter()
+        .filter(|g| !g.sso_groups.is_empty())
+        .count();
+    if claim_groups > 0 {
+        met.push(format!(
+            "{claim_groups} closed user group(s) follow the identity provider's groups (`sso_groups`)"
+        ));
+    }
     row(
         &mut rows,
         "D1",
-        "secured registration, closed user groups",
+        "central identity management, secured registration, closed user groups",
         short,
-        vec!["registration by token or admin; federation limited to partners".into()],
+        met,
     );
     rows.push(Row {
         id: "D2",

@@ -243,6 +243,27 @@ pub fn statement(config: &Config) -> Statement {
         },
         settings: vec!["groups", "group_contact"],
     });
+    if !config.oidc_providers.is_empty() || config.jwt.is_some() {
+        let mut via: Vec<String> = config
+            .oidc_providers
+            .iter()
+            .map(|p| format!("{} ({})", p.idp_name, p.issuer))
+            .collect();
+        if config.jwt.is_some() {
+            via.push("the organization's token service (JWT login)".into());
+        }
+        categories.push(Category {
+            id: "identity_provider",
+            data: "which user of the organization's identity provider you are (its subject id), and the groups it named at your latest login".into(),
+            purpose: "logging in with your organization account; closed user groups that follow the organization's groups".into(),
+            kept_for: "the groups until your next login; the link while your account exists (erasure deletes both)".into(),
+            recipients: format!(
+                "nothing about your chats goes to the identity provider; you log in there: {}",
+                via.join(", ")
+            ),
+            settings: vec!["oidc_providers", "jwt", "groups"],
+        });
+    }
     if config.url_preview_enabled {
         categories.push(Category {
             id: "url_previews",
@@ -335,6 +356,34 @@ pub(crate) fn escape(s: &str) -> String {
 }
 
 impl Statement {
+    /// Add the application services (bridges) registered now (from files and the admin API),
+    /// which receive the events of the rooms that interest them: a recipient users must know of.
+    pub fn with_appservices(mut self, appservices: &[String]) -> Statement {
+        if appservices.is_empty() {
+            return self;
+        }
+        let index = self
+            .categories
+            .iter()
+            .position(|c| c.id == "messages")
+            .map_or(self.categories.len(), |i| i + 1);
+        self.categories.insert(
+            index,
+            Category {
+                id: "bridges",
+                data: "the messages, state, typing notices and read receipts of rooms in which a bridged user takes part (or that a bridge manages), also yours".into(),
+                purpose: "to connect rooms with other messaging networks through bridges the operator runs".into(),
+                kept_for: "as long as the bridge keeps them (ask the operator); the server keeps them as any message".into(),
+                recipients: format!(
+                    "the bridges (application services) registered by the operator: {}",
+                    appservices.join(", ")
+                ),
+                settings: vec!["app_service_config_files"],
+            },
+        );
+        self
+    }
+
     /// The statement as a self-contained web page.
     pub fn to_html(&self) -> String {
         let mut h = format!(

@@ -108,9 +108,19 @@ pub struct Identity {
     /// Set when the user must accept the current privacy notice before acting: where to do it
     /// (`policy::consent`).
     pub consent_uri: Option<String>,
+    /// The appservice acting (its `as_token` was the access token), as this user.
+    pub appservice: Option<std::sync::Arc<crate::service::appservice::Appservice>>,
 }
 
 impl Identity {
+    /// Whether rate limits apply: always, except to appservices registered with
+    /// `rate_limited: false`.
+    pub fn rate_limited(&self) -> bool {
+        self.appservice
+            .as_ref()
+            .is_none_or(|a| a.registration.is_rate_limited())
+    }
+
     /// Refuse an action that needs an active account which accepted the current privacy
     /// notice: sending, joining, inviting, creating rooms, changing the profile, uploading.
     pub fn ensure_may_act(&self) -> Result<()> {
@@ -209,7 +219,7 @@ impl Accounts {
     }
 
     /// An audit entry of `kind` about a device, with the current request's address and agent.
-    fn audit_entry(
+    pub(crate) fn audit_entry(
         &self,
         kind: &str,
         user_id: &UserId,
@@ -566,6 +576,7 @@ impl Accounts {
             guest: user.guest,
             locked: user.locked,
             suspended: user.suspended,
+            appservice: None,
             accepted_notice: user.privacy_notice_accepted.map(|(version, _)| version),
             consent_uri: None,
         })
@@ -992,6 +1003,8 @@ pub fn register(
     let user_id = match &r.username {
         Some(name) => {
             let id = accounts.validate_new_localpart(&name.to_lowercase())?;
+            // Names an appservice reserved are for it alone (400 `M_EXCLUSIVE`).
+            services.appservices.ensure_user_not_exclusive(&id, None)?;
             if accounts.exists(&id)? {
                 return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
             }
@@ -1069,6 +1082,84 @@ pub fn register(
     Ok((user_id, Some(session)))
 }
 
+/// Register a user for an appservice (`type: m.login.application_service`): the name must lie
+/// in its user namespace (400 `M_EXCLUSIVE` otherwise, as Synapse answers); no UIA, no rate
+/// limit, open even when registration is closed.
+pub fn register_for_appservice(
+    services: &crate::service::Services,
+    appservice: &crate::service::appservice::Appservice,
+    r: Registration,
+) -> Result<(OwnedUserId, Option<Session>)> {
+    let accounts = &services.accounts;
+    let name = r
+        .username
+        .as_deref()
+        .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'username'"))?;
+    let user_id = accounts.validate_new_localpart(name)?;
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::new(
+            ErrCode::Exclusive,
+            "This user id is not in the application service's namespace",
+        ));
+    }
+    services
+        .appservices
+        .ensure_user_not_exclusive(&user_id, Some(appservice.id()))?;
+    accounts.create_user(&user_id, None, false, false)?;
+    crate::service::profile_defaults(services, &user_id)?;
+    if r.inhibit_login {
+        return Ok((user_id, None));
+    }
+    let session = accounts.create_session(
+        &user_id,
+        r.device_id,
+        r.initial_device_display_name,
+        r.refresh_token,
+    )?;
+    Ok((user_id, Some(session)))
+}
+
+/// Log in as an appservice's user (`m.login.application_service`, the appservice's `as_token`
+/// as access token): the user must be the appservice's (403 `M_FORBIDDEN`) and exist.
+pub fn appservice_login(
+    services: &crate::service::Services,
+    appservice: &crate::service::appservice::Appservice,
+    name: &str,
+    device_id: Option<OwnedDeviceId>,
+    display_name: Option<String>,
+    with_refresh: bool,
+    ip: Option<std::net::IpAddr>,
+) -> Result<Session> {
+    let accounts = &services.accounts;
+    let user_id = accounts
+        .local_user_id(name)
+        .map_err(|_| Error::forbidden("Invalid user for this application service"))?;
+    if !appservice.owns_user(&user_id) {
+        return Err(Error::forbidden(
+            "Invalid user for this application service",
+        ));
+    }
+    match accounts.user(&user_id)? {
+        Some(u) if u.deactivated => {
+            return Err(Error::new(
+                ErrCode::UserDeactivated,
+                "This account has been deactivated",
+            ))
+        }
+        Some(_) => {}
+        None => {
+            return Err(Error::forbidden(
+                "Invalid user for this application service",
+            ))
+        }
+    }
+    crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
+    let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
+    accounts.touch_device(&user_id, &session.device_id, ip)?;
+    accounts.audit_note("login", &user_id, &session.device_id);
+    Ok(session)
+}
+
 /// Log in with a password. Failures say only "forbidden", so they do not reveal which users exist.
 pub fn password_login(
     services: &crate::service::Services,
@@ -1114,7 +1205,10 @@ pub fn password_login(
     crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
     let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
     accounts.touch_device(&user_id, &session.device_id, ip)?;
-    accounts.audit_note("login", &user_id, &session.device_id);
+    if let Some(mut e) = accounts.audit_entry("login", &user_id, &session.device_id) {
+        e.detail = serde_json::json!({ "method": "password" });
+        services.audit.note(e);
+    }
     Ok(session)
 }
 

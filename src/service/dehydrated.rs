@@ -93,6 +93,7 @@ pub fn put(s: &Services, user: &UserId, body: &Map<String, Value>) -> Result<Val
         guest: false,
         locked: false,
         suspended: false,
+        appservice: None,
         accepted_notice: None,
         consent_uri: None,
     };

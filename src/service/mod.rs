@@ -3,6 +3,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod appservice;
 pub mod at_rest;
 pub mod backup;
 pub mod dehydrated;
@@ -23,6 +24,7 @@ pub mod retention;
 pub mod rooms;
 pub mod server_keys;
 pub mod sliding_sync;
+pub mod sso;
 pub mod sync;
 pub mod to_device;
 pub mod typing;
@@ -68,6 +70,10 @@ pub struct Services {
     pub retention: retention::Retention,
     /// Backups: the key they are encrypted with and the state of the last run.
     pub backups: backup::Backups,
+    /// Application services (bridges): registrations, their transaction queue, requests to them.
+    pub appservices: Arc<appservice::Appservices>,
+    /// SSO (OpenID Connect) and JWT login.
+    pub sso: sso::Sso,
 }
 
 impl Services {
@@ -92,7 +98,8 @@ impl Services {
             storage.clone(),
             audit.clone(),
         ));
-        Ok(Arc::new(Services {
+        let appservices = Arc::new(appservice::Appservices::load(&config, storage.clone())?);
+        let services = Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
                 globals.clone(),
@@ -108,7 +115,8 @@ impl Services {
                 push.pending.clone(),
                 federation_wake.clone(),
             )
-            .with_audit(audit.clone()),
+            .with_audit(audit.clone())
+            .with_appservices(appservices.clone()),
             push,
             server_keys: server_keys::ServerKeys::new(storage.clone(), globals.clone()),
             federation: federation::Federation::new(
@@ -122,6 +130,7 @@ impl Services {
             uiaa: uiaa::Uiaa::default(),
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
+            sso: sso::Sso::new(&config, register.clone())?,
             audit,
             register,
             access: crate::policy::access::Access::new(storage.clone(), &config)?,
@@ -137,10 +146,16 @@ impl Services {
             backups: backup::Backups::new(keys.backup.clone()),
             sliding_sync: sliding_sync::SlidingSync::default(),
             retention: retention::Retention::default(),
+            appservices,
             globals,
             storage,
             config,
-        }))
+        });
+        // Every appservice's sender exists from its registration on.
+        for a in services.appservices.all().iter() {
+            appservice::ensure_sender(&services, a)?;
+        }
+        Ok(services)
     }
 }
 

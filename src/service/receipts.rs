@@ -324,6 +324,11 @@ pub fn send_receipt(
         .set(room_id, user, receipt_type, thread, event_id, wake)?;
     if receipt_type == "m.read" {
         if let Err(e) =
+            crate::service::appservice::ephemeral::receipt(s, room_id, user, event_id, thread)
+        {
+            tracing::warn!("queueing a receipt for appservices: {e}");
+        }
+        if let Err(e) =
             crate::service::federation::edu::send_receipt(s, room_id, user, event_id, thread)
         {
             tracing::warn!("queueing a receipt: {e}");

@@ -288,6 +288,8 @@ pub async fn delete_room(
     let members = services
         .rooms
         .members_with(room_id, |m| matches!(m, "join" | "invite" | "knock"))?;
+    let remote_servers =
+        crate::service::federation::sender::servers_in_room(&services.rooms, room_id, &server)?;
     for user in members.into_iter().filter(|u| u.server_name() == server) {
         match services
             .rooms
@@ -314,6 +316,14 @@ pub async fn delete_room(
     if !purge {
         return Ok(result);
     }
+    // The leave events must reach the other servers in the room before their rows go: the
+    // sender drops queue items whose event is gone.
+    wait_for_delivery(
+        services,
+        &remote_servers,
+        services.globals.counter.watermark(),
+    )
+    .await;
     if let Some(id) = task_id {
         services
             .retention
@@ -328,6 +338,37 @@ pub async fn delete_room(
         .await
         .map_err(|e| Error::internal(format!("compaction task: {e}")))??;
     Ok(result)
+}
+
+/// How long a room deletion waits for its leave events to reach the other servers.
+const LEAVE_DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Wait (at most [`LEAVE_DELIVERY_WAIT`]) until every server in `servers` received the events up
+/// to stream count `upto`; servers that did not by then are logged and miss them.
+async fn wait_for_delivery(
+    services: &Services,
+    servers: &std::collections::BTreeSet<ruma::OwnedServerName>,
+    upto: u64,
+) {
+    let deadline = tokio::time::Instant::now() + LEAVE_DELIVERY_WAIT;
+    let mut waiting: Vec<&ruma::OwnedServerName> = servers.iter().collect();
+    loop {
+        waiting.retain(|s| {
+            services
+                .federation
+                .sender
+                .pdus_pending_up_to(s, upto)
+                .unwrap_or(false)
+        });
+        if waiting.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(servers = ?waiting, "room deletion: the leave events did not reach these servers in time");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Start a room deletion in the background; its id for `delete_status`.

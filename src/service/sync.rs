@@ -169,6 +169,9 @@ pub fn note_presence(services: &Services, user: &UserId, set_presence: Option<&s
                 .presence
                 .set(user, presence, None, || room_mates(services, user))?
         {
+            if let Err(e) = crate::service::appservice::ephemeral::presence(services, user) {
+                tracing::warn!("queueing presence for appservices: {e}");
+            }
             if let Err(e) = crate::service::federation::edu::send_presence(services, user) {
                 tracing::warn!("queueing presence: {e}");
             }

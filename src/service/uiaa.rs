@@ -177,18 +177,64 @@ impl Uiaa {
         }
     }
 
-    /// Re-authentication of a logged-in user with their password (`m.login.password`), as
-    /// password change, deactivation and device deletion require.
-    pub fn password_reauth(
+    /// Mark `stage` done in session `id` of `user` (a stage completed out of band: the SSO
+    /// fallback page). False when there is no such session of that user.
+    pub fn complete_stage(&self, id: &str, user: &str, stage: &str) -> bool {
+        let mut sessions = self.sessions.lock();
+        let Some((t, s)) = sessions.get_mut(id) else {
+            return false;
+        };
+        if t.elapsed() >= SESSION_LIFETIME || s.user.as_deref() != Some(user) {
+            return false;
+        }
+        if !s.completed.iter().any(|c| c == stage) {
+            s.completed.push(stage.to_owned());
+        }
+        true
+    }
+
+    /// Has session `id` completed `stage`?
+    fn stage_done(&self, id: Option<&str>, stage: &str) -> bool {
+        id.and_then(|id| self.get(id))
+            .is_some_and(|s| s.completed.iter().any(|c| c == stage))
+    }
+
+    /// Re-authentication of a logged-in user, as password change, deactivation, device deletion
+    /// and cross-signing key replacement require: their password (`m.login.password`), or, for
+    /// users linked to an SSO provider, a fresh login there (`m.login.sso`, completed in a
+    /// browser through `/auth/m.login.sso/fallback/web`).
+    pub fn reauth(
         &self,
-        accounts: &crate::service::accounts::Accounts,
+        services: &crate::service::Services,
         user: &ruma::UserId,
         auth: Option<&Value>,
     ) -> crate::error::Result<()> {
-        let flows = [vec!["m.login.password"]];
-        let mut check = |_: &str,
+        let accounts = &services.accounts;
+        let has_password = accounts
+            .user(user)?
+            .is_some_and(|u| u.password_hash.is_some());
+        let sso = services.sso.reauth_provider(services, user).is_some();
+        let mut flows = Vec::new();
+        if has_password || !sso {
+            flows.push(vec!["m.login.password"]);
+        }
+        if sso {
+            flows.push(vec!["m.login.sso"]);
+        }
+        let mut check = |stage: &str,
                          auth: &serde_json::Map<String, Value>|
          -> crate::error::Result<Option<(String, String)>> {
+            if stage == "m.login.sso" {
+                // Only the fallback page completes it; naming it again afterwards is fine.
+                let session = auth.get("session").and_then(Value::as_str);
+                return if self.stage_done(session, stage) {
+                    Ok(None)
+                } else {
+                    Err(Error::forbidden(
+                        "Complete the SSO stage in a browser (auth fallback) first",
+                    ))
+                };
+            }
             let named = auth
                 .get("identifier")
                 .and_then(|i| i.get("user"))

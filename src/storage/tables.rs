@@ -138,6 +138,25 @@ pub enum Table {
     /// kind (`federation`, `push_gateway`) 0xff destination -> JSON `DestinationRecord` (first
     /// and last contact, count): the register of third-party services contacted.
     ContactRegister,
+    /// appservice id -> JSON registration: appservices registered through the admin API.
+    AppserviceRegistrations,
+    /// appservice id 0xff kind (`p` event, `e` ephemeral) 0xff big-endian sequence -> event id
+    /// (`p`, the sequence is the event's stream count) or ephemeral event JSON (`e`): what is
+    /// still to be pushed to an appservice, deleted once it acknowledged the transaction.
+    AppserviceQueue,
+    /// appservice id -> JSON (next transaction number, the transaction in flight and the items it
+    /// carries): a failed transaction is sent again unchanged, also after a restart.
+    AppserviceTxns,
+    /// sha256(login token) -> JSON `LoginTokenRecord` (user, expiry, method): the one-time
+    /// tokens of `m.login.token`, deleted when used.
+    LoginTokens,
+    /// idp id 0xff subject -> user id: which account an identity provider's user logs into.
+    SsoSubjects,
+    /// user 0xff idp id -> subject: the same links by user (erasure deletes them).
+    SsoUserSubjects,
+    /// user -> JSON `ClaimsRecord`: the groups the identity provider named at the user's latest
+    /// SSO or JWT login (policy: closed user groups).
+    IdpClaims,
 }
 
 impl Table {
@@ -202,6 +221,13 @@ impl Table {
         Table::Backfill,
         Table::BackfillIndex,
         Table::Groups,
+        Table::AppserviceRegistrations,
+        Table::AppserviceQueue,
+        Table::AppserviceTxns,
+        Table::LoginTokens,
+        Table::SsoSubjects,
+        Table::SsoUserSubjects,
+        Table::IdpClaims,
     ];
 
     pub fn name(self) -> &'static str {
@@ -266,6 +292,13 @@ impl Table {
             Table::Backfill => "backfill",
             Table::BackfillIndex => "backfill_index",
             Table::Groups => "groups",
+            Table::AppserviceRegistrations => "appservice_registrations",
+            Table::AppserviceQueue => "appservice_queue",
+            Table::AppserviceTxns => "appservice_txns",
+            Table::LoginTokens => "login_tokens",
+            Table::SsoSubjects => "sso_subjects",
+            Table::SsoUserSubjects => "sso_user_subjects",
+            Table::IdpClaims => "idp_claims",
         }
     }
 }

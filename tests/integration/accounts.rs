@@ -309,7 +309,14 @@ async fn login_flows_and_password_login() {
     let s = TestServer::start().await;
     let (status, v) = anon(&s, Method::GET, "/login", None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(v, json!({ "flows": [{ "type": "m.login.password" }] }));
+    // Appservices log in as their users with their own type (docs/appservices.md).
+    assert_eq!(
+        v,
+        json!({ "flows": [
+            { "type": "m.login.password" },
+            { "type": "m.login.application_service" },
+        ] })
+    );
 
     let alice = s.user("alice").await;
     let (status, v) = login(

@@ -1378,6 +1378,98 @@ async fn blocked_user_agents_are_refused_and_audited_once() {
 }
 
 #[tokio::test]
+async fn clients_below_a_minimum_version_are_refused() {
+    use hafen::policy::client_version::MinVersion;
+    let server = TestServer::start_with(|c| {
+        c.min_user_agent_versions = vec![
+            MinVersion {
+                token: "Android".into(),
+                version: "12".into(),
+            },
+            MinVersion {
+                token: "Element".into(),
+                version: "1.6.0".into(),
+            },
+        ]
+    })
+    .await;
+    let admin = make_admin(&server).await;
+    let alice = server.user("alice").await;
+    let whoami = "/_matrix/client/v3/account/whoami";
+    for ua in [
+        "Element/1.6.10 (Google Pixel 6; Android 13; TQ3A)",
+        "Element/1.10.0 (Android 12.1)",
+        "curl/8.5.0",
+    ] {
+        let (status, body) =
+            send_ua(&server, Method::GET, whoami, Some(&alice.token), ua, None).await;
+        assert_eq!(status, StatusCode::OK, "{ua}: {body}");
+        assert_eq!(body["user_id"], json!(alice.user_id));
+    }
+    let got = send_ua(
+        &server,
+        Method::GET,
+        whoami,
+        Some(&alice.token),
+        "Element/1.6.10 (Google Pixel 3; Android 11; RQ3A)",
+        None,
+    )
+    .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    assert_eq!(
+        got.1["error"],
+        json!("Denied by the min_user_agent_versions policy: Android 11 is older than 12, the oldest version this server accepts; please update")
+    );
+    let got = send_ua(
+        &server,
+        Method::GET,
+        whoami,
+        Some(&alice.token),
+        "Element/1.5.2 (Android 14)",
+        None,
+    )
+    .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    assert!(got.1["error"]
+        .as_str()
+        .expect("error")
+        .contains("Element 1.5.2 is older than 1.6.0"));
+    // Still free to log out.
+    let (status, body) = send_ua(
+        &server,
+        Method::POST,
+        "/_matrix/client/v3/logout",
+        Some(&alice.token),
+        "Element/1.5.2 (Android 14)",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let entries = audit(&server, &admin, "kind=policy_denied").await;
+    let list = entries["entries"].as_array().expect("entries");
+    assert_eq!(list.len(), 1, "audited once per device: {entries}");
+    assert_eq!(
+        list[0]["detail"]["policy"],
+        json!("min_user_agent_versions")
+    );
+    assert_eq!(list[0]["detail"]["token"], json!("Android"));
+    assert_eq!(list[0]["detail"]["device"], json!(alice.device_id));
+
+    // A version that is not a number is a configuration error.
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[global]\nserver_name = \"x.test\"\ndatabase_path = \"/tmp/x\"\nmin_user_agent_versions = [{ token = \"Android\", version = \"twelve\" }]\n",
+    )
+    .expect("write");
+    let Err(err) = hafen::config::load(Some(&file), Vec::<(String, String)>::new()) else {
+        panic!("a version that is not a number was accepted");
+    };
+    assert!(err.to_string().contains("min_user_agent_versions"), "{err}");
+}
+
+#[tokio::test]
 async fn memberships_changed_by_another_servers_events_are_audited() {
     use crate::common::{start_federating, TestPki};
     use crate::federation_rooms::{invite, join_via};

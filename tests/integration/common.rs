@@ -336,3 +336,29 @@ pub async fn start_federating(
     })
     .await
 }
+
+/// Files under `dir` (recursively) whose bytes contain `needle`: the physical-deletion checks
+/// (retention, erasure, admin media deletion) search the whole data directory with it.
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut visited = 0;
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            visited += 1;
+            assert!(visited < 100_000, "too many files under {}", dir.display());
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    out.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    out
+}

@@ -9,7 +9,9 @@ use std::{collections::HashMap, io::Read, path::Path, time::Duration};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{assert_err, enc, start_federating, TestPki, TestServer, TestUser};
+use crate::common::{
+    assert_err, enc, files_containing, start_federating, TestPki, TestServer, TestUser,
+};
 
 const V3: &str = "/_matrix/client/v3";
 
@@ -77,31 +79,6 @@ fn untar(bytes: &[u8]) -> HashMap<String, Vec<u8>> {
         out.insert(path, data);
     }
     out
-}
-
-/// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let mut steps = 0;
-    while let Some(d) = stack.pop() {
-        steps += 1;
-        assert!(steps < 100_000, "directory walk too long");
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(data) = std::fs::read(&p) {
-                if data.windows(needle.len()).any(|w| w == needle) {
-                    found.push(p.display().to_string());
-                }
-            }
-        }
-    }
-    found
 }
 
 fn password_auth(user: &TestUser) -> Value {

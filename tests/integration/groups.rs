@@ -24,6 +24,7 @@ fn group(name: &str, users: &[String], servers: &[String]) -> GroupConfig {
         name: name.into(),
         users: users.to_vec(),
         servers: servers.to_vec(),
+        sso_groups: vec![],
     }
 }
 
@@ -781,4 +782,143 @@ async fn the_policy_hook_is_asked_about_knocks_and_other_servers_users() {
         .expect("remote invite asked");
     assert_eq!(i["user_id"], json!(bob.user_id));
     assert_eq!(i["remote"], json!(true));
+}
+
+#[tokio::test]
+async fn leaving_a_group_removes_the_user_from_rooms_bound_to_it() {
+    let mut s = TestServer::start_with(|c| {
+        c.groups = vec![group(
+            "staff",
+            &["@alice:localhost".into(), "@kim:localhost".into()],
+            &[],
+        )];
+    })
+    .await;
+    let alice = s.user("alice").await;
+    let kim = s.user("kim").await;
+    let zed = s.user("zed").await;
+    let yan = s.user("yan").await;
+    let admin = s.user("admin").await;
+    let admin_id = ruma::UserId::parse(&admin.user_id).expect("id");
+    s.services()
+        .accounts
+        .set_admin(&admin_id, true)
+        .expect("admin");
+    let path = "/_hafen/admin/v1/groups";
+    assert_eq!(
+        s.put(&format!("{path}/ops"), &admin, json!({})).await.0,
+        StatusCode::OK
+    );
+    for m in [&alice.user_id, &zed.user_id, &yan.user_id] {
+        let got = s
+            .put(&format!("{path}/ops/members/{}", enc(m)), &admin, json!({}))
+            .await;
+        assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    }
+    let (status, body) = create(
+        &s,
+        &alice,
+        json!({ "preset": "public_chat", "creation_content": { "org.hafen.group": "ops" } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let room = body["room_id"].as_str().expect("room").to_owned();
+    assert_eq!(join(&s, &zed, &room).await.0, StatusCode::OK);
+    assert_eq!(
+        invite(&s, &alice, &room, &yan.user_id).await.0,
+        StatusCode::OK
+    );
+    // A room bound to another group is not touched.
+    let (_, body) = create(
+        &s,
+        &alice,
+        json!({ "preset": "public_chat", "creation_content": { "org.hafen.group": "staff" } }),
+    )
+    .await;
+    let staff_room = body["room_id"].as_str().expect("room").to_owned();
+    assert_eq!(join(&s, &kim, &staff_room).await.0, StatusCode::OK);
+
+    // zed leaves the group: he leaves the bound room, with the reason.
+    let (status, body) = s
+        .req(
+            Method::DELETE,
+            &format!("{path}/ops/members/{}", enc(&zed.user_id)),
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({ "removed_from_rooms": [{ "room_id": room, "user_id": zed.user_id }] })
+    );
+    assert_eq!(
+        membership(&s, &alice, &room, &zed.user_id).await,
+        json!("leave")
+    );
+    let (_, member) = s
+        .get(
+            &format!(
+                "{V3}/rooms/{}/state/m.room.member/{}",
+                enc(&room),
+                enc(&zed.user_id)
+            ),
+            &alice,
+        )
+        .await;
+    assert_eq!(
+        member["reason"],
+        json!("No longer a member of the group ops this room is bound to")
+    );
+    assert_eq!(
+        membership(&s, &alice, &room, &yan.user_id).await,
+        json!("invite")
+    );
+    let removed: Vec<Value> = denials(&s)
+        .into_iter()
+        .filter(|e| e["detail"]["action"] == json!("remain_member"))
+        .collect();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0]["user"], json!(zed.user_id));
+    assert_eq!(removed[0]["room"], json!(room));
+    assert_eq!(removed[0]["detail"]["policy"], json!("room_group"));
+    assert_eq!(removed[0]["detail"]["group"], json!("ops"));
+
+    // The group is deleted: everyone left in its room goes (the invite is withdrawn too).
+    let (status, body) = s
+        .req(
+            Method::DELETE,
+            &format!("{path}/ops"),
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut gone: Vec<String> = body["removed_from_rooms"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .map(|r| {
+            assert_eq!(r["room_id"], json!(room));
+            r["user_id"].as_str().expect("user").to_owned()
+        })
+        .collect();
+    gone.sort();
+    assert_eq!(gone, vec![alice.user_id.clone(), yan.user_id.clone()]);
+    assert_eq!(
+        membership(&s, &kim, &staff_room, &kim.user_id).await,
+        json!("join")
+    );
+
+    // A group changed in the config file is enforced at the next start.
+    s.halt().await;
+    s.resume_with(|c| {
+        c.groups = vec![group("staff", &["@alice:localhost".into()], &[])];
+    })
+    .await;
+    wait_membership(&s, &alice, &staff_room, &kim.user_id, "leave").await;
+    assert_eq!(
+        membership(&s, &alice, &staff_room, &alice.user_id).await,
+        json!("join")
+    );
 }

@@ -4,6 +4,7 @@
 mod common;
 
 mod accounts;
+mod appservice;
 mod at_rest;
 mod audit;
 mod backup;
@@ -34,6 +35,7 @@ mod sdk_e2ee;
 mod search;
 mod sliding_sync;
 mod space;
+mod sso;
 mod synapse;
 mod synapse_rooms;
 mod sync;

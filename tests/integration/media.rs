@@ -980,3 +980,198 @@ async fn url_preview_of_an_allowed_range_reads_opengraph() {
     assert_eq!(got.json()["og:title"], "Hafen & friends");
     s.stop().await;
 }
+
+/// Synapse's admin API for a user's media: list (paginated, ordered), delete the user's media,
+/// delete one item; admins only; the deleted bytes and file names are gone from disk.
+#[tokio::test]
+async fn admins_list_and_delete_a_users_media_at_synapses_paths() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let admin = s.user("admin").await;
+    s.services()
+        .accounts
+        .set_admin(
+            &ruma::UserId::parse(admin.user_id.as_str()).expect("id"),
+            true,
+        )
+        .expect("admin");
+    let mut ids = Vec::new();
+    for (i, size) in [40usize, 20, 30].into_iter().enumerate() {
+        let bytes = format!("{:0>size$}", format!("alice-secret-{i}-")).into_bytes();
+        let (_, id) = upload(
+            &s,
+            &alice,
+            bytes,
+            Some("text/plain"),
+            Some(&format!("note-{i}-unique-name.txt")),
+        )
+        .await;
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, bobs) = upload(&s, &bob, b"bob's file".to_vec(), Some("text/plain"), None).await;
+    let media_path = |u: &TestUser| format!("/_synapse/admin/v1/users/{}/media", enc(&u.user_id));
+
+    // Not an admin: 403, whoever asks about whom.
+    assert_err(
+        &s.get(&media_path(&alice), &alice).await,
+        403,
+        "M_FORBIDDEN",
+    );
+
+    // By upload time (default), a page of two, then the rest.
+    let (status, body) = s
+        .get(&format!("{}?limit=2", media_path(&alice)), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["total"], json!(3));
+    assert_eq!(body["next_token"], json!(2));
+    let listed: Vec<&str> = body["media"]
+        .as_array()
+        .expect("media")
+        .iter()
+        .map(|m| m["media_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(listed, vec![ids[0].as_str(), ids[1].as_str()]);
+    let first = &body["media"][0];
+    assert_eq!(first["media_type"], json!("text/plain"));
+    assert_eq!(first["media_length"], json!(40));
+    assert_eq!(first["upload_name"], json!("note-0-unique-name.txt"));
+    assert!(first["created_ts"].as_u64().expect("ts") > 0);
+    assert_eq!(first["quarantined_by"], Value::Null);
+    assert_eq!(first["safe_from_quarantine"], json!(false));
+    let (_, body) = s
+        .get(&format!("{}?from=2", media_path(&alice)), &admin)
+        .await;
+    assert_eq!(body["media"][0]["media_id"], json!(ids[2]));
+    assert!(body.get("next_token").is_none(), "{body}");
+    // By size, largest first.
+    let (_, body) = s
+        .get(
+            &format!("{}?order_by=media_length&dir=b", media_path(&alice)),
+            &admin,
+        )
+        .await;
+    let sizes: Vec<u64> = body["media"]
+        .as_array()
+        .expect("media")
+        .iter()
+        .map(|m| m["media_length"].as_u64().expect("len"))
+        .collect();
+    assert_eq!(sizes, vec![40, 30, 20]);
+    // Bad parameters and users.
+    assert_err(
+        &s.get(&format!("{}?order_by=nonsense", media_path(&alice)), &admin)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(&format!("{}?from=-1", media_path(&alice)), &admin)
+            .await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_err(
+        &s.get(
+            "/_synapse/admin/v1/users/%40nobody%3Alocalhost/media",
+            &admin,
+        )
+        .await,
+        404,
+        "M_NOT_FOUND",
+    );
+
+    // Delete one item; remote media and unknown ids are refused.
+    let (status, body) = s
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/_synapse/admin/v1/media/localhost/{}", ids[0]),
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "total": 1, "deleted_media": [ids[0]] }));
+    get_err(
+        &s,
+        &format!("{V1}/download/localhost/{}", ids[0]),
+        Some(&bob),
+        404,
+        "M_NOT_FOUND",
+    )
+    .await;
+    let again = s
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/_synapse/admin/v1/media/localhost/{}", ids[0]),
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_err(&again, 404, "M_NOT_FOUND");
+    let remote = s
+        .req(
+            reqwest::Method::DELETE,
+            "/_synapse/admin/v1/media/other.example/abc",
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_err(&remote, 400, "M_UNKNOWN");
+
+    // Delete the rest of alice's media; bob's stays.
+    let (status, body) = s
+        .req(
+            reqwest::Method::DELETE,
+            &media_path(&alice),
+            Some(&admin.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["total"], json!(2));
+    let mut deleted: Vec<String> = body["deleted_media"]
+        .as_array()
+        .expect("deleted")
+        .iter()
+        .map(|v| v.as_str().expect("id").to_owned())
+        .collect();
+    deleted.sort();
+    let mut expected = vec![ids[1].clone(), ids[2].clone()];
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let (_, body) = s.get(&media_path(&alice), &admin).await;
+    assert_eq!(body, json!({ "media": [], "total": 0 }));
+    let got = get(&s, &format!("{V1}/download/localhost/{bobs}"), Some(&alice)).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, b"bob's file");
+
+    // Neither the contents nor the file names are anywhere on disk.
+    let data = s
+        .services()
+        .config
+        .database_path
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    for needle in ["alice-secret-", "unique-name.txt"] {
+        let hits = crate::common::files_containing(&data, needle.as_bytes());
+        assert!(hits.is_empty(), "{needle} still in {hits:?}");
+    }
+    // Every call was audited as an admin action.
+    let calls = s
+        .services()
+        .audit
+        .query(0, u64::MAX, 100, None, |e| e.kind == "admin_action")
+        .expect("audit")
+        .0;
+    assert!(calls.iter().any(|e| e.detail["endpoint"]
+        == json!("DELETE /_synapse/admin/v1/users/{userId}/media")
+        && e.detail["allowed"] == json!(true)));
+    assert!(calls.iter().any(|e| e.detail["endpoint"]
+        == json!("GET /_synapse/admin/v1/users/{userId}/media")
+        && e.detail["allowed"] == json!(false)));
+    s.stop().await;
+}

@@ -4,38 +4,13 @@
 //! the event, while the room keeps working. The same for the Synapse-compatible admin purge and
 //! room deletion, and for media retention.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use hafen::service::retention;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{assert_err, enc, TestServer, TestUser};
-
-/// Files under `dir` (recursively) whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let mut visited = 0;
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            visited += 1;
-            assert!(visited < 100_000, "too many files under {}", dir.display());
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    out.push(path.display().to_string());
-                }
-            }
-        }
-    }
-    out
-}
+use crate::common::{assert_err, enc, files_containing, TestServer, TestUser};
 
 /// Where the server keeps anything: the database directory and the media store.
 fn data_dirs(s: &TestServer) -> Vec<std::path::PathBuf> {
@@ -857,4 +832,68 @@ async fn an_interrupted_room_deletion_is_finished_by_the_job() {
         .expect("purge");
     assert_eq!((report.rooms, report.events, report.media), (0, 0, 0));
     s.stop().await;
+}
+
+/// Deleting a room another server is in: the local members' leave events reach that server
+/// before the room's rows go, even when it is down at the moment of the deletion.
+#[tokio::test]
+async fn room_deletion_waits_for_the_leaves_to_reach_other_servers() {
+    use crate::federation_rooms::{join_via, wait_membership};
+    let pki = crate::common::TestPki::new();
+    let a = crate::common::start_federating(&pki, |_| {}).await;
+    let mut b = crate::common::start_federating(&pki, |_| {}).await;
+    let root = admin(&a, "root").await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = a
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let got = join_via(&b, &bob, &room, &a).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    wait_membership(&b, &bob, &room, &alice.user_id, "join").await;
+
+    // B is down when the deletion starts.
+    b.halt().await;
+    let path = format!("/_synapse/admin/v2/rooms/{}", enc(&room));
+    let (status, v) = a
+        .req(Method::DELETE, &path, Some(&root.token), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let delete_id = v["delete_id"].as_str().expect("delete_id").to_owned();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (_, st) = a
+        .get(
+            &format!("/_synapse/admin/v2/rooms/delete_status/{delete_id}"),
+            &root,
+        )
+        .await;
+    assert_eq!(
+        st["status"],
+        json!("shutting_down"),
+        "still waiting for B: {st}"
+    );
+    b.resume().await;
+    let st = wait_status(
+        &a,
+        &root,
+        &format!("/_synapse/admin/v2/rooms/delete_status/{delete_id}"),
+        "complete",
+    )
+    .await;
+    assert_eq!(
+        st["shutdown_room"]["kicked_users"],
+        json!([alice.user_id]),
+        "{st}"
+    );
+    // B learned that alice left; the room is gone on A.
+    wait_membership(&b, &bob, &room, &alice.user_id, "leave").await;
+    let (status, _) = a
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    a.stop().await;
+    b.stop().await;
 }

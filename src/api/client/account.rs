@@ -13,7 +13,7 @@ use axum::{
 use serde_json::{json, Map, Value};
 
 use crate::{
-    api::ruma_wrapper::{Authed, JsonBody},
+    api::ruma_wrapper::{Authed, JsonBody, RawToken},
     error::{ErrCode, Error, Result},
     service::{accounts, Services},
 };
@@ -169,6 +169,7 @@ async fn register(
     State(s): State<Arc<Services>>,
     ClientIp(ip): ClientIp,
     RawQuery(q): RawQuery,
+    token: RawToken,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     let guest = match query_param(&q, "kind")?.as_deref() {
@@ -199,7 +200,13 @@ async fn register(
         auth,
         ip,
     };
-    let (user_id, session) = accounts::register(&s, r)?;
+    let (user_id, session) =
+        if opt_str(&body, "type")?.as_deref() == Some("m.login.application_service") {
+            let appservice = token.appservice(&s)?;
+            accounts::register_for_appservice(&s, &appservice, r)?
+        } else {
+            accounts::register(&s, r)?
+        };
     Ok(Json(match session {
         Some(session) => session_json(&session),
         None => json!({ "user_id": user_id, "home_server": user_id.server_name() }),
@@ -226,6 +233,7 @@ async fn available(
     let name = query_param(&q, "username")?
         .ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'username'"))?;
     let id = s.accounts.validate_new_localpart(&name.to_lowercase())?;
+    s.appservices.ensure_user_not_exclusive(&id, None)?;
     if s.accounts.exists(&id)? {
         return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
     }
@@ -250,7 +258,14 @@ async fn token_validity(
 }
 
 async fn whoami(Authed(id): Authed) -> Json<Value> {
-    Json(json!({ "user_id": id.user_id, "device_id": id.device_id, "is_guest": id.guest }))
+    let mut body = json!({ "user_id": id.user_id, "is_guest": id.guest });
+    // An appservice acting without a device has none to report (the spec leaves it out).
+    let deviceless = id.appservice.is_some()
+        && id.device_id.as_str() == crate::api::ruma_wrapper::APPSERVICE_DEVICE;
+    if !deviceless {
+        body["device_id"] = json!(id.device_id);
+    }
+    Json(body)
 }
 
 async fn change_password(
@@ -266,8 +281,7 @@ async fn change_password(
     {
         return Err(Error::invalid_param("Password is too long"));
     }
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, body.get("auth"))?;
+    s.uiaa.reauth(&s, &id.user_id, body.get("auth"))?;
     let new_password =
         new_password.ok_or_else(|| Error::new(ErrCode::MissingParam, "Missing 'new_password'"))?;
     s.accounts.set_password(&id.user_id, &new_password)?;
@@ -284,8 +298,7 @@ async fn deactivate(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     let erase = opt_bool(&body, "erase")?.unwrap_or(false);
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, body.get("auth"))?;
+    s.uiaa.reauth(&s, &id.user_id, body.get("auth"))?;
     crate::policy::erasure::deactivate(&s, &id.user_id, erase).await?;
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }

@@ -100,7 +100,12 @@ pub(crate) fn audit_admin(
 }
 
 /// The caller must be a server admin; the call is audited either way.
-fn require_admin(s: &Services, who: &Identity, endpoint: &str, target: Option<&str>) -> Result<()> {
+pub(super) fn require_admin(
+    s: &Services,
+    who: &Identity,
+    endpoint: &str,
+    target: Option<&str>,
+) -> Result<()> {
     audit_admin(s, who, endpoint, target, who.admin);
     if who.admin {
         Ok(())
@@ -110,7 +115,7 @@ fn require_admin(s: &Services, who: &Identity, endpoint: &str, target: Option<&s
 }
 
 /// A local user id from the path (`M_INVALID_PARAM` when not one).
-fn local_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
+pub(super) fn local_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
     let user = super::user_id(raw)?;
     if user.server_name() != s.globals.server_name {
         return Err(Error::invalid_param("Can only look up local users"));
@@ -118,7 +123,7 @@ fn local_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
     Ok(user)
 }
 
-fn known_user(s: &Services, user: &ruma::UserId) -> Result<UserRecord> {
+pub(super) fn known_user(s: &Services, user: &ruma::UserId) -> Result<UserRecord> {
     s.accounts
         .user(user)?
         .ok_or_else(|| Error::not_found("User not found"))
@@ -458,7 +463,7 @@ const USERS_ORDER: &[&str] = &[
 ];
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
-enum SortKey {
+pub(super) enum SortKey {
     Num(u64),
     Text(String),
 }

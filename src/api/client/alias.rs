@@ -46,9 +46,8 @@ async fn resolve(
             .map(|(room_id, servers)| get_alias::v3::Response::new(room_id, servers).into())
             .ok_or_else(not_found);
     }
-    let room_id = s
-        .rooms
-        .resolve_alias(&req.room_alias)?
+    let room_id = crate::service::appservice::query::resolve_local_alias(&s, &req.room_alias)
+        .await?
         .ok_or_else(not_found)?;
     Ok(get_alias::v3::Response::new(room_id, vec![s.globals.server_name.clone()]).into())
 }

@@ -166,9 +166,18 @@ async fn privacy_notice(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
     })))
 }
 
+/// The registered appservices, by id: recipients the privacy statement names.
+fn appservice_ids(s: &Services) -> Vec<String> {
+    s.appservices
+        .all()
+        .iter()
+        .map(|a| a.id().to_owned())
+        .collect()
+}
+
 async fn privacy_statement(State(s): State<Arc<Services>>) -> Result<Json<Value>> {
     Ok(Json(serde_json::to_value(
-        crate::policy::transparency::statement(&s.config),
+        crate::policy::transparency::statement(&s.config).with_appservices(&appservice_ids(&s)),
     )?))
 }
 
@@ -176,7 +185,9 @@ async fn privacy_page(State(s): State<Arc<Services>>) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        crate::policy::transparency::statement(&s.config).to_html(),
+        crate::policy::transparency::statement(&s.config)
+            .with_appservices(&appservice_ids(&s))
+            .to_html(),
     )
         .into_response()
 }

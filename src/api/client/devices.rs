@@ -1,4 +1,6 @@
 //! Device management: list, show, rename, delete (deletion re-authenticates with the password).
+//! Appservices (spec v1.17, MSC4190) create their users' devices with `PUT` (201) and delete
+//! them without re-authentication.
 
 use std::sync::Arc;
 
@@ -68,24 +70,50 @@ async fn update(
     Authed(id): Authed,
     p: Segs,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>> {
+) -> Result<(http::StatusCode, Json<Value>)> {
     let name = opt_str(&body, "display_name")?;
     if name.as_ref().is_some_and(|n| n.len() > MAX_NAME_LEN) {
         return Err(Error::invalid_param("Display name is too long"));
     }
-    let mut device = s
-        .accounts
-        .device(&id.user_id, p.get(0)?.into())?
-        .ok_or_else(|| Error::not_found("Unknown device"))?;
+    let device_id = p.get(0)?;
+    let Some(mut device) = s.accounts.device(&id.user_id, device_id.into())? else {
+        if id.appservice.is_none() {
+            return Err(Error::not_found("Unknown device"));
+        }
+        if device_id.is_empty() || device_id.len() > 255 {
+            return Err(Error::invalid_param("Invalid device id"));
+        }
+        // An appservice makes a device for its user (without an access token of its own: the
+        // appservice acts through it with `device_id`).
+        crate::policy::access::check_device_limit(&s, &id.user_id, Some(device_id.into()))?;
+        s.accounts
+            .create_device_without_tokens(&id.user_id, device_id.into(), name)?;
+        s.accounts
+            .audit_note("device_created", &id.user_id, device_id.into());
+        return Ok((http::StatusCode::CREATED, Json(json!({}))));
+    };
     if body.contains_key("display_name") {
         device.display_name = name;
         s.accounts.update_device(&id.user_id, &device)?;
     }
-    Ok(Json(json!({})))
+    Ok((http::StatusCode::OK, Json(json!({}))))
 }
 
 fn auth_of(body: &Map<String, Value>) -> Option<&Value> {
     body.get("auth")
+}
+
+/// Deleting devices re-authenticates (password, or SSO for accounts linked to a provider),
+/// except for an appservice (spec v1.17).
+fn reauth(
+    s: &Services,
+    id: &crate::service::accounts::Identity,
+    body: &Map<String, Value>,
+) -> Result<()> {
+    if id.appservice.is_some() {
+        return Ok(());
+    }
+    s.uiaa.reauth(s, &id.user_id, auth_of(body))
 }
 
 async fn delete_one(
@@ -98,8 +126,7 @@ async fn delete_one(
     if s.accounts.device(&id.user_id, device_id.into())?.is_none() {
         return Err(Error::not_found("Unknown device"));
     }
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, auth_of(&body))?;
+    reauth(&s, &id, &body)?;
     if let Some(count) = s.accounts.remove_device(&id.user_id, device_id.into())? {
         crate::service::federation::edu::device_deleted(&s, &id.user_id, device_id.into(), count);
     }
@@ -131,8 +158,7 @@ async fn delete_many(
                 .ok_or_else(|| Error::bad_json("'devices' must be an array of strings"))?,
         );
     }
-    s.uiaa
-        .password_reauth(&s.accounts, &id.user_id, auth_of(&body))?;
+    reauth(&s, &id, &body)?;
     for d in ids {
         if let Some(count) = s.accounts.remove_device(&id.user_id, d.into())? {
             crate::service::federation::edu::device_deleted(&s, &id.user_id, d.into(), count);

@@ -1,4 +1,5 @@
-//! The published room directory: `/directory/list/room/{roomId}` and `/publicRooms`.
+//! The published room directory: `/directory/list/room/{roomId}`, appservices' network lists
+//! (`/directory/list/appservice/{networkId}/{roomId}`) and `/publicRooms`.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -12,8 +13,11 @@ use serde_json::{json, Value};
 
 use crate::{
     api::ruma_wrapper::{ruma_route, Authed, JsonBody, Ruma, RumaResponse},
-    error::{Error, Result},
-    service::{rooms::directory::DirectoryQuery, Services},
+    error::{ErrCode, Error, Result},
+    service::{
+        rooms::directory::{DirectoryQuery, Networks},
+        Services,
+    },
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
@@ -23,6 +27,12 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
             .route(
                 &format!("/_matrix/client/{v}/directory/list/room/{{room_id}}"),
                 put(set_visibility),
+            )
+            .route(
+                &format!(
+                    "/_matrix/client/{v}/directory/list/appservice/{{network_id}}/{{room_id}}"
+                ),
+                put(set_appservice_visibility),
             )
             .route(
                 &format!("/_matrix/client/{v}/publicRooms"),
@@ -71,6 +81,52 @@ async fn set_visibility(
     s.rooms
         .set_directory_visibility(room_id, &who.user_id, who.admin, public)?;
     Ok(Json(json!({})))
+}
+
+/// An appservice publishes a room in its network's list (`third_party_instance_id`
+/// `<appservice id>|<network id>`). Only with an appservice's token (403 `M_FORBIDDEN`).
+async fn set_appservice_visibility(
+    State(s): State<Arc<Services>>,
+    Authed(who): Authed,
+    Path((network_id, room_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
+    let Some(appservice) = &who.appservice else {
+        return Err(Error::forbidden(
+            "Only application services may publish rooms for a network",
+        ));
+    };
+    let room_id = super::room_id(&room_id)?;
+    let public = match body.get("visibility") {
+        Some(Value::String(v)) if v == "public" => true,
+        Some(Value::String(v)) if v == "private" => false,
+        None => return Err(Error::new(ErrCode::MissingParam, "Missing 'visibility'")),
+        Some(_) => {
+            return Err(Error::invalid_param(
+                "visibility must be `public` or `private`",
+            ))
+        }
+    };
+    if !s.rooms.exists(room_id)? {
+        return Err(Error::not_found("Room not found"));
+    }
+    if public {
+        s.policy.may_publish_room(&who.user_id)?;
+    }
+    let instance =
+        crate::service::appservice::thirdparty::instance_id(appservice.id(), &network_id);
+    s.rooms.set_public_in_network(room_id, &instance, public)?;
+    Ok(Json(json!({})))
+}
+
+/// Which directory lists a query reads: `include_all_networks` (all), else
+/// `third_party_instance_id` (one appservice network), else the server's own.
+fn networks(include_all: bool, instance: Option<String>) -> Networks {
+    match (include_all, instance) {
+        (true, _) => Networks::All,
+        (false, Some(i)) => Networks::Instance(i),
+        (false, None) => Networks::Main,
+    }
 }
 
 /// The server whose directory is asked for, when it is not this one (asked over federation).
@@ -142,9 +198,19 @@ async fn public_rooms_get(
                 .map_err(|_| Error::invalid_param("limit must be a non-negative integer"))?,
         ),
     };
+    let include_all = match q.get("include_all_networks").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(Error::invalid_param(
+                "include_all_networks must be true or false",
+            ))
+        }
+    };
     let query = DirectoryQuery {
         limit,
         since: q.get("since").cloned(),
+        networks: networks(include_all, q.get("third_party_instance_id").cloned()),
         ..Default::default()
     };
     page_json(&s, &query)
@@ -178,9 +244,20 @@ pub(crate) fn post_query(body: &serde_json::Map<String, Value>) -> Result<Direct
         Some(Value::String(t)) => Some(t.clone()),
         Some(_) => return Err(Error::bad_json("since must be a string")),
     };
+    let include_all = match body.get("include_all_networks") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Error::bad_json("include_all_networks must be a boolean")),
+    };
+    let instance = match body.get("third_party_instance_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(i)) => Some(i.clone()),
+        Some(_) => return Err(Error::bad_json("third_party_instance_id must be a string")),
+    };
     let mut query = DirectoryQuery {
         limit: parse_limit(body.get("limit"))?,
         since,
+        networks: networks(include_all, instance),
         ..Default::default()
     };
     match body.get("filter") {

@@ -77,7 +77,10 @@ async fn delete(
     admin(&who)?;
     s.access.groups.delete(&name)?;
     record(&s, &who, "delete", &name, None);
-    Ok(Json(json!({})))
+    let removed = crate::policy::group_sweep::remove_outsiders(&s, Some(&name)).await?;
+    Ok(Json(
+        json!({ "removed_from_rooms": removed_json(&removed) }),
+    ))
 }
 
 async fn add_member(
@@ -99,5 +102,16 @@ async fn remove_member(
     admin(&who)?;
     s.access.groups.change_member(&name, &member, false)?;
     record(&s, &who, "remove_member", &name, Some(&member));
-    Ok(Json(json!({})))
+    let removed = crate::policy::group_sweep::remove_outsiders(&s, Some(&name)).await?;
+    Ok(Json(
+        json!({ "removed_from_rooms": removed_json(&removed) }),
+    ))
+}
+
+/// `[{room_id, user_id}]` of those who had to leave a room bound to the group.
+fn removed_json(removed: &[(ruma::OwnedRoomId, ruma::OwnedUserId)]) -> Vec<Value> {
+    removed
+        .iter()
+        .map(|(room, user)| json!({ "room_id": room, "user_id": user }))
+        .collect()
 }

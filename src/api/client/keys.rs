@@ -80,8 +80,7 @@ async fn device_signing_upload(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     if e2ee::cross_signing_needs_auth(&s, &who.user_id, &body)? {
-        s.uiaa
-            .password_reauth(&s.accounts, &who.user_id, body.get("auth"))?;
+        s.uiaa.reauth(&s, &who.user_id, body.get("auth"))?;
     }
     e2ee::upload_cross_signing(&s, &who.user_id, &body)?;
     Ok(Json(json!({})))

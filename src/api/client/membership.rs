@@ -64,6 +64,9 @@ async fn resolve_with_servers(
             servers.push(alias.server_name().to_owned());
             room_id
         }
+        Ok(alias) => crate::service::appservice::query::resolve_local_alias(s, alias)
+            .await?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?,
         _ => resolve(s, target)?,
     };
     Ok((room_id, servers))
@@ -130,6 +133,8 @@ async fn invite(
     let InvitationRecipient::UserId(target) = &req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
     };
+    // A bridge's ghost user may not exist yet: its appservice is asked to create it.
+    crate::service::appservice::query::local_user_exists(&s, &target.user_id).await?;
     crate::policy::access::check_invite(&s, &req.room_id, user, &target.user_id)?;
     crate::policy::access::check_hook(
         &s,

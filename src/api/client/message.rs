@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{Path, State},
+    extract::{Path, RawQuery, State},
     Json, Router,
 };
 use ruma::{
@@ -57,16 +57,35 @@ fn replay_or_limit(s: &Services, me: &Identity, txn: &str) -> Result<Option<Json
     if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, txn)? {
         return Ok(Some(Json(json!({ "event_id": id }))));
     }
-    s.ratelimit.check(Action::Message, me.user_id.as_str())?;
+    if me.rate_limited() {
+        s.ratelimit.check(Action::Message, me.user_id.as_str())?;
+    }
     Ok(None)
+}
+
+/// Timestamp massaging: an appservice may set the event's `origin_server_ts` with `?ts=` (ms),
+/// e.g. to keep the time a bridged message was sent on the other network. Ignored for anyone
+/// else, as Synapse does.
+pub(super) fn appservice_ts(me: &Identity, q: &Option<String>) -> Result<Option<u64>> {
+    if me.appservice.is_none() {
+        return Ok(None);
+    }
+    super::account::query_param(q, "ts")?
+        .map(|t| {
+            t.parse::<u64>()
+                .map_err(|_| Error::invalid_param("ts must be a time in milliseconds"))
+        })
+        .transpose()
 }
 
 async fn send(
     State(s): State<Arc<Services>>,
     Authed(me): Authed,
     Path((room, kind, txn)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
+    let ts = appservice_ts(&me, &q)?;
     let room_id = room_id(&room)?;
     me.ensure_may_act()?;
     if let Some(done) = replay_or_limit(&s, &me, &txn)? {
@@ -91,6 +110,7 @@ async fn send(
             &kind,
             Value::Object(content),
             &txn,
+            ts,
         )
         .await?;
     Ok(Json(json!({ "event_id": event_id })))

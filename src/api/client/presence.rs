@@ -63,6 +63,9 @@ async fn set_presence(
                 crate::service::sync::room_mates(&s, &who.user_id)
             })?;
         if changed {
+            if let Err(e) = crate::service::appservice::ephemeral::presence(&s, &who.user_id) {
+                tracing::warn!("queueing presence for appservices: {e}");
+            }
             if let Err(e) = crate::service::federation::edu::send_presence(&s, &who.user_id) {
                 tracing::warn!("queueing presence: {e}");
             }

@@ -73,6 +73,14 @@ fn known_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
     Ok(user)
 }
 
+/// An unknown local user in an appservice's namespace: the appservice is asked first (it may
+/// register its ghost user now).
+async fn ask_appservices(s: &Services, raw: &str) -> Result<()> {
+    let user = super::user_id(raw)?;
+    crate::service::appservice::query::local_user_exists(s, &user).await?;
+    Ok(())
+}
+
 async fn get_profile(
     State(s): State<Arc<Services>>,
     Authed(_): Authed,
@@ -81,6 +89,7 @@ async fn get_profile(
     if let Some(remote) = remote_profile(&s, &super::user_id(p.get(0)?)?, None).await? {
         return Ok(Json(Value::Object(remote)));
     }
+    ask_appservices(&s, p.get(0)?).await?;
     let user = known_user(&s, p.get(0)?)?;
     Ok(Json(Value::Object(s.profiles.all(&user)?)))
 }
@@ -98,6 +107,7 @@ async fn get_field(
             .ok_or_else(|| Error::not_found("Profile field not set"))?;
         return Ok(Json(json!({ field: value })));
     }
+    ask_appservices(&s, p.get(0)?).await?;
     let user = known_user(&s, p.get(0)?)?;
     let value = s
         .profiles

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, Query, RawQuery, State},
     routing::get,
     Json, Router,
 };
@@ -89,18 +89,22 @@ async fn put_one(
     State(s): State<Arc<Services>>,
     Authed(me): Authed,
     Path((room, kind, key)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
-    write(&s, &me, &room, &kind, &key, content).await
+    let ts = super::message::appservice_ts(&me, &q)?;
+    write(&s, &me, &room, &kind, &key, content, ts).await
 }
 
 async fn put_empty_key(
     State(s): State<Arc<Services>>,
     Authed(me): Authed,
     Path((room, kind)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
     JsonBody(content): JsonBody,
 ) -> Result<Json<Value>> {
-    write(&s, &me, &room, &kind, "", content).await
+    let ts = super::message::appservice_ts(&me, &q)?;
+    write(&s, &me, &room, &kind, "", content, ts).await
 }
 
 async fn write(
@@ -110,6 +114,7 @@ async fn write(
     kind: &str,
     key: &str,
     content: serde_json::Map<String, Value>,
+    ts: Option<u64>,
 ) -> Result<Json<Value>> {
     // A suspended account may still leave.
     let leaving = kind == "m.room.member"
@@ -126,6 +131,7 @@ async fn write(
             kind,
             key,
             Value::Object(content),
+            ts,
         )
         .await?;
     Ok(Json(json!({ "event_id": event_id })))

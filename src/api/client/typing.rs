@@ -59,6 +59,9 @@ async fn set_typing(
     }
     let members = s.rooms.joined_members(&room_id)?.iter().cloned().collect();
     s.typing.set(&room_id, &who.user_id, timeout, members)?;
+    if let Err(e) = crate::service::appservice::ephemeral::typing(&s, &room_id) {
+        tracing::warn!("queueing typing for appservices: {e}");
+    }
     if let Err(e) = crate::service::federation::edu::send_typing(&s, &room_id, &who.user_id, typing)
     {
         tracing::warn!("queueing a typing notification: {e}");

@@ -73,9 +73,8 @@ async fn directory(
             "The alias is not local to this server",
         ));
     }
-    let room_id = s
-        .rooms
-        .resolve_alias(alias)?
+    let room_id = crate::service::appservice::query::resolve_local_alias(&s, alias)
+        .await?
         .ok_or_else(|| Error::not_found("Room alias not found"))?;
     let mut out = Map::new();
     out.insert("room_id".into(), Value::String(room_id.to_string()));

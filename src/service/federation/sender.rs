@@ -45,6 +45,16 @@ const MAX_TXN_BYTES: usize = 4 * 1024 * 1024;
 pub const CONCURRENT_DESTINATIONS: usize = 32;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(600);
+
+/// The wait after another failure, given the last one: 1 s, then doubling up to 10 minutes.
+/// Shared with the appservice queue (`service/appservice/queue.rs`).
+pub fn next_backoff(last: Duration) -> Duration {
+    if last.is_zero() {
+        FIRST_RETRY
+    } else {
+        (last * 2).min(MAX_RETRY)
+    }
+}
 /// Transactions one worker sends before giving the slot to other destinations.
 const ROUNDS_PER_TURN: usize = 20;
 /// How long an incoming transaction's answer is kept for retries.
@@ -286,11 +296,7 @@ impl Sender {
                 d.pending = true;
             }
             Outcome::Failed(txn) => {
-                d.delay = if d.delay.is_zero() {
-                    FIRST_RETRY
-                } else {
-                    (d.delay * 2).min(MAX_RETRY)
-                };
+                d.delay = next_backoff(d.delay);
                 d.next_attempt = Some(Instant::now() + d.delay);
                 d.retry = txn;
             }
@@ -413,6 +419,22 @@ impl Sender {
             dropped += n;
         }
         Ok(dropped)
+    }
+
+    /// Whether `destination` still has a PDU queued whose stream count is at most `count` (PDUs
+    /// go out in count order, so none left means every event up to `count` was delivered).
+    pub fn pdus_pending_up_to(&self, destination: &ServerName, count: u64) -> Result<bool> {
+        let first = self
+            .storage
+            .scan_prefix(
+                Table::FederationQueue,
+                &keys::prefix(&[destination.as_str(), PDU]),
+            )?
+            .next()
+            .transpose()?;
+        Ok(first
+            .and_then(|(k, _)| keys::count_suffix(&k))
+            .is_some_and(|c| c <= count))
     }
 
     /// Number of items queued for `destination` (PDUs, EDUs); for tests and the admin.

@@ -62,6 +62,7 @@ impl Rooms {
         if !self.exists(room_id)? {
             return Err(Error::not_found("Room not found"));
         }
+        self.ensure_alias_not_exclusive(alias, creator)?;
         if !self.claim_alias(alias, room_id, creator).await? {
             return Err(Error::with_status(
                 ErrCode::Unknown,
@@ -94,6 +95,18 @@ impl Rooms {
         )?;
         b.commit()?;
         Ok(true)
+    }
+
+    /// 400 `M_EXCLUSIVE` when an appservice reserved `alias` and `creator` is not its user.
+    pub(crate) fn ensure_alias_not_exclusive(
+        &self,
+        alias: &RoomAliasId,
+        creator: &UserId,
+    ) -> Result<()> {
+        match &self.appservices {
+            Some(a) => a.ensure_alias_not_exclusive(alias.as_str(), creator),
+            None => Ok(()),
+        }
     }
 
     /// A pseudo room id whose lock serializes alias writes.

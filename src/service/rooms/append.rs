@@ -31,6 +31,8 @@ pub struct NewEvent {
     pub content: Value,
     pub state_key: Option<String>,
     pub redacts: Option<OwnedEventId>,
+    /// The event's `origin_server_ts` when not now: an appservice's timestamp massaging (`?ts=`).
+    pub origin_server_ts: Option<u64>,
 }
 
 impl NewEvent {
@@ -40,7 +42,13 @@ impl NewEvent {
             content,
             state_key: None,
             redacts: None,
+            origin_server_ts: None,
         }
+    }
+    /// The same event with the given timestamp (an appservice's `?ts=`), if any.
+    pub fn at(mut self, ts: Option<u64>) -> NewEvent {
+        self.origin_server_ts = ts;
+        self
     }
     pub fn state(kind: &str, state_key: &str, content: Value) -> NewEvent {
         NewEvent {
@@ -48,6 +56,7 @@ impl NewEvent {
             content,
             state_key: Some(state_key.to_owned()),
             redacts: None,
+            origin_server_ts: None,
         }
     }
 }
@@ -66,6 +75,9 @@ pub struct Deferred<'a> {
     /// Servers the event was queued for, to wake the federation sender once it is durable.
     federate: Vec<ruma::OwnedServerName>,
     federation_wake: &'a crate::service::federation::sender::Wake,
+    /// Appservices the event was queued for, to wake their sender once it is durable.
+    appservices: Vec<String>,
+    appservice_queue: Option<&'a crate::service::appservice::queue::Queue>,
 }
 
 impl Deferred<'_> {
@@ -94,6 +106,9 @@ impl Deferred<'_> {
         }
         if !self.federate.is_empty() {
             self.federation_wake.add(self.federate);
+        }
+        if let (false, Some(queue)) = (self.appservices.is_empty(), self.appservice_queue) {
+            queue.wake(self.appservices);
         }
     }
 }
@@ -359,7 +374,7 @@ impl Rooms {
             "room_id": room_id,
             "sender": sender,
             "content": content,
-            "origin_server_ts": utils::now_ms(),
+            "origin_server_ts": new.origin_server_ts.unwrap_or_else(utils::now_ms),
             "depth": depth,
             "prev_events": self.event_refs(&meta.extremities, rules)?,
             "auth_events": self.event_refs(&auth_events, rules)?,
@@ -673,6 +688,16 @@ impl Rooms {
         )?;
         let federate =
             self.queue_for_federation(&mut batch, &joined, &pdu, count, placement.rebroadcast)?;
+        let appservices = match &self.appservices {
+            Some(a) => a.queue_event(&mut batch, room_id, &pdu, &joined, count, &|| {
+                Ok(self
+                    .local_aliases(room_id)?
+                    .into_iter()
+                    .map(|a| a.to_string())
+                    .collect())
+            })?,
+            None => Vec::new(),
+        };
         let ticket = batch.commit_deferred()?;
 
         // The targets (woken above) are the only members whose membership changed.
@@ -690,6 +715,8 @@ impl Rooms {
                 pushes: &self.pending_pushes,
                 federate,
                 federation_wake: &self.federation_wake,
+                appservices,
+                appservice_queue: self.appservices.as_deref().map(|a| &a.queue),
             },
         ))
     }

@@ -68,6 +68,7 @@ impl Rooms {
             }
         }
         if let Some(alias) = &req.alias {
+            self.ensure_alias_not_exclusive(alias, creator)?;
             if self.resolve_alias(alias)?.is_some() {
                 return Err(Error::new(ErrCode::RoomInUse, "Room alias already taken"));
             }

@@ -19,6 +19,17 @@ pub struct DirectoryQuery {
     pub search_term: Option<String>,
     /// `filter.room_types`: `None` entries mean rooms without a type.
     pub room_types: Option<Vec<Option<String>>>,
+    /// Which lists: the server's own (default), one appservice network, or all of them.
+    pub networks: Networks,
+}
+
+/// The directory lists a query reads (`third_party_instance_id`, `include_all_networks`).
+#[derive(Default, Clone, Debug, PartialEq)]
+pub enum Networks {
+    #[default]
+    Main,
+    Instance(String),
+    All,
 }
 
 /// A page of the directory.
@@ -130,7 +141,7 @@ impl Rooms {
             .filter(|t| !t.trim().is_empty());
 
         let mut entries = Vec::new();
-        for room_id in self.public_rooms()? {
+        for room_id in self.directory_rooms(&q.networks)? {
             if !self.exists(&room_id)? {
                 continue;
             }

@@ -126,6 +126,9 @@ pub struct Rooms {
     /// The audit log, for local users' membership changes (written by the membership
     /// operations, not by the event write path).
     pub(crate) audit: Option<Arc<crate::policy::audit::AuditLog>>,
+    /// The registered appservices: events that interest one are queued for it in the event's
+    /// batch, and aliases in an exclusive namespace are reserved for it.
+    pub(crate) appservices: Option<Arc<crate::service::appservice::Appservices>>,
 }
 
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
@@ -149,7 +152,17 @@ impl Rooms {
             joined_cache: Mutex::new(HashMap::new()),
             auth_cache: Mutex::new(HashMap::new()),
             audit: None,
+            appservices: None,
         }
+    }
+
+    /// Queue events for the appservices they interest, reserve their exclusive aliases.
+    pub fn with_appservices(
+        mut self,
+        appservices: Arc<crate::service::appservice::Appservices>,
+    ) -> Self {
+        self.appservices = Some(appservices);
+        self
     }
 
     /// Write local users' membership changes to `audit`.
@@ -587,15 +600,60 @@ impl Rooms {
     }
 
     /// Room ids currently published in the directory.
+    /// The rooms of the server's own directory list (not those appservices published).
     pub fn public_rooms(&self) -> Result<Vec<OwnedRoomId>> {
-        let mut out = Vec::new();
+        Ok(self
+            .directory_rooms(&crate::service::rooms::directory::Networks::Main)?
+            .into_iter()
+            .collect())
+    }
+
+    /// The rooms of the directory lists `networks` selects. A room in the server's list has the
+    /// key `room`; one an appservice published for a network `room 0xff instance id`.
+    pub fn directory_rooms(
+        &self,
+        networks: &crate::service::rooms::directory::Networks,
+    ) -> Result<std::collections::BTreeSet<OwnedRoomId>> {
+        use crate::service::rooms::directory::Networks;
+        let mut out = std::collections::BTreeSet::new();
         for entry in self.storage.scan_prefix(Table::PublicRooms, b"")? {
             let (k, _) = entry?;
-            if let Ok(id) = RoomId::parse(String::from_utf8_lossy(&k).as_ref()) {
-                out.push(id);
+            let mut parts = k.splitn(2, |b| *b == keys::SEP);
+            let room = parts.next().unwrap_or_default();
+            let instance = parts
+                .next()
+                .map(|i| String::from_utf8_lossy(i).into_owned());
+            let wanted = match (networks, &instance) {
+                (Networks::All, _) => true,
+                (Networks::Main, None) => true,
+                (Networks::Instance(want), Some(i)) => want == i,
+                _ => false,
+            };
+            if !wanted {
+                continue;
+            }
+            if let Ok(id) = RoomId::parse(String::from_utf8_lossy(room).as_ref()) {
+                out.insert(id);
             }
         }
         Ok(out)
+    }
+
+    /// Publish or unpublish a room in an appservice's network list (`instance`).
+    pub fn set_public_in_network(
+        &self,
+        room_id: &RoomId,
+        instance: &str,
+        public: bool,
+    ) -> Result<()> {
+        let key = keys::join(&[room_id.as_str(), instance]);
+        let mut b = self.storage.batch();
+        if public {
+            b.put(Table::PublicRooms, &key, b"")?;
+        } else {
+            b.delete(Table::PublicRooms, &key)?;
+        }
+        b.commit()
     }
 
     pub fn set_public(&self, room_id: &RoomId, public: bool) -> Result<()> {

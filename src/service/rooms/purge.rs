@@ -314,6 +314,15 @@ impl Rooms {
         }
         batch.delete(Table::Rooms, room.as_bytes())?;
         batch.delete(Table::PublicRooms, room.as_bytes())?;
+        // Its entries in appservices' network lists too.
+        for entry in self
+            .storage
+            .scan_prefix(Table::PublicRooms, &keys::prefix(&[room]))?
+            .take(10_000)
+        {
+            let (k, _) = entry?;
+            batch.delete(Table::PublicRooms, &k)?;
+        }
         for user in &members {
             batch.delete(Table::UserRooms, &keys::join(&[user, room]))?;
         }

@@ -22,6 +22,7 @@ impl Rooms {
         kind: &str,
         content: Value,
         txn_id: &str,
+        ts: Option<u64>,
     ) -> Result<OwnedEventId> {
         // Redactions go through the redaction checks, wherever the client sent them.
         if kind == "m.room.redaction" {
@@ -50,7 +51,7 @@ impl Rooms {
         let (sent, deferred) = self.append_locked_deferred(
             room_id,
             user,
-            NewEvent::message(kind, content),
+            NewEvent::message(kind, content).at(ts),
             Some((device, txn_id)),
         )?;
         // The next event of the room can be built while this one goes to disk.
@@ -96,6 +97,7 @@ impl Rooms {
             content,
             state_key: None,
             redacts: Some(target.to_owned()),
+            origin_server_ts: None,
         };
         Ok(self
             .append_locked(room_id, user, event, Some((device, txn_id)))?
@@ -111,6 +113,7 @@ impl Rooms {
         kind: &str,
         state_key: &str,
         content: Value,
+        ts: Option<u64>,
     ) -> Result<OwnedEventId> {
         let _guard = self.lock(room_id).await;
         self.require_joined(room_id, user)?;
@@ -122,7 +125,7 @@ impl Rooms {
                 return Ok(current.event_id);
             }
         }
-        let event = NewEvent::state(kind, state_key, content);
+        let event = NewEvent::state(kind, state_key, content).at(ts);
         Ok(self.append_locked(room_id, user, event, None)?.event_id)
     }
 
