@@ -36,6 +36,23 @@ pub fn keyed_hash(key: &[u8], data: &[u8]) -> String {
         .collect()
 }
 
+/// The body of an answer from another service (policy hook, identity provider, appservice), read
+/// up to `max` bytes: larger answers are refused rather than buffered.
+pub async fn read_answer(mut res: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = res
+        .chunk()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err("the answer is too large".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Tokens are stored hashed: a leaked database does not leak working tokens.
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()

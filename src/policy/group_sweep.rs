@@ -42,25 +42,8 @@ pub async fn remove_outsiders(
             {
                 continue;
             }
-            let reason = format!("No longer a member of the group {bound} this room is bound to");
-            match s.rooms.leave_room(&room, &user, Some(&reason)).await {
-                Ok(()) => {
-                    s.audit.record(AuditEntry {
-                        kind: "policy_denied".to_owned(),
-                        user: Some(user.to_string()),
-                        room: Some(room.to_string()),
-                        detail: json!({
-                            "policy": ROOM_GROUP,
-                            "action": "remain_member",
-                            "group": bound,
-                        }),
-                        ..AuditEntry::default()
-                    })?;
-                    removed.push((room.clone(), user));
-                }
-                Err(e) => {
-                    tracing::warn!(%room, %user, error = %e, "could not remove a user outside the room's group");
-                }
+            if remove_from_room(s, &room, &user, &bound).await? {
+                removed.push((room.clone(), user));
             }
         }
     }
@@ -82,28 +65,38 @@ pub async fn remove_user_outside(s: &Services, user: &ruma::UserId) -> Result<Ve
         if s.access.groups.is_member(&bound, user) {
             continue;
         }
-        let reason = format!("No longer a member of the group {bound} this room is bound to");
-        match s.rooms.leave_room(&room, user, Some(&reason)).await {
-            Ok(()) => {
-                s.audit.record(AuditEntry {
-                    kind: "policy_denied".to_owned(),
-                    user: Some(user.to_string()),
-                    room: Some(room.to_string()),
-                    detail: json!({
-                        "policy": ROOM_GROUP,
-                        "action": "remain_member",
-                        "group": bound,
-                    }),
-                    ..AuditEntry::default()
-                })?;
-                removed.push(room);
-            }
-            Err(e) => {
-                tracing::warn!(%room, %user, error = %e, "could not remove a user outside the room's group");
-            }
+        if remove_from_room(s, &room, user, &bound).await? {
+            removed.push(room);
         }
     }
     Ok(removed)
+}
+
+/// `user` leaves `room`, bound to `group` they are not in; audited. False when the leave failed
+/// (logged: the next sweep tries again).
+async fn remove_from_room(
+    s: &Services,
+    room: &ruma::RoomId,
+    user: &ruma::UserId,
+    group: &str,
+) -> Result<bool> {
+    let reason = format!("No longer a member of the group {group} this room is bound to");
+    if let Err(e) = s.rooms.leave_room(room, user, Some(&reason)).await {
+        tracing::warn!(%room, %user, error = %e, "could not remove a user outside the room's group");
+        return Ok(false);
+    }
+    s.audit.record(AuditEntry {
+        kind: "policy_denied".to_owned(),
+        user: Some(user.to_string()),
+        room: Some(room.to_string()),
+        detail: json!({
+            "policy": ROOM_GROUP,
+            "action": "remain_member",
+            "group": group,
+        }),
+        ..AuditEntry::default()
+    })?;
+    Ok(true)
 }
 
 /// The check at start, in the background (after a config change of the groups).

@@ -113,7 +113,7 @@ impl PolicyHook {
     }
 
     async fn call(&self, action: &Value) -> std::result::Result<Decision, String> {
-        let mut res = self
+        let res = self
             .client
             .post(&self.url)
             .json(action)
@@ -123,17 +123,7 @@ impl PolicyHook {
         if !res.status().is_success() {
             return Err(format!("it answered {}", res.status()));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = res
-            .chunk()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-        {
-            if body.len() + chunk.len() > MAX_ANSWER {
-                return Err("the answer is too large".into());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::utils::read_answer(res, MAX_ANSWER).await?;
         let v: Value =
             serde_json::from_slice(&body).map_err(|_| "the answer is not JSON".to_owned())?;
         match v.get("allow").and_then(Value::as_bool) {

@@ -1069,11 +1069,21 @@ pub fn register(
             ..Default::default()
         })?;
     }
+    finish_registration(services, user_id, r)
+}
+
+/// The last steps of every registration: the profile defaults, then a session unless the client
+/// asked for none (`inhibit_login`).
+fn finish_registration(
+    services: &crate::service::Services,
+    user_id: OwnedUserId,
+    r: Registration,
+) -> Result<(OwnedUserId, Option<Session>)> {
     crate::service::profile_defaults(services, &user_id)?;
     if r.inhibit_login {
         return Ok((user_id, None));
     }
-    let session = accounts.create_session(
+    let session = services.accounts.create_session(
         &user_id,
         r.device_id,
         r.initial_device_display_name,
@@ -1106,17 +1116,7 @@ pub fn register_for_appservice(
         .appservices
         .ensure_user_not_exclusive(&user_id, Some(appservice.id()))?;
     accounts.create_user(&user_id, None, false, false)?;
-    crate::service::profile_defaults(services, &user_id)?;
-    if r.inhibit_login {
-        return Ok((user_id, None));
-    }
-    let session = accounts.create_session(
-        &user_id,
-        r.device_id,
-        r.initial_device_display_name,
-        r.refresh_token,
-    )?;
-    Ok((user_id, Some(session)))
+    finish_registration(services, user_id, r)
 }
 
 /// Log in as an appservice's user (`m.login.application_service`, the appservice's `as_token`

@@ -138,21 +138,33 @@ fn page(
     Ok((selected, total, from))
 }
 
+/// The admin check (audited with the method), the local user from the path, and the page of
+/// their media the query selects.
+fn user_page(
+    s: &Services,
+    who: &crate::service::accounts::Identity,
+    method: &str,
+    user_id: &str,
+    q: &Option<String>,
+) -> Result<(Vec<UserMedia>, usize, usize)> {
+    require_admin(
+        s,
+        who,
+        &format!("{method} /_synapse/admin/v1/users/{{userId}}/media"),
+        Some(user_id),
+    )?;
+    let user = local_user(s, user_id)?;
+    known_user(s, &user)?;
+    page(s, &user, q)
+}
+
 async fn list_user_media(
     State(s): State<Arc<Services>>,
     Authed(who): Authed,
     Path(user_id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
-    require_admin(
-        &s,
-        &who,
-        "GET /_synapse/admin/v1/users/{userId}/media",
-        Some(&user_id),
-    )?;
-    let user = local_user(&s, &user_id)?;
-    known_user(&s, &user)?;
-    let (media, total, from) = page(&s, &user, &q)?;
+    let (media, total, from) = user_page(&s, &who, "GET", &user_id, &q)?;
     let mut body = json!({
         "media": media.iter().map(media_json).collect::<Vec<_>>(),
         "total": total,
@@ -193,15 +205,7 @@ async fn delete_user_media(
     Path(user_id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>> {
-    require_admin(
-        &s,
-        &who,
-        "DELETE /_synapse/admin/v1/users/{userId}/media",
-        Some(&user_id),
-    )?;
-    let user = local_user(&s, &user_id)?;
-    known_user(&s, &user)?;
-    let (media, _, _) = page(&s, &user, &q)?;
+    let (media, _, _) = user_page(&s, &who, "DELETE", &user_id, &q)?;
     let ids: Vec<String> = media.into_iter().map(|m| m.media_id).collect();
     let deleted = delete_local(&s, &ids).await?;
     Ok(Json(

@@ -185,15 +185,8 @@ impl Client {
 }
 
 /// The body, up to [`MAX_ANSWER`] bytes (None beyond, or when the connection fails).
-async fn read_limited(mut res: reqwest::Response) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = res.chunk().await {
-        if out.len() + chunk.len() > MAX_ANSWER {
-            return None;
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Some(out)
+async fn read_limited(res: reqwest::Response) -> Option<Vec<u8>> {
+    crate::utils::read_answer(res, MAX_ANSWER).await.ok()
 }
 
 /// A connection error without the URL (it could carry a query string) or any token.

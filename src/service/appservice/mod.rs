@@ -268,13 +268,7 @@ impl Appservices {
         if list.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cached: Option<Arc<Vec<String>>> = None;
-        let mut aliases = || -> Result<Arc<Vec<String>>> {
-            if cached.is_none() {
-                cached = Some(Arc::new(aliases()?));
-            }
-            Ok(cached.clone().unwrap_or_default())
-        };
+        let mut aliases = read_once(aliases);
         let mut out = Vec::new();
         // One without a URL only uses the client API: nothing is pushed to it.
         for a in list.iter().filter(|a| a.registration.url.is_some()) {
@@ -294,13 +288,7 @@ impl Appservices {
         aliases: &dyn Fn() -> Result<Vec<String>>,
     ) -> Result<Vec<Arc<Appservice>>> {
         let list = self.all();
-        let mut cached: Option<Arc<Vec<String>>> = None;
-        let mut aliases = || -> Result<Arc<Vec<String>>> {
-            if cached.is_none() {
-                cached = Some(Arc::new(aliases()?));
-            }
-            Ok(cached.clone().unwrap_or_default())
-        };
+        let mut aliases = read_once(aliases);
         let mut out = Vec::new();
         for a in list
             .iter()
@@ -386,4 +374,17 @@ pub fn ensure_sender(services: &crate::service::Services, a: &Appservice) -> Res
         crate::service::profile_defaults(services, &a.sender)?;
     }
     Ok(())
+}
+
+/// `aliases` read at most once, on first use (many appservices may ask about the same room).
+fn read_once(
+    aliases: &dyn Fn() -> Result<Vec<String>>,
+) -> impl FnMut() -> Result<Arc<Vec<String>>> + '_ {
+    let mut cached: Option<Arc<Vec<String>>> = None;
+    move || {
+        if cached.is_none() {
+            cached = Some(Arc::new(aliases()?));
+        }
+        Ok(cached.clone().unwrap_or_default())
+    }
 }

@@ -77,18 +77,8 @@ async fn get_json(
 }
 
 /// Read a bounded JSON object answer.
-async fn read_json(mut res: reqwest::Response) -> std::result::Result<Map<String, Value>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = res
-        .chunk()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?
-    {
-        if body.len() + chunk.len() > MAX_ANSWER {
-            return Err("the answer is too large".into());
-        }
-        body.extend_from_slice(&chunk);
-    }
+async fn read_json(res: reqwest::Response) -> std::result::Result<Map<String, Value>, String> {
+    let body = crate::utils::read_answer(res, MAX_ANSWER).await?;
     match serde_json::from_slice(&body) {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err("the answer is not a JSON object".into()),
