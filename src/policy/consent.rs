@@ -31,26 +31,38 @@ pub fn pending_uri(s: &Services, user: &UserId, accepted: Option<&str>) -> Optio
     Some(consent_uri(s, user))
 }
 
-fn link_mac(storage: &Storage, user: &str) -> String {
+/// The link code: for this user and this version of the notice (a link to an older version
+/// does not accept a newer one).
+fn link_mac(storage: &Storage, user: &str, version: &str) -> String {
     utils::keyed_hash(
         &super::stored_secret(storage, LINK_KEY_ROW),
-        user.as_bytes(),
+        format!("{user}\n{version}").as_bytes(),
     )
+}
+
+fn current_version(s: &Services) -> &str {
+    s.config
+        .privacy_notice
+        .as_ref()
+        .map_or("", |n| n.version.as_str())
 }
 
 /// The page of this server where `user` accepts the notice.
 pub fn consent_uri(s: &Services, user: &UserId) -> String {
     let base = s
         .config
-        .well_known
-        .client
+        .public_baseurl
         .clone()
+        .or_else(|| s.config.well_known.client.clone())
         .unwrap_or_else(|| format!("https://{}", s.config.server_name));
     let mut url = format!("{}/_hafen/consent?", base.trim_end_matches('/'));
     url.push_str(
         &url::form_urlencoded::Serializer::new(String::new())
             .append_pair("u", user.as_str())
-            .append_pair("h", &link_mac(&s.storage, user.as_str()))
+            .append_pair(
+                "h",
+                &link_mac(&s.storage, user.as_str(), current_version(s)),
+            )
             .finish(),
     );
     url
@@ -58,7 +70,7 @@ pub fn consent_uri(s: &Services, user: &UserId) -> String {
 
 /// Is `mac` the link code of `user`? (Compared in constant time.)
 pub fn link_is_valid(s: &Services, user: &str, mac: &str) -> bool {
-    let expected = link_mac(&s.storage, user);
+    let expected = link_mac(&s.storage, user, current_version(s));
     expected.len() == mac.len()
         && expected
             .bytes()

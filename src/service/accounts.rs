@@ -382,11 +382,16 @@ impl Accounts {
         admin: bool,
         guest: bool,
     ) -> Result<()> {
+        // The slow hash first; then the check and the write under the user's lock, so that two
+        // creations of one id (two registrations, a registration and an SSO login) cannot both
+        // pass the check and the later write replace the earlier account.
+        let password_hash = password.map(Self::hash_password).transpose()?;
+        let _creating = self.device_lock(user_id);
         if self.exists(user_id)? {
             return Err(Error::new(ErrCode::UserInUse, "User ID already taken"));
         }
         let rec = UserRecord {
-            password_hash: password.map(Self::hash_password).transpose()?,
+            password_hash,
             admin,
             deactivated: false,
             guest,

@@ -327,6 +327,13 @@ async fn through_idp(ts: &TestServer, start_path: &str) -> (String, String) {
     );
     assert_eq!(q["code_challenge_method"], "S256");
     assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32);
+    // Re-authentication asks the provider for a fresh login; a login does not.
+    let reauth = start_path.contains("/auth/m.login.sso/");
+    assert_eq!(
+        q.get("prompt").map(String::as_str),
+        reauth.then_some("login")
+    );
+    assert_eq!(q.get("max_age").map(String::as_str), reauth.then_some("0"));
     let res = b.get(&at_idp).send().await.unwrap();
     assert_eq!(
         res.status(),
@@ -1143,8 +1150,22 @@ async fn sso_users_pass_user_interactive_auth_through_the_sso_stage() {
     let (status, body) = delete(Some(json!({ "type": "m.login.sso", "session": session }))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["errcode"], json!("M_FORBIDDEN"));
+    // The fallback link first says what is being confirmed and goes to the provider only when
+    // the user continues (the link may come from someone else holding a session).
+    let first = format!("{V3}/auth/m.login.sso/fallback/web?session={session}");
+    let res = browser()
+        .get(format!("{}{first}", ts.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("set-cookie").is_none());
+    let page = res.text().await.unwrap();
+    assert!(page.contains("Confirm a sensitive action"), "{page}");
+    assert!(page.contains("Continue only if you started this action yourself"));
+    let fallback = format!("{first}&confirm=1");
+    assert!(page.contains(&fallback.replace('&', "&amp;")), "{page}");
     // Signing in at the provider as somebody else does not complete it.
-    let fallback = format!("{V3}/auth/m.login.sso/fallback/web?session={session}");
     let (url, cookie) = through_idp(&ts, &fallback).await;
     let (status, _, page) = callback(&url, Some(&cookie)).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
@@ -1240,7 +1261,7 @@ async fn erasure_forgets_the_provider_link_and_claims_and_the_report_shows_sso()
     let session = challenge["session"].as_str().unwrap().to_owned();
     let (url, cookie) = through_idp(
         &ts,
-        &format!("{V3}/auth/m.login.sso/fallback/web?session={session}"),
+        &format!("{V3}/auth/m.login.sso/fallback/web?session={session}&confirm=1"),
     )
     .await;
     let (status, _, page) = callback(&url, Some(&cookie)).await;
@@ -1362,4 +1383,94 @@ async fn several_providers_get_a_choice_page_and_client_secret_post_works() {
         .accounts
         .exists(&ruma::UserId::parse("@paula1:localhost").unwrap())
         .unwrap());
+}
+
+/// What a provider's user may not get: a name a bridge reserved (a free numbered one is taken
+/// instead), an account another identity of the provider is linked to, a bridge's account; a
+/// JWT may not name a bridge's user either; an allowlist entry without a path covers only its
+/// own host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sso_and_jwt_cannot_take_reserved_or_linked_accounts() {
+    let idp = start_idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let registration = dir.path().join("bridge.yaml");
+    std::fs::write(
+        &registration,
+        "id: bridge\nurl: null\nas_token: bridge-as-token-secret\nhs_token: bridge-hs-token-secret\nsender_localpart: bridgebot\nnamespaces:\n  users:\n    - exclusive: true\n      regex: \"@bridge_[a-z]+:localhost\"\n",
+    )
+    .unwrap();
+    let ts = sso_server(&idp, |c| {
+        c.oidc_providers[0].allow_existing_users = true;
+        c.app_service_config_files = vec![registration.clone()];
+        c.sso_client_allowlist.push("https://app.example".into());
+        c.jwt = Some(toml::from_str(&format!("secret = \"{JWT_SECRET}\"")).unwrap());
+    })
+    .await;
+    ts.user("alice").await;
+
+    // A name in the bridge's exclusive namespace: the next free name outside it.
+    idp.next_user(json!({ "sub": "p-1", "preferred_username": "bridge_bob" }));
+    assert_eq!(
+        sso_login(&ts).await["user_id"],
+        json!("@bridge_bob1:localhost")
+    );
+
+    // An existing account is linked once; another identity with the same name is refused.
+    idp.next_user(json!({ "sub": "a-1", "preferred_username": "alice" }));
+    assert_eq!(sso_login(&ts).await["user_id"], json!("@alice:localhost"));
+    idp.next_user(json!({ "sub": "a-2", "preferred_username": "Alice" }));
+    let (url, cookie) = to_callback(&ts, "corp", "https://client.example/").await;
+    let (status, _, page) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("linked to another user"), "{page}");
+    // The first identity still logs in; the bridge's own account is never linked.
+    idp.next_user(json!({ "sub": "a-1", "preferred_username": "whatever" }));
+    assert_eq!(sso_login(&ts).await["user_id"], json!("@alice:localhost"));
+    idp.next_user(json!({ "sub": "b-1", "preferred_username": "bridgebot" }));
+    let (url, cookie) = to_callback(&ts, "corp", "https://client.example/").await;
+    let (status, _, page) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("belongs to a bridge"), "{page}");
+
+    // JWT naming a bridge user (existing or not) is refused and audited.
+    for uid in ["bridgebot", "bridge_carl"] {
+        let t = jwt(json!({ "sub": uid, "exp": now() + 60 }), JWT_SECRET);
+        let got = ts
+            .req(
+                Method::POST,
+                &format!("{V3}/login"),
+                None,
+                Some(json!({ "type": "org.matrix.login.jwt", "token": t })),
+            )
+            .await;
+        assert_err(&got, 403, "M_FORBIDDEN");
+    }
+    assert!(!ts
+        .services()
+        .accounts
+        .exists(&ruma::UserId::parse("@bridge_carl:localhost").unwrap())
+        .unwrap());
+    assert!(audit_entries(&ts, "login_failed")
+        .iter()
+        .any(|e| e.detail["reason"] == json!("reserved")));
+
+    // `https://app.example` covers that host only: a look-alike host, or the name as user info
+    // before another host, gets the confirmation page instead of the token.
+    idp.next_user(json!({ "sub": "p-1", "preferred_username": "bridge_bob" }));
+    let (url, cookie) = to_callback(&ts, "corp", "https://app.example/home").await;
+    let (status, loc, _) = callback(&url, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert!(loc
+        .unwrap()
+        .starts_with("https://app.example/home?loginToken="));
+    for evil in [
+        "https://app.example.evil.test/",
+        "https://app.example@evil.test/",
+    ] {
+        let (url, cookie) = to_callback(&ts, "corp", evil).await;
+        let (status, loc, page) = callback(&url, Some(&cookie)).await;
+        assert_eq!(status, StatusCode::OK, "{evil}: {page}");
+        assert!(loc.is_none());
+        assert!(page.contains("Continue to your client?"), "{page}");
+    }
 }

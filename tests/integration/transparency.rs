@@ -309,5 +309,12 @@ async fn a_new_privacy_notice_version_is_asked_again() {
         )
         .await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    // A link made for version 2 does not accept version 3.
+    let old_link = reqwest::Client::new()
+        .get(format!("{}{path_and_query}", s.base))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(old_link.status(), StatusCode::FORBIDDEN);
     s.stop().await;
 }

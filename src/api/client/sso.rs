@@ -14,7 +14,7 @@ use axum::{
 };
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
-use super::account::{both, query_param, Segs};
+use super::account::{both, query_param, ClientIp, Segs};
 use crate::{
     error::{ErrCode, Error, Result},
     service::{
@@ -70,10 +70,15 @@ fn page(title: &str, body: &str) -> String {
 }
 
 /// Without an idpId: the one provider, or a page to choose among several.
-async fn redirect_any(State(s): State<Arc<Services>>, RawQuery(q): RawQuery) -> Result<Response> {
+async fn redirect_any(
+    State(s): State<Arc<Services>>,
+    ClientIp(ip): ClientIp,
+    RawQuery(q): RawQuery,
+) -> Result<Response> {
     if !s.sso.enabled() {
         return Err(not_configured());
     }
+    limit(&s, ip)?;
     let url = redirect_url(&s.sso, &q)?;
     if s.sso.providers.len() == 1 {
         return start(&s, 0, Purpose::Login { redirect_url: url }).await;
@@ -97,12 +102,14 @@ async fn redirect_any(State(s): State<Arc<Services>>, RawQuery(q): RawQuery) -> 
 
 async fn redirect_idp(
     State(s): State<Arc<Services>>,
+    ClientIp(ip): ClientIp,
     Segs(segs): Segs,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
     if !s.sso.enabled() {
         return Err(not_configured());
     }
+    limit(&s, ip)?;
     let idp = segs
         .first()
         .and_then(|id| s.sso.provider(id))
@@ -115,6 +122,7 @@ async fn redirect_idp(
 /// `m.login.sso` stage has one; it sends the browser to the user's provider.
 async fn auth_fallback(
     State(s): State<Arc<Services>>,
+    ClientIp(ip): ClientIp,
     Segs(segs): Segs,
     RawQuery(q): RawQuery,
 ) -> Result<Response> {
@@ -150,7 +158,42 @@ async fn auth_fallback(
             ),
         ));
     };
+    // The link may come from someone else who holds a session: say what is being confirmed
+    // and go on only when the user asks to.
+    if query_param(&q, "confirm")?.as_deref() != Some("1") {
+        let href = format!(
+            "/_matrix/client/v3/auth/m.login.sso/fallback/web?session={}&confirm=1",
+            url::form_urlencoded::byte_serialize(session.as_bytes()).collect::<String>()
+        );
+        return Ok(html(
+            StatusCode::OK,
+            page(
+                "Confirm a sensitive action",
+                &format!(
+                    "<p>A Matrix client asks you, {}, to confirm a sensitive action on your account \
+                     (such as signing out devices, resetting your encryption keys or deactivating the account) \
+                     by logging in at {} again.</p><p>Continue only if you started this action yourself.</p>\
+                     <p><a href=\"{}\">Continue to {}</a></p>",
+                    html_escape(user.as_str()),
+                    html_escape(&s.sso.providers[idp].conf.idp_name),
+                    html_escape(&href),
+                    html_escape(&s.sso.providers[idp].conf.idp_name),
+                ),
+            ),
+        ));
+    }
+    limit(&s, ip)?;
     start(&s, idp, Purpose::Reauth { session, user }).await
+}
+
+/// Starting a login costs a pending entry (bounded in number): limited per address like logins.
+fn limit(s: &Services, ip: Option<std::net::IpAddr>) -> Result<()> {
+    match ip {
+        Some(ip) => s
+            .ratelimit
+            .check(crate::service::ratelimit::Action::Login, &ip.to_string()),
+        None => Ok(()),
+    }
 }
 
 async fn start(s: &Services, idp: usize, purpose: Purpose) -> Result<Response> {

@@ -98,6 +98,13 @@ pub async fn jwt_login(
         failed(services, None, "jwt", "invalid_user_id");
         return Err(Error::forbidden("Invalid JWT subject"));
     };
+    // A bridge's users (its namespace, exclusive or not) are the bridge's to log in.
+    if services.appservices.owner_of_user(&user).is_some() {
+        failed(services, Some(user.as_str()), "jwt", "reserved");
+        return Err(Error::forbidden(
+            "This user belongs to a bridge on this server",
+        ));
+    }
     if !accounts.exists(&user)? {
         if !verifier.register_unknown_users {
             failed(services, Some(user.as_str()), "jwt", "unknown_user");

@@ -54,6 +54,18 @@ pub fn linked(
         .and_then(|s| UserId::parse(s).ok()))
 }
 
+/// The subject of `idp` linked to `user`, if any.
+pub fn linked_subject(
+    services: &Services,
+    user: &UserId,
+    idp: &str,
+) -> crate::error::Result<Option<String>> {
+    Ok(services
+        .storage
+        .get(Table::SsoUserSubjects, &keys::join(&[user.as_str(), idp]))?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
 /// Link `idp`'s user `subject` to `user`.
 pub fn link(
     services: &Services,
@@ -145,6 +157,23 @@ pub fn map_oidc_user(
         .map_err(|_| SsoFailure::forbidden("no_localpart", "The user name is not valid here"))?;
     if conf.allow_existing_users && accounts.exists(&first).map_err(SsoFailure::internal)? {
         ensure_active(services, &first)?;
+        // Never an account a bridge owns, nor one another identity of this provider already
+        // logs into (a provider user renaming themself to a taken name must not take it over).
+        if services.appservices.owner_of_user(&first).is_some() {
+            return Err(SsoFailure::forbidden(
+                "reserved",
+                "This user name belongs to a bridge on this server",
+            ));
+        }
+        if linked_subject(services, &first, idp)
+            .map_err(SsoFailure::internal)?
+            .is_some()
+        {
+            return Err(SsoFailure::forbidden(
+                "linked_to_another",
+                "This account is linked to another user of your identity provider",
+            ));
+        }
         link(services, idp, subject, &first).map_err(SsoFailure::internal)?;
         return Ok(first);
     }
@@ -156,7 +185,15 @@ pub fn map_oidc_user(
     }
     let mut candidate = first;
     let mut n = 0;
-    while accounts.exists(&candidate).map_err(SsoFailure::internal)? {
+    // Taken: an existing account, or an id a bridge reserved (exclusive namespace).
+    let taken = |id: &UserId| -> Result<bool, SsoFailure> {
+        Ok(accounts.exists(id).map_err(SsoFailure::internal)?
+            || services
+                .appservices
+                .ensure_user_not_exclusive(id, None)
+                .is_err())
+    };
+    while taken(&candidate)? {
         n += 1;
         if n > MAX_SUFFIX {
             return Err(SsoFailure::forbidden(

@@ -209,11 +209,27 @@ impl Sso {
         web || (url::Url::parse(url).is_ok() && self.allowlisted(url))
     }
 
-    /// Does `url` start with an entry of `sso_client_allowlist`?
+    /// Is `url` covered by an entry of `sso_client_allowlist`? A web entry (http, https) must
+    /// name the same scheme, host and port, and its path must begin the URL's path (so
+    /// `https://app.example` does not cover `https://app.example.evil.test/` or
+    /// `https://app.example@evil.test/`); an app's own scheme is matched as a prefix.
     fn allowlisted(&self, url: &str) -> bool {
+        let Ok(target) = url::Url::parse(url) else {
+            return false;
+        };
         self.client_allowlist
             .iter()
-            .any(|prefix| url.starts_with(prefix.as_str()))
+            .any(|entry| match url::Url::parse(entry) {
+                Ok(e) if matches!(e.scheme(), "http" | "https") => {
+                    e.scheme() == target.scheme()
+                        && e.host_str() == target.host_str()
+                        && e.port_or_known_default() == target.port_or_known_default()
+                        && target.username().is_empty()
+                        && target.password().is_none()
+                        && target.path().starts_with(e.path())
+                }
+                _ => url.starts_with(entry.as_str()),
+            })
     }
 
     /// Start a login at provider `idp`: the provider's authorization URL and the cookie value.
@@ -250,6 +266,7 @@ impl Sso {
             &p.state,
             &p.nonce,
             &p.verifier,
+            matches!(p.purpose, Purpose::Reauth { .. }),
         )?;
         let session = utils::random_string(32);
         let mut pending = self.pending.lock();

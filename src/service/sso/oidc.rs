@@ -249,6 +249,7 @@ pub fn authorization_url(
     state: &str,
     nonce: &str,
     verifier: &str,
+    fresh_login: bool,
 ) -> Result<String> {
     let mut url = url::Url::parse(endpoint)
         .map_err(|e| Error::internal(format!("authorization endpoint: {e}")))?;
@@ -268,6 +269,13 @@ pub fn authorization_url(
         .append_pair("nonce", nonce)
         .append_pair("code_challenge", &pkce_challenge(verifier))
         .append_pair("code_challenge_method", "S256");
+    if fresh_login {
+        // Re-authentication must be the person at the keyboard now, not a provider session
+        // still open in the browser (OpenID Connect Core, `prompt` and `max_age`).
+        url.query_pairs_mut()
+            .append_pair("prompt", "login")
+            .append_pair("max_age", "0");
+    }
     Ok(url.to_string())
 }
 
