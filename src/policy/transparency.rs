@@ -50,7 +50,7 @@ pub fn human_duration(ms: u64) -> String {
         (1_000, "second"),
     ];
     for (size, name) in UNITS {
-        if ms >= size && ms % size == 0 {
+        if ms >= size && ms.is_multiple_of(size) {
             let n = ms / size;
             return format!("{n} {name}{}", if n == 1 { "" } else { "s" });
         }

@@ -109,7 +109,7 @@ impl Appservice {
                 return Ok(true);
             }
         }
-        Ok(self.interested_in_room(room_id, joined, aliases)?)
+        self.interested_in_room(room_id, joined, aliases)
     }
 
     /// Whether the room itself interests the appservice (room or alias namespace, or a joined

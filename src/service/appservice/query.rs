@@ -37,7 +37,7 @@ pub async fn resolve_local_alias(s: &Services, alias: &RoomAliasId) -> Result<Op
 /// appservice is asked (it may register the user) and the answer is looked up again.
 pub async fn local_user_exists(s: &Services, user: &UserId) -> Result<bool> {
     if user.server_name() != s.globals.server_name || s.accounts.exists(user)? {
-        return Ok(s.accounts.exists(user)?);
+        return s.accounts.exists(user);
     }
     let candidates: Vec<_> = s
         .appservices
