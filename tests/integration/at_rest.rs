@@ -511,8 +511,12 @@ async fn federation_media_of_an_encrypting_server() {
     let image = png(80, 40);
     let (_, image_id) = upload(&a, &alice, image.clone(), "image/png").await;
 
-    // B fetches from A over federation (A decrypts), stores it encrypted itself.
+    // B fetches from A over federation (A decrypts as it streams), stores it encrypted itself.
     assert_eq!(download_ok(&b, &bob, &server, &id).await, text.as_bytes());
+    // A file of several encryption chunks arrives whole (the answer is streamed, not buffered).
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (_, big_id) = upload(&a, &alice, big.clone(), "application/octet-stream").await;
+    assert_eq!(download_ok(&b, &bob, &server, &big_id).await, big);
     assert_eq!(download_ok(&b, &bob, &server, &image_id).await, image);
     let res = b
         .http

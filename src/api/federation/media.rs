@@ -1,9 +1,11 @@
 //! Authenticated media for other servers: `GET /media/download/{mediaId}` and
-//! `/media/thumbnail/{mediaId}`, answered as `multipart/mixed` (metadata, then the content).
+//! `/media/thumbnail/{mediaId}`, answered as `multipart/mixed` (metadata, then the content),
+//! the content streamed from the media store (and decrypted) as it is sent, never held whole.
 
 use std::sync::Arc;
 
 use axum::{
+    body::Body,
     extract::{Path, RawQuery, State},
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
@@ -15,7 +17,7 @@ use super::Signed;
 use crate::{
     api::client::{media::timeout, query_param},
     error::{ErrCode, Error, Result},
-    service::{federation::media::multipart_body, media::thumbnail::Method, Services},
+    service::{federation::media::multipart_frame, media::thumbnail::Method, Services},
 };
 
 pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
@@ -29,13 +31,29 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     )
 }
 
-fn multipart(content_type: &str, disposition: &str, bytes: &[u8]) -> Response {
-    let (ct, body) = multipart_body(content_type, disposition, bytes);
-    let mut res = (StatusCode::OK, body).into_response();
+async fn multipart(
+    s: &Services,
+    sha256: &str,
+    size: u64,
+    content_type: &str,
+    disposition: &str,
+) -> Result<Response> {
+    use futures_util::StreamExt;
+    let (ct, head, tail) = multipart_frame(content_type, disposition);
+    let length = head.len() as u64 + size + tail.len() as u64;
+    let content = s.media.files().open_stream(sha256).await?;
+    let body = futures_util::stream::once(async move { Ok(bytes::Bytes::from(head)) })
+        .chain(content)
+        .chain(futures_util::stream::once(async move {
+            Ok(bytes::Bytes::from(tail))
+        }));
+    let mut res = (StatusCode::OK, Body::from_stream(body)).into_response();
+    let h = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&ct) {
-        res.headers_mut().insert(header::CONTENT_TYPE, v);
+        h.insert(header::CONTENT_TYPE, v);
     }
-    res
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    Ok(res)
 }
 
 async fn download(
@@ -46,7 +64,6 @@ async fn download(
 ) -> Result<Response> {
     let own = s.globals.server_name.to_string();
     let file = s.media.file(&own, &media_id, timeout(&q)?).await?;
-    let bytes = s.media.files().read(&file.sha256).await?;
     let content_type = file
         .content_type
         .clone()
@@ -58,7 +75,7 @@ async fn download(
         ),
         None => "attachment".to_owned(),
     };
-    Ok(multipart(&content_type, &disposition, &bytes))
+    multipart(&s, &file.sha256, file.size, &content_type, &disposition).await
 }
 
 async fn thumbnail(
@@ -80,6 +97,5 @@ async fn thumbnail(
         .media
         .thumbnail(&own, &media_id, width, height, method, timeout(&q)?)
         .await?;
-    let bytes = s.media.files().read(&thumb.sha256).await?;
-    Ok(multipart(&thumb.content_type, "inline", &bytes))
+    multipart(&s, &thumb.sha256, thumb.size, &thumb.content_type, "inline").await
 }

@@ -16,16 +16,25 @@ use crate::{
 /// it by our readers, only the final boundary ends it).
 const BOUNDARY: &str = "hafen-media-8c3f2e1a9d";
 
-/// A `multipart/mixed` answer: the (empty) metadata object, then the content.
+/// The frame of a `multipart/mixed` answer: its `Content-Type`, what comes before the content
+/// (the empty metadata object and the content part's headers) and what comes after it, so that
+/// the content itself can be streamed from the media store between them.
+pub fn multipart_frame(content_type: &str, disposition: &str) -> (String, String, String) {
+    (
+        format!("multipart/mixed; boundary={BOUNDARY}"),
+        format!("--{BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{BOUNDARY}\r\nContent-Type: {content_type}\r\nContent-Disposition: {disposition}\r\n\r\n"),
+        format!("\r\n--{BOUNDARY}--\r\n"),
+    )
+}
+
+/// A whole `multipart/mixed` answer in memory (tests and small bodies).
 pub fn multipart_body(content_type: &str, disposition: &str, bytes: &[u8]) -> (String, Vec<u8>) {
-    let mut out = Vec::with_capacity(bytes.len() + 256);
-    out.extend_from_slice(
-        format!("--{BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{BOUNDARY}\r\nContent-Type: {content_type}\r\nContent-Disposition: {disposition}\r\n\r\n")
-            .as_bytes(),
-    );
+    let (ct, head, tail) = multipart_frame(content_type, disposition);
+    let mut out = Vec::with_capacity(head.len() + bytes.len() + tail.len());
+    out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(bytes);
-    out.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
-    (format!("multipart/mixed; boundary={BOUNDARY}"), out)
+    out.extend_from_slice(tail.as_bytes());
+    (ct, out)
 }
 
 /// The content part of a `multipart/mixed` media answer: its headers (lower-cased names) and
