@@ -473,6 +473,47 @@ async fn late_joiner_gets_earlier_history_by_backfill() {
         "{body}"
     );
 
+    // A backfilled event can be fetched by id (what a client does for a reply to it); in
+    // another room's path it is not found.
+    let early = body["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .find(|e| e["content"]["body"] == "early 3")
+        .expect("early 3 in the history")
+        .clone();
+    let early_id = early["event_id"].as_str().expect("event_id");
+    assert!(b.services().rooms.is_backfilled(early_id).expect("index"));
+    let (status, ev) = b
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(early_id)
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ev}");
+    assert_eq!(ev["event_id"], json!(early_id));
+    assert_eq!(ev["content"]["body"], json!("early 3"));
+    assert_eq!(ev["sender"], json!(alice.user_id));
+    let other = b.create_room(&bob, json!({})).await;
+    let (status, ev) = b
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&other),
+                enc(early_id)
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(
+        (status, ev["errcode"].clone()),
+        (StatusCode::NOT_FOUND, json!("M_NOT_FOUND"))
+    );
+
     // Backfilled events are history, not news: an incremental sync does not show them.
     let (status, sync) = b
         .get(
