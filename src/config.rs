@@ -33,6 +33,10 @@ pub struct Config {
     /// RocksDB block cache size in MiB.
     #[serde(default = "default_db_cache_capacity_mb")]
     pub db_cache_capacity_mb: u64,
+    /// Compression of the database's table files: `lz4` (default) or `none` (larger files;
+    /// what was written stays byte-for-byte searchable, e.g. to verify physical deletion).
+    #[serde(default = "default_rocksdb_compression")]
+    pub rocksdb_compression_algo: String,
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_max_request_size")]
     pub max_request_size: usize,
@@ -395,6 +399,10 @@ fn default_database_backend() -> String {
 pub(crate) fn default_true() -> bool {
     true
 }
+fn default_rocksdb_compression() -> String {
+    "lz4".to_owned()
+}
+
 fn default_db_cache_capacity_mb() -> u64 {
     64
 }
@@ -696,6 +704,12 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid(format!(
             "database_backend: `{}` is not supported; the only backend is `rocksdb`",
             c.database_backend
+        )));
+    }
+    if !matches!(c.rocksdb_compression_algo.as_str(), "lz4" | "none") {
+        return Err(ConfigError::Invalid(format!(
+            "rocksdb_compression_algo: `{}` is not supported; use \"lz4\" or \"none\"",
+            c.rocksdb_compression_algo
         )));
     }
     if c.max_request_size < 1024 {

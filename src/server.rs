@@ -64,10 +64,11 @@ pub mod anyhow_like {
 
 /// Open the database and start serving on the configured address.
 pub async fn start(config: Config) -> anyhow_like::Result<Running> {
-    let storage = Storage::open(
+    let storage = Storage::open_with(
         &config.database_path,
         config.db_cache_capacity_mb,
         config.database_sync_writes,
+        config.rocksdb_compression_algo == "lz4",
     )
     .map_err(|e| e.to_string())?;
     // Schema version: a newer database is refused, an older one backed up and migrated.

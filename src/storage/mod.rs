@@ -42,7 +42,24 @@ pub enum OpenError {
 const MAX_MANIFEST_BYTES: usize = 1;
 
 impl Storage {
+    /// Open (or create) the database with LZ4-compressed tables.
     pub fn open(path: &Path, cache_mb: u64, sync_writes: bool) -> Result<Storage, OpenError> {
+        Self::open_with(path, cache_mb, sync_writes, true)
+    }
+
+    /// [`Storage::open`], choosing whether new table files are compressed (`compress`; files
+    /// written either way stay readable).
+    pub fn open_with(
+        path: &Path,
+        cache_mb: u64,
+        sync_writes: bool,
+        compress: bool,
+    ) -> Result<Storage, OpenError> {
+        let compression = if compress {
+            rocksdb::DBCompressionType::Lz4
+        } else {
+            rocksdb::DBCompressionType::None
+        };
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -54,7 +71,7 @@ impl Storage {
         table_opts.set_block_cache(&cache);
         table_opts.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table_opts);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_compression_type(compression);
 
         // Memtables: small per table, and one budget for all of them, so that two dozen tables
         // do not each hold a 64 MiB write buffer.
@@ -73,7 +90,7 @@ impl Storage {
             let mut cf_opts = rocksdb::Options::default();
             cf_opts.set_write_buffer_size(4 * 1024 * 1024);
             cf_opts.set_block_based_table_factory(&table_opts);
-            cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            cf_opts.set_compression_type(compression);
             rocksdb::ColumnFamilyDescriptor::new(t.name(), cf_opts)
         });
         let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {

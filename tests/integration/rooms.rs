@@ -1338,3 +1338,68 @@ async fn concurrent_identical_create_room_gives_distinct_rooms() {
         "{joined}"
     );
 }
+
+/// Redacting a state event also removes its content from the `unsigned.prev_content` of the
+/// event that replaced it (otherwise "changed their name from ..." keeps the old name).
+#[tokio::test]
+async fn redacting_a_state_event_redacts_the_successors_prev_content() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let member_path = format!(
+        "{V3}/rooms/{}/state/m.room.member/{}",
+        enc(&room),
+        enc(&alice.user_id)
+    );
+    let (status, old) = s
+        .put(
+            &member_path,
+            &alice,
+            json!({ "membership": "join", "displayname": "old-name-7f3a" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{old}");
+    let old_id = old["event_id"].as_str().expect("event_id").to_owned();
+    let (status, new) = s
+        .put(
+            &member_path,
+            &alice,
+            json!({ "membership": "join", "displayname": "new-name" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{new}");
+    let new_id = new["event_id"].as_str().expect("event_id").to_owned();
+    let event_path = |id: &str| format!("{V3}/rooms/{}/event/{}", enc(&room), enc(id));
+    let (status, ev) = s.get(&event_path(&new_id), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{ev}");
+    assert_eq!(
+        ev["unsigned"]["prev_content"],
+        json!({ "membership": "join", "displayname": "old-name-7f3a" })
+    );
+
+    let (status, body) = s
+        .put(
+            &format!(
+                "{V3}/rooms/{}/redact/{}/{}",
+                enc(&room),
+                enc(&old_id),
+                crate::common::unique_txn()
+            ),
+            &alice,
+            json!({ "reason": "old name" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, ev) = s.get(&event_path(&new_id), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{ev}");
+    assert_eq!(
+        ev["unsigned"]["prev_content"],
+        json!({ "membership": "join" })
+    );
+    assert_eq!(ev["unsigned"]["replaces_state"], json!(old_id));
+    assert_eq!(ev["content"]["displayname"], json!("new-name"));
+    let (status, ev) = s.get(&event_path(&old_id), &alice).await;
+    assert_eq!(status, StatusCode::OK, "{ev}");
+    assert_eq!(ev["content"], json!({ "membership": "join" }));
+    s.stop().await;
+}

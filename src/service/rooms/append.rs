@@ -865,6 +865,11 @@ impl Rooms {
         }
         let event_id = value.get("event_id").cloned();
         let room = value.get("room_id").cloned();
+        let state_key = value
+            .get("type")
+            .and_then(Value::as_str)
+            .zip(value.get("state_key").and_then(Value::as_str))
+            .map(|(t, k)| (t.to_owned(), k.to_owned()));
         // Redaction strips `m.relates_to`: the event is no longer its parent's child.
         if let Some(meta) = self.event_meta(target_id.as_str())? {
             super::relations::unindex(batch, &value, meta.count)?;
@@ -900,6 +905,67 @@ impl Rooms {
         // The batch commits before the room's lock is released, so no auth check can refill
         // the cache with the unredacted form.
         self.evict_for_auth(target_id);
+        if let Some((kind, key)) = state_key {
+            self.strip_successor_prev_content(
+                batch,
+                room_id,
+                target_id,
+                (&kind, &key),
+                &out["content"],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The state event that replaced `target_id` carries the target's content as
+    /// `unsigned.prev_content` (what clients show as "changed their name from ..."): once the
+    /// target is redacted, that copy becomes the redacted content too. The successor is the next
+    /// change of the same state key in the room's state log (looked at up to a bound).
+    fn strip_successor_prev_content(
+        &self,
+        batch: &mut crate::storage::Batch,
+        room_id: &RoomId,
+        target_id: &ruma::EventId,
+        (kind, state_key): (&str, &str),
+        redacted_content: &Value,
+    ) -> Result<()> {
+        const MAX_SCAN: usize = 200_000;
+        let Some(meta) = self.event_meta(target_id.as_str())? else {
+            return Ok(());
+        };
+        let prefix = keys::prefix(&[room_id.as_str()]);
+        let from = keys::with_count(&[room_id.as_str()], meta.count.saturating_add(1));
+        for entry in self
+            .storage
+            .scan_from(Table::StateLog, &prefix, &from, false)?
+            .take(MAX_SCAN)
+        {
+            let (_, v) = entry?;
+            let change: super::StateChange = serde_json::from_slice(&v)?;
+            if change.event_type != kind || change.state_key != state_key {
+                continue;
+            }
+            let Some(bytes) = self.storage.get(Table::Pdus, change.event_id.as_bytes())? else {
+                return Ok(());
+            };
+            let mut successor: Value = serde_json::from_slice(&bytes)?;
+            let replaces = successor["unsigned"]["replaces_state"] == target_id.as_str();
+            if let (true, Some(unsigned)) = (
+                replaces,
+                successor.get_mut("unsigned").and_then(Value::as_object_mut),
+            ) {
+                if unsigned.contains_key("prev_content") {
+                    unsigned.insert("prev_content".into(), redacted_content.clone());
+                    batch.put(
+                        Table::Pdus,
+                        change.event_id.as_bytes(),
+                        &serde_json::to_vec(&successor)?,
+                    )?;
+                }
+            }
+            // Only the first later change of the key can have replaced the target.
+            return Ok(());
+        }
         Ok(())
     }
 
