@@ -498,6 +498,40 @@ async fn late_joiner_gets_earlier_history_by_backfill() {
     assert_eq!(ev["event_id"], json!(early_id));
     assert_eq!(ev["content"]["body"], json!("early 3"));
     assert_eq!(ev["sender"], json!(alice.user_id));
+    // /context around it walks the backfilled history both ways, with tokens /messages takes.
+    let (status, ctx) = b
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/context/{}?limit=4",
+                enc(&room),
+                enc(early_id)
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ctx}");
+    let bodies = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["content"]["body"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(ctx["event"]["event_id"], json!(early_id));
+    assert_eq!(bodies(&ctx["events_before"]), ["early 2", "early 1"]);
+    assert_eq!(bodies(&ctx["events_after"]), ["early 4", "early 5"]);
+    let (status, next) = b
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1&from={}",
+                enc(&room),
+                enc(ctx["end"].as_str().expect("end"))
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{next}");
+    assert_eq!(bodies(&next["chunk"]), ["early 6"]);
     let other = b.create_room(&bob, json!({})).await;
     let (status, ev) = b
         .get(

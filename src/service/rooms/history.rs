@@ -314,7 +314,12 @@ impl Rooms {
         filter: &RoomEventFilter,
     ) -> Result<EventContext> {
         let not_found = || Error::not_found("Event not found");
-        let meta = self.event_meta(event_id)?.ok_or_else(not_found)?;
+        let Some(meta) = self.event_meta(event_id)? else {
+            return match self.backfill_position(event_id)? {
+                Some(pos) => self.context_in_history(room_id, user, event_id, pos, limit, filter),
+                None => Err(not_found()),
+            };
+        };
         if meta.room_id != room_id {
             return Err(not_found());
         }
@@ -370,6 +375,102 @@ impl Rooms {
                     if let Some(p) = self.pdu(id.as_str())? {
                         out.push(p);
                     }
+                }
+            }
+            out
+        };
+        Ok(EventContext {
+            event,
+            before,
+            after,
+            state,
+            start,
+            end,
+        })
+    }
+
+    /// The position (see [`parse_position`]) of a backfilled event: `-seq`.
+    fn backfill_position(&self, event_id: &str) -> Result<Option<i128>> {
+        Ok(self
+            .storage
+            .get(Table::BackfillIndex, event_id.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(|b| -i128::from(u64::from_be_bytes(b))))
+    }
+
+    /// `/context` around an event of the backfilled history (at position `pos`): the walk of
+    /// `/messages` in both directions from it, with its tokens. Backfilled events are judged by
+    /// history visibility as the oldest history (as `/messages` does); the state given is the
+    /// one the room had when this server joined, the oldest it knows.
+    fn context_in_history(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        event_id: &str,
+        pos: i128,
+        limit: usize,
+        filter: &RoomEventFilter,
+    ) -> Result<EventContext> {
+        let not_found = || Error::not_found("Event not found");
+        // In this room's backfilled history (the index row names the room's sequence).
+        let seq = u64::try_from(-pos).unwrap_or(0);
+        let in_room = self
+            .storage
+            .get(Table::Backfill, &keys::with_count(&[room_id.as_str()], seq))?
+            .is_some_and(|v| *v == *event_id.as_bytes());
+        if !in_room {
+            return Err(not_found());
+        }
+        let event = self.pdu(event_id)?.ok_or_else(not_found)?;
+        let visibility = self.history_visibility(room_id)?;
+        if !self.may_read_history(room_id, user, &visibility)?
+            || !self.user_can_see(room_id, user, 0, &visibility)?
+        {
+            return Err(not_found());
+        }
+        let limit = limit.min(MAX_PAGE);
+        let before_limit = limit / 2;
+        let after_limit = limit - before_limit;
+        // Up to `want` visible events from `from` on, with the position of the last one.
+        let walk = |from: i128, backward: bool, want: usize| -> Result<(Vec<Pdu>, Option<i128>)> {
+            let mut out = Vec::new();
+            let mut last = None;
+            if want == 0 {
+                return Ok((out, last));
+            }
+            for (scanned, entry) in self.history_positions(room_id, from, backward)?.enumerate() {
+                if out.len() >= want || scanned >= want * 20 {
+                    break;
+                }
+                let (p, id) = entry?;
+                let Some(pdu) = self.pdu(&id)? else { continue };
+                let count = u64::try_from(p).unwrap_or(0);
+                if self.user_can_see(room_id, user, count, &visibility)?
+                    && pdu_matches(filter, &pdu)
+                {
+                    out.push(pdu);
+                    last = Some(p);
+                }
+            }
+            Ok((out, last))
+        };
+        // Older: positions <= pos - 1; newer: positions > pos.
+        let (before, oldest) = walk(pos - 1, true, before_limit)?;
+        let (after, newest) = walk(pos, false, after_limit)?;
+        let start = token_at(oldest.unwrap_or(pos) - 1);
+        let end = token_at(newest.unwrap_or(pos));
+        let state = if lazy_loading(filter) {
+            let senders = before
+                .iter()
+                .chain(after.iter())
+                .chain(std::iter::once(&event));
+            self.member_events_of(room_id, senders.map(|p| p.sender.clone()))?
+        } else {
+            let at = newest.and_then(|p| u64::try_from(p).ok()).unwrap_or(0);
+            let mut out = Vec::new();
+            for id in self.state_at(room_id, at.saturating_add(1))?.into_values() {
+                if let Some(p) = self.pdu(id.as_str())? {
+                    out.push(p);
                 }
             }
             out
