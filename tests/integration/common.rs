@@ -210,10 +210,7 @@ impl TestServer {
 
     /// Start a server stopped by [`TestServer::halt`] again on the same data.
     pub async fn resume(&mut self) {
-        let config = self.halted.take().expect("halted");
-        let running = hafen::server::start(config).await.expect("server restarts");
-        self.base = running.base_url();
-        self.running = Some(running);
+        self.resume_with(|_| {}).await
     }
 
     /// [`TestServer::resume`] with a changed configuration (what an operator does between two
@@ -221,7 +218,19 @@ impl TestServer {
     pub async fn resume_with(&mut self, adjust: impl FnOnce(&mut Config)) {
         let mut config = self.halted.take().expect("halted");
         adjust(&mut config);
-        let running = hafen::server::start(config).await.expect("server restarts");
+        // The fixed TLS port may still be held for a moment by an outgoing connection that the
+        // OS gave it as its local port: try again for a few seconds.
+        let mut tries = 0;
+        let running = loop {
+            match hafen::server::start(config.clone()).await {
+                Ok(r) => break r,
+                Err(e) if e.contains("Address already in use") && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("server restarts: {e:?}"),
+            }
+        };
         self.base = running.base_url();
         self.running = Some(running);
     }
@@ -248,10 +257,21 @@ pub fn unique_txn() -> String {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    // Never the same port twice in this process: a server halted for a while (its TLS port is
+    // fixed in its config) must find its port free when it resumes, not taken by another test.
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
+    panic!("no unused free port");
 }
 
 /// Assert a Matrix error: status and errcode.
