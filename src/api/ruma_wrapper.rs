@@ -288,7 +288,15 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
         .headers
         .get(http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok());
-    services.accounts.note_connection(&identity, ip, user_agent);
+    // A bridge acting as its many users is one connection: recorded for its sender only, not
+    // once per user it acts as.
+    let puppet = identity
+        .appservice
+        .as_ref()
+        .is_some_and(|a| a.sender != identity.user_id);
+    if !puppet {
+        services.accounts.note_connection(&identity, ip, user_agent);
+    }
     // Client version policy; a blocked client may still log out.
     let path = parts.uri.path();
     if !(path.ends_with("/logout") || path.ends_with("/logout/all")) {

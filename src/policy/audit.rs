@@ -103,7 +103,7 @@ impl RequestCtx {
             user_agent: headers
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
-                .map(cut_user_agent),
+                .map(|ua| cut_user_agent(ua).to_owned()),
         }
     }
 
@@ -119,15 +119,16 @@ impl RequestCtx {
     }
 }
 
-fn cut_user_agent(ua: &str) -> String {
+/// The user agent as kept: at most [`MAX_USER_AGENT`] bytes (cut at a character boundary).
+fn cut_user_agent(ua: &str) -> &str {
     if ua.len() <= MAX_USER_AGENT {
-        return ua.to_owned();
+        return ua;
     }
     let mut end = MAX_USER_AGENT;
     while !ua.is_char_boundary(end) {
         end -= 1;
     }
-    ua[..end].to_owned()
+    &ua[..end]
 }
 
 /// Most devices whose connection is remembered; beyond, the stale ones are forgotten first.
@@ -179,15 +180,18 @@ impl Connections {
     ) -> Option<Seen> {
         let now = utils::now_ms();
         let key = conn_key(user, device);
+        // Compared as stored: a user agent longer than the stored cut is not a change on every
+        // request.
+        let cut = user_agent.map(cut_user_agent);
         let mut map = self.map.lock();
         if let Some(s) = map.get_mut(&key) {
             s.last_seen = now;
-            let changed = s.ip != ip || s.user_agent.as_deref() != user_agent;
+            let changed = s.ip != ip || s.user_agent.as_deref() != cut;
             if !changed && now.saturating_sub(s.written) < self.interval_ms {
                 return None;
             }
             s.ip = ip;
-            s.user_agent = user_agent.map(cut_user_agent);
+            s.user_agent = cut.map(str::to_owned);
             s.written = now;
             return Some(s.clone());
         }
@@ -200,7 +204,7 @@ impl Connections {
         }
         let s = Seen {
             ip,
-            user_agent: user_agent.map(cut_user_agent),
+            user_agent: cut.map(str::to_owned),
             last_seen: now,
             written: now,
         };

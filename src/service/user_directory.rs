@@ -48,6 +48,9 @@ pub fn search(s: &Services, who: &UserId, term: &str, limit: usize) -> Result<(V
     let term = term.to_lowercase();
     let mut results = Vec::new();
     let mut limited = false;
+    // The searcher's groups once, not per candidate.
+    let groups = &s.access.groups;
+    let mine = groups.active().then(|| groups.groups_of(who));
     for user in visible {
         let name = s.profiles.displayname(&user)?;
         let matches = user.as_str().to_lowercase().contains(&term)
@@ -55,7 +58,11 @@ pub fn search(s: &Services, who: &UserId, term: &str, limit: usize) -> Result<(V
                 .as_deref()
                 .is_some_and(|n| n.to_lowercase().contains(&term));
         // Closed user groups: only users one may contact can be found.
-        if !matches || !s.access.groups.may_contact(who, &user) {
+        let may_contact = match &mine {
+            Some(mine) if user != who => groups.sets_may_contact(mine, &groups.groups_of(&user)),
+            _ => true,
+        };
+        if !matches || !may_contact {
             continue;
         }
         if results.len() == limit {

@@ -1599,3 +1599,40 @@ async fn memberships_changed_by_another_servers_events_are_audited() {
         );
     }
 }
+
+/// A user agent longer than the audit log keeps is one connection, not a new entry (and a
+/// device write) on every request.
+#[tokio::test]
+async fn a_long_user_agent_is_one_connection() {
+    let server = TestServer::start().await;
+    let admin = make_admin(&server).await;
+    let alice = server.user("alice").await;
+    let long_ua = format!("LongClient/1.0 ({})", "x".repeat(2000));
+    for _ in 0..4 {
+        let (status, body) = send_ua(
+            &server,
+            Method::GET,
+            "/_matrix/client/v3/account/whoami",
+            Some(&alice.token),
+            &long_ua,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["user_id"], json!(alice.user_id));
+    }
+    let entries = audit(
+        &server,
+        &admin,
+        &format!(
+            "kind=connection&user={}",
+            crate::common::enc(&alice.user_id)
+        ),
+    )
+    .await;
+    let list = entries["entries"].as_array().expect("entries");
+    assert_eq!(list.len(), 1, "{entries}");
+    let kept = list[0]["user_agent"].as_str().expect("user agent");
+    assert!(kept.starts_with("LongClient/1.0 (xxx"), "{kept}");
+    assert!(kept.len() < long_ua.len());
+}

@@ -36,8 +36,11 @@ pub async fn resolve_local_alias(s: &Services, alias: &RoomAliasId) -> Result<Op
 /// Whether a local user exists; when not and an appservice's user namespace covers it, the
 /// appservice is asked (it may register the user) and the answer is looked up again.
 pub async fn local_user_exists(s: &Services, user: &UserId) -> Result<bool> {
-    if user.server_name() != s.globals.server_name || s.accounts.exists(user)? {
-        return s.accounts.exists(user);
+    if s.accounts.exists(user)? {
+        return Ok(true);
+    }
+    if user.server_name() != s.globals.server_name {
+        return Ok(false);
     }
     let candidates: Vec<_> = s
         .appservices

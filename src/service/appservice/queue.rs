@@ -106,17 +106,31 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(storage: Storage) -> Result<Queue> {
-        // Ephemeral sequences continue above any queued one.
+        // Ephemeral sequences continue above any queued one: per appservice in the queue (found
+        // by jumping from one id's rows to the next), the last of its ephemeral rows.
         let mut highest = 0;
-        for entry in storage
-            .scan_prefix(Table::AppserviceQueue, b"")?
-            .take(1_000_000)
-        {
+        let mut from: Vec<u8> = Vec::new();
+        for _ in 0..100_000 {
+            let Some(entry) = storage
+                .scan_from(Table::AppserviceQueue, b"", &from, false)?
+                .next()
+            else {
+                break;
+            };
             let (k, _) = entry?;
-            let parts = keys::split(&k[..k.len().saturating_sub(8)]);
-            if parts.get(1) == Some(&EDU) {
-                highest = highest.max(keys::count_suffix(&k).unwrap_or(0));
+            let id = keys::split(&k)
+                .first()
+                .copied()
+                .unwrap_or_default()
+                .to_owned();
+            if let Some((last, _)) =
+                storage.last_with_prefix(Table::AppserviceQueue, &keys::prefix(&[&id, EDU]))?
+            {
+                highest = highest.max(keys::count_suffix(&last).unwrap_or(0));
             }
+            // Past every row of this id (`id 0xff kind 0xff seq`; kinds are ASCII).
+            from = keys::prefix(&[&id]);
+            from.push(0xff);
         }
         Ok(Queue {
             storage,

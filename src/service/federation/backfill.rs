@@ -33,18 +33,15 @@ const ANSWER_LIMIT: usize = 32 * 1024 * 1024;
 /// was created), then those of joined members, without this server.
 fn servers_for(services: &Services, room_id: &RoomId) -> Result<Vec<OwnedServerName>> {
     let own = &services.globals.server_name;
-    let mut out: Vec<OwnedServerName> = Vec::new();
-    let members = services.rooms.joined_members(room_id)?;
-    let mut by_member: Vec<OwnedServerName> =
-        members.iter().map(|u| u.server_name().to_owned()).collect();
-    by_member.sort();
-    for s in room_id
+    let by_member = super::sender::servers_in_room(&services.rooms, room_id, own)?;
+    let mut out: Vec<OwnedServerName> = room_id
         .server_name()
+        .filter(|s| *s != own)
         .map(ToOwned::to_owned)
         .into_iter()
-        .chain(by_member)
-    {
-        if &s != own && !out.contains(&s) {
+        .collect();
+    for s in by_member {
+        if !out.contains(&s) {
             out.push(s);
         }
     }

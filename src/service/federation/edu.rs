@@ -265,12 +265,24 @@ fn origin_user(origin: &ServerName, value: Option<&Value>) -> Option<OwnedUserId
     }
 }
 
-/// The room, if this server knows it and `user` is joined to it.
-fn joined_room(s: &Services, room: &str, user: &UserId) -> Result<Option<ruma::OwnedRoomId>> {
+/// The room, if this server knows it and its server ACL admits `origin` (room EDUs of denied
+/// servers are dropped like their PDUs).
+fn known_room(s: &Services, room: &str, origin: &ServerName) -> Result<Option<ruma::OwnedRoomId>> {
     let Ok(room_id) = RoomId::parse(room) else {
         return Ok(None);
     };
-    if !s.rooms.exists(&room_id)? || !s.rooms.is_joined(&room_id, user)? {
+    if !s.rooms.exists(&room_id)? || !s.rooms.server_acl_allows(&room_id, origin)? {
+        return Ok(None);
+    }
+    Ok(Some(room_id))
+}
+
+/// [`known_room`], and `user` (of the origin) is joined to it.
+fn joined_room(s: &Services, room: &str, user: &UserId) -> Result<Option<ruma::OwnedRoomId>> {
+    let Some(room_id) = known_room(s, room, user.server_name())? else {
+        return Ok(None);
+    };
+    if !s.rooms.is_joined(&room_id, user)? {
         return Ok(None);
     }
     Ok(Some(room_id))
@@ -297,13 +309,18 @@ fn receipts(s: &Services, origin: &ServerName, c: &Map<String, Value>) -> Result
         let Some(users) = by_type.get("m.read").and_then(Value::as_object) else {
             continue;
         };
+        // Per room once: the room, its ACL and its members.
+        let Some(room_id) = known_room(s, room, origin)? else {
+            continue;
+        };
+        let members = s.rooms.joined_members(&room_id)?;
         for (user, receipt) in users.iter().take(MAX_EDU_ENTRIES) {
             let Some(user) = origin_user(origin, Some(&Value::String(user.clone()))) else {
                 continue;
             };
-            let Some(room_id) = joined_room(s, room, &user)? else {
+            if !members.contains(&user) {
                 continue;
-            };
+            }
             let Some(event_id) = receipt
                 .get("event_ids")
                 .and_then(Value::as_array)
@@ -318,7 +335,7 @@ fn receipts(s: &Services, origin: &ServerName, c: &Map<String, Value>) -> Result
                 .and_then(|d| d.get("thread_id"))
                 .and_then(Value::as_str)
                 .filter(|t| *t == "main" || EventId::parse(*t).is_ok());
-            let wake = s.rooms.joined_members(&room_id)?.iter().cloned().collect();
+            let wake = members.iter().cloned().collect();
             s.receipts
                 .set(&room_id, &user, "m.read", thread, &event_id, wake)?;
         }

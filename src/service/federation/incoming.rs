@@ -85,16 +85,10 @@ async fn handle_one(
         .map_err(|e| (None, e))?
         .ok_or((None, Error::not_found("This server is not in the room")))?
         .version;
-    if !services
+    services
         .rooms
-        .server_acl_allows(&room_id, origin)
-        .map_err(|e| (None, e))?
-    {
-        return Err((
-            None,
-            Error::forbidden("The room's server ACL denies the sending server"),
-        ));
-    }
+        .ensure_server_acl(&room_id, origin)
+        .map_err(|e| (None, e))?;
     let incoming = services
         .federation
         .check_pdu(&version, value, Some(&room_id), keys)

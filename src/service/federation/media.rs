@@ -78,14 +78,23 @@ pub fn parse_multipart(
     Ok((headers, part[split + 4..].to_vec()))
 }
 
+/// Where `needle` occurs in `haystack`, without overlaps (a delimiter such as `---` must not
+/// be found again inside its own previous match), at most 8 times.
 fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
-    if needle.is_empty() || haystack.len() < needle.len() {
-        return Vec::new();
+    let mut out = Vec::new();
+    if needle.is_empty() {
+        return out;
     }
-    (0..=haystack.len() - needle.len())
-        .filter(|&i| &haystack[i..i + needle.len()] == needle)
-        .take(8)
-        .collect()
+    let mut i = 0;
+    while out.len() < 8 && i + needle.len() <= haystack.len() {
+        if &haystack[i..i + needle.len()] == needle {
+            out.push(i);
+            i += needle.len();
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 /// The file of another server's media, fetched once and then served from the local store.
@@ -184,6 +193,9 @@ mod tests {
             Some("a.png")
         );
         assert!(parse_multipart("multipart/mixed", &body).is_err());
+        // A boundary whose delimiter overlaps itself is an error, not a panic.
+        assert!(parse_multipart("multipart/mixed; boundary=-", b"-----").is_err());
+        assert!(parse_multipart("multipart/mixed; boundary=-", b"---------").is_err());
         assert!(parse_multipart(&ct, b"garbage").is_err());
     }
 }

@@ -67,10 +67,10 @@ impl Media {
             batch.delete(Table::MediaByUser, &user_key)?;
             batch.delete(Table::MediaPending, &user_key)?;
             if let Some(file) = &m.record.file {
-                let mut refs_key = file.sha256.as_bytes().to_vec();
-                refs_key.push(0xff);
-                refs_key.extend_from_slice(&key);
-                batch.delete(Table::MediaFileRefs, &refs_key)?;
+                batch.delete(
+                    Table::MediaFileRefs,
+                    &super::file_ref_key(&file.sha256, server, &m.media_id),
+                )?;
                 files.push(file.sha256.clone());
             }
             batch.commit()?;

@@ -94,10 +94,10 @@ impl Media {
             batch.delete(Table::MediaPending, &user_key)?;
         }
         if let Some(file) = &record.file {
-            let mut refs_key = file.sha256.as_bytes().to_vec();
-            refs_key.push(0xff);
-            refs_key.extend_from_slice(&key);
-            batch.delete(Table::MediaFileRefs, &refs_key)?;
+            batch.delete(
+                Table::MediaFileRefs,
+                &super::file_ref_key(&file.sha256, server, media_id),
+            )?;
         }
         let ticket = batch.commit_deferred()?;
         self.storage.durable(ticket).await?;
