@@ -1621,6 +1621,38 @@ async fn ephemeral_events_reach_appservices_that_ask() {
         with_unstable.body["ephemeral"],
         with_unstable.body["de.sorunome.msc2409.ephemeral"]
     );
+
+    // While the bridge is down (a transaction failed), typing and receipts are not queued for
+    // it: momentary data must not pile up; the room's messages are.
+    fake.state.down.store(true, Ordering::SeqCst);
+    send_text(&server, &alice, &room, "while down").await;
+    fake.wait_until("a refused attempt", |f| {
+        f.state.txns.lock().iter().any(|t| !t.accepted)
+    })
+    .await;
+    // The fake answered; Hafen marks the bridge as backing off once it has read the answer.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for typing in [true, false, true, false] {
+        let (status, v) = server
+            .put(
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/typing/{}",
+                    enc(&room),
+                    enc(&alice.user_id)
+                ),
+                &alice,
+                json!({ "typing": typing, "timeout": 10000 }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    let (events, ephemeral) = server
+        .services()
+        .appservices
+        .queue
+        .queued("bridge")
+        .expect("queue");
+    assert_eq!((events, ephemeral), (1, 0));
     server.stop().await;
 }
 

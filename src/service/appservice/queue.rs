@@ -163,14 +163,25 @@ impl Queue {
         }
     }
 
-    /// Queue an ephemeral event for each appservice, commit and wake the sender.
+    /// Queue an ephemeral event for each appservice, commit and wake the sender. Not for an
+    /// appservice we are backing off from (it failed its last transaction): typing and receipts
+    /// are momentary, and queuing every one while a bridge is down would grow the queue without
+    /// bound (room events, which matter, are always queued).
     pub fn queue_ephemeral(&self, appservices: &[String], edu: &Value) -> Result<()> {
+        let appservices: Vec<String> = {
+            let dests = self.dests.lock();
+            appservices
+                .iter()
+                .filter(|a| dests.get(*a).is_none_or(|d| d.next_attempt.is_none()))
+                .cloned()
+                .collect()
+        };
         if appservices.is_empty() {
             return Ok(());
         }
         let bytes = serde_json::to_vec(edu)?;
         let mut batch = self.storage.batch();
-        for a in appservices {
+        for a in &appservices {
             let seq = self.edu_seq.fetch_add(1, Ordering::Relaxed);
             batch.put(Table::AppserviceQueue, &item_key(a, EDU, seq), &bytes)?;
         }
