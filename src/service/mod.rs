@@ -11,6 +11,7 @@ pub mod e2ee;
 pub mod federation;
 pub mod filter;
 pub mod globals;
+pub mod inflight;
 pub mod key_backup;
 pub mod keys;
 pub mod media;

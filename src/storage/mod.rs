@@ -205,6 +205,51 @@ impl Storage {
             .transpose()
     }
 
+    /// For every group of keys under `prefix` whose keys end in a big-endian count (a group: the
+    /// keys equal but for those last 8 bytes), the entry with the largest count `<= max_count`.
+    /// Two seeks per group on one iterator, whatever the number of entries in a group: this is
+    /// how "the value of each key as of a position" is read from a per-key log.
+    pub fn latest_per_group(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        max_count: u64,
+    ) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+        let mut iter = self.db.raw_iterator_cf(self.cf(table)?);
+        let mut out = Vec::new();
+        iter.seek(prefix);
+        loop {
+            let group = match iter.key() {
+                Some(k) if k.starts_with(prefix) && k.len() >= prefix.len() + 8 => {
+                    k[..k.len() - 8].to_vec()
+                }
+                Some(k) if k.starts_with(prefix) => {
+                    // Not a counted key (cannot happen in a per-key log): step over it.
+                    iter.next();
+                    continue;
+                }
+                _ => break,
+            };
+            let mut at = group.clone();
+            at.extend_from_slice(&max_count.to_be_bytes());
+            iter.seek_for_prev(&at);
+            if let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+                if k.len() == group.len() + 8 && k.starts_with(&group) {
+                    out.push((k.into(), v.into()));
+                }
+            }
+            // On to the next group: past the largest key this group can have.
+            let mut past = group;
+            past.extend_from_slice(&[0xff; 8]);
+            iter.seek(&past);
+            if iter.key() == Some(past.as_slice()) {
+                iter.next();
+            }
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
     pub fn batch(&self) -> Batch {
         Batch {
             storage: self.clone(),
@@ -361,5 +406,54 @@ impl Batch {
         opts.set_sync(self.storage.sync_writes);
         self.storage.db.write_opt(self.inner, &opts)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{keys, Storage, Table};
+
+    #[test]
+    fn latest_per_group_reads_each_key_as_of_a_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let storage = Storage::open(dir.path(), 8, false).expect("open");
+        let mut batch = storage.batch();
+        // Two keys where one is a prefix of the other, a removed key, another room.
+        for (parts, count, value) in [
+            (["!r", "t", "a"], 1u64, "a1"),
+            (["!r", "t", "a"], 5, "a5"),
+            (["!r", "t", "a"], 9, "a9"),
+            (["!r", "t", "ab"], 3, "ab3"),
+            (["!r", "t", "gone"], 2, "g2"),
+            (["!r", "t", "gone"], 4, ""),
+            (["!r", "u", ""], 6, "u6"),
+            (["!r2", "t", "a"], 1, "other room"),
+        ] {
+            batch
+                .put(
+                    Table::StateByKey,
+                    &keys::with_count(&parts, count),
+                    value.as_bytes(),
+                )
+                .expect("put");
+        }
+        batch.commit().expect("commit");
+        let at = |prefix: &[&str], count: u64| -> Vec<String> {
+            let mut got: Vec<String> = storage
+                .latest_per_group(Table::StateByKey, &keys::prefix(prefix), count)
+                .expect("read")
+                .into_iter()
+                .map(|(_, v)| String::from_utf8(v.to_vec()).expect("utf8"))
+                .collect();
+            got.sort();
+            got
+        };
+        assert_eq!(at(&["!r"], 0), Vec::<String>::new());
+        assert_eq!(at(&["!r"], 2), vec!["a1", "g2"]);
+        assert_eq!(at(&["!r"], 4), vec!["", "a1", "ab3"]);
+        assert_eq!(at(&["!r"], 100), vec!["", "a9", "ab3", "u6"]);
+        assert_eq!(at(&["!r", "t"], 6), vec!["", "a5", "ab3"]);
+        assert_eq!(at(&["!r", "t", "a"], 8), vec!["a5"]);
+        assert_eq!(at(&["!r2"], 100), vec!["other room"]);
     }
 }

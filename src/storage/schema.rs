@@ -22,7 +22,7 @@ use super::{Storage, Table};
 use crate::error::Result;
 
 /// The layout this build reads and writes.
-pub const CURRENT: u64 = 1;
+pub const CURRENT: u64 = 2;
 
 const VERSION_KEY: &[u8] = b"schema_version";
 
@@ -38,11 +38,56 @@ pub struct Migration {
 ///
 /// 0 -> 1: databases from before schema versions. Their layout is the one version 1 describes;
 /// the step changes no rows, it records the version (the pre-migration backup is still taken).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    from: 0,
-    what: "record the schema version of a database from before versioning",
-    run: |_| Ok(()),
-}];
+///
+/// 1 -> 2: the per-key state log `state_by_key` is filled from `state_log`, so the state at a
+/// position is read by key instead of replayed from the room's first event.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        from: 0,
+        what: "record the schema version of a database from before versioning",
+        run: |_| Ok(()),
+    },
+    Migration {
+        from: 1,
+        what: "index the state log by state key (state_by_key)",
+        run: index_state_by_key,
+    },
+];
+
+/// Rewrites every `state_log` row as its `state_by_key` row (same count); repeatable, since a
+/// row is always written with the same key and value.
+fn index_state_by_key(storage: &Storage) -> Result<()> {
+    const ROWS_PER_BATCH: usize = 10_000;
+    let mut batch = storage.batch();
+    let mut in_batch = 0;
+    for entry in storage.scan_prefix(Table::StateLog, b"")? {
+        let (k, v) = entry?;
+        let (Some(count), Some(sep)) = (
+            super::keys::count_suffix(&k),
+            k.iter().position(|b| *b == super::keys::SEP),
+        ) else {
+            continue;
+        };
+        let room = std::str::from_utf8(&k[..sep]).unwrap_or_default();
+        let change: serde_json::Value = serde_json::from_slice(&v)?;
+        let field = |name: &str| {
+            change
+                .get(name)
+                .and_then(|f| f.as_str())
+                .unwrap_or_default()
+        };
+        let removed = change.get("removed").and_then(|r| r.as_bool()) == Some(true);
+        let key = super::keys::with_count(&[room, field("event_type"), field("state_key")], count);
+        let value = if removed { "" } else { field("event_id") };
+        batch.put(Table::StateByKey, &key, value.as_bytes())?;
+        in_batch += 1;
+        if in_batch == ROWS_PER_BATCH {
+            std::mem::replace(&mut batch, storage.batch()).commit()?;
+            in_batch = 0;
+        }
+    }
+    batch.commit()
+}
 
 /// What [`prepare`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,6 +36,10 @@ pub enum Table {
     RoomState,
     /// room 0xff count -> JSON (type, state_key, event id, previous event id): state changes.
     StateLog,
+    /// room 0xff type 0xff state_key 0xff count -> event id (empty: the key left the state): the
+    /// state log again, by key, so the state at any position is a seek per key rather than a
+    /// replay of the room's history (`Rooms::state_at`, `state_get_at`).
+    StateByKey,
     /// room 0xff user -> membership string: current membership of every user ever in the room.
     RoomMembers,
     /// user 0xff room -> JSON (membership, count): rooms of a user, for sync.
@@ -177,6 +181,7 @@ impl Table {
         Table::Rooms,
         Table::RoomState,
         Table::StateLog,
+        Table::StateByKey,
         Table::RoomMembers,
         Table::UserRooms,
         Table::MembershipLog,
@@ -248,6 +253,7 @@ impl Table {
             Table::Rooms => "rooms",
             Table::RoomState => "room_state",
             Table::StateLog => "state_log",
+            Table::StateByKey => "state_by_key",
             Table::RoomMembers => "room_members",
             Table::UserRooms => "user_rooms",
             Table::MembershipLog => "membership_log",

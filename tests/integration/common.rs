@@ -39,12 +39,58 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c
 }
 
+/// Panics of the server's own code (not of the tests' assertions) seen in this test process.
+/// A panic in a request handler or a background task does not take the process down (tokio
+/// and hyper catch it), so without this a test could pass although the server panicked.
+static SERVER_PANICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Record every panic located in the server's source (`src/`, or ruma, which it drives), then
+/// let the default hook print it as usual. Installed once per process, by the first server.
+fn watch_for_server_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(at) = info.location() {
+                let file = at.file();
+                if file.starts_with("src/") || file.contains("/ruma") {
+                    let what = info
+                        .payload()
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    if let Ok(mut seen) = SERVER_PANICS.lock() {
+                        seen.push(format!("{file}:{}: {what}", at.line()));
+                    }
+                }
+            }
+            default(info);
+        }));
+    });
+}
+
+/// Fails the calling test when the server panicked anywhere in this process so far.
+pub fn assert_no_server_panic() {
+    let seen = SERVER_PANICS.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(seen.is_empty(), "the server panicked: {seen:?}");
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_server_panic();
+        }
+    }
+}
+
 impl TestServer {
     pub async fn start() -> TestServer {
         Self::start_with(|_| {}).await
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        watch_for_server_panics();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
         adjust(&mut config);

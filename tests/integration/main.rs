@@ -12,6 +12,7 @@ mod config;
 mod crash;
 mod directory;
 mod discovery;
+mod dos;
 mod e2ee;
 mod erasure;
 mod federation_auth;

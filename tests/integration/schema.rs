@@ -312,3 +312,121 @@ async fn the_version_is_the_same_everywhere() {
         json!({ "server": { "name": "hafen", "version": hafen::VERSION } })
     );
 }
+
+#[tokio::test]
+async fn a_version_1_database_gets_its_state_indexed_by_key_and_reads_the_state_at_events() {
+    let mut s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let topic = |t: &'static str| {
+        let (s, room, alice) = (&s, room.clone(), alice.clone());
+        async move {
+            let (status, body) = s
+                .put(
+                    &format!(
+                        "/_matrix/client/v3/rooms/{}/state/m.room.topic/",
+                        enc(&room)
+                    ),
+                    &alice,
+                    json!({ "topic": t }),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    topic("first").await;
+    let (status, sent) = s
+        .put(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                enc(&room),
+                unique_txn()
+            ),
+            &alice,
+            json!({ "msgtype": "m.text", "body": "between the topics" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let message = sent["event_id"].as_str().expect("event id").to_owned();
+    topic("second").await;
+    s.join(&bob, &room).await;
+
+    // A database of schema version 1 has no per-key state log: the migration builds it.
+    s.restart_after(|c| {
+        let storage = open(&c.database_path);
+        let mut batch = storage.batch();
+        let mut rows = 0;
+        for entry in storage.scan_prefix(Table::StateByKey, b"").expect("scan") {
+            let (k, _) = entry.expect("row");
+            batch.delete(Table::StateByKey, &k).expect("delete");
+            rows += 1;
+        }
+        assert!(rows > 5, "the room's state changes were indexed ({rows})");
+        batch.commit().expect("commit");
+        schema::set_version(&storage, 1).expect("version");
+    })
+    .await;
+    assert_eq!(
+        schema::stored_version(&s.services().storage).expect("read"),
+        Some(schema::CURRENT)
+    );
+
+    // The state at the message, read from the rebuilt index: the first topic, alice alone.
+    let (status, ctx) = s
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/context/{}?limit=0",
+                enc(&room),
+                enc(&message)
+            ),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ctx}");
+    let state = ctx["state"].as_array().expect("state");
+    let topics: Vec<&Value> = state
+        .iter()
+        .filter(|e| e["type"] == "m.room.topic")
+        .map(|e| &e["content"]["topic"])
+        .collect();
+    assert_eq!(topics, vec![&json!("first")], "{ctx}");
+    let members: Vec<&str> = state
+        .iter()
+        .filter(|e| e["type"] == "m.room.member")
+        .filter_map(|e| e["state_key"].as_str())
+        .collect();
+    assert_eq!(members, vec![alice.user_id.as_str()], "{ctx}");
+
+    let end = ctx["end"].as_str().expect("end token");
+    let (status, at) = s
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/members?at={}",
+                enc(&room),
+                enc(end)
+            ),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{at}");
+    let at_members: Vec<&str> = at["chunk"]
+        .as_array()
+        .expect("chunk")
+        .iter()
+        .filter_map(|e| e["state_key"].as_str())
+        .collect();
+    assert_eq!(at_members, vec![alice.user_id.as_str()], "{at}");
+
+    // And now: both, the second topic.
+    let (status, now) = s
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/members", enc(&room)),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(now["chunk"].as_array().map(Vec::len), Some(2), "{now}");
+}

@@ -199,24 +199,46 @@ pub(crate) fn timeout(q: &Option<String>) -> Result<Duration> {
 
 /// `GET download` and `thumbnail`: `A` is [`Authed`] on the v1 endpoints and [`Unfrozen`] on
 /// the legacy ones.
-async fn download<A>(
+async fn download<A: Requester>(
     State(s): State<Arc<Services>>,
-    _access: A,
+    access: A,
     p: Segs,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
+    fetch_if_remote(&s, &p, &access.requester()).await?;
     serve_download(&s, &p, &q, range_header(&headers)).await
 }
 
-async fn thumbnail<A>(
+async fn thumbnail<A: Requester>(
     State(s): State<Arc<Services>>,
-    _access: A,
+    access: A,
     p: Segs,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
-    serve_thumbnail(&s, &p, &q, range_header(&headers)).await
+    serve_thumbnail(&s, &p, &q, range_header(&headers), &access.requester()).await
+}
+
+/// Who asks for a download, for the bounds on fetching remote media: the user, or on the
+/// unauthenticated legacy endpoints the client's address.
+trait Requester {
+    fn requester(&self) -> String;
+}
+
+impl Requester for Authed {
+    fn requester(&self) -> String {
+        self.0.user_id.to_string()
+    }
+}
+
+impl Requester for Unfrozen {
+    fn requester(&self) -> String {
+        match crate::policy::audit::RequestCtx::current().ip {
+            Some(ip) => format!("ip:{ip}"),
+            None => "ip:unknown".to_owned(),
+        }
+    }
 }
 
 fn range_header(headers: &HeaderMap) -> Option<String> {
@@ -316,14 +338,14 @@ fn frozen() -> Error {
 }
 
 /// Another server's media is fetched (once) before it is served like ours.
-async fn fetch_if_remote(s: &Services, p: &Segs) -> Result<()> {
+async fn fetch_if_remote(s: &Services, p: &Segs, requester: &str) -> Result<()> {
     let server = p.get(0)?;
     if server == s.globals.server_name.as_str() {
         return Ok(());
     }
     let server =
         ruma::ServerName::parse(server).map_err(|_| Error::not_found("Media not found"))?;
-    crate::service::federation::media::remote_file(s, &server, p.get(1)?).await?;
+    crate::service::federation::media::remote_file(s, &server, p.get(1)?, requester).await?;
     Ok(())
 }
 
@@ -333,7 +355,6 @@ async fn serve_download(
     q: &Option<String>,
     range: Option<String>,
 ) -> Result<Response> {
-    fetch_if_remote(s, p).await?;
     let file: FileInfo = s.media.file(p.get(0)?, p.get(1)?, timeout(q)?).await?;
     let content_type = file
         .content_type
@@ -364,6 +385,7 @@ async fn serve_thumbnail(
     p: &Segs,
     q: &Option<String>,
     range: Option<String>,
+    requester: &str,
 ) -> Result<Response> {
     let dimension = |key: &str| -> Result<u32> {
         query_param(q, key)?
@@ -379,7 +401,7 @@ async fn serve_thumbnail(
         None | Some("true") | Some("false") => {}
         Some(_) => return Err(Error::invalid_param("animated must be true or false")),
     }
-    fetch_if_remote(s, p).await?;
+    fetch_if_remote(s, p, requester).await?;
     let thumb = s
         .media
         .thumbnail(p.get(0)?, p.get(1)?, width, height, method, timeout(q)?)

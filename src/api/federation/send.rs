@@ -77,7 +77,12 @@ async fn send_transaction(
         return Err(Error::bad_json("Every EDU must be an object"));
     }
 
-    let _one_at_a_time = s.federation.txn_lock(&origin).lock().await;
+    // A retry of a transaction still being applied waits for it; other transactions do not.
+    let _applying = s
+        .federation
+        .txns_in_flight
+        .acquire((origin.clone(), txn_id.clone()), origin.clone())
+        .await?;
     let key = keys::join(&[origin.as_str(), &txn_id]);
     if let Some(done) = s.storage.get_json::<Value>(Table::FederationTxns, &key)? {
         if let Some(answer) = done.get("answer") {

@@ -9,7 +9,7 @@ use super::{incoming::urlencoding, pdu::KeyCache, resident::public_state_pdus};
 use crate::{
     error::{Error, Result},
     service::{
-        rooms::{append::Placement, membership::member_content, NewEvent},
+        rooms::{membership::member_content, NewEvent},
         Services,
     },
 };
@@ -53,6 +53,10 @@ pub async fn invite_remote(
     }
     let event_id = prepared.pdu.event_id.clone();
     let version = prepared.meta.version.clone();
+    // No room lock across the request to the invitee's server: a slow or hostile server would
+    // otherwise stall every writer in the room. The event's prev events are fixed now; if the
+    // room moves on meanwhile, the countersigned invite joins it as a fork would (below).
+    drop(guard);
     let answer = services
         .federation
         .send(
@@ -104,17 +108,24 @@ pub async fn invite_remote(
         Error::bad_json(format!("The invitee's server did not sign the invite: {e}"))
     })?;
 
-    let placement = Placement::local(&event_id);
-    let (_, deferred) = rooms.persist_deferred(
-        room_id,
-        prepared.meta,
-        checked.obj,
-        prepared.pdu,
-        None,
-        placement,
-    )?;
-    drop(guard);
-    deferred.complete(&services.storage).await?;
+    // Placed like any event whose prev events may no longer be the room's extremities: checked
+    // against the state before it and the current state, resolved if the room moved on.
+    super::incoming::accept(
+        services,
+        &services.globals.server_name,
+        checked,
+        false,
+        false,
+        &mut keys,
+    )
+    .await?;
+    if rooms.event_meta(event_id.as_str())?.is_none() {
+        // Soft-failed: the room changed while the invitee's server was asked (the inviter left,
+        // lost the power to invite, the invitee was banned).
+        return Err(Error::forbidden(
+            "The room changed while the invite was being sent; it no longer allows this invite",
+        ));
+    }
     rooms.audit_membership(room_id, target, sender, "invite", None);
     Ok(())
 }

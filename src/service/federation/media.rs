@@ -2,9 +2,10 @@
 //! `multipart/mixed`) and kept in the local store, and the body this server answers their
 //! requests with.
 
-use ruma::ServerName;
+use ruma::{OwnedServerName, ServerName};
 
-use super::incoming::urlencoding;
+use super::{incoming::urlencoding, BodyStream};
+use crate::service::inflight::InFlight;
 use crate::{
     error::{Error, Result},
     service::{media::FileInfo, Services},
@@ -37,37 +38,96 @@ pub fn multipart_body(content_type: &str, disposition: &str, bytes: &[u8]) -> (S
     (ct, out)
 }
 
-/// The content part of a `multipart/mixed` media answer: its headers (lower-cased names) and
-/// bytes.
-pub fn parse_multipart(
+/// Most bytes read before the content part's bytes begin (the metadata part and the headers).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// The content part of a `multipart/mixed` media answer: its headers (lower-cased names) and,
+/// as a stream, its bytes. Only the head (at most [`MAX_HEAD`]) is held in memory; the content
+/// is passed on as it arrives, less the few bytes that could be the start of the closing
+/// delimiter. An answer that ends without the closing delimiter ends the stream with an error,
+/// so a cut-off file is never kept.
+pub async fn split_multipart(
+    content_type: &str,
+    mut body: BodyStream,
+) -> Result<(Vec<(String, String)>, BodyStream)> {
+    use futures_util::StreamExt;
+    let delimiter = format!("--{}", boundary_of(content_type)?).into_bytes();
+    let mut head: Vec<u8> = Vec::new();
+    let (headers, content_start) = loop {
+        if let Some(found) = parse_head(&head, &delimiter)? {
+            break found;
+        }
+        if head.len() > MAX_HEAD {
+            return Err(not_multipart());
+        }
+        match body.next().await {
+            Some(chunk) => head.extend_from_slice(&chunk?),
+            None => return Err(not_multipart()),
+        }
+    };
+    let mut closing = b"\r\n".to_vec();
+    closing.extend_from_slice(&delimiter);
+    let state = ContentState {
+        body,
+        pending: head.split_off(content_start),
+        closing,
+        finished: false,
+    };
+    Ok((
+        headers,
+        Box::pin(futures_util::stream::unfold(state, next_content)),
+    ))
+}
+
+/// A whole `multipart/mixed` answer in memory: the content part's headers and bytes (tests,
+/// fuzzing; the server reads answers with [`split_multipart`]).
+pub async fn parse_multipart(
     content_type: &str,
     body: &[u8],
 ) -> Result<(Vec<(String, String)>, Vec<u8>)> {
-    let bad = || Error::bad_json("The remote media answer is not valid multipart/mixed");
-    let boundary = content_type
+    use futures_util::StreamExt;
+    let chunk = bytes::Bytes::copy_from_slice(body);
+    let (headers, mut content) = split_multipart(
+        content_type,
+        Box::pin(futures_util::stream::iter([Ok(chunk)])),
+    )
+    .await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = content.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok((headers, out))
+}
+
+fn not_multipart() -> Error {
+    Error::bad_json("The remote media answer is not valid multipart/mixed")
+}
+
+fn boundary_of(content_type: &str) -> Result<&str> {
+    content_type
         .split(';')
         .map(str::trim)
         .find_map(|p| p.strip_prefix("boundary="))
         .map(|b| b.trim_matches('"'))
         .filter(|b| !b.is_empty() && b.len() <= 200)
-        .ok_or_else(bad)?;
-    let delimiter = format!("--{boundary}").into_bytes();
-    let positions: Vec<usize> = find_all(body, &delimiter);
-    // Metadata part, content part, closing delimiter.
-    if positions.len() < 3 {
-        return Err(bad());
-    }
-    let start = positions[1] + delimiter.len();
-    let end = positions[2];
-    let part = &body[start..end];
-    let part = part.strip_prefix(b"\r\n").unwrap_or(part);
-    let part = part.strip_suffix(b"\r\n").unwrap_or(part);
-    let split = find_all(part, b"\r\n\r\n")
-        .first()
-        .copied()
-        .ok_or_else(bad)?;
-    let head = std::str::from_utf8(&part[..split]).map_err(|_| bad())?;
-    let headers = head
+        .ok_or_else(not_multipart)
+}
+
+/// Once `head` holds the metadata part and the content part's headers: those headers and where
+/// the content starts. `None` while more bytes are needed.
+fn parse_head(head: &[u8], delimiter: &[u8]) -> Result<Option<(Vec<(String, String)>, usize)>> {
+    // The first delimiter opens the metadata part, the second the content part.
+    let positions = find_all(head, delimiter);
+    let Some(&second) = positions.get(1) else {
+        return Ok(None);
+    };
+    let part_start = second + delimiter.len();
+    let part = &head[part_start..];
+    let Some(split) = find_all(part, b"\r\n\r\n").first().copied() else {
+        return Ok(None);
+    };
+    let head_text = std::str::from_utf8(&part[..split]).map_err(|_| not_multipart())?;
+    let headers = head_text
         .split("\r\n")
         .filter_map(|line| {
             let (k, v) = line.split_once(':')?;
@@ -75,7 +135,50 @@ pub fn parse_multipart(
         })
         .take(32)
         .collect();
-    Ok((headers, part[split + 4..].to_vec()))
+    Ok(Some((headers, part_start + split + 4)))
+}
+
+struct ContentState {
+    body: BodyStream,
+    /// Content read but not passed on yet.
+    pending: Vec<u8>,
+    /// `\r\n--boundary`: the content ends where it begins.
+    closing: Vec<u8>,
+    finished: bool,
+}
+
+/// The next piece of the content part (see [`split_multipart`]).
+async fn next_content(mut st: ContentState) -> Option<(Result<bytes::Bytes>, ContentState)> {
+    use futures_util::StreamExt;
+    loop {
+        if st.finished {
+            return None;
+        }
+        if let Some(end) = find_all(&st.pending, &st.closing).first().copied() {
+            st.finished = true;
+            let content = bytes::Bytes::copy_from_slice(&st.pending[..end]);
+            st.pending = Vec::new();
+            return Some((Ok(content), st));
+        }
+        // All but the bytes that may be the start of the closing delimiter can go on.
+        let keep = st.closing.len().saturating_sub(1);
+        if st.pending.len() > keep {
+            let rest = st.pending.split_off(st.pending.len() - keep);
+            let content = std::mem::replace(&mut st.pending, rest);
+            return Some((Ok(content.into()), st));
+        }
+        match st.body.next().await {
+            Some(Ok(chunk)) => st.pending.extend_from_slice(&chunk),
+            Some(Err(e)) => {
+                st.finished = true;
+                return Some((Err(e), st));
+            }
+            None => {
+                st.finished = true;
+                return Some((Err(not_multipart()), st));
+            }
+        }
+    }
 }
 
 /// Where `needle` occurs in `haystack`, without overlaps (a delimiter such as `---` must not
@@ -97,11 +200,38 @@ fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
     out
 }
 
+/// Remote media fetched at once, server-wide: each holds a connection and a temp file, never
+/// the file in memory.
+pub const MAX_REMOTE_FETCHES: usize = 16;
+/// Remote media fetches one requester (a user, or an address for the unauthenticated legacy
+/// endpoints) may have running or waiting at once.
+pub const MAX_REMOTE_FETCHES_PER_REQUESTER: usize = 4;
+
+/// The bounds on fetching other servers' media (see [`remote_file`]).
+pub struct RemoteFetches {
+    /// One fetch per media at a time (others wait for it and then read the stored copy); at most
+    /// [`MAX_REMOTE_FETCHES_PER_REQUESTER`] per requester.
+    by_media: InFlight<(OwnedServerName, String), String>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Default for RemoteFetches {
+    fn default() -> Self {
+        RemoteFetches {
+            by_media: InFlight::new(MAX_REMOTE_FETCHES_PER_REQUESTER),
+            permits: tokio::sync::Semaphore::new(MAX_REMOTE_FETCHES),
+        }
+    }
+}
+
 /// The file of another server's media, fetched once and then served from the local store.
+/// `requester` names who asked (their fetches are bounded, see [`RemoteFetches`]). The answer
+/// is streamed to a temp file under `max_upload_size`: memory holds a chunk, not the file.
 pub async fn remote_file(
     services: &Services,
     server: &ServerName,
     media_id: &str,
+    requester: &str,
 ) -> Result<FileInfo> {
     if !services.config.allow_federation && server != services.globals.server_name {
         return Err(Error::not_found("Media not found"));
@@ -113,24 +243,50 @@ pub async fn remote_file(
     if !services.config.allow_federation {
         return Err(Error::not_found("Media not found"));
     }
-    let limit = usize::try_from(services.media.max_upload_size()).unwrap_or(usize::MAX);
+    let fetches = &services.federation.media_fetches;
+    let _this_media = fetches
+        .by_media
+        .acquire(
+            (server.to_owned(), media_id.to_owned()),
+            requester.to_owned(),
+        )
+        .await?;
+    // Fetched by whoever held the slot before us.
+    if let Some(file) = services.media.remote_cached(server, media_id)? {
+        return Ok(file);
+    }
+    let _permit = fetches
+        .permits
+        .acquire()
+        .await
+        .map_err(|_| Error::internal("remote media fetches closed"))?;
+    fetch_and_store(services, server, media_id)
+        .await
+        .map_err(|e| match e.errcode() {
+            "M_TOO_LARGE" => e,
+            _ => {
+                tracing::info!(%server, media_id, error = %e, "remote media fetch failed");
+                Error::not_found("Media not found")
+            }
+        })
+}
+
+async fn fetch_and_store(
+    services: &Services,
+    server: &ServerName,
+    media_id: &str,
+) -> Result<FileInfo> {
+    let limit = services.media.max_upload_size();
     let path = format!(
         "/_matrix/federation/v1/media/download/{}",
         urlencoding(media_id)
     );
-    let (headers, body) = services
-        .federation
-        .get_raw(server, &path, limit.saturating_add(64 * 1024))
-        .await
-        .map_err(|e| match e.errcode() {
-            "M_TOO_LARGE" => e,
-            _ => Error::not_found("Media not found"),
-        })?;
+    let (headers, body) = services.federation.get_streamed(server, &path).await?;
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let (part_headers, mut bytes) = parse_multipart(content_type, &body)?;
+    let (part_headers, mut content) = split_multipart(content_type, body).await?;
     let header = |name: &str| {
         part_headers
             .iter()
@@ -140,18 +296,12 @@ pub async fn remote_file(
     let mut file_type = header("content-type");
     let disposition = header("content-disposition");
     if let Some(location) = header("location") {
-        let (h, b) = services.federation.get_url(&location, limit).await?;
+        let (h, b) = services.federation.get_url_streamed(&location).await?;
         file_type = h
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        bytes = b;
-    }
-    if bytes.len() > limit {
-        return Err(Error::new(
-            crate::error::ErrCode::TooLarge,
-            "The remote content is too large",
-        ));
+        content = b;
     }
     let filename = disposition.as_deref().and_then(filename_of);
     services
@@ -159,7 +309,8 @@ pub async fn remote_file(
         .store_remote(
             server,
             media_id,
-            bytes,
+            content,
+            limit,
             file_type,
             filename,
             utils::now_ms(),
@@ -181,21 +332,25 @@ fn filename_of(disposition: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn multipart_round_trip() {
+    #[tokio::test]
+    async fn multipart_round_trip() {
         let (ct, body) =
             multipart_body("image/png", "inline; filename=\"a.png\"", b"\x89PNG\r\n--x");
-        let (headers, bytes) = parse_multipart(&ct, &body).expect("parses");
+        let (headers, bytes) = parse_multipart(&ct, &body).await.expect("parses");
         assert_eq!(bytes, b"\x89PNG\r\n--x");
         assert!(headers.contains(&("content-type".to_owned(), "image/png".to_owned())));
         assert_eq!(
             filename_of("inline; filename=\"a.png\"").as_deref(),
             Some("a.png")
         );
-        assert!(parse_multipart("multipart/mixed", &body).is_err());
+        assert!(parse_multipart("multipart/mixed", &body).await.is_err());
         // A boundary whose delimiter overlaps itself is an error, not a panic.
-        assert!(parse_multipart("multipart/mixed; boundary=-", b"-----").is_err());
-        assert!(parse_multipart("multipart/mixed; boundary=-", b"---------").is_err());
-        assert!(parse_multipart(&ct, b"garbage").is_err());
+        assert!(parse_multipart("multipart/mixed; boundary=-", b"-----")
+            .await
+            .is_err());
+        assert!(parse_multipart("multipart/mixed; boundary=-", b"---------")
+            .await
+            .is_err());
+        assert!(parse_multipart(&ct, b"garbage").await.is_err());
     }
 }

@@ -43,6 +43,12 @@ use crate::{
     storage::Storage,
 };
 
+use super::inflight::InFlight;
+
+/// Incoming transactions of one origin applied at once (the spec's senders send one at a time,
+/// so a well-behaved server never meets this limit).
+pub const TXNS_IN_FLIGHT_PER_ORIGIN: usize = 8;
+
 /// Timeout of one request to another server.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a client for an SRV-found destination is kept (its addresses were resolved once).
@@ -75,9 +81,12 @@ pub struct Federation {
     /// Notaries asked for a server's keys when the server itself cannot be reached
     /// (`trusted_servers`).
     pub(crate) trusted_servers: Vec<ruma::OwnedServerName>,
-    /// Incoming `/send` transactions of one origin are handled one at a time (a retry waits for
-    /// the first attempt and then gets its answer): one lock per hash bucket of origins.
-    pub(crate) txn_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Incoming `/send` transactions in flight, by (origin, transaction id): a retry waits for
+    /// the first attempt and then gets its answer; at most [`TXNS_IN_FLIGHT_PER_ORIGIN`] per
+    /// origin (see `service::inflight`).
+    /// The bounds on fetching other servers' media.
+    pub(crate) media_fetches: media::RemoteFetches,
+    pub(crate) txns_in_flight: InFlight<(ruma::OwnedServerName, String), ruma::OwnedServerName>,
     /// The register of destinations contacted (every request goes through [`Self::route_to`]).
     pub(crate) register: Option<Arc<crate::policy::register::Register>>,
 }
@@ -112,7 +121,8 @@ impl Federation {
             pinned,
             guarded,
             sender: sender::Sender::new(storage.clone(), wake)?,
-            txn_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            txns_in_flight: InFlight::new(TXNS_IN_FLIGHT_PER_ORIGIN),
+            media_fetches: media::RemoteFetches::default(),
             allow,
             extra_roots,
             srv_clients: Mutex::new(HashMap::new()),
@@ -263,14 +273,13 @@ impl Federation {
 }
 
 impl Federation {
-    /// A signed `GET` whose answer is not JSON (media): the headers and at most `limit` bytes of
-    /// the body. Non-success answers are errors as for [`Federation::send`].
-    pub async fn get_raw(
+    /// A `GET` whose answer is not JSON (federation media): its headers and its body as a
+    /// stream, read by the caller as it arrives (into a file, under its own size limit).
+    pub async fn get_streamed(
         &self,
         destination: &ServerName,
         path_and_query: &str,
-        limit: usize,
-    ) -> Result<(http::HeaderMap, Vec<u8>)> {
+    ) -> Result<(http::HeaderMap, BodyStream)> {
         let route = self.route_to(destination).await?;
         let authorization = auth::authorization_header(
             &self.globals,
@@ -291,13 +300,12 @@ impl Federation {
             return Err(remote_error(destination, status, &answer));
         }
         let headers = response.headers().clone();
-        let body = read_bytes_limited(response, limit, content_too_large).await?;
-        Ok((headers, body))
+        Ok((headers, body_stream(response)))
     }
 
     /// A plain `GET` of a URL another server named (a media `Location`), through the address
-    /// guard, at most `limit` bytes.
-    pub async fn get_url(&self, url: &str, limit: usize) -> Result<(http::HeaderMap, Vec<u8>)> {
+    /// guard; the body as a stream.
+    pub async fn get_url_streamed(&self, url: &str) -> Result<(http::HeaderMap, BodyStream)> {
         if !url_allowed(url, &self.allow) {
             return Err(Error::not_found(
                 "The media location is not a public address",
@@ -316,9 +324,25 @@ impl Federation {
             ));
         }
         let headers = response.headers().clone();
-        let body = read_bytes_limited(response, limit, content_too_large).await?;
-        Ok((headers, body))
+        Ok((headers, body_stream(response)))
     }
+}
+
+/// The body of another server's answer, chunk by chunk as it arrives.
+pub type BodyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes>> + Send>>;
+
+fn body_stream(response: reqwest::Response) -> BodyStream {
+    use futures_util::StreamExt;
+    Box::pin(response.bytes_stream().map(|chunk| {
+        chunk.map_err(|e| {
+            Error::with_status(
+                ErrCode::Unknown,
+                http::StatusCode::BAD_GATEWAY,
+                e.to_string(),
+            )
+        })
+    }))
 }
 
 /// At most `limit` bytes of an answer's body; `too_large` is the error when there are more.
@@ -341,11 +365,6 @@ async fn read_bytes_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// Media from another server beyond the size this server accepts.
-fn content_too_large() -> Error {
-    Error::new(ErrCode::TooLarge, "The remote content is too large")
 }
 
 /// A remote server's refusal as our error: the refusals a client should see as they are (the
@@ -381,17 +400,6 @@ fn remote_error(destination: &ServerName, status: http::StatusCode, answer: &Val
             http::StatusCode::BAD_GATEWAY,
             format!("{destination} answered {status}: {errcode}"),
         ),
-    }
-}
-
-impl Federation {
-    /// The lock serializing `origin`'s incoming transactions.
-    pub(crate) fn txn_lock(&self, origin: &ServerName) -> &tokio::sync::Mutex<()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        origin.hash(&mut h);
-        let i = (h.finish() as usize) % self.txn_locks.len().max(1);
-        &self.txn_locks[i]
     }
 }
 

@@ -441,7 +441,8 @@ impl Media {
         &self,
         server: &ServerName,
         media_id: &str,
-        bytes: Vec<u8>,
+        content: crate::service::federation::BodyStream,
+        limit: u64,
         content_type: Option<String>,
         filename: Option<String>,
         now: u64,
@@ -449,7 +450,7 @@ impl Media {
         if !valid_media_id(media_id) || server == self.server_name {
             return Err(not_found());
         }
-        let stored = self.files.write_bytes(bytes.into()).await?;
+        let stored = self.files.write_stream(content, limit).await?;
         let file = FileInfo {
             sha256: stored.sha256.clone(),
             size: stored.size,

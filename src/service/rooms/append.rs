@@ -744,6 +744,16 @@ impl Rooms {
             &keys::with_count(&[room_id.as_str()], count),
             &serde_json::to_vec(change)?,
         )?;
+        let by_key = keys::with_count(
+            &[room_id.as_str(), &change.event_type, &change.state_key],
+            count,
+        );
+        let value: &[u8] = if change.removed {
+            b""
+        } else {
+            change.event_id.as_bytes()
+        };
+        batch.put(Table::StateByKey, &by_key, value)?;
         let Some(membership) = membership else {
             return Ok(None);
         };
@@ -920,7 +930,7 @@ impl Rooms {
     /// The state event that replaced `target_id` carries the target's content as
     /// `unsigned.prev_content` (what clients show as "changed their name from ..."): once the
     /// target is redacted, that copy becomes the redacted content too. The successor is the next
-    /// change of the same state key in the room's state log (looked at up to a bound).
+    /// change of the same state key (`state_by_key`).
     fn strip_successor_prev_content(
         &self,
         batch: &mut crate::storage::Batch,
@@ -929,42 +939,37 @@ impl Rooms {
         (kind, state_key): (&str, &str),
         redacted_content: &Value,
     ) -> Result<()> {
-        const MAX_SCAN: usize = 200_000;
         let Some(meta) = self.event_meta(target_id.as_str())? else {
             return Ok(());
         };
-        let prefix = keys::prefix(&[room_id.as_str()]);
-        let from = keys::with_count(&[room_id.as_str()], meta.count.saturating_add(1));
-        for entry in self
+        // The next change of this key after the target: one seek in the per-key state log.
+        let key_parts = [room_id.as_str(), kind, state_key];
+        let prefix = keys::prefix(&key_parts);
+        let from = keys::with_count(&key_parts, meta.count.saturating_add(1));
+        let Some(entry) = self
             .storage
-            .scan_from(Table::StateLog, &prefix, &from, false)?
-            .take(MAX_SCAN)
-        {
-            let (_, v) = entry?;
-            let change: super::StateChange = serde_json::from_slice(&v)?;
-            if change.event_type != kind || change.state_key != state_key {
-                continue;
-            }
-            let Some(bytes) = self.storage.get(Table::Pdus, change.event_id.as_bytes())? else {
-                return Ok(());
-            };
-            let mut successor: Value = serde_json::from_slice(&bytes)?;
-            let replaces = successor["unsigned"]["replaces_state"] == target_id.as_str();
-            if let (true, Some(unsigned)) = (
-                replaces,
-                successor.get_mut("unsigned").and_then(Value::as_object_mut),
-            ) {
-                if unsigned.contains_key("prev_content") {
-                    unsigned.insert("prev_content".into(), redacted_content.clone());
-                    batch.put(
-                        Table::Pdus,
-                        change.event_id.as_bytes(),
-                        &serde_json::to_vec(&successor)?,
-                    )?;
-                }
-            }
-            // Only the first later change of the key can have replaced the target.
+            .scan_from(Table::StateByKey, &prefix, &from, false)?
+            .next()
+        else {
             return Ok(());
+        };
+        let (_, next_id) = entry?;
+        if next_id.is_empty() {
+            return Ok(()); // the key left the state: no successor carries the content
+        }
+        let Some(bytes) = self.storage.get(Table::Pdus, &next_id)? else {
+            return Ok(());
+        };
+        let mut successor: Value = serde_json::from_slice(&bytes)?;
+        let replaces = successor["unsigned"]["replaces_state"] == target_id.as_str();
+        if let (true, Some(unsigned)) = (
+            replaces,
+            successor.get_mut("unsigned").and_then(Value::as_object_mut),
+        ) {
+            if unsigned.contains_key("prev_content") {
+                unsigned.insert("prev_content".into(), redacted_content.clone());
+                batch.put(Table::Pdus, &next_id, &serde_json::to_vec(&successor)?)?;
+            }
         }
         Ok(())
     }

@@ -87,18 +87,15 @@ impl Rooms {
         }
         let hv_type = StateEventType::RoomHistoryVisibility.to_string();
         let mut visibility_changes = Vec::new();
-        let last = self.meta(room_id)?.map(|m| m.last_count).unwrap_or(0);
-        for (count, change) in self.state_changes(room_id, 0, last)? {
-            if change.event_type == hv_type && change.state_key.is_empty() {
-                let hv = if change.removed {
-                    "shared".to_owned()
-                } else {
-                    self.pdu(change.event_id.as_str())?
-                        .map(|p| visibility_of(&p.content_value()))
-                        .unwrap_or_else(|| "shared".to_owned())
-                };
-                visibility_changes.push((count, hv));
-            }
+        for (count, event_id) in self.state_key_history(room_id, &hv_type, "")? {
+            let hv = match event_id {
+                None => "shared".to_owned(),
+                Some(id) => self
+                    .pdu(id.as_str())?
+                    .map(|p| visibility_of(&p.content_value()))
+                    .unwrap_or_else(|| "shared".to_owned()),
+            };
+            visibility_changes.push((count, hv));
         }
         Ok(ServerView {
             room_id: room_id.to_owned(),

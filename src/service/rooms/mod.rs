@@ -134,6 +134,10 @@ pub struct Rooms {
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
 const AUTH_CACHE_ENTRIES: usize = 16_384;
 
+/// Changes of one state key read at most by [`Rooms::state_key_history`] (a room whose history
+/// visibility changed more often than this is judged by its newest changes).
+pub const STATE_KEY_HISTORY_LIMIT: usize = 10_000;
+
 impl Rooms {
     pub fn new(
         storage: Storage,
@@ -564,20 +568,100 @@ impl Rooms {
         Ok(out)
     }
 
-    /// State of the room just before stream position `count` (exclusive), rebuilt from the state
-    /// log. Used for sync's `state` section of limited timelines and for left rooms.
+    /// State of the room just before stream position `count` (exclusive), read from the per-key
+    /// state log (`state_by_key`): one seek per state key the room ever had, however long its
+    /// history. Used for sync's `state` section of limited timelines, left rooms, `/context`,
+    /// `/members?at=` and the state before an event that federation serves.
     pub fn state_at(
         &self,
         room_id: &RoomId,
         count: u64,
     ) -> Result<HashMap<(String, String), OwnedEventId>> {
+        self.state_of_prefix_at(&keys::prefix(&[room_id.as_str()]), count)
+    }
+
+    /// The state events of one type just before stream position `count`, by state key (e.g. the
+    /// members at a position without reading the rest of the state).
+    pub fn state_of_type_at(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        count: u64,
+    ) -> Result<HashMap<(String, String), OwnedEventId>> {
+        self.state_of_prefix_at(&keys::prefix(&[room_id.as_str(), event_type]), count)
+    }
+
+    /// One state entry just before stream position `count`: a single seek.
+    pub fn state_get_at(
+        &self,
+        room_id: &RoomId,
+        count: u64,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<OwnedEventId>> {
+        let found = self.state_of_prefix_at(
+            &keys::prefix(&[room_id.as_str(), event_type, state_key]),
+            count,
+        )?;
+        Ok(found.into_values().next())
+    }
+
+    /// Every change of one state key, oldest first: (stream count, the event now in the state,
+    /// or `None` where the key left the state). Read from `state_by_key`, so it costs the
+    /// key's own changes, not the room's history. At most [`STATE_KEY_HISTORY_LIMIT`] (the
+    /// newest are kept past that).
+    pub fn state_key_history(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Vec<(u64, Option<OwnedEventId>)>> {
+        let prefix = keys::prefix(&[room_id.as_str(), event_type, state_key]);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 8]);
+        let mut out = Vec::new();
+        for entry in self
+            .storage
+            .scan_from(Table::StateByKey, &prefix, &upper, true)?
+            .take(STATE_KEY_HISTORY_LIMIT)
+        {
+            let (k, v) = entry?;
+            let count = keys::count_suffix(&k).unwrap_or(0);
+            let event_id = std::str::from_utf8(&v)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .and_then(|s| OwnedEventId::try_from(s).ok());
+            out.push((count, event_id));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn state_of_prefix_at(
+        &self,
+        prefix: &[u8],
+        count: u64,
+    ) -> Result<HashMap<(String, String), OwnedEventId>> {
         let mut state = HashMap::new();
-        for (_, change) in self.state_changes(room_id, 0, count.saturating_sub(1))? {
-            if change.removed {
-                state.remove(&(change.event_type, change.state_key));
-            } else {
-                state.insert((change.event_type, change.state_key), change.event_id);
+        let Some(last) = count.checked_sub(1) else {
+            return Ok(state);
+        };
+        for (k, v) in self
+            .storage
+            .latest_per_group(Table::StateByKey, prefix, last)?
+        {
+            if v.is_empty() {
+                continue; // the key had left the state by then
             }
+            let parts = keys::split(&k[..k.len() - 9]);
+            let (Some(kind), Some(state_key)) = (parts.get(1), parts.get(2)) else {
+                continue;
+            };
+            let event_id = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| OwnedEventId::try_from(s).ok())
+                .ok_or_else(|| Error::internal("state_by_key holds a bad event id"))?;
+            state.insert((kind.to_string(), state_key.to_string()), event_id);
         }
         Ok(state)
     }

@@ -390,6 +390,7 @@ impl Rooms {
             Table::Timeline,
             Table::RoomState,
             Table::StateLog,
+            Table::StateByKey,
             Table::RoomMembers,
             Table::Receipts,
             Table::ReceiptLog,

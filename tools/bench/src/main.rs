@@ -6,6 +6,7 @@ mod api;
 mod report;
 mod scale;
 mod scenarios;
+mod state_at;
 
 use std::path::PathBuf;
 
@@ -30,7 +31,8 @@ pub struct Args {
     #[arg(long)]
     pub pid: Option<u32>,
     /// Comma-separated scenarios, or "all": register,create_rooms,send_one_room,send_many_rooms,
-    /// delivery_latency,initial_sync,join,messages,http_ceiling. "scale" runs only when named.
+    /// delivery_latency,initial_sync,join,messages,http_ceiling. "scale" and "state_at" run only
+    /// when named.
     #[arg(long, default_value = "all")]
     pub scenarios: String,
     /// Where to write the JSON report.
@@ -84,6 +86,9 @@ pub struct Args {
     /// Scale scenario: send requests in flight while growing.
     #[arg(long, default_value_t = 32)]
     pub scale_concurrency: usize,
+    /// State-at scenario: state events in the room (distinct state keys).
+    #[arg(long, default_value_t = 10_000)]
+    pub state_events: usize,
     /// The server's data directory, for the disk-bytes figures of the scale scenario.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,

@@ -336,6 +336,9 @@ pub async fn run_all(args: &Args, api: &Api) -> Run {
     if ctx.named("scale") {
         results.extend(crate::scale::run(&mut ctx).await);
     }
+    if ctx.named("state_at") {
+        results.extend(crate::state_at::run(&mut ctx).await);
+    }
 
     Run {
         label: args.label.clone(),
