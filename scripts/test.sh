@@ -19,6 +19,13 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/hafe
 # advisories affecting Cargo.lock fail the run.
 python3 scripts/dep-audit.py --self-test
 python3 scripts/dep-audit.py
+# Formatting and lints are part of the suite: unformatted code or any clippy warning fails it.
+# (A toolchain installed by setup-debian.sh with the minimal profile lacks them: add them then.)
+if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 # The crash test starts the real binary: build it first so the test does not time out building.
 cargo build --bin hafen
 cargo test --no-fail-fast -- --test-threads 4

@@ -89,6 +89,9 @@ pub struct Args {
     /// State-at scenario: state events in the room (distinct state keys).
     #[arg(long, default_value_t = 10_000)]
     pub state_events: usize,
+    /// State-at scenario: distinct state keys the events are spread over (default: all distinct).
+    #[arg(long)]
+    pub state_keys: Option<usize>,
     /// The server's data directory, for the disk-bytes figures of the scale scenario.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,

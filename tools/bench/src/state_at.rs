@@ -1,5 +1,6 @@
-//! The state-at-an-event scenario: one room grown to `--state-events` state events (distinct
-//! state keys, so the room's state is that large), with a message after every tenth of them;
+//! The state-at-an-event scenario: one room grown to `--state-events` state events over
+//! `--state-keys` distinct state keys (all distinct by default, so the room's state is that
+//! large; fewer keys make a long history over a small state), with a message after every tenth;
 //! then `/context` (full state, no lazy loading) around an early, a middle and a late message,
 //! and `/members?at=` at the same points. What it shows: reading the state at an event costs
 //! what that state holds, not what the room's whole history holds.
@@ -38,7 +39,12 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Vec<ScenarioResult> {
         let to = if s == 9 { n } else { from + slice };
         stream::iter(from..to)
             .map(|i| put_state(ctx, &owner, &room, i))
-            .buffer_unordered(ctx.args.setup_concurrency.max(1))
+            // One at a time when keys repeat: each change of a key must follow the one before.
+            .buffer_unordered(if ctx.args.state_keys.is_some() {
+                1
+            } else {
+                ctx.args.setup_concurrency.max(1)
+            })
             .collect::<Vec<_>>()
             .await;
         let txn = format!("anchor-{s}-{}", std::process::id());
@@ -81,8 +87,9 @@ async fn put_state(ctx: &Ctx<'_>, owner: &User, room: &str, i: usize) -> u16 {
     ctx.api
         .put(
             &format!(
-                "/_matrix/client/v3/rooms/{}/state/org.hafen.bench.state/key{i}",
-                enc(room)
+                "/_matrix/client/v3/rooms/{}/state/org.hafen.bench.state/key{}",
+                enc(room),
+                i % ctx.args.state_keys.unwrap_or(usize::MAX).max(1)
             ),
             &owner.token,
             &json!({ "i": i }),
