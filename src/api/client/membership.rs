@@ -268,7 +268,9 @@ async fn members(
 ) -> Result<Json<Value>> {
     let user = &req.user()?.user_id;
     let at = req.at.as_deref().map(token_position).transpose()?;
-    let state = s.rooms.visible_state(&req.room_id, user, at)?;
+    let state = s
+        .rooms
+        .visible_state_of_type(&req.room_id, user, at, "m.room.member")?;
     let known =
         |m: Option<&ruma::events::room::member::MembershipState>| -> Result<Option<String>> {
             match m.map(|m| m.as_str()) {
@@ -281,7 +283,6 @@ async fn members(
     let skip = known(req.not_membership.as_ref())?;
     let chunk: Vec<Value> = state
         .iter()
-        .filter(|p| p.kind.to_string() == "m.room.member")
         .filter(|p| {
             let m = p.membership().unwrap_or_default();
             want.as_ref().is_none_or(|w| *w == m) && skip.as_ref().is_none_or(|n| *n != m)

@@ -332,6 +332,57 @@ impl Rooms {
         user: &UserId,
         at: Option<u64>,
     ) -> Result<HashMap<(String, String), OwnedEventId>> {
+        match self.visible_state_bound(room_id, user, at)? {
+            None => self.current_state_ids(room_id),
+            Some(b) => self.state_at(room_id, b),
+        }
+    }
+
+    /// The state events of one type `user` may read (see [`Self::visible_state_ids`]), e.g. the
+    /// members, without reading the rest of the state.
+    pub fn visible_state_of_type(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        at: Option<u64>,
+        event_type: &str,
+    ) -> Result<Vec<Pdu>> {
+        let ids = match self.visible_state_bound(room_id, user, at)? {
+            None => {
+                let prefix = keys::prefix(&[room_id.as_str(), event_type]);
+                let mut ids = Vec::new();
+                for entry in self.storage.scan_prefix(Table::RoomState, &prefix)? {
+                    let (_, v) = entry?;
+                    ids.push(
+                        OwnedEventId::try_from(String::from_utf8_lossy(&v).into_owned())
+                            .map_err(Error::internal)?,
+                    );
+                }
+                ids
+            }
+            Some(b) => self
+                .state_of_type_at(room_id, event_type, b)?
+                .into_values()
+                .collect(),
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(p) = self.pdu(id.as_str())? {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.state_key.cmp(&b.state_key));
+        Ok(out)
+    }
+
+    /// The stream position before which `user` may read the room's state (`None`: the current
+    /// state), or 403 when they may read none of it.
+    fn visible_state_bound(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        at: Option<u64>,
+    ) -> Result<Option<u64>> {
         if !self.exists(room_id)? {
             return Err(Error::forbidden("You are not in this room"));
         }
@@ -351,15 +402,11 @@ impl Rooms {
         } else {
             return Err(Error::forbidden("You are not in this room"));
         };
-        let bound = match (bound, at) {
+        Ok(match (bound, at) {
             (Some(b), Some(a)) => Some(b.min(a.saturating_add(1))),
             (None, Some(a)) => Some(a.saturating_add(1)),
             (b, None) => b,
-        };
-        match bound {
-            None => self.current_state_ids(room_id),
-            Some(b) => self.state_at(room_id, b),
-        }
+        })
     }
 
     /// The events of `visible_state_ids`.
@@ -390,10 +437,11 @@ impl Rooms {
         event_type: &str,
         state_key: &str,
     ) -> Result<Pdu> {
-        let ids = self.visible_state_ids(room_id, user, None)?;
-        let id = ids
-            .get(&(event_type.to_owned(), state_key.to_owned()))
-            .ok_or_else(|| Error::not_found("Event not found"))?;
+        let id = match self.visible_state_bound(room_id, user, None)? {
+            None => self.state_event_id(room_id, event_type, state_key)?,
+            Some(b) => self.state_get_at(room_id, b, event_type, state_key)?,
+        }
+        .ok_or_else(|| Error::not_found("Event not found"))?;
         self.pdu(id.as_str())?
             .ok_or_else(|| Error::not_found("Event not found"))
     }
