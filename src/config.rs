@@ -135,6 +135,11 @@ pub struct Config {
     /// Rate limits per user and per IP.
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-For` (or, without it,
+    /// `Forwarded`) header names the client. Requests from other addresses are taken at their
+    /// TCP address whatever they send. Empty (default): the headers are ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Directory of uploaded media files; unset means `<database_path>/media`.
     #[serde(default)]
     pub media_path: Option<PathBuf>,
@@ -362,8 +367,15 @@ pub struct RateLimits {
     /// Switch all rate limiting off (benchmarks).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Password checks (login, re-authentication with `m.login.password`) per client address
+    /// (an IPv6 client by its /64).
     #[serde(default = "default_rl_login")]
     pub login: RateLimit,
+    /// Failed password checks per account and client address: only failures take from it, so
+    /// the owner logging in from elsewhere is never locked out by someone guessing, and it
+    /// refills on its own.
+    #[serde(default = "default_rl_login_failures")]
+    pub login_failures: RateLimit,
     #[serde(default = "default_rl_registration")]
     pub registration: RateLimit,
     #[serde(default = "default_rl_message")]
@@ -375,6 +387,7 @@ impl Default for RateLimits {
         RateLimits {
             enabled: true,
             login: default_rl_login(),
+            login_failures: default_rl_login_failures(),
             registration: default_rl_registration(),
             message: default_rl_message(),
         }
@@ -440,6 +453,12 @@ fn default_rl_login() -> RateLimit {
     RateLimit {
         per_second: 0.5,
         burst: 10,
+    }
+}
+fn default_rl_login_failures() -> RateLimit {
+    RateLimit {
+        per_second: 0.05,
+        burst: 5,
     }
 }
 fn default_rl_registration() -> RateLimit {
@@ -763,6 +782,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     for (name, rl) in [
         ("login", c.rate_limits.login),
+        ("login_failures", c.rate_limits.login_failures),
         ("registration", c.rate_limits.registration),
         ("message", c.rate_limits.message),
     ] {
@@ -811,6 +831,13 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         if range.parse::<ipnet::IpNet>().is_err() {
             return Err(ConfigError::Invalid(format!(
                 "ip range allowlist: `{range}` is not an IP range like 10.0.0.0/8"
+            )));
+        }
+    }
+    for p in &c.trusted_proxies {
+        if crate::api::forwarded::parse_range(p).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "trusted_proxies: `{p}` is not an IP address or range like 10.0.0.0/8"
             )));
         }
     }

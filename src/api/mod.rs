@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod federation;
+pub mod forwarded;
 pub mod ruma_wrapper;
 pub mod tls;
 
@@ -33,21 +34,45 @@ pub fn router(services: Arc<Services>) -> Router {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
         ]);
+    let proxies = Arc::new(forwarded::TrustedProxies::new(
+        &services.config.trusted_proxies,
+    ));
     federation::routes(client::routes(Router::new()))
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(request_context))
+        .layer(axum::middleware::from_fn_with_state(
+            proxies,
+            request_context,
+        ))
         .layer(cors)
         .with_state(services)
 }
 
+/// The client's address of a request: its TCP peer, or behind a trusted proxy the address the
+/// proxy names (`forwarded`). Set by [`request_context`] for every request; everything that
+/// wants the client's address (rate limits, the audit log, devices' last seen) reads this or
+/// `RequestCtx`, never the connection's peer.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+/// The client's address as [`request_context`] found it.
+pub fn client_addr(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
+    extensions.get::<ClientAddr>().and_then(|c| c.0)
+}
+
 /// Every request runs with its client's address and user agent at hand for the audit log
-/// (`policy::audit::RequestCtx`), whichever service writes the entry.
-async fn request_context(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// (`policy::audit::RequestCtx`), whichever service writes the entry, and with the address as
+/// a [`ClientAddr`] extension for the extractors.
+async fn request_context(
+    axum::extract::State(proxies): axum::extract::State<Arc<forwarded::TrustedProxies>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let ip = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+        .map(|c| proxies.client_ip(c.0.ip(), req.headers()));
+    req.extensions_mut().insert(ClientAddr(ip));
     let ctx = crate::policy::audit::RequestCtx::from_parts(req.headers(), ip);
     ctx.scope(next.run(req)).await
 }

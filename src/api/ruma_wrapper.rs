@@ -6,7 +6,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use axum::{
-    extract::{ConnectInfo, FromRequest, Path, Request},
+    extract::{FromRequest, Path, Request},
     response::{IntoResponse, Response},
     RequestPartsExt,
 };
@@ -107,11 +107,7 @@ where
 
     async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let ip = parts
-            .extract::<ConnectInfo<std::net::SocketAddr>>()
-            .await
-            .ok()
-            .map(|ConnectInfo(addr)| addr.ip());
+        let ip = super::client_addr(&parts.extensions);
         let path_args: Vec<String> = match parts.extract::<Path<Vec<String>>>().await {
             Ok(Path(args)) => args,
             Err(_) => Vec::new(),
@@ -280,10 +276,7 @@ fn identify(services: &Services, parts: &http::request::Parts, token: &str) -> R
         }
     }
     // The device's connection: kept in memory, written only when it changes (audit log).
-    let ip = parts
-        .extensions
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+    let ip = super::client_addr(&parts.extensions);
     let user_agent = parts
         .headers
         .get(http::header::USER_AGENT)

@@ -1,6 +1,8 @@
 //! Accounts: users, passwords (argon2), devices, access and refresh tokens (stored hashed),
 //! registration tokens.
 
+use std::time::Instant;
+
 use argon2::{
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
@@ -157,7 +159,49 @@ pub struct Accounts {
     /// run one at a time, so a connection's last-seen write cannot bring back a removed
     /// device or an old token hash. Striped by user; held only around the read and the commit.
     device_locks: Vec<parking_lot::Mutex<()>>,
+    /// Registration token uses held by registrations in progress; every read-modify-write of a
+    /// token's counts happens under this lock, so a use cannot be handed out twice.
+    token_uses: parking_lot::Mutex<TokenUses>,
 }
+
+/// Uses of registration tokens held by UIA sessions that passed the token stage and have not
+/// registered yet (Synapse's `pending`): session id -> until when (the session's expiry). In
+/// memory, like the sessions themselves, so a restart ends both together.
+#[derive(Default)]
+struct TokenUses {
+    pending: std::collections::HashMap<String, std::collections::HashMap<String, Instant>>,
+}
+
+impl TokenUses {
+    /// The live reservations of `token` (expired ones are dropped first).
+    fn live(&mut self, token: &str) -> usize {
+        let now = Instant::now();
+        match self.pending.get_mut(token) {
+            Some(held) => {
+                held.retain(|_, until| *until > now);
+                let n = held.len();
+                if n == 0 {
+                    self.pending.remove(token);
+                }
+                n
+            }
+            None => 0,
+        }
+    }
+
+    /// Drop whatever `session` holds (of any token but `keep`).
+    fn release_session(&mut self, session: &str, keep: &str) {
+        for (token, held) in self.pending.iter_mut() {
+            if token != keep {
+                held.remove(session);
+            }
+        }
+        self.pending.retain(|_, held| !held.is_empty());
+    }
+}
+
+/// Most reservations recorded for a token without a use limit (they only feed `pending`).
+const MAX_UNLIMITED_PENDING: usize = 10_000;
 
 /// Stripes of [`Accounts::device_locks`].
 const DEVICE_LOCK_STRIPES: usize = 64;
@@ -200,6 +244,7 @@ impl Accounts {
             device_locks: (0..DEVICE_LOCK_STRIPES)
                 .map(|_| parking_lot::Mutex::new(()))
                 .collect(),
+            token_uses: parking_lot::Mutex::default(),
         }
     }
 
@@ -227,6 +272,12 @@ impl Accounts {
     ) -> Option<crate::policy::audit::AuditEntry> {
         let audit = self.audit.as_ref()?;
         Some(audit.entry(kind, Some(user_id.as_str()), Some(device_id.as_str())))
+    }
+
+    /// An address as devices keep it (`last_seen_ip`): under `audit_ip_mode`, like the audit
+    /// log; without an audit log, not at all.
+    fn kept_ip(&self, ip: Option<std::net::IpAddr>) -> Option<String> {
+        self.audit.as_ref()?.ip(ip)
     }
 
     /// Record an entry of `kind` about a device after the fact.
@@ -258,7 +309,7 @@ impl Accounts {
             let _guard = self.device_lock(&identity.user_id);
             let mut b = self.storage.batch();
             if let Some(mut device) = self.stored_device(&identity.user_id, &identity.device_id)? {
-                device.last_seen_ip = seen.ip.map(|ip| ip.to_string());
+                device.last_seen_ip = self.kept_ip(seen.ip);
                 device.last_seen_ts = Some(seen.last_seen);
                 device.last_seen_user_agent = seen.user_agent.clone();
                 b.put(
@@ -282,7 +333,8 @@ impl Accounts {
         }
     }
 
-    /// The in-memory last connection laid over a stored device record.
+    /// The in-memory last connection laid over a stored device record; the address as
+    /// `audit_ip_mode` keeps it (also one a record from before kept in full).
     fn with_last_seen(&self, user_id: &UserId, mut device: DeviceRecord) -> DeviceRecord {
         if let Some(seen) = self.audit.as_ref().and_then(|a| {
             a.connections
@@ -293,6 +345,15 @@ impl Accounts {
                 device.last_seen_ip = seen.ip.map(|ip| ip.to_string());
                 device.last_seen_user_agent = seen.user_agent;
             }
+        }
+        // A full address (in memory, or stored before the mode applied to devices) goes out
+        // only as the mode keeps it; a value already kept that way is not an address.
+        if let Some(ip) = device
+            .last_seen_ip
+            .as_deref()
+            .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+        {
+            device.last_seen_ip = self.kept_ip(Some(ip));
         }
         device
     }
@@ -443,12 +504,21 @@ impl Accounts {
 
     /// Check a password in constant work whether or not the user exists.
     pub fn check_password(&self, user_id: &UserId, password: &str) -> Result<bool> {
+        Ok(matches!(
+            self.verify_password(user_id, password)?,
+            PasswordCheck::Right { deactivated: false }
+        ))
+    }
+
+    /// Whether `password` is the account's, in constant work whether or not the user exists.
+    /// Only a right password learns that the account is deactivated.
+    pub fn verify_password(&self, user_id: &UserId, password: &str) -> Result<PasswordCheck> {
         let rec = self.user(user_id)?;
         let hash = rec.as_ref().and_then(|r| r.password_hash.clone());
         let Some(hash) = hash else {
             // Spend the same effort as a real check so timing does not reveal which users exist.
             let _ = Self::hash_password(password);
-            return Ok(false);
+            return Ok(PasswordCheck::Wrong);
         };
         let parsed =
             PasswordHash::new(&hash).map_err(|e| Error::internal(format!("stored hash: {e}")))?;
@@ -457,7 +527,13 @@ impl Accounts {
                 .verify_password(password.as_bytes(), &parsed)
                 .is_ok()
         });
-        Ok(matches && !rec.map(|r| r.deactivated).unwrap_or(true))
+        Ok(if matches {
+            PasswordCheck::Right {
+                deactivated: rec.is_none_or(|r| r.deactivated),
+            }
+        } else {
+            PasswordCheck::Wrong
+        })
     }
 
     /// Log a device in: new or existing device id, fresh tokens.
@@ -515,7 +591,7 @@ impl Accounts {
         let device = DeviceRecord {
             device_id: device_id.clone(),
             display_name: display_name.or_else(|| existing.and_then(|d| d.display_name)),
-            last_seen_ip: ctx.ip.map(|ip| ip.to_string()),
+            last_seen_ip: self.kept_ip(ctx.ip),
             last_seen_ts: Some(utils::now_ms()),
             last_seen_user_agent: ctx.user_agent,
             access_token_hash: Some(hex(&access_hash)),
@@ -799,74 +875,185 @@ impl Accounts {
         Ok(rec)
     }
 
+    /// Every registration token, with its live `pending` count.
     pub fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        let mut uses = self.token_uses.lock();
         let mut out = Vec::new();
         for entry in self.storage.scan_prefix(Table::RegistrationTokens, b"")? {
             let (_, v) = entry?;
-            out.push(serde_json::from_slice(&v)?);
+            let mut rec: RegistrationToken = serde_json::from_slice(&v)?;
+            rec.pending = uses.live(&rec.token) as u32;
+            out.push(rec);
         }
         Ok(out)
     }
 
-    /// One registration token.
+    /// One registration token, with its live `pending` count.
     pub fn registration_token(&self, token: &str) -> Result<Option<RegistrationToken>> {
-        self.storage
-            .get_json(Table::RegistrationTokens, token.as_bytes())
+        let mut uses = self.token_uses.lock();
+        self.token_record(&mut uses, token)
     }
 
-    /// Store a changed registration token.
-    pub fn put_registration_token(&self, rec: &RegistrationToken) -> Result<()> {
+    /// The stored token with `pending` from `uses` (the caller holds the lock).
+    fn token_record(&self, uses: &mut TokenUses, token: &str) -> Result<Option<RegistrationToken>> {
+        let rec: Option<RegistrationToken> = self
+            .storage
+            .get_json(Table::RegistrationTokens, token.as_bytes())?;
+        Ok(rec.map(|mut r| {
+            r.pending = uses.live(token) as u32;
+            r
+        }))
+    }
+
+    /// Store a token's record (the caller holds the lock; `pending` is kept in memory only).
+    fn store_token(&self, rec: &RegistrationToken) -> Result<()> {
+        let stored = RegistrationToken {
+            pending: 0,
+            ..rec.clone()
+        };
         self.storage.put(
             Table::RegistrationTokens,
             rec.token.as_bytes(),
-            &serde_json::to_vec(rec)?,
+            &serde_json::to_vec(&stored)?,
         )
     }
 
-    /// Delete a registration token; false when there was none.
+    /// Change a token's limits (`Some(None)` removes one): the admin API. None when there is no
+    /// such token. Under the token lock, so a use counted meanwhile is not overwritten.
+    pub fn update_registration_token(
+        &self,
+        token: &str,
+        uses_allowed: Option<Option<u32>>,
+        expiry_time: Option<Option<u64>>,
+    ) -> Result<Option<RegistrationToken>> {
+        let mut uses = self.token_uses.lock();
+        let Some(mut rec) = self.token_record(&mut uses, token)? else {
+            return Ok(None);
+        };
+        if let Some(n) = uses_allowed {
+            rec.uses_allowed = n;
+        }
+        if let Some(t) = expiry_time {
+            rec.expiry_time = t;
+        }
+        self.store_token(&rec)?;
+        Ok(Some(rec))
+    }
+
+    /// Delete a registration token (and the uses registrations in progress hold); false when
+    /// there was none.
     pub fn delete_registration_token(&self, token: &str) -> Result<bool> {
-        if self.registration_token(token)?.is_none() {
+        let mut uses = self.token_uses.lock();
+        if self.token_record(&mut uses, token)?.is_none() {
             return Ok(false);
         }
         let mut b = self.storage.batch();
         b.delete(Table::RegistrationTokens, token.as_bytes())?;
         b.commit()?;
+        uses.pending.remove(token);
         Ok(true)
     }
 
-    /// Whether `token` can still be used (the configured token always can).
+    /// Whether `token` can still be used (the configured token always can): not expired, and
+    /// fewer uses completed or held by registrations in progress than allowed.
     pub fn registration_token_valid(&self, token: &str, configured: Option<&str>) -> Result<bool> {
         if configured == Some(token) {
             return Ok(true);
         }
-        let Some(v) = self
-            .storage
-            .get(Table::RegistrationTokens, token.as_bytes())?
-        else {
-            return Ok(false);
-        };
-        let rec: RegistrationToken = serde_json::from_slice(&v)?;
-        let not_expired = rec.expiry_time.is_none_or(|t| t > utils::now_ms());
-        let uses_left = rec.uses_allowed.is_none_or(|n| rec.completed < n);
-        Ok(not_expired && uses_left)
+        let mut uses = self.token_uses.lock();
+        Ok(self
+            .token_record(&mut uses, token)?
+            .is_some_and(|rec| has_use_left(&rec)))
     }
 
-    /// Count one completed registration against the token.
-    pub fn use_registration_token(&self, token: &str) -> Result<()> {
-        let Some(v) = self
-            .storage
-            .get(Table::RegistrationTokens, token.as_bytes())?
-        else {
-            return Ok(());
+    /// The token stage of UIA session `session` accepted `token`: hold one use of it for the
+    /// session until `until` (its expiry), atomically with the check that one is left. A session
+    /// holds at most one use (naming the token again holds nothing more; naming another token
+    /// gives the first one's use back). False: the token is unknown, expired or used up.
+    pub fn reserve_registration_token(
+        &self,
+        token: &str,
+        session: &str,
+        until: Instant,
+        configured: Option<&str>,
+    ) -> Result<bool> {
+        let mut uses = self.token_uses.lock();
+        uses.release_session(session, token);
+        if configured == Some(token) {
+            return Ok(true);
+        }
+        let already = uses
+            .pending
+            .get(token)
+            .and_then(|held| held.get(session))
+            .is_some_and(|t| *t > Instant::now());
+        let Some(rec) = self.token_record(&mut uses, token)? else {
+            return Ok(false);
         };
-        let mut rec: RegistrationToken = serde_json::from_slice(&v)?;
-        rec.completed += 1;
-        self.storage.put(
-            Table::RegistrationTokens,
-            token.as_bytes(),
-            &serde_json::to_vec(&rec)?,
-        )
+        if already {
+            return Ok(rec.expiry_time.is_none_or(|t| t > utils::now_ms()));
+        }
+        if !has_use_left(&rec) {
+            return Ok(false);
+        }
+        let held = uses.pending.entry(token.to_owned()).or_default();
+        if rec.uses_allowed.is_some() || held.len() < MAX_UNLIMITED_PENDING {
+            held.insert(session.to_owned(), until);
+        }
+        Ok(true)
     }
+
+    /// Registration through session `session` is going ahead: its held use of `token` becomes a
+    /// completed one (durably, before the account is made; [`Accounts::refund_registration_token`]
+    /// gives it back if that fails). Without a held use (it expired), a use is taken only if one
+    /// is left; otherwise `M_UNAUTHORIZED`.
+    pub fn complete_registration_token(
+        &self,
+        token: &str,
+        session: &str,
+        configured: Option<&str>,
+    ) -> Result<()> {
+        if configured == Some(token) {
+            return Ok(());
+        }
+        let mut uses = self.token_uses.lock();
+        let held = uses
+            .pending
+            .get_mut(token)
+            .and_then(|held| held.remove(session))
+            .is_some_and(|until| until > Instant::now());
+        let rec = self.token_record(&mut uses, token)?;
+        let Some(mut rec) = rec.filter(|r| held || has_use_left(r)) else {
+            return Err(Error::new(
+                ErrCode::Unauthorized,
+                "The registration token is used up",
+            ));
+        };
+        rec.completed = rec.completed.saturating_add(1);
+        self.store_token(&rec)
+    }
+
+    /// Give back a use counted by [`Accounts::complete_registration_token`] for a registration
+    /// that then failed (the name was taken meanwhile).
+    pub fn refund_registration_token(&self, token: &str, configured: Option<&str>) -> Result<()> {
+        if configured == Some(token) {
+            return Ok(());
+        }
+        let mut uses = self.token_uses.lock();
+        if let Some(mut rec) = self.token_record(&mut uses, token)? {
+            rec.completed = rec.completed.saturating_sub(1);
+            self.store_token(&rec)?;
+        }
+        Ok(())
+    }
+}
+
+/// Not expired, and fewer uses completed or held than allowed.
+fn has_use_left(rec: &RegistrationToken) -> bool {
+    rec.expiry_time.is_none_or(|t| t > utils::now_ms())
+        && rec
+            .uses_allowed
+            .is_none_or(|n| rec.completed.saturating_add(rec.pending) < n)
 }
 
 impl Accounts {
@@ -881,7 +1068,7 @@ impl Accounts {
         let Some(mut device) = self.device(user_id, device_id)? else {
             return Ok(());
         };
-        device.last_seen_ip = ip.map(|ip| ip.to_string());
+        device.last_seen_ip = self.kept_ip(ip);
         device.last_seen_ts = Some(utils::now_ms());
         self.update_device(user_id, &device)
     }
@@ -901,6 +1088,42 @@ impl Accounts {
 
 /// Longest password accepted: hashing cost grows with length.
 pub const MAX_PASSWORD_LEN: usize = 512;
+
+/// What a password check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasswordCheck {
+    /// Not the password (or no such account, or one without a password).
+    Wrong,
+    Right {
+        deactivated: bool,
+    },
+}
+
+/// Check `user`'s password for a client at `ip` (login, re-authentication) under the failure
+/// limit of that account from that address (`rate_limits.login_failures`): a token is taken
+/// before the check, so concurrent guesses cannot pass the limit, and given back when the
+/// password was right, so only failures count. Keyed by account and address, a guesser
+/// elsewhere never locks the owner out; the bucket refills by itself. The caller has checked
+/// the per-address limit (`rate_limits.login`).
+pub fn verify_password_limited(
+    services: &crate::service::Services,
+    user: &UserId,
+    password: &str,
+    ip: Option<std::net::IpAddr>,
+) -> Result<PasswordCheck> {
+    use crate::service::ratelimit::{password_failure_key, Action};
+    let key = password_failure_key(user.as_str(), ip);
+    services.ratelimit.check(Action::LoginFailure, &key)?;
+    let found = if password.len() > MAX_PASSWORD_LEN {
+        PasswordCheck::Wrong
+    } else {
+        services.accounts.verify_password(user, password)?
+    };
+    if found != PasswordCheck::Wrong {
+        services.ratelimit.refund(Action::LoginFailure, &key);
+    }
+    Ok(found)
+}
 
 /// What a client asked `POST /register` for.
 #[derive(Debug, Default)]
@@ -970,10 +1193,9 @@ pub fn register(
 ) -> Result<(OwnedUserId, Option<Session>)> {
     let accounts = &services.accounts;
     if let Some(ip) = r.ip {
-        services.ratelimit.check(
-            crate::service::ratelimit::Action::Registration,
-            &ip.to_string(),
-        )?;
+        services
+            .ratelimit
+            .check_ip(crate::service::ratelimit::Action::Registration, ip)?;
     }
     if let Some(p) = &r.password {
         if p.len() > MAX_PASSWORD_LEN {
@@ -1020,7 +1242,8 @@ pub fn register(
 
     let configured = services.config.registration_token.as_deref();
     let allow_dummy = services.config.allow_registration;
-    let mut check = |stage: &str,
+    let mut check = |session: &str,
+                     stage: &str,
                      auth: &serde_json::Map<String, serde_json::Value>|
      -> Result<Option<(String, String)>> {
         match stage {
@@ -1030,7 +1253,12 @@ pub fn register(
                     .get("token")
                     .and_then(serde_json::Value::as_str)
                     .ok_or_else(|| Error::bad_json("Missing registration token"))?;
-                if token.len() <= 64 && accounts.registration_token_valid(token, configured)? {
+                // Accepting the stage holds one use of the token for this session until it
+                // registers or expires, so concurrent sessions cannot share the last use.
+                let until = services.uiaa.deadline(session).unwrap_or_else(Instant::now);
+                if token.len() <= 64
+                    && accounts.reserve_registration_token(token, session, until, configured)?
+                {
                     Ok(Some(("registration_token".to_owned(), token.to_owned())))
                 } else {
                     Err(Error::new(
@@ -1059,11 +1287,17 @@ pub fn register(
         &mut check,
     )?;
 
-    accounts.create_user(&user_id, r.password.as_deref(), false, false)?;
-    if let Some(token) = session.data.get("registration_token") {
-        if configured != Some(token.as_str()) {
-            accounts.use_registration_token(token)?;
+    // The held use becomes a completed one before the account exists: a crash in between
+    // loses a use rather than making one account too many.
+    let token = session.data.get("registration_token");
+    if let Some(token) = token {
+        accounts.complete_registration_token(token, &session.id, configured)?;
+    }
+    if let Err(e) = accounts.create_user(&user_id, r.password.as_deref(), false, false) {
+        if let Some(token) = token {
+            accounts.refund_registration_token(token, configured)?;
         }
+        return Err(e);
     }
     if let Some(version) = session.data.get("privacy_notice_version") {
         accounts.set_privacy_notice_accepted(&user_id, version)?;
@@ -1178,7 +1412,7 @@ pub fn password_login(
     use crate::service::ratelimit::Action;
     let accounts = &services.accounts;
     if let Some(ip) = ip {
-        services.ratelimit.check(Action::Login, &ip.to_string())?;
+        services.ratelimit.check_ip(Action::Login, ip)?;
     }
     let failed = |attempted: &str, reason: &str| {
         // The attempted id, never the password.
@@ -1191,21 +1425,26 @@ pub fn password_login(
         failed(&attempted, "invalid_user_id");
         return Err(Error::forbidden("Invalid username or password"));
     };
-    services.ratelimit.check(Action::Login, user_id.as_str())?;
-    if password.len() > MAX_PASSWORD_LEN || !accounts.check_password(&user_id, password)? {
-        let reason = match accounts.user(&user_id)? {
-            None => "unknown_user",
-            Some(u) if u.deactivated => "deactivated",
-            Some(_) => "wrong_password",
-        };
-        failed(user_id.as_str(), reason);
-        if accounts.user(&user_id)?.is_some_and(|u| u.deactivated) {
+    match verify_password_limited(services, &user_id, password, ip)? {
+        PasswordCheck::Right { deactivated: false } => {}
+        // Only who knows the password learns that the account is deactivated.
+        PasswordCheck::Right { deactivated: true } => {
+            failed(user_id.as_str(), "deactivated");
             return Err(Error::new(
                 ErrCode::UserDeactivated,
                 "This account has been deactivated",
             ));
         }
-        return Err(Error::forbidden("Invalid username or password"));
+        PasswordCheck::Wrong => {
+            // The reason is for the audit log only; the client hears the same in every case.
+            let reason = match accounts.user(&user_id)? {
+                None => "unknown_user",
+                Some(u) if u.deactivated => "deactivated",
+                Some(_) => "wrong_password",
+            };
+            failed(user_id.as_str(), reason);
+            return Err(Error::forbidden("Invalid username or password"));
+        }
     }
     crate::policy::access::check_device_limit(services, &user_id, device_id.as_deref())?;
     let session = accounts.create_session(&user_id, device_id, display_name, with_refresh)?;
@@ -1238,4 +1477,79 @@ pub async fn deactivate_account(
         }
     }
     services.accounts.deactivate(user_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::service::globals::{Globals, SigningKey, StreamCounter};
+
+    fn accounts() -> (tempfile::TempDir, Accounts) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 8, false).unwrap();
+        let server_name: ruma::OwnedServerName = "localhost".try_into().unwrap();
+        let globals = Arc::new(Globals {
+            server_name: server_name.clone(),
+            signing_key: SigningKey::load_or_create(&storage).unwrap(),
+            counter: Arc::new(StreamCounter::load(storage.clone()).unwrap()),
+        });
+        let accounts = Accounts::new(storage, globals, &server_name, 3600);
+        (dir, accounts)
+    }
+
+    #[test]
+    fn a_token_use_held_by_an_expired_session_is_released() {
+        let (_dir, a) = accounts();
+        a.create_registration_token(Some("t".into()), Some(1), None)
+            .unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        // A session whose expiry has come holds nothing any more.
+        assert!(a
+            .reserve_registration_token("t", "expired", Instant::now(), None)
+            .unwrap());
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(a.registration_token("t").unwrap().unwrap().pending, 0);
+        assert!(a
+            .reserve_registration_token("t", "live", later, None)
+            .unwrap());
+        assert_eq!(a.registration_token("t").unwrap().unwrap().pending, 1);
+        // The live session holds the only use: no other session gets it.
+        assert!(!a
+            .reserve_registration_token("t", "other", later, None)
+            .unwrap());
+        // The expired session cannot complete on a use it no longer holds.
+        assert!(a.complete_registration_token("t", "expired", None).is_err());
+        a.complete_registration_token("t", "live", None).unwrap();
+        let rec = a.registration_token("t").unwrap().unwrap();
+        assert_eq!((rec.pending, rec.completed), (0, 1));
+        // Completing twice (two requests finishing one session) counts once.
+        assert!(a.complete_registration_token("t", "live", None).is_err());
+        // A failed account creation gives the use back.
+        a.refund_registration_token("t", None).unwrap();
+        assert!(a.registration_token_valid("t", None).unwrap());
+    }
+
+    #[test]
+    fn only_the_right_password_reveals_deactivation() {
+        let (_dir, a) = accounts();
+        let id = a.validate_new_localpart("gone").unwrap();
+        a.create_user(&id, Some("secret"), false, false).unwrap();
+        // Deactivated but (unlike `deactivate`) still with its hash: the worst case.
+        let mut rec = a.user(&id).unwrap().unwrap();
+        rec.deactivated = true;
+        let mut b = a.storage.batch();
+        a.put_user(&mut b, &id, &rec).unwrap();
+        b.commit().unwrap();
+        assert_eq!(
+            a.verify_password(&id, "wrong").unwrap(),
+            PasswordCheck::Wrong
+        );
+        assert_eq!(
+            a.verify_password(&id, "secret").unwrap(),
+            PasswordCheck::Right { deactivated: true }
+        );
+        assert!(!a.check_password(&id, "secret").unwrap());
+    }
 }

@@ -29,6 +29,8 @@ pub struct StreamCounter {
     storage: Storage,
     state: Mutex<CounterState>,
     notifier: Notifier,
+    /// The watermark, for whoever waits for a count to be passed ([`StreamCounter::passed`]).
+    mark: watch::Sender<u64>,
 }
 
 struct CounterState {
@@ -84,6 +86,7 @@ impl StreamCounter {
                 watermark: reserved,
             }),
             notifier: Notifier::default(),
+            mark: watch::Sender::new(reserved),
         })
     }
 
@@ -110,6 +113,14 @@ impl StreamCounter {
         self.state.lock().watermark
     }
 
+    /// Wait until the watermark has passed `count`: the write with that count is durable and
+    /// every reader (sync) sees it.
+    pub async fn passed(&self, count: u64) {
+        let mut rx = self.mark.subscribe();
+        // The sender lives as long as `self`, which outlives this borrow.
+        let _ = rx.wait_for(|mark| *mark >= count).await;
+    }
+
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
     }
@@ -134,6 +145,11 @@ impl StreamCounter {
             }
             mark
         };
+        self.mark.send_if_modified(|m| {
+            let moved = *m < watermark;
+            *m = (*m).max(watermark);
+            moved
+        });
         self.notifier.wake(wake.iter().map(|u| &**u), watermark);
     }
 }

@@ -16,6 +16,8 @@ const MAX_SESSIONS: usize = 10_000;
 
 #[derive(Clone, Debug, Default)]
 pub struct UiaaSession {
+    /// The session id the client sends back.
+    pub id: String,
     pub completed: Vec<String>,
     /// Data a stage remembers for the request that finishes the flow (e.g. the registration token).
     pub data: HashMap<String, String>,
@@ -48,6 +50,7 @@ impl Uiaa {
             (
                 now,
                 UiaaSession {
+                    id: id.clone(),
                     user,
                     ..Default::default()
                 },
@@ -61,6 +64,15 @@ impl Uiaa {
         s.get(id)
             .filter(|(t, _)| t.elapsed() < SESSION_LIFETIME)
             .map(|(_, v)| v.clone())
+    }
+
+    /// When session `id` expires (None: there is no such live session). Whatever a stage
+    /// reserves for the session (a registration token's use) is held until then.
+    pub fn deadline(&self, id: &str) -> Option<Instant> {
+        let s = self.sessions.lock();
+        s.get(id)
+            .map(|(t, _)| *t + SESSION_LIFETIME)
+            .filter(|d| *d > Instant::now())
     }
 
     pub fn update(&self, id: &str, session: UiaaSession) {
@@ -96,8 +108,13 @@ impl Uiaa {
     }
 }
 
-/// What a flow stage checker says about the `auth` dict a client sent.
-pub type StageCheck<'a> = dyn FnMut(&str, &serde_json::Map<String, Value>) -> crate::error::Result<Option<(String, String)>>
+/// What a flow stage checker says about the `auth` dict a client sent: called with the session
+/// id, the stage and the dict.
+pub type StageCheck<'a> = dyn FnMut(
+        &str,
+        &str,
+        &serde_json::Map<String, Value>,
+    ) -> crate::error::Result<Option<(String, String)>>
     + 'a;
 
 impl Uiaa {
@@ -144,7 +161,7 @@ impl Uiaa {
                     Some(("M_UNRECOGNIZED", "Unknown authentication stage")),
                 ));
             }
-            match check(stage, auth) {
+            match check(&session_id, stage, auth) {
                 Ok(data) => {
                     if !session.completed.iter().any(|c| c == stage) {
                         session.completed.push(stage.to_owned());
@@ -221,13 +238,13 @@ impl Uiaa {
         if sso {
             flows.push(vec!["m.login.sso"]);
         }
-        let mut check = |stage: &str,
+        let mut check = |session: &str,
+                         stage: &str,
                          auth: &serde_json::Map<String, Value>|
          -> crate::error::Result<Option<(String, String)>> {
             if stage == "m.login.sso" {
                 // Only the fallback page completes it; naming it again afterwards is fine.
-                let session = auth.get("session").and_then(Value::as_str);
-                return if self.stage_done(session, stage) {
+                return if self.stage_done(Some(session), stage) {
                     Ok(None)
                 } else {
                     Err(Error::forbidden(
@@ -252,7 +269,18 @@ impl Uiaa {
                 .get("password")
                 .and_then(Value::as_str)
                 .ok_or_else(|| Error::bad_json("Missing password"))?;
-            if accounts.check_password(user, password)? {
+            // Re-authentication is a password check like login: under the same per-address
+            // and per-account failure limits (429, not another 401), or a stolen access token
+            // would be a free password oracle.
+            let ip = crate::policy::audit::RequestCtx::current().ip;
+            if let Some(ip) = ip {
+                services
+                    .ratelimit
+                    .check_ip(crate::service::ratelimit::Action::Login, ip)?;
+            }
+            let found =
+                crate::service::accounts::verify_password_limited(services, user, password, ip)?;
+            if found == (crate::service::accounts::PasswordCheck::Right { deactivated: false }) {
                 Ok(None)
             } else {
                 Err(Error::forbidden("Invalid password"))

@@ -8,7 +8,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Weak,
     },
     thread::JoinHandle,
@@ -46,7 +46,29 @@ struct Shared {
     synced: AtomicU64,
     stop: AtomicBool,
     progress: watch::Sender<Progress>,
+    /// Test hook ([`SyncHold`]): while above zero, no fsync starts, so a test can look at what
+    /// happens before a write is durable.
+    held: AtomicUsize,
 }
+
+/// While alive, no WAL fsync starts (neither the syncer's nor a blocking caller's): a test
+/// hook to observe what is answered before a write is on disk. Dropping it lets them run.
+pub struct SyncHold {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::Thread>,
+}
+
+impl Drop for SyncHold {
+    fn drop(&mut self) {
+        self.shared.held.fetch_sub(1, Ordering::AcqRel);
+        if let Some(t) = &self.thread {
+            t.unpark();
+        }
+    }
+}
+
+/// How often a held syncer looks again.
+const HOLD_POLL: Duration = Duration::from_millis(5);
 
 impl Syncer {
     /// Start the thread. It holds the database only weakly, so dropping the last `Storage`
@@ -57,6 +79,7 @@ impl Syncer {
             synced: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             progress: watch::Sender::new(Progress::default()),
+            held: AtomicUsize::new(0),
         });
         let thread = {
             let shared = shared.clone();
@@ -93,11 +116,24 @@ impl Syncer {
         }
     }
 
-    /// The blocking form of [`Syncer::wait`]: the calling thread runs the fsync itself (it is
-    /// blocked anyway), and whoever waits on the syncer is woken by it too.
+    /// Hold every fsync until the returned guard is dropped (test hook).
+    pub(super) fn hold(&self) -> SyncHold {
+        self.shared.held.fetch_add(1, Ordering::AcqRel);
+        SyncHold {
+            shared: self.shared.clone(),
+            thread: self.thread.as_ref().map(|t| t.thread().clone()),
+        }
+    }
+
+    /// The blocking form of [`Syncer::wait`], for callers outside the async runtime (the CLI):
+    /// the calling thread runs the fsync itself, and whoever waits on the syncer is woken by it
+    /// too. Never call it on an async worker: use [`Syncer::wait`].
     pub(super) fn sync_blocking(&self, db: &rocksdb::DB, ticket: WriteTicket) -> Result<()> {
         if self.is_synced(ticket) {
             return Ok(());
+        }
+        while self.shared.held.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(HOLD_POLL);
         }
         let upto = db.latest_sequence_number();
         db.flush_wal(true)?;
@@ -136,6 +172,10 @@ fn run(shared: &Shared, db: &Weak<rocksdb::DB>) {
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
+        }
+        if shared.held.load(Ordering::Acquire) > 0 {
+            std::thread::park_timeout(HOLD_POLL);
+            continue;
         }
         let synced = shared.synced.load(Ordering::Acquire);
         if shared.wanted.load(Ordering::Acquire) <= synced {

@@ -12,7 +12,7 @@ mod tables;
 
 use std::{path::Path, sync::Arc};
 
-pub use durability::WriteTicket;
+pub use durability::{SyncHold, WriteTicket};
 pub use tables::Table;
 
 use crate::error::{Error, Result};
@@ -281,6 +281,13 @@ impl Storage {
         }
     }
 
+    /// Test hook: no WAL fsync starts while the returned guard lives (`None` without
+    /// `database_sync_writes`), so a test can see what is answered before a write is durable.
+    #[doc(hidden)]
+    pub fn hold_wal_sync(&self) -> Option<SyncHold> {
+        self.syncer.as_ref().map(|s| s.hold())
+    }
+
     /// A ticket covering every write applied so far.
     pub fn ticket_now(&self) -> WriteTicket {
         WriteTicket(self.db.latest_sequence_number())
@@ -401,10 +408,23 @@ impl Batch {
         Ok(WriteTicket(self.storage.db.latest_sequence_number()))
     }
 
+    /// Apply the batch and, with `database_sync_writes`, fsync it before returning. Room events
+    /// use [`Batch::commit_deferred`] and the syncer instead; for the rest (accounts, account
+    /// data, audit entries), an fsync on an async worker first hands that worker's other tasks
+    /// to the rest of the pool, so a slow disk delays this request only.
     pub fn commit(self) -> Result<()> {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(self.storage.sync_writes);
-        self.storage.db.write_opt(self.inner, &opts)?;
+        let write = || self.storage.db.write_opt(self.inner, &opts);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h)
+                if self.storage.sync_writes
+                    && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+            {
+                tokio::task::block_in_place(write)?
+            }
+            _ => write()?,
+        }
         Ok(())
     }
 }

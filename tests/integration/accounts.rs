@@ -332,7 +332,8 @@ async fn login_flows_and_password_login() {
     let laptop = as_user(&v);
     let (_, d) = s.get(&format!("{V3}/devices/LAPTOP"), &laptop).await;
     assert_eq!(d["display_name"], "laptop");
-    assert_eq!(d["last_seen_ip"], "127.0.0.1");
+    // Kept as `audit_ip_mode` keeps addresses (truncated by default).
+    assert_eq!(d["last_seen_ip"], "127.0.0.0/24");
     assert!(d["last_seen_ts"].is_u64());
 
     // Legacy `user` with a full user id.
@@ -633,10 +634,12 @@ async fn deactivate_leaves_rooms_and_locks_account() {
         401,
         "M_UNKNOWN_TOKEN",
     );
+    // Deactivation removed the password: logging in is refused like any wrong password
+    // (`M_USER_DEACTIVATED` only ever goes to the right one).
     assert_err(
         &login(&s, "alice", "password", json!({})).await,
         403,
-        "M_USER_DEACTIVATED",
+        "M_FORBIDDEN",
     );
     // The id stays taken.
     let got = anon(&s, Method::GET, "/register/available?username=alice", None).await;
@@ -1348,4 +1351,185 @@ async fn admins_suspend_and_lock_accounts() {
     s.put(&lock, &admin, json!({ "locked": true })).await;
     let (status, body) = s.post(&format!("{V3}/logout"), &bob, json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+// ---- registration tokens under attack ----
+
+/// A server whose only registration is with tokens made here, and an admin to read them.
+async fn token_server(adjust: impl FnOnce(&mut hafen::config::Config)) -> (TestServer, TestUser) {
+    let s = TestServer::start_with(|c| {
+        c.registration_token = None;
+        adjust(c);
+    })
+    .await;
+    let admin = s.user("tokenadmin").await;
+    s.services()
+        .accounts
+        .set_admin(&ruma::UserId::parse(admin.user_id.as_str()).unwrap(), true)
+        .unwrap();
+    (s, admin)
+}
+
+/// The Synapse admin API's view of a registration token.
+async fn token_counts(s: &TestServer, admin: &TestUser, token: &str) -> Value {
+    let (status, v) = s
+        .get(
+            &format!("/_synapse/admin/v1/registration_tokens/{token}"),
+            admin,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_use_token_makes_one_account_under_concurrency() {
+    let (s, admin) = token_server(|_| {}).await;
+    s.services()
+        .accounts
+        .create_registration_token(Some("single".into()), Some(1), None)
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (http, base) = (s.http.clone(), s.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "username": format!("racer{i}"), "password": "pw",
+                "auth": { "type": "m.login.registration_token", "token": "single" } });
+            let res = http
+                .post(format!("{base}{V3}/register"))
+                .json(&body)
+                .send()
+                .await
+                .expect("sent");
+            let status = res.status();
+            (status, res.json::<Value>().await.expect("json"))
+        }));
+    }
+    let mut made = 0;
+    for t in tasks {
+        let (status, v) = t.await.expect("task");
+        if status == StatusCode::OK {
+            made += 1;
+        } else {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+            assert_eq!(v["errcode"], "M_UNAUTHORIZED", "{v}");
+        }
+    }
+    assert_eq!(made, 1, "a single-use token made {made} accounts");
+    let accounts = (0..10)
+        .filter(|i| {
+            let id = ruma::UserId::parse(format!("@racer{i}:localhost")).unwrap();
+            s.services().accounts.exists(&id).unwrap()
+        })
+        .count();
+    assert_eq!(accounts, 1);
+    let v = token_counts(&s, &admin, "single").await;
+    assert_eq!(v["completed"], 1, "{v}");
+    assert_eq!(v["pending"], 0, "{v}");
+}
+
+#[tokio::test]
+async fn token_use_is_held_by_the_session_that_passed_the_stage() {
+    // With the privacy notice, the token stage does not finish registration: the session holds
+    // the token's use while the user reads the notice.
+    let (s, admin) = token_server(|c| {
+        c.privacy_notice = Some(hafen::config::PrivacyNotice {
+            url: "https://example.org/privacy".into(),
+            version: "1".into(),
+            name: None,
+            block_until_accepted: true,
+        });
+    })
+    .await;
+    s.services()
+        .accounts
+        .create_registration_token(Some("held".into()), Some(1), None)
+        .unwrap();
+    let token_stage = |name: &str, session: Option<&str>| {
+        let mut auth = json!({ "type": "m.login.registration_token", "token": "held" });
+        if let Some(id) = session {
+            auth["session"] = json!(id);
+        }
+        json!({ "username": name, "password": "pw", "auth": auth })
+    };
+    let (status, a) = anon(
+        &s,
+        Method::POST,
+        "/register",
+        Some(token_stage("first", None)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{a}");
+    assert_eq!(a["completed"], json!(["m.login.registration_token"]), "{a}");
+    let session_a = a["session"].as_str().unwrap().to_owned();
+    // Naming the token again in the same session holds nothing more.
+    let (status, again) = anon(
+        &s,
+        Method::POST,
+        "/register",
+        Some(token_stage("first", Some(&session_a))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(again["completed"], json!(["m.login.registration_token"]));
+    let v = token_counts(&s, &admin, "held").await;
+    assert_eq!(
+        (v["pending"].clone(), v["completed"].clone()),
+        (json!(1), json!(0)),
+        "{v}"
+    );
+    let (_, valid) = s
+        .req(
+            Method::GET,
+            "/_matrix/client/v1/register/m.login.registration_token/validity?token=held",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(valid, json!({ "valid": false }));
+    let (_, listed) = s
+        .get("/_synapse/admin/v1/registration_tokens?valid=false", &admin)
+        .await;
+    assert_eq!(
+        listed["registration_tokens"][0]["token"], "held",
+        "{listed}"
+    );
+
+    // Another session cannot take the held use.
+    let (status, b) = anon(
+        &s,
+        Method::POST,
+        "/register",
+        Some(token_stage("second", None)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{b}");
+    assert_eq!(b["errcode"], "M_UNAUTHORIZED", "{b}");
+    assert_eq!(b["completed"], json!([]), "{b}");
+
+    // The first session finishes: the held use becomes a completed one.
+    let terms = json!({ "username": "first", "password": "pw",
+        "auth": { "type": "m.login.terms", "session": session_a } });
+    let (status, v) = anon(&s, Method::POST, "/register", Some(terms)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["user_id"], "@first:localhost");
+    let v = token_counts(&s, &admin, "held").await;
+    assert_eq!(
+        (v["pending"].clone(), v["completed"].clone()),
+        (json!(0), json!(1)),
+        "{v}"
+    );
+    // Raising the limit (admin API) keeps the counts.
+    let (status, v) = s
+        .put(
+            "/_synapse/admin/v1/registration_tokens/held",
+            &admin,
+            json!({ "uses_allowed": 2 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({ "token": "held", "uses_allowed": 2, "pending": 0, "completed": 1, "expiry_time": null })
+    );
 }

@@ -38,6 +38,7 @@ pub async fn make_room(
             ),
             None,
         )
+        .await
         .unwrap();
     // Room versions that privilege creators must not list them in `users`.
     let users = if version == RoomVersionId::V12 {
@@ -69,6 +70,7 @@ pub async fn make_room(
             NewEvent::state("m.room.power_levels", "", pl),
             None,
         )
+        .await
         .unwrap();
     rooms
         .append_locked(
@@ -77,6 +79,7 @@ pub async fn make_room(
             NewEvent::state("m.room.join_rules", "", json!({"join_rule": join_rule})),
             None,
         )
+        .await
         .unwrap();
     rooms
         .append_locked(
@@ -89,6 +92,7 @@ pub async fn make_room(
             ),
             None,
         )
+        .await
         .unwrap();
     room.to_string()
 }

@@ -8,6 +8,7 @@ mod appservice;
 mod at_rest;
 mod audit;
 mod backup;
+mod client_addr;
 mod config;
 mod crash;
 mod directory;

@@ -1403,3 +1403,129 @@ async fn redacting_a_state_event_redacts_the_successors_prev_content() {
     assert_eq!(ev["content"], json!({ "membership": "join" }));
     s.stop().await;
 }
+
+// ---- retried writes and the disk ----
+
+/// Is the server answering at all? A plain HTTP/1.1 request from a thread of its own (the
+/// test's runtime may be the one that is stuck), with a deadline.
+fn answers_within(base: &str, deadline: std::time::Duration) -> bool {
+    use std::io::{Read, Write};
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    std::thread::spawn(move || {
+        let Ok(mut conn) = std::net::TcpStream::connect(&addr) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(deadline));
+        let request = format!(
+            "GET /_matrix/client/versions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        );
+        if conn.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut first = [0u8; 12];
+        conn.read_exact(&mut first).is_ok() && first.starts_with(b"HTTP/1.1 200")
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// Wait (on this thread) until `txn` of `u` is known: the first request's batch is applied.
+fn wait_for_txn(s: &TestServer, u: &TestUser, txn: &str) {
+    let user = ruma::UserId::parse(u.user_id.as_str()).unwrap();
+    for _ in 0..500 {
+        if s.services()
+            .rooms
+            .transaction_event(&user, u.device_id.as_str().into(), txn)
+            .unwrap()
+            .is_some()
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("the first request of {txn} was never applied");
+}
+
+/// One worker thread: a request that blocked its thread on an fsync would stop the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn retried_send_and_redaction_are_answered_only_once_durable() {
+    let s = TestServer::start_with(|c| c.database_sync_writes = true).await;
+    let alice = s.user("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let target = send_text(&s, &alice, &room, "m0", "to be redacted").await;
+
+    for (txn, path, body) in [
+        (
+            "m1",
+            room_path(&room, "send/m.room.message/m1"),
+            json!({ "msgtype": "m.text", "body": "once" }),
+        ),
+        (
+            "r1",
+            room_path(&room, &format!("redact/{}/r1", enc(&target))),
+            json!({ "reason": "oops" }),
+        ),
+    ] {
+        let hold = s.services().storage.hold_wal_sync().expect("sync writes");
+        let put = |path: String, body: Value| {
+            let (http, url, token) = (
+                s.http.clone(),
+                format!("{}{path}", s.base),
+                alice.token.clone(),
+            );
+            tokio::spawn(async move {
+                let res = http
+                    .put(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("sent");
+                (res.status(), res.json::<Value>().await.expect("json"))
+            })
+        };
+        let first = put(path.clone(), body.clone());
+        wait_for_txn(&s, &alice, txn);
+        // The first request waits for the disk without holding the (only) worker.
+        assert!(
+            answers_within(&s.base, std::time::Duration::from_secs(3)),
+            "{txn}: the server stopped answering while a write waited for its fsync"
+        );
+        let retry = put(path, body);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!first.is_finished(), "{txn}: answered before its fsync");
+        if retry.is_finished() {
+            let got = retry.await.expect("retry");
+            panic!("{txn}: the retry was answered before the first write's fsync: {got:?}");
+        }
+        drop(hold);
+        let (status, one) = first.await.expect("first");
+        assert_eq!(status, StatusCode::OK, "{one}");
+        let (status, two) = retry.await.expect("retry");
+        assert_eq!(status, StatusCode::OK, "{two}");
+        assert_eq!(one["event_id"], two["event_id"], "{txn}: one event");
+        // Answered means visible: the stream watermark has passed the event.
+        let meta = s
+            .services()
+            .rooms
+            .event_meta(one["event_id"].as_str().unwrap())
+            .unwrap()
+            .expect("stored");
+        assert!(
+            s.services().globals.counter.watermark() >= meta.count,
+            "{txn}: answered before sync can see it"
+        );
+    }
+    // The redaction happened once.
+    let (status, v) = s
+        .get(
+            &room_path(&room, &format!("event/{}", enc(&target))),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["content"], json!({}), "{v}");
+}

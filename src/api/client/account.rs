@@ -6,7 +6,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use axum::{
-    extract::{ConnectInfo, FromRequestParts, Path, RawQuery, State},
+    extract::{FromRequestParts, Path, RawQuery, State},
     routing::{get, post, MethodRouter},
     Json, Router,
 };
@@ -99,14 +99,9 @@ impl FromRequestParts<Arc<Services>> for ClientIp {
     type Rejection = Error;
     async fn from_request_parts(
         parts: &mut http::request::Parts,
-        state: &Arc<Services>,
+        _state: &Arc<Services>,
     ) -> Result<Self> {
-        Ok(ClientIp(
-            ConnectInfo::<std::net::SocketAddr>::from_request_parts(parts, state)
-                .await
-                .ok()
-                .map(|ConnectInfo(a)| a.ip()),
-        ))
+        Ok(ClientIp(crate::api::client_addr(&parts.extensions)))
     }
 }
 
@@ -216,10 +211,9 @@ async fn register(
 /// Registration-related requests count against the client address' registration limit.
 fn limit_registration(s: &Services, ip: Option<IpAddr>) -> Result<()> {
     match ip {
-        Some(ip) => s.ratelimit.check(
-            crate::service::ratelimit::Action::Registration,
-            &ip.to_string(),
-        ),
+        Some(ip) => s
+            .ratelimit
+            .check_ip(crate::service::ratelimit::Action::Registration, ip),
         None => Ok(()),
     }
 }

@@ -636,6 +636,8 @@ fn token_json(t: &RegistrationToken) -> Value {
     })
 }
 
+/// `pending` counts the uses registrations in progress hold (a UIA session that passed the
+/// token stage, until it registers or expires); `completed` the accounts made with the token.
 fn token_valid(t: &RegistrationToken) -> bool {
     t.expiry_time.is_none_or(|e| e > utils::now_ms())
         && t.uses_allowed
@@ -782,17 +784,20 @@ async fn update_token(
         "PUT /_synapse/admin/v1/registration_tokens/{token}",
         None,
     )?;
-    let mut rec = s
+    let uses = if body.contains_key("uses_allowed") {
+        Some(uses_allowed(&body)?)
+    } else {
+        None
+    };
+    let expiry = if body.contains_key("expiry_time") {
+        Some(expiry_time(&body)?)
+    } else {
+        None
+    };
+    let rec = s
         .accounts
-        .registration_token(token_param(&p)?)?
+        .update_registration_token(token_param(&p)?, uses, expiry)?
         .ok_or_else(|| Error::not_found("No such registration token"))?;
-    if body.contains_key("uses_allowed") {
-        rec.uses_allowed = uses_allowed(&body)?;
-    }
-    if body.contains_key("expiry_time") {
-        rec.expiry_time = expiry_time(&body)?;
-    }
-    s.accounts.put_registration_token(&rec)?;
     Ok(Json(token_json(&rec)))
 }
 

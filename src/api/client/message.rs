@@ -52,9 +52,11 @@ async fn get_event_any_room(
 }
 
 /// A retry of a request that already went through is answered with its event, without using
-/// up the rate limit; anything else counts against the sender's message limit.
-fn replay_or_limit(s: &Services, me: &Identity, txn: &str) -> Result<Option<Json<Value>>> {
+/// up the rate limit, once that event is durable (`Rooms::answer_retry`: the first request may
+/// still be waiting for its fsync); anything else counts against the sender's message limit.
+async fn replay_or_limit(s: &Services, me: &Identity, txn: &str) -> Result<Option<Json<Value>>> {
     if let Some(id) = s.rooms.transaction_event(&me.user_id, &me.device_id, txn)? {
+        let id = s.rooms.answer_retry(id).await?;
         return Ok(Some(Json(json!({ "event_id": id }))));
     }
     if me.rate_limited() {
@@ -88,7 +90,7 @@ async fn send(
     let ts = appservice_ts(&me, &q)?;
     let room_id = room_id(&room)?;
     me.ensure_may_act()?;
-    if let Some(done) = replay_or_limit(&s, &me, &txn)? {
+    if let Some(done) = replay_or_limit(&s, &me, &txn).await? {
         return Ok(done);
     }
     crate::policy::access::check_hook(
@@ -138,7 +140,7 @@ async fn redact(
     {
         me.ensure_may_act()?;
     }
-    if let Some(done) = replay_or_limit(&s, &me, &txn)? {
+    if let Some(done) = replay_or_limit(&s, &me, &txn).await? {
         return Ok(done);
     }
     let event_id = s

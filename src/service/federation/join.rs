@@ -309,14 +309,17 @@ async fn join_through(
     check_against_state(&services.rooms, &rules, &join.pdu, &state)?;
 
     let _guard = services.rooms.lock(room_id).await;
-    services.rooms.install_remote_state(
-        room_id,
-        &signed.version,
-        &state,
-        &memberships,
-        u64::from(join.pdu.depth),
-    )?;
-    services.rooms.persist_remote_join(&join, state)?;
+    services
+        .rooms
+        .install_remote_state(
+            room_id,
+            &signed.version,
+            &state,
+            &memberships,
+            u64::from(join.pdu.depth),
+        )
+        .await?;
+    services.rooms.persist_remote_join(&join, state).await?;
     Ok(())
 }
 
@@ -510,6 +513,7 @@ async fn knock_through(
     let mut stored = knock.stored_value()?;
     stored["unsigned"] = json!({ "knock_room_state": state });
     super::resident::record_remote_membership(services, room_id, user, "knock", &knock, stored)
+        .await
 }
 
 /// A local user leaves a room: here when this server is in it; a rejected invite or withdrawn
@@ -555,7 +559,8 @@ pub async fn leave(
     };
     services
         .rooms
-        .record_local_decline(room_id, user, &ur.event_id)?;
+        .record_local_decline(room_id, user, &ur.event_id)
+        .await?;
     services
         .rooms
         .audit_membership(room_id, user, user, "leave", Some("reject_locally"));
@@ -573,6 +578,7 @@ async fn leave_through(
     let (_, leave) = send_membership(services, server, room_id, &signed, "v2/send_leave").await?;
     let stored = leave.stored_value()?;
     super::resident::record_remote_membership(services, room_id, user, "leave", &leave, stored)
+        .await
 }
 
 /// `PUT /_matrix/federation/{endpoint}/{roomId}/{eventId}` with our signed membership event

@@ -372,7 +372,7 @@ pub async fn receive_invite(
     let signed = serde_json::to_value(&incoming.obj)?;
     // In the room already: the invite reaches the room's timeline through `/send`.
     if !is_resident(&services.rooms, room_id)? {
-        store_remote_invite(services, &incoming, &target, stripped)?;
+        store_remote_invite(services, &incoming, &target, stripped).await?;
     }
     // The address and agent on record are the inviting server's (the request came from it).
     services
@@ -463,7 +463,7 @@ pub async fn checked_room_state(
 
 /// Keep an invite to a room this server is not in: the event (with the stripped state in its
 /// `unsigned`, where sync finds it), and the user's membership.
-fn store_remote_invite(
+async fn store_remote_invite(
     services: &Services,
     invite: &Incoming,
     target: &UserId,
@@ -471,12 +471,12 @@ fn store_remote_invite(
 ) -> Result<()> {
     let mut stored = invite.stored_value()?;
     stored["unsigned"] = json!({ "invite_room_state": stripped });
-    record_remote_membership(services, &invite.room_id, target, "invite", invite, stored)
+    record_remote_membership(services, &invite.room_id, target, "invite", invite, stored).await
 }
 
 /// Record a local user's membership in a room this server is not in (a remote invite, its
 /// rejection, a knock): the event and the user's room list, in one batch.
-pub(crate) fn record_remote_membership(
+pub(crate) async fn record_remote_membership(
     services: &Services,
     room_id: &RoomId,
     user: &UserId,
@@ -506,7 +506,7 @@ pub(crate) fn record_remote_membership(
     log_key.extend_from_slice(&count.to_be_bytes());
     batch.put(Table::MembershipLog, &log_key, membership.as_bytes())?;
     let ticket = batch.commit_deferred()?;
-    services.storage.make_durable(ticket)?;
+    services.storage.durable(ticket).await?;
     pending.finish(vec![user.to_owned()]);
     Ok(())
 }

@@ -236,7 +236,8 @@ impl Rooms {
             sender,
             NewEvent::state("m.room.canonical_alias", "", content),
             None,
-        )?;
+        )
+        .await?;
         Ok(())
     }
 

@@ -88,12 +88,6 @@ impl Deferred<'_> {
         Ok(())
     }
 
-    fn finish_blocking(self, storage: &Storage) -> Result<()> {
-        storage.make_durable(self.ticket)?;
-        self.publish();
-        Ok(())
-    }
-
     /// The event is durable: let the watermark pass it and wake whoever it concerns (syncs,
     /// push gateways, the federation sender).
     fn publish(self) {
@@ -199,7 +193,8 @@ impl Rooms {
                 last_count: 0,
             };
             let placement = Placement::local(&pdu.event_id);
-            self.persist(&room_id, meta, obj, pdu, None, placement)?;
+            self.persist(&room_id, meta, obj, pdu, None, placement)
+                .await?;
             return Ok((room_id, guard));
         }
         Err(Error::new(ErrCode::RoomInUse, "Room already exists"))
@@ -389,8 +384,9 @@ impl Rooms {
     }
 
     /// Build, authorize, sign and persist an event, durable on return. The caller holds the
-    /// room's lock.
-    pub fn append_locked(
+    /// room's lock (so the next event of the room waits; [`Rooms::append_locked_deferred`]
+    /// lets it go first). The wait for the disk is the syncer's: no fsync runs on this thread.
+    pub async fn append_locked(
         &self,
         room_id: &RoomId,
         sender: &UserId,
@@ -398,7 +394,7 @@ impl Rooms {
         txn: Option<(&DeviceId, &str)>,
     ) -> Result<Sent> {
         let (sent, deferred) = self.append_locked_deferred(room_id, sender, new, txn)?;
-        deferred.finish_blocking(&self.storage)?;
+        deferred.complete(&self.storage).await?;
         Ok(sent)
     }
 
@@ -411,7 +407,7 @@ impl Rooms {
         txn: Option<(&DeviceId, &str)>,
     ) -> Result<Sent> {
         let _guard = self.lock(room_id).await;
-        self.append_locked(room_id, sender, new, txn)
+        self.append_locked(room_id, sender, new, txn).await
     }
 
     /// Room versions 1 and 2 reference events with their hashes; later versions by id.
@@ -500,9 +496,9 @@ impl Rooms {
         serde_json::from_value(value).map_err(|e| Error::bad_json(format!("invalid event: {e}")))
     }
 
-    /// Write the event and everything it changes in one batch, wait until it is on disk, then
-    /// wake the users it concerns.
-    pub(crate) fn persist(
+    /// Write the event and everything it changes in one batch, wait (on the syncer, not this
+    /// thread) until it is on disk, then wake the users it concerns.
+    pub(crate) async fn persist(
         &self,
         room_id: &RoomId,
         meta: RoomMeta,
@@ -512,7 +508,7 @@ impl Rooms {
         placement: Placement,
     ) -> Result<Sent> {
         let (sent, deferred) = self.persist_deferred(room_id, meta, obj, pdu, txn, placement)?;
-        deferred.finish_blocking(&self.storage)?;
+        deferred.complete(&self.storage).await?;
         Ok(sent)
     }
 

@@ -118,8 +118,9 @@ impl Rooms {
             } => Error::new(ErrCode::InvalidRoomState, message),
             other => other,
         };
-        let send = |event: NewEvent| -> Result<()> {
+        let send = async |event: NewEvent| -> Result<()> {
             self.append_locked(&room_id, creator, event, None)
+                .await
                 .map(|_| ())
                 .map_err(invalid)
         };
@@ -129,7 +130,8 @@ impl Rooms {
             "m.room.member",
             creator.as_str(),
             member_content("join", Some(profile), None),
-        ))?;
+        ))
+        .await?;
         self.audit_membership(&room_id, creator, creator, "join", Some("create"));
 
         // 3. Power levels, with the override applied on top.
@@ -176,7 +178,7 @@ impl Rooms {
                 }
             }
         }
-        send(NewEvent::state("m.room.power_levels", "", pl))?;
+        send(NewEvent::state("m.room.power_levels", "", pl)).await?;
 
         // 4. The canonical alias.
         if let Some(alias) = &req.alias {
@@ -184,7 +186,8 @@ impl Rooms {
                 "m.room.canonical_alias",
                 "",
                 json!({ "alias": alias }),
-            ))?;
+            ))
+            .await?;
         }
 
         // 5. Preset events, unless initial_state sets them.
@@ -200,38 +203,42 @@ impl Rooms {
                 "m.room.join_rules",
                 "",
                 json!({ "join_rule": rule }),
-            ))?;
+            ))
+            .await?;
         }
         if !in_initial("m.room.history_visibility") {
             send(NewEvent::state(
                 "m.room.history_visibility",
                 "",
                 json!({ "history_visibility": "shared" }),
-            ))?;
+            ))
+            .await?;
         }
         if !public && !in_initial("m.room.guest_access") {
             send(NewEvent::state(
                 "m.room.guest_access",
                 "",
                 json!({ "guest_access": "can_join" }),
-            ))?;
+            ))
+            .await?;
         }
 
         // 6. initial_state, in order.
         for (t, k, content) in &req.initial_state {
-            send(NewEvent::state(t, k, content.clone()))?;
+            send(NewEvent::state(t, k, content.clone())).await?;
         }
 
         // 7. Name and topic.
         if let Some(name) = &req.name {
-            send(NewEvent::state("m.room.name", "", json!({ "name": name })))?;
+            send(NewEvent::state("m.room.name", "", json!({ "name": name }))).await?;
         }
         if let Some(topic) = &req.topic {
             send(NewEvent::state(
                 "m.room.topic",
                 "",
                 json!({ "topic": topic, "m.topic": [{ "body": topic, "mimetype": "text/plain" }] }),
-            ))?;
+            ))
+            .await?;
         }
 
         // 8. Invites.
@@ -241,6 +248,7 @@ impl Rooms {
                 continue;
             }
             self.invite_locked(&room_id, creator, u, None, req.is_direct, None)
+                .await
                 .map_err(invalid)?;
         }
 

@@ -147,6 +147,7 @@ impl Rooms {
         }
         let event = NewEvent::state("m.room.member", user.as_str(), content);
         self.append_locked(room_id, user, event, None)
+            .await
             .map_err(|e| refusal(e, "You are not allowed to join this room"))?;
         self.audit_membership(room_id, user, user, "join", None);
         Ok(())
@@ -176,6 +177,7 @@ impl Rooms {
             member_content("knock", Some(profile), reason),
         );
         self.append_locked(room_id, user, event, None)
+            .await
             .map_err(|e| refusal(e, "This room does not accept knocks"))?;
         self.audit_membership(room_id, user, user, "knock", None);
         Ok(())
@@ -193,9 +195,10 @@ impl Rooms {
     ) -> Result<()> {
         let _guard = self.lock(room_id).await;
         self.invite_locked(room_id, sender, target, reason, is_direct, target_profile)
+            .await
     }
 
-    pub(crate) fn invite_locked(
+    pub(crate) async fn invite_locked(
         &self,
         room_id: &RoomId,
         sender: &UserId,
@@ -216,6 +219,7 @@ impl Rooms {
         }
         let event = NewEvent::state("m.room.member", target.as_str(), content);
         self.append_locked(room_id, sender, event, None)
+            .await
             .map_err(|e| refusal(e, "You may not invite users to this room"))?;
         self.audit_membership(room_id, target, sender, "invite", None);
         Ok(())
@@ -241,7 +245,7 @@ impl Rooms {
             user.as_str(),
             member_content("leave", None, reason),
         );
-        self.append_locked(room_id, user, event, None)?;
+        self.append_locked(room_id, user, event, None).await?;
         self.audit_membership(room_id, user, user, "leave", None);
         Ok(())
     }
@@ -282,6 +286,7 @@ impl Rooms {
             member_content(membership, None, reason),
         );
         self.append_locked(room_id, sender, event, None)
+            .await
             .map_err(|e| refusal(e, "You do not have the power to do this"))?;
         let name = match action {
             Moderation::Kick => "kick",

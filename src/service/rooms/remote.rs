@@ -13,7 +13,7 @@ impl Rooms {
     /// change to the state log with a stream position of its own, in one batch. `memberships`
     /// gives the membership of member events in `state`. The caller holds the room's lock; the
     /// events of `state` are stored (as outliers).
-    pub(crate) fn install_remote_state(
+    pub(crate) async fn install_remote_state(
         &self,
         room_id: &RoomId,
         version: &RoomVersionId,
@@ -88,7 +88,7 @@ impl Rooms {
             &serde_json::to_vec(&meta)?,
         )?;
         let ticket = batch.commit_deferred()?;
-        self.storage.make_durable(ticket)?;
+        self.storage.durable(ticket).await?;
         for p in pending {
             p.finish(Vec::new());
         }
@@ -100,7 +100,7 @@ impl Rooms {
 
     /// Place our join event (checked, countersigned where needed) on top of the installed state:
     /// it becomes the room's only forward extremity. The caller holds the room's lock.
-    pub(crate) fn persist_remote_join(
+    pub(crate) async fn persist_remote_join(
         &self,
         join: &Incoming,
         state_before: StateIds,
@@ -121,13 +121,14 @@ impl Rooms {
             join.pdu.clone(),
             None,
             placement,
-        )?;
+        )
+        .await?;
         Ok(())
     }
 
     /// A local user declines an invite to a room elsewhere whose server cannot be told: the
     /// user's membership becomes `leave` here (still pointing at the invite event).
-    pub fn record_local_decline(
+    pub async fn record_local_decline(
         &self,
         room_id: &RoomId,
         user: &ruma::UserId,
@@ -150,7 +151,7 @@ impl Rooms {
         log_key.extend_from_slice(&count.to_be_bytes());
         batch.put(crate::storage::Table::MembershipLog, &log_key, b"leave")?;
         let ticket = batch.commit_deferred()?;
-        self.storage.make_durable(ticket)?;
+        self.storage.durable(ticket).await?;
         pending.finish(vec![user.to_owned()]);
         Ok(())
     }

@@ -12,6 +12,9 @@ use crate::error::{ErrCode, Error, Result};
 /// Most aliases we check in one `m.room.canonical_alias` event.
 const MAX_ALT_ALIASES: usize = 100;
 
+/// How long a retried send waits, once the event is durable, for it to be visible in sync.
+const RETRY_VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Rooms {
     /// Send a message event. A repeated (user, device, txn id) returns the first event's id.
     pub async fn send_message(
@@ -43,9 +46,7 @@ impl Rooms {
         // Checked under the lock so that two concurrent retries make one event.
         if let Some(id) = self.transaction_event(user, device, txn_id)? {
             drop(guard);
-            // The first request may still be waiting for the disk: answer only once it is there.
-            self.storage.durable(self.storage.ticket_now()).await?;
-            return Ok(id);
+            return self.answer_retry(id).await;
         }
         self.require_joined(room_id, user)?;
         let (sent, deferred) = self.append_locked_deferred(
@@ -70,9 +71,10 @@ impl Rooms {
         reason: Option<&str>,
         txn_id: &str,
     ) -> Result<OwnedEventId> {
-        let _guard = self.lock(room_id).await;
+        let guard = self.lock(room_id).await;
         if let Some(id) = self.transaction_event(user, device, txn_id)? {
-            return Ok(id);
+            drop(guard);
+            return self.answer_retry(id).await;
         }
         self.require_joined(room_id, user)?;
         let target_pdu = match self.event_meta(target.as_str())? {
@@ -99,9 +101,31 @@ impl Rooms {
             redacts: Some(target.to_owned()),
             origin_server_ts: None,
         };
-        Ok(self
-            .append_locked(room_id, user, event, Some((device, txn_id)))?
-            .event_id)
+        let (sent, deferred) =
+            self.append_locked_deferred(room_id, user, event, Some((device, txn_id)))?;
+        // As for messages: the room's next event is built while this one goes to disk.
+        drop(guard);
+        deferred.complete(&self.storage).await?;
+        Ok(sent.event_id)
+    }
+
+    /// The answer to a retried send or redaction (its transaction id is known; every path that
+    /// answers one comes here, the handlers' shortcut too): the first
+    /// request's event id, but only once that event is durable and the stream watermark has
+    /// passed it, as the first request's own answer would be. The first request wrote the
+    /// transaction id in the event's batch, so that batch is applied and the current ticket
+    /// covers it; its fsync is the syncer's, shared with the first request (no fsync here).
+    pub async fn answer_retry(&self, event_id: OwnedEventId) -> Result<OwnedEventId> {
+        self.storage.durable(self.storage.ticket_now()).await?;
+        // Durable now; what remains is the first request publishing it (it was woken by the
+        // same fsync). Bounded, because the answer is already safe to give: only visibility
+        // in a sync that races this answer could still lag.
+        if let Some(meta) = self.event_meta(event_id.as_str())? {
+            let _ =
+                tokio::time::timeout(RETRY_VISIBLE_WAIT, self.globals.counter.passed(meta.count))
+                    .await;
+        }
+        Ok(event_id)
     }
 
     /// Send a state event. Re-sending the current content by the same sender changes nothing
@@ -126,7 +150,10 @@ impl Rooms {
             }
         }
         let event = NewEvent::state(kind, state_key, content).at(ts);
-        Ok(self.append_locked(room_id, user, event, None)?.event_id)
+        Ok(self
+            .append_locked(room_id, user, event, None)
+            .await?
+            .event_id)
     }
 
     /// Every alias of a canonical alias event must exist and point to this room.

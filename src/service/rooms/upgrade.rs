@@ -102,7 +102,8 @@ impl Rooms {
             user,
             NewEvent::state("m.room.member", user.as_str(), member),
             None,
-        )?;
+        )
+        .await?;
 
         // Power levels. Creators of a room version that privileges them must not be listed in
         // `users`; otherwise the upgrading user needs enough power to send the copied state, so
@@ -147,7 +148,8 @@ impl Rooms {
             user,
             NewEvent::state("m.room.power_levels", "", temp_pl.clone()),
             None,
-        )?;
+        )
+        .await?;
 
         for kind in COPIED_STATE {
             let Some(ev) = self.state_get(room_id, kind, "")? else {
@@ -159,17 +161,20 @@ impl Rooms {
             }
             // A join rule the new version does not know (e.g. restricted in v1) must not stop
             // the upgrade: the room then stays invite-only.
-            if let Err(e) =
-                self.append_locked(&new_room, user, NewEvent::state(kind, "", content), None)
+            if let Err(e) = self
+                .append_locked(&new_room, user, NewEvent::state(kind, "", content), None)
+                .await
             {
                 tracing::info!(room = %new_room, kind, error = %e, "state not carried over in upgrade");
                 if *kind == "m.room.join_rules" {
-                    let _ = self.append_locked(
-                        &new_room,
-                        user,
-                        NewEvent::state(kind, "", json!({ "join_rule": "invite" })),
-                        None,
-                    );
+                    let _ = self
+                        .append_locked(
+                            &new_room,
+                            user,
+                            NewEvent::state(kind, "", json!({ "join_rule": "invite" })),
+                            None,
+                        )
+                        .await;
                 }
             }
         }
@@ -188,12 +193,15 @@ impl Rooms {
             if let Some(r) = reason.filter(Value::is_string) {
                 content["reason"] = r;
             }
-            if let Err(e) = self.append_locked(
-                &new_room,
-                user,
-                NewEvent::state("m.room.member", target.as_str(), content),
-                None,
-            ) {
+            if let Err(e) = self
+                .append_locked(
+                    &new_room,
+                    user,
+                    NewEvent::state("m.room.member", target.as_str(), content),
+                    None,
+                )
+                .await
+            {
                 tracing::info!(room = %new_room, error = %e, "ban not carried over in upgrade");
             }
         }
@@ -203,7 +211,8 @@ impl Rooms {
                 user,
                 NewEvent::state("m.room.power_levels", "", final_pl),
                 None,
-            )?;
+            )
+            .await?;
         }
         drop(new_lock);
 
@@ -217,7 +226,8 @@ impl Rooms {
                 json!({ "body": "This room has been replaced", "replacement_room": new_room }),
             ),
             None,
-        )?;
+        )
+        .await?;
 
         // Restrict the old room so that only moderators can still talk there (best effort:
         // the user may be allowed to send a tombstone but not power levels).
@@ -233,12 +243,15 @@ impl Rooms {
                 }
             }
             if changed {
-                if let Err(e) = self.append_locked(
-                    room_id,
-                    user,
-                    NewEvent::state("m.room.power_levels", "", pl),
-                    None,
-                ) {
+                if let Err(e) = self
+                    .append_locked(
+                        room_id,
+                        user,
+                        NewEvent::state("m.room.power_levels", "", pl),
+                        None,
+                    )
+                    .await
+                {
                     tracing::info!(room = %room_id, error = %e, "old room power levels not restricted");
                 }
             }
@@ -249,12 +262,15 @@ impl Rooms {
             .state_get(room_id, "m.room.canonical_alias", "")?
             .is_some_and(|p| p.content_value().as_object().is_some_and(|o| !o.is_empty()));
         if has_alias {
-            if let Err(e) = self.append_locked(
-                room_id,
-                user,
-                NewEvent::state("m.room.canonical_alias", "", json!({})),
-                None,
-            ) {
+            if let Err(e) = self
+                .append_locked(
+                    room_id,
+                    user,
+                    NewEvent::state("m.room.canonical_alias", "", json!({})),
+                    None,
+                )
+                .await
+            {
                 tracing::info!(room = %room_id, error = %e, "old room canonical alias not removed");
             }
         }

@@ -49,7 +49,7 @@ fn finish(services: &Services, user: &UserId, method: &str, d: DeviceRequest) ->
 /// `m.login.token`: exchange a one-time login token.
 pub fn token_login(services: &Services, token: &str, d: DeviceRequest) -> Result<Session> {
     if let Some(ip) = d.ip {
-        services.ratelimit.check(Action::Login, &ip.to_string())?;
+        services.ratelimit.check_ip(Action::Login, ip)?;
     }
     let rec = {
         let _once = services.sso.token_lock.lock();
@@ -76,7 +76,7 @@ pub async fn jwt_login(
         ));
     };
     if let Some(ip) = d.ip {
-        services.ratelimit.check(Action::Login, &ip.to_string())?;
+        services.ratelimit.check_ip(Action::Login, ip)?;
     }
     let Some(token) = token else {
         failed(services, None, "jwt", "missing_token");
