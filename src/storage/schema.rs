@@ -22,7 +22,7 @@ use super::{Storage, Table};
 use crate::error::Result;
 
 /// The layout this build reads and writes.
-pub const CURRENT: u64 = 1;
+pub const CURRENT: u64 = 2;
 
 const VERSION_KEY: &[u8] = b"schema_version";
 
@@ -38,11 +38,20 @@ pub struct Migration {
 ///
 /// 0 -> 1: databases from before schema versions. Their layout is the one version 1 describes;
 /// the step changes no rows, it records the version (the pre-migration backup is still taken).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    from: 0,
-    what: "record the schema version of a database from before versioning",
-    run: |_| Ok(()),
-}];
+/// 1 -> 2: the `visibility_log` (history visibility changes by position, which every client
+/// read judges events by) is filled from the state log and the backfilled history.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        from: 0,
+        what: "record the schema version of a database from before versioning",
+        run: |_| Ok(()),
+    },
+    Migration {
+        from: 1,
+        what: "fill the history visibility log from the state log",
+        run: crate::service::rooms::visibility::rebuild_log,
+    },
+];
 
 /// What [`prepare`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -41,4 +41,5 @@ mod synapse_rooms;
 mod sync;
 mod transparency;
 mod user_directory;
+mod visibility;
 mod voip;

@@ -744,6 +744,15 @@ impl Rooms {
             &keys::with_count(&[room_id.as_str()], count),
             &serde_json::to_vec(change)?,
         )?;
+        if change.event_type == super::visibility::HISTORY_VISIBILITY && change.state_key.is_empty()
+        {
+            Rooms::log_visibility_change(
+                batch,
+                room_id,
+                count,
+                (!change.removed).then_some(change.event_id.as_str()),
+            )?;
+        }
         let Some(membership) = membership else {
             return Ok(None);
         };

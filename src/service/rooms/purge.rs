@@ -396,6 +396,7 @@ impl Rooms {
             Table::Threads,
             Table::ThreadRoots,
             Table::Backfill,
+            Table::VisibilityLog,
         ] {
             removed += self.delete_prefix(table, &prefix)?;
         }
