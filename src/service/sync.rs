@@ -24,7 +24,7 @@ use crate::{
         filter::{lazy_loading, room_event_matches, sender_matches, type_matches},
         keys::ListChange,
         receipts::receipt_content,
-        rooms::{Pdu, UserRoom},
+        rooms::{visibility::At, Pdu, UserRoom},
         to_device::MAX_PER_SYNC,
         Services,
     },
@@ -303,7 +303,7 @@ pub fn timeline_window(
     after: u64,
     up_to: u64,
 ) -> Result<Timeline> {
-    let visibility = services.rooms.history_visibility(room_id)?;
+    let mut viewer = services.rooms.viewer(room_id, user);
     let mut out: Vec<(u64, Pdu)> = Vec::new();
     let mut top = up_to;
     let mut scanned = 0usize;
@@ -316,7 +316,6 @@ pub fn timeline_window(
         for (count, pdu) in chunk.into_iter().rev() {
             scanned += 1;
             top = count.saturating_sub(1);
-            let own_membership = pdu.state_key.as_deref() == Some(user.as_str());
             if !room_event_matches(
                 filter,
                 pdu.kind.to_string().as_str(),
@@ -324,11 +323,9 @@ pub fn timeline_window(
             ) {
                 continue;
             }
-            if !own_membership
-                && !services
-                    .rooms
-                    .user_can_see(room_id, user, count, &visibility)?
-            {
+            // The history visibility in force at the event decides (the user's own
+            // membership events are always theirs to see).
+            if !viewer.can_see(&pdu, At::Stream(count))? {
                 continue;
             }
             if out.len() >= limit {

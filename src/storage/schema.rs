@@ -22,7 +22,7 @@ use super::{Storage, Table};
 use crate::error::Result;
 
 /// The layout this build reads and writes.
-pub const CURRENT: u64 = 2;
+pub const CURRENT: u64 = 3;
 
 const VERSION_KEY: &[u8] = b"schema_version";
 
@@ -41,6 +41,9 @@ pub struct Migration {
 ///
 /// 1 -> 2: the per-key state log `state_by_key` is filled from `state_log`, so the state at a
 /// position is read by key instead of replayed from the room's first event.
+///
+/// 2 -> 3: the `visibility_log` (history visibility changes by position, which every client
+/// read judges events by) is filled from the state log and the backfilled history.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         from: 0,
@@ -51,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
         from: 1,
         what: "index the state log by state key (state_by_key)",
         run: index_state_by_key,
+    },
+    Migration {
+        from: 2,
+        what: "fill the history visibility log from the state log",
+        run: crate::service::rooms::visibility::rebuild_log,
     },
 ];
 

@@ -161,6 +161,11 @@ pub enum Table {
     /// user -> JSON `ClaimsRecord`: the groups the identity provider named at the user's latest
     /// SSO or JWT login (policy: closed user groups).
     IdpClaims,
+    /// room 0xff `t` 0xff count -> event id (empty: the key left the state): every change of
+    /// the room's `m.room.history_visibility`, at its stream count; room 0xff `b` 0xff backfill
+    /// sequence -> event id: the visibility events of the backfilled history. What a user may
+    /// see of an event is judged by the setting in force at it (`rooms/visibility.rs`).
+    VisibilityLog,
 }
 
 impl Table {
@@ -233,6 +238,7 @@ impl Table {
         Table::SsoSubjects,
         Table::SsoUserSubjects,
         Table::IdpClaims,
+        Table::VisibilityLog,
     ];
 
     pub fn name(self) -> &'static str {
@@ -305,6 +311,7 @@ impl Table {
             Table::SsoSubjects => "sso_subjects",
             Table::SsoUserSubjects => "sso_user_subjects",
             Table::IdpClaims => "idp_claims",
+            Table::VisibilityLog => "visibility_log",
         }
     }
 }

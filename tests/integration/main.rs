@@ -43,4 +43,5 @@ mod synapse_rooms;
 mod sync;
 mod transparency;
 mod user_directory;
+mod visibility;
 mod voip;

@@ -287,6 +287,10 @@ async fn notifications(
         let Some(pdu) = s.rooms.pdu(n.event_id.as_str())? else {
             continue;
         };
+        // Recorded while the user was in the room; still judged like every event served.
+        if !s.rooms.user_may_see(&n.room_id, &who.user_id, &pdu)? {
+            continue;
+        }
         let event = s
             .rooms
             .client_event_for(&pdu, &who.user_id, who.device_id.as_str())?;

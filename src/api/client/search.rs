@@ -15,7 +15,7 @@ use crate::{
     api::ruma_wrapper::{ruma_route, Ruma},
     error::{Error, Result},
     service::{
-        rooms::{history::token, search::SearchQuery},
+        rooms::{history::token, search::SearchQuery, visibility::At},
         Services,
     },
 };
@@ -76,17 +76,16 @@ async fn search(State(s): State<Arc<Services>>, req: Ruma<Request>) -> Result<Js
         let room_id = hit.pdu.room()?.to_owned();
         let mut context = json!({});
         if before_limit > 0 || after_limit > 0 || ctx.include_profile {
-            let visibility = s.rooms.history_visibility(&room_id)?;
-            let keep = |count: u64, _: &crate::service::rooms::Pdu| -> Result<bool> {
-                s.rooms
-                    .user_can_see(&room_id, &who.user_id, count, &visibility)
+            let mut viewer = s.rooms.viewer(&room_id, &who.user_id);
+            let mut keep = |count: u64, p: &crate::service::rooms::Pdu| -> Result<bool> {
+                viewer.can_see(p, At::Stream(count))
             };
             let (b, _) = s
                 .rooms
-                .paginate(&room_id, hit.count, true, before_limit, keep)?;
+                .paginate(&room_id, hit.count, true, before_limit, &mut keep)?;
             let (a, _) = s
                 .rooms
-                .paginate(&room_id, hit.count, false, after_limit, keep)?;
+                .paginate(&room_id, hit.count, false, after_limit, &mut keep)?;
             let start = token(b.last().map_or(hit.count, |(c, _)| *c).saturating_sub(1));
             let end = token(a.last().map_or(hit.count, |(c, _)| *c));
             context = json!({

@@ -121,6 +121,11 @@ impl Rooms {
                 pdu.event_id.as_bytes(),
                 &seq.to_be_bytes(),
             )?;
+            if pdu.kind == ruma::events::TimelineEventType::RoomHistoryVisibility
+                && pdu.state_key.as_deref() == Some("")
+            {
+                Rooms::log_backfilled_visibility(&mut batch, room_id, seq, pdu.event_id.as_str())?;
+            }
             seq += 1;
         }
         let gone: HashSet<&OwnedEventId> = returned.iter().chain(placed.iter()).collect();

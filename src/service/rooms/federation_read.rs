@@ -20,10 +20,14 @@ use ruma::{
 };
 use serde_json::{json, Value};
 
-use super::{pdu::to_canonical, EventMeta, Pdu, Rooms};
+use super::{
+    pdu::to_canonical,
+    visibility::{At, Visibility},
+    EventMeta, Pdu, Rooms,
+};
 use crate::{
     error::{Error, Result},
-    storage::Table,
+    storage::{keys, Table},
 };
 
 /// Most events one `/backfill` answers with (a larger `limit` is cut to this).
@@ -35,14 +39,18 @@ pub const DEFAULT_MISSING_EVENTS: usize = 10;
 /// Most event ids a request may name (`v` of backfill, `earliest_events`/`latest_events`).
 pub const MAX_REQUEST_EVENTS: usize = 100;
 
+/// Most history visibility changes of a room a server's view holds (the rest, newer, are
+/// judged as the last one held).
+const MAX_VISIBILITY_CHANGES: usize = 10_000;
+
 /// One server's view of one room, built once per request: its users there and the room's
 /// history visibility changes, so that judging many events costs no more scans.
 pub struct ServerView {
     room_id: ruma::OwnedRoomId,
     users: Vec<OwnedUserId>,
     /// (stream count, history visibility) of every `m.room.history_visibility` change, oldest
-    /// first.
-    visibility_changes: Vec<(u64, String)>,
+    /// first (from `visibility_log`).
+    visibility_changes: Vec<(u64, Visibility)>,
 }
 
 /// The parameters of `/get_missing_events`.
@@ -51,14 +59,6 @@ pub struct MissingEventsQuery {
     pub latest: Vec<OwnedEventId>,
     pub limit: usize,
     pub min_depth: u64,
-}
-
-fn visibility_of(content: &Value) -> String {
-    content
-        .get("history_visibility")
-        .and_then(Value::as_str)
-        .unwrap_or("shared")
-        .to_owned()
 }
 
 impl Rooms {
@@ -85,17 +85,24 @@ impl Rooms {
                 "{origin} is not in the room and the room is not world readable"
             )));
         }
-        let hv_type = StateEventType::RoomHistoryVisibility.to_string();
+        // The history visibility changes, from the log kept for this (one row per change).
         let mut visibility_changes = Vec::new();
-        for (count, event_id) in self.state_key_history(room_id, &hv_type, "")? {
-            let hv = match event_id {
-                None => "shared".to_owned(),
-                Some(id) => self
-                    .pdu(id.as_str())?
-                    .map(|p| visibility_of(&p.content_value()))
-                    .unwrap_or_else(|| "shared".to_owned()),
+        let prefix = keys::prefix(&[room_id.as_str(), "t"]);
+        for entry in self
+            .storage
+            .scan_prefix(Table::VisibilityLog, &prefix)?
+            .take(MAX_VISIBILITY_CHANGES)
+        {
+            let (k, id) = entry?;
+            let hv = if id.is_empty() {
+                Visibility::Shared
+            } else {
+                self.pdu(&String::from_utf8_lossy(&id))?
+                    .map_or(Visibility::Joined, |p| {
+                        Visibility::of_content(&p.content_value())
+                    })
             };
-            visibility_changes.push((count, hv));
+            visibility_changes.push((keys::count_suffix(&k).unwrap_or(0), hv));
         }
         Ok(ServerView {
             room_id: room_id.to_owned(),
@@ -364,7 +371,12 @@ impl Rooms {
 
 impl ServerView {
     /// The history visibility in effect at an event: the last change before it.
-    fn visibility_before(&self, rooms: &Rooms, event_id: &EventId, count: u64) -> Result<String> {
+    fn visibility_before(
+        &self,
+        rooms: &Rooms,
+        event_id: &EventId,
+        count: u64,
+    ) -> Result<Visibility> {
         // Events with an explicitly recorded state (joined into a fork) carry their own.
         if rooms
             .storage
@@ -376,27 +388,25 @@ impl ServerView {
                 String::new(),
             );
             return Ok(match state.get(&key) {
-                Some(id) => rooms
-                    .pdu(id.as_str())?
-                    .map(|p| visibility_of(&p.content_value()))
-                    .unwrap_or_else(|| "shared".to_owned()),
-                None => "shared".to_owned(),
+                Some(id) => rooms.pdu(id.as_str())?.map_or(Visibility::Joined, |p| {
+                    Visibility::of_content(&p.content_value())
+                }),
+                None => Visibility::Shared,
             });
         }
         let before = self.visibility_changes.partition_point(|(c, _)| *c < count);
         Ok(before
             .checked_sub(1)
             .and_then(|i| self.visibility_changes.get(i))
-            .map(|(_, hv)| hv.clone())
-            .unwrap_or_else(|| "shared".to_owned()))
+            .map_or(Visibility::Shared, |(_, hv)| *hv))
     }
 
-    fn visible_with(&self, rooms: &Rooms, count: u64, visibility: &str) -> Result<bool> {
-        if visibility == "world_readable" {
+    fn visible_with(&self, rooms: &Rooms, count: u64, visibility: Visibility) -> Result<bool> {
+        if visibility == Visibility::WorldReadable {
             return Ok(true);
         }
         for user in &self.users {
-            if rooms.user_can_see(&self.room_id, user, count, visibility)? {
+            if rooms.membership_allows(&self.room_id, user, visibility, At::Stream(count))? {
                 return Ok(true);
             }
         }
@@ -406,15 +416,15 @@ impl ServerView {
     /// May the server see this event (of the view's room)?
     pub fn can_see(&self, rooms: &Rooms, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
         let before = self.visibility_before(rooms, &pdu.event_id, meta.count)?;
-        if self.visible_with(rooms, meta.count, &before)? {
+        if self.visible_with(rooms, meta.count, before)? {
             return Ok(true);
         }
         // A visibility change is visible to those who may see events under either setting.
         if pdu.kind.to_string() == StateEventType::RoomHistoryVisibility.to_string()
             && pdu.state_key.as_deref() == Some("")
         {
-            let after = visibility_of(&pdu.content_value());
-            return self.visible_with(rooms, meta.count, &after);
+            let after = Visibility::of_content(&pdu.content_value());
+            return self.visible_with(rooms, meta.count, after);
         }
         Ok(false)
     }

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashSet};
 use ruma::{api::client::filter::RoomEventFilter, OwnedUserId, RoomId, UserId};
 use serde_json::Value;
 
-use super::{Pdu, Rooms};
+use super::{visibility::At, Pdu, Rooms};
 use crate::{
     error::{Error, Result},
     service::filter::{lazy_loading, pdu_matches},
@@ -147,6 +147,7 @@ impl Rooms {
             Some(t) => pos > t,
             None => false,
         };
+        let mut viewer = self.viewer(room_id, user);
         let mut events = Vec::new();
         let mut last = None;
         let mut reached_to = false;
@@ -165,11 +166,7 @@ impl Rooms {
             }
             last = Some(pos);
             if let Some(pdu) = self.pdu(&event_id)? {
-                // Backfilled events precede every stream position.
-                let count = u64::try_from(pos).unwrap_or(0);
-                if self.user_can_see(room_id, user, count, &visibility)?
-                    && pdu_matches(filter, &pdu)
-                {
+                if pdu_matches(filter, &pdu) && viewer.can_see(&pdu, At::from_position(pos))? {
                     events.push(pdu);
                 }
             }
@@ -324,25 +321,26 @@ impl Rooms {
             return Err(not_found());
         }
         let visibility = self.history_visibility(room_id)?;
+        let event = self.pdu(event_id)?.ok_or_else(not_found)?;
+        let mut viewer = self.viewer(room_id, user);
         if !self.may_read_history(room_id, user, &visibility)?
-            || !self.user_can_see(room_id, user, meta.count, &visibility)?
+            || !viewer.can_see(&event, At::Stream(meta.count))?
         {
             return Err(not_found());
         }
-        let event = self.pdu(event_id)?.ok_or_else(not_found)?;
         let limit = limit.min(MAX_PAGE);
         let before_limit = limit / 2;
         let after_limit = limit - before_limit;
-        let keep = |count: u64, pdu: &Pdu| -> Result<bool> {
-            Ok(self.user_can_see(room_id, user, count, &visibility)? && pdu_matches(filter, pdu))
+        let mut keep = |count: u64, pdu: &Pdu| -> Result<bool> {
+            Ok(pdu_matches(filter, pdu) && viewer.can_see(pdu, At::Stream(count))?)
         };
         let (before, _) = if before_limit > 0 {
-            self.paginate(room_id, meta.count, true, before_limit, &keep)?
+            self.paginate(room_id, meta.count, true, before_limit, &mut keep)?
         } else {
             (vec![], None)
         };
         let (after, _) = if after_limit > 0 {
-            self.paginate(room_id, meta.count, false, after_limit, &keep)?
+            self.paginate(room_id, meta.count, false, after_limit, &mut keep)?
         } else {
             (vec![], None)
         };
@@ -400,8 +398,8 @@ impl Rooms {
 
     /// `/context` around an event of the backfilled history (at position `pos`): the walk of
     /// `/messages` in both directions from it, with its tokens. Backfilled events are judged by
-    /// history visibility as the oldest history (as `/messages` does); the state given is the
-    /// one the room had when this server joined, the oldest it knows.
+    /// the history visibility in force at them (`visibility.rs`), as `/messages` does; the
+    /// state given is the one the room had when this server joined, the oldest it knows.
     fn context_in_history(
         &self,
         room_id: &RoomId,
@@ -423,8 +421,9 @@ impl Rooms {
         }
         let event = self.pdu(event_id)?.ok_or_else(not_found)?;
         let visibility = self.history_visibility(room_id)?;
+        let mut viewer = self.viewer(room_id, user);
         if !self.may_read_history(room_id, user, &visibility)?
-            || !self.user_can_see(room_id, user, 0, &visibility)?
+            || !viewer.can_see(&event, At::from_position(pos))?
         {
             return Err(not_found());
         }
@@ -432,28 +431,27 @@ impl Rooms {
         let before_limit = limit / 2;
         let after_limit = limit - before_limit;
         // Up to `want` visible events from `from` on, with the position of the last one.
-        let walk = |from: i128, backward: bool, want: usize| -> Result<(Vec<Pdu>, Option<i128>)> {
-            let mut out = Vec::new();
-            let mut last = None;
-            if want == 0 {
-                return Ok((out, last));
-            }
-            for (scanned, entry) in self.history_positions(room_id, from, backward)?.enumerate() {
-                if out.len() >= want || scanned >= want * 20 {
-                    break;
+        let mut walk =
+            |from: i128, backward: bool, want: usize| -> Result<(Vec<Pdu>, Option<i128>)> {
+                let mut out = Vec::new();
+                let mut last = None;
+                if want == 0 {
+                    return Ok((out, last));
                 }
-                let (p, id) = entry?;
-                let Some(pdu) = self.pdu(&id)? else { continue };
-                let count = u64::try_from(p).unwrap_or(0);
-                if self.user_can_see(room_id, user, count, &visibility)?
-                    && pdu_matches(filter, &pdu)
+                for (scanned, entry) in self.history_positions(room_id, from, backward)?.enumerate()
                 {
-                    out.push(pdu);
-                    last = Some(p);
+                    if out.len() >= want || scanned >= want * 20 {
+                        break;
+                    }
+                    let (p, id) = entry?;
+                    let Some(pdu) = self.pdu(&id)? else { continue };
+                    if pdu_matches(filter, &pdu) && viewer.can_see(&pdu, At::from_position(p))? {
+                        out.push(pdu);
+                        last = Some(p);
+                    }
                 }
-            }
-            Ok((out, last))
-        };
+                Ok((out, last))
+            };
         // Older: positions <= pos - 1; newer: positions > pos.
         let (before, oldest) = walk(pos - 1, true, before_limit)?;
         let (after, newest) = walk(pos, false, after_limit)?;

@@ -25,7 +25,7 @@ pub mod summary;
 pub mod threads;
 mod timestamp;
 mod upgrade;
-mod visibility;
+pub mod visibility;
 
 use std::{
     collections::{HashMap, HashSet},

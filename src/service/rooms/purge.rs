@@ -397,6 +397,7 @@ impl Rooms {
             Table::Threads,
             Table::ThreadRoots,
             Table::Backfill,
+            Table::VisibilityLog,
         ] {
             removed += self.delete_prefix(table, &prefix)?;
         }

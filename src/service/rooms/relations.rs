@@ -115,7 +115,7 @@ impl Rooms {
         q: &RelationsQuery<'_>,
     ) -> Result<(Vec<Pdu>, Option<u64>)> {
         self.visible_event(room_id, user, q.parent)?;
-        let visibility = self.history_visibility(room_id)?;
+        let mut viewer = self.viewer(room_id, user);
         let limit = q.limit.clamp(1, MAX_LIMIT);
         let candidates: Box<dyn Iterator<Item = Result<(u64, Child)>>> = if q.recurse {
             Box::new(self.descendants(q)?.into_iter().map(Ok))
@@ -170,7 +170,7 @@ impl Rooms {
             {
                 continue;
             }
-            if !self.user_can_see(room_id, user, count, &visibility)? {
+            if !viewer.can_see_child(&child, count)? {
                 continue;
             }
             if let Some(pdu) = self.pdu(&child.event_id)? {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use ruma::{api::client::filter::RoomEventFilter, OwnedRoomId, RoomId, UserId};
 use serde_json::Value;
 
-use super::{Pdu, Rooms};
+use super::{visibility::At, Pdu, Rooms};
 use crate::{
     error::{Error, Result},
     service::filter::pdu_matches,
@@ -122,7 +122,7 @@ impl Rooms {
         limit: usize,
         budget: usize,
     ) -> Result<(Vec<SearchHit>, Option<u64>)> {
-        let visibility = self.history_visibility(room_id)?;
+        let mut viewer = self.viewer(room_id, user);
         let prefix = keys::prefix(&[room_id.as_str()]);
         let start = keys::with_count(&[room_id.as_str()], before.saturating_sub(1));
         let mut out = Vec::new();
@@ -148,9 +148,7 @@ impl Rooms {
             let Some(rank) = match_rank(&pdu, &q.keys, terms) else {
                 continue;
             };
-            if !pdu_matches(q.filter, &pdu)
-                || !self.user_can_see(room_id, user, count, &visibility)?
-            {
+            if !pdu_matches(q.filter, &pdu) || !viewer.can_see(&pdu, At::Stream(count))? {
                 continue;
             }
             out.push(SearchHit { count, rank, pdu });

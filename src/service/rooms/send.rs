@@ -6,7 +6,7 @@ use ruma::{
 };
 use serde_json::{json, Value};
 
-use super::{EventMeta, NewEvent, Pdu, Rooms};
+use super::{visibility::At, EventMeta, NewEvent, Pdu, Rooms};
 use crate::error::{ErrCode, Error, Result};
 
 /// Most aliases we check in one `m.room.canonical_alias` event.
@@ -201,26 +201,24 @@ impl Rooms {
         event_id: &str,
     ) -> Result<(Pdu, EventMeta)> {
         let not_found = || Error::not_found("Event not found");
-        let meta = match self.event_meta(event_id)? {
-            Some(m) => Some(m),
+        // In the room's timeline or backfilled history (not an outlier, not another room's).
+        let at = self.position_of(room_id, event_id)?.ok_or_else(not_found)?;
+        let meta = match at {
+            At::Stream(_) => self.event_meta(event_id)?.ok_or_else(not_found)?,
             // History fetched from other servers has no stream position: it precedes all of
-            // them (position 0, as `/messages` judges it).
-            None if self.is_backfilled(event_id)? => Some(EventMeta {
+            // them.
+            At::Backfilled(_) => EventMeta {
                 room_id: room_id.to_owned(),
                 count: 0,
                 device_id: None,
                 txn_id: None,
-            }),
-            None => None,
-        }
-        .filter(|m| m.room_id == room_id)
-        .ok_or_else(not_found)?;
+            },
+        };
         let pdu = self.pdu(event_id)?.ok_or_else(not_found)?;
         if pdu.room_id.as_deref().is_some_and(|r| r != room_id) {
             return Err(not_found());
         }
-        let visibility = self.history_visibility(room_id)?;
-        if !self.user_can_see(room_id, user, meta.count, &visibility)? {
+        if !self.viewer(room_id, user).can_see(&pdu, at)? {
             return Err(not_found());
         }
         Ok((pdu, meta))

@@ -4,7 +4,7 @@
 use ruma::{RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
-use super::{Pdu, Rooms};
+use super::{visibility::At, Pdu, Rooms};
 use crate::{
     error::{Error, Result},
     storage::{keys, Batch, Table},
@@ -106,6 +106,7 @@ impl Rooms {
         let limit = q.limit.clamp(1, MAX_LIMIT);
         let prefix = keys::prefix(&[room_id.as_str()]);
         let start = keys::with_count(&[room_id.as_str()], q.from.unwrap_or(u64::MAX));
+        let mut viewer = self.viewer(room_id, user);
         let mut out = Vec::new();
         let mut next = None;
         let mut scanned = 0usize;
@@ -131,13 +132,19 @@ impl Rooms {
             let Some(meta) = self.event_meta(&root)?.filter(|m| m.room_id == room_id) else {
                 continue;
             };
-            if !self.user_can_see(room_id, user, meta.count, &visibility)? {
-                continue;
-            }
             let Some(pdu) = self.pdu(&root)? else {
                 continue;
             };
-            if q.participated && !self.thread_summary(&pdu, user)?.participated {
+            // A root the user may see, with a reply they may see: a thread whose replies all
+            // lie outside their history is no thread of theirs.
+            if !viewer.can_see(&pdu, At::Stream(meta.count))?
+                || self
+                    .visible_thread(&pdu, room_id, &mut viewer, None)?
+                    .is_none()
+            {
+                continue;
+            }
+            if q.participated && !self.thread_participated(&pdu, user)? {
                 continue;
             }
             out.push(pdu);

@@ -29,8 +29,9 @@ impl Rooms {
                 "You are not allowed to read this room's history",
             ));
         }
-        self.event_at_time_where(room_id, ts, forward, |count, _| {
-            self.user_can_see(room_id, user, count, &visibility)
+        let mut viewer = self.viewer(room_id, user);
+        self.event_at_time_where(room_id, ts, forward, |count, pdu| {
+            viewer.can_see(pdu, super::visibility::At::Stream(count))
         })
     }
 
