@@ -193,7 +193,9 @@ impl Rooms {
             return Err(not_found());
         }
         let visibility = self.history_visibility(room_id)?;
-        if !self.user_can_see(room_id, user, meta.count, &visibility)? {
+        if !self.may_read_history(room_id, user, &visibility)?
+            || !self.user_can_see(room_id, user, meta.count, &visibility)?
+        {
             return Err(not_found());
         }
         Ok((pdu, meta))
