@@ -52,11 +52,14 @@ pub struct Config {
     /// Federation with other homeservers. Off by default: a closed deployment talks to nobody.
     #[serde(default)]
     pub allow_federation: bool,
-    /// When not empty, the only servers federated with (names, `*` matches any part, e.g.
-    /// `"*.partner.example"`): partner-only federation.
+    /// When not empty, the only servers federated with (host names, `*` matches any part, e.g.
+    /// `"*.partner.example"`): partner-only federation. An entry without a port matches the
+    /// host on every port, one with a port (`"partner.example:8448"`) only that port; IP
+    /// literals as in server names (`"192.0.2.7"`, `"[2001:db8::1]"`).
     #[serde(default)]
     pub federation_allowlist: Vec<String>,
-    /// Servers never federated with, whatever the allowlist says (same patterns).
+    /// Servers never federated with, whatever the allowlist says (same patterns: `"evil.example"`
+    /// denies `evil.example` on every port).
     #[serde(default)]
     pub federation_denylist: Vec<String>,
     /// Servers trusted for key lookups during federation.
@@ -119,6 +122,11 @@ pub struct Config {
     /// Other servers may read the room directory (`/publicRooms` over federation).
     #[serde(default)]
     pub allow_public_rooms_over_federation: bool,
+    /// Device display names (which often name the person's phone or computer) go to other
+    /// servers: in federation `/user/keys/query` and `/user/devices` answers and in device list
+    /// update EDUs. Off by default (conduwuit's key of the same name and default).
+    #[serde(default)]
+    pub allow_device_name_federation: bool,
     /// Lifetime of an access token handed out together with a refresh token, in seconds.
     #[serde(default = "default_access_token_lifetime")]
     pub access_token_lifetime_secs: u64,

@@ -7,6 +7,9 @@ use serde_json::json;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How every policy denial's message begins (`Denied by the <policy> policy: ...`).
+pub const POLICY_DENIAL_PREFIX: &str = "Denied by the ";
+
 /// Matrix error codes we emit. Kept as an enum so a typo cannot invent a new errcode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrCode {
@@ -200,6 +203,17 @@ impl Error {
     }
     pub fn internal(message: impl std::fmt::Display) -> Self {
         Error::Internal(message.to_string())
+    }
+
+    /// A denial by a policy (`policy::access::deny`): 403 `M_FORBIDDEN` whose message names the
+    /// policy. Callers that reword auth-rule refusals leave these as they are, so the user and
+    /// the tests see which policy said no.
+    pub fn is_policy_denial(&self) -> bool {
+        matches!(
+            self,
+            Error::Matrix { code: ErrCode::Forbidden, message, .. }
+                if message.starts_with(POLICY_DENIAL_PREFIX)
+        )
     }
 
     /// The errcode, for tests and logs.

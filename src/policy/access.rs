@@ -6,22 +6,24 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
-use ruma::{events::StateEventType, RoomId, ServerName, UserId};
+use ruma::{
+    events::{StateEventType, TimelineEventType},
+    RoomId, ServerName, UserId,
+};
 use serde_json::{json, Map, Value};
 
 use super::{
-    audit::AuditEntry,
+    audit::{AuditEntry, AuditLog},
     groups::{Groups, ROOM_GROUP_KEY},
     hook::{Decision, PolicyHook},
 };
 use crate::{
     config::Config,
-    error::{Error, Result},
-    service::Services,
-    storage::Storage,
+    error::{ErrCode, Error, Result},
+    service::{rooms::Pdu, Services},
     utils,
 };
 
@@ -44,7 +46,8 @@ const FEDERATION_AUDIT_INTERVAL_MS: u64 = 60_000;
 const FEDERATION_AUDIT_TRACKED: usize = 1024;
 
 pub struct Access {
-    pub groups: Groups,
+    /// Shared with the to-device inbox, which applies the same contact rules.
+    pub groups: Arc<Groups>,
     pub hook: Option<PolicyHook>,
     federation_audited: Mutex<HashMap<String, u64>>,
     /// (user, device) -> when a blocked client was last audited.
@@ -52,9 +55,9 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn new(storage: Storage, config: &Config) -> Result<Access> {
+    pub fn new(groups: Arc<Groups>, config: &Config) -> Result<Access> {
         Ok(Access {
-            groups: Groups::new(storage, config)?,
+            groups,
             hook: config
                 .policy_hook
                 .as_ref()
@@ -74,11 +77,24 @@ pub fn deny(
     policy: &str,
     action: &str,
     message: &str,
+    detail: Map<String, Value>,
+) -> Error {
+    deny_with(&s.audit, user, room, policy, action, message, detail)
+}
+
+/// [`deny`] for services that hold the audit log but not `Services` (the to-device inbox).
+pub fn deny_with(
+    audit: &AuditLog,
+    user: Option<&UserId>,
+    room: Option<&RoomId>,
+    policy: &str,
+    action: &str,
+    message: &str,
     mut detail: Map<String, Value>,
 ) -> Error {
     detail.insert("policy".into(), json!(policy));
     detail.insert("action".into(), json!(action));
-    if let Err(e) = s.audit.record(AuditEntry {
+    if let Err(e) = audit.record(AuditEntry {
         kind: "policy_denied".into(),
         user: user.map(|u| u.to_string()),
         room: room.map(|r| r.to_string()),
@@ -370,6 +386,19 @@ pub fn check_membership(s: &Services, room: &RoomId, user: &UserId, action: &str
         Some(room),
         action,
     )?;
+    check_share(s, room, user, action, false)
+}
+
+/// The closed user groups for `user` joining (or knocking on) `room`: they may contact every
+/// joined member, or with `local_only` every joined member of this server (for other servers'
+/// events: whom their users share a room with is their servers' business, ours is ours).
+fn check_share(
+    s: &Services,
+    room: &RoomId,
+    user: &UserId,
+    action: &str,
+    local_only: bool,
+) -> Result<()> {
     let groups = &s.access.groups;
     if !groups.active() {
         return Ok(());
@@ -377,7 +406,7 @@ pub fn check_membership(s: &Services, room: &RoomId, user: &UserId, action: &str
     let mine = groups.groups_of(user);
     let mut checked: BTreeSet<BTreeSet<String>> = BTreeSet::new();
     for member in s.rooms.joined_members(room)?.iter() {
-        if member == user {
+        if member == user || (local_only && member.server_name() != s.globals.server_name) {
             continue;
         }
         let theirs = groups.groups_of(member);
@@ -396,6 +425,148 @@ pub fn check_membership(s: &Services, room: &RoomId, user: &UserId, action: &str
             ));
         }
         checked.insert(theirs);
+    }
+    Ok(())
+}
+
+/// The membership write path (`Rooms::admit_membership`): every `m.room.member` event about to
+/// become part of a room here, built by this server (`prepare_local`, whatever endpoint, room
+/// upgrade or appservice asked for it) or accepted from another server (`federation::incoming`),
+/// passes this after the auth rules allowed it. Invites, joins and knocks are checked against
+/// the federation policy (invites this server's users send), the closed user groups, the group
+/// the room is bound to and `m.room.guest_access` (this server's guests); leaves and bans are
+/// never refused. The room's lock is held: no await here, and nothing that takes it.
+///
+/// The entry points keep their own earlier checks (cheaper, and before anything is sent to
+/// another server); they decide by the same rules on the same state, so a request refused there
+/// never gets here and one allowed there passes here: each denial is audited once.
+pub fn check_membership_event(s: &Services, room: &RoomId, pdu: &Pdu) -> Result<()> {
+    if pdu.kind != TimelineEventType::RoomMember {
+        return Ok(());
+    }
+    let Some(membership) = pdu.membership() else {
+        return Ok(());
+    };
+    if !matches!(membership.as_str(), "invite" | "join" | "knock") {
+        return Ok(());
+    }
+    let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok()) else {
+        return Ok(());
+    };
+    let own = &*s.globals.server_name;
+    let sender = &*pdu.sender;
+    let local_sender = sender.server_name() == own;
+    let current = s.rooms.membership(room, &target)?;
+    // A join or knock that changes nobody's company (a profile change of a member) is not a new
+    // membership: the rules were applied when it began.
+    if membership != "invite" && current.as_deref() == Some(membership.as_str()) {
+        return Ok(());
+    }
+    let group = binding_in_force(s, room, local_sender)?;
+    if membership == "invite" {
+        if local_sender {
+            check_federation(s, Some(sender), Some(room), target.server_name(), "invite")?;
+        }
+        if local_sender || target.server_name() == own {
+            check_contact(s, sender, &target, Some(room), "invite")?;
+        }
+        return check_bound(s, group.as_deref(), &target, sender, Some(room), "invite");
+    }
+    if membership == "join" && target.server_name() == own {
+        check_guest_access(s, room, &target)?;
+    }
+    check_bound(
+        s,
+        group.as_deref(),
+        &target,
+        &target,
+        Some(room),
+        &membership,
+    )?;
+    check_share(s, room, &target, &membership, !local_sender)
+}
+
+/// The group `room` is bound to, when this server enforces it for an event: always for events
+/// of this server's users (a group unknown here admits nobody, as at the entry points), and for
+/// other servers' events when the room was made here or the group exists here (a room made
+/// elsewhere may be bound to a group only its server knows: that server decides).
+fn binding_in_force(s: &Services, room: &RoomId, local_sender: bool) -> Result<Option<String>> {
+    let Some(create) = s.rooms.state_get(room, "m.room.create", "")? else {
+        return Ok(None);
+    };
+    let Some(group) = create
+        .content_value()
+        .get(ROOM_GROUP_KEY)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Ok(None);
+    };
+    let ours = create.sender.server_name() == s.globals.server_name;
+    if local_sender || ours || s.access.groups.exists(&group) {
+        Ok(Some(group))
+    } else {
+        Ok(None)
+    }
+}
+
+/// A guest of this server joins only rooms whose `m.room.guest_access` is `can_join` (spec,
+/// "Guest access": servers MUST refuse other joins of guests).
+pub fn check_guest_access(s: &Services, room: &RoomId, user: &UserId) -> Result<()> {
+    if !s.accounts.user(user)?.is_some_and(|u| u.guest) {
+        return Ok(());
+    }
+    if guest_access_open(s, room)? {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrCode::GuestAccessForbidden,
+        "Guests may not join this room (its m.room.guest_access is not can_join)",
+    ))
+}
+
+/// May `user` peek into the world-readable `room`: anyone but this server's guests, and those
+/// only where `m.room.guest_access` is `can_join`.
+pub fn guest_may_peek(s: &Services, room: &RoomId, user: &UserId) -> Result<bool> {
+    if !s.accounts.user(user)?.is_some_and(|u| u.guest) {
+        return Ok(true);
+    }
+    guest_access_open(s, room)
+}
+
+/// Does `room` let guests in (`m.room.guest_access` is `can_join`)?
+pub fn guest_access_open(s: &Services, room: &RoomId) -> Result<bool> {
+    Ok(s.rooms
+        .state_content(room, &StateEventType::RoomGuestAccess, "")?
+        .is_some_and(|c| c.get("guest_access").and_then(Value::as_str) == Some("can_join")))
+}
+
+/// To-device messages (`ToDevice::send_with`, for this server's users' requests and for the
+/// messages other servers deliver): the sender may reach each target only as the closed user
+/// groups let them contact them. Refused as a whole, audited once naming the first target.
+pub fn check_to_device<'a>(
+    groups: &Groups,
+    audit: &AuditLog,
+    sender: &UserId,
+    targets: impl IntoIterator<Item = &'a UserId>,
+) -> Result<()> {
+    if !groups.active() {
+        return Ok(());
+    }
+    let mut seen: BTreeSet<&UserId> = BTreeSet::new();
+    for target in targets {
+        if !seen.insert(target) || groups.may_contact(sender, target) {
+            continue;
+        }
+        return Err(deny_with(
+            audit,
+            Some(sender),
+            None,
+            GROUPS,
+            "to_device",
+            &format!("{sender} and {target} are not in groups that may contact each other"),
+            detail(&[("target", target.as_str())]),
+        ));
     }
     Ok(())
 }

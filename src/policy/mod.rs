@@ -60,11 +60,70 @@ pub(crate) fn stored_secret(storage: &crate::storage::Storage, row: &[u8]) -> Ve
     k
 }
 
-/// Does `name` match `pattern`, where `*` stands for any run of characters?
-fn server_matches(pattern: &str, name: &str) -> bool {
-    let pattern = pattern.to_ascii_lowercase();
-    let name = name.to_ascii_lowercase();
-    crate::service::filter::glob(&pattern, &name)
+/// Does the federation allow/deny list entry `pattern` name `server`? The one matcher of both
+/// lists, used for every request in both directions (all of them ask
+/// [`Policy::may_federate_with`]).
+///
+/// An entry is a host, optionally with a port: `evil.example`, `*.partner.example`,
+/// `chat.partner.example:8448`, an IPv4 literal `192.0.2.7`, an IPv6 literal in brackets
+/// `[2001:db8::1]` (as server names write it; without brackets too). `*` stands for any run of
+/// characters in the host. Hosts compare case-insensitively, as DNS names do. An entry without a
+/// port matches the host whatever the port (`evil.example` also names `evil.example:8448`, as a
+/// server ACL does): a server name is a host plus an optional port, and the same organization
+/// answers on every port of its host. An entry with a port matches only that port.
+pub fn server_matches(pattern: &str, server: &ruma::ServerName) -> bool {
+    let (host_pattern, port) = split_entry(pattern.trim());
+    if host_pattern.is_empty() {
+        return false;
+    }
+    if let Some(port) = port {
+        if server.port() != Some(port) {
+            return false;
+        }
+    }
+    let host = server.host().to_ascii_lowercase();
+    let host_pattern = host_pattern.to_ascii_lowercase();
+    if crate::service::filter::glob(&host_pattern, &host) {
+        return true;
+    }
+    // An IPv6 literal written without its brackets.
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(bare) if !host_pattern.starts_with('[') => {
+            crate::service::filter::glob(&host_pattern, bare)
+        }
+        _ => false,
+    }
+}
+
+/// An allow/deny entry as (host pattern, port): `[v6]:port`, `[v6]`, `host:port`, `host`; a bare
+/// IPv6 literal (more than one `:`) has no port.
+fn split_entry(entry: &str) -> (&str, Option<u16>) {
+    if entry.starts_with('[') {
+        return match entry.find(']') {
+            Some(end) => {
+                let (host, rest) = entry.split_at(end + 1);
+                match rest.strip_prefix(':') {
+                    Some(p) => match p.parse() {
+                        Ok(port) => (host, Some(port)),
+                        // Not a port: an entry that can match nothing.
+                        Err(_) => ("", None),
+                    },
+                    None if rest.is_empty() => (host, None),
+                    None => ("", None),
+                }
+            }
+            None => ("", None),
+        };
+    }
+    if entry.matches(':').count() == 1 {
+        if let Some((host, p)) = entry.split_once(':') {
+            return match p.parse() {
+                Ok(port) => (host, Some(port)),
+                Err(_) => ("", None),
+            };
+        }
+    }
+    (entry, None)
 }
 
 impl Policy {
@@ -101,8 +160,8 @@ impl Policy {
         let name = server.as_str();
         let allowed = server == f.own
             || f.enabled
-                && (f.allow.is_empty() || f.allow.iter().any(|p| server_matches(p, name)))
-                && !f.deny.iter().any(|p| server_matches(p, name));
+                && (f.allow.is_empty() || f.allow.iter().any(|p| server_matches(p, server)))
+                && !f.deny.iter().any(|p| server_matches(p, server));
         if allowed {
             Ok(())
         } else {
@@ -162,5 +221,50 @@ mod tests {
         assert!(!ok(&partners, "partner.example.evil.org"));
         // The server itself is never refused, even when not listed.
         assert!(ok(&partners, "localhost"));
+    }
+
+    fn matches(pattern: &str, name: &str) -> bool {
+        server_matches(pattern, <&ruma::ServerName>::try_from(name).unwrap())
+    }
+
+    #[test]
+    fn list_entries_match_the_host_whatever_the_port() {
+        // A host entry names the host on every port.
+        assert!(matches("evil.example", "evil.example"));
+        assert!(matches("evil.example", "evil.example:8448"));
+        assert!(matches("evil.example", "EVIL.example:443"));
+        assert!(matches("*.evil.example", "chat.evil.example:8448"));
+        assert!(!matches("evil.example", "notevil.example:8448"));
+        assert!(!matches("evil.example", "evil.example.org:8448"));
+        // An entry with a port names that port only.
+        assert!(matches("evil.example:8448", "evil.example:8448"));
+        assert!(!matches("evil.example:8448", "evil.example"));
+        assert!(!matches("evil.example:8448", "evil.example:8449"));
+        assert!(matches("*:8448", "anyone.example:8448"));
+        // IP literals: v4 with and without port, v6 in brackets or without them.
+        assert!(matches("192.0.2.7", "192.0.2.7:8448"));
+        assert!(matches("192.0.2.7:8448", "192.0.2.7:8448"));
+        assert!(!matches("192.0.2.7:8448", "192.0.2.7"));
+        assert!(matches("192.0.2.*", "192.0.2.99"));
+        assert!(matches("[2001:db8::1]", "[2001:db8::1]:8448"));
+        assert!(matches("[2001:DB8::1]:8448", "[2001:db8::1]:8448"));
+        assert!(!matches("[2001:db8::1]:8448", "[2001:db8::1]:1"));
+        assert!(matches("2001:db8::1", "[2001:db8::1]"));
+        assert!(!matches("2001:db8::1", "[2001:db8::2]"));
+        // Nonsense entries name nobody.
+        assert!(!matches("", "a.example"));
+        assert!(!matches("a.example:port", "a.example"));
+        assert!(!matches("[2001:db8::1", "[2001:db8::1]"));
+        assert!(!matches("[2001:db8::1]x", "[2001:db8::1]"));
+
+        // Both lists use it: a denied host stays denied on any port, also when allowlisted.
+        let p = policy(true, &["*.example"], &["evil.example"]);
+        assert!(!ok(&p, "evil.example:8448"));
+        assert!(!ok(&p, "evil.example:1"));
+        assert!(ok(&p, "good.example:8448"));
+        let p = policy(true, &["partner.example:8448"], &[]);
+        assert!(ok(&p, "partner.example:8448"));
+        assert!(!ok(&p, "partner.example:9000"));
+        assert!(!ok(&p, "partner.example"));
     }
 }

@@ -136,7 +136,10 @@ pub fn query_keys_for(
             if !devices.is_empty() && !devices.contains(&device.as_str()) {
                 continue;
             }
-            if let Some(Some(name)) = display_names.get(&device) {
+            // Another server asking (no viewer) gets device names only when the operator
+            // allows it: they often name the person's phone or computer.
+            let names_allowed = viewer.is_some() || s.config.allow_device_name_federation;
+            if let (true, Some(Some(name))) = (names_allowed, display_names.get(&device)) {
                 keys["unsigned"] = json!({ "device_display_name": name });
             }
             per_user.insert(device, keys);
@@ -325,6 +328,7 @@ pub fn send_to_device(
     let mut recipients = Vec::new();
     let mut remote: BTreeMap<ruma::OwnedServerName, Map<String, Value>> = BTreeMap::new();
     let mut remote_count = 0;
+    let mut remote_users: Vec<ruma::OwnedUserId> = Vec::new();
     for (user, devices) in messages {
         let user_id = parse_user(user)?;
         let devices = devices
@@ -346,6 +350,7 @@ pub fn send_to_device(
                 .entry(user_id.server_name().to_owned())
                 .or_default()
                 .insert(user.clone(), Value::Object(devices.clone()));
+            remote_users.push(user_id);
             continue;
         }
         for (device, content) in devices {
@@ -363,6 +368,7 @@ pub fn send_to_device(
         txn_id,
         kind,
         recipients,
+        &remote_users.iter().map(|u| &**u).collect::<Vec<_>>(),
         |batch| {
             for (server, edu) in &edus {
                 sender.queue_edu(batch, server, edu)?;

@@ -100,6 +100,10 @@ impl Services {
             audit.clone(),
         ));
         let appservices = Arc::new(appservice::Appservices::load(&config, storage.clone())?);
+        let groups = Arc::new(crate::policy::groups::Groups::new(
+            storage.clone(),
+            &config,
+        )?);
         let services = Arc::new(Services {
             accounts: accounts::Accounts::new(
                 storage.clone(),
@@ -132,15 +136,16 @@ impl Services {
             ratelimit: ratelimit::RateLimiter::new(config.rate_limits.clone()),
             policy: Policy::new(&config),
             sso: sso::Sso::new(&config, register.clone())?,
-            audit,
+            audit: audit.clone(),
             register,
-            access: crate::policy::access::Access::new(storage.clone(), &config)?,
+            access: crate::policy::access::Access::new(groups.clone(), &config)?,
             profiles: profile::Profiles::new(storage.clone()),
             typing: typing::Typing::new(globals.clone()),
             receipts: receipts::Receipts::new(storage.clone(), globals.clone()),
             presence: presence::Presence::new(storage.clone(), globals.clone()),
             keys: keys::Keys::new(storage.clone()),
-            to_device: to_device::ToDevice::new(storage.clone(), globals.clone()),
+            to_device: to_device::ToDevice::new(storage.clone(), globals.clone())
+                .with_policy(groups, audit.clone()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
             reports: reports::Reports::new(storage.clone()),
             media: media::Media::new(storage.clone(), &config, keys.media.as_ref())?,
@@ -152,6 +157,8 @@ impl Services {
             storage,
             config,
         });
+        // The membership write path asks the policy layer about every membership event.
+        services.rooms.set_policy(Arc::downgrade(&services));
         // Every appservice's sender exists from its registration on.
         for a in services.appservices.all().iter() {
             appservice::ensure_sender(&services, a)?;

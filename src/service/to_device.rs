@@ -30,6 +30,12 @@ struct Stored {
 pub struct ToDevice {
     storage: Storage,
     globals: std::sync::Arc<Globals>,
+    /// The closed user groups (who may contact whom) and the audit log for refusals: every
+    /// message written here, from this server's users or from other servers, passes them.
+    policy: Option<(
+        std::sync::Arc<crate::policy::groups::Groups>,
+        std::sync::Arc<crate::policy::audit::AuditLog>,
+    )>,
 }
 
 /// Where one message goes.
@@ -68,7 +74,51 @@ pub fn recipients_for(
 
 impl ToDevice {
     pub fn new(storage: Storage, globals: std::sync::Arc<Globals>) -> ToDevice {
-        ToDevice { storage, globals }
+        ToDevice {
+            storage,
+            globals,
+            policy: None,
+        }
+    }
+
+    /// Apply the closed user groups to every message (refusals audited in `audit`).
+    pub fn with_policy(
+        mut self,
+        groups: std::sync::Arc<crate::policy::groups::Groups>,
+        audit: std::sync::Arc<crate::policy::audit::AuditLog>,
+    ) -> ToDevice {
+        self.policy = Some((groups, audit));
+        self
+    }
+
+    /// May `sender` send to-device messages to `target` under the closed user groups? For
+    /// other servers' messages, whose recipients that may not be reached are left out.
+    pub fn may_contact(&self, sender: &UserId, target: &UserId) -> bool {
+        self.policy
+            .as_ref()
+            .is_none_or(|(groups, _)| groups.may_contact(sender, target))
+    }
+
+    /// Refuse (403, audited) a request with a recipient `sender` may not contact: the local
+    /// recipients and `others` (users of other servers the request also goes to).
+    fn check_contact(
+        &self,
+        sender: &UserId,
+        recipients: &[Recipient],
+        others: &[&UserId],
+    ) -> Result<()> {
+        let Some((groups, audit)) = &self.policy else {
+            return Ok(());
+        };
+        crate::policy::access::check_to_device(
+            groups,
+            audit,
+            sender,
+            recipients
+                .iter()
+                .map(|r| &*r.user)
+                .chain(others.iter().copied()),
+        )
     }
 
     /// Store the messages of one request, unless this transaction was already done.
@@ -80,13 +130,17 @@ impl ToDevice {
         kind: &str,
         recipients: Vec<Recipient>,
     ) -> Result<()> {
-        self.send_with(sender, sender_device, txn_id, kind, recipients, |_| Ok(()))?;
+        self.send_with(sender, sender_device, txn_id, kind, recipients, &[], |_| {
+            Ok(())
+        })?;
         Ok(())
     }
 
     /// [`ToDevice::send`], with `extra` writing more into the same batch (the messages for other
     /// servers, queued for federation). Returns false when the transaction was already done
-    /// (nothing was written).
+    /// (nothing was written). `remote_targets`: the users of other servers `extra` sends to,
+    /// checked against the closed user groups with the local recipients.
+    #[allow(clippy::too_many_arguments)]
     pub fn send_with(
         &self,
         sender: &UserId,
@@ -94,6 +148,7 @@ impl ToDevice {
         txn_id: &str,
         kind: &str,
         recipients: Vec<Recipient>,
+        remote_targets: &[&UserId],
         extra: impl FnOnce(&mut Batch) -> Result<()>,
     ) -> Result<bool> {
         if recipients.len() > MAX_RECIPIENTS {
@@ -107,6 +162,8 @@ impl ToDevice {
         if self.storage.contains(Table::Transactions, &txn_key)? {
             return Ok(false);
         }
+        // After the transaction check: a retry of a request that went through stays a success.
+        self.check_contact(sender, &recipients, remote_targets)?;
         let pending = self.globals.counter.next()?;
         let count = pending.get();
         let mut b = self.storage.batch();

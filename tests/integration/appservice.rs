@@ -1967,3 +1967,72 @@ async fn a_request_from_the_appservice_ends_the_backoff() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn appservice_puppets_cannot_write_memberships_around_the_groups() {
+    let fake = FakeAs::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Only alice is in a group; the bridge's ghosts are in none.
+    let server = start_with_bridge_and(&fake, &dir, |c| {
+        c.groups = vec![hafen::policy::groups::GroupConfig {
+            name: "staff".into(),
+            users: vec!["@alice:localhost".into()],
+            servers: vec![],
+            sso_groups: vec![],
+        }];
+    })
+    .await;
+    let alice = server.user("alice").await;
+    let (status, v) = register_ghost(&server, "bridge_bob").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let bob = as_user(&server, "bridge_bob");
+    let (status, v) = server
+        .req(
+            Method::POST,
+            &format!("/_matrix/client/v3/createRoom?user_id={}", enc(&bob)),
+            Some(AS_TOKEN),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let ghost_room = v["room_id"].as_str().unwrap().to_owned();
+    // The ghost writes alice's invite as a state event: the same invite as through /invite,
+    // refused by the same policy, audited.
+    let got = server
+        .req(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}?user_id={}",
+                enc(&ghost_room),
+                enc(&alice.user_id),
+                enc(&bob)
+            ),
+            Some(AS_TOKEN),
+            Some(json!({ "membership": "invite" })),
+        )
+        .await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let msg = got.1["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("the closed_user_groups policy"), "{}", got.1);
+    let room_id = ruma::RoomId::parse(&ghost_room).expect("room id");
+    let alice_id = ruma::UserId::parse(&alice.user_id).expect("user id");
+    assert_eq!(
+        server
+            .services()
+            .rooms
+            .membership(&room_id, &alice_id)
+            .expect("membership"),
+        None
+    );
+    let (entries, _) = server
+        .services()
+        .audit
+        .query(0, u64::MAX, 100, None, |e| e.kind == "policy_denied")
+        .expect("audit");
+    assert!(entries
+        .iter()
+        .any(|e| e.user.as_deref() == Some(bob.as_str())
+            && e.detail["policy"] == "closed_user_groups"
+            && e.detail["action"] == "invite"));
+    server.stop().await;
+}

@@ -775,3 +775,243 @@ async fn unreachable_notaries_do_not_ask_each_other_forever() {
     let err = result.expect_err("no keys to be had");
     assert!(err.to_string().contains("a.test"), "{err}");
 }
+
+/// Two servers whose names carry ports (`a.test:8448`, `b.test:8448`), as many real ones do.
+async fn two_servers_with_ports(
+    b_policy: impl FnOnce(&mut hafen::config::Config),
+) -> (TestServer, TestServer) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "a.test:8448".try_into().expect("name");
+        c.port = pa;
+        c.federation_destinations
+            .insert("b.test:8448".into(), format!("http://127.0.0.1:{pb}"));
+    })
+    .await;
+    let b = TestServer::start_with(|c| {
+        c.allow_federation = true;
+        c.server_name = "b.test:8448".try_into().expect("name");
+        c.port = pb;
+        c.federation_destinations
+            .insert("a.test:8448".into(), format!("http://127.0.0.1:{pa}"));
+        b_policy(c);
+    })
+    .await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_denied_host_is_refused_whatever_its_port() {
+    // B denies the host a.test: A, whose name is a.test:8448, is refused both ways.
+    let (a, b) = two_servers_with_ports(|c| c.federation_denylist = vec!["a.test".into()]).await;
+    let bob = b.user("bob").await;
+    let b_name = <&ServerName>::try_from("b.test:8448").expect("name");
+    let a_name = <&ServerName>::try_from("a.test:8448").expect("name");
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        crate::common::enc(&bob.user_id)
+    );
+    // Incoming: B answers A's signed request with 403 before fetching A's keys.
+    let refused = a
+        .services()
+        .federation
+        .send(Method::GET, b_name, &path, None)
+        .await
+        .expect_err("B refuses A");
+    assert!(refused.to_string().contains("M_FORBIDDEN"), "{refused}");
+    assert!(
+        refused.to_string().contains("a.test:8448"),
+        "the refusal names the server: {refused}"
+    );
+    assert!(b
+        .services()
+        .storage
+        .get(hafen::storage::Table::RemoteServerKeys, b"a.test:8448")
+        .expect("db")
+        .is_none());
+    // Outgoing: B sends nothing to A.
+    let err = b
+        .services()
+        .federation
+        .send(Method::GET, a_name, "/_matrix/federation/v1/version", None)
+        .await
+        .expect_err("policy");
+    assert_eq!(err.errcode(), "M_FORBIDDEN");
+    // The refusal is audited with the server as it claimed to be.
+    let (entries, _) = b
+        .services()
+        .audit
+        .query(0, u64::MAX, 100, None, |e| e.kind == "policy_denied")
+        .expect("audit");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.detail["policy"] == "federation" && e.detail["server"] == "a.test:8448"),
+        "{:?}",
+        entries.iter().map(|e| &e.detail).collect::<Vec<_>>()
+    );
+
+    // An entry with a port names that port only: a.test:9000 leaves a.test:8448 alone.
+    let (a2, b2) =
+        two_servers_with_ports(|c| c.federation_denylist = vec!["a.test:9000".into()]).await;
+    let bob2 = b2.user("bob").await;
+    let path = format!(
+        "/_matrix/federation/v1/query/profile?user_id={}",
+        crate::common::enc(&bob2.user_id)
+    );
+    let answer = a2
+        .services()
+        .federation
+        .send(Method::GET, b_name, &path, None)
+        .await
+        .expect("another port is not denied");
+    assert!(answer.is_object(), "{answer}");
+}
+
+/// Upload device keys for `u`'s device on `server`.
+async fn upload_device_keys(server: &TestServer, u: &crate::common::TestUser, curve: &str) {
+    let dk = json!({
+        "user_id": u.user_id, "device_id": u.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": { format!("curve25519:{}", u.device_id): curve, format!("ed25519:{}", u.device_id): "ed" },
+        "signatures": { u.user_id.clone(): { format!("ed25519:{}", u.device_id): "sig" } },
+    });
+    let (status, body) = server
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            u,
+            json!({ "device_keys": dk }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Name `u`'s device `name`.
+async fn name_device(server: &TestServer, u: &crate::common::TestUser, name: &str) {
+    let (status, body) = server
+        .put(
+            &format!("/_matrix/client/v3/devices/{}", u.device_id),
+            u,
+            json!({ "display_name": name }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// What `asker` gets for `u` (of `owner`) from the federation key query and device list.
+async fn remote_device_answers(
+    asker: &TestServer,
+    owner: &TestServer,
+    u: &crate::common::TestUser,
+) -> (serde_json::Value, serde_json::Value) {
+    let owner_name = ruma::ServerName::parse(owner.server_name()).expect("name");
+    let fed = &asker.services().federation;
+    let keys = fed
+        .send(
+            Method::POST,
+            &owner_name,
+            "/_matrix/federation/v1/user/keys/query",
+            Some(json!({ "device_keys": { u.user_id.clone(): [] } })),
+        )
+        .await
+        .expect("keys query");
+    let devices = fed
+        .send(
+            Method::GET,
+            &owner_name,
+            &format!(
+                "/_matrix/federation/v1/user/devices/{}",
+                crate::common::enc(&u.user_id)
+            ),
+            None,
+        )
+        .await
+        .expect("devices");
+    (keys, devices)
+}
+
+#[tokio::test]
+async fn device_names_reach_other_servers_only_when_allowed() {
+    use crate::common::{start_federating, TestPki};
+    let pki = TestPki::new();
+    let mut a = start_federating(&pki, |_| {}).await;
+    let b = start_federating(&pki, |_| {}).await;
+    let open = start_federating(&pki, |c| c.allow_device_name_federation = true).await;
+
+    // Off (the default): keys and device lists go to other servers without the names; the
+    // server's own users still see them.
+    let bob = b.user("bob").await;
+    name_device(&b, &bob, "Bob's work phone").await;
+    upload_device_keys(&b, &bob, "curve").await;
+    let (keys, devices) = remote_device_answers(&a, &b, &bob).await;
+    assert_eq!(
+        keys["device_keys"][&bob.user_id][&bob.device_id]["user_id"],
+        json!(bob.user_id),
+        "{keys}"
+    );
+    assert_eq!(
+        devices["devices"][0]["device_id"],
+        json!(bob.device_id),
+        "{devices}"
+    );
+    for answer in [&keys, &devices] {
+        assert!(!answer.to_string().contains("Bob's work phone"), "{answer}");
+    }
+    let brenda = b.user("brenda").await;
+    let (status, local) = b
+        .post(
+            "/_matrix/client/v3/keys/query",
+            &brenda,
+            json!({ "device_keys": { bob.user_id.clone(): [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{local}");
+    assert_eq!(
+        local["device_keys"][&bob.user_id][&bob.device_id]["unsigned"]["device_display_name"],
+        json!("Bob's work phone"),
+        "{local}"
+    );
+
+    // The device list update EDU: bob shares a room with a user of A, A is down, so the EDU
+    // bob's next key upload makes stays in B's queue, where it is looked at.
+    let alice = a.user("alice").await;
+    let room = a
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let got = crate::federation_rooms::join_via(&b, &bob, &room, &a).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    a.halt().await;
+    name_device(&b, &bob, "Bob's new phone").await;
+    upload_device_keys(&b, &bob, "curve2").await;
+    let queued: Vec<serde_json::Value> = b
+        .services()
+        .storage
+        .scan_prefix(hafen::storage::Table::FederationQueue, b"")
+        .expect("scan")
+        .filter_map(|r| r.ok())
+        .filter_map(|(_, v)| serde_json::from_slice::<serde_json::Value>(&v).ok())
+        .filter(|v| v["edu_type"] == "m.device_list_update")
+        .collect();
+    assert!(!queued.is_empty(), "no device list update was queued");
+    for edu in &queued {
+        assert!(edu["content"].get("device_display_name").is_none(), "{edu}");
+        assert!(edu["content"]["keys"].is_object(), "{edu}");
+    }
+
+    // On: the names go out.
+    let olga = open.user("olga").await;
+    name_device(&open, &olga, "Olga's laptop").await;
+    upload_device_keys(&open, &olga, "curve").await;
+    let (keys, devices) = remote_device_answers(&b, &open, &olga).await;
+    assert_eq!(
+        keys["device_keys"][&olga.user_id][&olga.device_id]["unsigned"]["device_display_name"],
+        json!("Olga's laptop"),
+        "{keys}"
+    );
+    assert_eq!(
+        devices["devices"][0]["device_display_name"],
+        json!("Olga's laptop"),
+        "{devices}"
+    );
+}

@@ -922,3 +922,301 @@ async fn leaving_a_group_removes_the_user_from_rooms_bound_to_it() {
         json!("join")
     );
 }
+
+/// `PUT /rooms/{room}/state/m.room.member/{who}` with `membership`, as `by`.
+async fn put_member(
+    server: &TestServer,
+    by: &TestUser,
+    room: &str,
+    who: &str,
+    membership: &str,
+) -> (StatusCode, Value) {
+    server
+        .put(
+            &format!("{V3}/rooms/{}/state/m.room.member/{}", enc(room), enc(who)),
+            by,
+            json!({ "membership": membership }),
+        )
+        .await
+}
+
+fn denial_count(server: &TestServer, user: &str, policy: &str, action: &str) -> usize {
+    denials(server)
+        .iter()
+        .filter(|e| {
+            e["detail"]["policy"] == policy && e["detail"]["action"] == action && e["user"] == user
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn memberships_pass_the_groups_whichever_way_they_are_written() {
+    let name = "localhost";
+    let u = |l: &str| format!("@{l}:{name}");
+    let s = TestServer::start_with(|c| {
+        c.groups = vec![
+            group("staff", &[u("alice"), u("anna")], &[]),
+            group("other", &[u("eve")], &[]),
+            group("friends", &[u("fred")], &[]),
+        ];
+        c.group_contact = vec![["staff".into(), "friends".into()]];
+    })
+    .await;
+    let alice = s.user("alice").await;
+    let anna = s.user("anna").await;
+    let eve = s.user("eve").await;
+    let fred = s.user("fred").await;
+
+    // A public room: alice may not invite eve by writing the invite as state (instead of
+    // calling /invite). Audited once: the write path's check does not add a second entry.
+    let room = s
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let got = put_member(&s, &alice, &room, &eve.user_id, "invite").await;
+    assert_denied(&got, "closed_user_groups");
+    assert_eq!(
+        membership(&s, &alice, &room, &eve.user_id).await,
+        Value::Null
+    );
+    assert_eq!(
+        denial_count(&s, &alice.user_id, "closed_user_groups", "invite"),
+        1
+    );
+    // What the groups allow still goes through this way.
+    let got = put_member(&s, &alice, &room, &anna.user_id, "invite").await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let got = put_member(&s, &alice, &room, &fred.user_id, "invite").await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+
+    // A room bound to staff: fred (a contact of staff, not a member) cannot be invited as state.
+    let (status, body) = create(
+        &s,
+        &alice,
+        json!({ "preset": "public_chat", "creation_content": { "org.hafen.group": "staff" } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let bound = body["room_id"].as_str().expect("room").to_owned();
+    assert_denied(
+        &put_member(&s, &alice, &bound, &fred.user_id, "invite").await,
+        "room_group",
+    );
+    assert_eq!(
+        membership(&s, &alice, &bound, &fred.user_id).await,
+        Value::Null
+    );
+    assert_eq!(denial_count(&s, &alice.user_id, "room_group", "invite"), 1);
+
+    // createRoom: members cannot be smuggled in through initial_state, and invites are checked.
+    let got = create(
+        &s,
+        &alice,
+        json!({
+            "creation_content": { "org.hafen.group": "staff" },
+            "initial_state": [{ "type": "m.room.member", "state_key": fred.user_id,
+                                "content": { "membership": "invite" } }],
+        }),
+    )
+    .await;
+    assert_err(&got, 400, "M_INVALID_ROOM_STATE");
+    let got = create(
+        &s,
+        &alice,
+        json!({ "creation_content": { "org.hafen.group": "staff" }, "invite": [fred.user_id] }),
+    )
+    .await;
+    assert_denied(&got, "room_group");
+
+    // A room upgrade: alice was taken out of a runtime group and the sweep has not removed her
+    // yet; she cannot carry herself into a new room bound to that group.
+    let groups = &s.services().access.groups;
+    groups.create("ops").expect("group");
+    groups
+        .change_member("ops", &alice.user_id, true)
+        .expect("member");
+    let (status, body) = create(
+        &s,
+        &alice,
+        json!({ "preset": "public_chat", "creation_content": { "org.hafen.group": "ops" } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ops_room = body["room_id"].as_str().expect("room").to_owned();
+    groups
+        .change_member("ops", &alice.user_id, false)
+        .expect("remove");
+    let got = s
+        .post(
+            &format!("{V3}/rooms/{}/upgrade", enc(&ops_room)),
+            &alice,
+            json!({ "new_version": "11" }),
+        )
+        .await;
+    assert_denied(&got, "room_group");
+    assert!(has_denial(&s, Some(&alice.user_id), "room_group", "join"));
+    // The old room was not replaced.
+    let (status, _) = s
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.tombstone/", enc(&ops_room)),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn other_servers_joins_in_bound_rooms_pass_our_groups() {
+    let pki = TestPki::new();
+    // B counts everybody as staff: it lets its users join the room A binds to staff.
+    let b = start_federating(&pki, |c| {
+        c.groups = vec![group("staff", &["@*:*".to_owned()], &[])];
+    })
+    .await;
+    let b_name = b.server_name();
+    // A counts only alice and B's b1 as staff.
+    let a = start_federating(&pki, |c| {
+        let me = c.server_name.to_string();
+        c.groups = vec![group(
+            "staff",
+            &[format!("@alice:{me}"), format!("@b1:{b_name}")],
+            &[],
+        )];
+    })
+    .await;
+    let alice = a.user("alice").await;
+    let b1 = b.user("b1").await;
+    let b2 = b.user("b2").await;
+    let (status, body) = create(
+        &a,
+        &alice,
+        json!({ "preset": "public_chat", "creation_content": { "org.hafen.group": "staff" } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let room = body["room_id"].as_str().expect("room").to_owned();
+    let got = join_via(&b, &b1, &room, &a).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    wait_membership(&a, &alice, &room, &b1.user_id, "join").await;
+
+    // b2 joins through B, which is in the room now: the join reaches A only as a PDU of a
+    // `/send` transaction. A refuses it: b2 is not staff by A's rules.
+    let got = join(&b, &b2, &room).await;
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    // b1 talks after b2's join: A fetches the join as a missing event and sees it in the state
+    // B resolved; it stays out of A's state either way.
+    let (status, body) = b
+        .put(
+            &format!(
+                "{V3}/rooms/{}/send/m.room.message/{}",
+                enc(&room),
+                crate::common::unique_txn()
+            ),
+            &b1,
+            json!({ "msgtype": "m.text", "body": "after b2 joined" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut seen = false;
+    for _ in 0..200 {
+        let (_, msgs) = a
+            .get(
+                &format!("{V3}/rooms/{}/messages?dir=b&limit=20", enc(&room)),
+                &alice,
+            )
+            .await;
+        seen = msgs["chunk"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|e| e["content"]["body"] == "after b2 joined"));
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "A never got b1's message");
+    assert_ne!(
+        membership(&a, &alice, &room, &b2.user_id).await,
+        json!("join")
+    );
+    let (status, members) = a
+        .get(&format!("{V3}/rooms/{}/joined_members", enc(&room)), &alice)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{members}");
+    assert!(members["joined"].get(&b2.user_id).is_none(), "{members}");
+    assert!(has_denial(&a, Some(&b2.user_id), "room_group", "join"));
+}
+
+#[tokio::test]
+async fn to_device_messages_pass_the_groups_locally_and_from_other_servers() {
+    let name = "localhost";
+    let u = |l: &str| format!("@{l}:{name}");
+    let s = TestServer::start_with(|c| {
+        c.groups = vec![
+            group(
+                "staff",
+                &[u("alice"), u("anna")],
+                &["partner.test".to_owned()],
+            ),
+            group("other", &[u("eve")], &[]),
+        ];
+    })
+    .await;
+    let alice = s.user("alice").await;
+    let anna = s.user("anna").await;
+    let eve = s.user("eve").await;
+    let send = |to: &TestUser| json!({ "messages": { to.user_id.clone(): { to.device_id.clone(): { "secret": "s3" } } } });
+    let path = || format!("{V3}/sendToDevice/m.test/{}", crate::common::unique_txn());
+
+    // Within the group: delivered.
+    let (status, body) = s.put(&path(), &alice, send(&anna)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Across groups: refused as a whole, audited; nothing reaches eve.
+    let got = s.put(&path(), &alice, send(&eve)).await;
+    assert_denied(&got, "closed_user_groups");
+    assert!(has_denial(
+        &s,
+        Some(&alice.user_id),
+        "closed_user_groups",
+        "to_device"
+    ));
+    // A user of another server outside alice's groups is refused too (nothing is queued).
+    let got = s
+        .put(
+            &path(),
+            &alice,
+            json!({ "messages": { "@x:elsewhere.test": { "DEV": { "secret": "s3" } } } }),
+        )
+        .await;
+    assert_denied(&got, "closed_user_groups");
+
+    // From another server (an m.direct_to_device EDU): a partner's user reaches anna, not eve.
+    let origin = <&ruma::ServerName>::try_from("partner.test").expect("name");
+    let edu = json!({ "edu_type": "m.direct_to_device", "content": {
+        "sender": "@p:partner.test", "type": "m.test", "message_id": "m1",
+        "messages": {
+            anna.user_id.clone(): { anna.device_id.clone(): { "secret": "from partner" } },
+            eve.user_id.clone(): { eve.device_id.clone(): { "secret": "from partner" } },
+        },
+    }});
+    hafen::service::federation::edu::apply(s.services(), origin, &[edu]);
+
+    let events = |v: &Value| -> Vec<Value> {
+        v["to_device"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (status, anna_sync) = s.get(&format!("{V3}/sync"), &anna).await;
+    assert_eq!(status, StatusCode::OK, "{anna_sync}");
+    let got = events(&anna_sync);
+    assert!(
+        got.iter().any(|e| e["sender"] == alice.user_id.as_str()),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|e| e["sender"] == "@p:partner.test"),
+        "{got:?}"
+    );
+    let (status, eve_sync) = s.get(&format!("{V3}/sync"), &eve).await;
+    assert_eq!(status, StatusCode::OK, "{eve_sync}");
+    assert!(events(&eve_sync).is_empty(), "{eve_sync}");
+}

@@ -1528,4 +1528,100 @@ async fn retried_send_and_redaction_are_answered_only_once_durable() {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["content"], json!({}), "{v}");
+
+/// A guest account registered over HTTP (`/register?kind=guest`).
+async fn guest(s: &TestServer) -> TestUser {
+    let (status, v) = s
+        .req(
+            Method::POST,
+            &format!("{V3}/register?kind=guest"),
+            None,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    TestUser {
+        user_id: v["user_id"].as_str().expect("user id").to_owned(),
+        device_id: v["device_id"].as_str().expect("device").to_owned(),
+        token: v["access_token"].as_str().expect("token").to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn guests_obey_guest_access_on_every_path() {
+    // Federation on, so that the join of a room elsewhere gets as far as the guest check.
+    let s = TestServer::start_with(|c| {
+        c.allow_guest_registration = true;
+        c.allow_federation = true;
+    })
+    .await;
+    let alice = s.user("alice").await;
+    let visitor = guest(&s).await;
+
+    // A public, world-readable room without m.room.guest_access: closed to guests.
+    let closed = s
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "initial_state": [
+                { "type": "m.room.history_visibility", "content": { "history_visibility": "world_readable" } }
+            ] }),
+        )
+        .await;
+    // Through /rooms/{id}/join and /join/{alias or id}: refused.
+    let got = s
+        .post(&room_path(&closed, "join"), &visitor, json!({}))
+        .await;
+    assert_err(&got, 403, "M_GUEST_ACCESS_FORBIDDEN");
+    let got = s
+        .post(&format!("{V3}/join/{}", enc(&closed)), &visitor, json!({}))
+        .await;
+    assert_err(&got, 403, "M_GUEST_ACCESS_FORBIDDEN");
+    // Peeking: the world-readable room is not read by a guest it is closed to; by others it is.
+    let got = s.get(&room_path(&closed, "messages?dir=b"), &visitor).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let got = s.get(&room_path(&closed, "state"), &visitor).await;
+    assert_err(&got, 403, "M_FORBIDDEN");
+    let bob = s.user("bob").await;
+    let (status, body) = s.get(&room_path(&closed, "messages?dir=b"), &bob).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // An invite does not open the door either.
+    let (status, body) = s
+        .post(
+            &room_path(&closed, "invite"),
+            &alice,
+            json!({ "user_id": visitor.user_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got = s
+        .post(&room_path(&closed, "join"), &visitor, json!({}))
+        .await;
+    assert_err(&got, 403, "M_GUEST_ACCESS_FORBIDDEN");
+
+    // The same room with guest_access can_join: the guest reads and joins.
+    let (status, body) = s
+        .put(
+            &room_path(&closed, "state/m.room.guest_access/"),
+            &alice,
+            json!({ "guest_access": "can_join" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = s.get(&room_path(&closed, "messages?dir=b"), &visitor).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = s
+        .post(&room_path(&closed, "join"), &visitor, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A room on another server: its guest access cannot be checked before the join, so guests
+    // do not join over federation.
+    let got = s
+        .post(
+            &format!("{V3}/join/{}?via=elsewhere.test", enc("!r:elsewhere.test")),
+            &visitor,
+            json!({}),
+        )
+        .await;
+    assert_err(&got, 403, "M_GUEST_ACCESS_FORBIDDEN");
 }

@@ -123,16 +123,24 @@ async fn write(
     if !leaving {
         me.ensure_may_act()?;
     }
+    let room = room_id(room)?;
+    // A membership written as state is the same invite, join or knock as through its own
+    // endpoint: the organization's policy service is asked about it too (the built-in rules
+    // apply in the membership write path, whichever endpoint is used).
+    if kind == "m.room.member" {
+        if let Some(m @ ("invite" | "join" | "knock")) =
+            content.get("membership").and_then(Value::as_str)
+        {
+            let mut d = serde_json::Map::new();
+            if key != me.user_id.as_str() {
+                d.insert("target".into(), Value::String(key.to_owned()));
+            }
+            crate::policy::access::check_hook(s, &me.user_id, Some(room), m, d).await?;
+        }
+    }
     let event_id = s
         .rooms
-        .send_state(
-            room_id(room)?,
-            &me.user_id,
-            kind,
-            key,
-            Value::Object(content),
-            ts,
-        )
+        .send_state(room, &me.user_id, kind, key, Value::Object(content), ts)
         .await?;
     Ok(Json(json!({ "event_id": event_id })))
 }

@@ -85,7 +85,10 @@ async fn devices(
     let mut devices = Vec::new();
     for (device_id, keys) in s.keys.all_device_keys(&user)? {
         let mut d = json!({ "device_id": device_id, "keys": keys });
-        if let Some(Some(name)) = names.get(&device_id) {
+        // Device names go to other servers only when the operator allows it.
+        if let (true, Some(Some(name))) =
+            (s.config.allow_device_name_federation, names.get(&device_id))
+        {
             d["device_display_name"] = json!(name);
         }
         devices.push(d);

@@ -133,13 +133,17 @@ pub fn send_device_list_update(
         if let Some(keys) = s.keys.device_keys(user, device)? {
             content["keys"] = keys;
         }
-        if let Some(name) = s
-            .accounts
-            .devices(user)?
-            .into_iter()
-            .find(|d| *d.device_id == *device)
-            .and_then(|d| d.display_name)
-        {
+        // Device names go to other servers only when the operator allows it.
+        let name = if s.config.allow_device_name_federation {
+            s.accounts
+                .devices(user)?
+                .into_iter()
+                .find(|d| *d.device_id == *device)
+                .and_then(|d| d.display_name)
+        } else {
+            None
+        };
+        if let Some(name) = name {
             content["device_display_name"] = Value::String(name);
         }
     }
@@ -418,6 +422,15 @@ fn to_device(s: &Services, origin: &ServerName, c: &Map<String, Value>) -> Resul
         }
     }
     recipients.truncate(crate::service::to_device::MAX_RECIPIENTS);
+    // The closed user groups: what the sender may not send to our users is not delivered (the
+    // others of the same message still are; the write below applies the same rule to them all).
+    recipients.retain(|r| {
+        let ok = s.to_device.may_contact(&sender, &r.user);
+        if !ok {
+            tracing::debug!(%sender, user = %r.user, "to-device message refused by the closed user groups");
+        }
+        ok
+    });
     if recipients.is_empty() {
         return Ok(());
     }

@@ -186,6 +186,11 @@ pub async fn accept(
         return Ok(());
     }
 
+    // Our membership policies, for another server's invite, join or knock in a room here (the
+    // same check as for local events). Refused, it is not stored: our users never share the room
+    // with someone the law keeps from them, whatever other servers accepted.
+    rooms.admit_membership(&incoming.room_id, pdu)?;
+
     let mut extremities: Vec<OwnedEventId> = meta
         .extremities
         .iter()
@@ -213,6 +218,15 @@ pub async fn accept(
             let mut changes = Vec::new();
             for (key, id) in &resolved {
                 if current.get(key) != Some(id) {
+                    if key.0 == "m.room.member"
+                        && *id != pdu.event_id
+                        && !membership_admitted(rooms, &incoming.room_id, id)?
+                    {
+                        // A membership our policies refused (when it came, or now) must not
+                        // come in through the state of a later event either: the key keeps its
+                        // current value here, whatever the other servers resolved.
+                        continue;
+                    }
                     changes.push((key.0.clone(), key.1.clone(), Some(id.clone())));
                 }
             }
@@ -251,6 +265,22 @@ pub async fn accept(
         audit_remote_membership(services, &incoming, &target, before.as_deref());
     }
     deferred.complete(&services.storage).await
+}
+
+/// Whether the membership event `id`, which state resolution would make current, passes the
+/// membership policies (`Rooms::admit_membership`; a refusal is audited there and logged here).
+fn membership_admitted(rooms: &Rooms, room_id: &RoomId, id: &OwnedEventId) -> Result<bool> {
+    let Some(member) = rooms.pdu(id.as_str())? else {
+        return Ok(true);
+    };
+    match rooms.admit_membership(room_id, &member) {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_policy_denial() || e.errcode() == "M_GUEST_ACCESS_FORBIDDEN" => {
+            tracing::info!(event = %id, error = %e, "a membership from state resolution was refused");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The local user whose membership `pdu` changes when it is an `m.room.member` event of a local

@@ -442,6 +442,15 @@ pub async fn join(
             .join_room(room_id, user, profile, reason)
             .await;
     }
+    if services.accounts.user(user)?.is_some_and(|u| u.guest) {
+        // A guest joins only rooms whose m.room.guest_access is can_join; the state of a room
+        // elsewhere is not known before the join, and once the resident server has the join it
+        // cannot be taken back here. So guests stay with rooms this server is in.
+        return Err(Error::new(
+            ErrCode::GuestAccessForbidden,
+            "Guests may only join rooms this server is in",
+        ));
+    }
     join_remote(services, room_id, user, &servers, profile, reason).await
 }
 

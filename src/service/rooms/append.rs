@@ -318,6 +318,8 @@ impl Rooms {
             },
         )
         .map_err(|e| Error::forbidden(format!("Event not authorized: {e}")))?;
+        // Allowed by the room's rules; now the law's: whoever asked for this membership.
+        self.admit_membership(room_id, &pdu)?;
         Ok(Prepared { meta, obj, pdu })
     }
 

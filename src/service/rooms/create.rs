@@ -111,6 +111,8 @@ impl Rooms {
         // Everything after the create event: an auth failure means the request's state is
         // inconsistent (e.g. an override that takes the creator's power away).
         let invalid = |e: Error| match e {
+            // A policy's denial (an invitee the membership write path refuses) stays a 403.
+            e if e.is_policy_denial() => e,
             Error::Matrix {
                 code: ErrCode::Forbidden,
                 message,

@@ -100,7 +100,10 @@ impl Rooms {
         if !self.exists(room_id)? {
             return Ok(false);
         }
-        Ok(visibility == "world_readable" || self.membership(room_id, user)?.is_some())
+        if self.membership(room_id, user)?.is_some() {
+            return Ok(true);
+        }
+        Ok(visibility == "world_readable" && self.peekable_by(room_id, user)?)
     }
 
     /// `/messages`: walk the room from `from` (exclusive) in one direction, returning up to

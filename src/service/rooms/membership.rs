@@ -393,9 +393,7 @@ impl Rooms {
         }
         let membership = self.membership(room_id, user)?;
         // `None` bound: the current state.
-        let bound = if membership.as_deref() == Some("join")
-            || self.history_visibility(room_id)? == "world_readable"
-        {
+        let bound = if membership.as_deref() == Some("join") || self.peekable_by(room_id, user)? {
             None
         } else if matches!(membership.as_deref(), Some("leave") | Some("ban"))
             && self.was_ever_joined(room_id, user)?
@@ -459,8 +457,7 @@ impl Rooms {
         user: &UserId,
     ) -> Result<Vec<(OwnedUserId, MemberProfile)>> {
         if !self.exists(room_id)?
-            || !(self.is_joined(room_id, user)?
-                || self.history_visibility(room_id)? == "world_readable")
+            || !(self.is_joined(room_id, user)? || self.peekable_by(room_id, user)?)
         {
             return Err(Error::forbidden("You are not joined to this room"));
         }
@@ -495,6 +492,10 @@ pub enum Moderation {
 
 /// Auth-rule rejections become `M_FORBIDDEN` with a clear message; other errors pass through.
 fn refusal(e: Error, message: &str) -> Error {
+    if e.is_policy_denial() {
+        // The policy's own message names it: kept as it is.
+        return e;
+    }
     match e {
         Error::Matrix {
             code: ErrCode::Forbidden,

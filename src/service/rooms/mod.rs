@@ -129,6 +129,10 @@ pub struct Rooms {
     /// The registered appservices: events that interest one are queued for it in the event's
     /// batch, and aliases in an exclusive namespace are reserved for it.
     pub(crate) appservices: Option<Arc<crate::service::appservice::Appservices>>,
+    /// The services, for the policy layer's check of every membership event about to be written
+    /// ([`Rooms::admit_membership`]). Weak: `Rooms` lives inside `Services`. Set once by
+    /// `Services::build` before the server serves anything.
+    policy: std::sync::OnceLock<std::sync::Weak<crate::service::Services>>,
 }
 
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
@@ -157,7 +161,48 @@ impl Rooms {
             auth_cache: Mutex::new(HashMap::new()),
             audit: None,
             appservices: None,
+            policy: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Let the policy layer decide about every membership event written from now on.
+    pub fn set_policy(&self, services: std::sync::Weak<crate::service::Services>) {
+        let _ = self.policy.set(services);
+    }
+
+    /// May `user`, who is not a member, read `room_id` (peek)? Only when it is world readable,
+    /// and for this server's guests only when `m.room.guest_access` lets guests in too: a room
+    /// closed to guests is not read by them either.
+    pub(crate) fn peekable_by(&self, room_id: &RoomId, user: &UserId) -> Result<bool> {
+        if self.history_visibility(room_id)? != "world_readable" {
+            return Ok(false);
+        }
+        let Some(weak) = self.policy.get() else {
+            return Ok(true);
+        };
+        let services = weak
+            .upgrade()
+            .ok_or_else(|| Error::internal("the server is shutting down"))?;
+        crate::policy::access::guest_may_peek(&services, room_id, user)
+    }
+
+    /// The one enforcement point of the membership policies (closed user groups, rooms bound to
+    /// a group, the federation policy, guest access): called for every event about to be
+    /// written, local ones (`prepare_local`) and other servers' (`federation::incoming`), after
+    /// the auth rules allowed it, under the room's lock. Events other than invites, joins and
+    /// knocks pass. Without services (unit tests of `Rooms` alone) there is no policy to ask;
+    /// once set, services that are gone (shutdown) refuse.
+    pub(crate) fn admit_membership(&self, room_id: &RoomId, pdu: &Pdu) -> Result<()> {
+        if pdu.kind != ruma::events::TimelineEventType::RoomMember {
+            return Ok(());
+        }
+        let Some(weak) = self.policy.get() else {
+            return Ok(());
+        };
+        let services = weak
+            .upgrade()
+            .ok_or_else(|| Error::internal("the server is shutting down"))?;
+        crate::policy::access::check_membership_event(&services, room_id, pdu)
     }
 
     /// Queue events for the appservices they interest, reserve their exclusive aliases.

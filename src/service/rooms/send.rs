@@ -218,7 +218,10 @@ impl Rooms {
         if pdu.room_id.as_deref().is_some_and(|r| r != room_id) {
             return Err(not_found());
         }
-        if !self.viewer(room_id, user).can_see(&pdu, at)? {
+        let visibility = self.history_visibility(room_id)?;
+        if !self.may_read_history(room_id, user, &visibility)?
+            || !self.viewer(room_id, user).can_see(&pdu, at)?
+        {
             return Err(not_found());
         }
         Ok((pdu, meta))
