@@ -17,6 +17,8 @@ pub enum Action {
     Login,
     Registration,
     Message,
+    /// A notary key query (`/_matrix/key/v2/query`), per IP address.
+    KeyQuery,
 }
 
 struct Bucket {
@@ -45,6 +47,7 @@ impl RateLimiter {
             Action::Login => self.config.login,
             Action::Registration => self.config.registration,
             Action::Message => self.config.message,
+            Action::KeyQuery => self.config.key_query,
         }
     }
 
