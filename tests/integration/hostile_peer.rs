@@ -84,7 +84,10 @@ async fn serve(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let line = format!(
         "{} {}",
         req.method(),
-        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
     );
     shared.requests.lock().expect("lock").push(line);
     let json = |status: u16, body: Value| {

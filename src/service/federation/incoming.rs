@@ -212,8 +212,11 @@ pub async fn accept(
             // The event is not stored yet; resolution reads it, so it goes in first as an
             // outlier (its timeline entry follows in the same room lock).
             rooms.store_outlier(&incoming)?;
-            let resolved =
-                rooms.resolve_states(&incoming.room_id, &meta.version, &[current.clone(), after])?;
+            let resolved = rooms.resolve_states(
+                &incoming.room_id,
+                &meta.version,
+                &[current.clone(), after],
+            )?;
             let mut changes = Vec::new();
             for (key, id) in &resolved {
                 if current.get(key) != Some(id) {
@@ -542,12 +545,7 @@ async fn fetch_state_after(
     let mut wanted: Vec<OwnedEventId> = Vec::new();
     for id in ids.iter().chain(std::iter::once(prev)) {
         // An id of another room's event stored here makes the whole answer a lie: refused.
-        if services
-            .rooms
-            .pdu_of_room(&incoming.room_id, id)?
-            .is_none()
-            && !wanted.contains(id)
-        {
+        if services.rooms.pdu_of_room(&incoming.room_id, id)?.is_none() && !wanted.contains(id) {
             wanted.push(id.clone());
         }
     }

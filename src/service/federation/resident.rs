@@ -3,8 +3,7 @@
 //! `send_leave`, `send_knock`), and invites of local users to rooms elsewhere (`invite`).
 
 use ruma::{
-    events::StateEventType, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName,
-    UserId,
+    events::StateEventType, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName, UserId,
 };
 use serde_json::{json, Value};
 
