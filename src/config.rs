@@ -388,6 +388,10 @@ pub struct RateLimits {
     pub registration: RateLimit,
     #[serde(default = "default_rl_message")]
     pub message: RateLimit,
+    /// Notary key queries (`/_matrix/key/v2/query`), per IP address: each may make this server
+    /// fetch other servers' keys.
+    #[serde(default = "default_rl_key_query")]
+    pub key_query: RateLimit,
 }
 
 impl Default for RateLimits {
@@ -398,6 +402,7 @@ impl Default for RateLimits {
             login_failures: default_rl_login_failures(),
             registration: default_rl_registration(),
             message: default_rl_message(),
+            key_query: default_rl_key_query(),
         }
     }
 }
@@ -479,6 +484,12 @@ fn default_rl_message() -> RateLimit {
     RateLimit {
         per_second: 10.0,
         burst: 50,
+    }
+}
+fn default_rl_key_query() -> RateLimit {
+    RateLimit {
+        per_second: 1.0,
+        burst: 20,
     }
 }
 
@@ -793,6 +804,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("login_failures", c.rate_limits.login_failures),
         ("registration", c.rate_limits.registration),
         ("message", c.rate_limits.message),
+        ("key_query", c.rate_limits.key_query),
     ] {
         if !(rl.per_second > 0.0) || rl.burst == 0 {
             return Err(ConfigError::Invalid(format!(

@@ -26,6 +26,8 @@ pub enum Action {
     LoginFailure,
     Registration,
     Message,
+    /// A notary key query (`/_matrix/key/v2/query`), per IP address.
+    KeyQuery,
 }
 
 /// The key of a client address: an IPv4 address as it is, an IPv6 address by its /64 (one
@@ -79,6 +81,7 @@ impl RateLimiter {
             Action::LoginFailure => self.config.login_failures,
             Action::Registration => self.config.registration,
             Action::Message => self.config.message,
+            Action::KeyQuery => self.config.key_query,
         }
     }
 

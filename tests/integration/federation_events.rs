@@ -248,7 +248,7 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     let expected_chain: BTreeSet<String> = a
         .services()
         .rooms
-        .auth_chain(at_m2.iter().map(|id| event_id(id)))
+        .auth_chain(room_id(&room), at_m2.iter().map(|id| event_id(id)))
         .expect("db")
         .into_iter()
         .map(|id| id.to_string())
@@ -311,7 +311,11 @@ async fn world_readable_room(a: &TestServer, b: &TestServer, alice: &TestUser, v
     .await;
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
     let auth = got.1["auth_chain"].as_array().expect("auth_chain");
-    let expected = a.services().rooms.auth_chain([event_id(&m3)]).expect("db");
+    let expected = a
+        .services()
+        .rooms
+        .auth_chain(room_id(&room), [event_id(&m3)])
+        .expect("db");
     assert_eq!(auth.len(), expected.len());
     let auth_types: HashSet<&str> = auth
         .iter()

@@ -93,7 +93,7 @@ impl Segs {
 }
 
 /// The client's IP address (for rate limits and device info), when known.
-pub(super) struct ClientIp(pub Option<IpAddr>);
+pub(crate) struct ClientIp(pub Option<IpAddr>);
 
 impl FromRequestParts<Arc<Services>> for ClientIp {
     type Rejection = Error;

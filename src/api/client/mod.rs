@@ -42,7 +42,7 @@ mod upgrade;
 mod user_directory;
 mod voip;
 
-pub(crate) use account::query_param;
+pub(crate) use account::{query_param, ClientIp};
 
 use std::sync::Arc;
 

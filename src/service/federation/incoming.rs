@@ -115,6 +115,9 @@ pub async fn accept(
     keys: &mut KeyCache,
 ) -> Result<()> {
     let rooms = &services.rooms;
+    // An id that names a stored event of another room (room versions 1 and 2 let the sender
+    // choose ids) is refused, not taken for "already there".
+    rooms.pdu_of_room(&incoming.room_id, &incoming.event_id)?;
     // Already in the timeline, or in the history fetched by backfill: an old event that must
     // not be placed again as if it were new.
     if rooms.event_meta(incoming.event_id.as_str())?.is_some()
@@ -162,7 +165,7 @@ pub async fn accept(
         for prev in &pdu.prev_events {
             if let Some(s) = prev_states.remove(prev) {
                 states.push(s);
-            } else if let Some(s) = rooms.state_ids_after(prev)? {
+            } else if let Some(s) = rooms.state_ids_after(&incoming.room_id, prev)? {
                 states.push(s);
             }
         }
@@ -171,7 +174,7 @@ pub async fn accept(
                 "the state before the event cannot be worked out (its prev events are unknown)",
             ));
         }
-        Some(rooms.resolve_states(&meta.version, &states)?)
+        Some(rooms.resolve_states(&incoming.room_id, &meta.version, &states)?)
     };
 
     // Against the state before the event: rejected on failure.
@@ -214,7 +217,11 @@ pub async fn accept(
             // The event is not stored yet; resolution reads it, so it goes in first as an
             // outlier (its timeline entry follows in the same room lock).
             rooms.store_outlier(&incoming)?;
-            let resolved = rooms.resolve_states(&meta.version, &[current.clone(), after])?;
+            let resolved = rooms.resolve_states(
+                &incoming.room_id,
+                &meta.version,
+                &[current.clone(), after],
+            )?;
             let mut changes = Vec::new();
             for (key, id) in &resolved {
                 if current.get(key) != Some(id) {
@@ -339,12 +346,20 @@ fn audit_remote_membership(
     );
 }
 
-/// The prev events of `pdu` that are not in the room's timeline.
+/// The prev events of `pdu` that are not in the room's timeline. (A prev event of another room
+/// was refused before: [`check_against_auth_events`] runs first.)
 fn missing_prevs(rooms: &Rooms, pdu: &Pdu) -> Result<Vec<OwnedEventId>> {
+    let room_id = pdu.room()?;
     let mut out = Vec::new();
     for p in &pdu.prev_events {
-        if rooms.event_meta(p.as_str())?.is_none() {
-            out.push(p.clone());
+        match rooms.event_meta(p.as_str())? {
+            Some(meta) if meta.room_id == room_id => {}
+            Some(_) => {
+                return Err(Error::bad_json(format!(
+                    "prev event {p} belongs to another room"
+                )))
+            }
+            None => out.push(p.clone()),
         }
     }
     Ok(out)
@@ -362,7 +377,7 @@ async fn fetch_missing_auth(
     let rooms = &services.rooms;
     let mut unknown = false;
     for a in &incoming.pdu.auth_events {
-        if rooms.pdu(a.as_str())?.is_none() {
+        if rooms.pdu_of_room(&incoming.room_id, a)?.is_none() {
             unknown = true;
         }
     }
@@ -385,7 +400,7 @@ async fn fetch_missing_auth(
         .unwrap_or_default();
     store_checked_outliers(services, &incoming.room_id, version, chain, keys).await?;
     for a in &incoming.pdu.auth_events {
-        if rooms.pdu(a.as_str())?.is_none() {
+        if rooms.pdu_of_room(&incoming.room_id, a)?.is_none() {
             return Err(Error::bad_json(format!("auth event {a} is unknown")));
         }
     }
@@ -426,9 +441,18 @@ pub fn store_checked(
     checked.sort_by_key(|i| (u64::from(i.pdu.depth), i.event_id.clone()));
     let mut known: HashMap<OwnedEventId, Pdu> = HashMap::new();
     for inc in checked {
-        if rooms.pdu(inc.event_id.as_str())?.is_some() {
-            known.insert(inc.event_id.clone(), inc.pdu.clone());
-            continue;
+        // Already stored: known, as stored (never replaced), when it is of this room; an id of
+        // another room's event (room versions 1 and 2) is dropped with the rest of the lies.
+        match rooms.pdu_of_room(&inc.room_id, &inc.event_id) {
+            Ok(Some(stored)) => {
+                known.insert(inc.event_id.clone(), stored);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(event = %inc.event_id, error = %e, "rejected a fetched event");
+                continue;
+            }
         }
         match check_against_auth_events(rooms, rules, &inc.pdu, &known) {
             Ok(()) => {
@@ -550,7 +574,8 @@ async fn fetch_state_after(
         .collect();
     let mut wanted: Vec<OwnedEventId> = Vec::new();
     for id in ids.iter().chain(std::iter::once(prev)) {
-        if services.rooms.pdu(id.as_str())?.is_none() && !wanted.contains(id) {
+        // An id of another room's event stored here makes the whole answer a lie: refused.
+        if services.rooms.pdu_of_room(&incoming.room_id, id)?.is_none() && !wanted.contains(id) {
             wanted.push(id.clone());
         }
     }
@@ -577,7 +602,7 @@ async fn fetch_state_after(
     store_checked_outliers(services, &incoming.room_id, version, fetched, keys).await?;
     let mut state = StateIds::new();
     for id in state_ids.iter().chain(std::iter::once(prev)) {
-        if let Some(p) = services.rooms.pdu(id.as_str())? {
+        if let Some(p) = services.rooms.pdu_of_room(&incoming.room_id, id)? {
             if let Some(k) = p.state_key {
                 state.insert((p.kind.to_string(), k), p.event_id);
             }
@@ -594,11 +619,17 @@ pub fn check_against_auth_events(
     pdu: &Pdu,
     extra: &HashMap<OwnedEventId, Pdu>,
 ) -> Result<()> {
+    // Events never cross rooms: an event naming another room's event as prev or auth event is
+    // rejected here, the first check every received or fetched event goes through after its
+    // signatures; and auth events are only ever read as events of its room.
+    rooms.ensure_refs_in_room(pdu)?;
+    let room_id = pdu.room()?;
     let fetch = |id: &ruma::EventId| -> Option<Pdu> {
         extra
             .get(id)
+            .filter(|p| p.room_id.as_deref() == Some(room_id))
             .cloned()
-            .or_else(|| rooms.pdu(id.as_str()).ok().flatten())
+            .or_else(|| rooms.pdu_of_room_or_none(room_id, id))
     };
     if pdu.kind == ruma::events::TimelineEventType::RoomCreate
         && rules.authorization.room_create_event_id_as_room_id
@@ -647,13 +678,14 @@ pub fn check_against_state(
     pdu: &Pdu,
     state: &StateIds,
 ) -> Result<()> {
+    let room_id = pdu.room()?;
     ruma::state_res::check_state_dependent_auth_rules(
         &rules.authorization,
         pdu,
         |t: &StateEventType, k: &str| {
             state
                 .get(&(t.to_string(), k.to_owned()))
-                .and_then(|id| rooms.pdu(id.as_str()).ok().flatten())
+                .and_then(|id| rooms.pdu_of_room_or_none(room_id, id))
         },
     )
     .map_err(|e| Error::forbidden(format!("event not authorized by the room state: {e}")))

@@ -91,15 +91,20 @@ pub async fn invite_remote(
         .federation
         .event_signing_keys(target.server_name())
         .await?;
+    let event_ts = u64::from(checked.pdu.origin_server_ts.0);
     let mut map = PublicKeyMap::new();
-    map.insert(target.server_name().to_string(), target_keys);
+    map.insert(
+        target.server_name().to_string(),
+        super::pdu::valid_at(&target_keys, event_ts),
+    );
     // Our own signature is on it too; every signer's keys must be known to check any.
+    let own_keys = services
+        .federation
+        .event_signing_keys(&services.globals.server_name)
+        .await?;
     map.insert(
         services.globals.server_name.to_string(),
-        services
-            .federation
-            .event_signing_keys(&services.globals.server_name)
-            .await?,
+        super::pdu::valid_at(&own_keys, event_ts),
     );
     let rules = crate::service::rooms::append::rules_for(&version)?;
     let redacted = ruma::canonical_json::redact(checked.obj.clone(), &rules.redaction, None)

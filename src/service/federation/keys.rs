@@ -99,6 +99,14 @@ impl Federation {
             .and_then(|mut r| r.get_mut("doc").map(Value::take)))
     }
 
+    /// The key document of `server` if it is cached and valid (no request is made).
+    pub fn cached_key_document(&self, server: &ServerName) -> Result<Option<Value>> {
+        if server == self.globals.server_name {
+            return Ok(None);
+        }
+        self.cached_keys(server, utils::now_ms())
+    }
+
     /// The key document of `server` (fetched if not cached), as that server signed it.
     pub async fn key_document(&self, server: &ServerName) -> Result<Value> {
         self.current_keys(server).await?;

@@ -118,10 +118,16 @@ impl Federation {
         let servers =
             ruma::signatures::required_server_signatures_to_verify_event(&obj, &rules.signatures)
                 .map_err(|e| Error::bad_json(format!("event signatures: {e}")))?;
+        // A retired key (`old_verify_keys`) verifies only events older than its `expired_ts`:
+        // whoever got hold of a retired key cannot sign new events with it.
+        let event_ts = match obj.get("origin_server_ts") {
+            Some(CanonicalJsonValue::Integer(ts)) => u64::try_from(i64::from(*ts)).unwrap_or(0),
+            _ => return Err(Error::bad_json("origin_server_ts is missing")),
+        };
         let mut map = PublicKeyMap::new();
         for server in servers {
             let keys = keys.get(self, &server).await?;
-            map.insert(server.to_string(), keys);
+            map.insert(server.to_string(), valid_at(&keys, event_ts));
         }
         match ruma::signatures::verify_event(&map, &obj, &rules) {
             Ok(Verified::All) => {}
@@ -151,35 +157,54 @@ impl Federation {
         })
     }
 
-    /// Every key a server has signed with (current and retired), as unpadded base64 by id.
-    pub async fn event_signing_keys(
-        &self,
-        server: &ruma::ServerName,
-    ) -> Result<BTreeMap<String, Base64>> {
+    /// Every key a server has signed with (current and retired), as unpadded base64 by id, each
+    /// with the time it was retired (`expired_ts` of `old_verify_keys`; `None`: current). A key
+    /// listed as current and as retired counts as current.
+    pub async fn event_signing_keys(&self, server: &ruma::ServerName) -> Result<SigningKeys> {
         let mut out = BTreeMap::new();
         if server == self.globals.server_name {
-            let key = &self.globals.signing_key;
-            out.insert(key.key_id.clone(), parse_key(&key.public_key())?);
             for (id, old) in self.own_old_keys()? {
-                out.insert(id, parse_key(&old.key)?);
+                out.insert(id, (parse_key(&old.key)?, Some(old.expired_ts)));
             }
+            let key = &self.globals.signing_key;
+            out.insert(key.key_id.clone(), (parse_key(&key.public_key())?, None));
             return Ok(out);
         }
         let doc = self.key_document(server).await?;
-        for field in ["verify_keys", "old_verify_keys"] {
+        // Retired keys first, so that a current key of the same id wins.
+        for (field, retired) in [("old_verify_keys", true), ("verify_keys", false)] {
             for (id, k) in doc
                 .get(field)
                 .and_then(Value::as_object)
                 .into_iter()
                 .flatten()
             {
-                if let Some(key) = k.get("key").and_then(Value::as_str) {
-                    out.insert(id.clone(), parse_key(key)?);
-                }
+                let Some(key) = k.get("key").and_then(Value::as_str) else {
+                    continue;
+                };
+                let expired = if retired {
+                    // A retired key without a valid `expired_ts` verifies nothing.
+                    Some(k.get("expired_ts").and_then(Value::as_u64).unwrap_or(0))
+                } else {
+                    None
+                };
+                out.insert(id.clone(), (parse_key(key)?, expired));
             }
         }
         Ok(out)
     }
+}
+
+/// A server's signing keys by id: the public key, and when it was retired (`None`: current).
+pub type SigningKeys = BTreeMap<String, (Base64, Option<u64>)>;
+
+/// The keys that may have signed an event of `origin_server_ts` `event_ts`: the current ones,
+/// and retired ones only for events from before they were retired.
+pub fn valid_at(keys: &SigningKeys, event_ts: u64) -> BTreeMap<String, Base64> {
+    keys.iter()
+        .filter(|(_, (_, expired))| expired.is_none_or(|e| event_ts < e))
+        .map(|(id, (key, _))| (id.clone(), key.clone()))
+        .collect()
 }
 
 fn parse_key(key: &str) -> Result<Base64> {
@@ -190,7 +215,7 @@ fn parse_key(key: &str) -> Result<Base64> {
 /// of thousands of events asks storage (or the network) once per server.
 #[derive(Default)]
 pub struct KeyCache {
-    keys: HashMap<OwnedServerName, BTreeMap<String, Base64>>,
+    keys: HashMap<OwnedServerName, SigningKeys>,
 }
 
 impl KeyCache {
@@ -198,7 +223,7 @@ impl KeyCache {
         &mut self,
         federation: &Federation,
         server: &ruma::ServerName,
-    ) -> Result<BTreeMap<String, Base64>> {
+    ) -> Result<SigningKeys> {
         if let Some(k) = self.keys.get(server) {
             return Ok(k.clone());
         }

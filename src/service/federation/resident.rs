@@ -2,7 +2,9 @@
 //! (`make_join`, `make_leave`, `make_knock`), accepting the signed events (`send_join`,
 //! `send_leave`, `send_knock`), and invites of local users to rooms elsewhere (`invite`).
 
-use ruma::{events::StateEventType, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId};
+use ruma::{
+    events::StateEventType, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName, UserId,
+};
 use serde_json::{json, Value};
 
 use super::{
@@ -105,20 +107,8 @@ pub async fn make_template(
     let rules = rules_for(&meta.version)?;
     let mut content = member_content(kind.membership(), None, None);
     if kind == Handshake::Join {
-        let current = rooms.membership(room_id, user)?;
-        let rule = rooms.join_rule(room_id)?;
-        let restricted = matches!(rule.as_str(), "restricted" | "knock_restricted");
-        if restricted && !matches!(current.as_deref(), Some("invite") | Some("join")) {
-            match rooms.restricted_authoriser(room_id, user)? {
-                Some(via) => {
-                    content["join_authorised_via_users_server"] = Value::String(via.to_string())
-                }
-                None => {
-                    return Err(Error::forbidden(
-                        "The user is not in a room this room allows joining from",
-                    ))
-                }
-            }
+        if let Some(via) = restricted_join_authoriser(rooms, room_id, user)? {
+            content["join_authorised_via_users_server"] = Value::String(via.to_string())
         }
     }
     let new = NewEvent::state("m.room.member", user.as_str(), content);
@@ -143,6 +133,32 @@ pub async fn make_template(
     Ok(json!({ "event": event, "room_version": meta.version }))
 }
 
+/// The join rule and its allow conditions for `user` joining `room_id` through this server,
+/// asked by `make_join` (to fill the template) and by `send_join` (before countersigning) alike:
+/// `None` when nobody needs to vouch (the rule is not restricted, or the user is invited or
+/// joined already: the auth rules decide); `Some(via)`: a restricted join a local member who
+/// may invite vouches for; 403 `M_FORBIDDEN` when the user meets none of the allow conditions.
+pub fn restricted_join_authoriser(
+    rooms: &Rooms,
+    room_id: &RoomId,
+    user: &UserId,
+) -> Result<Option<OwnedUserId>> {
+    let rule = rooms.join_rule(room_id)?;
+    if !matches!(rule.as_str(), "restricted" | "knock_restricted") {
+        return Ok(None);
+    }
+    let current = rooms.membership(room_id, user)?;
+    if matches!(current.as_deref(), Some("invite") | Some("join")) {
+        return Ok(None);
+    }
+    match rooms.restricted_authoriser(room_id, user)? {
+        Some(via) => Ok(Some(via)),
+        None => Err(Error::forbidden(
+            "The user is not in a room this room allows joining from",
+        )),
+    }
+}
+
 /// `send_join`, `send_leave`, `send_knock`: check the signed event and accept it into the room
 /// (this server forwards it to the room's other servers). Returns the event as accepted
 /// (countersigned by this server for a restricted join it vouched for).
@@ -156,6 +172,17 @@ pub async fn accept_membership(
 ) -> Result<Incoming> {
     check_room_for(services, origin, room_id)?;
     let version = services.rooms.version(room_id)?;
+    if kind == Handshake::Join {
+        // The join rule, as make_join applies it, before anything is countersigned: a
+        // restricted room stays restricted for a server that skips make_join and names one of
+        // our users as the one vouching.
+        let sender = body
+            .get("sender")
+            .and_then(Value::as_str)
+            .and_then(|u| UserId::parse(u).ok())
+            .ok_or_else(|| Error::bad_json("The event has no valid sender"))?;
+        restricted_join_authoriser(&services.rooms, room_id, &sender)?;
+    }
     let mut keys = KeyCache::default();
     // A restricted join naming one of our users in `join_authorised_via_users_server` must carry
     // our signature (room versions 8+: the authorising server signs it), and the PDU checks
@@ -251,9 +278,11 @@ pub fn join_answer(services: &Services, join: &Incoming) -> Result<Value> {
     let state = rooms
         .state_ids_before(&join.event_id)?
         .ok_or_else(|| Error::internal("the join has no state"))?;
+    // Only events of the room are served as its state and auth chain.
+    let room_id = &join.room_id;
     let mut pdus = Vec::with_capacity(state.len());
     for id in state.values() {
-        if let Some(p) = rooms.federation_pdu(id)? {
+        if let Some(p) = rooms.federation_pdu_of_room(room_id, id)? {
             pdus.push(p);
         }
     }
@@ -263,8 +292,8 @@ pub fn join_answer(services: &Services, join: &Incoming) -> Result<Value> {
         .chain(std::iter::once(join.event_id.as_ref()))
         .collect();
     let mut chain = Vec::new();
-    for id in rooms.auth_chain(starts)? {
-        if let Some(p) = rooms.federation_pdu(&id)? {
+    for id in rooms.auth_chain(room_id, starts)? {
+        if let Some(p) = rooms.federation_pdu_of_room(room_id, &id)? {
             chain.push(p);
         }
     }
@@ -312,6 +341,9 @@ pub async fn receive_invite(
     if incoming.event_id.as_str() != event_id {
         return Err(Error::bad_json("The event id does not match the event"));
     }
+    // An id we store already: this very invite again (a retry) changes nothing; anything else
+    // (room versions 1 and 2 let the sender choose ids) is refused, never stored over it.
+    let already_stored = is_stored_already(&services.rooms, &incoming)?;
     let pdu = &incoming.pdu;
     if pdu.kind.to_string() != "m.room.member" || pdu.membership().as_deref() != Some("invite") {
         return Err(Error::bad_json("The event is not an invite"));
@@ -371,7 +403,7 @@ pub async fn receive_invite(
     .map_err(|e| Error::bad_json(format!("cannot countersign: {e}")))?;
     let signed = serde_json::to_value(&incoming.obj)?;
     // In the room already: the invite reaches the room's timeline through `/send`.
-    if !is_resident(&services.rooms, room_id)? {
+    if !already_stored && !is_resident(&services.rooms, room_id)? {
         store_remote_invite(services, &incoming, &target, stripped).await?;
     }
     // The address and agent on record are the inviting server's (the request came from it).
@@ -474,8 +506,32 @@ async fn store_remote_invite(
     record_remote_membership(services, &invite.room_id, target, "invite", invite, stored).await
 }
 
+/// Whether `event`'s id names an event this server stores already: `Ok(true)` when it is this
+/// same event (room, sender, type, state key, content, timestamp), 400 `M_BAD_JSON` when it is
+/// another one. A stored event is never replaced by another server's event of the same id.
+pub(crate) fn is_stored_already(rooms: &Rooms, event: &Incoming) -> Result<bool> {
+    let Some(stored) = rooms.pdu(event.event_id.as_str())? else {
+        return Ok(false);
+    };
+    let new = &event.pdu;
+    let same = stored.room_id == new.room_id
+        && stored.sender == new.sender
+        && stored.kind == new.kind
+        && stored.state_key == new.state_key
+        && stored.origin_server_ts == new.origin_server_ts
+        && stored.content_value() == new.content_value();
+    if !same {
+        return Err(Error::bad_json(format!(
+            "Another event with the id {} is known here",
+            event.event_id
+        )));
+    }
+    Ok(true)
+}
+
 /// Record a local user's membership in a room this server is not in (a remote invite, its
-/// rejection, a knock): the event and the user's room list, in one batch.
+/// rejection, a knock): the event and the user's room list, in one batch. The event is
+/// written only if its id is not stored yet ([`is_stored_already`]: never over another event).
 pub(crate) async fn record_remote_membership(
     services: &Services,
     room_id: &RoomId,
@@ -484,14 +540,17 @@ pub(crate) async fn record_remote_membership(
     event: &Incoming,
     stored: Value,
 ) -> Result<()> {
+    let write_event = !is_stored_already(&services.rooms, event)?;
     let pending = services.globals.counter.next()?;
     let count = pending.get();
     let mut batch = services.storage.batch();
-    batch.put(
-        Table::Pdus,
-        event.event_id.as_bytes(),
-        &serde_json::to_vec(&stored)?,
-    )?;
+    if write_event {
+        batch.put(
+            Table::Pdus,
+            event.event_id.as_bytes(),
+            &serde_json::to_vec(&stored)?,
+        )?;
+    }
     let user_room = crate::service::rooms::UserRoom {
         membership: membership.to_owned(),
         count,

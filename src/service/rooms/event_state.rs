@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ruma::{EventId, OwnedEventId};
+use ruma::{EventId, OwnedEventId, RoomId};
 
 use super::Rooms;
 use crate::{
@@ -45,16 +45,22 @@ impl Rooms {
         Ok(Some(self.state_at(&meta.room_id, meta.count)?))
     }
 
-    /// The room state just after `event_id`: the state before it, plus itself if it is a state
-    /// event.
-    pub fn state_ids_after(&self, event_id: &EventId) -> Result<Option<StateIds>> {
+    /// The state of `room_id` just after `event_id`: the state before it, plus itself if it is
+    /// a state event. An event of another room is an error ([`Rooms::pdu_of_room`]), not the
+    /// state of that room.
+    pub fn state_ids_after(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<Option<StateIds>> {
+        let Some(pdu) = self.pdu_of_room(room_id, event_id)? else {
+            return Ok(None);
+        };
         let Some(mut state) = self.state_ids_before(event_id)? else {
             return Ok(None);
         };
-        if let Some(pdu) = self.pdu(event_id.as_str())? {
-            if let Some(key) = pdu.state_key {
-                state.insert((pdu.kind.to_string(), key), pdu.event_id);
-            }
+        if let Some(key) = pdu.state_key {
+            state.insert((pdu.kind.to_string(), key), pdu.event_id);
         }
         Ok(Some(state))
     }
@@ -77,16 +83,19 @@ impl Rooms {
         )
     }
 
-    /// The auth chain of the given events: their auth events, recursively (not the events
-    /// themselves), as far as stored, at most [`AUTH_CHAIN_LIMIT`] events.
+    /// The auth chain of the given events of `room_id`: their auth events, recursively (not the
+    /// events themselves), as far as stored, at most [`AUTH_CHAIN_LIMIT`] events. Only events of
+    /// `room_id` are followed or returned ([`Rooms::pdu_of_room_or_none`]): what is served and
+    /// what state resolution is given never holds another room's event.
     pub fn auth_chain<'a>(
         &self,
+        room_id: &RoomId,
         starts: impl IntoIterator<Item = &'a EventId>,
     ) -> Result<Vec<OwnedEventId>> {
         let mut seen: HashSet<OwnedEventId> = HashSet::new();
         let mut todo: Vec<OwnedEventId> = Vec::new();
         for start in starts {
-            if let Some(pdu) = self.pdu(start.as_str())? {
+            if let Some(pdu) = self.pdu_of_room_or_none(room_id, start) {
                 todo.extend(pdu.auth_events);
             }
         }
@@ -98,7 +107,7 @@ impl Rooms {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            if let Some(pdu) = self.pdu(id.as_str())? {
+            if let Some(pdu) = self.pdu_of_room_or_none(room_id, &id) {
                 todo.extend(pdu.auth_events.into_iter().filter(|a| !seen.contains(a)));
                 out.push(id);
             }
@@ -110,6 +119,25 @@ impl Rooms {
     /// added for clients (`unsigned`) and, for room versions 3 and later, without `event_id`
     /// (it is the event's hash there, not part of it).
     pub fn federation_pdu(&self, event_id: &EventId) -> Result<Option<serde_json::Value>> {
+        self.federation_pdu_where(event_id, None)
+    }
+
+    /// [`Rooms::federation_pdu`] for answers about `room_id` (`/state`, `/event_auth`, the
+    /// `send_join` answer): an event of another room is left out (`None`), never served as
+    /// part of this room.
+    pub fn federation_pdu_of_room(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<Option<serde_json::Value>> {
+        self.federation_pdu_where(event_id, Some(room_id))
+    }
+
+    fn federation_pdu_where(
+        &self,
+        event_id: &EventId,
+        room_id: Option<&RoomId>,
+    ) -> Result<Option<serde_json::Value>> {
         let Some(bytes) = self.storage.get(Table::Pdus, event_id.as_bytes())? else {
             return Ok(None);
         };
@@ -117,6 +145,11 @@ impl Rooms {
         let obj = value
             .as_object_mut()
             .ok_or_else(|| Error::internal("stored pdu is not an object"))?;
+        if let Some(room_id) = room_id {
+            if obj.get("room_id").and_then(|r| r.as_str()) != Some(room_id.as_str()) {
+                return Ok(None);
+            }
+        }
         obj.remove("unsigned");
         let version = obj
             .get("room_id")

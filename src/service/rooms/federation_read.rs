@@ -179,10 +179,12 @@ impl Rooms {
         Ok((pdu, meta))
     }
 
-    fn federation_pdus(&self, ids: &[OwnedEventId]) -> Result<Vec<Value>> {
+    /// The events of `room_id` among `ids`, as served: another room's event is never part of
+    /// an answer about this room.
+    fn federation_pdus(&self, room_id: &RoomId, ids: &[OwnedEventId]) -> Result<Vec<Value>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(p) = self.federation_pdu(id)? {
+            if let Some(p) = self.federation_pdu_of_room(room_id, id)? {
                 out.push(p);
             }
         }
@@ -215,9 +217,12 @@ impl Rooms {
         let state = self
             .state_ids_before(event_id)?
             .ok_or_else(|| Error::not_found("The state at this event is not known"))?;
-        let mut pdu_ids: Vec<OwnedEventId> = state.into_values().collect();
+        let mut pdu_ids: Vec<OwnedEventId> = state
+            .into_values()
+            .filter(|id| self.pdu_of_room_or_none(room_id, id).is_some())
+            .collect();
         pdu_ids.sort();
-        let mut chain = self.auth_chain(pdu_ids.iter().map(|id| &**id))?;
+        let mut chain = self.auth_chain(room_id, pdu_ids.iter().map(|id| &**id))?;
         chain.sort();
         Ok((pdu_ids, chain))
     }
@@ -243,8 +248,8 @@ impl Rooms {
     ) -> Result<Value> {
         let (pdu_ids, chain) = self.state_and_chain_ids(origin, room_id, event_id)?;
         Ok(json!({
-            "pdus": self.federation_pdus(&pdu_ids)?,
-            "auth_chain": self.federation_pdus(&chain)?,
+            "pdus": self.federation_pdus(room_id, &pdu_ids)?,
+            "auth_chain": self.federation_pdus(room_id, &chain)?,
         }))
     }
 
@@ -257,9 +262,9 @@ impl Rooms {
     ) -> Result<Value> {
         let view = self.server_view(room_id, origin)?;
         self.server_visible_event(&view, room_id, event_id)?;
-        let mut chain = self.auth_chain([event_id])?;
+        let mut chain = self.auth_chain(room_id, [event_id])?;
         chain.sort();
-        Ok(json!({ "auth_chain": self.federation_pdus(&chain)? }))
+        Ok(json!({ "auth_chain": self.federation_pdus(room_id, &chain)? }))
     }
 
     /// `GET /_matrix/federation/v1/backfill/{roomId}?v=&limit=`: the `v` events and those

@@ -34,7 +34,8 @@ use std::{
 
 use parking_lot::Mutex;
 use ruma::{
-    events::StateEventType, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    events::StateEventType, EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
+    UserId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -308,6 +309,41 @@ impl Rooms {
             Some(v) => Ok(Some(Pdu::from_json(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// The stored event `event_id` as an event of `room_id`: what every reader uses that follows
+    /// a reference from an event of `room_id` (auth events, prev events, the events of a room
+    /// state, auth chains, resolution) or serves events of `room_id` to another server. Events
+    /// never cross rooms: one stored for another room is `M_BAD_JSON` here, never an answer
+    /// (room versions 1 and 2 let the sender choose event ids, so an id alone proves nothing).
+    /// `Ok(None)`: not stored.
+    pub fn pdu_of_room(&self, room_id: &RoomId, event_id: &EventId) -> Result<Option<Pdu>> {
+        let Some(pdu) = self.pdu(event_id.as_str())? else {
+            return Ok(None);
+        };
+        if pdu.room_id.as_deref() != Some(room_id) {
+            return Err(Error::bad_json(format!(
+                "event {event_id} belongs to another room than {room_id}"
+            )));
+        }
+        Ok(Some(pdu))
+    }
+
+    /// [`Rooms::pdu_of_room`] for readers that skip what they cannot use (ruma's fetch
+    /// closures, what is served): an event of another room is the same as an unknown one.
+    pub fn pdu_of_room_or_none(&self, room_id: &RoomId, event_id: &EventId) -> Option<Pdu> {
+        self.pdu_of_room(room_id, event_id).ok().flatten()
+    }
+
+    /// Every event `pdu` names (prev events and auth events) that this server stores must be of
+    /// `pdu`'s room; the checks on receipt of every received or fetched event start here, so an
+    /// event pointing into another room is rejected before anything reads through it.
+    pub fn ensure_refs_in_room(&self, pdu: &Pdu) -> Result<()> {
+        let room_id = pdu.room()?;
+        for id in pdu.prev_events.iter().chain(pdu.auth_events.iter()) {
+            self.pdu_of_room(room_id, id)?;
+        }
+        Ok(())
     }
 
     pub fn event_meta(&self, event_id: &str) -> Result<Option<EventMeta>> {

@@ -9,7 +9,7 @@ use ruma::{
     events::StateEventType,
     room_version_rules::StateResolutionVersion,
     state_res::{utils::event_id_set::EventIdSet, StateMap},
-    EventId, OwnedEventId, RoomVersionId,
+    EventId, OwnedEventId, RoomId, RoomVersionId,
 };
 
 use super::{append::rules_for, Pdu, Rooms, StateIds};
@@ -19,8 +19,16 @@ use crate::error::{Error, Result};
 const SUBGRAPH_LIMIT: usize = 50_000;
 
 impl Rooms {
-    /// The resolved state of several room states (forks of one room).
-    pub fn resolve_states(&self, version: &RoomVersionId, states: &[StateIds]) -> Result<StateIds> {
+    /// The resolved state of several states of `room_id` (its forks). Resolution is only ever
+    /// given events of that one room: an event of another room in a state is an error
+    /// (`M_BAD_JSON`, [`Rooms::pdu_of_room`]), and the events the algorithm reads (auth chains,
+    /// the conflicted subgraph) are read through the same room check.
+    pub fn resolve_states(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        states: &[StateIds],
+    ) -> Result<StateIds> {
         match states {
             [] => return Ok(StateIds::new()),
             [one] => return Ok(one.clone()),
@@ -46,18 +54,26 @@ impl Rooms {
                     .collect()
             })
             .collect();
+        // Events read once per resolution: the algorithm looks at each many times. The states'
+        // own events go in first, each checked to be of the room.
+        let mut read: HashMap<OwnedEventId, Option<Pdu>> = HashMap::new();
+        for id in states.iter().flat_map(|s| s.values()) {
+            if !read.contains_key(id) {
+                read.insert(id.clone(), self.pdu_of_room(room_id, id)?);
+            }
+        }
         let mut auth_chains = Vec::with_capacity(states.len());
         for s in states {
-            let chain = self.auth_chain(s.values().map(|id| id.as_ref()))?;
+            let chain = self.auth_chain(room_id, s.values().map(|id| id.as_ref()))?;
             auth_chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
         }
-        // Events read once per resolution: the algorithm looks at each many times.
-        let cache: parking_lot::Mutex<HashMap<OwnedEventId, Option<Pdu>>> = Default::default();
+        let cache: parking_lot::Mutex<HashMap<OwnedEventId, Option<Pdu>>> =
+            parking_lot::Mutex::new(read);
         let fetch = |id: &EventId| -> Option<Pdu> {
             if let Some(p) = cache.lock().get(id) {
                 return p.clone();
             }
-            let p = self.pdu(id.as_str()).ok().flatten();
+            let p = self.pdu_of_room_or_none(room_id, id);
             cache.lock().insert(id.to_owned(), p.clone());
             p
         };
