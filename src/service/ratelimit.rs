@@ -151,12 +151,13 @@ mod tests {
 
     #[test]
     fn refunded_tokens_do_not_count() {
-        let mut config = RateLimits::default();
-        config.login_failures = RateLimit {
-            per_second: 0.001,
-            burst: 2,
-        };
-        let rl = RateLimiter::new(config);
+        let rl = RateLimiter::new(RateLimits {
+            login_failures: RateLimit {
+                per_second: 0.001,
+                burst: 2,
+            },
+            ..RateLimits::default()
+        });
         let key = password_failure_key("@a:x", "192.0.2.1".parse().ok());
         for _ in 0..10 {
             rl.check(Action::LoginFailure, &key).unwrap();
