@@ -238,3 +238,84 @@ impl Federation {
         Ok(serde_json::to_value(object)?)
     }
 }
+
+/// Property tests: any key document another server (or a notary) sends is checked without
+/// panic and kept no longer than the spec allows; one signed by the keys it lists passes, and
+/// any change to it after signing does not.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::OnceLock;
+
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{canonical_json, config, json, text, valid_server_name};
+
+    fn key() -> &'static ruma::signatures::Ed25519KeyPair {
+        static KEY: OnceLock<ruma::signatures::Ed25519KeyPair> = OnceLock::new();
+        KEY.get_or_init(|| {
+            let der = ruma::signatures::Ed25519KeyPair::generate();
+            ruma::signatures::Ed25519KeyPair::from_der(&der, "fz".to_owned()).expect("a key")
+        })
+    }
+
+    /// A key document of `server`, signed by the key it lists.
+    fn signed(server: &ServerName, valid_until: u64, extra: &Value) -> Value {
+        let public = base64::engine::general_purpose::STANDARD_NO_PAD.encode(key().public_key());
+        let doc = json!({
+            "server_name": server.as_str(),
+            "verify_keys": { "ed25519:fz": { "key": public } },
+            "old_verify_keys": {},
+            "valid_until_ts": valid_until,
+            "extra": extra,
+        });
+        let mut object: CanonicalJsonObject = serde_json::from_value(doc).expect("canonical");
+        ruma::signatures::sign_json(server.as_str(), key(), &mut object).expect("signs");
+        serde_json::to_value(object).expect("a value")
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_any_key_document(
+            doc in json(),
+            server in valid_server_name(),
+            keys in prop::collection::btree_map(text(), json(), 0..4),
+        ) {
+            let _ = check_key_document(&server, doc.clone());
+            // Near valid: the right name, keys of any shape, signatures of any shape.
+            let doc = json!({ "server_name": server.as_str(), "verify_keys": keys, "signatures": doc });
+            prop_assert!(check_key_document(&server, doc).is_err());
+        }
+
+        #[test]
+        fn fuzz_signed_key_documents(
+            server in valid_server_name(),
+            until in prop_oneof![0u64..(1 << 53), Just(0u64), Just((1u64 << 53) - 1)],
+            extra in canonical_json(),
+            change in json(),
+        ) {
+            let doc = signed(&server, until, &extra);
+            let before = utils::now_ms();
+            let (kept, kept_until) =
+                check_key_document(&server, doc.clone()).expect("a signed document passes");
+            prop_assert_eq!(&kept, &doc);
+            // Kept until it says, but never longer than seven days.
+            prop_assert!(kept_until <= utils::now_ms() + MAX_VALIDITY_MS);
+            prop_assert!(kept_until == until || (kept_until < until && kept_until >= before + MAX_VALIDITY_MS));
+            // Changed after signing: refused.
+            let mut changed = doc.clone();
+            changed["extra"] = change;
+            if changed["extra"] != doc["extra"] {
+                prop_assert!(check_key_document(&server, changed).is_err());
+            }
+            // Presented as another server's: refused.
+            let other = <&ServerName>::try_from("other.example").expect("a name");
+            if other != server {
+                prop_assert!(check_key_document(other, doc).is_err());
+            }
+        }
+    }
+}
