@@ -123,6 +123,8 @@ mod tests {
         assert_eq!(named_version("NotElement/9.0", "Element"), None);
         assert_eq!(named_version("Element (beta)", "Element"), None);
         assert_eq!(named_version("", "Element"), None);
+        // An empty token (the config refuses one) is found nowhere; it used to loop forever.
+        assert_eq!(named_version("Element/1.2", ""), None);
     }
 
     #[test]

@@ -415,10 +415,11 @@ mod tests {
             ["well-known example.org", "srv _matrix-fed._tcp.example.org"]
         );
 
-        // "." means no service: on to the next step.
+        // "." means no service: on to the next step; a target of only dots names no host
+        // either (it was taken as the empty host name).
         fake.srv.insert(
             "_matrix-fed._tcp.example.org".into(),
-            vec![rec(0, 0, ".", 0)],
+            vec![rec(0, 0, ".", 0), rec(0, 0, "..", 1)],
         );
         let (found, _) = run(&fake, "example.org").await;
         assert_eq!(
