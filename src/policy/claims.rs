@@ -120,7 +120,7 @@ mod fuzz {
         #[test]
         fn fuzz_group_claims(value in prop_oneof![
             json(),
-            prop::collection::vec(text(), 0..600).prop_map(|v| Value::from(v)),
+            prop::collection::vec(text(), 0..600).prop_map(Value::from),
         ]) {
             let groups = groups_from_claim(Some(&value));
             prop_assert!(groups.len() <= MAX_GROUPS);
