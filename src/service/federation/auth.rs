@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ruma::{
     serde::Base64,
-    signatures::{sign_json, verify_json, PublicKeyMap},
+    signatures::{sign_json, PublicKeyMap},
     CanonicalJsonObject, OwnedServerName, ServerName,
 };
 use serde_json::{json, Value};
@@ -182,7 +182,8 @@ fn check_signature(
         .map_err(|_| unauthorized("The request body is not canonical JSON"))?;
     let mut map = PublicKeyMap::new();
     map.insert(origin.to_string(), [(x.key, public)].into_iter().collect());
-    verify_json(&map, &object).map_err(|_| unauthorized("Invalid request signature"))
+    super::verify_signed_by_all(&map, &object)
+        .map_err(|_| unauthorized("Invalid request signature"))
 }
 
 #[cfg(test)]

@@ -4,11 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use ruma::{
-    serde::Base64,
-    signatures::{verify_json, PublicKeyMap},
-    CanonicalJsonObject, ServerName,
-};
+use ruma::{serde::Base64, signatures::PublicKeyMap, CanonicalJsonObject, ServerName};
 use serde_json::{json, Value};
 
 use super::{read_json, unreachable, Federation};
@@ -163,15 +159,16 @@ impl Federation {
         }
         let mut map = PublicKeyMap::new();
         map.insert(notary.to_string(), public);
-        // Only the notary's signature is checked here (verify_json checks every entity in the
-        // map); the server's own signature is checked by `check_key_document`.
+        // Only the notary's signature is checked here (ruma checks every signer the object
+        // names against the map); the server's own signature is checked by
+        // `check_key_document`.
         let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
             .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
         let mut only_notary = object.clone();
         if let Some(ruma::CanonicalJsonValue::Object(sigs)) = only_notary.get_mut("signatures") {
             sigs.retain(|k, _| k == notary.as_str());
         }
-        verify_json(&map, &only_notary)
+        super::verify_signed_by_all(&map, &only_notary)
             .map_err(|_| bad_keys(server, "the notary's signature is wrong"))?;
         // Kept as the server signed it: our own notary adds our signature when it serves it.
         let mut own = object;
@@ -208,7 +205,8 @@ fn check_key_document(server: &ServerName, doc: Value) -> Result<(Value, u64)> {
     map.insert(server.to_string(), public);
     let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
         .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
-    verify_json(&map, &object).map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
+    super::verify_signed_by_all(&map, &object)
+        .map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
     // Kept no longer than the spec allows (the document itself stays as signed).
     let cap = utils::now_ms() + MAX_VALIDITY_MS;
     let until = doc
