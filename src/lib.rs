@@ -10,6 +10,9 @@ pub mod service;
 pub mod storage;
 pub mod utils;
 
+#[cfg(test)]
+mod fuzz;
+
 /// The version `hafen --version` and the version endpoints report: the crate version, and the
 /// commit when the build set `HAFEN_GIT_COMMIT` (see build.rs; git is not needed to build).
 pub const VERSION: &str = env!("HAFEN_VERSION");

@@ -105,3 +105,26 @@ pub fn groups(storage: &Storage, user: &UserId) -> BTreeSet<String> {
         }
     }
 }
+
+/// Property tests: any group claim an identity provider sends gives a bounded set of names.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, json, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_group_claims(value in prop_oneof![
+            json(),
+            prop::collection::vec(text(), 0..600).prop_map(Value::from),
+        ]) {
+            let groups = groups_from_claim(Some(&value));
+            prop_assert!(groups.len() <= MAX_GROUPS);
+            prop_assert!(groups.iter().all(|g| !g.is_empty() && g.len() <= MAX_GROUP_LEN));
+        }
+    }
+}

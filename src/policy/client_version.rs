@@ -45,6 +45,11 @@ pub fn named_version(agent: &str, token: &str) -> Option<Vec<u64>> {
     let lower_agent = agent.to_ascii_lowercase();
     let lower_token = token.to_ascii_lowercase();
     let bytes = lower_agent.as_bytes();
+    // An empty token would be found at the same place forever (the config refuses one; this
+    // function does not rely on it).
+    if lower_token.is_empty() {
+        return None;
+    }
     let mut from = 0;
     // Bounded by the agent's length: each round moves past one occurrence.
     while let Some(pos) = lower_agent.get(from..)?.find(&lower_token) {
@@ -118,6 +123,8 @@ mod tests {
         assert_eq!(named_version("NotElement/9.0", "Element"), None);
         assert_eq!(named_version("Element (beta)", "Element"), None);
         assert_eq!(named_version("", "Element"), None);
+        // An empty token (the config refuses one) is found nowhere; it used to loop forever.
+        assert_eq!(named_version("Element/1.2", ""), None);
     }
 
     #[test]
@@ -137,5 +144,37 @@ mod tests {
         assert!(too_old(&rules, "curl/8.0").is_none());
         assert!(parse_version("1.x").is_none());
         assert!(!older(&[12], &[12, 0]));
+    }
+}
+
+/// Property tests: any user agent and configured token are read without panic, within the bound
+/// on version parts, and a version written into an agent is read back.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_user_agents(
+            agent in prop_oneof![text(), "[A-Za-z]{1,8}[/ ][0-9._]{0,20}( \\([^)]{0,20}\\))?"],
+            token in prop_oneof![text(), "[A-Za-z]{1,8}"],
+            version in prop::collection::vec(0u64..100_000, 1..=MAX_PARTS),
+        ) {
+            // An empty token looped forever here.
+            if let Some(v) = named_version(&agent, &token) {
+                prop_assert!(!v.is_empty() && v.len() <= MAX_PARTS);
+            }
+            if let Some(v) = parse_version(&agent) {
+                prop_assert!(v.len() <= MAX_PARTS);
+            }
+            let written = version.iter().map(u64::to_string).collect::<Vec<_>>().join(".");
+            prop_assert_eq!(parse_version(&written), Some(version.clone()));
+            prop_assert_eq!(named_version(&format!("Mozilla/5.0 Element/{written} (x)"), "element"), Some(version));
+        }
     }
 }

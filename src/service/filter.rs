@@ -103,3 +103,34 @@ mod tests {
         assert!(!glob("m.room", "m.room.message"));
     }
 }
+
+/// Property tests: the wildcard patterns of a client's filter match exactly what the same
+/// pattern as an anchored regex matches.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    fn reference(pattern: &str, text: &str) -> bool {
+        let parts: Vec<String> = pattern.split('*').map(regex::escape).collect();
+        regex::Regex::new(&format!("(?s)^{}$", parts.join(".*")))
+            .expect("a regex")
+            .is_match(text)
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_glob_patterns(
+            pattern in prop_oneof![text(), "[ab*.]{0,8}"],
+            text in prop_oneof![text(), "[ab.]{0,10}"],
+        ) {
+            if pattern.len() <= 200 {
+                prop_assert_eq!(glob(&pattern, &text), reference(&pattern, &text), "{:?} {:?}", pattern, text);
+            }
+        }
+    }
+}

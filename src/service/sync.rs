@@ -909,3 +909,35 @@ mod tests {
         assert_eq!(make_token(7), "s7");
     }
 }
+
+/// Property tests: any `since` token is refused or read without panic, and ours read back.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_sync_tokens(
+            token in prop_oneof![text(), "s?[0-9+-]{0,22}(_[0-9+-]{0,22})?"],
+            position in any::<u64>(),
+            to_device in any::<u64>(),
+        ) {
+            if let Ok(t) = parse_token(&token) {
+                // What was read is written and read again the same.
+                let again = match t.to_device {
+                    Some(d) => format!("{}_{d}", make_token(t.position)),
+                    None => make_token(t.position),
+                };
+                prop_assert_eq!(parse_token(&again).ok(), Some(t));
+            }
+            prop_assert_eq!(parse_token(&make_token(position)).ok(), Some(SyncToken { position, to_device: None }));
+            let partial = format!("{}_{to_device}", make_token(position));
+            prop_assert_eq!(parse_token(&partial).ok(), Some(SyncToken { position, to_device: Some(to_device) }));
+        }
+    }
+}

@@ -139,6 +139,14 @@ async fn hierarchy_walks_the_space_tree() {
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.get(&format!("{path}?from=garbage"), &alice).await;
     assert_err(&got, 400, "M_INVALID_PARAM");
+    // A forged offset past any walk (its `offset + limit` overflowed: a panic in debug builds).
+    let got = s
+        .get(
+            &format!("{path}?max_depth=1&from=h{}_1_0", u64::MAX),
+            &alice,
+        )
+        .await;
+    assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.get(&format!("{path}?limit=0"), &alice).await;
     assert_err(&got, 400, "M_INVALID_PARAM");
     let got = s.get(&format!("{path}?suggested_only=maybe"), &alice).await;

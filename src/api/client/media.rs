@@ -534,3 +534,46 @@ mod tests {
         assert_eq!(d.to_string(), "inline; filename=\"my file.png\"");
     }
 }
+
+/// Property tests: any `Range` header is answered without panic, never with bytes outside the
+/// file, and a well-formed range of the file is served as asked.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_range_headers(
+            value in prop_oneof![
+                text(),
+                " ?bytes= ?[0-9]{0,21} ?- ?[0-9]{0,21}(,[0-9]{0,3}-[0-9]{0,3})?",
+            ],
+            size in prop_oneof![Just(0u64), Just(1u64), any::<u64>(), 0u64..10_000],
+            a in any::<u64>(),
+            b in any::<u64>(),
+        ) {
+            if let RangeAsk::Part { start, end } = parse_range(Some(&value), size) {
+                prop_assert!(start <= end && end < size);
+            }
+            let (a, b) = (a.min(b), a.max(b));
+            match parse_range(Some(&format!("bytes={a}-{b}")), size) {
+                RangeAsk::Part { start, end } => {
+                    prop_assert_eq!((start, end), (a, b.min(size - 1)));
+                }
+                RangeAsk::Unsatisfiable => prop_assert!(a >= size),
+                RangeAsk::Whole => prop_assert!(false, "a well-formed range"),
+            }
+            if b > 0 && size > 0 {
+                prop_assert_eq!(
+                    parse_range(Some(&format!("bytes=-{b}")), size),
+                    RangeAsk::Part { start: size.saturating_sub(b), end: size - 1 }
+                );
+            }
+        }
+    }
+}

@@ -170,3 +170,161 @@ fn compile(field: &str, list: &[Namespace]) -> Result<Vec<Compiled>, String> {
         })
         .collect()
 }
+
+/// Property tests: any registration text is read without panic (YAML bombs and deep nesting
+/// included), what validates keeps the bounds, and a registration reads back as written, in
+/// YAML and in JSON.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, edit_text, edits, text};
+
+    fn namespace() -> impl Strategy<Value = Namespace> {
+        (
+            any::<bool>(),
+            prop_oneof![text(), "@[a-z_]{1,8}\\.\\*".prop_map(|r| r.to_owned())],
+        )
+            .prop_map(|(exclusive, regex)| Namespace { exclusive, regex })
+    }
+
+    fn registration() -> impl Strategy<Value = Registration> {
+        let namespaces = (
+            prop::collection::vec(namespace(), 0..4),
+            prop::collection::vec(namespace(), 0..3),
+            prop::collection::vec(namespace(), 0..3),
+        )
+            .prop_map(|(users, aliases, rooms)| Namespaces {
+                users,
+                aliases,
+                rooms,
+            });
+        (
+            (
+                text(),
+                prop::option::of(prop_oneof![
+                    text(),
+                    "https?://[a-z.]{1,12}(:[0-9]{1,5})?/?".prop_map(|u| u.to_owned())
+                ]),
+            ),
+            (text(), text(), text()),
+            namespaces,
+            (
+                prop::option::of(any::<bool>()),
+                prop::option::of(prop::collection::vec(text(), 0..3)),
+            ),
+            (any::<bool>(), any::<bool>()),
+        )
+            .prop_map(
+                |(
+                    (id, url),
+                    (as_token, hs_token, sender_localpart),
+                    namespaces,
+                    (rate_limited, protocols),
+                    (receive_ephemeral, push_ephemeral_unstable),
+                )| {
+                    Registration {
+                        id,
+                        url,
+                        as_token,
+                        hs_token,
+                        sender_localpart,
+                        namespaces,
+                        rate_limited,
+                        protocols,
+                        receive_ephemeral,
+                        push_ephemeral_unstable,
+                    }
+                },
+            )
+    }
+
+    const VALID: &str = "id: bridge\nurl: http://localhost:29318\nas_token: a1\nhs_token: h1\nsender_localpart: bot\nnamespaces:\n  users:\n    - exclusive: true\n      regex: '@irc_.*'\n  aliases: []\nrate_limited: false\nde.sorunome.msc2409.push_ephemeral: true\n";
+
+    /// A "billion laughs": each level repeats the previous one ten times.
+    fn bomb(levels: usize, field: &str) -> String {
+        let mut doc = "l0: &l0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n".to_owned();
+        for i in 1..levels {
+            let p = i - 1;
+            doc.push_str(&format!(
+                "l{i}: &l{i} [*l{p},*l{p},*l{p},*l{p},*l{p},*l{p},*l{p},*l{p},*l{p},*l{p}]\n"
+            ));
+        }
+        format!("{doc}{field}: *l{}\n{VALID}", levels - 1)
+    }
+
+    fn read(text: &str) -> Result<(), TestCaseError> {
+        let Ok(reg) = Registration::from_yaml(text) else {
+            return Ok(());
+        };
+        if reg.validate().is_ok() {
+            prop_assert!(!reg.id.is_empty() && reg.id.len() <= 255);
+            for token in [&reg.as_token, &reg.hs_token] {
+                prop_assert!(!token.is_empty() && token.len() <= MAX_TOKEN_LEN);
+                prop_assert!(!token.chars().any(char::is_whitespace));
+            }
+            for list in [
+                &reg.namespaces.users,
+                &reg.namespaces.aliases,
+                &reg.namespaces.rooms,
+            ] {
+                prop_assert!(list.len() <= MAX_NAMESPACES);
+                prop_assert!(list.iter().all(|n| n.regex.len() <= MAX_REGEX_LEN));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_any_text_reads_without_panic(text in prop_oneof![
+            text(),
+            edits().prop_map(|e| edit_text(VALID, &e)),
+            (1usize..300).prop_map(|d| format!("{}{}", "[".repeat(d), "]".repeat(d))),
+            (1usize..300).prop_map(|d| format!("id: {}x", "- ".repeat(d))),
+        ]) {
+            read(&text)?;
+        }
+
+        #[test]
+        fn fuzz_registrations_read_back_as_written(reg in registration()) {
+            let yaml = serde_norway::to_string(&reg).expect("serializes");
+            let back = Registration::from_yaml(&yaml);
+            prop_assert_eq!(back.as_ref(), Ok(&reg), "{}", yaml);
+            let json = serde_json::to_string(&reg).expect("serializes");
+            let back = Registration::from_yaml(&json);
+            prop_assert_eq!(back.as_ref(), Ok(&reg), "{}", json);
+            // Checking never panics, and what passes is within the bounds.
+            read(&yaml)?;
+        }
+    }
+
+    #[test]
+    fn fuzz_yaml_bombs_are_refused_quickly() {
+        // In a field that is kept the bomb is refused; in one that is ignored it is never
+        // expanded. Either way, quickly.
+        for (field, refused) in [
+            ("protocols", true),
+            ("namespaces", true),
+            ("unknown_field", false),
+        ] {
+            let started = std::time::Instant::now();
+            assert_eq!(
+                Registration::from_yaml(&bomb(9, field)).is_err(),
+                refused,
+                "{field}"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{field}"
+            );
+        }
+        assert!(Registration::from_yaml(VALID)
+            .expect("valid")
+            .validate()
+            .is_ok());
+    }
+}

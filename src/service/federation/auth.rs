@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ruma::{
     serde::Base64,
-    signatures::{sign_json, verify_json, PublicKeyMap},
+    signatures::{sign_json, PublicKeyMap},
     CanonicalJsonObject, OwnedServerName, ServerName,
 };
 use serde_json::{json, Value};
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::Federation;
 use crate::{
     error::{ErrCode, Error, Result},
-    service::globals::Globals,
+    service::globals::{Globals, SigningKey},
 };
 
 /// Longest `Authorization` header looked at.
@@ -53,11 +53,29 @@ pub fn authorization_header(
     uri: &str,
     content: Option<&Value>,
 ) -> Result<String> {
-    let origin = globals.server_name.as_str();
+    sign_request(
+        &globals.server_name,
+        &globals.signing_key,
+        method,
+        destination,
+        uri,
+        content,
+    )
+}
+
+/// The `Authorization` header for a request from `origin`, signed with its `key`.
+fn sign_request(
+    origin: &ServerName,
+    key: &SigningKey,
+    method: &http::Method,
+    destination: &ServerName,
+    uri: &str,
+    content: Option<&Value>,
+) -> Result<String> {
+    let origin = origin.as_str();
     let object = request_object(method, uri, origin, destination.as_str(), content);
     let mut object: CanonicalJsonObject = serde_json::from_value(object)
         .map_err(|e| Error::internal(format!("request is not canonical JSON: {e}")))?;
-    let key = &globals.signing_key;
     sign_json(origin, &key.keypair, &mut object)
         .map_err(|e| Error::internal(format!("signing a request: {e}")))?;
     let sig = serde_json::to_value(&object)?
@@ -141,16 +159,31 @@ impl Federation {
         let public = keys
             .get(&x.key)
             .ok_or_else(|| unauthorized("Unknown signing key of the origin"))?;
-        let public = Base64::parse(public).map_err(|_| unauthorized("Bad key of the origin"))?;
-        let mut object = request_object(method, uri, origin.as_str(), ours, content);
-        object["signatures"] = json!({ origin.as_str(): { x.key.clone(): x.sig } });
-        let object: CanonicalJsonObject = serde_json::from_value(object)
-            .map_err(|_| unauthorized("The request body is not canonical JSON"))?;
-        let mut map = PublicKeyMap::new();
-        map.insert(origin.to_string(), [(x.key, public)].into_iter().collect());
-        verify_json(&map, &object).map_err(|_| unauthorized("Invalid request signature"))?;
+        check_signature(x, &origin, public, method, uri, ours, content)?;
         Ok(origin)
     }
+}
+
+/// Check the signature of header `x`, by `origin`'s key `public` (unpadded base64), over the
+/// request as we received it, addressed to us (`ours`).
+fn check_signature(
+    x: XMatrix,
+    origin: &ServerName,
+    public: &str,
+    method: &http::Method,
+    uri: &str,
+    ours: &str,
+    content: Option<&Value>,
+) -> Result<()> {
+    let public = Base64::parse(public).map_err(|_| unauthorized("Bad key of the origin"))?;
+    let mut object = request_object(method, uri, origin.as_str(), ours, content);
+    object["signatures"] = json!({ origin.as_str(): { x.key.clone(): x.sig } });
+    let object: CanonicalJsonObject = serde_json::from_value(object)
+        .map_err(|_| unauthorized("The request body is not canonical JSON"))?;
+    let mut map = PublicKeyMap::new();
+    map.insert(origin.to_string(), [(x.key, public)].into_iter().collect());
+    super::verify_signed_by_all(&map, &object)
+        .map_err(|_| unauthorized("Invalid request signature"))
 }
 
 #[cfg(test)]
@@ -175,5 +208,110 @@ mod tests {
         assert!(parse_header("Bearer abc").is_err());
         assert!(parse_header("X-Matrix origin=a").is_err());
         assert!(parse_header(&format!("X-Matrix origin={}", "a".repeat(5000))).is_err());
+    }
+}
+
+/// Property tests: any `Authorization` header is parsed without panic and within its bound, the
+/// header we write parses back to what we wrote, and its signature checks for exactly the
+/// request it was made for.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, edit_text, edits, json, server_name, text, valid_server_name};
+
+    fn key() -> &'static SigningKey {
+        static KEY: OnceLock<SigningKey> = OnceLock::new();
+        KEY.get_or_init(|| {
+            let der = ruma::signatures::Ed25519KeyPair::generate();
+            SigningKey {
+                key_id: "ed25519:fz1".to_owned(),
+                keypair: ruma::signatures::Ed25519KeyPair::from_der(&der, "fz1".to_owned())
+                    .expect("a key"),
+            }
+        })
+    }
+
+    fn method() -> impl Strategy<Value = http::Method> {
+        prop::sample::select(vec![
+            http::Method::GET,
+            http::Method::PUT,
+            http::Method::POST,
+            http::Method::DELETE,
+        ])
+    }
+
+    /// Headers as we write them, with any names and values.
+    fn valid_header() -> impl Strategy<Value = String> {
+        (
+            server_name(),
+            server_name(),
+            "[a-z0-9]{1,8}:[a-zA-Z0-9_]{1,8}",
+            "[A-Za-z0-9+/]{0,90}",
+        )
+            .prop_map(|(o, d, k, s)| {
+                format!("X-Matrix origin=\"{o}\",destination={d},key=\"{k}\",sig=\"{s}\"")
+            })
+    }
+
+    fn header_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            text(),
+            text().prop_map(|t| format!("X-Matrix {t}")),
+            (valid_header(), edits()).prop_map(|(v, e)| edit_text(&v, &e)),
+            valid_header(),
+            (1usize..6000)
+                .prop_map(|n| format!("X-Matrix origin=a,key=b,sig={}", "=,\"".repeat(n / 3))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_any_header_parses_without_panic(header in header_text()) {
+            if let Ok(x) = parse_header(&header) {
+                prop_assert!(header.len() <= MAX_HEADER_BYTES);
+                prop_assert!(header.starts_with("X-Matrix "));
+                for field in [&x.origin, &x.key, &x.sig] {
+                    prop_assert!(header.contains(field.as_str()));
+                }
+            }
+            let _ = claimed_origin(Some(&header));
+        }
+
+        #[test]
+        fn fuzz_our_header_round_trips_and_verifies(
+            origin in valid_server_name(),
+            destination in valid_server_name(),
+            method in method(),
+            uri in "/_matrix/federation/v1/[a-zA-Z0-9%!$:._~/?&=-]{0,60}",
+            content in prop::option::of(json()),
+            other_uri in "/[a-z]{1,10}",
+        ) {
+            let key = key();
+            let Ok(header) = sign_request(&origin, key, &method, &destination, &uri, content.as_ref()) else {
+                // Only a body that is not canonical JSON (floats) cannot be signed.
+                prop_assert!(content.is_some());
+                return Ok(());
+            };
+            let x = parse_header(&header).expect("our header parses");
+            prop_assert_eq!(&x.origin, origin.as_str());
+            prop_assert_eq!(x.destination.as_deref(), Some(destination.as_str()));
+            prop_assert_eq!(&x.key, &key.key_id);
+            let public = key.public_key();
+            let check = |x: XMatrix, uri: &str, ours: &str, method: &http::Method| {
+                check_signature(x, &origin, &public, method, uri, ours, content.as_ref())
+            };
+            prop_assert!(check(parse_header(&header).expect("parses"), &uri, destination.as_str(), &method).is_ok());
+            // Any other request, or the same one to another server, fails.
+            prop_assert!(check(parse_header(&header).expect("parses"), &other_uri, destination.as_str(), &method).is_err());
+            prop_assert!(check(parse_header(&header).expect("parses"), &uri, "elsewhere.example", &method).is_err());
+            let other_method = if method == http::Method::GET { http::Method::PUT } else { http::Method::GET };
+            prop_assert!(check(x, &uri, destination.as_str(), &other_method).is_err());
+        }
     }
 }

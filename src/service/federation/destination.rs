@@ -97,11 +97,12 @@ fn direct(host: &str, port: u16) -> Destination {
 }
 
 /// The record to use: the lowest priority, and among those the highest weight (the first of
-/// them when equal). A target of "." means "no service here".
+/// them when equal). A target of "." means "no service here" (and so does any other target
+/// that is nothing but dots: there is no host to connect to).
 fn pick_srv(records: &[SrvRecord]) -> Option<&SrvRecord> {
     records
         .iter()
-        .filter(|r| !r.target.is_empty() && r.target != ".")
+        .filter(|r| !r.target.trim_end_matches('.').is_empty())
         .min_by_key(|r| (r.priority, std::cmp::Reverse(r.weight)))
 }
 
@@ -142,7 +143,12 @@ pub async fn discover(lookups: &dyn Lookups, server: &ServerName) -> Discovered 
         };
     }
     if let Some(value) = lookups.well_known(host).await {
-        if let Ok(delegated) = <&ServerName>::try_from(value.as_str()) {
+        // A delegation that is no server name, or none a URL can name (`0.0.256.0` is a
+        // server name but no host), counts as none: the spec's "invalid response".
+        if let Some(delegated) = <&ServerName>::try_from(value.as_str())
+            .ok()
+            .filter(|d| usable(d))
+        {
             if delegated.is_ip_literal() || delegated.port().is_some() {
                 return Discovered {
                     destination: direct(delegated.host(), delegated.port().unwrap_or(8448)),
@@ -153,6 +159,18 @@ pub async fn discover(lookups: &dyn Lookups, server: &ServerName) -> Discovered 
         }
     }
     via_srv(lookups, host, WELL_KNOWN_FAILURE_TTL).await
+}
+
+/// The `m.server` of a `/.well-known/matrix/server` document (checked as a server name by
+/// [`discover`]).
+fn delegated_name(doc: &Value) -> Option<&str> {
+    doc.get("m.server")?.as_str()
+}
+
+/// Whether an `https` URL can name `server` (ruma accepts some names, such as `0.0.256.0`, that
+/// a URL parser refuses as a broken IPv4 address).
+fn usable(server: &ServerName) -> bool {
+    url::Url::parse(&format!("https://{server}/")).is_ok()
 }
 
 pub struct Destinations {
@@ -228,7 +246,7 @@ impl Destinations {
             return None;
         }
         let doc: Value = super::read_json(response).await.ok()?;
-        Some(doc.get("m.server")?.as_str()?.to_owned())
+        delegated_name(&doc).map(str::to_owned)
     }
 
     async fn lookup_srv(&self, name: &str) -> Option<(Vec<SrvRecord>, Duration)> {
@@ -397,10 +415,11 @@ mod tests {
             ["well-known example.org", "srv _matrix-fed._tcp.example.org"]
         );
 
-        // "." means no service: on to the next step.
+        // "." means no service: on to the next step; a target of only dots names no host
+        // either (it was taken as the empty host name).
         fake.srv.insert(
             "_matrix-fed._tcp.example.org".into(),
-            vec![rec(0, 0, ".", 0)],
+            vec![rec(0, 0, ".", 0), rec(0, 0, "..", 1)],
         );
         let (found, _) = run(&fake, "example.org").await;
         assert_eq!(
@@ -459,13 +478,119 @@ mod tests {
             assert_eq!(asked, ["well-known example.org"], "{value}");
         }
 
-        // A delegation that is not a server name counts as none.
-        fake.well_known
-            .insert("example.org".into(), "not a name".into());
-        let (found, _) = run(&fake, "example.org").await;
-        assert_eq!(
-            found.destination,
-            srv_dest("https://example.org:1", "wrong.example.org", "example.org")
-        );
+        // A delegation that is not a server name counts as none, and so does one no URL can
+        // name (found by `fuzz_discovery_ends_at_a_bounded_https_url`).
+        for value in ["not a name", "0.0.256.0"] {
+            fake.well_known.insert("example.org".into(), value.into());
+            let (found, _) = run(&fake, "example.org").await;
+            assert_eq!(
+                found.destination,
+                srv_dest("https://example.org:1", "wrong.example.org", "example.org"),
+                "{value}"
+            );
+        }
+    }
+}
+
+/// Property tests: whatever the well-known document and DNS answer, discovery ends at an
+/// `https` URL of the name (or its delegation), kept for a bounded time.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, json, server_name, text};
+
+    /// Answers as another server's operator (or an attacker on the path) may give them.
+    #[derive(Debug, Clone)]
+    struct Answers {
+        well_known: Option<String>,
+        srv: Option<(Vec<SrvRecord>, Duration)>,
+        srv_old: Option<(Vec<SrvRecord>, Duration)>,
+    }
+
+    impl Lookups for Answers {
+        fn well_known<'a>(&'a self, _: &'a str) -> BoxFut<'a, Option<String>> {
+            Box::pin(async move { self.well_known.clone() })
+        }
+        fn srv<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<(Vec<SrvRecord>, Duration)>> {
+            let answer = if name.starts_with("_matrix-fed.") {
+                self.srv.clone()
+            } else {
+                self.srv_old.clone()
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn records() -> impl Strategy<Value = Option<(Vec<SrvRecord>, Duration)>> {
+        let record = (
+            any::<u16>(),
+            any::<u16>(),
+            any::<u16>(),
+            prop_oneof![server_name(), text(), Just(".".to_owned())],
+        )
+            .prop_map(|(priority, weight, port, target)| SrvRecord {
+                priority,
+                weight,
+                port,
+                target,
+            });
+        prop::option::of((
+            prop::collection::vec(record, 0..6),
+            prop_oneof![Just(0u64), any::<u64>(), 0u64..100_000].prop_map(Duration::from_secs),
+        ))
+    }
+
+    fn answers() -> impl Strategy<Value = Answers> {
+        (prop::option::of(server_name()), records(), records()).prop_map(
+            |(well_known, srv, srv_old)| Answers {
+                well_known,
+                srv,
+                srv_old,
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_discovery_ends_at_a_bounded_https_url(name in server_name(), answers in answers()) {
+            let Ok(server) = <&ServerName>::try_from(name.as_str()) else {
+                return Ok(());
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+            let found = rt.block_on(discover(&answers, server));
+            let d = &found.destination;
+            if !usable(server) {
+                // Nothing to reach: requests to it fail at the URL (no panic, no other host).
+                return Ok(());
+            }
+            prop_assert!(found.ttl >= MIN_SRV_TTL && found.ttl <= WELL_KNOWN_TTL, "{:?}", found.ttl);
+            prop_assert!(!d.pinned);
+            let url = url::Url::parse(&d.url).expect("a URL");
+            prop_assert_eq!(url.scheme(), "https");
+            prop_assert!(url.host().is_some());
+            prop_assert!(url.path() == "/" && url.query().is_none());
+            // The name the certificate is checked for is the server's or its delegation's.
+            let delegated = answers.well_known.as_deref().and_then(|w| <&ServerName>::try_from(w).ok()).filter(|w| usable(w));
+            let host = d.url.trim_start_matches("https://").rsplit_once(':').map(|(h, _)| h);
+            prop_assert!(
+                host == Some(server.host()) || delegated.is_some_and(|w| host == Some(w.host())),
+                "{} for {} ({:?})", d.url, server, answers.well_known
+            );
+            if let Some(target) = &d.connect_to {
+                prop_assert!(!target.is_empty() && !target.ends_with('.'));
+                prop_assert_eq!(d.host_header.as_deref(), host);
+            }
+        }
+
+        #[test]
+        fn fuzz_well_known_documents(doc in json(), name in server_name()) {
+            let _ = delegated_name(&doc);
+            let doc = serde_json::json!({ "m.server": name });
+            prop_assert_eq!(delegated_name(&doc), Some(name.as_str()));
+        }
     }
 }

@@ -109,7 +109,7 @@ pub async fn invite_remote(
     let rules = crate::service::rooms::append::rules_for(&version)?;
     let redacted = ruma::canonical_json::redact(checked.obj.clone(), &rules.redaction, None)
         .map_err(|e| Error::bad_json(format!("cannot redact: {e}")))?;
-    ruma::signatures::verify_json(&map, &redacted).map_err(|e| {
+    super::verify_signed_by_all(&map, &redacted).map_err(|e| {
         Error::bad_json(format!("The invitee's server did not sign the invite: {e}"))
     })?;
 

@@ -4,11 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use ruma::{
-    serde::Base64,
-    signatures::{verify_json, PublicKeyMap},
-    CanonicalJsonObject, ServerName,
-};
+use ruma::{serde::Base64, signatures::PublicKeyMap, CanonicalJsonObject, ServerName};
 use serde_json::{json, Value};
 
 use super::{read_json, unreachable, Federation};
@@ -171,15 +167,16 @@ impl Federation {
         }
         let mut map = PublicKeyMap::new();
         map.insert(notary.to_string(), public);
-        // Only the notary's signature is checked here (verify_json checks every entity in the
-        // map); the server's own signature is checked by `check_key_document`.
+        // Only the notary's signature is checked here (ruma checks every signer the object
+        // names against the map); the server's own signature is checked by
+        // `check_key_document`.
         let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
             .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
         let mut only_notary = object.clone();
         if let Some(ruma::CanonicalJsonValue::Object(sigs)) = only_notary.get_mut("signatures") {
             sigs.retain(|k, _| k == notary.as_str());
         }
-        verify_json(&map, &only_notary)
+        super::verify_signed_by_all(&map, &only_notary)
             .map_err(|_| bad_keys(server, "the notary's signature is wrong"))?;
         // Kept as the server signed it: our own notary adds our signature when it serves it.
         let mut own = object;
@@ -216,7 +213,8 @@ fn check_key_document(server: &ServerName, doc: Value) -> Result<(Value, u64)> {
     map.insert(server.to_string(), public);
     let object: CanonicalJsonObject = serde_json::from_value(doc.clone())
         .map_err(|_| bad_keys(server, "the document is not canonical JSON"))?;
-    verify_json(&map, &object).map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
+    super::verify_signed_by_all(&map, &object)
+        .map_err(|_| bad_keys(server, "the self-signature is wrong"))?;
     // Kept no longer than the spec allows (the document itself stays as signed).
     let cap = utils::now_ms() + MAX_VALIDITY_MS;
     let until = doc
@@ -244,5 +242,86 @@ impl Federation {
         )
         .map_err(|e| Error::internal(format!("countersigning: {e}")))?;
         Ok(serde_json::to_value(object)?)
+    }
+}
+
+/// Property tests: any key document another server (or a notary) sends is checked without
+/// panic and kept no longer than the spec allows; one signed by the keys it lists passes, and
+/// any change to it after signing does not.
+#[cfg(test)]
+mod fuzz {
+    use std::sync::OnceLock;
+
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{canonical_json, config, json, text, valid_server_name};
+
+    fn key() -> &'static ruma::signatures::Ed25519KeyPair {
+        static KEY: OnceLock<ruma::signatures::Ed25519KeyPair> = OnceLock::new();
+        KEY.get_or_init(|| {
+            let der = ruma::signatures::Ed25519KeyPair::generate();
+            ruma::signatures::Ed25519KeyPair::from_der(&der, "fz".to_owned()).expect("a key")
+        })
+    }
+
+    /// A key document of `server`, signed by the key it lists.
+    fn signed(server: &ServerName, valid_until: u64, extra: &Value) -> Value {
+        let public = base64::engine::general_purpose::STANDARD_NO_PAD.encode(key().public_key());
+        let doc = json!({
+            "server_name": server.as_str(),
+            "verify_keys": { "ed25519:fz": { "key": public } },
+            "old_verify_keys": {},
+            "valid_until_ts": valid_until,
+            "extra": extra,
+        });
+        let mut object: CanonicalJsonObject = serde_json::from_value(doc).expect("canonical");
+        ruma::signatures::sign_json(server.as_str(), key(), &mut object).expect("signs");
+        serde_json::to_value(object).expect("a value")
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_any_key_document(
+            doc in json(),
+            server in valid_server_name(),
+            keys in prop::collection::btree_map(text(), json(), 0..4),
+        ) {
+            let _ = check_key_document(&server, doc.clone());
+            // Near valid: the right name, keys of any shape, signatures of any shape.
+            let doc = json!({ "server_name": server.as_str(), "verify_keys": keys, "signatures": doc });
+            prop_assert!(check_key_document(&server, doc).is_err());
+        }
+
+        #[test]
+        fn fuzz_signed_key_documents(
+            server in valid_server_name(),
+            until in prop_oneof![0u64..(1 << 53), Just(0u64), Just((1u64 << 53) - 1)],
+            extra in canonical_json(),
+            change in json(),
+        ) {
+            let doc = signed(&server, until, &extra);
+            let before = utils::now_ms();
+            let (kept, kept_until) =
+                check_key_document(&server, doc.clone()).expect("a signed document passes");
+            prop_assert_eq!(&kept, &doc);
+            // Kept until it says, but never longer than seven days.
+            prop_assert!(kept_until <= utils::now_ms() + MAX_VALIDITY_MS);
+            prop_assert!(kept_until == until || (kept_until < until && kept_until >= before + MAX_VALIDITY_MS));
+            // Changed after signing: refused.
+            let mut changed = doc.clone();
+            changed["extra"] = change;
+            if changed["extra"] != doc["extra"] {
+                prop_assert!(check_key_document(&server, changed).is_err());
+            }
+            // Presented as another server's: refused.
+            let other = <&ServerName>::try_from("other.example").expect("a name");
+            if other != server {
+                prop_assert!(check_key_document(other, doc).is_err());
+            }
+        }
     }
 }

@@ -367,6 +367,25 @@ async fn read_bytes_limited(
     Ok(body)
 }
 
+/// Check that every server of `keys` signed `object`, with a key `keys` lists for it. ruma's
+/// `verify_json` alone checks the signatures the object carries, each against `keys`: an object
+/// that carries none of a server's (or `"signatures": {}`) passes it as if signed.
+pub fn verify_signed_by_all(
+    keys: &ruma::signatures::PublicKeyMap,
+    object: &ruma::CanonicalJsonObject,
+) -> std::result::Result<(), String> {
+    use ruma::CanonicalJsonValue;
+    let Some(CanonicalJsonValue::Object(signatures)) = object.get("signatures") else {
+        return Err("no signatures".to_owned());
+    };
+    for server in keys.keys() {
+        if !matches!(signatures.get(server), Some(CanonicalJsonValue::Object(s)) if !s.is_empty()) {
+            return Err(format!("not signed by {server}"));
+        }
+    }
+    ruma::signatures::verify_json(keys, object).map_err(|e| e.to_string())
+}
+
 /// A remote server's refusal as our error: the refusals a client should see as they are (the
 /// room is unknown there, the user may not join, the version does not fit) keep their code and
 /// status; anything else is 502.
@@ -461,4 +480,59 @@ pub(crate) async fn read_json_limited(response: reqwest::Response, limit: usize)
             "The remote answer is not JSON",
         )
     })
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use ruma::{
+        signatures::{sign_json, Ed25519KeyPair, PublicKeyMap},
+        CanonicalJsonObject,
+    };
+
+    use super::verify_signed_by_all;
+
+    fn key(version: &str) -> Ed25519KeyPair {
+        Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), version.to_owned()).expect("a key")
+    }
+
+    fn keys_of(entries: &[(&str, &str, &Ed25519KeyPair)]) -> PublicKeyMap {
+        let mut map = PublicKeyMap::new();
+        for (server, id, k) in entries {
+            map.entry((*server).to_owned()).or_default().insert(
+                (*id).to_owned(),
+                ruma::serde::Base64::new(k.public_key().to_vec()),
+            );
+        }
+        map
+    }
+
+    /// Found by `keys::fuzz::fuzz_any_key_document`: a key document with `"signatures": {}`
+    /// passed the self-signature check; an invite without the invitee's signature passed too.
+    #[test]
+    fn every_server_of_the_map_must_have_signed() {
+        let (a, b) = (key("a"), key("b"));
+        let mut object: CanonicalJsonObject =
+            serde_json::from_value(serde_json::json!({ "x": 1, "signatures": {} })).expect("json");
+        let both = keys_of(&[
+            ("a.example", "ed25519:a", &a),
+            ("b.example", "ed25519:b", &b),
+        ]);
+        let only_a = keys_of(&[("a.example", "ed25519:a", &a)]);
+        // Unsigned: ruma's verify_json alone lets it through.
+        assert!(ruma::signatures::verify_json(&both, &object).is_ok());
+        assert!(verify_signed_by_all(&both, &object).is_err());
+        sign_json("a.example", &a, &mut object).expect("signs");
+        assert!(verify_signed_by_all(&only_a, &object).is_ok());
+        assert_eq!(
+            verify_signed_by_all(&both, &object),
+            Err("not signed by b.example".to_owned())
+        );
+        sign_json("b.example", &b, &mut object).expect("signs");
+        assert!(verify_signed_by_all(&both, &object).is_ok());
+        object.insert(
+            "x".into(),
+            ruma::CanonicalJsonValue::String("changed".into()),
+        );
+        assert!(verify_signed_by_all(&both, &object).is_err());
+    }
 }

@@ -407,3 +407,62 @@ mod tests {
         }
     }
 }
+
+/// Property tests: any page (the HTML of whatever URL a user previews) is read without panic
+/// and within the bounds on keys and value lengths.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, edit_text, edits, text};
+
+    /// Pieces of HTML that make up plausible, broken and hostile pages.
+    fn page() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            text(),
+            "<meta (property|name)=[\"']?og:[a-z]{1,6}[\"']? content=[\"']?[^\"'<>]{0,30}[\"']?/?>",
+            "<title>[^<]{0,30}(</title>)?",
+            "&(amp|lt|#x[0-9a-fA-F]{0,8}|#[0-9]{0,12}|[a-z]{0,14});?",
+            Just("<meta name=description content='x".to_owned()),
+            Just("<<<>>><body>".to_owned()),
+            (1usize..3000).prop_map(|n| "<meta property=og:x content=".repeat(n)),
+        ];
+        prop::collection::vec(piece, 0..12).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #![proptest_config(config(128))]
+
+        #[test]
+        fn fuzz_pages(html in prop_oneof![page(), (page(), edits()).prop_map(|(p, e)| edit_text(&p, &e))]) {
+            let og = opengraph(&html);
+            // og:* tags, plus the title and description fallbacks.
+            prop_assert!(og.len() <= MAX_OG_KEYS + 2);
+            for (k, v) in &og {
+                prop_assert!(k.starts_with("og:"));
+                let v = v.as_str().expect("strings");
+                prop_assert!(v.chars().count() <= MAX_VALUE_CHARS);
+            }
+            let _ = decode_entities(&html);
+        }
+
+    }
+
+    #[test]
+    fn fuzz_many_tags_stay_bounded() {
+        let html: String = (0..80)
+            .map(|i| {
+                format!(
+                    "<meta property=\"og:k{i}\" content=\"{}\">",
+                    "v".repeat(2100)
+                )
+            })
+            .collect();
+        let og = opengraph(&html);
+        assert_eq!(og.len(), MAX_OG_KEYS);
+        assert!(og
+            .values()
+            .all(|v| v.as_str().is_some_and(|s| s.len() == MAX_VALUE_CHARS)));
+    }
+}

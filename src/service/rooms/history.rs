@@ -534,3 +534,34 @@ mod tests {
         assert_eq!(token_at(-3 - 1), "b3");
     }
 }
+
+/// Property tests: any pagination token is refused or read without panic, and every position
+/// reads back from its token.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_pagination_tokens(
+            raw in prop_oneof![text(), "[sb]?[0-9+-]{0,22}(_[0-9]{0,5})?"],
+            count in any::<u64>(),
+            seq in any::<u64>(),
+        ) {
+            let _ = parse_token(&raw);
+            if let Ok(pos) = parse_position(&raw) {
+                prop_assert!(pos >= -i128::from(u64::MAX) - 1 && pos <= i128::from(u64::MAX));
+            }
+            prop_assert_eq!(parse_token(&token(count)).ok(), Some(count));
+            let backfilled = -i128::from(seq) - 1;
+            for pos in [i128::from(count), backfilled] {
+                prop_assert_eq!(parse_position(&token_at(pos)).ok(), Some(pos));
+            }
+        }
+    }
+}

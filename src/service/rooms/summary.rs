@@ -230,7 +230,13 @@ fn hierarchy_token(offset: usize, q: &HierarchyQuery) -> String {
 fn parse_hierarchy_token(token: &str, q: &HierarchyQuery) -> Result<usize> {
     let bad = || Error::invalid_param("Unknown pagination token");
     let mut parts = token.strip_prefix('h').ok_or_else(bad)?.split('_');
-    let offset = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    // No page starts past the rooms one walk visits: a larger offset is no token of ours (and
+    // `offset + limit` must not overflow).
+    let offset: usize = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .filter(|o| *o <= MAX_ROOMS_WALKED)
+        .ok_or_else(bad)?;
     let depth: usize = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let suggested = parts.next().ok_or_else(bad)? == "1";
     if depth != q.max_depth || suggested != q.suggested_only {
@@ -291,5 +297,63 @@ impl Rooms {
             "children": accessible,
             "inaccessible_children": inaccessible,
         }))
+    }
+}
+
+/// Property tests: any `from` token is refused or read without panic, never as an offset past
+/// what one walk visits, and our tokens read back as written.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    fn query((suggested_only, max_depth, limit): (bool, usize, usize)) -> HierarchyQuery {
+        HierarchyQuery {
+            suggested_only,
+            max_depth,
+            limit,
+            from: None,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_hierarchy_tokens(
+            token in prop_oneof![
+                text(),
+                "h[0-9]{0,25}_[0-9]{0,3}_[0-9]?",
+                any::<u64>().prop_map(|n| format!("h{n}_3_0")),
+            ],
+            q in (any::<bool>(), 0usize..20, 1usize..100),
+            offset in 0usize..=MAX_ROOMS_WALKED,
+        ) {
+            let q = query(q);
+            if let Ok(o) = parse_hierarchy_token(&token, &q) {
+                prop_assert!(o <= MAX_ROOMS_WALKED);
+                prop_assert!(o.checked_add(q.limit).is_some());
+            }
+            prop_assert_eq!(parse_hierarchy_token(&hierarchy_token(offset, &q), &q).ok(), Some(offset));
+        }
+    }
+
+    #[test]
+    fn fuzz_huge_offsets_are_refused() {
+        let q = HierarchyQuery {
+            suggested_only: false,
+            max_depth: 3,
+            limit: 50,
+            from: None,
+        };
+        // A forged offset made `offset + limit` overflow (a panic in debug builds).
+        assert_eq!(
+            parse_hierarchy_token(&format!("h{}_3_0", usize::MAX), &q)
+                .err()
+                .map(|e| e.errcode()),
+            Some("M_INVALID_PARAM")
+        );
     }
 }

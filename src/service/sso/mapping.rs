@@ -243,3 +243,26 @@ fn ensure_active(services: &Services, user: &UserId) -> Result<(), SsoFailure> {
         )),
     }
 }
+
+/// Property tests: any claim gives a valid localpart or none.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        #[test]
+        fn fuzz_localparts_from_claims(claim in text()) {
+            if let Some(l) = sanitize_localpart(&claim) {
+                prop_assert!(!l.is_empty() && l.chars().count() <= 64);
+                prop_assert!(l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(c)));
+                let id = format!("@{l}:example.org");
+                prop_assert!(UserId::parse(id).is_ok());
+            }
+        }
+    }
+}
