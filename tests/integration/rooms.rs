@@ -1528,6 +1528,7 @@ async fn retried_send_and_redaction_are_answered_only_once_durable() {
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["content"], json!({}), "{v}");
+}
 
 /// A guest account registered over HTTP (`/register?kind=guest`).
 async fn guest(s: &TestServer) -> TestUser {
