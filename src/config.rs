@@ -665,6 +665,8 @@ fn is_free_form(key: &str) -> bool {
 
 impl Config {
     /// A config with every optional key set, so that serializing it lists every key.
+    // Key by key, as the config file lists them.
+    #[allow(clippy::field_reassign_with_default)]
     pub fn default_for_keys() -> Config {
         let mut c = Config::default();
         c.registration_token = Some(String::new());
@@ -806,7 +808,7 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("message", c.rate_limits.message),
         ("key_query", c.rate_limits.key_query),
     ] {
-        if !(rl.per_second > 0.0) || rl.burst == 0 {
+        if rl.per_second.is_nan() || rl.per_second <= 0.0 || rl.burst == 0 {
             return Err(ConfigError::Invalid(format!(
                 "rate_limits.{name}: per_second must be > 0 and burst >= 1"
             )));

@@ -193,10 +193,12 @@ mod tests {
     use super::*;
 
     fn policy(enabled: bool, allow: &[&str], deny: &[&str]) -> Policy {
-        let mut c = Config::default();
-        c.allow_federation = enabled;
-        c.federation_allowlist = allow.iter().map(|s| s.to_string()).collect();
-        c.federation_denylist = deny.iter().map(|s| s.to_string()).collect();
+        let c = Config {
+            allow_federation: enabled,
+            federation_allowlist: allow.iter().map(|s| s.to_string()).collect(),
+            federation_denylist: deny.iter().map(|s| s.to_string()).collect(),
+            ..Config::default()
+        };
         Policy::new(&c)
     }
 

@@ -15,6 +15,9 @@ use std::{path::Path, sync::Arc};
 pub use durability::{SyncHold, WriteTicket};
 pub use tables::Table;
 
+/// One stored entry: its key and its value.
+pub type Row = (Box<[u8]>, Box<[u8]>);
+
 use crate::error::{Error, Result};
 
 /// An open database. Cheap to clone (an `Arc` inside).
@@ -153,7 +156,7 @@ impl Storage {
         &'a self,
         table: Table,
         prefix: &[u8],
-    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
+    ) -> Result<impl Iterator<Item = Result<Row>> + 'a> {
         let prefix = prefix.to_vec();
         let iter = self.db.iterator_cf(
             self.cf(table)?,
@@ -174,7 +177,7 @@ impl Storage {
         prefix: &[u8],
         from: &[u8],
         backward: bool,
-    ) -> Result<impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + 'a> {
+    ) -> Result<impl Iterator<Item = Result<Row>> + 'a> {
         let prefix = prefix.to_vec();
         let dir = if backward {
             rocksdb::Direction::Reverse
@@ -193,11 +196,7 @@ impl Storage {
     }
 
     /// The last entry with `prefix` (largest key), if any.
-    pub fn last_with_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Option<(Box<[u8]>, Box<[u8]>)>> {
+    pub fn last_with_prefix(&self, table: Table, prefix: &[u8]) -> Result<Option<Row>> {
         let mut upper = prefix.to_vec();
         upper.extend_from_slice(&[0xff; 9]);
         self.scan_from(table, prefix, &upper, true)?
@@ -214,7 +213,7 @@ impl Storage {
         table: Table,
         prefix: &[u8],
         max_count: u64,
-    ) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    ) -> Result<Vec<Row>> {
         let mut iter = self.db.raw_iterator_cf(self.cf(table)?);
         let mut out = Vec::new();
         iter.seek(prefix);

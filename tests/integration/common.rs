@@ -25,6 +25,8 @@ pub struct TestUser {
     pub token: String,
 }
 
+// Key by key, as a config file would set them.
+#[allow(clippy::field_reassign_with_default)]
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut c = Config::default();
     c.port = 0;

@@ -100,9 +100,7 @@ fn media_answer(content: &[u8], closed: bool) -> Vec<u8> {
     if closed {
         body.extend_from_slice(b"\r\n--bnd--\r\n");
     }
-    let mut answer = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: multipart/mixed; boundary=bnd\r\nConnection: close\r\n\r\n"
-    )
+    let mut answer = "HTTP/1.1 200 OK\r\nContent-Type: multipart/mixed; boundary=bnd\r\nConnection: close\r\n\r\n".to_string()
     .into_bytes();
     answer.extend_from_slice(&body);
     answer

@@ -95,8 +95,8 @@ pub fn routes(r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     let r = consent::routes(r);
     let r = synapse_admin::routes(r);
     let r = thirdparty::routes(r);
-    let r = media::routes(r);
-    r
+
+    media::routes(r)
 }
 
 /// A room id from the request path.

@@ -67,7 +67,7 @@ pub(super) fn utf8_percent(v: &str) -> String {
 /// A local user that exists; anyone else has no profile here.
 fn known_user(s: &Services, raw: &str) -> Result<OwnedUserId> {
     let user = super::user_id(raw)?;
-    if !s.accounts.user(&user)?.is_some_and(|u| !u.deactivated) {
+    if s.accounts.user(&user)?.is_none_or(|u| u.deactivated) {
         return Err(Error::not_found("Profile not found"));
     }
     Ok(user)

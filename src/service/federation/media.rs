@@ -113,9 +113,12 @@ fn boundary_of(content_type: &str) -> Result<&str> {
         .ok_or_else(not_multipart)
 }
 
+/// The content part's headers and where its bytes start.
+type PartHead = (Vec<(String, String)>, usize);
+
 /// Once `head` holds the metadata part and the content part's headers: those headers and where
 /// the content starts. `None` while more bytes are needed.
-fn parse_head(head: &[u8], delimiter: &[u8]) -> Result<Option<(Vec<(String, String)>, usize)>> {
+fn parse_head(head: &[u8], delimiter: &[u8]) -> Result<Option<PartHead>> {
     // The first delimiter opens the metadata part, the second the content part.
     let positions = find_all(head, delimiter);
     let Some(&second) = positions.get(1) else {

@@ -359,10 +359,10 @@ pub async fn receive_invite(
         .and_then(|k| UserId::parse(k).ok())
         .ok_or_else(|| Error::bad_json("The invite names no user"))?;
     if target.server_name() != services.globals.server_name
-        || !services
+        || services
             .accounts
             .user(&target)?
-            .is_some_and(|u| !u.deactivated)
+            .is_none_or(|u| u.deactivated)
     {
         return Err(Error::not_found("No such user here"));
     }

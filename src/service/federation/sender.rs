@@ -174,6 +174,9 @@ pub struct Sender {
     txn_seq: AtomicU64,
 }
 
+/// A transaction with its PDUs and EDUs.
+type TxnWithBody = (Txn, Vec<Value>, Vec<Value>);
+
 impl Sender {
     /// The sender; its EDU sequence continues above the highest one queued.
     pub fn new(storage: Storage, wake: Arc<Wake>) -> Result<Sender> {
@@ -306,11 +309,7 @@ impl Sender {
     }
 
     /// The next transaction for `destination` from its queue, with its body; None when empty.
-    fn next_txn(
-        &self,
-        s: &Services,
-        destination: &ServerName,
-    ) -> Result<Option<(Txn, Vec<Value>, Vec<Value>)>> {
+    fn next_txn(&self, s: &Services, destination: &ServerName) -> Result<Option<TxnWithBody>> {
         let mut txn = Txn {
             id: format!(
                 "{}{}",

@@ -79,13 +79,15 @@ impl Notifications {
     ) -> Result<RoomCounts> {
         let mut out = RoomCounts::default();
         let prefix = keys::prefix(&[user.as_str(), room_id.as_str()]);
-        let mut seen = 0u64;
-        for entry in self.storage.scan_prefix(Table::PushUnread, &prefix)? {
+        for (seen, entry) in self
+            .storage
+            .scan_prefix(Table::PushUnread, &prefix)?
+            .enumerate()
+        {
             let (k, v) = entry?;
-            if keys::count_suffix(&k).is_none_or(|c| c > up_to) || seen >= MAX_COUNTED {
+            if keys::count_suffix(&k).is_none_or(|c| c > up_to) || seen as u64 >= MAX_COUNTED {
                 break;
             }
-            seen += 1;
             let Ok(row) = serde_json::from_slice::<Unread>(&v) else {
                 continue;
             };

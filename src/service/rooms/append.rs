@@ -895,7 +895,7 @@ impl Rooms {
         let obj = to_canonical(value)?;
         let mut redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
             .map_err(|e| Error::internal(format!("redact: {e}")))?;
-        let mut out = serde_json::to_value(&redacted.clone())?;
+        let mut out = serde_json::to_value(redacted.clone())?;
         redacted.clear();
         if let Some(id) = event_id {
             out["event_id"] = id;

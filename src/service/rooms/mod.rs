@@ -139,6 +139,9 @@ pub struct Rooms {
 /// Bound of [`Rooms::auth_cache`]; when full it is emptied (the working set refills it quickly).
 const AUTH_CACHE_ENTRIES: usize = 16_384;
 
+/// Events of a timeline walk with their positions, and where the walk stopped.
+pub type TimelineWalk = (Vec<(u64, Pdu)>, Option<u64>);
+
 /// Changes of one state key read at most by [`Rooms::state_key_history`] (a room whose history
 /// visibility changed more often than this is judged by its newest changes).
 pub const STATE_KEY_HISTORY_LIMIT: usize = 10_000;
@@ -591,7 +594,7 @@ impl Rooms {
         backward: bool,
         limit: usize,
         mut keep: impl FnMut(u64, &Pdu) -> Result<bool>,
-    ) -> Result<(Vec<(u64, Pdu)>, Option<u64>)> {
+    ) -> Result<TimelineWalk> {
         let prefix = keys::prefix(&[room_id.as_str()]);
         let start = if backward {
             keys::with_count(&[room_id.as_str()], from.saturating_sub(1))

@@ -90,7 +90,7 @@ impl Rooms {
         }
         hits.retain(|h| h.count >= floor);
         let total = hits.len();
-        hits.sort_by(|a, b| b.count.cmp(&a.count));
+        hits.sort_by_key(|h| std::cmp::Reverse(h.count));
         let next = if hits.len() > limit {
             hits.truncate(limit);
             hits.last().map(|h| h.count)

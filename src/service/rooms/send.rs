@@ -85,10 +85,8 @@ impl Rooms {
         if target_pdu.kind == TimelineEventType::RoomCreate {
             return Err(Error::forbidden("The create event cannot be redacted"));
         }
-        if target_pdu.sender != user {
-            if !self.power_levels(room_id)?.may(user, "redact") {
-                return Err(Error::forbidden("You may only redact your own events"));
-            }
+        if target_pdu.sender != user && !self.power_levels(room_id)?.may(user, "redact") {
+            return Err(Error::forbidden("You may only redact your own events"));
         }
         let mut content = json!({});
         if let Some(r) = reason {

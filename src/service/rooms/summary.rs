@@ -127,10 +127,10 @@ impl Rooms {
             };
             let content = pdu.content_value();
             // A child without `via` servers has been removed.
-            if !content
+            if content
                 .get("via")
                 .and_then(Value::as_array)
-                .is_some_and(|v| !v.is_empty())
+                .is_none_or(|v| v.is_empty())
             {
                 continue;
             }

@@ -251,9 +251,10 @@ pub fn select(b: &Builder<'_>) -> Result<Selection> {
             if start >= count {
                 continue;
             }
-            for i in start..=end.min(count - 1) {
+            let last = end.min(count - 1);
+            for (i, member) in members.iter().enumerate().take(last + 1).skip(start) {
                 if seen.insert(i) {
-                    in_window.push(members[i].room_id.clone());
+                    in_window.push(member.room_id.clone());
                 }
             }
         }
