@@ -34,6 +34,15 @@ pub fn count_suffix(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key[start..].try_into().ok()?))
 }
 
+/// A key `text 0xff count` (a room's log keys): the text and the count.
+pub fn text_and_count(key: &[u8]) -> Option<(&str, u64)> {
+    let sep = key.len().checked_sub(9)?;
+    if key.get(sep) != Some(&SEP) {
+        return None;
+    }
+    Some((std::str::from_utf8(&key[..sep]).ok()?, count_suffix(key)?))
+}
+
 /// The string after the last separator of a key.
 pub fn last_part(key: &[u8]) -> Option<&str> {
     let pos = key.iter().rposition(|b| *b == SEP)?;

@@ -70,13 +70,9 @@ fn index_state_by_key(storage: &Storage) -> Result<()> {
     let mut in_batch = 0;
     for entry in storage.scan_prefix(Table::StateLog, b"")? {
         let (k, v) = entry?;
-        let (Some(count), Some(sep)) = (
-            super::keys::count_suffix(&k),
-            k.iter().position(|b| *b == super::keys::SEP),
-        ) else {
+        let Some((room, count)) = super::keys::text_and_count(&k) else {
             continue;
         };
-        let room = std::str::from_utf8(&k[..sep]).unwrap_or_default();
         let change: serde_json::Value = serde_json::from_slice(&v)?;
         let field = |name: &str| {
             change

@@ -20,25 +20,8 @@ async fn from(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
-    let mut r = s
-        .http
-        .request(method, format!("{}{}", s.base, path))
-        .header("X-Forwarded-For", xff);
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let res = r.send().await.expect("request sent");
-    let status = res.status();
-    let text = res.text().await.expect("body");
-    let value = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    (status, value)
+    s.req_with_headers(method, path, token, body, &[("X-Forwarded-For", xff)])
+        .await
 }
 
 fn login_body(user: &str, password: &str) -> Value {

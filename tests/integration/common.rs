@@ -144,7 +144,22 @@ impl TestServer {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        self.req_with_headers(method, path, token, body, &[]).await
+    }
+
+    /// [`TestServer::req`] with extra request headers (e.g. `X-Forwarded-For`).
+    pub async fn req_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let mut r = self.http.request(method, format!("{}{}", self.base, path));
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }

@@ -664,15 +664,7 @@ pub(crate) fn rebuild_log(storage: &crate::storage::Storage) -> Result<()> {
         if change.event_type != HISTORY_VISIBILITY || !change.state_key.is_empty() {
             continue;
         }
-        let (Some(count), Some(sep)) = (
-            keys::count_suffix(&k),
-            k.len()
-                .checked_sub(9)
-                .filter(|i| k.get(*i) == Some(&keys::SEP)),
-        ) else {
-            continue;
-        };
-        let Ok(room) = std::str::from_utf8(&k[..sep]) else {
+        let Some((room, count)) = keys::text_and_count(&k) else {
             continue;
         };
         let id = if change.removed {
@@ -694,15 +686,7 @@ pub(crate) fn rebuild_log(storage: &crate::storage::Storage) -> Result<()> {
     for entry in storage.scan_prefix(Table::Backfill, b"")? {
         let (k, v) = entry?;
         // `room 0xff seq` rows (the `room -> BackfillMeta` rows have no separator).
-        let (Some(seq), Some(sep)) = (
-            keys::count_suffix(&k),
-            k.len()
-                .checked_sub(9)
-                .filter(|i| k.get(*i) == Some(&keys::SEP)),
-        ) else {
-            continue;
-        };
-        let Ok(room) = std::str::from_utf8(&k[..sep]) else {
+        let Some((room, seq)) = keys::text_and_count(&k) else {
             continue;
         };
         let Some(raw) = storage.get(Table::Pdus, &v)? else {
