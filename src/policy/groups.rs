@@ -49,14 +49,15 @@ impl GroupConfig {
             return true;
         }
         let id = user.as_str();
-        let server = user.server_name().as_str().to_ascii_lowercase();
+        // Server entries match as the federation lists do: the host whatever the port, unless
+        // the entry names one.
         self.users
             .iter()
             .any(|p| crate::service::filter::glob(p, id))
             || self
                 .servers
                 .iter()
-                .any(|p| crate::service::filter::glob(&p.to_ascii_lowercase(), &server))
+                .any(|p| super::server_matches(p, user.server_name()))
     }
 }
 
@@ -355,6 +356,8 @@ mod tests {
         assert!(g.may_contact(uid("@a:x.example"), uid("@b:x.example")));
         assert!(g.may_contact(uid("@a:x.example"), uid("@p:chat.partner.example")));
         assert!(g.may_contact(uid("@p:chat.partner.example"), uid("@a:x.example")));
+        // A server entry names the host whatever the port.
+        assert!(g.may_contact(uid("@a:x.example"), uid("@p:chat.partner.example:8448")));
         assert!(!g.may_contact(uid("@a:x.example"), uid("@z:board.example")));
         assert!(g.may_contact(uid("@boss:x.example"), uid("@z:board.example")));
         assert!(!g.may_contact(uid("@a:x.example"), uid("@o:other.example")));

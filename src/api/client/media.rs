@@ -234,8 +234,9 @@ impl Requester for Authed {
 
 impl Requester for Unfrozen {
     fn requester(&self) -> String {
+        // By network, as rate limits key addresses: an IPv6 client holds a whole /64.
         match crate::policy::audit::RequestCtx::current().ip {
-            Some(ip) => format!("ip:{ip}"),
+            Some(ip) => format!("ip:{}", crate::service::ratelimit::ip_key(ip)),
             None => "ip:unknown".to_owned(),
         }
     }
