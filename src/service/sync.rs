@@ -640,7 +640,7 @@ impl Builder<'_> {
         // A room joined since the last sync is sent as in an initial sync.
         let since = if newly_joined { None } else { self.req.since };
         let timeline = self.timeline(room_id, since.unwrap_or(0), self.up_to)?;
-        let state = self.state(room_id, since, &timeline)?;
+        let state = self.state(room_id, since, &timeline, self.up_to)?;
 
         let mut ephemeral = Vec::new();
         let eph_filter = &self.req.filter.room.ephemeral;
@@ -693,7 +693,8 @@ impl Builder<'_> {
         let since = self.req.since;
         let end = ur.count.min(self.up_to);
         let timeline = self.timeline(room_id, since.unwrap_or(0), end)?;
-        let state = self.state(room_id, since, &timeline)?;
+        // The state as the user may know it: up to their leave, never after.
+        let state = self.state(room_id, since, &timeline, end)?;
         Ok(json!({
             "timeline": self.timeline_json(&timeline, since),
             "state": { "events": state.iter().map(|p| p.to_client_value(None)).collect::<Vec<_>>() },
@@ -727,13 +728,21 @@ impl Builder<'_> {
 
     /// The `state` section: the full state at the start of the timeline for an initial sync
     /// (or `full_state`), else what changed between `since` and the start of the timeline.
-    fn state(&self, room_id: &RoomId, since: Option<u64>, timeline: &Timeline) -> Result<Vec<Pdu>> {
+    /// Nothing after stream position `last` (the sync's end, or a left room's leave) is used.
+    fn state(
+        &self,
+        room_id: &RoomId,
+        since: Option<u64>,
+        timeline: &Timeline,
+        last: u64,
+    ) -> Result<Vec<Pdu>> {
         let user = self.user();
         let first = timeline
             .events
             .first()
             .map(|(c, _)| *c)
-            .unwrap_or(self.up_to.saturating_add(1));
+            .unwrap_or(last.saturating_add(1))
+            .min(last.saturating_add(1));
         let in_timeline: HashSet<&OwnedEventId> =
             timeline.events.iter().map(|(_, p)| &p.event_id).collect();
         let ids: HashMap<(String, String), OwnedEventId> = match since {
@@ -797,7 +806,17 @@ impl Builder<'_> {
                 .collect();
             missing.sort();
             for member in missing {
-                if let Some(p) = self.s.rooms.state_get(room_id, "m.room.member", member)? {
+                let at_last = self.s.rooms.state_get_at(
+                    room_id,
+                    last.saturating_add(1),
+                    "m.room.member",
+                    member,
+                )?;
+                let event = match at_last {
+                    Some(id) => self.s.rooms.pdu(id.as_str())?,
+                    None => None,
+                };
+                if let Some(p) = event {
                     if !in_timeline.contains(&p.event_id)
                         && room_event_matches(filter, "m.room.member", Some(p.sender.as_ref()))
                     {

@@ -482,3 +482,110 @@ async fn an_older_database_gets_its_visibility_log_at_the_upgrade() {
     assert_no_secret("/messages after the upgrade", &page);
     assert!(bodies(&page["chunk"]).contains(&"after the switch".to_owned()));
 }
+
+/// A user who left learns nothing of what happened after through the state that comes with
+/// events: a left room's `state` in sync (also with an empty timeline), lazily loaded members in
+/// `/messages` and `/context`.
+#[tokio::test]
+async fn a_user_who_left_learns_no_later_state_through_sync_or_lazy_members() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = s
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "initial_state": [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": { "history_visibility": "shared" } }] }),
+        )
+        .await;
+    s.join(&bob, &room).await;
+    let before = send(&s, &alice, &room, text("findable before")).await;
+    let (status, left) = s
+        .post(&format!("{V3}/rooms/{}/leave", enc(&room)), &bob, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{left}");
+    // After bob left: a new topic and a new display name of alice's in the room.
+    send_state(
+        &s,
+        &alice,
+        &room,
+        "m.room.topic",
+        "",
+        json!({ "topic": "after-topic" }),
+    )
+    .await;
+    send_state(
+        &s,
+        &alice,
+        &room,
+        "m.room.member",
+        &alice.user_id,
+        json!({ "membership": "join", "displayname": "Alice After" }),
+    )
+    .await;
+    let leaks = |v: &Value| {
+        let text = v.to_string();
+        text.contains("after-topic") || text.contains("Alice After")
+    };
+
+    // Sync of the left room with an empty timeline: the state as of the leave.
+    let filter = enc(r#"{"room":{"include_leave":true,"timeline":{"limit":0}}}"#);
+    let (status, sync) = s.get(&format!("{V3}/sync?filter={filter}"), &bob).await;
+    assert_eq!(status, StatusCode::OK, "{sync}");
+    let state = &sync["rooms"]["leave"][&room]["state"]["events"];
+    assert!(state.as_array().is_some_and(|e| !e.is_empty()), "{sync}");
+    assert!(
+        !leaks(state),
+        "later state in the left room's sync: {state}"
+    );
+
+    // Lazily loaded members of /messages and /context: alice as she was when bob left.
+    let lazy = enc(r#"{"lazy_load_members":true}"#);
+    let (status, page) = s
+        .get(
+            &format!(
+                "{V3}/rooms/{}/messages?dir=b&limit=20&filter={lazy}",
+                enc(&room)
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let members = page["state"].as_array().expect("lazy members");
+    assert!(
+        members
+            .iter()
+            .any(|m| m["state_key"] == alice.user_id.as_str()),
+        "{page}"
+    );
+    assert!(
+        !leaks(&page["state"]),
+        "later member event in /messages: {page}"
+    );
+    let (status, ctx) = s
+        .get(
+            &format!(
+                "{V3}/rooms/{}/context/{}?limit=2&filter={lazy}",
+                enc(&room),
+                enc(&before)
+            ),
+            &bob,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ctx}");
+    assert!(
+        !leaks(&ctx["state"]),
+        "later member event in /context: {ctx}"
+    );
+
+    // Alice, still in the room, sees the new state.
+    let (status, now) = s
+        .get(
+            &format!("{V3}/rooms/{}/state/m.room.topic/", enc(&room)),
+            &alice,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(now["topic"], json!("after-topic"));
+}

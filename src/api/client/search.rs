@@ -6,7 +6,6 @@ use std::{collections::BTreeMap, sync::Arc};
 use axum::{extract::State, Json, Router};
 use ruma::{
     api::client::search::search_events::v3::{GroupingKey, OrderBy, Request},
-    events::StateEventType,
     OwnedRoomId,
 };
 use serde_json::{json, Map, Value};
@@ -102,11 +101,11 @@ async fn search(State(s): State<Arc<Services>>, req: Ruma<Request>) -> Result<Js
                     .map(|(_, p)| &p.sender)
                     .chain([&hit.pdu.sender])
                 {
-                    let member = s.rooms.state_content(
-                        &room_id,
-                        &StateEventType::RoomMember,
-                        sender.as_str(),
-                    )?;
+                    // As the searcher may know it: for a room they left, the profile then.
+                    let member = s
+                        .rooms
+                        .visible_member_event(&room_id, &who.user_id, sender)?
+                        .map(|p| p.content_value());
                     let field = |f: &str| member.as_ref().and_then(|m| m.get(f)).cloned();
                     let mut p = Map::new();
                     if let Some(v) = field("displayname").filter(Value::is_string) {

@@ -191,7 +191,7 @@ impl Rooms {
 
         let chunk: Vec<Pdu> = events;
         let state = if lazy_loading(filter) {
-            self.member_events_of(room_id, chunk.iter().map(|p| p.sender.clone()))?
+            self.member_events_of(room_id, user, chunk.iter().map(|p| p.sender.clone()))?
         } else {
             Vec::new()
         };
@@ -287,16 +287,18 @@ impl Rooms {
         }
     }
 
-    /// The current `m.room.member` events of the given senders (lazy-loaded members).
+    /// The `m.room.member` events of the given senders as `reader` may know them (lazy-loaded
+    /// members; see [`Rooms::visible_member_event`]).
     fn member_events_of(
         &self,
         room_id: &RoomId,
+        reader: &UserId,
         senders: impl Iterator<Item = OwnedUserId>,
     ) -> Result<Vec<Pdu>> {
         let senders: BTreeSet<OwnedUserId> = senders.collect();
         let mut out = Vec::new();
         for sender in senders {
-            if let Some(p) = self.state_get(room_id, "m.room.member", sender.as_str())? {
+            if let Some(p) = self.visible_member_event(room_id, reader, &sender)? {
                 out.push(p);
             }
         }
@@ -363,7 +365,7 @@ impl Rooms {
                 .iter()
                 .chain(after.iter())
                 .chain(std::iter::once(&event));
-            self.member_events_of(room_id, senders.map(|p| p.sender.clone()))?
+            self.member_events_of(room_id, user, senders.map(|p| p.sender.clone()))?
         } else {
             // The state after the last event returned.
             let mut seen = HashSet::new();
@@ -465,7 +467,7 @@ impl Rooms {
                 .iter()
                 .chain(after.iter())
                 .chain(std::iter::once(&event));
-            self.member_events_of(room_id, senders.map(|p| p.sender.clone()))?
+            self.member_events_of(room_id, user, senders.map(|p| p.sender.clone()))?
         } else {
             let at = newest.and_then(|p| u64::try_from(p).ok()).unwrap_or(0);
             let mut out = Vec::new();

@@ -380,6 +380,29 @@ impl Rooms {
         Ok(out)
     }
 
+    /// The `m.room.member` event of `member` as `reader` may know it: the current one for
+    /// members (and in world-readable rooms), the one in force when they left for former
+    /// members (a later profile change, kick or ban is not theirs to see); none for others.
+    pub fn visible_member_event(
+        &self,
+        room_id: &RoomId,
+        reader: &UserId,
+        member: &UserId,
+    ) -> Result<Option<Pdu>> {
+        let id = match self.visible_state_bound(room_id, reader, None) {
+            Ok(None) => self.state_event_id(room_id, "m.room.member", member.as_str())?,
+            Ok(Some(bound)) => {
+                self.state_get_at(room_id, bound, "m.room.member", member.as_str())?
+            }
+            Err(Error::Matrix { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        match id {
+            Some(id) => self.pdu(id.as_str()),
+            None => Ok(None),
+        }
+    }
+
     /// The stream position before which `user` may read the room's state (`None`: the current
     /// state), or 403 when they may read none of it.
     fn visible_state_bound(
