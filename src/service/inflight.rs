@@ -28,6 +28,8 @@ pub struct Slot<K: Eq + Hash, G: Eq + Hash> {
     inner: Arc<Mutex<Inner<K, G>>>,
     key: K,
     group: G,
+    /// The key's mutex, as the map held it when this slot was counted.
+    mutex: Arc<tokio::sync::Mutex<()>>,
     held: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
@@ -66,9 +68,10 @@ impl<K: Eq + Hash + Clone, G: Eq + Hash + Clone> InFlight<K, G> {
             inner: self.inner.clone(),
             key,
             group,
+            mutex,
             held: None,
         };
-        slot.held = Some(mutex.lock_owned().await);
+        slot.held = Some(slot.mutex.clone().lock_owned().await);
         Ok(slot)
     }
 
@@ -84,6 +87,8 @@ impl<K: Eq + Hash + Clone, G: Eq + Hash + Clone> InFlight<K, G> {
 
 impl<K: Eq + Hash, G: Eq + Hash> Drop for Slot<K, G> {
     fn drop(&mut self) {
+        // Give the key up first, so that only references of others remain to be counted.
+        drop(self.held.take());
         let mut inner = self.inner.lock();
         if let Some(n) = inner.per_group.get_mut(&self.group) {
             *n = n.saturating_sub(1);
@@ -91,12 +96,14 @@ impl<K: Eq + Hash, G: Eq + Hash> Drop for Slot<K, G> {
                 inner.per_group.remove(&self.group);
             }
         }
-        // The map's reference plus at most this holder's own (its guard, or the wait it
-        // abandoned): nobody else waits for the key, so its entry can go.
+        // Only this slot's own mutex, and only when the map's reference and this slot's are
+        // the last: then nobody holds or waits for the key. (A wait given up while another
+        // request holds the key must not remove the entry under the holder: the next request
+        // would get a new mutex and run beside it.)
         if inner
             .slots
             .get(&self.key)
-            .is_some_and(|m| Arc::strong_count(m) <= 2)
+            .is_some_and(|m| Arc::ptr_eq(m, &self.mutex) && Arc::strong_count(m) == 2)
         {
             inner.slots.remove(&self.key);
         }
@@ -139,6 +146,30 @@ mod tests {
         drop(second);
         assert!(slots.is_empty());
         assert!(slots.inner.lock().per_group.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_wait_leaves_the_holder_alone() {
+        let slots: InFlight<&str, &str> = InFlight::new(4);
+        let holder = slots.acquire("txn", "origin").await.expect("free");
+        // A retry that waits, then is given up (its connection closed).
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            slots.acquire("txn", "origin"),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        // A third attempt must still wait for the holder, not run beside it.
+        let third = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            slots.acquire("txn", "origin"),
+        )
+        .await;
+        assert!(third.is_err(), "a second holder of the same key got in");
+        drop(holder);
+        let after = slots.acquire("txn", "origin").await.expect("free again");
+        drop(after);
+        assert!(slots.is_empty());
     }
 
     #[tokio::test]

@@ -111,8 +111,13 @@ impl RateLimiter {
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
         if buckets.len() > MAX_BUCKETS {
-            let full = Duration::from_secs_f64(f64::from(limit.burst) / limit.per_second);
-            buckets.retain(|_, b| now.duration_since(b.updated) < full);
+            // Only buckets that have refilled completely (each by its own action's rate) are
+            // forgotten: one that is forgotten earlier would hand an attacker a fresh burst.
+            buckets.retain(|(a, _), b| {
+                let l = self.limit(*a);
+                let full = Duration::from_secs_f64(f64::from(l.burst) / l.per_second);
+                now.duration_since(b.updated) < full
+            });
         }
         let bucket = buckets.entry((action, key.to_owned())).or_insert(Bucket {
             tokens: f64::from(limit.burst),

@@ -53,16 +53,27 @@ pub async fn split_multipart(
     use futures_util::StreamExt;
     let delimiter = format!("--{}", boundary_of(content_type)?).into_bytes();
     let mut head: Vec<u8> = Vec::new();
+    // The head is parsed again each time it has doubled (and at the end of the answer), not
+    // after every chunk: an answer sent a byte at a time costs a few passes, not one per byte.
+    let mut parse_at = 0;
+    let mut ended = false;
     let (headers, content_start) = loop {
-        if let Some(found) = parse_head(&head, &delimiter)? {
-            break found;
-        }
-        if head.len() > MAX_HEAD {
-            return Err(not_multipart());
+        if head.len() >= parse_at || ended {
+            if let Some(found) = parse_head(&head, &delimiter)? {
+                break found;
+            }
+            if ended || head.len() > MAX_HEAD {
+                return Err(not_multipart());
+            }
+            parse_at = head
+                .len()
+                .saturating_mul(2)
+                .min(MAX_HEAD + 1)
+                .max(head.len() + 1);
         }
         match body.next().await {
             Some(chunk) => head.extend_from_slice(&chunk?),
-            None => return Err(not_multipart()),
+            None => ended = true,
         }
     };
     let mut closing = b"\r\n".to_vec();
@@ -71,6 +82,7 @@ pub async fn split_multipart(
         body,
         pending: head.split_off(content_start),
         closing,
+        searched: 0,
         finished: false,
     };
     Ok((
@@ -147,26 +159,38 @@ struct ContentState {
     pending: Vec<u8>,
     /// `\r\n--boundary`: the content ends where it begins.
     closing: Vec<u8>,
+    /// How much of `pending` was searched for `closing` already.
+    searched: usize,
     finished: bool,
 }
 
 /// The next piece of the content part (see [`split_multipart`]).
 async fn next_content(mut st: ContentState) -> Option<(Result<bytes::Bytes>, ContentState)> {
     use futures_util::StreamExt;
+    // The bytes that may be the start of the closing delimiter stay behind; the rest goes on
+    // once this much has gathered (tiny chunks are not passed on, nor searched, one by one).
+    const PASS_ON_AT: usize = 16 * 1024;
+    let keep = st.closing.len().saturating_sub(1);
     loop {
         if st.finished {
             return None;
         }
-        if let Some(end) = find_all(&st.pending, &st.closing).first().copied() {
+        // Only what was not searched yet, and the bytes before it a match could start in: every
+        // byte is looked at a bounded number of times however the answer is chunked.
+        let from = st.searched.saturating_sub(keep);
+        if let Some(end) = find_all(&st.pending[from..], &st.closing)
+            .first()
+            .map(|i| i + from)
+        {
             st.finished = true;
             let content = bytes::Bytes::copy_from_slice(&st.pending[..end]);
             st.pending = Vec::new();
             return Some((Ok(content), st));
         }
-        // All but the bytes that may be the start of the closing delimiter can go on.
-        let keep = st.closing.len().saturating_sub(1);
-        if st.pending.len() > keep {
+        st.searched = st.pending.len();
+        if st.pending.len() >= keep + PASS_ON_AT {
             let rest = st.pending.split_off(st.pending.len() - keep);
+            st.searched = rest.len();
             let content = std::mem::replace(&mut st.pending, rest);
             return Some((Ok(content.into()), st));
         }
@@ -394,6 +418,32 @@ fn header_params(value: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_answer_sent_a_byte_at_a_time_reads_the_same() {
+        use futures_util::StreamExt;
+        let mut file = b"\r\n--almost-a-boundary\r\n".repeat(100);
+        file.extend(std::iter::repeat_n(b'x', 40_000));
+        let (ct, body) = multipart_body("text/plain", "inline", &file);
+        let chunks: Vec<Result<bytes::Bytes>> = body
+            .iter()
+            .map(|b| Ok(bytes::Bytes::copy_from_slice(&[*b])))
+            .collect();
+        let (headers, mut content) =
+            split_multipart(&ct, Box::pin(futures_util::stream::iter(chunks)))
+                .await
+                .expect("parses");
+        assert!(headers.contains(&("content-type".to_owned(), "text/plain".to_owned())));
+        let mut got = Vec::new();
+        let mut pieces = 0;
+        while let Some(chunk) = content.next().await {
+            got.extend_from_slice(&chunk.expect("content"));
+            pieces += 1;
+        }
+        assert_eq!(got, file);
+        // Passed on in pieces of many bytes, not one by one.
+        assert!(pieces < 10, "{pieces} pieces");
+    }
 
     #[tokio::test]
     async fn multipart_round_trip() {
