@@ -42,8 +42,8 @@ pub struct Migration {
 /// 1 -> 2: the per-key state log `state_by_key` is filled from `state_log`, so the state at a
 /// position is read by key instead of replayed from the room's first event.
 ///
-/// 2 -> 3: the `visibility_log` (history visibility changes by position, which every client
-/// read judges events by) is filled from the state log and the backfilled history.
+/// 2 -> 3: the `visibility_log` (the history visibility events of backfilled history, by which
+/// clients are shown it) is filled from the backfilled history.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         from: 0,

@@ -161,10 +161,10 @@ pub enum Table {
     /// user -> JSON `ClaimsRecord`: the groups the identity provider named at the user's latest
     /// SSO or JWT login (policy: closed user groups).
     IdpClaims,
-    /// room 0xff `t` 0xff count -> event id (empty: the key left the state): every change of
-    /// the room's `m.room.history_visibility`, at its stream count; room 0xff `b` 0xff backfill
-    /// sequence -> event id: the visibility events of the backfilled history. What a user may
-    /// see of an event is judged by the setting in force at it (`rooms/visibility.rs`).
+    /// room 0xff `b` 0xff backfill sequence -> event id: the history visibility events of the
+    /// backfilled history (the timeline's changes are the `state_by_key` rows of
+    /// `m.room.history_visibility`). What a user may see of an event is judged by the setting in
+    /// force at it (`rooms/visibility.rs`).
     VisibilityLog,
 }
 

@@ -752,15 +752,6 @@ impl Rooms {
             change.event_id.as_bytes()
         };
         batch.put(Table::StateByKey, &by_key, value)?;
-        if change.event_type == super::visibility::HISTORY_VISIBILITY && change.state_key.is_empty()
-        {
-            Rooms::log_visibility_change(
-                batch,
-                room_id,
-                count,
-                (!change.removed).then_some(change.event_id.as_str()),
-            )?;
-        }
         let Some(membership) = membership else {
             return Ok(None);
         };

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::{
     pdu::to_canonical,
-    visibility::{At, Visibility},
+    visibility::{At, Visibility, HISTORY_VISIBILITY},
     EventMeta, Pdu, Rooms,
 };
 use crate::{
@@ -85,12 +85,12 @@ impl Rooms {
                 "{origin} is not in the room and the room is not world readable"
             )));
         }
-        // The history visibility changes, from the log kept for this (one row per change).
+        // The history visibility changes: that key's rows of the per-key state log.
         let mut visibility_changes = Vec::new();
-        let prefix = keys::prefix(&[room_id.as_str(), "t"]);
+        let prefix = keys::prefix(&[room_id.as_str(), HISTORY_VISIBILITY, ""]);
         for entry in self
             .storage
-            .scan_prefix(Table::VisibilityLog, &prefix)?
+            .scan_prefix(Table::StateByKey, &prefix)?
             .take(MAX_VISIBILITY_CHANGES)
         {
             let (k, id) = entry?;

@@ -142,10 +142,6 @@ const AUTH_CACHE_ENTRIES: usize = 16_384;
 /// Events of a timeline walk with their positions, and where the walk stopped.
 pub type TimelineWalk = (Vec<(u64, Pdu)>, Option<u64>);
 
-/// Changes of one state key read at most by [`Rooms::state_key_history`] (a room whose history
-/// visibility changed more often than this is judged by its newest changes).
-pub const STATE_KEY_HISTORY_LIMIT: usize = 10_000;
-
 impl Rooms {
     pub fn new(
         storage: Storage,
@@ -688,37 +684,6 @@ impl Rooms {
             count,
         )?;
         Ok(found.into_values().next())
-    }
-
-    /// Every change of one state key, oldest first: (stream count, the event now in the state,
-    /// or `None` where the key left the state). Read from `state_by_key`, so it costs the
-    /// key's own changes, not the room's history. At most [`STATE_KEY_HISTORY_LIMIT`] (the
-    /// newest are kept past that).
-    pub fn state_key_history(
-        &self,
-        room_id: &RoomId,
-        event_type: &str,
-        state_key: &str,
-    ) -> Result<Vec<(u64, Option<OwnedEventId>)>> {
-        let prefix = keys::prefix(&[room_id.as_str(), event_type, state_key]);
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&[0xff; 8]);
-        let mut out = Vec::new();
-        for entry in self
-            .storage
-            .scan_from(Table::StateByKey, &prefix, &upper, true)?
-            .take(STATE_KEY_HISTORY_LIMIT)
-        {
-            let (k, v) = entry?;
-            let count = keys::count_suffix(&k).unwrap_or(0);
-            let event_id = std::str::from_utf8(&v)
-                .ok()
-                .filter(|s| !s.is_empty())
-                .and_then(|s| OwnedEventId::try_from(s).ok());
-            out.push((count, event_id));
-        }
-        out.reverse();
-        Ok(out)
     }
 
     fn state_of_prefix_at(

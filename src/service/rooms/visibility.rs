@@ -8,11 +8,13 @@
 //! `/threads`, `/notifications`, `/timestamp_to_event`, and the relations bundled into every
 //! event by `aggregations.rs`); federation's [`super::ServerView`] uses the same rules and log.
 //!
-//! The history visibility in force at a position comes from `visibility_log`, one row per
-//! change of the room's `m.room.history_visibility` (written with the state change, in its
-//! batch): the value before a timeline event is the last row below its stream count, one seek.
+//! The history visibility in force at a position comes from the per-key state log
+//! (`state_by_key`), whose rows for `m.room.history_visibility` are one per change (written with
+//! the state change, in its batch): the value before a timeline event is the last row below its
+//! stream count, one seek.
 //! Events joined into a fork carry their own state (`event_state`) and are judged by it.
-//! Backfilled history has rows of its own (`b`, by backfill sequence): an event there is judged
+//! Backfilled history has rows of its own in `visibility_log` (`b`, by backfill sequence): an
+//! event there is judged
 //! by the nearest older backfilled visibility event; older than all of them, by the visibility
 //! the room had when this server got its state, unless that event is itself backfilled (then
 //! what came before it is unknown: `shared` if the create event was reached, as the spec's
@@ -139,6 +141,16 @@ impl<'r> VisibilityLog<'r> {
         keys::prefix(&[self.room_id.as_str(), kind])
     }
 
+    /// The timeline's changes of the setting are the history visibility's own rows of the
+    /// per-key state log (`state_by_key`): this prefix, and the key at a count.
+    fn stream_prefix(&self) -> Vec<u8> {
+        keys::prefix(&[self.room_id.as_str(), HISTORY_VISIBILITY, ""])
+    }
+
+    fn stream_key(&self, count: u64) -> Vec<u8> {
+        keys::with_count(&[self.room_id.as_str(), HISTORY_VISIBILITY, ""], count)
+    }
+
     /// The setting a row names (empty: the key left the state, the spec's default applies; an
     /// event we cannot read: the strictest, as nothing says it was more open).
     fn setting(&mut self, event_id: &[u8]) -> Result<Visibility> {
@@ -200,18 +212,12 @@ impl<'r> VisibilityLog<'r> {
                 return Ok(v);
             }
         }
-        let room = self.room_id.as_str().to_owned();
-        let prefix = self.prefix("t");
+        let prefix = self.stream_prefix();
         let below = match count.checked_sub(1) {
             Some(c) => self
                 .rooms
                 .storage
-                .scan_from(
-                    Table::VisibilityLog,
-                    &prefix,
-                    &keys::with_count(&[&room, "t"], c),
-                    true,
-                )?
+                .scan_from(Table::StateByKey, &prefix, &self.stream_key(c), true)?
                 .next()
                 .transpose()?,
             None => None,
@@ -226,12 +232,7 @@ impl<'r> VisibilityLog<'r> {
         let hi = self
             .rooms
             .storage
-            .scan_from(
-                Table::VisibilityLog,
-                &prefix,
-                &keys::with_count(&[&room, "t"], count),
-                false,
-            )?
+            .scan_from(Table::StateByKey, &prefix, &self.stream_key(count), false)?
             .next()
             .transpose()?
             .and_then(|(k, _)| keys::count_suffix(&k))
@@ -242,14 +243,13 @@ impl<'r> VisibilityLog<'r> {
 
     /// Whether the setting changes anywhere in `(from, to]` of the timeline.
     pub(crate) fn changes_between(&self, from: u64, to: u64) -> Result<bool> {
-        let room = self.room_id.as_str();
         Ok(self
             .rooms
             .storage
             .scan_from(
-                Table::VisibilityLog,
-                &self.prefix("t"),
-                &keys::with_count(&[room, "t"], from.saturating_add(1)),
+                Table::StateByKey,
+                &self.stream_prefix(),
+                &self.stream_key(from.saturating_add(1)),
                 false,
             )?
             .next()
@@ -310,7 +310,7 @@ impl<'r> VisibilityLog<'r> {
         let first = self
             .rooms
             .storage
-            .scan_prefix(Table::VisibilityLog, &self.prefix("t"))?
+            .scan_prefix(Table::StateByKey, &self.stream_prefix())?
             .next()
             .transpose()?;
         match first {
@@ -592,21 +592,6 @@ impl Rooms {
         MembershipLog::new(user).allows(self, room_id, setting, at)
     }
 
-    /// Record a change of the room's history visibility at stream count `count` in the
-    /// visibility log (`event_id` None: the key left the state). In the change's batch.
-    pub(crate) fn log_visibility_change(
-        batch: &mut Batch,
-        room_id: &RoomId,
-        count: u64,
-        event_id: Option<&str>,
-    ) -> Result<()> {
-        batch.put(
-            Table::VisibilityLog,
-            &keys::with_count(&[room_id.as_str(), "t"], count),
-            event_id.unwrap_or("").as_bytes(),
-        )
-    }
-
     /// Record a backfilled history visibility event at backfill sequence `seq`.
     pub(crate) fn log_backfilled_visibility(
         batch: &mut Batch,
@@ -651,38 +636,11 @@ impl Rooms {
     }
 }
 
-/// Fill `visibility_log` from the state log and the backfilled history (schema migration 1 -> 2:
-/// databases written before the log existed). Repeatable: it only writes rows.
+/// Fill `visibility_log` from the backfilled history (schema migration 2 -> 3: databases
+/// written before the log existed; the timeline's changes are read from `state_by_key`, which
+/// migration 1 -> 2 fills). Repeatable: it only writes rows.
 pub(crate) fn rebuild_log(storage: &crate::storage::Storage) -> Result<()> {
     let mut batch = storage.batch();
-    let mut pending = 0usize;
-    for entry in storage.scan_prefix(Table::StateLog, b"")? {
-        let (k, v) = entry?;
-        let Ok(change) = serde_json::from_slice::<super::StateChange>(&v) else {
-            continue;
-        };
-        if change.event_type != HISTORY_VISIBILITY || !change.state_key.is_empty() {
-            continue;
-        }
-        let Some((room, count)) = keys::text_and_count(&k) else {
-            continue;
-        };
-        let id = if change.removed {
-            String::new()
-        } else {
-            change.event_id.to_string()
-        };
-        batch.put(
-            Table::VisibilityLog,
-            &keys::with_count(&[room, "t"], count),
-            id.as_bytes(),
-        )?;
-        pending += 1;
-        if pending >= 10_000 {
-            std::mem::replace(&mut batch, storage.batch()).commit()?;
-            pending = 0;
-        }
-    }
     for entry in storage.scan_prefix(Table::Backfill, b"")? {
         let (k, v) = entry?;
         // `room 0xff seq` rows (the `room -> BackfillMeta` rows have no separator).
