@@ -295,10 +295,14 @@ impl Rooms {
         reader: &UserId,
         senders: impl Iterator<Item = OwnedUserId>,
     ) -> Result<Vec<Pdu>> {
+        // The reader's bound once for the page, then one read per sender.
+        let Some(bound) = self.reader_state_bound(room_id, reader)? else {
+            return Ok(Vec::new());
+        };
         let senders: BTreeSet<OwnedUserId> = senders.collect();
         let mut out = Vec::new();
         for sender in senders {
-            if let Some(p) = self.visible_member_event(room_id, reader, &sender)? {
+            if let Some(p) = self.member_event_within(room_id, bound, &sender)? {
                 out.push(p);
             }
         }

@@ -389,13 +389,36 @@ impl Rooms {
         reader: &UserId,
         member: &UserId,
     ) -> Result<Option<Pdu>> {
-        let id = match self.visible_state_bound(room_id, reader, None) {
-            Ok(None) => self.state_event_id(room_id, "m.room.member", member.as_str())?,
-            Ok(Some(bound)) => {
-                self.state_get_at(room_id, bound, "m.room.member", member.as_str())?
-            }
-            Err(Error::Matrix { .. }) => None,
-            Err(e) => return Err(e),
+        match self.reader_state_bound(room_id, reader)? {
+            Some(bound) => self.member_event_within(room_id, bound, member),
+            None => Ok(None),
+        }
+    }
+
+    /// Where `reader`'s knowledge of the room's state ends: `Some(None)` the current state,
+    /// `Some(Some(b))` the state before position `b`, `None` none of it.
+    pub(crate) fn reader_state_bound(
+        &self,
+        room_id: &RoomId,
+        reader: &UserId,
+    ) -> Result<Option<Option<u64>>> {
+        match self.visible_state_bound(room_id, reader, None) {
+            Ok(bound) => Ok(Some(bound)),
+            Err(Error::Matrix { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The `m.room.member` event of `member` within a bound of [`Self::reader_state_bound`].
+    pub(crate) fn member_event_within(
+        &self,
+        room_id: &RoomId,
+        bound: Option<u64>,
+        member: &UserId,
+    ) -> Result<Option<Pdu>> {
+        let id = match bound {
+            None => self.state_event_id(room_id, "m.room.member", member.as_str())?,
+            Some(b) => self.state_get_at(room_id, b, "m.room.member", member.as_str())?,
         };
         match id {
             Some(id) => self.pdu(id.as_str()),
